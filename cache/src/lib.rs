@@ -1,0 +1,48 @@
+//! A content-addressed store of checkpoint images.
+//!
+//! The store knows nothing about CRIU: an entry is a directory of files (the
+//! payload) published under a key (the service's digest) together with a
+//! metadata file that records where the entry came from and a checksum of
+//! every payload file.
+//!
+//! # Layout (format version 1)
+//!
+//! ```text
+//! <root>/                         0700 root
+//!   VERSION                       "warmer-cache 1\n"
+//!   tmp/                          staging; anything here at open() is a crash leftover
+//!     stage-<pid>-<nanos>/
+//!       data/ ...                 payload being written
+//!       meta.json
+//!   entries/
+//!     <digest>/                   published, never modified in place
+//!       meta.json                 Meta: format_version, service, digest, inputs,
+//!                                 created, host facts, cold_start_ms, bytes, files[]
+//!       data/                     the payload (CRIU image files, restore.json, state/)
+//!   quarantine/
+//!     <digest>.<unix-seconds>/    entries that failed verification or restore,
+//!       REASON                    kept for inspection (the newest few only)
+//!   locks/
+//!     <service>.lock              flock(2): one writer per service
+//! ```
+//!
+//! Publishing stages the entry under `tmp/` (same filesystem), fsyncs every file
+//! and directory, then renames it into `entries/` and fsyncs `entries/`: a
+//! reader sees either no entry or a whole one. As in cacache, losing the race
+//! to an identical key is success.
+//!
+//! Entries hold a service's memory (secrets) and are executed by CRIU (a
+//! writable image is code execution): every directory is 0700, every file 0600,
+//! all owned by the store's owner, and an entry that is not is refused.
+
+mod checksum;
+mod error;
+mod lock;
+mod meta;
+mod store;
+
+pub use checksum::{hash_file, FileSum, HASH_ALGORITHM};
+pub use error::{Error, Problem};
+pub use lock::ServiceLock;
+pub use meta::{Meta, NewEntry, FORMAT_VERSION};
+pub use store::{Cache, Entry, Staging};

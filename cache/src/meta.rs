@@ -1,0 +1,42 @@
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::checksum::FileSum;
+
+/// The metadata format this code writes and the only one it reads.
+/// A reader rejects any other version (firecracker does the same with its
+/// snapshot format): an unknown entry is quarantined, never guessed at.
+pub const FORMAT_VERSION: u32 = 1;
+
+/// What the caller knows about an entry it publishes.
+#[derive(Debug, Clone, Default)]
+pub struct NewEntry {
+    pub service: String,
+    pub digest: String,
+    /// The inputs the digest was computed from, for humans and `cache ls`.
+    pub inputs: serde_json::Value,
+    /// Facts about the host the entry was made on (kernel, CRIU version, ...).
+    pub host: BTreeMap<String, String>,
+    /// How long the cold start took, to compare restores against.
+    pub cold_start_ms: Option<u64>,
+}
+
+/// `meta.json` of a published entry.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Meta {
+    pub format_version: u32,
+    pub service: String,
+    pub digest: String,
+    pub inputs: serde_json::Value,
+    /// RFC 3339, UTC, seconds.
+    pub created: String,
+    pub created_unix: u64,
+    pub host: BTreeMap<String, String>,
+    pub cold_start_ms: Option<u64>,
+    /// Sum of the payload files' sizes.
+    pub bytes: u64,
+    pub hash: String,
+    pub files: Vec<FileSum>,
+}

@@ -1,0 +1,557 @@
+use std::collections::BTreeSet;
+use std::fs::{self, DirBuilder, File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use crate::checksum::{hash_file, FileSum, HASH_ALGORITHM};
+use crate::error::{Error, Problem};
+use crate::lock::ServiceLock;
+use crate::meta::{Meta, NewEntry, FORMAT_VERSION};
+
+const LAYOUT: &str = "warmer-cache 1";
+const META: &str = "meta.json";
+const DATA: &str = "data";
+/// Quarantined entries kept for inspection; older ones are deleted.
+const QUARANTINE_KEEP: usize = 8;
+
+/// A cache rooted at a directory. Cheap to clone; holds no open files.
+#[derive(Debug, Clone)]
+pub struct Cache {
+    root: PathBuf,
+    uid: u32,
+}
+
+/// A published entry: its directory and its metadata.
+#[derive(Debug, Clone)]
+pub struct Entry {
+    pub dir: PathBuf,
+    pub meta: Meta,
+}
+
+impl Entry {
+    /// The payload directory.
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.join(DATA)
+    }
+}
+
+/// An entry being written. Removed on drop unless published.
+#[derive(Debug)]
+pub struct Staging {
+    dir: PathBuf,
+    published: bool,
+}
+
+impl Staging {
+    /// Where the caller writes the payload.
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.join(DATA)
+    }
+}
+
+impl Drop for Staging {
+    fn drop(&mut self) {
+        if !self.published {
+            let _ = fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+fn mkdir_private(path: &Path) -> Result<(), Error> {
+    match DirBuilder::new().mode(0o700).create(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(Error::io(path)(e)),
+    }
+}
+
+fn fsync_dir(path: &Path) -> Result<(), Error> {
+    File::open(path)
+        .and_then(|d| d.sync_all())
+        .map_err(Error::io(path))
+}
+
+fn now_unix() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn valid_key(digest: &str) -> Result<(), Error> {
+    let ok = (16..=128).contains(&digest.len())
+        && digest.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::BadKey(digest.to_string()))
+    }
+}
+
+impl Cache {
+    /// Opens (creating if needed) the store at `root` and removes staging
+    /// leftovers of processes that no longer exist.
+    pub fn open(root: impl Into<PathBuf>) -> Result<Self, Error> {
+        let root = root.into();
+        fs::create_dir_all(&root).map_err(Error::io(&root))?;
+        // Images are secrets: the root is private whatever created it.
+        fs::set_permissions(&root, fs::Permissions::from_mode(0o700)).map_err(Error::io(&root))?;
+        let uid = fs::metadata(&root).map_err(Error::io(&root))?.uid();
+        let version = root.join("VERSION");
+        match fs::read_to_string(&version) {
+            Ok(found) if found.trim() == LAYOUT => {}
+            Ok(found) => {
+                return Err(Error::Layout {
+                    root,
+                    found: found.trim().to_string(),
+                    expected: LAYOUT.to_string(),
+                })
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                write_atomic(&root, "VERSION", format!("{LAYOUT}\n").as_bytes())?;
+            }
+            Err(e) => return Err(Error::io(&version)(e)),
+        }
+        for sub in ["tmp", "entries", "quarantine", "locks"] {
+            mkdir_private(&root.join(sub))?;
+        }
+        let cache = Self { root, uid };
+        cache.clean_staging()?;
+        Ok(cache)
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn entries_dir(&self) -> PathBuf {
+        self.root.join("entries")
+    }
+
+    /// The directory an entry for `digest` lives in (whether or not it exists).
+    pub fn entry_dir(&self, digest: &str) -> PathBuf {
+        self.entries_dir().join(digest)
+    }
+
+    /// Removes `tmp/stage-<pid>-*` directories whose process is gone: a crash
+    /// between staging and rename leaves them, never a partial entry.
+    fn clean_staging(&self) -> Result<(), Error> {
+        let tmp = self.root.join("tmp");
+        for dent in fs::read_dir(&tmp).map_err(Error::io(&tmp))? {
+            let dent = dent.map_err(Error::io(&tmp))?;
+            let name = dent.file_name();
+            let name = name.to_string_lossy();
+            let pid = name
+                .strip_prefix("stage-")
+                .and_then(|rest| rest.split('-').next())
+                .and_then(|p| p.parse::<u32>().ok());
+            let alive = pid.is_some_and(|p| Path::new("/proc").join(p.to_string()).exists());
+            if !alive {
+                let path = dent.path();
+                fs::remove_dir_all(&path).map_err(Error::io(&path))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Takes the per-service lock; `wait` blocks until it is free.
+    pub fn lock_service(&self, service: &str, wait: bool) -> Result<ServiceLock, Error> {
+        let path = self.root.join("locks").join(format!("{service}.lock"));
+        ServiceLock::acquire(&path, service, wait)
+    }
+
+    /// A fresh staging directory with an empty `data/`.
+    pub fn stage(&self) -> Result<Staging, Error> {
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or(Duration::ZERO)
+            .as_nanos();
+        let dir = self
+            .root
+            .join("tmp")
+            .join(format!("stage-{}-{nanos}", std::process::id()));
+        DirBuilder::new()
+            .mode(0o700)
+            .create(&dir)
+            .map_err(Error::io(&dir))?;
+        let staging = Staging {
+            dir,
+            published: false,
+        };
+        mkdir_private(&staging.data_dir())?;
+        Ok(staging)
+    }
+
+    /// Checksums the staged payload, writes its metadata, makes everything
+    /// durable and moves it into place atomically.
+    pub fn publish(&self, mut staging: Staging, new: NewEntry) -> Result<Entry, Error> {
+        valid_key(&new.digest)?;
+        let data = staging.data_dir();
+        let mut files = Vec::new();
+        seal_tree(&data, &data, &mut files)?;
+        files.sort_by(|a, b| a.path.cmp(&b.path));
+        let now = SystemTime::now();
+        let meta = Meta {
+            format_version: FORMAT_VERSION,
+            service: new.service,
+            digest: new.digest,
+            inputs: new.inputs,
+            created: humantime::format_rfc3339_seconds(now).to_string(),
+            created_unix: now_unix(),
+            host: new.host,
+            cold_start_ms: new.cold_start_ms,
+            bytes: files.iter().map(|f| f.size).sum(),
+            hash: HASH_ALGORITHM.to_string(),
+            files,
+        };
+        let json = serde_json::to_vec_pretty(&meta).map_err(|source| Error::Meta {
+            path: staging.dir.join(META),
+            source,
+        })?;
+        write_atomic(&staging.dir, META, &json)?;
+        fsync_dir(&data)?;
+        fsync_dir(&staging.dir)?;
+
+        let target = self.entry_dir(&meta.digest);
+        match fs::rename(&staging.dir, &target) {
+            Ok(()) => staging.published = true,
+            // Lost the race to an entry with the same key: same inputs, so
+            // theirs is as good as ours (cacache treats this as success).
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ENOTEMPTY | libc::EEXIST)) => {}
+            Err(e) => return Err(Error::io(&target)(e)),
+        }
+        fsync_dir(&self.entries_dir())?;
+        self.read_entry(&meta.digest)
+    }
+
+    /// The entry for `digest`, if one is published. Its files are not checked
+    /// here; call [`Cache::verify`] before trusting them.
+    pub fn lookup(&self, digest: &str) -> Result<Option<Entry>, Error> {
+        valid_key(digest)?;
+        match fs::symlink_metadata(self.entry_dir(digest)) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(Error::io(self.entry_dir(digest))(e)),
+            Ok(_) => self.read_entry(digest).map(Some),
+        }
+    }
+
+    fn read_entry(&self, digest: &str) -> Result<Entry, Error> {
+        let dir = self.entry_dir(digest);
+        let damaged = |problem| Error::Damaged {
+            digest: digest.to_string(),
+            problem,
+        };
+        let meta_path = dir.join(META);
+        let md = fs::symlink_metadata(&meta_path).map_err(|e| {
+            damaged(Problem::BadMeta(format!("{}: {e}", meta_path.display())))
+        })?;
+        self.check_private(&md, META).map_err(damaged)?;
+        let bytes = fs::read(&meta_path).map_err(Error::io(&meta_path))?;
+        #[derive(serde::Deserialize)]
+        struct Version {
+            format_version: u32,
+        }
+        let version: Version = serde_json::from_slice(&bytes)
+            .map_err(|e| damaged(Problem::BadMeta(e.to_string())))?;
+        if version.format_version != FORMAT_VERSION {
+            return Err(damaged(Problem::UnknownFormat(version.format_version)));
+        }
+        let meta: Meta = serde_json::from_slice(&bytes)
+            .map_err(|e| damaged(Problem::BadMeta(e.to_string())))?;
+        if meta.digest != digest {
+            return Err(damaged(Problem::WrongDigest {
+                expected: digest.to_string(),
+                found: meta.digest,
+            }));
+        }
+        Ok(Entry { dir, meta })
+    }
+
+    fn check_private(&self, md: &fs::Metadata, rel: &str) -> Result<(), Problem> {
+        if !md.is_file() && !md.is_dir() {
+            return Err(Problem::NotRegular {
+                path: rel.to_string(),
+            });
+        }
+        if md.uid() != self.uid {
+            return Err(Problem::Owner {
+                path: rel.to_string(),
+                uid: md.uid(),
+                expected: self.uid,
+            });
+        }
+        if md.mode() & 0o077 != 0 {
+            return Err(Problem::Mode {
+                path: rel.to_string(),
+                mode: md.mode() & 0o7777,
+            });
+        }
+        Ok(())
+    }
+
+    /// Checks an entry completely: ownership and modes, no missing or extra
+    /// files, sizes, and the checksum of every file. `progress` is called with
+    /// the bytes hashed so far.
+    pub fn verify(
+        &self,
+        entry: &Entry,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<(), Problem> {
+        let dir_md = fs::symlink_metadata(&entry.dir).map_err(|e| Problem::Unreadable {
+            path: ".".into(),
+            error: e.to_string(),
+        })?;
+        self.check_private(&dir_md, ".")?;
+        let data = entry.data_dir();
+        let mut found = BTreeSet::new();
+        self.list_tree(&data, &data, &mut found)?;
+        let recorded: BTreeSet<String> = entry.meta.files.iter().map(|f| f.path.clone()).collect();
+        if let Some(extra) = found.difference(&recorded).next() {
+            return Err(Problem::Unexpected {
+                path: extra.clone(),
+            });
+        }
+        let total = entry.meta.bytes;
+        let mut done = 0u64;
+        for sum in &entry.meta.files {
+            let path = data.join(&sum.path);
+            let mut file = match OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_NOFOLLOW)
+                .open(&path)
+            {
+                Ok(f) => f,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    return Err(Problem::Missing {
+                        path: sum.path.clone(),
+                    })
+                }
+                Err(e) => {
+                    return Err(Problem::Unreadable {
+                        path: sum.path.clone(),
+                        error: e.to_string(),
+                    })
+                }
+            };
+            let unreadable = |e: io::Error| Problem::Unreadable {
+                path: sum.path.clone(),
+                error: e.to_string(),
+            };
+            let md = file.metadata().map_err(unreadable)?;
+            if !md.is_file() {
+                return Err(Problem::NotRegular {
+                    path: sum.path.clone(),
+                });
+            }
+            self.check_private(&md, &sum.path)?;
+            if md.len() != sum.size {
+                return Err(Problem::Size {
+                    path: sum.path.clone(),
+                    expected: sum.size,
+                    found: md.len(),
+                });
+            }
+            let (hex, n) = hash_file(&mut file).map_err(unreadable)?;
+            if n != sum.size || hex != sum.blake3 {
+                return Err(Problem::Checksum {
+                    path: sum.path.clone(),
+                });
+            }
+            done += n;
+            progress(done, total);
+        }
+        Ok(())
+    }
+
+    /// Every file under `dir`, as paths relative to `base`; directories are
+    /// checked for ownership and mode on the way.
+    fn list_tree(
+        &self,
+        base: &Path,
+        dir: &Path,
+        out: &mut BTreeSet<String>,
+    ) -> Result<(), Problem> {
+        let rel = |p: &Path| relative(base, p);
+        let unreadable = |p: &Path, e: io::Error| Problem::Unreadable {
+            path: rel(p),
+            error: e.to_string(),
+        };
+        let md = fs::symlink_metadata(dir).map_err(|e| unreadable(dir, e))?;
+        self.check_private(&md, &rel(dir))?;
+        for dent in fs::read_dir(dir).map_err(|e| unreadable(dir, e))? {
+            let dent = dent.map_err(|e| unreadable(dir, e))?;
+            let path = dent.path();
+            let ft = dent.file_type().map_err(|e| unreadable(&path, e))?;
+            if ft.is_dir() {
+                self.list_tree(base, &path, out)?;
+            } else {
+                out.insert(rel(&path));
+            }
+        }
+        Ok(())
+    }
+
+    /// Moves an entry aside (never restored again, kept for inspection) and
+    /// records why. Returns where it went.
+    pub fn quarantine(&self, digest: &str, reason: &str) -> Result<PathBuf, Error> {
+        valid_key(digest)?;
+        let qdir = self.root.join("quarantine");
+        let target = qdir.join(format!("{digest}.{}", now_unix()));
+        let src = self.entry_dir(digest);
+        fs::rename(&src, &target).map_err(Error::io(&src))?;
+        fsync_dir(&self.entries_dir())?;
+        // The reason is best effort: the entry is already out of reach.
+        let _ = write_atomic(&target, "REASON", format!("{reason}\n").as_bytes());
+        self.trim_quarantine()?;
+        Ok(target)
+    }
+
+    fn trim_quarantine(&self) -> Result<(), Error> {
+        let qdir = self.root.join("quarantine");
+        let mut items: Vec<(u64, PathBuf)> = fs::read_dir(&qdir)
+            .map_err(Error::io(&qdir))?
+            .filter_map(|d| d.ok())
+            .map(|d| {
+                let stamp = d
+                    .file_name()
+                    .to_string_lossy()
+                    .rsplit('.')
+                    .next()
+                    .and_then(|s| s.parse().ok())
+                    .unwrap_or(0);
+                (stamp, d.path())
+            })
+            .collect();
+        items.sort();
+        while items.len() > QUARANTINE_KEEP {
+            let (_, path) = items.remove(0);
+            fs::remove_dir_all(&path).map_err(Error::io(&path))?;
+        }
+        Ok(())
+    }
+
+    /// Deletes an entry. Renamed out of `entries/` first, so a crash midway
+    /// never leaves a half-deleted entry where a reader could find it.
+    pub fn remove(&self, digest: &str) -> Result<(), Error> {
+        valid_key(digest)?;
+        let src = self.entry_dir(digest);
+        let doomed = self.root.join("tmp").join(format!(
+            "stage-{}-rm-{digest}",
+            std::process::id()
+        ));
+        fs::rename(&src, &doomed).map_err(Error::io(&src))?;
+        fsync_dir(&self.entries_dir())?;
+        fs::remove_dir_all(&doomed).map_err(Error::io(&doomed))
+    }
+
+    /// All published entries, newest first. Entries whose metadata cannot be
+    /// read come back as `(digest, problem)`.
+    pub fn list(&self) -> Result<Vec<Result<Entry, (String, Problem)>>, Error> {
+        let dir = self.entries_dir();
+        let mut out = Vec::new();
+        for dent in fs::read_dir(&dir).map_err(Error::io(&dir))? {
+            let dent = dent.map_err(Error::io(&dir))?;
+            let digest = dent.file_name().to_string_lossy().into_owned();
+            match self.read_entry(&digest) {
+                Ok(e) => out.push(Ok(e)),
+                Err(Error::Damaged { digest, problem }) => out.push(Err((digest, problem))),
+                Err(Error::BadKey(k)) => out.push(Err((
+                    k.clone(),
+                    Problem::BadMeta("not a cache key".into()),
+                ))),
+                Err(e) => return Err(e),
+            }
+        }
+        out.sort_by_key(|r| match r {
+            Ok(e) => std::cmp::Reverse(e.meta.created_unix),
+            Err(_) => std::cmp::Reverse(0),
+        });
+        Ok(out)
+    }
+
+    /// Keeps the newest `keep` entries of `service` (never removing `protect`)
+    /// and deletes the rest. Returns the digests removed.
+    pub fn prune_service(
+        &self,
+        service: &str,
+        keep: usize,
+        protect: Option<&str>,
+    ) -> Result<Vec<String>, Error> {
+        let mut removed = Vec::new();
+        let mut kept = 0usize;
+        for entry in self.list()?.into_iter().flatten() {
+            if entry.meta.service != service {
+                continue;
+            }
+            if kept < keep || Some(entry.meta.digest.as_str()) == protect {
+                kept += 1;
+                continue;
+            }
+            self.remove(&entry.meta.digest)?;
+            removed.push(entry.meta.digest);
+        }
+        Ok(removed)
+    }
+}
+
+fn relative(base: &Path, path: &Path) -> String {
+    let rel = path.strip_prefix(base).unwrap_or(path).to_string_lossy();
+    if rel.is_empty() {
+        ".".to_string()
+    } else {
+        rel.into_owned()
+    }
+}
+
+/// Makes every staged file private and durable and records its checksum.
+fn seal_tree(base: &Path, dir: &Path, out: &mut Vec<FileSum>) -> Result<(), Error> {
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(Error::io(dir))?;
+    for dent in fs::read_dir(dir).map_err(Error::io(dir))? {
+        let dent = dent.map_err(Error::io(dir))?;
+        let path = dent.path();
+        let ft = dent.file_type().map_err(Error::io(&path))?;
+        if ft.is_dir() {
+            seal_tree(base, &path, out)?;
+            fsync_dir(&path)?;
+        } else if ft.is_file() {
+            fs::set_permissions(&path, fs::Permissions::from_mode(0o600))
+                .map_err(Error::io(&path))?;
+            let mut file = File::open(&path).map_err(Error::io(&path))?;
+            let (blake3, size) = hash_file(&mut file).map_err(Error::io(&path))?;
+            file.sync_all().map_err(Error::io(&path))?;
+            out.push(FileSum {
+                path: relative(base, &path),
+                size,
+                blake3,
+            });
+        } else {
+            return Err(Error::Io {
+                path,
+                source: io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    "only regular files and directories can be stored",
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Writes `dir/name` via a temporary file, fsync and rename: never a torn file.
+fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), Error> {
+    let tmp = dir.join(format!(".{name}.tmp"));
+    let target = dir.join(name);
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(Error::io(&tmp))?;
+    f.write_all(bytes).map_err(Error::io(&tmp))?;
+    f.sync_all().map_err(Error::io(&tmp))?;
+    fs::rename(&tmp, &target).map_err(Error::io(&target))?;
+    fsync_dir(dir)
+}

@@ -1,0 +1,187 @@
+//! The store's behaviour on real files: publish, lookup, every kind of damage.
+
+use std::fs;
+use std::io::{Seek, SeekFrom, Write};
+use std::os::unix::fs::PermissionsExt;
+
+use cache::{Cache, NewEntry, Problem};
+
+const DIGEST: &str = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff";
+
+fn new_entry(digest: &str) -> NewEntry {
+    NewEntry {
+        service: "web".into(),
+        digest: digest.into(),
+        cold_start_ms: Some(2000),
+        ..Default::default()
+    }
+}
+
+fn published(dir: &tempfile::TempDir) -> (Cache, cache::Entry) {
+    let cache = Cache::open(dir.path().join("c")).unwrap();
+    let staging = cache.stage().unwrap();
+    fs::write(staging.data_dir().join("pages-1.img"), vec![7u8; 100_000]).unwrap();
+    fs::create_dir(staging.data_dir().join("state")).unwrap();
+    fs::write(staging.data_dir().join("state/dump.rdb"), b"rdb").unwrap();
+    let entry = cache.publish(staging, new_entry(DIGEST)).unwrap();
+    (cache, entry)
+}
+
+fn verify(cache: &Cache, digest: &str) -> Result<(), Problem> {
+    let entry = cache.lookup(digest).unwrap().unwrap();
+    cache.verify(&entry, &mut |_, _| {})
+}
+
+#[test]
+fn published_entry_is_whole_private_and_verifies() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cache, entry) = published(&dir);
+    assert_eq!(entry.meta.bytes, 100_003);
+    assert_eq!(entry.meta.files.len(), 2);
+    assert_eq!(entry.meta.cold_start_ms, Some(2000));
+    let mode = |p: &std::path::Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(cache.root()), 0o700);
+    assert_eq!(mode(&entry.dir), 0o700);
+    assert_eq!(mode(&entry.data_dir().join("pages-1.img")), 0o600);
+    assert_eq!(mode(&entry.dir.join("meta.json")), 0o600);
+    assert!(fs::read_dir(cache.root().join("tmp")).unwrap().next().is_none());
+    verify(&cache, DIGEST).unwrap();
+}
+
+#[test]
+fn flipped_bit_is_a_checksum_mismatch() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cache, entry) = published(&dir);
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .open(entry.data_dir().join("pages-1.img"))
+        .unwrap();
+    f.seek(SeekFrom::Start(4242)).unwrap();
+    f.write_all(&[7 ^ 0x10]).unwrap();
+    assert_eq!(
+        verify(&cache, DIGEST),
+        Err(Problem::Checksum {
+            path: "pages-1.img".into()
+        })
+    );
+}
+
+#[test]
+fn truncated_missing_and_extra_files_are_detected() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cache, entry) = published(&dir);
+    let pages = entry.data_dir().join("pages-1.img");
+    fs::OpenOptions::new()
+        .write(true)
+        .open(&pages)
+        .unwrap()
+        .set_len(10)
+        .unwrap();
+    assert!(matches!(verify(&cache, DIGEST), Err(Problem::Size { found: 10, .. })));
+    fs::remove_file(&pages).unwrap();
+    assert!(matches!(verify(&cache, DIGEST), Err(Problem::Missing { .. })));
+
+    let dir = tempfile::tempdir().unwrap();
+    let (cache, entry) = published(&dir);
+    let extra = entry.data_dir().join("core-99.img");
+    fs::write(&extra, b"x").unwrap();
+    fs::set_permissions(&extra, fs::Permissions::from_mode(0o600)).unwrap();
+    assert_eq!(
+        verify(&cache, DIGEST),
+        Err(Problem::Unexpected {
+            path: "core-99.img".into()
+        })
+    );
+}
+
+#[test]
+fn loose_modes_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cache, entry) = published(&dir);
+    let pages = entry.data_dir().join("pages-1.img");
+    fs::set_permissions(&pages, fs::Permissions::from_mode(0o644)).unwrap();
+    assert!(matches!(verify(&cache, DIGEST), Err(Problem::Mode { .. })));
+    fs::set_permissions(&pages, fs::Permissions::from_mode(0o600)).unwrap();
+    fs::set_permissions(&entry.dir, fs::Permissions::from_mode(0o755)).unwrap();
+    assert!(matches!(verify(&cache, DIGEST), Err(Problem::Mode { .. })));
+}
+
+#[test]
+fn unknown_format_version_and_bad_meta_are_damage() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cache, entry) = published(&dir);
+    let meta = entry.dir.join("meta.json");
+    let text = fs::read_to_string(&meta).unwrap();
+    fs::write(&meta, text.replace("\"format_version\": 1", "\"format_version\": 99")).unwrap();
+    match cache.lookup(DIGEST) {
+        Err(cache::Error::Damaged { problem, .. }) => {
+            assert_eq!(problem, Problem::UnknownFormat(99))
+        }
+        other => panic!("expected damage, got {other:?}"),
+    }
+    fs::write(&meta, "{ not json").unwrap();
+    assert!(matches!(
+        cache.lookup(DIGEST),
+        Err(cache::Error::Damaged {
+            problem: Problem::BadMeta(_),
+            ..
+        })
+    ));
+    let q = cache.quarantine(DIGEST, "bad meta").unwrap();
+    assert!(q.join("REASON").exists());
+    assert!(cache.lookup(DIGEST).unwrap().is_none());
+}
+
+#[test]
+fn staging_leftovers_of_dead_processes_are_cleaned_on_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = Cache::open(dir.path().join("c")).unwrap();
+    // A pid that cannot exist (above pid_max) stands for a crashed writer.
+    let dead = cache.root().join("tmp/stage-99999999-1");
+    fs::create_dir_all(dead.join("data")).unwrap();
+    let live = cache.stage().unwrap();
+    Cache::open(cache.root()).unwrap();
+    assert!(!dead.exists(), "leftover of a dead writer is removed");
+    assert!(live.data_dir().exists(), "a live writer's staging is kept");
+}
+
+#[test]
+fn publishing_an_existing_key_keeps_one_whole_entry() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cache, _) = published(&dir);
+    let staging = cache.stage().unwrap();
+    fs::write(staging.data_dir().join("other.img"), b"other").unwrap();
+    let entry = cache.publish(staging, new_entry(DIGEST)).unwrap();
+    assert_eq!(entry.meta.files.len(), 2, "the first entry stays");
+    verify(&cache, DIGEST).unwrap();
+}
+
+#[test]
+fn prune_keeps_the_newest_and_the_protected() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = Cache::open(dir.path().join("c")).unwrap();
+    let digests: Vec<String> = (0..4).map(|i| format!("{i:064x}")).collect();
+    for d in &digests {
+        let staging = cache.stage().unwrap();
+        fs::write(staging.data_dir().join("x"), d.as_bytes()).unwrap();
+        cache.publish(staging, new_entry(d)).unwrap();
+        // created_unix has one-second resolution: make the order unambiguous.
+        std::thread::sleep(std::time::Duration::from_millis(1100));
+    }
+    let removed = cache.prune_service("web", 1, Some(&digests[0])).unwrap();
+    assert_eq!(removed, vec![digests[2].clone(), digests[1].clone()]);
+    assert!(cache.lookup(&digests[3]).unwrap().is_some());
+    assert!(cache.lookup(&digests[0]).unwrap().is_some());
+}
+
+#[test]
+fn second_lock_on_a_service_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = Cache::open(dir.path().join("c")).unwrap();
+    let _held = cache.lock_service("web", false).unwrap();
+    assert!(matches!(
+        cache.lock_service("web", false),
+        Err(cache::Error::Locked { .. })
+    ));
+    assert!(cache.lock_service("db", false).is_ok());
+}
