@@ -1,0 +1,249 @@
+//! The warm path on real CRIU and real processes: cold start, checkpoint,
+//! stop, restore; and every way a restore must not happen.
+
+mod common;
+
+use std::os::unix::process::ExitStatusExt;
+use std::time::Duration;
+
+use common::*;
+use nix::sys::signal::Signal;
+
+/// Cold start, checkpoint; returns (env, port, nonce of the cold instance).
+fn warmed(name: &str, args: &[&str]) -> (Env, u16, String) {
+    require_criu();
+    let env = Env::new();
+    let port = free_port();
+    env.slowweb(name, port, &[&["--warmup", "1.5"], args].concat(), "");
+    let mut w = env.run(name);
+    let s = env.wait_image(name, &mut w);
+    assert_eq!(s["last_start"], "cold");
+    assert!(s["cold_ready_ms"].as_u64().unwrap() >= 1500, "{s}");
+    let nonce = state(port)["nonce"].as_str().unwrap().to_string();
+    let st = w.stop();
+    assert_eq!(st.signal(), Some(Signal::SIGTERM as i32), "{}", w.err());
+    (env, port, nonce)
+}
+
+#[test]
+fn restore_brings_back_the_memory_state_and_its_output() {
+    let (env, port, nonce) = warmed("web", &[]);
+    assert!(pids_with(&env.dir.path().display().to_string()).is_empty());
+
+    let mut w = env.run("web");
+    let s = env.wait_ready("web", &mut w);
+    assert_eq!(s["last_start"], "restored", "{}", w.err());
+    let st = state(port);
+    assert_eq!(st["nonce"], nonce.as_str(), "memory state preserved");
+    assert!(st["index"].as_u64().unwrap() > 0);
+    // The restored service's output reaches this warmer's stdout.
+    let hit = get(port, "/hit").unwrap();
+    assert!(hit.contains("\"hits\": 1"), "{hit}");
+    let line = format!("slowweb: hit 1 (nonce {nonce})");
+    wait_for(Duration::from_secs(5), || {
+        w.out().contains(&line).then_some(())
+    });
+    assert!(s["ready_ms"].as_u64().unwrap() < s["cold_ready_ms"].as_u64().unwrap());
+    assert!(w.err().contains("ready: restored in"), "{}", w.err());
+    w.stop();
+}
+
+#[test]
+fn sigterm_stops_a_restored_tree_and_leaves_nothing() {
+    let child = format!("{}", 80000 + u32::from(free_port()) % 10000);
+    let (env, port, _) = warmed("tree", &["--child", &child]);
+    let sleeper = format!("sleep {child}");
+    let mut w = env.run("tree");
+    wait_for(Duration::from_secs(60), || {
+        w.assert_running();
+        (env.status("tree")["last_start"] == "restored" && get(port, "/health").is_some())
+            .then_some(())
+    });
+    let marker = env.dir.path().display().to_string();
+    assert_eq!(
+        pids_with(&marker).len(),
+        2,
+        "the restored init and service run"
+    );
+    assert_eq!(
+        pids_with(&sleeper).len(),
+        1,
+        "the service's child was restored too"
+    );
+    let st = w.stop();
+    assert_eq!(st.signal(), Some(Signal::SIGTERM as i32), "{}", w.err());
+    assert!(
+        pids_with(&marker).is_empty(),
+        "service or init left running"
+    );
+    assert!(pids_with(&sleeper).is_empty(), "child left running");
+    assert_eq!(env.status("tree")["state"], "stopped");
+}
+
+#[test]
+fn a_killed_warmer_takes_its_service_with_it() {
+    let (env, port, _) = warmed("orphan", &[]);
+    let marker = env.dir.path().display().to_string();
+    let mut w = env.run("orphan");
+    env.wait_ready("orphan", &mut w);
+    assert!(get(port, "/health").is_some());
+    w.signal(Signal::SIGKILL);
+    w.wait(Duration::from_secs(10));
+    wait_for(Duration::from_secs(10), || {
+        pids_with(&marker).is_empty().then_some(())
+    });
+}
+
+#[test]
+fn a_changed_program_is_never_restored() {
+    let (env, port, nonce) = warmed("chg", &[]);
+    let before = env.status("chg")["image"]["digest"].clone();
+    // Same behaviour, different bytes: a new build of the service.
+    let script = env.app();
+    let mut text = std::fs::read_to_string(&script).unwrap();
+    text.push_str("\n# rebuilt\n");
+    std::fs::write(&script, text).unwrap();
+    assert!(
+        env.status("chg")["image"].is_null(),
+        "no image for the new digest"
+    );
+
+    let mut w = env.run("chg");
+    let s = env.wait_image("chg", &mut w);
+    assert_eq!(s["last_start"], "cold");
+    assert_ne!(
+        state(port)["nonce"],
+        nonce.as_str(),
+        "a fresh process, not the old image"
+    );
+    assert_ne!(s["image"]["digest"], before);
+    w.stop();
+}
+
+#[test]
+fn a_corrupt_image_falls_back_to_a_cold_start_and_is_quarantined() {
+    let (env, port, nonce) = warmed("bad", &[]);
+    let entry = env.entries().pop().unwrap();
+    let pages = std::fs::read_dir(entry.join("data"))
+        .unwrap()
+        .filter_map(|d| d.ok())
+        .map(|d| d.path())
+        .find(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("pages-")
+        })
+        .unwrap();
+    let mut bytes = std::fs::read(&pages).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x01;
+    std::fs::write(&pages, bytes).unwrap();
+
+    let mut w = env.run("bad");
+    let s = env.wait_ready("bad", &mut w);
+    assert_eq!(s["last_start"], "cold", "{}", w.err());
+    assert_ne!(state(port)["nonce"], nonce.as_str());
+    assert!(w.err().contains("checksum mismatch"), "{}", w.err());
+    let quarantined = std::fs::read_dir(env.path("cache/quarantine"))
+        .unwrap()
+        .count();
+    assert_eq!(quarantined, 1);
+    w.stop();
+}
+
+#[test]
+fn an_image_criu_cannot_restore_falls_back_to_a_cold_start() {
+    let (env, port, nonce) = warmed("unr", &[]);
+    // Intact checksums, unrestorable content: an image CRIU rejects.
+    let entry = env.entries().pop().unwrap();
+    let pstree = entry.join("data/pstree.img");
+    std::fs::write(&pstree, b"garbage").unwrap();
+    reseal(&entry);
+
+    let mut w = env.run("unr");
+    let s = env.wait_ready("unr", &mut w);
+    assert_eq!(s["last_start"], "cold", "{}", w.err());
+    assert_ne!(state(port)["nonce"], nonce.as_str());
+    let err = w.err();
+    assert!(err.contains("criu restore failed"), "{err}");
+    assert!(
+        err.contains("restore.log"),
+        "the CRIU log path is named: {err}"
+    );
+    w.stop();
+}
+
+/// Recomputes an entry's recorded checksums after a test edited its files.
+fn reseal(entry: &std::path::Path) {
+    let meta_path = entry.join("meta.json");
+    let mut meta: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&meta_path).unwrap()).unwrap();
+    for f in meta["files"].as_array_mut().unwrap() {
+        let path = entry.join("data").join(f["path"].as_str().unwrap());
+        let mut file = std::fs::File::open(&path).unwrap();
+        let (hex, size) = cache::hash_file(&mut file).unwrap();
+        f["blake3"] = hex.into();
+        f["size"] = size.into();
+    }
+    std::fs::write(&meta_path, serde_json::to_vec(&meta).unwrap()).unwrap();
+}
+
+#[test]
+fn notify_probe_cold_and_restored() {
+    require_criu();
+    let env = Env::new();
+    let port = free_port();
+    let script = env.app();
+    env.write_manifest(
+        "ntf",
+        &format!(
+            "exec: [\"/usr/bin/python3\", \"{}\", \"--port\", \"{port}\", \"--warmup\", \"1\", \"--notify\"]\nready:\n  notify: true\n  timeout: 30s\ncheckpoint: {{settle: 100ms}}\n",
+            script.display()
+        ),
+    );
+    let mut w = env.run("ntf");
+    env.wait_image("ntf", &mut w);
+    let nonce = state(port)["nonce"].clone();
+    w.stop();
+    let mut w = env.run("ntf");
+    let s = env.wait_ready("ntf", &mut w);
+    assert_eq!(s["last_start"], "restored");
+    assert_eq!(state(port)["nonce"], nonce);
+    w.stop();
+}
+
+#[test]
+fn a_service_that_exits_makes_warmer_exit_with_its_status() {
+    require_criu();
+    let env = Env::new();
+    env.write_manifest(
+        "quits",
+        "exec: [\"/bin/sh\", \"-c\", \"echo started; sleep 0.3; exit 7\"]\nready:\n  exec: [\"true\"]\n  timeout: 10s\ncheckpoint: {enabled: false}\n",
+    );
+    let mut w = env.run("quits");
+    let st = w.wait(Duration::from_secs(20));
+    assert_eq!(st.code(), Some(7), "{}", w.err());
+    assert!(w.out().contains("started"));
+    assert_eq!(env.status("quits")["state"], "stopped");
+}
+
+#[test]
+fn a_second_run_of_the_same_service_is_refused() {
+    require_criu();
+    let env = Env::new();
+    let port = free_port();
+    env.slowweb(
+        "dup",
+        port,
+        &["--warmup", "0.2"],
+        "checkpoint: {enabled: false}\n",
+    );
+    let mut w = env.run("dup");
+    env.wait_ready("dup", &mut w);
+    let mut second = env.run("dup");
+    let st = second.wait(Duration::from_secs(10));
+    assert_eq!(st.code(), Some(75), "{}", second.err());
+    assert!(second.err().contains("already running"));
+    w.stop();
+}

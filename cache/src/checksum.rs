@@ -60,6 +60,7 @@ fn path_of(file: &File) -> io::Result<std::path::PathBuf> {
 }
 
 #[cfg(test)]
+#[allow(clippy::cast_possible_truncation)]
 mod tests {
     use super::*;
     use std::io::Write;

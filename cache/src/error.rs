@@ -61,7 +61,11 @@ pub enum Problem {
     #[error("{path}: not a regular file or directory")]
     NotRegular { path: String },
     #[error("{path}: owner uid {uid}, expected {expected}")]
-    Owner { path: String, uid: u32, expected: u32 },
+    Owner {
+        path: String,
+        uid: u32,
+        expected: u32,
+    },
     #[error("{path}: mode {mode:o} allows group/other access")]
     Mode { path: String, mode: u32 },
     #[error("{path}: {error}")]

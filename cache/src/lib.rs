@@ -45,4 +45,4 @@ pub use checksum::{hash_file, FileSum, HASH_ALGORITHM};
 pub use error::{Error, Problem};
 pub use lock::ServiceLock;
 pub use meta::{Meta, NewEntry, FORMAT_VERSION};
-pub use store::{Cache, Entry, Staging};
+pub use store::{Cache, Entry, Listed, Staging};

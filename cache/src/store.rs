@@ -37,6 +37,10 @@ impl Entry {
     }
 }
 
+/// One item of [`Cache::list`]: an entry, or the digest of one whose
+/// metadata is damaged and what is wrong with it.
+pub type Listed = Result<Entry, (String, Problem)>;
+
 /// An entry being written. Removed on drop unless published.
 #[derive(Debug)]
 pub struct Staging {
@@ -82,7 +86,9 @@ fn now_unix() -> u64 {
 
 fn valid_key(digest: &str) -> Result<(), Error> {
     let ok = (16..=128).contains(&digest.len())
-        && digest.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+        && digest
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
     if ok {
         Ok(())
     } else {
@@ -244,22 +250,21 @@ impl Cache {
             problem,
         };
         let meta_path = dir.join(META);
-        let md = fs::symlink_metadata(&meta_path).map_err(|e| {
-            damaged(Problem::BadMeta(format!("{}: {e}", meta_path.display())))
-        })?;
+        let md = fs::symlink_metadata(&meta_path)
+            .map_err(|e| damaged(Problem::BadMeta(format!("{}: {e}", meta_path.display()))))?;
         self.check_private(&md, META).map_err(damaged)?;
         let bytes = fs::read(&meta_path).map_err(Error::io(&meta_path))?;
         #[derive(serde::Deserialize)]
         struct Version {
             format_version: u32,
         }
-        let version: Version = serde_json::from_slice(&bytes)
-            .map_err(|e| damaged(Problem::BadMeta(e.to_string())))?;
+        let version: Version =
+            serde_json::from_slice(&bytes).map_err(|e| damaged(Problem::BadMeta(e.to_string())))?;
         if version.format_version != FORMAT_VERSION {
             return Err(damaged(Problem::UnknownFormat(version.format_version)));
         }
-        let meta: Meta = serde_json::from_slice(&bytes)
-            .map_err(|e| damaged(Problem::BadMeta(e.to_string())))?;
+        let meta: Meta =
+            serde_json::from_slice(&bytes).map_err(|e| damaged(Problem::BadMeta(e.to_string())))?;
         if meta.digest != digest {
             return Err(damaged(Problem::WrongDigest {
                 expected: digest.to_string(),
@@ -294,11 +299,7 @@ impl Cache {
     /// Checks an entry completely: ownership and modes, no missing or extra
     /// files, sizes, and the checksum of every file. `progress` is called with
     /// the bytes hashed so far.
-    pub fn verify(
-        &self,
-        entry: &Entry,
-        progress: &mut dyn FnMut(u64, u64),
-    ) -> Result<(), Problem> {
+    pub fn verify(&self, entry: &Entry, progress: &mut dyn FnMut(u64, u64)) -> Result<(), Problem> {
         let dir_md = fs::symlink_metadata(&entry.dir).map_err(|e| Problem::Unreadable {
             path: ".".into(),
             error: e.to_string(),
@@ -437,10 +438,10 @@ impl Cache {
     pub fn remove(&self, digest: &str) -> Result<(), Error> {
         valid_key(digest)?;
         let src = self.entry_dir(digest);
-        let doomed = self.root.join("tmp").join(format!(
-            "stage-{}-rm-{digest}",
-            std::process::id()
-        ));
+        let doomed = self
+            .root
+            .join("tmp")
+            .join(format!("stage-{}-rm-{digest}", std::process::id()));
         fs::rename(&src, &doomed).map_err(Error::io(&src))?;
         fsync_dir(&self.entries_dir())?;
         fs::remove_dir_all(&doomed).map_err(Error::io(&doomed))
@@ -448,7 +449,7 @@ impl Cache {
 
     /// All published entries, newest first. Entries whose metadata cannot be
     /// read come back as `(digest, problem)`.
-    pub fn list(&self) -> Result<Vec<Result<Entry, (String, Problem)>>, Error> {
+    pub fn list(&self) -> Result<Vec<Listed>, Error> {
         let dir = self.entries_dir();
         let mut out = Vec::new();
         for dent in fs::read_dir(&dir).map_err(Error::io(&dir))? {
@@ -457,10 +458,9 @@ impl Cache {
             match self.read_entry(&digest) {
                 Ok(e) => out.push(Ok(e)),
                 Err(Error::Damaged { digest, problem }) => out.push(Err((digest, problem))),
-                Err(Error::BadKey(k)) => out.push(Err((
-                    k.clone(),
-                    Problem::BadMeta("not a cache key".into()),
-                ))),
+                Err(Error::BadKey(k)) => {
+                    out.push(Err((k.clone(), Problem::BadMeta("not a cache key".into()))))
+                }
                 Err(e) => return Err(e),
             }
         }

@@ -44,7 +44,10 @@ fn published_entry_is_whole_private_and_verifies() {
     assert_eq!(mode(&entry.dir), 0o700);
     assert_eq!(mode(&entry.data_dir().join("pages-1.img")), 0o600);
     assert_eq!(mode(&entry.dir.join("meta.json")), 0o600);
-    assert!(fs::read_dir(cache.root().join("tmp")).unwrap().next().is_none());
+    assert!(fs::read_dir(cache.root().join("tmp"))
+        .unwrap()
+        .next()
+        .is_none());
     verify(&cache, DIGEST).unwrap();
 }
 
@@ -77,9 +80,15 @@ fn truncated_missing_and_extra_files_are_detected() {
         .unwrap()
         .set_len(10)
         .unwrap();
-    assert!(matches!(verify(&cache, DIGEST), Err(Problem::Size { found: 10, .. })));
+    assert!(matches!(
+        verify(&cache, DIGEST),
+        Err(Problem::Size { found: 10, .. })
+    ));
     fs::remove_file(&pages).unwrap();
-    assert!(matches!(verify(&cache, DIGEST), Err(Problem::Missing { .. })));
+    assert!(matches!(
+        verify(&cache, DIGEST),
+        Err(Problem::Missing { .. })
+    ));
 
     let dir = tempfile::tempdir().unwrap();
     let (cache, entry) = published(&dir);
@@ -112,7 +121,11 @@ fn unknown_format_version_and_bad_meta_are_damage() {
     let (cache, entry) = published(&dir);
     let meta = entry.dir.join("meta.json");
     let text = fs::read_to_string(&meta).unwrap();
-    fs::write(&meta, text.replace("\"format_version\": 1", "\"format_version\": 99")).unwrap();
+    fs::write(
+        &meta,
+        text.replace("\"format_version\": 1", "\"format_version\": 99"),
+    )
+    .unwrap();
     match cache.lookup(DIGEST) {
         Err(cache::Error::Damaged { problem, .. }) => {
             assert_eq!(problem, Problem::UnknownFormat(99))

@@ -1,1 +1,263 @@
-fn main() {}
+//! The `warmer` command line: argument parsing and exit codes only.
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use warmer::supervisor::{chain, Dirs, RunError};
+use warmer::{criu, init, manifest, status, supervisor};
+
+/// Exit codes (sysexits.h), also shown in `--help`.
+mod exit {
+    pub const OK: u8 = 0;
+    pub const FAILURE: u8 = 1;
+    pub const DATAERR: u8 = 65;
+    pub const UNAVAILABLE: u8 = 69;
+    pub const SOFTWARE: u8 = 70;
+    pub const TEMPFAIL: u8 = 75;
+}
+
+const EXIT_CODES: &str = "\
+Exit codes:
+  run        the service's own exit status (128+N if it died of signal N; when
+             warmer was stopped by SIGTERM and the service died of it, warmer
+             dies of SIGTERM too), or:
+  65         invalid manifest (run, validate)
+  69         service not ready in time, or exited before ready; CRIU unusable (check)
+  70         internal error (cannot create directories, spawn, ...)
+  75         the service is already running under another warmer
+  1          status: unknown service; cache: a bad entry was found
+  2          usage error";
+
+#[derive(Parser)]
+#[command(
+    name = "warmer",
+    version,
+    about = "Checkpoint slow services once with CRIU, restore them in milliseconds",
+    after_help = EXIT_CODES
+)]
+struct Cli {
+    /// Directory of service manifests (<service>.yaml).
+    #[arg(
+        long,
+        env = "WARMER_MANIFEST_DIR",
+        default_value = "/etc/warmer/manifests",
+        global = true
+    )]
+    manifest_dir: PathBuf,
+    /// Checkpoint image cache.
+    #[arg(
+        long,
+        env = "WARMER_CACHE_DIR",
+        default_value = "/var/cache/warmer",
+        global = true
+    )]
+    cache_dir: PathBuf,
+    /// Runtime state (status files, CRIU logs, sockets).
+    #[arg(
+        long,
+        env = "WARMER_RUN_DIR",
+        default_value = "/run/warmer",
+        global = true
+    )]
+    run_dir: PathBuf,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Start SERVICE: restore it from the cache, or cold-start and checkpoint it;
+    /// supervise it until it exits or warmer gets SIGTERM/SIGINT.
+    Run { service: String },
+    /// Show services: state, last start (cold/restored), ready times, image.
+    Status {
+        service: Option<String>,
+        /// JSON array of objects (name, state, last_start, ready_ms, cold_ready_ms, image).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check manifest files; prints FILE:LINE:COL: message for each problem.
+    Validate {
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+    /// Check that CRIU is present, recent enough (>= 4.2) and works here.
+    Check,
+}
+
+fn init_logging() {
+    struct Logger;
+    impl log::Log for Logger {
+        fn enabled(&self, m: &log::Metadata) -> bool {
+            m.level() <= log::max_level()
+        }
+        fn log(&self, r: &log::Record) {
+            if self.enabled(r.metadata()) {
+                let svc = SERVICE.get().map(String::as_str).unwrap_or("");
+                let level = match r.level() {
+                    log::Level::Error => "error: ",
+                    log::Level::Warn => "warning: ",
+                    _ => "",
+                };
+                eprintln!("warmer[{svc}]: {level}{}", r.args());
+            }
+        }
+        fn flush(&self) {}
+    }
+    static LOGGER: Logger = Logger;
+    let level = match std::env::var("WARMER_LOG").as_deref() {
+        Ok("debug") => log::LevelFilter::Debug,
+        Ok("warn") => log::LevelFilter::Warn,
+        Ok("error") => log::LevelFilter::Error,
+        _ => log::LevelFilter::Info,
+    };
+    let _ = log::set_logger(&LOGGER);
+    log::set_max_level(level);
+}
+
+static SERVICE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+fn main() -> ExitCode {
+    let args: Vec<OsString> = std::env::args_os().collect();
+    if args.get(1).is_some_and(|a| a == init::INIT_ARG) {
+        init::main(&args[2..]);
+    }
+    init_logging();
+    let cli = Cli::parse();
+    let dirs = Dirs {
+        manifests: cli.manifest_dir,
+        cache: cli.cache_dir,
+        run: cli.run_dir,
+    };
+    match cli.cmd {
+        Cmd::Run { service } => run(&dirs, &service),
+        Cmd::Status { service, json } => status_cmd(&dirs, service.as_deref(), json),
+        Cmd::Validate { files } => validate(&files),
+        Cmd::Check => check(),
+    }
+}
+
+fn run(dirs: &Dirs, service: &str) -> ExitCode {
+    let _ = SERVICE.set(service.to_string());
+    match supervisor::run(dirs, service) {
+        Ok(outcome) => {
+            if let Some(sig) = outcome.stopped_by {
+                if outcome.code == 128 + sig as i32 {
+                    // The service died of the signal warmer was stopped with:
+                    // so does warmer, so systemd sees a clean stop.
+                    let _ = signal_hook::low_level::emulate_default_handler(sig as i32);
+                }
+            }
+            ExitCode::from(u8::try_from(outcome.code).unwrap_or(exit::FAILURE))
+        }
+        Err(e) => {
+            log::error!("{}", chain(&e));
+            if let RunError::Manifest(m) = &e {
+                if let Some(x) = m.excerpt() {
+                    eprintln!("{x}");
+                }
+            }
+            ExitCode::from(match e {
+                RunError::Manifest(_) => exit::DATAERR,
+                RunError::AlreadyRunning { .. } => exit::TEMPFAIL,
+                RunError::NotReady { .. } | RunError::Spawn { .. } | RunError::Program(_) => {
+                    exit::UNAVAILABLE
+                }
+                _ => exit::SOFTWARE,
+            })
+        }
+    }
+}
+
+fn status_cmd(dirs: &Dirs, service: Option<&str>, json: bool) -> ExitCode {
+    if let Some(s) = service {
+        let known = manifest::Manifest::find(&dirs.manifests, s).is_ok()
+            || warmer::state::RunRecord::read(&dirs.run, s).is_some();
+        if !known {
+            eprintln!(
+                "warmer: unknown service {s:?} (no manifest in {}, no run state)",
+                dirs.manifests.display()
+            );
+            return ExitCode::from(exit::FAILURE);
+        }
+    }
+    let rows = status::collect(dirs, service);
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&rows).expect("status serializes")
+        );
+    } else {
+        print!("{}", status::render(&rows));
+    }
+    ExitCode::from(exit::OK)
+}
+
+fn validate(files: &[PathBuf]) -> ExitCode {
+    let mut bad = false;
+    for f in files {
+        match manifest::Manifest::load(f) {
+            Ok(m) => {
+                println!("{}: ok", f.display());
+                if let Err(e) =
+                    warmer::digest::resolve_program(&m, std::env::var("PATH").ok().as_deref())
+                {
+                    eprintln!("{}: warning: {e}", f.display());
+                }
+            }
+            Err(e) => {
+                bad = true;
+                eprintln!("{e}");
+                if let Some(x) = e.excerpt() {
+                    eprintln!("{x}");
+                }
+            }
+        }
+    }
+    ExitCode::from(if bad { exit::DATAERR } else { exit::OK })
+}
+
+fn check() -> ExitCode {
+    let c = match criu::Criu::locate() {
+        Ok(c) => c,
+        Err(e) => {
+            println!("criu: FAIL: {e}");
+            return ExitCode::from(exit::UNAVAILABLE);
+        }
+    };
+    println!(
+        "criu: {} (version {}, need >= {}.{}): ok",
+        c.bin.display(),
+        c.version,
+        criu::MIN_VERSION.0,
+        criu::MIN_VERSION.1
+    );
+    let out = c.command().arg("check").output();
+    match out {
+        Ok(o) => {
+            let text = format!(
+                "{}{}",
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            );
+            let text: Vec<&str> = text
+                .lines()
+                .filter(|l| !l.contains("RLIMIT_NOFILE"))
+                .collect();
+            if o.status.success() {
+                println!("criu check: ok: {}", text.join(" / "));
+                ExitCode::from(exit::OK)
+            } else {
+                println!("criu check: FAIL ({}):\n  {}", o.status, text.join("\n  "));
+                println!("hint: run as root; on kernels >= 6.16 use CRIU >= 4.2 (scripts/install-criu.sh)");
+                ExitCode::from(exit::UNAVAILABLE)
+            }
+        }
+        Err(e) => {
+            println!("criu check: FAIL: cannot run {}: {e}", c.bin.display());
+            ExitCode::from(exit::UNAVAILABLE)
+        }
+    }
+}

@@ -1,0 +1,93 @@
+#!/usr/bin/env python3
+"""slowweb: an HTTP service with a real, slow warm-up.
+
+At start it builds an in-memory index (hashing and tabulating records until
+--warmup seconds of CPU work are done, about 100 MB), like an app that loads
+and indexes its data before serving. Only then does it listen.
+
+  GET /health  200 "ok"
+  GET /state   JSON: nonce (random per cold start), hits (requests served so
+               far), index size, warm-up time, pid
+  GET /hit     increments and returns the hit counter
+
+Every request is logged to stdout, so a supervisor can see the service's
+output before and after a restore.
+"""
+import argparse
+import hashlib
+import json
+import os
+import secrets
+import sys
+import time
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+
+def warm_up(seconds):
+    started = time.monotonic()
+    index = {}
+    i = 0
+    while time.monotonic() - started < seconds:
+        for _ in range(2000):
+            key = hashlib.sha256(str(i).encode()).hexdigest()
+            index[key[:16]] = i
+            i += 1
+    return index, time.monotonic() - started
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--port", type=int, default=8080)
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--warmup", type=float, default=2.0, help="seconds of warm-up work")
+    ap.add_argument("--child", help="also run `sleep CHILD` as a child process (a process tree)")
+    ap.add_argument("--notify", action="store_true", help="send READY=1 to $NOTIFY_SOCKET when ready")
+    args = ap.parse_args()
+    if args.child:
+        import subprocess
+        subprocess.Popen(["sleep", args.child])
+
+    nonce = secrets.token_hex(8)
+    print(f"slowweb: warming up for {args.warmup:.1f}s (nonce {nonce})", flush=True)
+    index, took = warm_up(args.warmup)
+    state = {"nonce": nonce, "hits": 0, "index": len(index), "warmup_s": round(took, 3)}
+
+    class Handler(BaseHTTPRequestHandler):
+        def reply(self, code, body, ctype="application/json"):
+            data = body.encode()
+            self.send_response(code)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_GET(self):
+            if self.path == "/health":
+                self.reply(200, "ok", "text/plain")
+            elif self.path == "/state":
+                self.reply(200, json.dumps(dict(state, pid=os.getpid())))
+            elif self.path == "/hit":
+                state["hits"] += 1
+                print(f"slowweb: hit {state['hits']} (nonce {nonce})", flush=True)
+                self.reply(200, json.dumps({"hits": state["hits"]}))
+            else:
+                self.reply(404, "not found", "text/plain")
+
+        def log_message(self, fmt, *a):
+            pass
+
+    server = HTTPServer((args.host, args.port), Handler)
+    if args.notify and os.environ.get("NOTIFY_SOCKET"):
+        import socket
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+            s.sendto(b"READY=1", os.environ["NOTIFY_SOCKET"])
+    print(f"slowweb: ready on {args.host}:{args.port} after {took:.2f}s, {len(index)} records", flush=True)
+    print("slowweb: stderr works too", file=sys.stderr, flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,299 @@
+//! Test harness: a private manifest/cache/run directory per test, the real
+//! `warmer` binary, the real example service, real CRIU.
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+pub const WARMER: &str = env!("CARGO_BIN_EXE_warmer");
+
+pub fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// Checkpoint tests need root and a working CRIU >= 4.2. They fail loudly
+/// (never pass silently) when that is missing.
+pub fn require_criu() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "this test needs root (CRIU checkpoints need CAP_SYS_ADMIN and friends); run the README's test command as root"
+    );
+    let out = Command::new(WARMER)
+        .arg("check")
+        .output()
+        .expect("run warmer check");
+    assert!(
+        out.status.success(),
+        "CRIU is not usable here; run scripts/install-criu.sh. warmer check said:\n{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// One isolated warmer installation.
+pub struct Env {
+    pub dir: tempfile::TempDir,
+}
+
+impl Env {
+    pub fn new() -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("warmer-test-")
+            .tempdir()
+            .unwrap();
+        for d in ["manifests", "cache", "run", "app"] {
+            std::fs::create_dir(dir.path().join(d)).unwrap();
+        }
+        Self { dir }
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    /// Copies the example service into this env (so tests can change it).
+    pub fn app(&self) -> PathBuf {
+        let script = self.path("app/server.py");
+        if !script.exists() {
+            std::fs::copy(repo().join("examples/slowweb/server.py"), &script).unwrap();
+        }
+        script
+    }
+
+    pub fn write_manifest(&self, name: &str, text: &str) -> PathBuf {
+        let p = self.path("manifests").join(format!("{name}.yaml"));
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+
+    /// A slowweb manifest on `port` with extra server args and manifest lines.
+    pub fn slowweb(&self, name: &str, port: u16, args: &[&str], extra: &str) {
+        let script = self.app();
+        let mut argv = vec![
+            "/usr/bin/python3".to_string(),
+            script.display().to_string(),
+            "--port".into(),
+            port.to_string(),
+        ];
+        argv.extend(args.iter().map(|s| s.to_string()));
+        let argv: Vec<String> = argv.iter().map(|a| format!("{a:?}")).collect();
+        let checkpoint = if extra.contains("checkpoint:") {
+            ""
+        } else {
+            "checkpoint:\n  settle: 100ms\n"
+        };
+        let text = format!(
+            "exec: [{}]\nready:\n  http: \"http://127.0.0.1:{port}/health\"\n  timeout: 60s\n{checkpoint}{extra}",
+            argv.join(", ")
+        );
+        self.write_manifest(name, &text);
+    }
+
+    pub fn command(&self) -> Command {
+        let mut c = Command::new(WARMER);
+        c.env("WARMER_MANIFEST_DIR", self.path("manifests"))
+            .env("WARMER_CACHE_DIR", self.path("cache"))
+            .env("WARMER_RUN_DIR", self.path("run"))
+            .env_remove("NOTIFY_SOCKET");
+        c
+    }
+
+    pub fn run(&self, name: &str) -> Warmer {
+        let mut child = self
+            .command()
+            .args(["run", name])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stdout = Arc::new(Mutex::new(String::new()));
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let pump = |mut from: Box<dyn Read + Send>, to: Arc<Mutex<String>>| {
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = from.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    to.lock()
+                        .unwrap()
+                        .push_str(&String::from_utf8_lossy(&buf[..n]));
+                }
+            })
+        };
+        pump(Box::new(child.stdout.take().unwrap()), stdout.clone());
+        pump(Box::new(child.stderr.take().unwrap()), stderr.clone());
+        Warmer {
+            child,
+            stdout,
+            stderr,
+        }
+    }
+
+    pub fn status(&self, name: &str) -> serde_json::Value {
+        let out = self
+            .command()
+            .args(["status", name, "--json"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "status failed: {out:?}");
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        v[0].clone()
+    }
+
+    /// Waits until this run of the service is ready (cold or restored).
+    pub fn wait_ready(&self, name: &str, w: &mut Warmer) -> serde_json::Value {
+        wait_for(Duration::from_secs(120), || {
+            w.assert_running();
+            let s = self.status(name);
+            (s["state"] == "ready" || s["state"] == "checkpointing").then_some(s)
+        })
+    }
+
+    /// Waits until the service's image is published.
+    pub fn wait_image(&self, name: &str, w: &mut Warmer) -> serde_json::Value {
+        wait_for(Duration::from_secs(120), || {
+            w.assert_running();
+            let s = self.status(name);
+            (!s["image"].is_null()).then_some(s)
+        })
+    }
+
+    /// Entry directories currently in the cache.
+    pub fn entries(&self) -> Vec<PathBuf> {
+        std::fs::read_dir(self.path("cache/entries"))
+            .map(|r| r.filter_map(|d| d.ok()).map(|d| d.path()).collect())
+            .unwrap_or_default()
+    }
+}
+
+pub struct Warmer {
+    pub child: Child,
+    pub stdout: Arc<Mutex<String>>,
+    pub stderr: Arc<Mutex<String>>,
+}
+
+impl Warmer {
+    pub fn pid(&self) -> i32 {
+        i32::try_from(self.child.id()).unwrap()
+    }
+
+    pub fn out(&self) -> String {
+        self.stdout.lock().unwrap().clone()
+    }
+
+    pub fn err(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    pub fn assert_running(&mut self) {
+        if let Some(st) = self.child.try_wait().unwrap() {
+            panic!(
+                "warmer exited early ({st}):\nstdout:\n{}\nstderr:\n{}",
+                self.out(),
+                self.err()
+            );
+        }
+    }
+
+    pub fn signal(&self, sig: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid()), sig).unwrap();
+    }
+
+    /// SIGTERM and wait for exit.
+    pub fn stop(&mut self) -> ExitStatus {
+        self.signal(nix::sys::signal::Signal::SIGTERM);
+        self.wait(Duration::from_secs(30))
+    }
+
+    pub fn wait(&mut self, limit: Duration) -> ExitStatus {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                // Let the pumps drain.
+                std::thread::sleep(Duration::from_millis(50));
+                return st;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!("warmer did not exit within {limit:?}:\n{}", self.err());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Warmer {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+pub fn wait_for<T>(limit: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "condition not met within {limit:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A plain HTTP GET; the body on 2xx.
+pub fn get(port: u16, path: &str) -> Option<String> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).ok()?;
+    let (head, body) = resp.split_once("\r\n\r\n")?;
+    head.split_whitespace()
+        .nth(1)
+        .filter(|c| c.starts_with('2'))?;
+    Some(body.to_string())
+}
+
+pub fn state(port: u16) -> serde_json::Value {
+    serde_json::from_str(&get(port, "/state").expect("GET /state")).unwrap()
+}
+
+/// PIDs of processes whose command line contains `needle`.
+pub fn pids_with(needle: &str) -> Vec<i32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|d| d.ok())
+        .filter_map(|d| d.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .map(|c| {
+                    String::from_utf8_lossy(&c)
+                        .replace('\0', " ")
+                        .contains(needle)
+                })
+                .unwrap_or(false)
+        })
+        .collect()
+}

@@ -1,0 +1,90 @@
+//! Checkpointing a ready service into the cache, while it keeps running.
+//!
+//! CRIU dumps the tree with `--leave-running` into a staging directory of the
+//! cache; warmer adds `restore.json`; the cache seals and publishes it
+//! atomically. A failed dump leaves the service running untouched (CRIU
+//! resumes it) and the staging directory is removed.
+
+use std::path::Path;
+
+use cache::{Cache, Entry, NewEntry};
+
+use crate::criu::{self, Criu, CriuError, DumpPlan};
+use crate::digest::{HostFacts, ServiceDigest};
+use crate::manifest::Manifest;
+use crate::restore::{RestoreInfo, RESTORE_INFO, RESTORE_INFO_VERSION};
+use crate::service::Running;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    #[error("cannot stage the image")]
+    Cache(#[from] cache::Error),
+    #[error(transparent)]
+    Criu(#[from] CriuError),
+    #[error("cannot write {RESTORE_INFO}")]
+    Info(#[source] std::io::Error),
+}
+
+pub struct Checkpoint<'a> {
+    pub criu: &'a Criu,
+    pub cache: &'a Cache,
+    pub manifest: &'a Manifest,
+    pub digest: &'a ServiceDigest,
+    pub host: &'a HostFacts,
+    pub run_dir: &'a Path,
+    pub cold_start_ms: u64,
+}
+
+impl Checkpoint<'_> {
+    /// Dumps `running` and publishes the image. Returns the new entry.
+    pub fn take(&self, running: &Running) -> Result<Entry, CheckpointError> {
+        let staging = self.cache.stage()?;
+        let plan = DumpPlan {
+            pid: running.pid.as_raw(),
+            images_dir: staging.data_dir(),
+            work_dir: self.run_dir.to_path_buf(),
+            log_name: "dump.log".into(),
+            tcp_established: self.manifest.checkpoint.tcp_established,
+        };
+        self.criu.run(
+            "dump",
+            &criu::dump_args(&plan),
+            &self.run_dir.join("dump.log"),
+        )?;
+        let info = RestoreInfo {
+            format_version: RESTORE_INFO_VERSION,
+            stdout: running.output.stdout.resource().to_string(),
+            stderr: running.output.stderr.resource().to_string(),
+            tcp_established: plan.tcp_established,
+        };
+        std::fs::write(
+            staging.data_dir().join(RESTORE_INFO),
+            serde_json::to_vec_pretty(&info).expect("restore info serializes"),
+        )
+        .map_err(CheckpointError::Info)?;
+        let entry = self.cache.publish(
+            staging,
+            NewEntry {
+                service: self.manifest.name.clone(),
+                digest: self.digest.hex.clone(),
+                inputs: serde_json::to_value(&self.digest.inputs).expect("inputs serialize"),
+                host: self.host.as_map(),
+                cold_start_ms: Some(self.cold_start_ms),
+            },
+        )?;
+        let removed = self.cache.prune_service(
+            &self.manifest.name,
+            usize::try_from(self.manifest.keep).unwrap_or(usize::MAX),
+            Some(&self.digest.hex),
+        )?;
+        for d in removed {
+            log::info!("removed old image {}", short(&d));
+        }
+        Ok(entry)
+    }
+}
+
+/// The first 12 hex digits, for messages.
+pub fn short(digest: &str) -> &str {
+    &digest[..digest.len().min(12)]
+}

@@ -1,0 +1,339 @@
+//! CRIU: finding it, and its command lines.
+//!
+//! Command lines are planned by pure functions ([`dump_args`],
+//! [`restore_args`]) and unit-tested without root, as the runc crate of
+//! containerd/rust-extensions does for runc. Running them is a thin layer.
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+/// CRIU older than this cannot checkpoint on current kernels (see README).
+pub const MIN_VERSION: (u32, u32) = (4, 2);
+
+#[derive(Debug, thiserror::Error)]
+pub enum CriuError {
+    #[error("criu not found (looked in $WARMER_CRIU, PATH, /usr/local/sbin, /usr/sbin, /sbin); install it with scripts/install-criu.sh")]
+    NotFound,
+    #[error("{} --version failed", bin.display())]
+    Version {
+        bin: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{} is CRIU {version}; warmer needs >= {}.{} (scripts/install-criu.sh builds 4.2.1)", bin.display(), MIN_VERSION.0, MIN_VERSION.1)]
+    TooOld { bin: PathBuf, version: String },
+    #[error("could not run {}", bin.display())]
+    Spawn {
+        bin: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("criu {action} failed ({status}); log: {}{}", log.display(), tail_suffix(tail))]
+    Failed {
+        action: &'static str,
+        status: std::process::ExitStatus,
+        log: PathBuf,
+        tail: String,
+    },
+}
+
+fn tail_suffix(tail: &str) -> String {
+    if tail.is_empty() {
+        String::new()
+    } else {
+        format!("\n{tail}")
+    }
+}
+
+/// A located CRIU binary and its version.
+#[derive(Debug, Clone)]
+pub struct Criu {
+    pub bin: PathBuf,
+    pub version: String,
+}
+
+impl Criu {
+    /// `$WARMER_CRIU`, then `criu` on PATH, then the usual sbin directories.
+    pub fn locate() -> Result<Self, CriuError> {
+        let bin = find_bin().ok_or(CriuError::NotFound)?;
+        let out = Command::new(&bin)
+            .arg("--version")
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|source| CriuError::Version {
+                bin: bin.clone(),
+                source,
+            })?;
+        let version = parse_version(&String::from_utf8_lossy(&out.stdout)).ok_or_else(|| {
+            CriuError::Version {
+                bin: bin.clone(),
+                source: std::io::Error::new(std::io::ErrorKind::InvalidData, "no Version: line"),
+            }
+        })?;
+        if !version_at_least(&version, MIN_VERSION) {
+            return Err(CriuError::TooOld { bin, version });
+        }
+        Ok(Self { bin, version })
+    }
+
+    pub fn command(&self) -> Command {
+        let mut c = Command::new(&self.bin);
+        c.stdin(Stdio::null());
+        c
+    }
+
+    /// Runs a planned CRIU command to completion.
+    pub fn run(
+        &self,
+        action: &'static str,
+        args: &[OsString],
+        log: &Path,
+    ) -> Result<(), CriuError> {
+        let out = self
+            .command()
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .output()
+            .map_err(|source| CriuError::Spawn {
+                bin: self.bin.clone(),
+                source,
+            })?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(CriuError::Failed {
+                action,
+                status: out.status,
+                log: log.to_path_buf(),
+                tail: log_tail(log, &out.stderr),
+            })
+        }
+    }
+}
+
+fn find_bin() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("WARMER_CRIU") {
+        return Some(PathBuf::from(p));
+    }
+    let path = std::env::var("PATH").unwrap_or_default();
+    let found = path
+        .split(':')
+        .filter(|d| !d.is_empty())
+        .chain(["/usr/local/sbin", "/usr/sbin", "/sbin"])
+        .map(|d| Path::new(d).join("criu"))
+        .find(|p| p.is_file());
+    found
+}
+
+/// "Version: 4.2.1" -> "4.2.1"
+pub fn parse_version(out: &str) -> Option<String> {
+    out.lines()
+        .find_map(|l| l.strip_prefix("Version:"))
+        .map(|v| v.trim().to_string())
+        .filter(|v| !v.is_empty())
+}
+
+pub fn version_at_least(version: &str, min: (u32, u32)) -> bool {
+    let mut parts = version.split('.').map(|p| {
+        p.chars()
+            .take_while(char::is_ascii_digit)
+            .collect::<String>()
+            .parse::<u32>()
+            .unwrap_or(0)
+    });
+    let major = parts.next().unwrap_or(0);
+    let minor = parts.next().unwrap_or(0);
+    (major, minor) >= min
+}
+
+/// The last error lines of a CRIU log (falling back to its stderr), minus the
+/// RLIMIT_NOFILE complaint CRIU prints on every run on these machines.
+pub fn log_tail(log: &Path, stderr: &[u8]) -> String {
+    let text = std::fs::read_to_string(log)
+        .unwrap_or_else(|_| String::from_utf8_lossy(stderr).into_owned());
+    let lines: Vec<&str> = text
+        .lines()
+        .filter(|l| !l.contains("RLIMIT_NOFILE"))
+        .filter(|l| l.starts_with("Error") || l.contains("Error (") || l.contains("FAILED"))
+        .collect();
+    let start = lines.len().saturating_sub(6);
+    lines[start..].join("\n")
+}
+
+/// What to checkpoint and where.
+#[derive(Debug, Clone)]
+pub struct DumpPlan {
+    /// The root of the tree: the service's namespace init, a session leader.
+    pub pid: i32,
+    pub images_dir: PathBuf,
+    /// Logs and stats go here, never into the image directory.
+    pub work_dir: PathBuf,
+    pub log_name: String,
+    pub tcp_established: bool,
+}
+
+/// Options used for both dump and restore, so the two always agree.
+fn common_args(work_dir: &Path, log_name: &str, tcp_established: bool) -> Vec<OsString> {
+    let mut a: Vec<OsString> = vec![
+        "--work-dir".into(),
+        work_dir.into(),
+        "--log-file".into(),
+        log_name.into(),
+        // flock/fcntl locks are common (pidfiles, sqlite): dump and restore them.
+        "--file-locks".into(),
+    ];
+    if tcp_established {
+        a.push("--tcp-established".into());
+    }
+    a
+}
+
+/// `criu dump` for a service that must keep running.
+pub fn dump_args(plan: &DumpPlan) -> Vec<OsString> {
+    let mut a: Vec<OsString> = vec![
+        "dump".into(),
+        "--tree".into(),
+        plan.pid.to_string().into(),
+        "--images-dir".into(),
+        plan.images_dir.clone().into(),
+        // The checkpoint happens while the service serves: it must go on.
+        "--leave-running".into(),
+    ];
+    a.extend(common_args(
+        &plan.work_dir,
+        &plan.log_name,
+        plan.tcp_established,
+    ));
+    a
+}
+
+/// One pipe of the image to be replaced by a live fd passed to CRIU.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Inherit {
+    /// The fd number in CRIU's own fd table.
+    pub fd: i32,
+    /// As `readlink /proc/PID/fd/N` showed it at dump: `pipe:[126119]`.
+    pub resource: String,
+}
+
+/// What to restore and how.
+#[derive(Debug, Clone)]
+pub struct RestorePlan {
+    pub images_dir: PathBuf,
+    pub work_dir: PathBuf,
+    pub log_name: String,
+    pub pidfile: PathBuf,
+    pub inherit: Vec<Inherit>,
+    pub tcp_established: bool,
+}
+
+/// `criu restore` that leaves the tree running as the caller's child:
+/// `--restore-detached --restore-sibling` makes the restored root a sibling of
+/// CRIU, i.e. warmer's child, instead of an orphan of PID 1 (which does not
+/// reap it on these machines).
+pub fn restore_args(plan: &RestorePlan) -> Vec<OsString> {
+    let mut a: Vec<OsString> = vec![
+        "restore".into(),
+        "--images-dir".into(),
+        plan.images_dir.clone().into(),
+        "--restore-detached".into(),
+        "--restore-sibling".into(),
+        "--pidfile".into(),
+        plan.pidfile.clone().into(),
+    ];
+    a.extend(common_args(
+        &plan.work_dir,
+        &plan.log_name,
+        plan.tcp_established,
+    ));
+    for i in &plan.inherit {
+        a.push("--inherit-fd".into());
+        a.push(format!("fd[{}]:{}", i.fd, i.resource).into());
+    }
+    a
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn strs(a: &[OsString]) -> Vec<String> {
+        a.iter().map(|s| s.to_string_lossy().into_owned()).collect()
+    }
+
+    #[test]
+    fn dump_keeps_the_service_running_and_logs_outside_the_image() {
+        let a = strs(&dump_args(&DumpPlan {
+            pid: 42,
+            images_dir: "/c/tmp/s/data".into(),
+            work_dir: "/run/warmer/web".into(),
+            log_name: "dump.log".into(),
+            tcp_established: false,
+        }));
+        assert_eq!(a[..3], ["dump", "--tree", "42"]);
+        assert!(a.contains(&"--leave-running".to_string()));
+        let w = a.iter().position(|x| x == "--work-dir").unwrap();
+        assert_eq!(a[w + 1], "/run/warmer/web");
+        assert!(!a.contains(&"--tcp-established".to_string()));
+    }
+
+    #[test]
+    fn restore_is_a_sibling_with_inherited_pipes() {
+        let a = strs(&restore_args(&RestorePlan {
+            images_dir: "/c/entries/d/data".into(),
+            work_dir: "/run/warmer/web".into(),
+            log_name: "restore.log".into(),
+            pidfile: "/run/warmer/web/restore.pid".into(),
+            inherit: vec![
+                Inherit {
+                    fd: 3,
+                    resource: "pipe:[11]".into(),
+                },
+                Inherit {
+                    fd: 4,
+                    resource: "pipe:[12]".into(),
+                },
+            ],
+            tcp_established: true,
+        }));
+        assert_eq!(a[0], "restore");
+        assert!(a.contains(&"--restore-detached".to_string()));
+        assert!(a.contains(&"--restore-sibling".to_string()));
+        assert!(a.contains(&"--tcp-established".to_string()));
+        assert!(a
+            .windows(2)
+            .any(|w| w == ["--inherit-fd", "fd[3]:pipe:[11]"]));
+        assert!(a
+            .windows(2)
+            .any(|w| w == ["--inherit-fd", "fd[4]:pipe:[12]"]));
+    }
+
+    #[test]
+    fn versions() {
+        assert_eq!(
+            parse_version("Version: 4.2.1\nGitID: x\n").as_deref(),
+            Some("4.2.1")
+        );
+        assert!(version_at_least("4.2.1", MIN_VERSION));
+        assert!(version_at_least("5.0", MIN_VERSION));
+        assert!(!version_at_least("4.1.1", MIN_VERSION));
+        assert!(!version_at_least("3.17", MIN_VERSION));
+    }
+
+    #[test]
+    fn log_tail_keeps_errors_and_drops_rlimit_noise() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("x.log");
+        std::fs::write(
+            &log,
+            "Error (criu/util.c:1534): rlimit: Can't setup RLIMIT_NOFILE\n(00.1) info\nError (criu/files-reg.c:1): File x has bad size\n",
+        )
+        .unwrap();
+        assert_eq!(
+            log_tail(&log, b""),
+            "Error (criu/files-reg.c:1): File x has bad size"
+        );
+    }
+}

@@ -1,0 +1,341 @@
+//! The cache key of a service: sha256 over everything a restore depends on.
+//!
+//! Inputs: the manifest's canonical form; the bytes of the resolved `exec[0]`,
+//! of every argument that names an existing file (a script, a jar, a config)
+//! and of `digest.files` (directories are walked); the warmer version; the
+//! CRIU version; the kernel release; the CPU feature flags. The inputs are
+//! collected into a JSON document (kept in the cache entry for humans) and the
+//! key is the sha256 of that document. Any change gives a different key, and an
+//! image is only ever looked up by the key it was made for.
+
+use std::fs::File;
+use std::io::{self, Read};
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+use sha2::{Digest as _, Sha256};
+
+use crate::manifest::Manifest;
+
+pub const WARMER_VERSION: &str = env!("CARGO_PKG_VERSION");
+
+#[derive(Debug, thiserror::Error)]
+pub enum DigestError {
+    #[error("service {service}: exec[0] {program:?} not found (searched {searched})")]
+    ProgramNotFound {
+        service: String,
+        program: String,
+        searched: String,
+    },
+    #[error("service {service}: cannot hash digest input {}", path.display())]
+    Input {
+        service: String,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot read host fact {what}")]
+    Host {
+        what: &'static str,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// Facts about this machine that a restore depends on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct HostFacts {
+    pub warmer_version: String,
+    pub criu_version: String,
+    pub kernel: String,
+    pub cpu_flags: String,
+}
+
+impl HostFacts {
+    pub fn gather(criu_version: &str) -> Result<Self, DigestError> {
+        let kernel = nix::sys::utsname::uname()
+            .map(|u| u.release().to_string_lossy().into_owned())
+            .map_err(|e| DigestError::Host {
+                what: "kernel release",
+                source: e.into(),
+            })?;
+        let cpuinfo =
+            std::fs::read_to_string("/proc/cpuinfo").map_err(|source| DigestError::Host {
+                what: "/proc/cpuinfo",
+                source,
+            })?;
+        Ok(Self {
+            warmer_version: WARMER_VERSION.to_string(),
+            criu_version: criu_version.to_string(),
+            kernel,
+            cpu_flags: cpu_flags(&cpuinfo),
+        })
+    }
+
+    pub fn as_map(&self) -> std::collections::BTreeMap<String, String> {
+        [
+            ("warmer_version", &self.warmer_version),
+            ("criu_version", &self.criu_version),
+            ("kernel", &self.kernel),
+            ("cpu_flags", &self.cpu_flags),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.clone()))
+        .collect()
+    }
+}
+
+/// The first `flags` line of /proc/cpuinfo, sorted (order is not a feature).
+fn cpu_flags(cpuinfo: &str) -> String {
+    let line = cpuinfo
+        .lines()
+        .find(|l| l.starts_with("flags") || l.starts_with("Features"))
+        .and_then(|l| l.split_once(':'))
+        .map(|(_, v)| v)
+        .unwrap_or("");
+    let mut flags: Vec<&str> = line.split_whitespace().collect();
+    flags.sort_unstable();
+    flags.join(" ")
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct FileInput {
+    pub path: PathBuf,
+    pub sha256: String,
+}
+
+/// Everything the key is made of.
+#[derive(Debug, Clone, Serialize)]
+pub struct Inputs {
+    pub manifest: serde_json::Value,
+    pub program: PathBuf,
+    pub files: Vec<FileInput>,
+    pub host: HostFacts,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServiceDigest {
+    pub hex: String,
+    pub inputs: Inputs,
+}
+
+/// Resolves `exec[0]` the way execvp will for the service: a name with a `/`
+/// is taken relative to the workdir, a bare name is searched in `PATH`.
+pub fn resolve_program(
+    manifest: &Manifest,
+    path_var: Option<&str>,
+) -> Result<PathBuf, DigestError> {
+    let program = &manifest.exec[0];
+    if program.contains('/') {
+        let p = absolute(manifest, Path::new(program));
+        if p.is_file() {
+            return Ok(p);
+        }
+        return Err(DigestError::ProgramNotFound {
+            service: manifest.name.clone(),
+            program: program.clone(),
+            searched: p.display().to_string(),
+        });
+    }
+    let search = manifest
+        .env
+        .get("PATH")
+        .map(String::as_str)
+        .or(path_var)
+        .unwrap_or("/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin");
+    for dir in search.split(':').filter(|d| !d.is_empty()) {
+        let candidate = Path::new(dir).join(program);
+        if is_executable(&candidate) {
+            return Ok(candidate);
+        }
+    }
+    Err(DigestError::ProgramNotFound {
+        service: manifest.name.clone(),
+        program: program.clone(),
+        searched: format!("PATH={search}"),
+    })
+}
+
+fn is_executable(p: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+}
+
+fn absolute(manifest: &Manifest, p: &Path) -> PathBuf {
+    if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        manifest
+            .workdir
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("/"))
+            .join(p)
+    }
+}
+
+/// Computes the key of `manifest` on this host.
+pub fn compute(manifest: &Manifest, host: &HostFacts) -> Result<ServiceDigest, DigestError> {
+    let path_var = std::env::var("PATH").ok();
+    let program = resolve_program(manifest, path_var.as_deref())?;
+    let mut paths = vec![program.clone()];
+    // Arguments that name files (a script, a jar, a config) are inputs too: an
+    // interpreter's binary rarely changes, the program it runs does.
+    for arg in &manifest.exec[1..] {
+        if arg.starts_with('-') {
+            continue;
+        }
+        let p = absolute(manifest, Path::new(arg));
+        if p.is_file() {
+            paths.push(p);
+        }
+    }
+    paths.extend(manifest.digest_files.iter().cloned());
+
+    let mut files = Vec::new();
+    for p in paths {
+        hash_path(&manifest.name, &p, &mut files)?;
+    }
+    files.sort_by(|a, b| a.path.cmp(&b.path));
+    files.dedup_by(|a, b| a.path == b.path);
+
+    let inputs = Inputs {
+        manifest: serde_json::from_str(&manifest.canonical()).expect("canonical form is JSON"),
+        program,
+        files,
+        host: host.clone(),
+    };
+    let doc = serde_json::to_vec(&inputs).expect("inputs serialize");
+    let hex = hex::encode(Sha256::digest(&doc));
+    Ok(ServiceDigest { hex, inputs })
+}
+
+/// Hashes a file, or every file under a directory (sorted, symlinks not followed
+/// below the top). A missing declared input is an error: a digest that silently
+/// skips an input could restore a stale image.
+fn hash_path(service: &str, path: &Path, out: &mut Vec<FileInput>) -> Result<(), DigestError> {
+    let err = |source| DigestError::Input {
+        service: service.to_string(),
+        path: path.to_path_buf(),
+        source,
+    };
+    let md = std::fs::metadata(path).map_err(err)?;
+    if md.is_dir() {
+        let mut children: Vec<PathBuf> = std::fs::read_dir(path)
+            .map_err(err)?
+            .filter_map(|d| d.ok())
+            .filter(|d| d.file_type().is_ok_and(|t| !t.is_symlink()))
+            .map(|d| d.path())
+            .collect();
+        children.sort();
+        for c in children {
+            hash_path(service, &c, out)?;
+        }
+        return Ok(());
+    }
+    let mut file = File::open(path).map_err(err)?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 256 * 1024];
+    loop {
+        match file.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => hasher.update(&buf[..n]),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(err(e)),
+        }
+    }
+    out.push(FileInput {
+        path: path.to_path_buf(),
+        sha256: hex::encode(hasher.finalize()),
+    });
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn host() -> HostFacts {
+        HostFacts {
+            warmer_version: "0.1.0".into(),
+            criu_version: "4.2.1".into(),
+            kernel: "6.18.0".into(),
+            cpu_flags: "avx2 sse4_2".into(),
+        }
+    }
+
+    fn manifest(dir: &Path, extra: &str) -> Manifest {
+        let text = format!(
+            "exec: [\"/bin/sh\", \"{}/app.sh\"]\nready: {{tcp: \"127.0.0.1:1\"}}\n{extra}",
+            dir.display()
+        );
+        Manifest::parse("svc", &dir.join("svc.yaml"), &text).unwrap()
+    }
+
+    #[test]
+    fn every_input_changes_the_key() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("app.sh"), "echo 1").unwrap();
+        std::fs::create_dir(dir.path().join("conf")).unwrap();
+        std::fs::write(dir.path().join("conf/a.ini"), "a=1").unwrap();
+        let extra = format!("digest: {{files: [\"{}/conf\"]}}\n", dir.path().display());
+        let m = manifest(dir.path(), &extra);
+        let base = compute(&m, &host()).unwrap();
+        assert_eq!(base.hex, compute(&m, &host()).unwrap().hex, "stable");
+        assert_eq!(base.inputs.program, PathBuf::from("/bin/sh"));
+        assert_eq!(base.inputs.files.len(), 3, "{:?}", base.inputs.files);
+
+        std::fs::write(dir.path().join("app.sh"), "echo 2").unwrap();
+        let script = compute(&m, &host()).unwrap();
+        assert_ne!(base.hex, script.hex, "script argument is an input");
+
+        std::fs::write(dir.path().join("conf/a.ini"), "a=2").unwrap();
+        let conf = compute(&m, &host()).unwrap();
+        assert_ne!(script.hex, conf.hex, "files under a digest dir are inputs");
+
+        let mut h = host();
+        h.kernel = "6.19.0".into();
+        assert_ne!(conf.hex, compute(&m, &h).unwrap().hex, "kernel is an input");
+        let mut h = host();
+        h.criu_version = "4.3".into();
+        assert_ne!(conf.hex, compute(&m, &h).unwrap().hex, "criu is an input");
+        let mut h = host();
+        h.cpu_flags = "sse4_2".into();
+        assert_ne!(
+            conf.hex,
+            compute(&m, &h).unwrap().hex,
+            "cpu flags are inputs"
+        );
+
+        let m2 = manifest(dir.path(), &format!("{extra}env: {{A: b}}\n"));
+        assert_ne!(
+            conf.hex,
+            compute(&m2, &host()).unwrap().hex,
+            "env is an input"
+        );
+    }
+
+    #[test]
+    fn missing_inputs_are_errors_not_skipped() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("app.sh"), "echo 1").unwrap();
+        let m = manifest(dir.path(), "digest: {files: [\"/nonexistent/x\"]}\n");
+        assert!(matches!(
+            compute(&m, &host()),
+            Err(DigestError::Input { .. })
+        ));
+        let text = "exec: [\"no-such-program-xyz\"]\nready: {tcp: \"h:1\"}\n";
+        let m = Manifest::parse("svc", Path::new("svc.yaml"), text).unwrap();
+        assert!(matches!(
+            compute(&m, &host()),
+            Err(DigestError::ProgramNotFound { .. })
+        ));
+    }
+
+    #[test]
+    fn cpu_flags_are_order_independent() {
+        assert_eq!(
+            cpu_flags("processor: 0\nflags\t\t: sse avx fpu\n"),
+            cpu_flags("flags : fpu sse avx\n")
+        );
+    }
+}

@@ -1,0 +1,293 @@
+//! The service's own PID namespace and its tiny init.
+//!
+//! Every service runs as
+//!
+//! ```text
+//! warmer run web                 (outer namespace; subreaper; supervisor)
+//!  └─ warmer-init  [pid 1]       new PID namespace, session leader: the dump root
+//!      └─ the service [pid 2]    and whatever it forks
+//! ```
+//!
+//! Why: a checkpoint of a tree that lives in its own PID namespace restores
+//! with the same inner PIDs no matter which outer PIDs are taken (after a
+//! reboot the originals usually are: `Can't fork for 59: File exists`).
+//! CRIU wants the dump root to be a session leader, hence `setsid` inside.
+//!
+//! PID 1 of a namespace ignores signals it has no handler for, so the init
+//! forwards SIGTERM, SIGINT, SIGHUP, SIGQUIT, SIGUSR1 and SIGUSR2 to the
+//! service, reaps orphans, and exits with the service's status (128+N when it
+//! died of signal N). When it exits the kernel kills the rest of the
+//! namespace: nothing of the service outlives it. It blocks signals and
+//! waits with `sigwait` (no handlers, no threads): state CRIU restores exactly.
+
+use std::ffi::{CString, OsStr, OsString};
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use std::process::Command;
+
+use nix::sys::signal::{kill, SigSet, SigmaskHow, Signal};
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::Pid;
+
+/// The hidden subcommand that runs the init.
+pub const INIT_ARG: &str = "__init";
+
+/// Signals the init passes on to the service.
+pub const FORWARDED: [Signal; 6] = [
+    Signal::SIGTERM,
+    Signal::SIGINT,
+    Signal::SIGHUP,
+    Signal::SIGQUIT,
+    Signal::SIGUSR1,
+    Signal::SIGUSR2,
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum SpawnError {
+    #[error("argument or environment entry contains a NUL byte: {0:?}")]
+    Nul(OsString),
+    #[error("cannot create the service's PID namespace")]
+    Clone(#[source] io::Error),
+    #[error("cannot start {} in the new namespace", exe)]
+    Exec {
+        exe: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("pipe")]
+    Pipe(#[source] io::Error),
+}
+
+/// What goes into the new namespace.
+pub struct InitSpec<'a> {
+    /// The warmer executable (it runs the init).
+    pub exe: &'a Path,
+    pub service: &'a str,
+    pub argv: &'a [String],
+    pub env: &'a [(OsString, OsString)],
+    pub workdir: Option<&'a Path>,
+    pub stdout: BorrowedFd<'a>,
+    pub stderr: BorrowedFd<'a>,
+}
+
+fn cstring(s: &OsStr) -> Result<CString, SpawnError> {
+    CString::new(s.as_bytes()).map_err(|_| SpawnError::Nul(s.to_os_string()))
+}
+
+/// Starts `warmer __init -- ARGV` as PID 1 of a new PID namespace, in its own
+/// session, with stdout/stderr on the given fds and stdin on /dev/null.
+/// Returns its PID as seen from here. It is our child.
+pub fn spawn(spec: &InitSpec<'_>) -> Result<Pid, SpawnError> {
+    // Everything the child touches is prepared here: between clone and exec the
+    // child may only make async-signal-safe calls (no allocation; other threads'
+    // locks may be held in its copy of memory).
+    let exe = cstring(spec.exe.as_os_str())?;
+    let mut args = vec![
+        cstring(OsStr::new("warmer-init"))?,
+        cstring(OsStr::new(INIT_ARG))?,
+        cstring(OsStr::new(spec.service))?,
+        cstring(OsStr::new("--"))?,
+    ];
+    for a in spec.argv {
+        args.push(cstring(OsStr::new(a))?);
+    }
+    let mut argv: Vec<*const libc::c_char> = args.iter().map(|a| a.as_ptr()).collect();
+    argv.push(std::ptr::null());
+    let env: Vec<CString> = spec
+        .env
+        .iter()
+        .map(|(k, v)| {
+            let mut kv = k.clone();
+            kv.push("=");
+            kv.push(v);
+            cstring(&kv)
+        })
+        .collect::<Result<_, _>>()?;
+    let mut envp: Vec<*const libc::c_char> = env.iter().map(|e| e.as_ptr()).collect();
+    envp.push(std::ptr::null());
+    let workdir = spec.workdir.map(|w| cstring(w.as_os_str())).transpose()?;
+    let devnull = std::fs::File::open("/dev/null").map_err(SpawnError::Pipe)?;
+    let (err_r, err_w) =
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| SpawnError::Pipe(e.into()))?;
+    let (null_fd, out_fd, err_fd, report_fd) = (
+        devnull.as_raw_fd(),
+        spec.stdout.as_raw_fd(),
+        spec.stderr.as_raw_fd(),
+        err_w.as_raw_fd(),
+    );
+
+    // SAFETY: clone(2) without a new stack behaves like fork(2): the child gets
+    // a copy of this thread only. It runs `child_exec`, which makes only
+    // async-signal-safe calls on memory prepared above, and never returns.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_clone,
+            libc::CLONE_NEWPID | libc::SIGCHLD,
+            std::ptr::null_mut::<libc::c_void>(),
+            std::ptr::null_mut::<libc::c_void>(),
+            std::ptr::null_mut::<libc::c_void>(),
+            0usize,
+        )
+    };
+    if ret == 0 {
+        // SAFETY: see above; we are the child and exec or _exit.
+        unsafe {
+            child_exec(
+                &exe,
+                &argv,
+                &envp,
+                workdir.as_ref(),
+                [null_fd, out_fd, err_fd],
+                report_fd,
+            )
+        }
+    }
+    if ret < 0 {
+        return Err(SpawnError::Clone(io::Error::last_os_error()));
+    }
+    let pid = Pid::from_raw(i32::try_from(ret).expect("pid fits in i32"));
+    drop(err_w);
+    // The child reports an exec failure as an errno on the CLOEXEC pipe; EOF
+    // means exec succeeded.
+    let mut buf = [0u8; 4];
+    let n = read_full(&err_r, &mut buf);
+    if n == 4 {
+        let _ = waitpid(pid, None);
+        return Err(SpawnError::Exec {
+            exe: spec.exe.display().to_string(),
+            source: io::Error::from_raw_os_error(i32::from_ne_bytes(buf)),
+        });
+    }
+    Ok(pid)
+}
+
+fn read_full(fd: &OwnedFd, buf: &mut [u8]) -> usize {
+    let mut got = 0;
+    while got < buf.len() {
+        match nix::unistd::read(fd, &mut buf[got..]) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(_) => break,
+        }
+    }
+    got
+}
+
+/// The child's side of [`spawn`].
+///
+/// # Safety
+/// Must only be called in a freshly cloned child; never returns.
+unsafe fn child_exec(
+    exe: &CString,
+    argv: &[*const libc::c_char],
+    envp: &[*const libc::c_char],
+    workdir: Option<&CString>,
+    stdio: [i32; 3],
+    report: i32,
+) -> ! {
+    // SAFETY: all calls below are async-signal-safe syscalls on valid
+    // pointers prepared by the parent; the function ends in execve or _exit.
+    unsafe {
+        let fail = |report: i32| -> ! {
+            let errno = *libc::__errno_location();
+            let bytes = errno.to_ne_bytes();
+            libc::write(report, bytes.as_ptr().cast(), 4);
+            libc::_exit(127)
+        };
+        if libc::setsid() < 0 {
+            fail(report);
+        }
+        // If warmer dies (even by SIGKILL), the kernel kills this init and so
+        // the whole namespace: a service never outlives its supervisor. CRIU
+        // keeps the setting across checkpoint/restore, and a restored init is
+        // warmer's child too (--restore-sibling), so it holds after restore.
+        if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) < 0 {
+            fail(report);
+        }
+        for (target, fd) in stdio.iter().enumerate() {
+            let target = i32::try_from(target).unwrap_or(0);
+            if libc::dup2(*fd, target) < 0 {
+                fail(report);
+            }
+        }
+        if let Some(w) = workdir {
+            if libc::chdir(w.as_ptr()) < 0 {
+                fail(report);
+            }
+        }
+        let mut empty: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut empty);
+        libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
+        libc::execve(exe.as_ptr(), argv.as_ptr(), envp.as_ptr());
+        fail(report)
+    }
+}
+
+/// `warmer __init SERVICE -- ARGV...`: the namespace init. Never returns.
+pub fn main(args: &[OsString]) -> ! {
+    let argv: Vec<&OsString> = args
+        .iter()
+        .skip_while(|a| a.as_os_str() != "--")
+        .skip(1)
+        .collect();
+    if argv.is_empty() {
+        eprintln!("warmer-init: usage: warmer __init SERVICE -- PROGRAM [ARGS...]");
+        std::process::exit(2);
+    }
+    let mut mask = SigSet::empty();
+    mask.add(Signal::SIGCHLD);
+    for s in FORWARDED {
+        mask.add(s);
+    }
+    if let Err(e) = nix::sys::signal::sigprocmask(SigmaskHow::SIG_BLOCK, Some(&mask), None) {
+        eprintln!("warmer-init: sigprocmask: {e}");
+        std::process::exit(127);
+    }
+    let mut cmd = Command::new(argv[0]);
+    cmd.args(&argv[1..]);
+    // SAFETY: sigprocmask and signal are async-signal-safe. The service must
+    // not inherit the init's blocked mask or Rust's ignored SIGPIPE.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+            let mut empty: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut empty);
+            libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+            Ok(())
+        });
+    }
+    let child = match cmd.spawn() {
+        Ok(c) => Pid::from_raw(i32::try_from(c.id()).unwrap_or(i32::MAX)),
+        Err(e) => {
+            eprintln!("warmer-init: cannot execute {:?}: {e}", argv[0]);
+            std::process::exit(if e.kind() == io::ErrorKind::NotFound {
+                127
+            } else {
+                126
+            });
+        }
+    };
+    loop {
+        let sig = match mask.wait() {
+            Ok(s) => s,
+            Err(_) => continue, // EINTR, e.g. around a checkpoint or restore
+        };
+        if sig != Signal::SIGCHLD {
+            let _ = kill(child, sig);
+            continue;
+        }
+        loop {
+            match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::Exited(pid, code)) if pid == child => std::process::exit(code),
+                Ok(WaitStatus::Signaled(pid, s, _)) if pid == child => {
+                    std::process::exit(128 + s as i32)
+                }
+                Ok(WaitStatus::StillAlive) | Err(_) => break,
+                Ok(_) => continue, // an orphan reaped
+            }
+        }
+    }
+}

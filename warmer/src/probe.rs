@@ -1,0 +1,223 @@
+//! Readiness probes: one attempt at a time, each bounded in time.
+
+use std::io::{Read, Write};
+use std::net::{TcpStream, ToSocketAddrs};
+use std::os::unix::net::UnixDatagram;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::manifest::{HttpUrl, Probe};
+
+/// Longest a single attempt may take; the overall deadline is the manifest's.
+const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// A probe ready to be polled.
+pub enum Prober {
+    Http(HttpUrl),
+    Tcp(String),
+    Exec(Vec<String>),
+    Notify(NotifySocket),
+}
+
+impl Prober {
+    /// `notify_socket` is where a notify probe listens (bound here).
+    pub fn new(probe: &Probe, notify_socket: &Path) -> std::io::Result<Self> {
+        Ok(match probe {
+            Probe::Http(u) => Prober::Http(u.clone()),
+            Probe::Tcp(a) => Prober::Tcp(a.clone()),
+            Probe::Exec(argv) => Prober::Exec(argv.clone()),
+            Probe::Notify => Prober::Notify(NotifySocket::bind(notify_socket)?),
+        })
+    }
+
+    /// One attempt, taking at most `min(limit, 2 s)`.
+    pub fn check(&mut self, limit: Duration) -> bool {
+        let limit = limit.clamp(Duration::from_millis(10), ATTEMPT_TIMEOUT);
+        match self {
+            Prober::Http(url) => http_ok(url, limit),
+            Prober::Tcp(addr) => connect(addr, limit).is_some(),
+            Prober::Exec(argv) => exec_ok(argv, limit),
+            Prober::Notify(sock) => sock.ready_seen(),
+        }
+    }
+
+    pub fn is_notify(&self) -> bool {
+        matches!(self, Prober::Notify(_))
+    }
+}
+
+fn connect(addr: &str, limit: Duration) -> Option<TcpStream> {
+    let addrs = addr.to_socket_addrs().ok()?;
+    for a in addrs {
+        if let Ok(s) = TcpStream::connect_timeout(&a, limit) {
+            return Some(s);
+        }
+    }
+    None
+}
+
+/// GET the URL with HTTP/1.1 and `Connection: close`; any 2xx is ready.
+fn http_ok(url: &HttpUrl, limit: Duration) -> bool {
+    let host = url.host.trim_start_matches('[').trim_end_matches(']');
+    let Some(mut s) = connect(&format!("{}:{}", url.host, url.port), limit)
+        .or_else(|| connect(&format!("{host}:{}", url.port), limit))
+    else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(limit));
+    let _ = s.set_write_timeout(Some(limit));
+    let req = format!(
+        "GET {} HTTP/1.1\r\nHost: {}:{}\r\nUser-Agent: warmer-probe\r\nAccept: */*\r\nConnection: close\r\n\r\n",
+        url.path, url.host, url.port
+    );
+    if s.write_all(req.as_bytes()).is_err() {
+        return false;
+    }
+    let mut buf = [0u8; 64];
+    let mut got = 0;
+    while got < 12 {
+        match s.read(&mut buf[got..]) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => got += n,
+        }
+    }
+    status_is_2xx(&buf[..got])
+}
+
+fn status_is_2xx(head: &[u8]) -> bool {
+    // "HTTP/1.1 200 OK"
+    let text = String::from_utf8_lossy(head);
+    let mut parts = text.split_whitespace();
+    matches!(parts.next(), Some(v) if v.starts_with("HTTP/"))
+        && parts
+            .next()
+            .is_some_and(|code| code.len() == 3 && code.starts_with('2'))
+}
+
+fn exec_ok(argv: &[String], limit: Duration) -> bool {
+    let Ok(mut child) = Command::new(&argv[0])
+        .args(&argv[1..])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+    else {
+        return false;
+    };
+    let deadline = Instant::now() + limit;
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) => return status.success(),
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(2)),
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return false;
+            }
+        }
+    }
+}
+
+/// The `$NOTIFY_SOCKET` a notify-probed service talks to.
+pub struct NotifySocket {
+    sock: UnixDatagram,
+    path: PathBuf,
+    ready: bool,
+}
+
+impl NotifySocket {
+    pub fn bind(path: &Path) -> std::io::Result<Self> {
+        let _ = std::fs::remove_file(path);
+        let sock = UnixDatagram::bind(path)?;
+        sock.set_nonblocking(true)?;
+        Ok(Self {
+            sock,
+            path: path.to_path_buf(),
+            ready: false,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn ready_seen(&mut self) -> bool {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = self.sock.recv(&mut buf) {
+            if String::from_utf8_lossy(&buf[..n])
+                .lines()
+                .any(|l| l.trim() == "READY=1")
+            {
+                self.ready = true;
+            }
+        }
+        self.ready
+    }
+}
+
+impl Drop for NotifySocket {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::TcpListener;
+
+    #[test]
+    fn http_status_lines() {
+        assert!(status_is_2xx(b"HTTP/1.1 200 OK\r\n"));
+        assert!(status_is_2xx(b"HTTP/1.0 204 No Content\r\n"));
+        assert!(!status_is_2xx(b"HTTP/1.1 503 Service Unavailable\r\n"));
+        assert!(!status_is_2xx(b"HTTP/1.1 2000\r\n"));
+        assert!(!status_is_2xx(b"SSH-2.0"));
+    }
+
+    #[test]
+    fn http_probe_against_a_local_server() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let server = std::thread::spawn(move || {
+            for (i, s) in l.incoming().take(2).enumerate() {
+                let mut s = s.unwrap();
+                let mut buf = [0u8; 1024];
+                let _ = s.read(&mut buf);
+                let reply: &[u8] = if i == 0 {
+                    b"HTTP/1.1 503 Loading\r\n\r\n"
+                } else {
+                    b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+                };
+                s.write_all(reply).unwrap();
+            }
+        });
+        let url =
+            crate::manifest::parse_http_url(&format!("http://127.0.0.1:{port}/health")).unwrap();
+        let mut p = Prober::Http(url);
+        assert!(!p.check(Duration::from_secs(1)), "503 is not ready");
+        assert!(p.check(Duration::from_secs(1)), "200 is ready");
+        server.join().unwrap();
+        assert!(
+            !p.check(Duration::from_millis(100)),
+            "closed port is not ready"
+        );
+    }
+
+    #[test]
+    fn exec_and_notify_probes() {
+        assert!(Prober::Exec(vec!["true".into()]).check(Duration::from_secs(1)));
+        assert!(!Prober::Exec(vec!["false".into()]).check(Duration::from_secs(1)));
+        assert!(!Prober::Exec(vec!["sleep".into(), "5".into()]).check(Duration::from_millis(50)));
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("notify.sock");
+        let mut p = Prober::new(&Probe::Notify, &path).unwrap();
+        assert!(!p.check(Duration::from_millis(10)));
+        let c = UnixDatagram::unbound().unwrap();
+        c.send_to(b"STATUS=loading\n", &path).unwrap();
+        assert!(!p.check(Duration::from_millis(10)));
+        c.send_to(b"STATUS=up\nREADY=1\n", &path).unwrap();
+        assert!(p.check(Duration::from_millis(10)));
+    }
+}

@@ -1,0 +1,165 @@
+//! Restoring a service from a cache entry.
+//!
+//! The entry is verified first (every checksum, owner and mode). CRIU then
+//! restores the tree as our child (`--restore-sibling`), with the service's
+//! stdout/stderr pipes swapped for fresh ones of ours (`--inherit-fd`).
+//! Any failure leaves nothing running: the caller quarantines the entry and
+//! cold-starts.
+
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+
+use nix::unistd::Pid;
+use serde::{Deserialize, Serialize};
+
+use crate::criu::{self, Criu, CriuError, Inherit, RestorePlan};
+use crate::logs::Output;
+use crate::service::Running;
+use crate::state::StartKind;
+
+/// Written into every image by the checkpoint: what a restore needs to know
+/// beyond CRIU's own files.
+pub const RESTORE_INFO: &str = "restore.json";
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RestoreInfo {
+    pub format_version: u32,
+    /// `pipe:[INODE]` of the service's stdout and stderr at dump time.
+    pub stdout: String,
+    pub stderr: String,
+    pub tcp_established: bool,
+}
+
+pub const RESTORE_INFO_VERSION: u32 = 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    #[error("image is damaged: {0}")]
+    Damaged(#[from] cache::Problem),
+    #[error("cannot read {}", path.display())]
+    Info {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{}: {reason}", path.display())]
+    BadInfo { path: PathBuf, reason: String },
+    #[error("cannot set up the restore")]
+    Setup(#[source] std::io::Error),
+    #[error(transparent)]
+    Criu(#[from] CriuError),
+    #[error("criu restore succeeded but its pidfile {} is unreadable", path.display())]
+    Pidfile { path: PathBuf },
+}
+
+impl RestoreInfo {
+    pub fn read(data_dir: &Path) -> Result<Self, RestoreError> {
+        let path = data_dir.join(RESTORE_INFO);
+        let bytes = std::fs::read(&path).map_err(|source| RestoreError::Info {
+            path: path.clone(),
+            source,
+        })?;
+        let info: RestoreInfo =
+            serde_json::from_slice(&bytes).map_err(|e| RestoreError::BadInfo {
+                path: path.clone(),
+                reason: e.to_string(),
+            })?;
+        if info.format_version != RESTORE_INFO_VERSION {
+            return Err(RestoreError::BadInfo {
+                path,
+                reason: format!("unknown format_version {}", info.format_version),
+            });
+        }
+        Ok(info)
+    }
+}
+
+/// The fds CRIU receives the new pipes on.
+const STDOUT_FD: i32 = 3;
+const STDERR_FD: i32 = 4;
+
+/// Restores the image in `data_dir` (already verified). Returns the running
+/// tree, not yet probed.
+pub fn restore(criu: &Criu, data_dir: &Path, run_dir: &Path) -> Result<Running, RestoreError> {
+    let info = RestoreInfo::read(data_dir)?;
+    let mut output = Output::new().map_err(RestoreError::Setup)?;
+    let pidfile = run_dir.join("restore.pid");
+    // CRIU opens the pidfile O_EXCL.
+    let _ = std::fs::remove_file(&pidfile);
+    let log = run_dir.join("restore.log");
+    let plan = RestorePlan {
+        images_dir: data_dir.to_path_buf(),
+        work_dir: run_dir.to_path_buf(),
+        log_name: "restore.log".into(),
+        pidfile: pidfile.clone(),
+        inherit: vec![
+            Inherit {
+                fd: STDOUT_FD,
+                resource: info.stdout.clone(),
+            },
+            Inherit {
+                fd: STDERR_FD,
+                resource: info.stderr.clone(),
+            },
+        ],
+        tcp_established: info.tcp_established,
+    };
+    // Move the write ends above the target numbers so the dup2s in the child
+    // cannot clobber each other.
+    let high = |fd: std::os::fd::BorrowedFd<'_>| -> std::io::Result<OwnedFd> {
+        let raw = nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(10))?;
+        // SAFETY: F_DUPFD_CLOEXEC returned a new fd that nothing else owns.
+        Ok(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(raw) })
+    };
+    let out_w = high(output.stdout.write_fd()).map_err(RestoreError::Setup)?;
+    let err_w = high(output.stderr.write_fd()).map_err(RestoreError::Setup)?;
+    let (out_raw, err_raw) = (out_w.as_fd().as_raw_fd(), err_w.as_fd().as_raw_fd());
+
+    let mut cmd = criu.command();
+    cmd.args(criu::restore_args(&plan))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    // SAFETY: dup2 is async-signal-safe; the fds are open in the parent and
+    // copied into the child by fork.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::dup2(out_raw, STDOUT_FD) < 0 || libc::dup2(err_raw, STDERR_FD) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let out = cmd.output().map_err(|source| CriuError::Spawn {
+        bin: criu.bin.clone(),
+        source,
+    })?;
+    drop(out_w);
+    drop(err_w);
+    // The restored service holds its own copies of the write ends now.
+    output.close_write();
+    if !out.status.success() {
+        let _ = std::fs::remove_file(&pidfile);
+        return Err(CriuError::Failed {
+            action: "restore",
+            status: out.status,
+            tail: criu::log_tail(&log, &out.stderr),
+            log,
+        }
+        .into());
+    }
+    let pid = std::fs::read_to_string(&pidfile)
+        .ok()
+        .and_then(|s| s.trim().parse::<i32>().ok())
+        .ok_or(RestoreError::Pidfile {
+            path: pidfile.clone(),
+        })?;
+    let _ = std::fs::remove_file(&pidfile);
+    Ok(Running::new(
+        Pid::from_raw(pid),
+        output,
+        StartKind::Restored,
+    ))
+}

@@ -1,0 +1,139 @@
+//! A running instance of a service: its init's PID and its output pipes,
+//! however it was started.
+
+use std::collections::BTreeMap;
+use std::ffi::OsString;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::Pid;
+
+use crate::logs::Output;
+use crate::manifest::Manifest;
+use crate::signals::Signals;
+use crate::state::StartKind;
+
+/// Variables of warmer's environment that belong to warmer, not the service.
+const PRIVATE_ENV: &[&str] = &[
+    "NOTIFY_SOCKET",
+    "LISTEN_FDS",
+    "LISTEN_PID",
+    "LISTEN_FDNAMES",
+    "WATCHDOG_PID",
+    "WATCHDOG_USEC",
+    "JOURNAL_STREAM",
+];
+
+/// The service's environment: warmer's own minus what belongs to warmer
+/// (systemd's notify socket, warmer's settings), plus the manifest's `env`,
+/// plus `NOTIFY_SOCKET` when the service reports readiness itself.
+pub fn service_env(manifest: &Manifest, notify_socket: Option<&Path>) -> Vec<(OsString, OsString)> {
+    let mut env: BTreeMap<OsString, OsString> = std::env::vars_os()
+        .filter(|(k, _)| {
+            let k = k.to_string_lossy();
+            !PRIVATE_ENV.contains(&k.as_ref()) && !k.starts_with("WARMER_")
+        })
+        .collect();
+    for (k, v) in &manifest.env {
+        env.insert(k.into(), v.into());
+    }
+    if let Some(p) = notify_socket {
+        env.insert("NOTIFY_SOCKET".into(), p.into());
+    }
+    env.into_iter().collect()
+}
+
+/// A live service tree, rooted at its namespace init (our child).
+pub struct Running {
+    pub pid: Pid,
+    pub output: Output,
+    pub kind: StartKind,
+    exit: Option<i32>,
+}
+
+impl Running {
+    pub fn new(pid: Pid, output: Output, kind: StartKind) -> Self {
+        Self {
+            pid,
+            output,
+            kind,
+            exit: None,
+        }
+    }
+
+    /// Reaps without blocking. Returns the init's exit status once it has
+    /// exited: its code, or 128+N when killed by signal N. Other children
+    /// (orphans re-parented to us as subreaper) are reaped on the way.
+    pub fn poll_exit(&mut self) -> Option<i32> {
+        if self.exit.is_some() {
+            return self.exit;
+        }
+        loop {
+            match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::Exited(pid, code)) if pid == self.pid => {
+                    self.exit = Some(code);
+                    break;
+                }
+                Ok(WaitStatus::Signaled(pid, sig, _)) if pid == self.pid => {
+                    self.exit = Some(128 + sig as i32);
+                    break;
+                }
+                Ok(WaitStatus::StillAlive) | Err(_) => break,
+                Ok(_) => continue,
+            }
+        }
+        self.exit
+    }
+
+    pub fn signal(&self, sig: Signal) {
+        if self.exit.is_none() {
+            let _ = kill(self.pid, sig);
+        }
+    }
+
+    /// Waits up to `timeout` for the init to exit.
+    pub fn wait_exit(&mut self, timeout: Duration, signals: &Signals) -> Option<i32> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(code) = self.poll_exit() {
+                return Some(code);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return None;
+            }
+            signals.wait(left.min(Duration::from_millis(50)));
+        }
+    }
+
+    /// SIGTERM (the init forwards it), then SIGKILL after `timeout`. Killing
+    /// the init kills its whole PID namespace.
+    pub fn stop(&mut self, timeout: Duration, signals: &Signals) -> i32 {
+        self.signal(Signal::SIGTERM);
+        if let Some(code) = self.wait_exit(timeout, signals) {
+            return code;
+        }
+        log::warn!(
+            "service did not exit {} after SIGTERM: killing it",
+            humantime::format_duration(timeout)
+        );
+        self.kill(signals)
+    }
+
+    /// SIGKILL and reap.
+    pub fn kill(&mut self, signals: &Signals) -> i32 {
+        self.signal(Signal::SIGKILL);
+        loop {
+            if let Some(code) = self.wait_exit(Duration::from_secs(5), signals) {
+                return code;
+            }
+        }
+    }
+
+    /// Drains the output pumps (after exit).
+    pub fn finish(self) {
+        self.output.finish();
+    }
+}

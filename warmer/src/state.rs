@@ -1,0 +1,156 @@
+//! What a service is doing, as `warmer run` records it and `warmer status`
+//! reads it: `<run-dir>/<service>/state.json`, replaced atomically.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// The phases of one `warmer run`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ServiceState {
+    /// Cold start: waiting for the readiness probe.
+    Starting,
+    /// Restoring from the cache, then probing.
+    Restoring,
+    /// Ready and serving.
+    Ready,
+    /// Ready, and a checkpoint is being taken (the service keeps serving).
+    Checkpointing,
+    Stopping,
+    /// The service exited and warmer with it.
+    Stopped,
+    /// warmer could not get the service ready.
+    Failed,
+}
+
+impl ServiceState {
+    /// Only a freshly cold-started, ready service is checkpointed: a restored
+    /// one already has its image.
+    pub fn can_checkpoint(self) -> bool {
+        self == ServiceState::Ready
+    }
+
+    pub fn is_running(self) -> bool {
+        !matches!(self, ServiceState::Stopped | ServiceState::Failed)
+    }
+}
+
+/// How the last start happened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StartKind {
+    Cold,
+    Restored,
+}
+
+/// The persisted record of a `warmer run`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunRecord {
+    pub name: String,
+    pub state: ServiceState,
+    /// PID of the `warmer run` process.
+    pub warmer_pid: u32,
+    /// PID (outer namespace) of the service's init.
+    pub service_pid: Option<i32>,
+    pub digest: Option<String>,
+    pub last_start: Option<StartKind>,
+    /// From `warmer run` start to ready, for the last start.
+    pub ready_ms: Option<u64>,
+    /// The last cold start measured by this run (null after a restore).
+    pub cold_ready_ms: Option<u64>,
+    pub exit_code: Option<i32>,
+    pub message: Option<String>,
+    /// RFC 3339.
+    pub updated: String,
+}
+
+impl RunRecord {
+    pub fn new(name: &str) -> Self {
+        Self {
+            name: name.to_string(),
+            state: ServiceState::Starting,
+            warmer_pid: std::process::id(),
+            service_pid: None,
+            digest: None,
+            last_start: None,
+            ready_ms: None,
+            cold_ready_ms: None,
+            exit_code: None,
+            message: None,
+            updated: now(),
+        }
+    }
+
+    pub fn path(run_dir: &Path, name: &str) -> PathBuf {
+        run_dir.join(name).join("state.json")
+    }
+
+    /// Reads a record; `None` when there is none or it is unreadable.
+    pub fn read(run_dir: &Path, name: &str) -> Option<Self> {
+        let bytes = std::fs::read(Self::path(run_dir, name)).ok()?;
+        serde_json::from_slice(&bytes).ok()
+    }
+
+    /// Writes the record (new file, then rename).
+    pub fn write(&mut self, run_dir: &Path) -> std::io::Result<()> {
+        self.updated = now();
+        let path = Self::path(run_dir, &self.name);
+        let tmp = path.with_extension("json.tmp");
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(&serde_json::to_vec_pretty(self).expect("record serializes"))?;
+        std::fs::rename(&tmp, &path)
+    }
+
+    /// Whether the `warmer run` that wrote this is still alive.
+    pub fn warmer_alive(&self) -> bool {
+        let Ok(pid) = i32::try_from(self.warmer_pid) else {
+            return false;
+        };
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok()
+            && std::fs::read_to_string(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|c| c.contains("warmer"))
+    }
+}
+
+fn now() -> String {
+    humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_ready_service_can_be_checkpointed() {
+        assert!(ServiceState::Ready.can_checkpoint());
+        for s in [
+            ServiceState::Starting,
+            ServiceState::Restoring,
+            ServiceState::Checkpointing,
+            ServiceState::Stopping,
+            ServiceState::Stopped,
+            ServiceState::Failed,
+        ] {
+            assert!(!s.can_checkpoint(), "{s:?}");
+        }
+    }
+
+    #[test]
+    fn record_round_trips() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("web")).unwrap();
+        let mut r = RunRecord::new("web");
+        r.state = ServiceState::Ready;
+        r.last_start = Some(StartKind::Restored);
+        r.ready_ms = Some(84);
+        r.write(dir.path()).unwrap();
+        let back = RunRecord::read(dir.path(), "web").unwrap();
+        assert_eq!(back, r);
+        assert!(
+            back.warmer_alive(),
+            "this test process is a warmer test binary"
+        );
+    }
+}

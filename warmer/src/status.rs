@@ -1,0 +1,174 @@
+//! `warmer status`: what each service is doing and what the cache holds for it.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+
+use serde::Serialize;
+
+use crate::criu::Criu;
+use crate::digest::{self, HostFacts};
+use crate::manifest::Manifest;
+use crate::state::{RunRecord, ServiceState, StartKind};
+use crate::supervisor::Dirs;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ImageInfo {
+    pub digest: String,
+    pub bytes: u64,
+    pub created: String,
+}
+
+/// One service, as `status --json` prints it.
+#[derive(Debug, Clone, Serialize)]
+pub struct ServiceStatus {
+    pub name: String,
+    /// starting, restoring, ready, checkpointing, stopping, stopped, failed
+    pub state: ServiceState,
+    pub last_start: Option<StartKind>,
+    pub ready_ms: Option<u64>,
+    pub cold_ready_ms: Option<u64>,
+    /// The published image for the service's current digest, if any.
+    pub image: Option<ImageInfo>,
+    pub pid: Option<i32>,
+    pub digest: Option<String>,
+    pub message: Option<String>,
+}
+
+/// Service names known from manifests and from run records.
+fn known_services(dirs: &Dirs) -> BTreeSet<String> {
+    let mut names = BTreeSet::new();
+    let stems = |dir: &Path, want: &dyn Fn(&Path) -> Option<String>| -> Vec<String> {
+        std::fs::read_dir(dir)
+            .into_iter()
+            .flatten()
+            .filter_map(|d| d.ok())
+            .filter_map(|d| want(&d.path()))
+            .collect()
+    };
+    names.extend(stems(&dirs.manifests, &|p| {
+        let ext = p.extension()?.to_str()?;
+        matches!(ext, "yaml" | "yml").then(|| p.file_stem()?.to_str().map(String::from))?
+    }));
+    names.extend(stems(&dirs.run, &|p| {
+        p.join("state.json")
+            .exists()
+            .then(|| p.file_name()?.to_str().map(String::from))?
+    }));
+    names
+}
+
+pub fn collect(dirs: &Dirs, only: Option<&str>) -> Vec<ServiceStatus> {
+    let names: Vec<String> = match only {
+        Some(n) => vec![n.to_string()],
+        None => known_services(dirs).into_iter().collect(),
+    };
+    // Opening the cache would create it; status only reads.
+    let cache = dirs
+        .cache
+        .join("VERSION")
+        .exists()
+        .then(|| cache::Cache::open(&dirs.cache).ok())
+        .flatten();
+    let host = Criu::locate()
+        .ok()
+        .and_then(|c| HostFacts::gather(&c.version).ok());
+    names
+        .into_iter()
+        .map(|name| one(dirs, &name, cache.as_ref(), host.as_ref()))
+        .collect()
+}
+
+fn one(
+    dirs: &Dirs,
+    name: &str,
+    cache: Option<&cache::Cache>,
+    host: Option<&HostFacts>,
+) -> ServiceStatus {
+    let record = RunRecord::read(&dirs.run, name);
+    let alive = record.as_ref().is_some_and(|r| r.warmer_alive());
+    let state = match &record {
+        Some(r) if r.state.is_running() && !alive => ServiceState::Stopped,
+        Some(r) => r.state,
+        None => ServiceState::Stopped,
+    };
+    // A running service runs on the digest it started with; otherwise the
+    // digest a start would use now (so a changed binary shows no image).
+    let digest = match &record {
+        Some(r) if alive => r.digest.clone(),
+        _ => Manifest::find(&dirs.manifests, name)
+            .ok()
+            .zip(host)
+            .and_then(|(m, h)| digest::compute(&m, h).ok())
+            .map(|d| d.hex),
+    };
+    let entry = cache
+        .zip(digest.as_deref())
+        .and_then(|(c, d)| c.lookup(d).ok().flatten());
+    let image = entry.as_ref().map(|e| ImageInfo {
+        digest: e.meta.digest.clone(),
+        bytes: e.meta.bytes,
+        created: e.meta.created.clone(),
+    });
+    let cold_ready_ms = record
+        .as_ref()
+        .and_then(|r| r.cold_ready_ms)
+        .or_else(|| entry.as_ref().and_then(|e| e.meta.cold_start_ms));
+    ServiceStatus {
+        name: name.to_string(),
+        state,
+        last_start: record.as_ref().and_then(|r| r.last_start),
+        ready_ms: record.as_ref().and_then(|r| r.ready_ms),
+        cold_ready_ms,
+        image,
+        pid: record
+            .as_ref()
+            .filter(|_| alive)
+            .and_then(|r| r.service_pid),
+        digest,
+        message: record.and_then(|r| r.message),
+    }
+}
+
+/// The human table.
+pub fn render(rows: &[ServiceStatus]) -> String {
+    let mut out = format!(
+        "{:<20} {:<13} {:<9} {:>9} {:>9}  {}\n",
+        "SERVICE", "STATE", "START", "READY_MS", "COLD_MS", "IMAGE"
+    );
+    let dash = || "-".to_string();
+    for r in rows {
+        let state = serde_json::to_value(r.state)
+            .ok()
+            .and_then(|v| v.as_str().map(String::from))
+            .unwrap_or_default();
+        let start = r
+            .last_start
+            .map(|k| match k {
+                StartKind::Cold => "cold".to_string(),
+                StartKind::Restored => "restored".to_string(),
+            })
+            .unwrap_or_else(dash);
+        let image = r
+            .image
+            .as_ref()
+            .map(|i| {
+                format!(
+                    "{} ({} MB, {})",
+                    &i.digest[..12],
+                    i.bytes / 1_000_000,
+                    i.created
+                )
+            })
+            .unwrap_or_else(|| "none".to_string());
+        out.push_str(&format!(
+            "{:<20} {:<13} {:<9} {:>9} {:>9}  {}\n",
+            r.name,
+            state,
+            start,
+            r.ready_ms.map(|v| v.to_string()).unwrap_or_else(dash),
+            r.cold_ready_ms.map(|v| v.to_string()).unwrap_or_else(dash),
+            image
+        ));
+    }
+    out
+}

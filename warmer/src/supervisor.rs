@@ -1,0 +1,520 @@
+//! `warmer run SVC`: the warm path, end to end.
+//!
+//! ```text
+//!            digest ──> cache hit? ──yes──> verify ─> criu restore ─> probe ──ok──┐
+//!                          │no                 │fail        │fail        │fail     │
+//!                          │                   └──── quarantine image ───┘         │
+//!                          v                                │                      v
+//!                     cold start <──────────────────────────┘                    READY
+//!                          │                                                       │
+//!                        probe ──ok──> READY ─> settle ─> criu dump --leave-running │
+//!                                                    ─> publish to cache           │
+//!                                                                                  v
+//!                          supervise: forward signals, SIGTERM -> stop, exit status
+//! ```
+//!
+//! Whatever fails on the warm side (CRIU missing, damaged image, restore or
+//! checkpoint error) the service still runs: cold, logged, never down.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use cache::Cache;
+use nix::sys::signal::Signal;
+
+use crate::checkpoint::{short, Checkpoint};
+use crate::criu::Criu;
+use crate::digest::{self, DigestError, HostFacts, ServiceDigest};
+use crate::init::{self, InitSpec, SpawnError};
+use crate::logs::Output;
+use crate::manifest::{Manifest, ManifestError, Probe};
+use crate::notify::Systemd;
+use crate::probe::Prober;
+use crate::restore::{self, RestoreError};
+use crate::service::{service_env, Running};
+use crate::signals::Signals;
+use crate::state::{RunRecord, ServiceState, StartKind};
+
+/// Where warmer finds and keeps things.
+#[derive(Debug, Clone)]
+pub struct Dirs {
+    pub manifests: PathBuf,
+    pub cache: PathBuf,
+    pub run: PathBuf,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Manifest(#[from] ManifestError),
+    #[error("service {service} is already running (lock {})", lock.display())]
+    AlreadyRunning { service: String, lock: PathBuf },
+    #[error("cannot prepare {}", path.display())]
+    Dir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot install signal handlers")]
+    Signals(#[source] std::io::Error),
+    #[error(transparent)]
+    Program(DigestError),
+    #[error("service {service}: cannot start")]
+    Spawn {
+        service: String,
+        #[source]
+        source: SpawnError,
+    },
+    #[error("service {service}: output pipes")]
+    Pipes {
+        service: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("service {service}: cannot listen on {}", path.display())]
+    NotifySocket {
+        service: String,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("service {service} was not ready within {}", humantime::format_duration(*timeout))]
+    NotReady { service: String, timeout: Duration },
+}
+
+/// How `warmer run` ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Outcome {
+    /// The service's exit status (128+N for signal N).
+    pub code: i32,
+    /// warmer was asked to stop by this signal (and passed it on).
+    pub stopped_by: Option<Signal>,
+}
+
+enum Readiness {
+    Ready,
+    Exited(i32),
+    Stopped,
+    TimedOut,
+}
+
+/// Everything one `warmer run` works with.
+struct Supervisor {
+    manifest: Manifest,
+    /// `<run-dir>` (all services); `run_dir` is this service's part of it.
+    run_root: PathBuf,
+    run_dir: PathBuf,
+    exe: PathBuf,
+    signals: Signals,
+    systemd: Systemd,
+    record: RunRecord,
+    started: Instant,
+    cache: Option<Cache>,
+    criu: Option<Criu>,
+    host: HostFacts,
+    digest: Option<ServiceDigest>,
+}
+
+pub fn run(dirs: &Dirs, name: &str) -> Result<Outcome, RunError> {
+    let started = Instant::now();
+    let manifest = Manifest::find(&dirs.manifests, name)?;
+    // Anything the service tree orphans (CRIU's restored root among them,
+    // were it ever re-parented) comes to us, not to PID 1.
+    // SAFETY: prctl with integer arguments only.
+    unsafe {
+        libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0);
+    }
+    let signals = Signals::install().map_err(RunError::Signals)?;
+    let run_dir = dirs.run.join(name);
+    private_dir(&run_dir)?;
+
+    let systemd = Systemd;
+    let cache = match Cache::open(&dirs.cache) {
+        Ok(c) => Some(c),
+        Err(e) => {
+            log::warn!("cache unusable, running without checkpoints: {}", chain(&e));
+            None
+        }
+    };
+    let _lock = match cache.as_ref().map(|c| c.lock_service(name, false)) {
+        Some(Err(cache::Error::Locked { path, .. })) => {
+            return Err(RunError::AlreadyRunning {
+                service: name.to_string(),
+                lock: path,
+            })
+        }
+        Some(Err(e)) => {
+            log::warn!("cannot lock the service's cache: {}", chain(&e));
+            None
+        }
+        Some(Ok(l)) => Some(l),
+        None => None,
+    };
+    let criu = match Criu::locate() {
+        Ok(c) => Some(c),
+        Err(e) => {
+            log::warn!("checkpoint/restore disabled: {e}");
+            None
+        }
+    };
+    let host = HostFacts::gather(criu.as_ref().map_or("none", |c| c.version.as_str()))
+        .map_err(RunError::Program)?;
+    let digest = match digest::compute(&manifest, &host) {
+        Ok(d) => Some(d),
+        Err(e @ DigestError::ProgramNotFound { .. }) => return Err(RunError::Program(e)),
+        Err(e) => {
+            log::warn!("no digest, so no cache for this run: {}", chain(&e));
+            None
+        }
+    };
+    let mut record = RunRecord::new(name);
+    record.digest = digest.as_ref().map(|d| d.hex.clone());
+    let exe = std::env::current_exe().map_err(|source| RunError::Dir {
+        path: "/proc/self/exe".into(),
+        source,
+    })?;
+    let mut sup = Supervisor {
+        manifest,
+        run_root: dirs.run.clone(),
+        run_dir,
+        exe,
+        signals,
+        systemd,
+        record,
+        started,
+        cache,
+        criu,
+        host,
+        digest,
+    };
+    sup.run()
+}
+
+fn private_dir(path: &Path) -> Result<(), RunError> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(path)
+        .and_then(|_| std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700)))
+        .map_err(|source| RunError::Dir {
+            path: path.to_path_buf(),
+            source,
+        })
+}
+
+/// An error and its sources on one line.
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+fn ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+impl Supervisor {
+    fn set_state(&mut self, state: ServiceState) {
+        self.record.state = state;
+        if let Err(e) = self.record.write(&self.run_root) {
+            let path = RunRecord::path(&self.run_root, &self.manifest.name);
+            log::warn!("cannot write {}: {e}", path.display());
+        }
+    }
+
+    fn run(&mut self) -> Result<Outcome, RunError> {
+        let running = match self.try_restore() {
+            Some(r) => r,
+            None => self.cold_start()?,
+        };
+        self.record.service_pid = Some(running.pid.as_raw());
+        if self.signals.stop_requested() {
+            // Asked to stop before it was ready: no READY=1, no checkpoint.
+            return Ok(self.supervise(running));
+        }
+        let ready_ms = ms(self.started.elapsed());
+        self.record.last_start = Some(running.kind);
+        self.record.ready_ms = Some(ready_ms);
+        let status = match running.kind {
+            StartKind::Cold => {
+                self.record.cold_ready_ms = Some(ready_ms);
+                format!("ready: cold start in {ready_ms} ms")
+            }
+            StartKind::Restored => match self.image_cold_ms() {
+                Some(cold) => format!("ready: restored in {ready_ms} ms (cold {cold} ms)"),
+                None => format!("ready: restored in {ready_ms} ms"),
+            },
+        };
+        log::info!("{status}");
+        self.set_state(ServiceState::Ready);
+        self.systemd.ready(&status);
+
+        if running.kind == StartKind::Cold {
+            self.maybe_checkpoint(&running, ready_ms);
+            self.systemd.status(&status);
+        }
+        Ok(self.supervise(running))
+    }
+
+    fn image_cold_ms(&self) -> Option<u64> {
+        let cache = self.cache.as_ref()?;
+        let d = self.digest.as_ref()?;
+        cache.lookup(&d.hex).ok()??.meta.cold_start_ms
+    }
+
+    fn notify_socket(&self) -> PathBuf {
+        self.run_dir.join("notify.sock")
+    }
+
+    /// Restores from the cache if there is a usable image. Every failure is
+    /// logged, the image quarantined, and `None` returned: cold start next.
+    fn try_restore(&mut self) -> Option<Running> {
+        let (criu, cache, digest) = match (&self.criu, &self.cache, &self.digest) {
+            (Some(c), Some(k), Some(d)) => (c.clone(), k.clone(), d.hex.clone()),
+            _ => return None,
+        };
+        let entry = match cache.lookup(&digest) {
+            Ok(Some(e)) => e,
+            Ok(None) => {
+                log::info!("no image for digest {}: cold start", short(&digest));
+                return None;
+            }
+            Err(e) => {
+                self.discard(&cache, &digest, &chain(&e));
+                return None;
+            }
+        };
+        self.set_state(ServiceState::Restoring);
+        self.systemd
+            .status(&format!("restoring {}", short(&digest)));
+        log::info!("restoring from image {}", short(&digest));
+        let result = cache
+            .verify(&entry, &mut |_, _| {})
+            .map_err(RestoreError::from)
+            .and_then(|()| restore::restore(&criu, &entry.data_dir(), &self.run_dir));
+        let mut running = match result {
+            Ok(r) => r,
+            Err(e) => {
+                self.discard(&cache, &digest, &chain(&e));
+                return None;
+            }
+        };
+        // A notify-probed service said READY=1 before its checkpoint; the
+        // restored one is past that point.
+        let readiness = if matches!(self.manifest.ready.probe, Probe::Notify) {
+            match running.poll_exit() {
+                Some(code) => Readiness::Exited(code),
+                None => Readiness::Ready,
+            }
+        } else {
+            match Prober::new(&self.manifest.ready.probe, &self.notify_socket()) {
+                Ok(mut p) => self.wait_ready(&mut running, &mut p),
+                Err(_) => Readiness::TimedOut,
+            }
+        };
+        let why = match readiness {
+            Readiness::Ready => return Some(running),
+            Readiness::Exited(code) => format!("restored service exited with status {code}"),
+            Readiness::TimedOut => format!(
+                "restored service not ready within {}",
+                humantime::format_duration(self.manifest.ready.timeout)
+            ),
+            Readiness::Stopped => {
+                // Asked to stop while restoring: stop it like any running service.
+                return Some(running);
+            }
+        };
+        running.kill(&self.signals);
+        running.finish();
+        self.discard(&cache, &digest, &why);
+        None
+    }
+
+    fn discard(&mut self, cache: &Cache, digest: &str, why: &str) {
+        log::warn!(
+            "image {} unusable, cold start instead: {why}",
+            short(digest)
+        );
+        match cache.quarantine(digest, why) {
+            Ok(to) => log::warn!("image moved to {}", to.display()),
+            Err(e) => {
+                if cache.lookup(digest).is_ok_and(|e| e.is_some()) {
+                    log::error!("cannot quarantine image {}: {}", short(digest), chain(&e));
+                }
+            }
+        }
+        self.record.message = Some(format!("restore failed: {why}"));
+    }
+
+    fn cold_start(&mut self) -> Result<Running, RunError> {
+        self.set_state(ServiceState::Starting);
+        self.systemd.status("cold start");
+        let service = self.manifest.name.clone();
+        let prober = Prober::new(&self.manifest.ready.probe, &self.notify_socket());
+        let mut prober = prober.map_err(|source| RunError::NotifySocket {
+            service: service.clone(),
+            path: self.notify_socket(),
+            source,
+        })?;
+        let notify = prober.is_notify().then(|| self.notify_socket());
+        let env = service_env(&self.manifest, notify.as_deref());
+        let mut output = Output::new().map_err(|source| RunError::Pipes {
+            service: service.clone(),
+            source,
+        })?;
+        let pid = init::spawn(&InitSpec {
+            exe: &self.exe,
+            service: &service,
+            argv: &self.manifest.exec,
+            env: &env,
+            workdir: self.manifest.workdir.as_deref(),
+            stdout: output.stdout.write_fd(),
+            stderr: output.stderr.write_fd(),
+        })
+        .map_err(|source| RunError::Spawn {
+            service: service.clone(),
+            source,
+        })?;
+        output.close_write();
+        let mut running = Running::new(pid, output, StartKind::Cold);
+        self.record.service_pid = Some(pid.as_raw());
+        self.set_state(ServiceState::Starting);
+        log::info!("cold start: pid {pid}");
+        match self.wait_ready(&mut running, &mut prober) {
+            Readiness::Ready | Readiness::Stopped => Ok(running),
+            Readiness::Exited(code) => {
+                running.finish();
+                Err(RunError::Spawn {
+                    service,
+                    source: SpawnError::Exec {
+                        exe: self.manifest.exec[0].clone(),
+                        source: std::io::Error::other(format!(
+                            "exited with status {code} before it was ready"
+                        )),
+                    },
+                })
+            }
+            Readiness::TimedOut => {
+                running.stop(self.manifest.stop_timeout, &self.signals);
+                running.finish();
+                Err(RunError::NotReady {
+                    service,
+                    timeout: self.manifest.ready.timeout,
+                })
+            }
+        }
+    }
+
+    /// Polls the probe until ready, exit, stop request or timeout.
+    fn wait_ready(&mut self, running: &mut Running, prober: &mut Prober) -> Readiness {
+        let timeout = self.manifest.ready.timeout;
+        let deadline = Instant::now() + timeout;
+        self.systemd
+            .extend_timeout(timeout + Duration::from_secs(5));
+        let mut interval = Duration::from_millis(1);
+        loop {
+            if self.signals.stop_requested() {
+                return Readiness::Stopped;
+            }
+            for sig in self.signals.take_forwarded() {
+                running.signal(sig);
+            }
+            if let Some(code) = running.poll_exit() {
+                return Readiness::Exited(code);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Readiness::TimedOut;
+            }
+            if prober.check(left) {
+                return Readiness::Ready;
+            }
+            self.signals.wait(interval.min(left));
+            interval = (interval * 2).min(Duration::from_millis(20));
+        }
+    }
+
+    fn maybe_checkpoint(&mut self, running: &Running, cold_ms: u64) {
+        if !self.manifest.checkpoint.enabled || !self.record.state.can_checkpoint() {
+            return;
+        }
+        let (Some(criu), Some(cache), Some(digest)) = (&self.criu, &self.cache, &self.digest)
+        else {
+            return;
+        };
+        if cache.lookup(&digest.hex).is_ok_and(|e| e.is_some()) {
+            return;
+        }
+        // Let the service settle (lazy initialisation after the first probe);
+        // a stop request or exit during the wait cancels the checkpoint.
+        let until = Instant::now() + self.manifest.checkpoint.settle;
+        while Instant::now() < until {
+            if self.signals.stop_requested() {
+                return;
+            }
+            self.signals
+                .wait(until.saturating_duration_since(Instant::now()));
+        }
+        if self.signals.stop_requested() || nix::sys::signal::kill(running.pid, None).is_err() {
+            return;
+        }
+        let (criu, cache, digest) = (criu.clone(), cache.clone(), digest.clone());
+        self.set_state(ServiceState::Checkpointing);
+        self.systemd.status("checkpointing");
+        self.systemd.extend_timeout(Duration::from_secs(300));
+        let t = Instant::now();
+        let result = Checkpoint {
+            criu: &criu,
+            cache: &cache,
+            manifest: &self.manifest,
+            digest: &digest,
+            host: &self.host,
+            run_dir: &self.run_dir,
+            cold_start_ms: cold_ms,
+        }
+        .take(running);
+        match result {
+            Ok(entry) => log::info!(
+                "checkpoint {} stored: {} MB in {} ms",
+                short(&digest.hex),
+                entry.meta.bytes / 1_000_000,
+                t.elapsed().as_millis()
+            ),
+            Err(e) => {
+                log::warn!("checkpoint failed, service keeps running: {}", chain(&e));
+                self.record.message = Some(format!("checkpoint failed: {}", chain(&e)));
+            }
+        }
+        self.set_state(ServiceState::Ready);
+    }
+
+    /// Runs until the service exits or warmer is asked to stop.
+    fn supervise(&mut self, mut running: Running) -> Outcome {
+        let code = loop {
+            for sig in self.signals.take_forwarded() {
+                running.signal(sig);
+            }
+            if let Some(code) = running.poll_exit() {
+                log::info!("service exited with status {code}");
+                break code;
+            }
+            if self.signals.stop_requested() {
+                self.set_state(ServiceState::Stopping);
+                self.systemd.stopping();
+                log::info!("stopping");
+                break running.stop(self.manifest.stop_timeout, &self.signals);
+            }
+            self.signals.wait(Duration::from_secs(1));
+        };
+        running.finish();
+        self.record.exit_code = Some(code);
+        self.set_state(ServiceState::Stopped);
+        Outcome {
+            code,
+            stopped_by: self.signals.stop_requested().then_some(Signal::SIGTERM),
+        }
+    }
+}
