@@ -155,19 +155,40 @@ impl Env {
 
     /// Waits until this run of the service is ready (cold or restored).
     pub fn wait_ready(&self, name: &str, w: &mut Warmer) -> serde_json::Value {
-        wait_for(Duration::from_secs(120), || {
+        self.wait_status(name, w, |s| {
+            s["state"] == "ready" || s["state"] == "checkpointing"
+        })
+    }
+
+    /// Waits until `status NAME --json` satisfies `want`; on timeout fails
+    /// with the last status and warmer's output.
+    pub fn wait_status(
+        &self,
+        name: &str,
+        w: &mut Warmer,
+        want: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
             w.assert_running();
             let s = self.status(name);
-            (s["state"] == "ready" || s["state"] == "checkpointing").then_some(s)
-        })
+            if want(&s) {
+                return s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out; last status {s}\nwarmer stderr:\n{}\nstdout:\n{}",
+                w.err(),
+                w.out()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     /// Waits until the service's image is published.
     pub fn wait_image(&self, name: &str, w: &mut Warmer) -> serde_json::Value {
-        wait_for(Duration::from_secs(120), || {
-            w.assert_running();
-            let s = self.status(name);
-            (!s["image"].is_null()).then_some(s)
+        self.wait_status(name, w, |s| {
+            !s["image"].is_null() && (s["state"] == "ready" || s["state"] == "checkpointing")
         })
     }
 

@@ -38,6 +38,9 @@ pub struct Checkpoint<'a> {
 impl Checkpoint<'_> {
     /// Dumps `running` and publishes the image. Returns the new entry.
     pub fn take(&self, running: &Running) -> Result<Entry, CheckpointError> {
+        // A crash during an earlier dump can leave CRIU's /proc mount point
+        // behind in the init's cwd; its mkdir would then fail with EEXIST.
+        let _ = std::fs::remove_dir(self.run_dir.join("proc.crtools"));
         let staging = self.cache.stage()?;
         let plan = DumpPlan {
             pid: running.pid.as_raw(),

@@ -46,13 +46,19 @@ pub enum DigestError {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct HostFacts {
     pub warmer_version: String,
+    /// sha256 of `warmer-init`: every image maps it, so it must not change.
+    pub init_sha256: String,
     pub criu_version: String,
     pub kernel: String,
     pub cpu_flags: String,
 }
 
 impl HostFacts {
-    pub fn gather(criu_version: &str) -> Result<Self, DigestError> {
+    pub fn gather(criu_version: &str, init: &Path) -> Result<Self, DigestError> {
+        let init_sha256 = sha256_file(init).map_err(|source| DigestError::Host {
+            what: "warmer-init",
+            source,
+        })?;
         let kernel = nix::sys::utsname::uname()
             .map(|u| u.release().to_string_lossy().into_owned())
             .map_err(|e| DigestError::Host {
@@ -66,6 +72,7 @@ impl HostFacts {
             })?;
         Ok(Self {
             warmer_version: WARMER_VERSION.to_string(),
+            init_sha256,
             criu_version: criu_version.to_string(),
             kernel,
             cpu_flags: cpu_flags(&cpuinfo),
@@ -75,6 +82,7 @@ impl HostFacts {
     pub fn as_map(&self) -> std::collections::BTreeMap<String, String> {
         [
             ("warmer_version", &self.warmer_version),
+            ("init_sha256", &self.init_sha256),
             ("criu_version", &self.criu_version),
             ("kernel", &self.kernel),
             ("cpu_flags", &self.cpu_flags),
@@ -108,6 +116,8 @@ pub struct FileInput {
 #[derive(Debug, Clone, Serialize)]
 pub struct Inputs {
     pub manifest: serde_json::Value,
+    /// The init's cwd (the service's run directory): the image refers to it.
+    pub init_home: PathBuf,
     pub program: PathBuf,
     pub files: Vec<FileInput>,
     pub host: HostFacts,
@@ -174,7 +184,11 @@ fn absolute(manifest: &Manifest, p: &Path) -> PathBuf {
 }
 
 /// Computes the key of `manifest` on this host.
-pub fn compute(manifest: &Manifest, host: &HostFacts) -> Result<ServiceDigest, DigestError> {
+pub fn compute(
+    manifest: &Manifest,
+    host: &HostFacts,
+    init_home: &Path,
+) -> Result<ServiceDigest, DigestError> {
     let path_var = std::env::var("PATH").ok();
     let program = resolve_program(manifest, path_var.as_deref())?;
     let mut paths = vec![program.clone()];
@@ -200,6 +214,7 @@ pub fn compute(manifest: &Manifest, host: &HostFacts) -> Result<ServiceDigest, D
 
     let inputs = Inputs {
         manifest: serde_json::from_str(&manifest.canonical()).expect("canonical form is JSON"),
+        init_home: init_home.to_path_buf(),
         program,
         files,
         host: host.clone(),
@@ -232,7 +247,15 @@ fn hash_path(service: &str, path: &Path, out: &mut Vec<FileInput>) -> Result<(),
         }
         return Ok(());
     }
-    let mut file = File::open(path).map_err(err)?;
+    out.push(FileInput {
+        path: path.to_path_buf(),
+        sha256: sha256_file(path).map_err(err)?,
+    });
+    Ok(())
+}
+
+fn sha256_file(path: &Path) -> io::Result<String> {
+    let mut file = File::open(path)?;
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 256 * 1024];
     loop {
@@ -240,14 +263,10 @@ fn hash_path(service: &str, path: &Path, out: &mut Vec<FileInput>) -> Result<(),
             Ok(0) => break,
             Ok(n) => hasher.update(&buf[..n]),
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(err(e)),
+            Err(e) => return Err(e),
         }
     }
-    out.push(FileInput {
-        path: path.to_path_buf(),
-        sha256: hex::encode(hasher.finalize()),
-    });
-    Ok(())
+    Ok(hex::encode(hasher.finalize()))
 }
 
 #[cfg(test)]
@@ -257,6 +276,7 @@ mod tests {
     fn host() -> HostFacts {
         HostFacts {
             warmer_version: "0.1.0".into(),
+            init_sha256: "00".into(),
             criu_version: "4.2.1".into(),
             kernel: "6.18.0".into(),
             cpu_flags: "avx2 sse4_2".into(),
@@ -279,37 +299,60 @@ mod tests {
         std::fs::write(dir.path().join("conf/a.ini"), "a=1").unwrap();
         let extra = format!("digest: {{files: [\"{}/conf\"]}}\n", dir.path().display());
         let m = manifest(dir.path(), &extra);
-        let base = compute(&m, &host()).unwrap();
-        assert_eq!(base.hex, compute(&m, &host()).unwrap().hex, "stable");
+        let base = compute(&m, &host(), Path::new("/run/warmer/svc")).unwrap();
+        assert_eq!(
+            base.hex,
+            compute(&m, &host(), Path::new("/run/warmer/svc"))
+                .unwrap()
+                .hex,
+            "stable"
+        );
         assert_eq!(base.inputs.program, PathBuf::from("/bin/sh"));
         assert_eq!(base.inputs.files.len(), 3, "{:?}", base.inputs.files);
 
         std::fs::write(dir.path().join("app.sh"), "echo 2").unwrap();
-        let script = compute(&m, &host()).unwrap();
+        let script = compute(&m, &host(), Path::new("/run/warmer/svc")).unwrap();
         assert_ne!(base.hex, script.hex, "script argument is an input");
 
         std::fs::write(dir.path().join("conf/a.ini"), "a=2").unwrap();
-        let conf = compute(&m, &host()).unwrap();
+        let conf = compute(&m, &host(), Path::new("/run/warmer/svc")).unwrap();
         assert_ne!(script.hex, conf.hex, "files under a digest dir are inputs");
 
         let mut h = host();
         h.kernel = "6.19.0".into();
-        assert_ne!(conf.hex, compute(&m, &h).unwrap().hex, "kernel is an input");
+        assert_ne!(
+            conf.hex,
+            compute(&m, &h, Path::new("/run/warmer/svc")).unwrap().hex,
+            "kernel is an input"
+        );
+        let mut h = host();
+        h.init_sha256 = "01".into();
+        assert_ne!(
+            conf.hex,
+            compute(&m, &h, Path::new("/run/warmer/svc")).unwrap().hex,
+            "warmer-init is an input"
+        );
         let mut h = host();
         h.criu_version = "4.3".into();
-        assert_ne!(conf.hex, compute(&m, &h).unwrap().hex, "criu is an input");
+        assert_ne!(
+            conf.hex,
+            compute(&m, &h, Path::new("/run/warmer/svc")).unwrap().hex,
+            "criu is an input"
+        );
         let mut h = host();
         h.cpu_flags = "sse4_2".into();
         assert_ne!(
             conf.hex,
-            compute(&m, &h).unwrap().hex,
+            compute(&m, &h, Path::new("/run/warmer/svc")).unwrap().hex,
             "cpu flags are inputs"
         );
 
         let m2 = manifest(dir.path(), &format!("{extra}env: {{A: b}}\n"));
         assert_ne!(
             conf.hex,
-            compute(&m2, &host()).unwrap().hex,
+            compute(&m2, &host(), Path::new("/run/warmer/svc"))
+                .unwrap()
+                .hex,
             "env is an input"
         );
     }
@@ -320,13 +363,13 @@ mod tests {
         std::fs::write(dir.path().join("app.sh"), "echo 1").unwrap();
         let m = manifest(dir.path(), "digest: {files: [\"/nonexistent/x\"]}\n");
         assert!(matches!(
-            compute(&m, &host()),
+            compute(&m, &host(), Path::new("/run/warmer/svc")),
             Err(DigestError::Input { .. })
         ));
         let text = "exec: [\"no-such-program-xyz\"]\nready: {tcp: \"h:1\"}\n";
         let m = Manifest::parse("svc", Path::new("svc.yaml"), text).unwrap();
         assert!(matches!(
-            compute(&m, &host()),
+            compute(&m, &host(), Path::new("/run/warmer/svc")),
             Err(DigestError::ProgramNotFound { .. })
         ));
     }

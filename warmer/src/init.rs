@@ -24,15 +24,29 @@ use std::ffi::{CString, OsStr, OsString};
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use nix::sys::signal::{kill, SigSet, SigmaskHow, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 
-/// The hidden subcommand that runs the init.
-pub const INIT_ARG: &str = "__init";
+/// The init's file name; it is installed next to `warmer`.
+pub const INIT_BIN: &str = "warmer-init";
+
+/// `warmer-init` next to the running `warmer`.
+pub fn locate() -> io::Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let init = exe.with_file_name(INIT_BIN);
+    if init.is_file() {
+        Ok(init)
+    } else {
+        Err(io::Error::new(
+            io::ErrorKind::NotFound,
+            format!("{} not found next to {}", INIT_BIN, exe.display()),
+        ))
+    }
+}
 
 /// Signals the init passes on to the service.
 pub const FORWARDED: [Signal; 6] = [
@@ -62,9 +76,11 @@ pub enum SpawnError {
 
 /// What goes into the new namespace.
 pub struct InitSpec<'a> {
-    /// The warmer executable (it runs the init).
+    /// The `warmer-init` executable.
     pub exe: &'a Path,
     pub service: &'a str,
+    /// The init's own cwd once the service runs (see [`main`]).
+    pub home: &'a Path,
     pub argv: &'a [String],
     pub env: &'a [(OsString, OsString)],
     pub workdir: Option<&'a Path>,
@@ -76,7 +92,7 @@ fn cstring(s: &OsStr) -> Result<CString, SpawnError> {
     CString::new(s.as_bytes()).map_err(|_| SpawnError::Nul(s.to_os_string()))
 }
 
-/// Starts `warmer __init -- ARGV` as PID 1 of a new PID namespace, in its own
+/// Starts `warmer-init SERVICE HOME -- ARGV` as PID 1 of a new PID namespace, in its own
 /// session, with stdout/stderr on the given fds and stdin on /dev/null.
 /// Returns its PID as seen from here. It is our child.
 pub fn spawn(spec: &InitSpec<'_>) -> Result<Pid, SpawnError> {
@@ -85,9 +101,9 @@ pub fn spawn(spec: &InitSpec<'_>) -> Result<Pid, SpawnError> {
     // locks may be held in its copy of memory).
     let exe = cstring(spec.exe.as_os_str())?;
     let mut args = vec![
-        cstring(OsStr::new("warmer-init"))?,
-        cstring(OsStr::new(INIT_ARG))?,
+        cstring(OsStr::new(INIT_BIN))?,
         cstring(OsStr::new(spec.service))?,
+        cstring(spec.home.as_os_str())?,
         cstring(OsStr::new("--"))?,
     ];
     for a in spec.argv {
@@ -226,17 +242,24 @@ unsafe fn child_exec(
     }
 }
 
-/// `warmer __init SERVICE -- ARGV...`: the namespace init. Never returns.
+/// `warmer-init SERVICE HOME -- ARGV...`: the namespace init. Never returns.
+///
+/// After starting the service (in the workdir it was given), the init moves
+/// its own cwd to HOME, the service's run directory: CRIU's parasite mounts a
+/// /proc for the namespace at `proc.crtools` relative to the dump root's cwd,
+/// so that cwd must be writable and private to this service (two services
+/// sharing a cwd could not be checkpointed at the same time).
 pub fn main(args: &[OsString]) -> ! {
     let argv: Vec<&OsString> = args
         .iter()
         .skip_while(|a| a.as_os_str() != "--")
         .skip(1)
         .collect();
-    if argv.is_empty() {
-        eprintln!("warmer-init: usage: warmer __init SERVICE -- PROGRAM [ARGS...]");
+    if argv.is_empty() || args.len() < 3 {
+        eprintln!("warmer-init: usage: warmer-init SERVICE HOME -- PROGRAM [ARGS...]");
         std::process::exit(2);
     }
+    let home = &args[1];
     let mut mask = SigSet::empty();
     mask.add(Signal::SIGCHLD);
     for s in FORWARDED {
@@ -270,6 +293,9 @@ pub fn main(args: &[OsString]) -> ! {
             });
         }
     };
+    if let Err(e) = std::env::set_current_dir(home) {
+        eprintln!("warmer-init: cannot enter {home:?}: {e}");
+    }
     loop {
         let sig = match mask.wait() {
             Ok(s) => s,

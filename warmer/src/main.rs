@@ -1,12 +1,11 @@
 //! The `warmer` command line: argument parsing and exit codes only.
 
-use std::ffi::OsString;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use warmer::supervisor::{chain, Dirs, RunError};
-use warmer::{criu, init, manifest, status, supervisor};
+use warmer::{criu, manifest, status, supervisor};
 
 /// Exit codes (sysexits.h), also shown in `--help`.
 mod exit {
@@ -120,10 +119,6 @@ fn init_logging() {
 static SERVICE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
 
 fn main() -> ExitCode {
-    let args: Vec<OsString> = std::env::args_os().collect();
-    if args.get(1).is_some_and(|a| a == init::INIT_ARG) {
-        init::main(&args[2..]);
-    }
     init_logging();
     let cli = Cli::parse();
     let dirs = Dirs {

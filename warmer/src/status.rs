@@ -71,7 +71,8 @@ pub fn collect(dirs: &Dirs, only: Option<&str>) -> Vec<ServiceStatus> {
         .flatten();
     let host = Criu::locate()
         .ok()
-        .and_then(|c| HostFacts::gather(&c.version).ok());
+        .zip(crate::init::locate().ok())
+        .and_then(|(c, init)| HostFacts::gather(&c.version, &init).ok());
     names
         .into_iter()
         .map(|name| one(dirs, &name, cache.as_ref(), host.as_ref()))
@@ -98,7 +99,7 @@ fn one(
         _ => Manifest::find(&dirs.manifests, name)
             .ok()
             .zip(host)
-            .and_then(|(m, h)| digest::compute(&m, h).ok())
+            .and_then(|(m, h)| digest::compute(&m, h, &dirs.run.join(name)).ok())
             .map(|d| d.hex),
     };
     let entry = cache

@@ -157,9 +157,13 @@ pub fn run(dirs: &Dirs, name: &str) -> Result<Outcome, RunError> {
             None
         }
     };
-    let host = HostFacts::gather(criu.as_ref().map_or("none", |c| c.version.as_str()))
+    let exe = init::locate().map_err(|source| RunError::Dir {
+        path: init::INIT_BIN.into(),
+        source,
+    })?;
+    let host = HostFacts::gather(criu.as_ref().map_or("none", |c| c.version.as_str()), &exe)
         .map_err(RunError::Program)?;
-    let digest = match digest::compute(&manifest, &host) {
+    let digest = match digest::compute(&manifest, &host, &run_dir) {
         Ok(d) => Some(d),
         Err(e @ DigestError::ProgramNotFound { .. }) => return Err(RunError::Program(e)),
         Err(e) => {
@@ -169,10 +173,6 @@ pub fn run(dirs: &Dirs, name: &str) -> Result<Outcome, RunError> {
     };
     let mut record = RunRecord::new(name);
     record.digest = digest.as_ref().map(|d| d.hex.clone());
-    let exe = std::env::current_exe().map_err(|source| RunError::Dir {
-        path: "/proc/self/exe".into(),
-        source,
-    })?;
     let mut sup = Supervisor {
         manifest,
         run_root: dirs.run.clone(),
@@ -291,10 +291,19 @@ impl Supervisor {
         self.systemd
             .status(&format!("restoring {}", short(&digest)));
         log::info!("restoring from image {}", short(&digest));
-        let result = cache
-            .verify(&entry, &mut |_, _| {})
+        let t_verify = Instant::now();
+        let verified = cache.verify(&entry, &mut |_, _| {});
+        let t_criu = Instant::now();
+        let result = verified
             .map_err(RestoreError::from)
             .and_then(|()| restore::restore(&criu, &entry.data_dir(), &self.run_dir));
+        let t_probe = Instant::now();
+        log::info!(
+            "timings: start->lookup {} ms, verify {} ms, criu restore {} ms",
+            ms(t_verify - self.started),
+            ms(t_criu - t_verify),
+            ms(t_probe - t_criu)
+        );
         let mut running = match result {
             Ok(r) => r,
             Err(e) => {
@@ -368,6 +377,7 @@ impl Supervisor {
         let pid = init::spawn(&InitSpec {
             exe: &self.exe,
             service: &service,
+            home: &self.run_dir,
             argv: &self.manifest.exec,
             env: &env,
             workdir: self.manifest.workdir.as_deref(),

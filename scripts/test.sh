@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# The test suite: installs what it needs, then format, lint, unit and
+# integration tests (real CRIU, real processes; needs root), and compiles the
+# benches. CI runs exactly this (.ci/run).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+scripts/deps.sh
+
+echo "== cargo fmt --check"
+cargo fmt --all -- --check
+echo "== cargo clippy -D warnings"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+echo "== cargo bench --no-run"
+cargo bench --workspace --no-run --locked
+echo "== cargo test"
+cargo test --workspace --locked
