@@ -247,3 +247,108 @@ fn a_second_run_of_the_same_service_is_refused() {
     assert!(second.err().contains("already running"));
     w.stop();
 }
+
+#[test]
+fn state_files_are_put_back_so_disk_matches_memory() {
+    require_criu();
+    let env = Env::new();
+    let port = free_port();
+    let data = env.path("app/data");
+    std::fs::create_dir(&data).unwrap();
+    let file = data.join("state.txt");
+    env.slowweb(
+        "st",
+        port,
+        &[
+            "--warmup",
+            "0.5",
+            "--statefile",
+            &file.display().to_string(),
+        ],
+        &format!("state: [\"{}\"]\n", data.display()),
+    );
+    let mut w = env.run("st");
+    env.wait_image("st", &mut w);
+    let nonce = state(port)["nonce"].as_str().unwrap().to_string();
+    w.stop();
+    // The disk moves on: the file the service holds open for writing grows
+    // (CRIU would refuse: "bad size") and a new file appears.
+    std::fs::write(&file, format!("{nonce} and much more since")).unwrap();
+    std::fs::write(data.join("later.txt"), "x").unwrap();
+
+    let mut w = env.run("st");
+    let s = env.wait_ready("st", &mut w);
+    assert_eq!(s["last_start"], "restored", "{}", w.err());
+    assert_eq!(state(port)["nonce"], nonce.as_str());
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), nonce);
+    assert!(!data.join("later.txt").exists());
+    w.stop();
+}
+
+#[test]
+fn a_changed_input_marks_the_image_stale_at_once() {
+    let (env, port, nonce) = warmed("stale", &[]);
+    let mut w = env.run("stale");
+    let s = env.wait_ready("stale", &mut w);
+    assert_eq!(s["last_start"], "restored");
+    let script = env.app();
+    let original = std::fs::read_to_string(&script).unwrap();
+    std::fs::write(&script, format!("{original}\n# hotfix\n")).unwrap();
+    let s = env.wait_status("stale", &mut w, |s| !s["stale"].is_null());
+    assert!(
+        s["stale"].as_str().unwrap().contains("server.py changed"),
+        "{s}"
+    );
+    // Changed back: the digest is the old one again, but the image was marked
+    // stale while the service ran, so it is not restored.
+    std::fs::write(&script, &original).unwrap();
+    w.stop();
+    let mut w = env.run("stale");
+    let s = env.wait_ready("stale", &mut w);
+    assert_eq!(s["last_start"], "cold", "{}", w.err());
+    assert_ne!(state(port)["nonce"], nonce.as_str());
+    // And the next cold start makes a fresh image for the same digest.
+    let s = env.wait_image("stale", &mut w);
+    assert!(s["stale"].is_null(), "{s}");
+    w.stop();
+}
+
+#[test]
+fn the_second_restore_in_a_boot_skips_hashing() {
+    let (env, _port, _) = warmed("stamp", &[]);
+    let mut w = env.run("stamp");
+    env.wait_ready("stamp", &mut w);
+    assert!(
+        w.err().contains("(stamp)"),
+        "published this boot: {}",
+        w.err()
+    );
+    w.stop();
+    // A verification stamp from another boot does not count.
+    for stamp in std::fs::read_dir(env.path("cache/verified")).unwrap() {
+        std::fs::remove_file(stamp.unwrap().path()).unwrap();
+    }
+    let mut w = env.run("stamp");
+    env.wait_ready("stamp", &mut w);
+    assert!(w.err().contains("(hashed)"), "{}", w.err());
+    w.stop();
+    let mut w = env.run("stamp");
+    env.wait_ready("stamp", &mut w);
+    assert!(w.err().contains("(stamp)"), "{}", w.err());
+    w.stop();
+}
+
+#[test]
+fn an_entry_with_loose_permissions_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let (env, port, nonce) = warmed("perm", &[]);
+    let entry = env.entries().pop().unwrap();
+    let core = entry.join("data/pstree.img");
+    std::fs::set_permissions(&core, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let mut w = env.run("perm");
+    let s = env.wait_ready("perm", &mut w);
+    assert_eq!(s["last_start"], "cold");
+    assert_ne!(state(port)["nonce"], nonce.as_str());
+    assert!(w.err().contains("allows group/other access"), "{}", w.err());
+    w.stop();
+}

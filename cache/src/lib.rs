@@ -23,7 +23,13 @@
 //!     <digest>.<unix-seconds>/    entries that failed verification or restore,
 //!       REASON                    kept for inspection (the newest few only)
 //!   locks/
-//!     <service>.lock              flock(2): one writer per service
+//!     <service>.lock              flock(2): one restorer/publisher/remover per service
+//!     <service>.run               flock(2): held by the service's supervisor
+//!   verified/
+//!     <digest>                    stamp: boot id + identity of every file after a
+//!                                 full verification (see `stamp`)
+//!   stale/
+//!     <digest>                    reason the entry must never be restored again
 //! ```
 //!
 //! Publishing stages the entry under `tmp/` (same filesystem), fsyncs every file
@@ -37,12 +43,26 @@
 
 mod checksum;
 mod error;
+mod gc;
 mod lock;
 mod meta;
+mod stamp;
 mod store;
 
 pub use checksum::{hash_file, FileSum, HASH_ALGORITHM};
 pub use error::{Error, Problem};
+pub use gc::{GcPolicy, GcReport, Removed};
 pub use lock::ServiceLock;
 pub use meta::{Meta, NewEntry, FORMAT_VERSION};
-pub use store::{Cache, Entry, Listed, Staging};
+pub use store::{Cache, Entry, Listed, Staging, Verification};
+
+/// Crash-injection points for tests (`failpoints` feature): when the
+/// environment variable `CACHE_FAILPOINT` names this point, the process aborts
+/// here, as a power cut or kill -9 would stop it.
+#[inline]
+pub(crate) fn failpoint(_name: &str) {
+    #[cfg(feature = "failpoints")]
+    if std::env::var("CACHE_FAILPOINT").is_ok_and(|v| v == _name) {
+        std::process::abort();
+    }
+}

@@ -9,6 +9,7 @@ use crate::checksum::{hash_file, FileSum, HASH_ALGORITHM};
 use crate::error::{Error, Problem};
 use crate::lock::ServiceLock;
 use crate::meta::{Meta, NewEntry, FORMAT_VERSION};
+use crate::stamp::{self, Stamp};
 
 const LAYOUT: &str = "warmer-cache 1";
 const META: &str = "meta.json";
@@ -28,6 +29,18 @@ pub struct Cache {
 pub struct Entry {
     pub dir: PathBuf,
     pub meta: Meta,
+    /// Why the entry was marked stale (its inputs changed while its service
+    /// ran); a stale entry is never restored.
+    pub stale: Option<String>,
+}
+
+/// How an entry came to be trusted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verification {
+    /// A stamp from this boot matched every file: no hashing needed.
+    Stamped,
+    /// Every file was hashed now.
+    Hashed,
 }
 
 impl Entry {
@@ -120,7 +133,7 @@ impl Cache {
             }
             Err(e) => return Err(Error::io(&version)(e)),
         }
-        for sub in ["tmp", "entries", "quarantine", "locks"] {
+        for sub in ["tmp", "entries", "quarantine", "locks", "verified", "stale"] {
             mkdir_private(&root.join(sub))?;
         }
         let cache = Self { root, uid };
@@ -162,10 +175,18 @@ impl Cache {
         Ok(())
     }
 
-    /// Takes the per-service lock; `wait` blocks until it is free.
+    /// Takes the per-service cache lock, held while an entry of the service
+    /// is restored, published or removed; `wait` blocks until it is free.
     pub fn lock_service(&self, service: &str, wait: bool) -> Result<ServiceLock, Error> {
         let path = self.root.join("locks").join(format!("{service}.lock"));
         ServiceLock::acquire(&path, service, wait)
+    }
+
+    /// Takes the lock that says "a supervisor runs this service", held for the
+    /// supervisor's whole life; never waits.
+    pub fn lock_run(&self, service: &str) -> Result<ServiceLock, Error> {
+        let path = self.root.join("locks").join(format!("{service}.run"));
+        ServiceLock::acquire(&path, service, false)
     }
 
     /// A fresh staging directory with an empty `data/`.
@@ -216,9 +237,11 @@ impl Cache {
             path: staging.dir.join(META),
             source,
         })?;
+        crate::failpoint("publish-before-meta");
         write_atomic(&staging.dir, META, &json)?;
         fsync_dir(&data)?;
         fsync_dir(&staging.dir)?;
+        crate::failpoint("publish-before-rename");
 
         let target = self.entry_dir(&meta.digest);
         match fs::rename(&staging.dir, &target) {
@@ -228,8 +251,83 @@ impl Cache {
             Err(e) if matches!(e.raw_os_error(), Some(libc::ENOTEMPTY | libc::EEXIST)) => {}
             Err(e) => return Err(Error::io(&target)(e)),
         }
+        crate::failpoint("publish-after-rename");
         fsync_dir(&self.entries_dir())?;
-        self.read_entry(&meta.digest)
+        let entry = self.read_entry(&meta.digest)?;
+        if staging.published {
+            let _ = fs::remove_file(self.stale_path(&meta.digest));
+            // Every file was just hashed: this boot need not hash them again.
+            self.write_stamp(&entry)?;
+        }
+        Ok(entry)
+    }
+
+    fn stamp_path(&self, digest: &str) -> PathBuf {
+        self.root.join("verified").join(digest)
+    }
+
+    fn stale_path(&self, digest: &str) -> PathBuf {
+        self.root.join("stale").join(digest)
+    }
+
+    fn write_stamp(&self, entry: &Entry) -> Result<(), Error> {
+        let files: Vec<String> = entry.meta.files.iter().map(|f| f.path.clone()).collect();
+        let Some(ids) = stamp::current(&entry.dir, &files) else {
+            return Ok(());
+        };
+        let stamp = Stamp {
+            boot_id: stamp::boot_id(),
+            files: ids,
+        };
+        let json = serde_json::to_vec(&stamp).expect("stamp serializes");
+        write_atomic(&self.root.join("verified"), &entry.meta.digest, &json)
+    }
+
+    /// Whether a stamp from this boot matches every file of `entry` as it is now.
+    pub fn stamp_valid(&self, entry: &Entry) -> bool {
+        let Ok(bytes) = fs::read(self.stamp_path(&entry.meta.digest)) else {
+            return false;
+        };
+        let Ok(stamp) = serde_json::from_slice::<Stamp>(&bytes) else {
+            return false;
+        };
+        let files: Vec<String> = entry.meta.files.iter().map(|f| f.path.clone()).collect();
+        let boot = stamp::boot_id();
+        !boot.is_empty()
+            && stamp.boot_id == boot
+            && stamp::current(&entry.dir, &files).is_some_and(|now| now == stamp.files)
+    }
+
+    /// Makes sure `entry` is intact before it is used: free when a stamp from
+    /// this boot still matches every file, a full [`Cache::verify`] otherwise.
+    pub fn ensure_verified(
+        &self,
+        entry: &Entry,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<Verification, Problem> {
+        if self.stamp_valid(entry) {
+            // Owner and mode are part of the stamp; the directories are cheap
+            // to check again.
+            let md = fs::symlink_metadata(&entry.dir).map_err(|e| Problem::Unreadable {
+                path: ".".into(),
+                error: e.to_string(),
+            })?;
+            self.check_private(&md, ".")?;
+            return Ok(Verification::Stamped);
+        }
+        self.verify(entry, progress)?;
+        Ok(Verification::Hashed)
+    }
+
+    /// Marks an entry stale: it is never restored again, and `gc` removes it
+    /// first. Used when a digest input changes under a running service.
+    pub fn mark_stale(&self, digest: &str, reason: &str) -> Result<(), Error> {
+        valid_key(digest)?;
+        write_atomic(
+            &self.root.join("stale"),
+            digest,
+            format!("{reason}\n").as_bytes(),
+        )
     }
 
     /// The entry for `digest`, if one is published. Its files are not checked
@@ -271,7 +369,10 @@ impl Cache {
                 found: meta.digest,
             }));
         }
-        Ok(Entry { dir, meta })
+        let stale = fs::read_to_string(self.stale_path(digest))
+            .ok()
+            .map(|r| r.trim().to_string());
+        Ok(Entry { dir, meta, stale })
     }
 
     fn check_private(&self, md: &fs::Metadata, rel: &str) -> Result<(), Problem> {
@@ -363,6 +464,8 @@ impl Cache {
             done += n;
             progress(done, total);
         }
+        // Best effort: without a stamp the next use hashes again.
+        let _ = self.write_stamp(entry);
         Ok(())
     }
 
@@ -403,6 +506,7 @@ impl Cache {
         let src = self.entry_dir(digest);
         fs::rename(&src, &target).map_err(Error::io(&src))?;
         fsync_dir(&self.entries_dir())?;
+        self.forget(digest);
         // The reason is best effort: the entry is already out of reach.
         let _ = write_atomic(&target, "REASON", format!("{reason}\n").as_bytes());
         self.trim_quarantine()?;
@@ -444,7 +548,14 @@ impl Cache {
             .join(format!("stage-{}-rm-{digest}", std::process::id()));
         fs::rename(&src, &doomed).map_err(Error::io(&src))?;
         fsync_dir(&self.entries_dir())?;
+        self.forget(digest);
         fs::remove_dir_all(&doomed).map_err(Error::io(&doomed))
+    }
+
+    /// Drops the stamp and stale marker of an entry that is gone.
+    fn forget(&self, digest: &str) {
+        let _ = fs::remove_file(self.stamp_path(digest));
+        let _ = fs::remove_file(self.stale_path(digest));
     }
 
     /// All published entries, newest first. Entries whose metadata cannot be

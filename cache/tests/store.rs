@@ -198,3 +198,122 @@ fn second_lock_on_a_service_is_refused() {
     ));
     assert!(cache.lock_service("db", false).is_ok());
 }
+
+#[test]
+fn a_stamp_from_this_boot_spares_the_hashing_until_a_file_changes() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cache, entry) = published(&dir);
+    assert!(cache.stamp_valid(&entry), "publish leaves a stamp");
+    assert_eq!(
+        cache.ensure_verified(&entry, &mut |_, _| {}),
+        Ok(cache::Verification::Stamped)
+    );
+    // Same size, same mtime restored: ctime still gives the change away.
+    let pages = entry.data_dir().join("pages-1.img");
+    let mtime = fs::metadata(&pages).unwrap().modified().unwrap();
+    let mut bytes = fs::read(&pages).unwrap();
+    bytes[10] ^= 1;
+    fs::write(&pages, bytes).unwrap();
+    fs::File::options()
+        .write(true)
+        .open(&pages)
+        .unwrap()
+        .set_modified(mtime)
+        .unwrap();
+    assert!(!cache.stamp_valid(&entry));
+    assert!(matches!(
+        cache.ensure_verified(&entry, &mut |_, _| {}),
+        Err(Problem::Checksum { .. })
+    ));
+}
+
+#[test]
+fn a_full_verification_stamps_and_a_stamp_of_another_boot_is_ignored() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cache, entry) = published(&dir);
+    let stamp = cache.root().join("verified").join(DIGEST);
+    let text = fs::read_to_string(&stamp).unwrap();
+    let boot = fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap();
+    fs::write(
+        &stamp,
+        text.replace(boot.trim(), "00000000-0000-0000-0000-000000000000"),
+    )
+    .unwrap();
+    assert!(
+        !cache.stamp_valid(&entry),
+        "another boot's stamp does not count"
+    );
+    let mut seen = 0;
+    assert_eq!(
+        cache.ensure_verified(&entry, &mut |done, _| seen = done),
+        Ok(cache::Verification::Hashed)
+    );
+    assert_eq!(seen, entry.meta.bytes, "progress reached the end");
+    assert!(cache.stamp_valid(&entry), "the verification stamped it");
+}
+
+#[test]
+fn stale_entries_are_flagged_and_gc_removes_them_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = Cache::open(dir.path().join("c")).unwrap();
+    let mk = |i: u32, service: &str, size: usize| {
+        let staging = cache.stage().unwrap();
+        fs::write(staging.data_dir().join("img"), vec![i as u8; size]).unwrap();
+        let mut e = new_entry(&format!("{i:064x}"));
+        e.service = service.into();
+        cache.publish(staging, e).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(1100));
+    };
+    mk(1, "a", 1000); // oldest, current
+    mk(2, "b", 1000); // stale digest (not current)
+    mk(3, "a", 1000); // marked stale
+    mk(4, "c", 1000); // newest, current
+    cache
+        .mark_stale(&format!("{:064x}", 3), "server.py changed")
+        .unwrap();
+    let e3 = cache.lookup(&format!("{:064x}", 3)).unwrap().unwrap();
+    assert_eq!(e3.stale.as_deref(), Some("server.py changed"));
+
+    let current = |m: &cache::Meta| m.digest != format!("{:064x}", 2);
+    // No limits: only the marked entry goes.
+    let r = cache.gc(&cache::GcPolicy::default(), &current).unwrap();
+    let gone: Vec<_> = r.removed.iter().map(|x| x.digest.clone()).collect();
+    assert_eq!(gone, vec![format!("{:064x}", 3)]);
+    // Room for two: the stale digest goes before the older current one.
+    let policy = cache::GcPolicy {
+        max_bytes: Some(2000),
+        max_age: None,
+    };
+    let r = cache.gc(&policy, &current).unwrap();
+    let gone: Vec<_> = r.removed.iter().map(|x| x.digest.clone()).collect();
+    assert_eq!(gone, vec![format!("{:064x}", 2)]);
+    assert_eq!(r.kept_bytes, 2000);
+    // Room for one: the oldest current entry goes.
+    let policy = cache::GcPolicy {
+        max_bytes: Some(1000),
+        max_age: None,
+    };
+    let r = cache.gc(&policy, &current).unwrap();
+    assert_eq!(r.removed[0].digest, format!("{:064x}", 1));
+    // Age: everything is older than zero seconds... after a second.
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    let policy = cache::GcPolicy {
+        max_bytes: None,
+        max_age: Some(std::time::Duration::from_secs(0)),
+    };
+    let r = cache.gc(&policy, &current).unwrap();
+    assert_eq!(r.removed.len(), 1);
+    assert!(cache.list().unwrap().is_empty());
+}
+
+#[test]
+fn gc_leaves_a_busy_service_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cache, _) = published(&dir);
+    cache.mark_stale(DIGEST, "test").unwrap();
+    let _busy = cache.lock_service("web", false).unwrap();
+    let r = cache.gc(&cache::GcPolicy::default(), &|_| true).unwrap();
+    assert!(r.removed.is_empty());
+    assert_eq!(r.skipped.len(), 1);
+    assert!(cache.lookup(DIGEST).unwrap().is_some());
+}

@@ -42,6 +42,7 @@ def main():
     ap.add_argument("--warmup", type=float, default=2.0, help="seconds of warm-up work")
     ap.add_argument("--child", help="also run `sleep CHILD` as a child process (a process tree)")
     ap.add_argument("--notify", action="store_true", help="send READY=1 to $NOTIFY_SOCKET when ready")
+    ap.add_argument("--statefile", help="write the nonce to this file and keep it open for writing")
     args = ap.parse_args()
     if args.child:
         import subprocess
@@ -50,6 +51,11 @@ def main():
     nonce = secrets.token_hex(8)
     print(f"slowweb: warming up for {args.warmup:.1f}s (nonce {nonce})", flush=True)
     index, took = warm_up(args.warmup)
+    statefile = None
+    if args.statefile:
+        statefile = open(args.statefile, "w")
+        statefile.write(nonce)
+        statefile.flush()
     state = {"nonce": nonce, "hits": 0, "index": len(index), "warmup_s": round(took, 3)}
 
     class Handler(BaseHTTPRequestHandler):

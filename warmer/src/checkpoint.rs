@@ -42,18 +42,35 @@ impl Checkpoint<'_> {
         // behind in the init's cwd; its mkdir would then fail with EEXIST.
         let _ = std::fs::remove_dir(self.run_dir.join("proc.crtools"));
         let staging = self.cache.stage()?;
+        // Publishing and pruning must not race a gc or rm of this service.
+        let _lock = self.cache.lock_service(&self.manifest.name, true)?;
+        let state = !self.manifest.state.is_empty();
+        // CRIU execs the action script without a shell or arguments: the
+        // script is warmer itself, told by the environment what to do.
+        let action_script = if state {
+            let exe = std::env::current_exe().map_err(CheckpointError::Info)?;
+            Some(exe.to_string_lossy().into_owned())
+        } else {
+            None
+        };
         let plan = DumpPlan {
             pid: running.pid.as_raw(),
             images_dir: staging.data_dir(),
             work_dir: self.run_dir.to_path_buf(),
             log_name: "dump.log".into(),
             tcp_established: self.manifest.checkpoint.tcp_established,
+            action_script,
         };
-        self.criu.run(
-            "dump",
-            &criu::dump_args(&plan),
-            &self.run_dir.join("dump.log"),
-        )?;
+        let mut cmd = self.criu.command();
+        cmd.args(criu::dump_args(&plan));
+        if state {
+            cmd.env(crate::state_files::HOOK_ENV, "1").env(
+                "WARMER_STATE_PATHS",
+                serde_json::to_string(&self.manifest.state).expect("paths serialize"),
+            );
+        }
+        self.criu
+            .run_command("dump", cmd, &self.run_dir.join("dump.log"))?;
         let info = RestoreInfo {
             format_version: RESTORE_INFO_VERSION,
             stdout: running.output.stdout.resource().to_string(),

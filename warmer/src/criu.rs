@@ -90,9 +90,19 @@ impl Criu {
         args: &[OsString],
         log: &Path,
     ) -> Result<(), CriuError> {
-        let out = self
-            .command()
-            .args(args)
+        let mut cmd = self.command();
+        cmd.args(args);
+        self.run_command(action, cmd, log)
+    }
+
+    /// Runs a prepared CRIU command (see [`Criu::command`]) to completion.
+    pub fn run_command(
+        &self,
+        action: &'static str,
+        mut cmd: Command,
+        log: &Path,
+    ) -> Result<(), CriuError> {
+        let out = cmd
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .output()
@@ -172,6 +182,9 @@ pub struct DumpPlan {
     pub work_dir: PathBuf,
     pub log_name: String,
     pub tcp_established: bool,
+    /// Run at CRIU's action points (`--action-script`), e.g. to capture state
+    /// files at `post-dump` while the tree is still frozen.
+    pub action_script: Option<String>,
 }
 
 /// Options used for both dump and restore, so the two always agree.
@@ -206,6 +219,10 @@ pub fn dump_args(plan: &DumpPlan) -> Vec<OsString> {
         &plan.log_name,
         plan.tcp_established,
     ));
+    if let Some(script) = &plan.action_script {
+        a.push("--action-script".into());
+        a.push(script.into());
+    }
     a
 }
 
@@ -271,7 +288,11 @@ mod tests {
             work_dir: "/run/warmer/web".into(),
             log_name: "dump.log".into(),
             tcp_established: false,
+            action_script: Some("/usr/bin/warmer".into()),
         }));
+        assert!(a
+            .windows(2)
+            .any(|w| w == ["--action-script", "/usr/bin/warmer"]));
         assert_eq!(a[..3], ["dump", "--tree", "42"]);
         assert!(a.contains(&"--leave-running".to_string()));
         let w = a.iter().position(|x| x == "--work-dir").unwrap();

@@ -1,8 +1,9 @@
 //! The cache key of a service: sha256 over everything a restore depends on.
 //!
 //! Inputs: the manifest's canonical form; the bytes of the resolved `exec[0]`,
-//! of every argument that names an existing file (a script, a jar, a config)
-//! and of `digest.files` (directories are walked); the warmer version; the
+//! of every argument that names an existing script, jar or configuration file
+//! (by extension: .py, .js, .jar, .conf, .yaml, ... but never under a `state`
+//! path) and of `digest.files` (directories are walked); the warmer version; the
 //! CRIU version; the kernel release; the CPU feature flags. The inputs are
 //! collected into a JSON document (kept in the cache entry for humans) and the
 //! key is the sha256 of that document. Any change gives a different key, and an
@@ -166,6 +167,45 @@ pub fn resolve_program(
     })
 }
 
+/// File name extensions of code and configuration, taken as digest inputs
+/// when they appear as arguments.
+const PROGRAM_EXTENSIONS: &[&str] = &[
+    "py",
+    "pyc",
+    "js",
+    "mjs",
+    "cjs",
+    "ts",
+    "rb",
+    "pl",
+    "pm",
+    "php",
+    "lua",
+    "sh",
+    "bash",
+    "jar",
+    "war",
+    "ear",
+    "class",
+    "so",
+    "conf",
+    "cfg",
+    "cnf",
+    "ini",
+    "yaml",
+    "yml",
+    "toml",
+    "xml",
+    "properties",
+    "json",
+];
+
+fn is_program_like(p: &Path) -> bool {
+    p.extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| PROGRAM_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
+}
+
 fn is_executable(p: &Path) -> bool {
     use std::os::unix::fs::PermissionsExt;
     std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
@@ -192,14 +232,14 @@ pub fn compute(
     let path_var = std::env::var("PATH").ok();
     let program = resolve_program(manifest, path_var.as_deref())?;
     let mut paths = vec![program.clone()];
-    // Arguments that name files (a script, a jar, a config) are inputs too: an
-    // interpreter's binary rarely changes, the program it runs does.
+    // Arguments that name programs or configuration (a script, a jar, a
+    // .conf) are inputs too: an interpreter's binary rarely changes, the
+    // program it runs does. Data the service writes (logs, databases, state
+    // paths) must not be: it would change the key on every run.
     for arg in &manifest.exec[1..] {
-        if arg.starts_with('-') {
-            continue;
-        }
-        let p = absolute(manifest, Path::new(arg));
-        if p.is_file() {
+        let value = arg.split_once('=').map_or(arg.as_str(), |(_, v)| v);
+        let p = absolute(manifest, Path::new(value));
+        if is_program_like(&p) && p.is_file() && !manifest.state.iter().any(|s| p.starts_with(s)) {
             paths.push(p);
         }
     }
@@ -254,7 +294,8 @@ fn hash_path(service: &str, path: &Path, out: &mut Vec<FileInput>) -> Result<(),
     Ok(())
 }
 
-fn sha256_file(path: &Path) -> io::Result<String> {
+/// Lowercase hex sha256 of a file's contents.
+pub fn sha256_file(path: &Path) -> io::Result<String> {
     let mut file = File::open(path)?;
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 256 * 1024];
@@ -354,6 +395,26 @@ mod tests {
                 .unwrap()
                 .hex,
             "env is an input"
+        );
+    }
+
+    #[test]
+    fn data_file_arguments_are_not_inputs() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("app.sh"), "echo 1").unwrap();
+        std::fs::write(dir.path().join("app.log"), "x").unwrap();
+        std::fs::create_dir(dir.path().join("data")).unwrap();
+        std::fs::write(dir.path().join("data/cfg.json"), "{}").unwrap();
+        let text = format!(
+            "exec: [\"/bin/sh\", \"{d}/app.sh\", \"--log={d}/app.log\", \"{d}/data/cfg.json\"]\nready: {{tcp: \"h:1\"}}\nstate: [\"{d}/data\"]\n",
+            d = dir.path().display()
+        );
+        let m = Manifest::parse("svc", &dir.path().join("svc.yaml"), &text).unwrap();
+        let d = compute(&m, &host(), Path::new("/run/warmer/svc")).unwrap();
+        let names: Vec<_> = d.inputs.files.iter().map(|f| f.path.clone()).collect();
+        assert_eq!(
+            names,
+            vec![PathBuf::from("/bin/sh"), dir.path().join("app.sh")]
         );
     }
 

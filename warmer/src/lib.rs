@@ -10,6 +10,7 @@
 //! - [`supervisor`]: `warmer run`, the warm path end to end
 //! - [`restore`], [`checkpoint`]: the two CRIU operations
 //! - [`probe`], [`notify`], [`logs`], [`signals`], [`service`], [`state`], [`status`]
+pub mod cache_cmd;
 pub mod checkpoint;
 pub mod criu;
 pub mod digest;
@@ -22,5 +23,7 @@ pub mod restore;
 pub mod service;
 pub mod signals;
 pub mod state;
+pub mod state_files;
 pub mod status;
 pub mod supervisor;
+pub mod watch;

@@ -26,7 +26,7 @@ Exit codes:
   69         service not ready in time, or exited before ready; CRIU unusable (check)
   70         internal error (cannot create directories, spawn, ...)
   75         the service is already running under another warmer
-  1          status: unknown service; cache: a bad entry was found
+  1          status: unknown service; cache verify: a bad entry; cache rm: no match
   2          usage error";
 
 #[derive(Parser)]
@@ -84,6 +84,59 @@ enum Cmd {
     },
     /// Check that CRIU is present, recent enough (>= 4.2) and works here.
     Check,
+    /// Inspect and maintain the image cache.
+    #[command(subcommand)]
+    Cache(CacheCmd),
+}
+
+#[derive(Subcommand)]
+enum CacheCmd {
+    /// List entries: service, size, age, current/stale/verified flags.
+    Ls {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Hash every file of the entries (all, a service's, or one digest);
+    /// quarantine bad ones. Exit 1 if any entry is bad. Run at boot, it also
+    /// loads the images into the page cache for fast first restores.
+    Verify { target: Option<String> },
+    /// Remove marked-stale entries, entries older than --max-age, and (stale
+    /// digests first, then oldest) entries beyond --max-bytes.
+    Gc {
+        /// Total size to keep the cache under, e.g. 10G, 500M, 1048576.
+        #[arg(long, value_parser = parse_bytes)]
+        max_bytes: Option<u64>,
+        /// Remove entries older than this, e.g. 30d, 12h.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        max_age: Option<std::time::Duration>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove the entries of a service, or the entry with a digest (prefix).
+    Rm { target: String },
+}
+
+/// "10G", "500M", "64K", "1048576" -> bytes (powers of 1024).
+fn parse_bytes(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, mult) = match s.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let m: u64 = match c.to_ascii_uppercase() {
+                'K' => 1 << 10,
+                'M' => 1 << 20,
+                'G' => 1 << 30,
+                'T' => 1 << 40,
+                _ => return Err(format!("unknown unit {c:?}: use K, M, G or T")),
+            };
+            (&s[..i], m)
+        }
+        _ => (s, 1),
+    };
+    num.trim()
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mult))
+        .ok_or_else(|| format!("expected a size like 10G, 500M or 1048576, got {s:?}"))
 }
 
 fn init_logging() {
@@ -119,6 +172,16 @@ fn init_logging() {
 static SERVICE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
 
 fn main() -> ExitCode {
+    if warmer::state_files::is_hook() {
+        // CRIU's action script (see warmer::state_files).
+        return match warmer::state_files::hook() {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("warmer (CRIU action script): {}", chain(&e));
+                ExitCode::FAILURE
+            }
+        };
+    }
     init_logging();
     let cli = Cli::parse();
     let dirs = Dirs {
@@ -131,6 +194,99 @@ fn main() -> ExitCode {
         Cmd::Status { service, json } => status_cmd(&dirs, service.as_deref(), json),
         Cmd::Validate { files } => validate(&files),
         Cmd::Check => check(),
+        Cmd::Cache(c) => cache_cmd(&dirs, c),
+    }
+}
+
+fn cache_cmd(dirs: &Dirs, cmd: CacheCmd) -> ExitCode {
+    use warmer::cache_cmd as cc;
+    let fail = |e: cc::CacheCmdError| {
+        eprintln!("warmer: {}", chain(&e));
+        ExitCode::from(exit::FAILURE)
+    };
+    match cmd {
+        CacheCmd::Ls { json } => match cc::ls(dirs) {
+            Ok((rows, bad)) if json => {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&rows).expect("rows serialize")
+                );
+                for (d, p) in &bad {
+                    eprintln!("warmer: damaged entry {d}: {p}");
+                }
+                ExitCode::from(exit::OK)
+            }
+            Ok((rows, bad)) => {
+                print!("{}", cc::render_ls(&rows, &bad));
+                ExitCode::from(exit::OK)
+            }
+            Err(e) => fail(e),
+        },
+        CacheCmd::Verify { target } => match cc::verify(dirs, target.as_deref()) {
+            Ok(results) => {
+                let mut bad = false;
+                for r in &results {
+                    match &r.problem {
+                        None => println!(
+                            "ok   {} {} ({:.1} MB in {} ms)",
+                            &r.digest[..12.min(r.digest.len())],
+                            r.service,
+                            r.bytes as f64 / 1e6,
+                            r.elapsed.as_millis()
+                        ),
+                        Some(p) => {
+                            bad = true;
+                            println!(
+                                "BAD  {} {}: {p} (quarantined)",
+                                &r.digest[..12.min(r.digest.len())],
+                                r.service
+                            );
+                        }
+                    }
+                }
+                ExitCode::from(if bad { exit::FAILURE } else { exit::OK })
+            }
+            Err(e) => fail(e),
+        },
+        CacheCmd::Gc {
+            max_bytes,
+            max_age,
+            json,
+        } => match cc::gc(dirs, &cache::GcPolicy { max_bytes, max_age }) {
+            Ok(report) if json => {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&report).expect("report serializes")
+                );
+                ExitCode::from(exit::OK)
+            }
+            Ok(report) => {
+                for r in &report.removed {
+                    println!(
+                        "removed {} {} ({:.1} MB): {}",
+                        &r.digest[..12.min(r.digest.len())],
+                        r.service,
+                        r.bytes as f64 / 1e6,
+                        r.reason
+                    );
+                }
+                for (d, why) in &report.skipped {
+                    println!("skipped {}: {why}", &d[..12.min(d.len())]);
+                }
+                println!("{:.1} MB kept", report.kept_bytes as f64 / 1e6);
+                ExitCode::from(exit::OK)
+            }
+            Err(e) => fail(e),
+        },
+        CacheCmd::Rm { target } => match cc::rm(dirs, &target) {
+            Ok(entries) => {
+                for e in entries {
+                    println!("removed {} {}", &e.meta.digest[..12], e.meta.service);
+                }
+                ExitCode::from(exit::OK)
+            }
+            Err(e) => fail(e),
+        },
     }
 }
 

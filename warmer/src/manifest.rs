@@ -16,6 +16,7 @@
 //!   settle: 500ms
 //! digest:
 //!   files: ["/srv/app/server.py"]
+//! state: ["/var/lib/app/data"]     # on-disk state captured with the image
 //! ```
 
 use std::collections::BTreeMap;
@@ -82,6 +83,8 @@ struct RawManifest {
     stop: Option<RawStop>,
     #[serde(default)]
     cache: Option<RawCache>,
+    #[serde(default)]
+    state: Vec<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -195,6 +198,9 @@ pub struct Manifest {
     pub stop_timeout: Duration,
     /// Cache generations kept for this service.
     pub keep: u32,
+    /// Paths kept on disk that must match memory (captured at checkpoint,
+    /// put back before restore).
+    pub state: Vec<PathBuf>,
     #[serde(skip)]
     pub path: PathBuf,
 }
@@ -366,6 +372,21 @@ impl Manifest {
                 None => DEFAULT_KEEP,
             };
 
+        let mut state = Vec::new();
+        for p in &raw.state {
+            let path = Path::new(&p.value);
+            if !path.is_absolute() || path.parent().is_none() {
+                return Err(at(
+                    &p.referenced,
+                    format!(
+                        "state: expected an absolute path below /, got {:?}",
+                        p.value
+                    ),
+                ));
+            }
+            state.push(path.to_path_buf());
+        }
+
         Ok(Manifest {
             version: MANIFEST_VERSION,
             name: name.to_string(),
@@ -377,6 +398,7 @@ impl Manifest {
             digest_files,
             stop_timeout,
             keep,
+            state,
             path: path.to_path_buf(),
         })
     }
@@ -605,6 +627,7 @@ checkpoint:
   settle: 500ms
 digest:
   files: [\"/srv/app/server.py\", \"conf/app.ini\"]
+state: [\"/var/lib/app/data\"]
 ";
 
     #[test]
@@ -629,6 +652,10 @@ digest:
             ]
         );
         assert_eq!(m.env["APP_MODE"], "prod");
+        assert_eq!(m.state, vec![PathBuf::from("/var/lib/app/data")]);
+        assert!(
+            err("exec: [a]\nready: {tcp: \"h:1\"}\nstate: [rel]\n").starts_with("web.yaml:3:9:")
+        );
     }
 
     #[test]

@@ -53,6 +53,8 @@ pub enum RestoreError {
     Criu(#[from] CriuError),
     #[error("criu restore succeeded but its pidfile {} is unreadable", path.display())]
     Pidfile { path: PathBuf },
+    #[error("cannot put the service's state files back")]
+    State(#[from] crate::state_files::StateError),
 }
 
 impl RestoreInfo {
@@ -85,6 +87,10 @@ const STDERR_FD: i32 = 4;
 /// tree, not yet probed.
 pub fn restore(criu: &Criu, data_dir: &Path, run_dir: &Path) -> Result<Running, RestoreError> {
     let info = RestoreInfo::read(data_dir)?;
+    // Disk must agree with memory before CRIU reopens the service's files.
+    if crate::state_files::has_state(data_dir) {
+        crate::state_files::put_back(data_dir)?;
+    }
     let mut output = Output::new().map_err(RestoreError::Setup)?;
     let pidfile = run_dir.join("restore.pid");
     // CRIU opens the pidfile O_EXCL.

@@ -19,6 +19,7 @@ pub struct Signals {
     forward: Vec<(Signal, Arc<AtomicBool>)>,
     child: Arc<AtomicBool>,
     wake: UnixStream,
+    notify: UnixStream,
 }
 
 impl Signals {
@@ -53,7 +54,13 @@ impl Signals {
             forward,
             child,
             wake,
+            notify,
         })
+    }
+
+    /// A handle other threads write a byte to, to wake [`Signals::wait`].
+    pub fn waker(&self) -> std::io::Result<UnixStream> {
+        self.notify.try_clone()
     }
 
     pub fn stop_requested(&self) -> bool {

@@ -62,6 +62,10 @@ pub struct RunRecord {
     pub cold_ready_ms: Option<u64>,
     pub exit_code: Option<i32>,
     pub message: Option<String>,
+    /// Set when a digest input changed while the service ran: the running
+    /// service and its image no longer match the files.
+    #[serde(default)]
+    pub stale: Option<String>,
     /// RFC 3339.
     pub updated: String,
 }
@@ -79,6 +83,7 @@ impl RunRecord {
             cold_ready_ms: None,
             exit_code: None,
             message: None,
+            stale: None,
             updated: now(),
         }
     }

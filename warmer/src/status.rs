@@ -32,6 +32,8 @@ pub struct ServiceStatus {
     pub pid: Option<i32>,
     pub digest: Option<String>,
     pub message: Option<String>,
+    /// Why the running service (or its image) no longer matches its inputs.
+    pub stale: Option<String>,
 }
 
 /// Service names known from manifests and from run records.
@@ -105,11 +107,14 @@ fn one(
     let entry = cache
         .zip(digest.as_deref())
         .and_then(|(c, d)| c.lookup(d).ok().flatten());
-    let image = entry.as_ref().map(|e| ImageInfo {
-        digest: e.meta.digest.clone(),
-        bytes: e.meta.bytes,
-        created: e.meta.created.clone(),
-    });
+    let image = entry
+        .as_ref()
+        .filter(|e| e.stale.is_none())
+        .map(|e| ImageInfo {
+            digest: e.meta.digest.clone(),
+            bytes: e.meta.bytes,
+            created: e.meta.created.clone(),
+        });
     let cold_ready_ms = record
         .as_ref()
         .and_then(|r| r.cold_ready_ms)
@@ -126,6 +131,11 @@ fn one(
             .filter(|_| alive)
             .and_then(|r| r.service_pid),
         digest,
+        stale: record
+            .as_ref()
+            .filter(|_| alive)
+            .and_then(|r| r.stale.clone())
+            .or_else(|| entry.as_ref().and_then(|e| e.stale.clone())),
         message: record.and_then(|r| r.message),
     }
 }
@@ -138,10 +148,13 @@ pub fn render(rows: &[ServiceStatus]) -> String {
     );
     let dash = || "-".to_string();
     for r in rows {
-        let state = serde_json::to_value(r.state)
+        let mut state = serde_json::to_value(r.state)
             .ok()
             .and_then(|v| v.as_str().map(String::from))
             .unwrap_or_default();
+        if r.stale.is_some() {
+            state.push_str(" (stale)");
+        }
         let start = r
             .last_start
             .map(|k| match k {

@@ -34,6 +34,7 @@ use crate::restore::{self, RestoreError};
 use crate::service::{service_env, Running};
 use crate::signals::Signals;
 use crate::state::{RunRecord, ServiceState, StartKind};
+use crate::watch::InputWatch;
 
 /// Where warmer finds and keeps things.
 #[derive(Debug, Clone)]
@@ -113,6 +114,9 @@ struct Supervisor {
     criu: Option<Criu>,
     host: HostFacts,
     digest: Option<ServiceDigest>,
+    /// Where the last restore spent its time, for the ready message.
+    timings: Option<String>,
+    watch: Option<InputWatch>,
 }
 
 pub fn run(dirs: &Dirs, name: &str) -> Result<Outcome, RunError> {
@@ -136,7 +140,7 @@ pub fn run(dirs: &Dirs, name: &str) -> Result<Outcome, RunError> {
             None
         }
     };
-    let _lock = match cache.as_ref().map(|c| c.lock_service(name, false)) {
+    let _lock = match cache.as_ref().map(|c| c.lock_run(name)) {
         Some(Err(cache::Error::Locked { path, .. })) => {
             return Err(RunError::AlreadyRunning {
                 service: name.to_string(),
@@ -186,7 +190,10 @@ pub fn run(dirs: &Dirs, name: &str) -> Result<Outcome, RunError> {
         criu,
         host,
         digest,
+        timings: None,
+        watch: None,
     };
+    sup.start_watch();
     sup.run()
 }
 
@@ -217,6 +224,39 @@ fn ms(d: Duration) -> u64 {
 }
 
 impl Supervisor {
+    fn start_watch(&mut self) {
+        let Some(digest) = &self.digest else { return };
+        let started = self
+            .signals
+            .waker()
+            .map_err(notify::Error::io)
+            .and_then(|wake| InputWatch::start(&self.manifest, digest, wake));
+        match started {
+            Ok(w) => self.watch = Some(w),
+            Err(e) => log::warn!("cannot watch the digest inputs: {e}"),
+        }
+    }
+
+    /// Marks the image stale once an input changed. Returns whether stale.
+    fn check_inputs(&mut self) -> bool {
+        if self.record.stale.is_some() {
+            return true;
+        }
+        let Some(reason) = self.watch.as_ref().and_then(InputWatch::changed) else {
+            return false;
+        };
+        log::warn!("{reason}: image marked stale; restart the service to run the new version");
+        if let (Some(cache), Some(d)) = (&self.cache, &self.digest) {
+            if let Err(e) = cache.mark_stale(&d.hex, &reason) {
+                log::error!("cannot mark image {} stale: {}", short(&d.hex), chain(&e));
+            }
+        }
+        self.record.stale = Some(reason);
+        let state = self.record.state;
+        self.set_state(state);
+        true
+    }
+
     fn set_state(&mut self, state: ServiceState) {
         self.record.state = state;
         if let Err(e) = self.record.write(&self.run_root) {
@@ -248,7 +288,10 @@ impl Supervisor {
                 None => format!("ready: restored in {ready_ms} ms"),
             },
         };
-        log::info!("{status}");
+        match &self.timings {
+            Some(t) => log::info!("{status}; {t}"),
+            None => log::info!("{status}"),
+        }
         self.set_state(ServiceState::Ready);
         self.systemd.ready(&status);
 
@@ -276,6 +319,14 @@ impl Supervisor {
             (Some(c), Some(k), Some(d)) => (c.clone(), k.clone(), d.hex.clone()),
             _ => return None,
         };
+        // Held until CRIU is done with the image: gc and rm wait for it.
+        let lock = match cache.lock_service(&self.manifest.name, true) {
+            Ok(l) => l,
+            Err(e) => {
+                log::warn!("cannot lock the cache, cold start: {}", chain(&e));
+                return None;
+            }
+        };
         let entry = match cache.lookup(&digest) {
             Ok(Some(e)) => e,
             Ok(None) => {
@@ -287,23 +338,34 @@ impl Supervisor {
                 return None;
             }
         };
+        if let Some(why) = &entry.stale {
+            log::info!("image {} is stale ({why}): cold start", short(&digest));
+            if let Err(e) = cache.remove(&digest) {
+                log::warn!("cannot remove stale image: {}", chain(&e));
+            }
+            return None;
+        }
         self.set_state(ServiceState::Restoring);
         self.systemd
             .status(&format!("restoring {}", short(&digest)));
         log::info!("restoring from image {}", short(&digest));
         let t_verify = Instant::now();
-        let verified = cache.verify(&entry, &mut |_, _| {});
+        let verified = cache.ensure_verified(&entry, &mut |_, _| {});
         let t_criu = Instant::now();
+        let how = match verified {
+            Ok(cache::Verification::Stamped) => "stamp",
+            Ok(cache::Verification::Hashed) => "hashed",
+            Err(_) => "failed",
+        };
         let result = verified
             .map_err(RestoreError::from)
-            .and_then(|()| restore::restore(&criu, &entry.data_dir(), &self.run_dir));
-        let t_probe = Instant::now();
-        log::info!(
-            "timings: start->lookup {} ms, verify {} ms, criu restore {} ms",
-            ms(t_verify - self.started),
+            .and_then(|_| restore::restore(&criu, &entry.data_dir(), &self.run_dir));
+        drop(lock);
+        self.timings = Some(format!(
+            "verify {} ms ({how}), criu restore {} ms",
             ms(t_criu - t_verify),
-            ms(t_probe - t_criu)
-        );
+            ms(t_criu.elapsed())
+        ));
         let mut running = match result {
             Ok(r) => r,
             Err(e) => {
@@ -435,6 +497,7 @@ impl Supervisor {
             if let Some(code) = running.poll_exit() {
                 return Readiness::Exited(code);
             }
+            self.check_inputs();
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 return Readiness::TimedOut;
@@ -458,6 +521,7 @@ impl Supervisor {
         if cache.lookup(&digest.hex).is_ok_and(|e| e.is_some()) {
             return;
         }
+        let (criu, cache, digest) = (criu.clone(), cache.clone(), digest.clone());
         // Let the service settle (lazy initialisation after the first probe);
         // a stop request or exit during the wait cancels the checkpoint.
         let until = Instant::now() + self.manifest.checkpoint.settle;
@@ -468,10 +532,12 @@ impl Supervisor {
             self.signals
                 .wait(until.saturating_duration_since(Instant::now()));
         }
-        if self.signals.stop_requested() || nix::sys::signal::kill(running.pid, None).is_err() {
+        if self.signals.stop_requested()
+            || nix::sys::signal::kill(running.pid, None).is_err()
+            || self.check_inputs()
+        {
             return;
         }
-        let (criu, cache, digest) = (criu.clone(), cache.clone(), digest.clone());
         self.set_state(ServiceState::Checkpointing);
         self.systemd.status("checkpointing");
         self.systemd.extend_timeout(Duration::from_secs(300));
@@ -498,6 +564,12 @@ impl Supervisor {
                 self.record.message = Some(format!("checkpoint failed: {}", chain(&e)));
             }
         }
+        // An input that changed during the dump makes the new image stale too.
+        if let Some(reason) = self.watch.as_ref().and_then(InputWatch::changed) {
+            self.record.stale = None;
+            let _ = cache.mark_stale(&digest.hex, &reason);
+            self.check_inputs();
+        }
         self.set_state(ServiceState::Ready);
     }
 
@@ -511,6 +583,7 @@ impl Supervisor {
                 log::info!("service exited with status {code}");
                 break code;
             }
+            self.check_inputs();
             if self.signals.stop_requested() {
                 self.set_state(ServiceState::Stopping);
                 self.systemd.stopping();

@@ -1,0 +1,129 @@
+//! Keeping the cache bounded.
+//!
+//! Order of removal: entries marked stale; entries older than `max_age`;
+//! entries whose metadata is unreadable (quarantined, not deleted); then, while
+//! the cache is larger than `max_bytes`, entries that are not their service's
+//! current digest (oldest first), then current ones (oldest first). An entry
+//! whose service lock is held (being restored or published right now) is
+//! skipped and reported.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::Serialize;
+
+use crate::store::{Cache, Entry};
+use crate::{Error, Meta};
+
+#[derive(Debug, Clone, Default)]
+pub struct GcPolicy {
+    pub max_bytes: Option<u64>,
+    pub max_age: Option<Duration>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Removed {
+    pub digest: String,
+    pub service: String,
+    pub bytes: u64,
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct GcReport {
+    pub removed: Vec<Removed>,
+    /// (digest, why it was left alone)
+    pub skipped: Vec<(String, String)>,
+    /// Bytes of the entries left.
+    pub kept_bytes: u64,
+}
+
+impl Cache {
+    /// Applies `policy`. `is_current` says whether an entry is its service's
+    /// current digest (a stale digest goes before a current one).
+    pub fn gc(
+        &self,
+        policy: &GcPolicy,
+        is_current: &dyn Fn(&Meta) -> bool,
+    ) -> Result<GcReport, Error> {
+        let mut report = GcReport::default();
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let mut keep: Vec<(bool, Entry)> = Vec::new();
+        for item in self.list()? {
+            let entry = match item {
+                Ok(e) => e,
+                Err((digest, problem)) => {
+                    let reason = format!("unreadable: {problem}");
+                    self.quarantine(&digest, &reason)?;
+                    report.removed.push(Removed {
+                        digest,
+                        service: String::new(),
+                        bytes: 0,
+                        reason: format!("{reason} (quarantined)"),
+                    });
+                    continue;
+                }
+            };
+            let age = now.saturating_sub(entry.meta.created_unix);
+            let reason = if let Some(why) = &entry.stale {
+                Some(format!("marked stale: {why}"))
+            } else {
+                policy
+                    .max_age
+                    .filter(|max| age > max.as_secs())
+                    .map(|max| format!("older than {}", humantime::format_duration(max)))
+            };
+            match reason {
+                Some(reason) => self.remove_for_gc(entry, reason, &mut report)?,
+                None => keep.push((is_current(&entry.meta), entry)),
+            }
+        }
+        if let Some(max) = policy.max_bytes {
+            // Stale digests first, then oldest first.
+            keep.sort_by_key(|(current, e)| (*current, e.meta.created_unix));
+            let mut total: u64 = keep.iter().map(|(_, e)| e.meta.bytes).sum();
+            let mut rest = Vec::new();
+            for (current, entry) in keep {
+                if total > max {
+                    total -= entry.meta.bytes;
+                    let what = if current { "current" } else { "stale digest" };
+                    self.remove_for_gc(entry, format!("over --max-bytes ({what})"), &mut report)?;
+                } else {
+                    rest.push((current, entry));
+                }
+            }
+            keep = rest;
+        }
+        report.kept_bytes = keep.iter().map(|(_, e)| e.meta.bytes).sum();
+        Ok(report)
+    }
+
+    fn remove_for_gc(
+        &self,
+        entry: Entry,
+        reason: String,
+        report: &mut GcReport,
+    ) -> Result<(), Error> {
+        let _lock = match self.lock_service(&entry.meta.service, false) {
+            Ok(l) => l,
+            Err(Error::Locked { .. }) => {
+                report.skipped.push((
+                    entry.meta.digest,
+                    "service busy (restoring or publishing)".into(),
+                ));
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        };
+        self.remove(&entry.meta.digest)?;
+        report.removed.push(Removed {
+            digest: entry.meta.digest,
+            service: entry.meta.service,
+            bytes: entry.meta.bytes,
+            reason,
+        });
+        Ok(())
+    }
+}

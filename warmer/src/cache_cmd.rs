@@ -1,0 +1,233 @@
+//! `warmer cache ls | verify | gc | rm`: the operator's view of the cache.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::time::Duration;
+
+use cache::{Cache, Entry, GcPolicy, GcReport, Problem};
+use serde::Serialize;
+
+use crate::checkpoint::short;
+use crate::criu::Criu;
+use crate::digest::{self, HostFacts};
+use crate::manifest::Manifest;
+use crate::supervisor::Dirs;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CacheCmdError {
+    #[error(transparent)]
+    Cache(#[from] cache::Error),
+    #[error("no cache entry matches {0:?} (a service name or a digest prefix of 6+ hex digits)")]
+    NoMatch(String),
+    #[error("{target:?} matches {count} entries; give more digits")]
+    Ambiguous { target: String, count: usize },
+}
+
+/// One entry, as `cache ls --json` prints it.
+#[derive(Debug, Clone, Serialize)]
+pub struct EntryRow {
+    pub digest: String,
+    pub service: String,
+    pub bytes: u64,
+    pub created: String,
+    pub cold_start_ms: Option<u64>,
+    /// The digest a start of the service would use now.
+    pub current: bool,
+    pub stale: Option<String>,
+    /// Verified (hashed) during this boot and unchanged since.
+    pub verified_this_boot: bool,
+    pub host: BTreeMap<String, String>,
+}
+
+/// The digest each service with a manifest would use now.
+pub fn current_digests(dirs: &Dirs) -> BTreeMap<String, String> {
+    let host = Criu::locate()
+        .ok()
+        .zip(crate::init::locate().ok())
+        .and_then(|(c, init)| HostFacts::gather(&c.version, &init).ok());
+    let Some(host) = host else {
+        return BTreeMap::new();
+    };
+    std::fs::read_dir(&dirs.manifests)
+        .into_iter()
+        .flatten()
+        .filter_map(|d| d.ok())
+        .filter_map(|d| {
+            let p = d.path();
+            let ext = p.extension()?.to_str()?;
+            if !matches!(ext, "yaml" | "yml") {
+                return None;
+            }
+            let m = Manifest::load(&p).ok()?;
+            let d = digest::compute(&m, &host, &dirs.run.join(&m.name)).ok()?;
+            Some((m.name, d.hex))
+        })
+        .collect()
+}
+
+/// Entries, and the digests of entries whose metadata is damaged.
+pub type Listing = (Vec<EntryRow>, Vec<(String, Problem)>);
+
+pub fn ls(dirs: &Dirs) -> Result<Listing, CacheCmdError> {
+    let cache = Cache::open(&dirs.cache)?;
+    let current = current_digests(dirs);
+    let mut rows = Vec::new();
+    let mut bad = Vec::new();
+    for item in cache.list()? {
+        match item {
+            Ok(e) => rows.push(EntryRow {
+                current: current.get(&e.meta.service) == Some(&e.meta.digest),
+                verified_this_boot: cache.stamp_valid(&e),
+                digest: e.meta.digest,
+                service: e.meta.service,
+                bytes: e.meta.bytes,
+                created: e.meta.created,
+                cold_start_ms: e.meta.cold_start_ms,
+                stale: e.stale,
+                host: e.meta.host,
+            }),
+            Err(b) => bad.push(b),
+        }
+    }
+    Ok((rows, bad))
+}
+
+pub fn render_ls(rows: &[EntryRow], bad: &[(String, Problem)]) -> String {
+    let mut out = format!(
+        "{:<14} {:<18} {:>9} {:<21} {:>8}  {}\n",
+        "DIGEST", "SERVICE", "MB", "CREATED", "COLD_MS", "FLAGS"
+    );
+    for r in rows {
+        let mut flags = Vec::new();
+        if r.current {
+            flags.push("current".to_string());
+        }
+        if let Some(why) = &r.stale {
+            flags.push(format!("stale ({why})"));
+        }
+        if r.verified_this_boot {
+            flags.push("verified".into());
+        }
+        out.push_str(&format!(
+            "{:<14} {:<18} {:>9.1} {:<21} {:>8}  {}\n",
+            short(&r.digest),
+            r.service,
+            r.bytes as f64 / 1e6,
+            r.created,
+            r.cold_start_ms.map(|v| v.to_string()).unwrap_or("-".into()),
+            flags.join(", ")
+        ));
+    }
+    for (digest, problem) in bad {
+        out.push_str(&format!("{:<14} DAMAGED: {problem}\n", short(digest)));
+    }
+    out
+}
+
+/// The entries `target` names: a service's entries, or the one entry whose
+/// digest starts with it. `None`: all entries.
+fn select(cache: &Cache, target: Option<&str>) -> Result<Vec<Entry>, CacheCmdError> {
+    let all: Vec<Entry> = cache.list()?.into_iter().flatten().collect();
+    let Some(t) = target else {
+        return Ok(all);
+    };
+    let by_service: Vec<Entry> = all
+        .iter()
+        .filter(|e| e.meta.service == t)
+        .cloned()
+        .collect();
+    if !by_service.is_empty() {
+        return Ok(by_service);
+    }
+    let is_hex = t.len() >= 6 && t.bytes().all(|b| b.is_ascii_hexdigit());
+    let by_digest: Vec<Entry> = all
+        .into_iter()
+        .filter(|e| is_hex && e.meta.digest.starts_with(&t.to_ascii_lowercase()))
+        .collect();
+    match by_digest.len() {
+        0 => Err(CacheCmdError::NoMatch(t.to_string())),
+        1 => Ok(by_digest),
+        count => Err(CacheCmdError::Ambiguous {
+            target: t.to_string(),
+            count,
+        }),
+    }
+}
+
+/// Outcome of verifying one entry.
+pub struct Verified {
+    pub digest: String,
+    pub service: String,
+    pub bytes: u64,
+    pub elapsed: Duration,
+    pub problem: Option<Problem>,
+}
+
+/// Hashes every file of the selected entries (quarantining bad ones) and
+/// stamps good ones for this boot. Reading the images also brings them into
+/// the page cache, which is what the first restore after boot needs.
+pub fn verify(dirs: &Dirs, target: Option<&str>) -> Result<Vec<Verified>, CacheCmdError> {
+    let cache = Cache::open(&dirs.cache)?;
+    let mut out = Vec::new();
+    for entry in select(&cache, target)? {
+        let _lock = cache.lock_service(&entry.meta.service, true)?;
+        let t = std::time::Instant::now();
+        let label = format!("{} {}", entry.meta.service, short(&entry.meta.digest));
+        let mut last = 0u64;
+        let mut progress = |done: u64, total: u64| {
+            // A line per 10% of a large image.
+            if total >= 64 << 20 && done * 10 / total > last {
+                last = done * 10 / total;
+                eprintln!(
+                    "verify {label}: {}% ({} / {} MB)",
+                    done * 100 / total,
+                    done >> 20,
+                    total >> 20
+                );
+                let _ = std::io::stderr().flush();
+            }
+        };
+        let problem = cache.verify(&entry, &mut progress).err();
+        if let Some(p) = &problem {
+            cache.quarantine(&entry.meta.digest, &format!("cache verify: {p}"))?;
+        }
+        out.push(Verified {
+            digest: entry.meta.digest,
+            service: entry.meta.service,
+            bytes: entry.meta.bytes,
+            elapsed: t.elapsed(),
+            problem,
+        });
+    }
+    // Entries whose metadata is unreadable are damaged too.
+    for (digest, problem) in cache.list()?.into_iter().filter_map(Result::err) {
+        if target.is_none() || target.is_some_and(|t| digest.starts_with(t)) {
+            cache.quarantine(&digest, &format!("cache verify: {problem}"))?;
+            out.push(Verified {
+                digest,
+                service: String::new(),
+                bytes: 0,
+                elapsed: Duration::ZERO,
+                problem: Some(problem),
+            });
+        }
+    }
+    Ok(out)
+}
+
+pub fn gc(dirs: &Dirs, policy: &GcPolicy) -> Result<GcReport, CacheCmdError> {
+    let cache = Cache::open(&dirs.cache)?;
+    let current = current_digests(dirs);
+    Ok(cache.gc(policy, &|m| current.get(&m.service) == Some(&m.digest))?)
+}
+
+/// Removes the entries `target` names; returns them.
+pub fn rm(dirs: &Dirs, target: &str) -> Result<Vec<Entry>, CacheCmdError> {
+    let cache = Cache::open(&dirs.cache)?;
+    let entries = select(&cache, Some(target))?;
+    for e in &entries {
+        let _lock = cache.lock_service(&e.meta.service, true)?;
+        cache.remove(&e.meta.digest)?;
+    }
+    Ok(entries)
+}

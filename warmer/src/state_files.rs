@@ -1,0 +1,347 @@
+//! State a service keeps outside memory (manifest `state: [paths]`).
+//!
+//! A Redis RDB directory, a /dev/shm file the service maps, a data dir: CRIU
+//! restores memory, not disks, and refuses or misbehaves when the two
+//! disagree (`File ... has bad size`, `Can't open file dev/shm/...`). So the
+//! paths are copied into the image while CRIU holds the service frozen (from
+//! CRIU's `post-dump` action script: `warmer` itself, see [`hook`]), and put back,
+//! replaced whole, just before a restore. Restoring therefore rolls the disk
+//! back to the checkpoint together with the memory: list only paths where
+//! that is what you want (a data set loaded at start, caches, shm files).
+//!
+//! ```text
+//! <image>/state/index.json     [{path, kind, mode, uid, gid, mtime, ...}, ...]
+//! <image>/state/<n>/...        the copy of path n (file, or directory tree)
+//! ```
+//!
+//! The cache makes every stored file 0600 root, so modes, owners and times are
+//! recorded in the index and re-applied on the way back.
+
+use std::ffi::OsStr;
+use std::fs;
+use std::io;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{symlink, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use nix::sys::stat::{utimensat, UtimensatFlags};
+use nix::sys::time::TimeSpec;
+use nix::unistd::{fchownat, Gid, Uid};
+use serde::{Deserialize, Serialize};
+
+pub const STATE_DIR: &str = "state";
+const INDEX: &str = "index.json";
+
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("state path {}: {what}", path.display())]
+    Io {
+        path: PathBuf,
+        what: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    #[error("state path {}: unsupported file type (only files, directories, symlinks)", path.display())]
+    Unsupported { path: PathBuf },
+    #[error("state index {}: {reason}", path.display())]
+    Index { path: PathBuf, reason: String },
+}
+
+fn io_err(path: &Path, what: &'static str) -> impl FnOnce(io::Error) -> StateError {
+    let path = path.to_path_buf();
+    move |source| StateError::Io { path, what, source }
+}
+
+/// One filesystem object of a captured path.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Node {
+    /// Relative to the captured path ("" for the path itself).
+    pub rel: String,
+    pub kind: Kind,
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub atime: (i64, i64),
+    pub mtime: (i64, i64),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    File,
+    Dir,
+    Symlink,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Captured {
+    pub path: PathBuf,
+    /// `None`: the path did not exist at checkpoint time (so it must not at restore).
+    pub nodes: Option<Vec<Node>>,
+}
+
+/// Copies `paths` into `<image_dir>/state/`.
+pub fn capture(paths: &[PathBuf], image_dir: &Path) -> Result<(), StateError> {
+    let root = image_dir.join(STATE_DIR);
+    fs::create_dir_all(&root).map_err(io_err(&root, "create"))?;
+    let mut index = Vec::new();
+    for (n, path) in paths.iter().enumerate() {
+        let dst = root.join(n.to_string());
+        let nodes = match fs::symlink_metadata(path) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+            Err(e) => return Err(io_err(path, "stat")(e)),
+            Ok(_) => {
+                let mut nodes = Vec::new();
+                copy_out(path, &dst, "", &mut nodes)?;
+                Some(nodes)
+            }
+        };
+        index.push(Captured {
+            path: path.clone(),
+            nodes,
+        });
+    }
+    let idx = root.join(INDEX);
+    fs::write(
+        &idx,
+        serde_json::to_vec_pretty(&index).expect("index serializes"),
+    )
+    .map_err(io_err(&idx, "write"))
+}
+
+fn node(rel: &str, kind: Kind, md: &fs::Metadata) -> Node {
+    Node {
+        rel: rel.to_string(),
+        kind,
+        mode: md.mode() & 0o7777,
+        uid: md.uid(),
+        gid: md.gid(),
+        atime: (md.atime(), md.atime_nsec()),
+        mtime: (md.mtime(), md.mtime_nsec()),
+    }
+}
+
+fn copy_out(src: &Path, dst: &Path, rel: &str, nodes: &mut Vec<Node>) -> Result<(), StateError> {
+    let md = fs::symlink_metadata(src).map_err(io_err(src, "stat"))?;
+    let ft = md.file_type();
+    if ft.is_dir() {
+        fs::create_dir(dst).map_err(io_err(dst, "create"))?;
+        nodes.push(node(rel, Kind::Dir, &md));
+        let mut children: Vec<_> = fs::read_dir(src)
+            .map_err(io_err(src, "list"))?
+            .filter_map(|d| d.ok())
+            .map(|d| d.file_name())
+            .collect();
+        children.sort();
+        for c in children {
+            let child_rel = if rel.is_empty() {
+                c.to_string_lossy().into_owned()
+            } else {
+                format!("{rel}/{}", c.to_string_lossy())
+            };
+            copy_out(&src.join(&c), &dst.join(&c), &child_rel, nodes)?;
+        }
+    } else if ft.is_file() {
+        fs::copy(src, dst).map_err(io_err(src, "copy"))?;
+        nodes.push(node(rel, Kind::File, &md));
+    } else if ft.is_symlink() {
+        let target = fs::read_link(src).map_err(io_err(src, "readlink"))?;
+        // Stored as a file holding the target: the cache stores files only.
+        fs::write(dst, target.as_os_str().as_bytes()).map_err(io_err(dst, "write"))?;
+        nodes.push(node(rel, Kind::Symlink, &md));
+    } else {
+        return Err(StateError::Unsupported {
+            path: src.to_path_buf(),
+        });
+    }
+    Ok(())
+}
+
+/// Set in CRIU's environment for a dump with state: `warmer`, started as
+/// CRIU's action script, runs [`hook`] instead of its command line.
+pub const HOOK_ENV: &str = "WARMER_STATE_HOOK";
+
+/// Whether this process is CRIU running warmer as its action script.
+pub fn is_hook() -> bool {
+    std::env::var_os(HOOK_ENV).is_some_and(|v| v == "1")
+        && std::env::var_os("CRTOOLS_SCRIPT_ACTION").is_some()
+}
+
+/// The CRIU action script entry point: on `post-dump`
+/// (the service is still frozen) copy `$WARMER_STATE_PATHS` (a JSON array)
+/// into `$CRTOOLS_IMAGE_DIR`. Other actions: nothing.
+pub fn hook() -> Result<(), StateError> {
+    if std::env::var("CRTOOLS_SCRIPT_ACTION").as_deref() != Ok("post-dump") {
+        return Ok(());
+    }
+    let bad = |reason: String| StateError::Index {
+        path: PathBuf::from("$WARMER_STATE_PATHS"),
+        reason,
+    };
+    let paths: Vec<PathBuf> =
+        serde_json::from_str(&std::env::var("WARMER_STATE_PATHS").map_err(|e| bad(e.to_string()))?)
+            .map_err(|e| bad(e.to_string()))?;
+    let dir = std::env::var_os("CRTOOLS_IMAGE_DIR")
+        .map(PathBuf::from)
+        .ok_or_else(|| bad("CRTOOLS_IMAGE_DIR is not set".into()))?;
+    capture(&paths, &dir)
+}
+
+/// Whether an image carries captured state.
+pub fn has_state(image_dir: &Path) -> bool {
+    image_dir.join(STATE_DIR).join(INDEX).exists()
+}
+
+/// Puts every captured path back as it was at checkpoint time, replacing
+/// what is there now. Each path is rebuilt beside the original and swapped in
+/// by rename, so a failure midway leaves the live path untouched.
+pub fn put_back(image_dir: &Path) -> Result<(), StateError> {
+    let root = image_dir.join(STATE_DIR);
+    let idx = root.join(INDEX);
+    let bytes = fs::read(&idx).map_err(io_err(&idx, "read"))?;
+    let index: Vec<Captured> = serde_json::from_slice(&bytes).map_err(|e| StateError::Index {
+        path: idx.clone(),
+        reason: e.to_string(),
+    })?;
+    for (n, c) in index.iter().enumerate() {
+        let name = c
+            .path
+            .file_name()
+            .map(|f| f.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let fresh = c.path.with_file_name(format!(".{name}.warmer-new"));
+        let old = c.path.with_file_name(format!(".{name}.warmer-old"));
+        remove_any(&fresh)?;
+        remove_any(&old)?;
+        if let Some(nodes) = &c.nodes {
+            if let Some(parent) = c.path.parent() {
+                fs::create_dir_all(parent).map_err(io_err(parent, "create"))?;
+            }
+            let src = root.join(n.to_string());
+            // Contents first, then metadata deepest-first (a directory's
+            // mtime changes while its children are created).
+            for node in nodes {
+                let from = if node.rel.is_empty() {
+                    src.clone()
+                } else {
+                    src.join(&node.rel)
+                };
+                let to = if node.rel.is_empty() {
+                    fresh.clone()
+                } else {
+                    fresh.join(&node.rel)
+                };
+                match node.kind {
+                    Kind::Dir => fs::create_dir(&to).map_err(io_err(&to, "create"))?,
+                    Kind::File => {
+                        fs::copy(&from, &to).map_err(io_err(&from, "copy"))?;
+                    }
+                    Kind::Symlink => {
+                        let target = fs::read(&from).map_err(io_err(&from, "read"))?;
+                        symlink(OsStr::from_bytes(&target), &to).map_err(io_err(&to, "symlink"))?;
+                    }
+                }
+            }
+            for node in nodes.iter().rev() {
+                let to = if node.rel.is_empty() {
+                    fresh.clone()
+                } else {
+                    fresh.join(&node.rel)
+                };
+                apply_meta(&to, node)?;
+            }
+        }
+        if fs::symlink_metadata(&c.path).is_ok() {
+            fs::rename(&c.path, &old).map_err(io_err(&c.path, "move aside"))?;
+        }
+        if c.nodes.is_some() {
+            fs::rename(&fresh, &c.path).map_err(io_err(&c.path, "put back"))?;
+        }
+        remove_any(&old)?;
+    }
+    Ok(())
+}
+
+fn apply_meta(path: &Path, node: &Node) -> Result<(), StateError> {
+    fchownat(
+        nix::fcntl::AT_FDCWD,
+        path,
+        Some(Uid::from_raw(node.uid)),
+        Some(Gid::from_raw(node.gid)),
+        nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+    )
+    .map_err(|e| io_err(path, "chown")(e.into()))?;
+    if node.kind != Kind::Symlink {
+        fs::set_permissions(path, fs::Permissions::from_mode(node.mode))
+            .map_err(io_err(path, "chmod"))?;
+    }
+    utimensat(
+        nix::fcntl::AT_FDCWD,
+        path,
+        &TimeSpec::new(node.atime.0, node.atime.1),
+        &TimeSpec::new(node.mtime.0, node.mtime.1),
+        UtimensatFlags::NoFollowSymlink,
+    )
+    .map_err(|e| io_err(path, "set times")(e.into()))
+}
+
+fn remove_any(path: &Path) -> Result<(), StateError> {
+    match fs::symlink_metadata(path) {
+        Err(_) => Ok(()),
+        Ok(md) if md.is_dir() => fs::remove_dir_all(path).map_err(io_err(path, "remove")),
+        Ok(_) => fs::remove_file(path).map_err(io_err(path, "remove")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn capture_and_put_back_restore_contents_modes_and_times() {
+        let t = tempfile::tempdir().unwrap();
+        let live = t.path().join("data");
+        fs::create_dir(&live).unwrap();
+        fs::write(live.join("dump.rdb"), b"version 1").unwrap();
+        fs::set_permissions(live.join("dump.rdb"), fs::Permissions::from_mode(0o640)).unwrap();
+        symlink("dump.rdb", live.join("latest")).unwrap();
+        fs::create_dir(live.join("sub")).unwrap();
+        fs::write(live.join("sub/x"), b"x").unwrap();
+        let single = t.path().join("shm-file");
+        fs::write(&single, b"shared").unwrap();
+        let absent = t.path().join("absent");
+        let before = fs::metadata(live.join("dump.rdb")).unwrap();
+
+        let image = t.path().join("image");
+        fs::create_dir(&image).unwrap();
+        capture(&[live.clone(), single.clone(), absent.clone()], &image).unwrap();
+        assert!(has_state(&image));
+
+        // The service moves on after the checkpoint.
+        fs::write(live.join("dump.rdb"), b"version 2, longer").unwrap();
+        fs::write(live.join("new-file"), b"n").unwrap();
+        fs::remove_file(&single).unwrap();
+        fs::write(&absent, b"created later").unwrap();
+
+        put_back(&image).unwrap();
+        assert_eq!(fs::read(live.join("dump.rdb")).unwrap(), b"version 1");
+        assert!(!live.join("new-file").exists());
+        assert_eq!(fs::read(live.join("sub/x")).unwrap(), b"x");
+        assert_eq!(
+            fs::read_link(live.join("latest")).unwrap(),
+            Path::new("dump.rdb")
+        );
+        assert_eq!(fs::read(&single).unwrap(), b"shared");
+        assert!(!absent.exists(), "absent at checkpoint, absent after");
+        let after = fs::metadata(live.join("dump.rdb")).unwrap();
+        assert_eq!(after.mode() & 0o7777, 0o640);
+        assert_eq!(after.mtime(), before.mtime());
+        assert_eq!(after.mtime_nsec(), before.mtime_nsec());
+        let leftovers: Vec<_> = fs::read_dir(t.path())
+            .unwrap()
+            .filter_map(|d| d.ok())
+            .filter(|d| d.file_name().to_string_lossy().contains("warmer-"))
+            .collect();
+        assert!(leftovers.is_empty());
+    }
+}
