@@ -258,7 +258,11 @@ fn stale_entries_are_flagged_and_gc_removes_them_first() {
     let cache = Cache::open(dir.path().join("c")).unwrap();
     let mk = |i: u32, service: &str, size: usize| {
         let staging = cache.stage().unwrap();
-        fs::write(staging.data_dir().join("img"), vec![i as u8; size]).unwrap();
+        fs::write(
+            staging.data_dir().join("img"),
+            vec![u8::try_from(i).unwrap(); size],
+        )
+        .unwrap();
         let mut e = new_entry(&format!("{i:064x}"));
         e.service = service.into();
         cache.publish(staging, e).unwrap();
