@@ -319,7 +319,7 @@ fn the_second_restore_in_a_boot_skips_hashing() {
     let mut w = env.run("stamp");
     env.wait_ready("stamp", &mut w);
     assert!(
-        w.err().contains("(stamp)"),
+        w.err().contains("integrity: stamp"),
         "published this boot: {}",
         w.err()
     );
@@ -330,11 +330,11 @@ fn the_second_restore_in_a_boot_skips_hashing() {
     }
     let mut w = env.run("stamp");
     env.wait_ready("stamp", &mut w);
-    assert!(w.err().contains("(hashed)"), "{}", w.err());
+    assert!(w.err().contains("hashed alongside"), "{}", w.err());
     w.stop();
     let mut w = env.run("stamp");
     env.wait_ready("stamp", &mut w);
-    assert!(w.err().contains("(stamp)"), "{}", w.err());
+    assert!(w.err().contains("integrity: stamp"), "{}", w.err());
     w.stop();
 }
 

@@ -25,11 +25,26 @@ pub struct FileSum {
     pub blake3: String,
 }
 
-/// Hashes an open file from its start; returns (hex digest, bytes read).
+/// How many cores a verification may use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cores {
+    /// Large files are hashed with every core (fastest alone).
+    All,
+    /// One core: for hashing alongside other work (a CRIU restore).
+    One,
+}
+
+/// Hashes an open file from its start with every core; returns (hex digest,
+/// bytes read).
 pub fn hash_file(file: &mut File) -> io::Result<(String, u64)> {
+    hash_file_with(file, Cores::All)
+}
+
+/// [`hash_file`] with a choice of cores.
+pub fn hash_file_with(file: &mut File, cores: Cores) -> io::Result<(String, u64)> {
     let len = file.metadata()?.len();
     let mut hasher = blake3::Hasher::new();
-    if len >= PARALLEL_THRESHOLD {
+    if len >= PARALLEL_THRESHOLD && cores == Cores::All {
         // update_mmap_rayon maps the file read-only; the store's
         // files are 0600 root and never modified in place, so the mapping cannot
         // change underneath us except through tampering, which the hash detects.

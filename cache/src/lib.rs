@@ -49,7 +49,7 @@ mod meta;
 mod stamp;
 mod store;
 
-pub use checksum::{hash_file, FileSum, HASH_ALGORITHM};
+pub use checksum::{hash_file, hash_file_with, Cores, FileSum, HASH_ALGORITHM};
 pub use error::{Error, Problem};
 pub use gc::{GcPolicy, GcReport, Removed};
 pub use lock::ServiceLock;

@@ -5,7 +5,7 @@ use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsE
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use crate::checksum::{hash_file, FileSum, HASH_ALGORITHM};
+use crate::checksum::{hash_file, hash_file_with, Cores, FileSum, HASH_ALGORITHM};
 use crate::error::{Error, Problem};
 use crate::lock::ServiceLock;
 use crate::meta::{Meta, NewEntry, FORMAT_VERSION};
@@ -293,8 +293,12 @@ impl Cache {
         };
         let files: Vec<String> = entry.meta.files.iter().map(|f| f.path.clone()).collect();
         let boot = stamp::boot_id();
+        let dirs_private = [entry.dir.clone(), entry.data_dir()]
+            .iter()
+            .all(|d| fs::symlink_metadata(d).is_ok_and(|md| self.check_private(&md, ".").is_ok()));
         !boot.is_empty()
             && stamp.boot_id == boot
+            && dirs_private
             && stamp::current(&entry.dir, &files).is_some_and(|now| now == stamp.files)
     }
 
@@ -306,13 +310,6 @@ impl Cache {
         progress: &mut dyn FnMut(u64, u64),
     ) -> Result<Verification, Problem> {
         if self.stamp_valid(entry) {
-            // Owner and mode are part of the stamp; the directories are cheap
-            // to check again.
-            let md = fs::symlink_metadata(&entry.dir).map_err(|e| Problem::Unreadable {
-                path: ".".into(),
-                error: e.to_string(),
-            })?;
-            self.check_private(&md, ".")?;
             return Ok(Verification::Stamped);
         }
         self.verify(entry, progress)?;
@@ -401,6 +398,16 @@ impl Cache {
     /// files, sizes, and the checksum of every file. `progress` is called with
     /// the bytes hashed so far.
     pub fn verify(&self, entry: &Entry, progress: &mut dyn FnMut(u64, u64)) -> Result<(), Problem> {
+        self.verify_with(entry, Cores::All, progress)
+    }
+
+    /// [`Cache::verify`] with a choice of cores.
+    pub fn verify_with(
+        &self,
+        entry: &Entry,
+        cores: Cores,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<(), Problem> {
         let dir_md = fs::symlink_metadata(&entry.dir).map_err(|e| Problem::Unreadable {
             path: ".".into(),
             error: e.to_string(),
@@ -455,7 +462,7 @@ impl Cache {
                     found: md.len(),
                 });
             }
-            let (hex, n) = hash_file(&mut file).map_err(unreadable)?;
+            let (hex, n) = hash_file_with(&mut file, cores).map_err(unreadable)?;
             if n != sum.size || hex != sum.blake3 {
                 return Err(Problem::Checksum {
                     path: sum.path.clone(),

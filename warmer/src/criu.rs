@@ -244,6 +244,9 @@ pub struct RestorePlan {
     pub pidfile: PathBuf,
     pub inherit: Vec<Inherit>,
     pub tcp_established: bool,
+    /// Leave the tree SIGSTOPped (`--leave-stopped`): warmer resumes it once
+    /// the image's checksums are confirmed.
+    pub leave_stopped: bool,
 }
 
 /// `criu restore` that leaves the tree running as the caller's child:
@@ -268,6 +271,9 @@ pub fn restore_args(plan: &RestorePlan) -> Vec<OsString> {
     for i in &plan.inherit {
         a.push("--inherit-fd".into());
         a.push(format!("fd[{}]:{}", i.fd, i.resource).into());
+    }
+    if plan.leave_stopped {
+        a.push("--leave-stopped".into());
     }
     a
 }
@@ -318,8 +324,10 @@ mod tests {
                 },
             ],
             tcp_established: true,
+            leave_stopped: true,
         }));
         assert_eq!(a[0], "restore");
+        assert!(a.contains(&"--leave-stopped".to_string()));
         assert!(a.contains(&"--restore-detached".to_string()));
         assert!(a.contains(&"--restore-sibling".to_string()));
         assert!(a.contains(&"--tcp-established".to_string()));

@@ -83,9 +83,15 @@ impl RestoreInfo {
 const STDOUT_FD: i32 = 3;
 const STDERR_FD: i32 = 4;
 
-/// Restores the image in `data_dir` (already verified). Returns the running
-/// tree, not yet probed.
-pub fn restore(criu: &Criu, data_dir: &Path, run_dir: &Path) -> Result<Running, RestoreError> {
+/// Restores the image in `data_dir`. Returns the restored tree, not yet
+/// probed; with `leave_stopped` every task of it is stopped until
+/// [`Running::resume`].
+pub fn restore(
+    criu: &Criu,
+    data_dir: &Path,
+    run_dir: &Path,
+    leave_stopped: bool,
+) -> Result<Running, RestoreError> {
     let info = RestoreInfo::read(data_dir)?;
     // Disk must agree with memory before CRIU reopens the service's files.
     if crate::state_files::has_state(data_dir) {
@@ -112,6 +118,7 @@ pub fn restore(criu: &Criu, data_dir: &Path, run_dir: &Path) -> Result<Running, 
             },
         ],
         tcp_established: info.tcp_established,
+        leave_stopped,
     };
     // Move the write ends above the target numbers so the dup2s in the child
     // cannot clobber each other.

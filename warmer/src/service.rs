@@ -93,6 +93,26 @@ impl Running {
         }
     }
 
+    /// Sends SIGCONT to every task of a tree restored with `--leave-stopped`.
+    /// The tree is walked through /proc/PID/task/TID/children (stable while
+    /// everything is stopped).
+    pub fn resume(&self) {
+        let mut todo = vec![self.pid.as_raw()];
+        while let Some(pid) = todo.pop() {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGCONT);
+            let tasks = std::fs::read_dir(format!("/proc/{pid}/task"));
+            for task in tasks.into_iter().flatten().filter_map(|t| t.ok()) {
+                let children = std::fs::read_to_string(task.path().join("children"));
+                todo.extend(
+                    children
+                        .unwrap_or_default()
+                        .split_whitespace()
+                        .filter_map(|c| c.parse::<i32>().ok()),
+                );
+            }
+        }
+    }
+
     /// Waits up to `timeout` for the init to exit.
     pub fn wait_exit(&mut self, timeout: Duration, signals: &Signals) -> Option<i32> {
         let deadline = Instant::now() + timeout;
