@@ -18,7 +18,7 @@ fi
 
 # The example services run on Debian's python3 (/usr/bin/python3); curl for the demo.
 need=()
-for pkg in python3 curl iptables; do
+for pkg in python3 curl iptables make systemd systemd-container debootstrap; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
 if [ ${#need[@]} -gt 0 ]; then

@@ -14,6 +14,7 @@
 # ("vdso: Unexpected rt vDSO area bounds"); 4.1 cannot dump TCP sockets on
 # kernels >= 6.16. See README.md.
 set -euo pipefail
+HERE=$(cd "$(dirname "$0")" && pwd)
 
 CRIU_VERSION=4.2.1
 CRIU_DEB_VERSION=4.2.1-1
@@ -60,41 +61,7 @@ log "installing build dependencies"
 apt-get update -qq
 apt-get install -y -qq --no-install-recommends "${BUILD_DEPS[@]}" >/dev/null
 
-# The URIs of the machine's Debian archive: the first source (deb822 or one-line format)
-# whose suite is a plain Debian release (not -security, not a third-party archive).
-debian_uri() {
-  local f
-  for f in /etc/apt/sources.list.d/*.sources; do
-    [ -f "$f" ] || continue
-    awk '
-      BEGIN { RS=""; FS="\n" }
-      {
-        uris=""; suites=""
-        for (i = 1; i <= NF; i++) {
-          if ($i ~ /^URIs:/)   { uris = $i;   sub(/^URIs:[ \t]*/, "", uris) }
-          if ($i ~ /^Suites:/) { suites = $i; sub(/^Suites:[ \t]*/, "", suites) }
-        }
-        if (uris != "" && suites ~ /(^| )(bookworm|trixie|forky|sid|stable|testing|unstable)( |$)/) {
-          split(uris, u, " "); print u[1]; exit
-        }
-      }' "$f"
-  done
-  for f in /etc/apt/sources.list /etc/apt/sources.list.d/*.list; do
-    [ -f "$f" ] || continue
-    awk '$1 == "deb" {
-           uri=""; suite=""
-           for (i = 2; i <= NF; i++) { if ($i ~ /^\[/) { while ($i !~ /\]$/) i++; continue }
-                                       if (uri == "") { uri = $i; continue } suite = $i; break }
-           if (suite ~ /^(bookworm|trixie|forky|sid|stable|testing|unstable)$/) { print uri; exit }
-         }' "$f"
-  done
-}
-URI=$(debian_uri | head -n1)
-if [ -z "$URI" ]; then
-  log "no Debian archive found in /etc/apt/sources.list{,.d}: cannot fetch CRIU's source"
-  exit 1
-fi
-URI=${URI%/}
+URI=$("$HERE/debian-uri.sh")
 
 mkdir -p "$BUILD_ROOT"
 cd "$BUILD_ROOT"

@@ -15,3 +15,5 @@ echo "== cargo bench --no-run"
 cargo bench --workspace --no-run --locked
 echo "== cargo test"
 cargo test --workspace --locked
+echo "== systemd: reboot cycle in a systemd-nspawn container"
+tests/systemd/reboot-cycle.sh

@@ -1,0 +1,194 @@
+#!/usr/bin/env bash
+# warmer under a real systemd (PID 1 of a systemd-nspawn container booted from
+# a Debian rootfs), through the life an operator gives it:
+#
+#   enable -> boot: cold start + checkpoint
+#   reboot -> restored from the cache (the in-memory nonce from before the
+#             reboot proves it), journal shows the service's output after the
+#             restore, systemctl status says "restored"
+#   stop   -> nothing left running, clean result
+#   start / restart / kill -> the same on a restored service
+#   change the service's program -> next boot cold-starts
+#
+# Needs root, systemd-nspawn and debootstrap (scripts/deps.sh installs them).
+# It never skips: if the container cannot boot, it fails and says why.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+ROOT=${WARMER_NSPAWN_ROOTFS:-/var/cache/warmer-build/nspawn-bookworm}
+LOG=$(mktemp -d /tmp/warmer-systemd-test.XXXXXX)
+SVC=warmer@slowweb.service
+PASS=0
+FAIL=0
+NSPAWN=
+LEADER=
+
+say() { echo "systemd-test: $*" >&2; }
+
+diagnostics() {
+  say "---- journal of $SVC (this boot) ----"
+  [ -n "$LEADER" ] && in_ct journalctl -u "$SVC" -b --no-pager 2>/dev/null | tail -n 60 >&2 || true
+  say "---- container console (tail) ----"
+  tail -n 30 "$LOG/console.log" >&2 || true
+  say "logs: $LOG"
+}
+
+fatal() {
+  say "FATAL: $*"
+  diagnostics
+  shutdown_ct
+  exit 1
+}
+
+check() {
+  local what=$1
+  shift
+  if "$@"; then
+    PASS=$((PASS + 1))
+    say "ok   $what"
+  else
+    FAIL=$((FAIL + 1))
+    say "FAIL $what"
+    diagnostics
+  fi
+}
+
+in_ct() { nsenter -t "$LEADER" -a -- "$@"; }
+
+# container_init NSPAWN_PID: the container's PID 1 (systemd) as seen here.
+container_init() {
+  local p
+  for p in /proc/[0-9]*; do
+    p=${p#/proc/}
+    [ "$(awk '/^PPid:/ {print $2}' "/proc/$p/status" 2>/dev/null)" = "$1" ] || continue
+    if awk '/^NSpid:/ {exit !($NF == 1)}' "/proc/$p/status" 2>/dev/null; then
+      echo "$p"
+      return 0
+    fi
+  done
+  return 1
+}
+
+boot() {
+  SYSTEMD_SECCOMP=0 SYSTEMD_NSPAWN_API_VFS_WRITABLE=1 setsid systemd-nspawn -q -D "$ROOT" \
+    --boot --register=no --keep-unit --capability=CAP_NET_ADMIN,CAP_SYS_TIME \
+    </dev/null >>"$LOG/console.log" 2>&1 &
+  NSPAWN=$!
+  LEADER=
+  for _ in $(seq 1 200); do
+    LEADER=$(container_init "$NSPAWN" || true)
+    [ -n "$LEADER" ] && break
+    kill -0 "$NSPAWN" 2>/dev/null || fatal "systemd-nspawn exited at boot"
+    sleep 0.1
+  done
+  [ -n "$LEADER" ] || fatal "no container init after 20 s"
+  local state
+  state=$(timeout 90 nsenter -t "$LEADER" -a -- systemctl is-system-running --wait 2>/dev/null || true)
+  say "booted (container init pid $LEADER): system $state"
+}
+
+shutdown_ct() {
+  [ -n "$NSPAWN" ] && kill -0 "$NSPAWN" 2>/dev/null || return 0
+  kill -TERM "$NSPAWN" 2>/dev/null || true
+  for _ in $(seq 1 300); do
+    kill -0 "$NSPAWN" 2>/dev/null || return 0
+    sleep 0.1
+  done
+  kill -KILL "$NSPAWN" 2>/dev/null || true
+}
+trap shutdown_ct EXIT
+
+reboot_ct() {
+  in_ct systemctl reboot || true
+  local rc=0
+  wait "$NSPAWN" || rc=$?
+  # systemd-nspawn exits 133 when the container asks for a reboot.
+  [ "$rc" = 133 ] || fatal "expected systemd-nspawn to exit 133 on reboot, got $rc"
+  boot
+}
+
+status_field() {
+  in_ct /usr/local/bin/warmer status slowweb --json 2>/dev/null |
+    python3 -c "import json,sys; v=json.load(sys.stdin)[0]; r=eval('v'+sys.argv[1]); print('' if r is None else r)" "$1"
+}
+
+# wait_until SECONDS CMD...: polls CMD until it succeeds.
+wait_until() {
+  local limit=$1
+  shift
+  local end=$((SECONDS + limit))
+  while [ $SECONDS -lt $end ]; do
+    "$@" && return 0
+    sleep 0.2
+  done
+  return 1
+}
+
+is_active() { [ "$(in_ct systemctl is-active "$SVC" 2>/dev/null)" = active ]; }
+is_inactive() { [ "$(in_ct systemctl is-active "$SVC" 2>/dev/null)" != active ]; }
+has_image() { [ -n "$(status_field "['image']")" ] && [ "$(status_field "['state']")" = ready ]; }
+nonce() { in_ct curl -fs http://127.0.0.1:8080/state | python3 -c "import json,sys; print(json.load(sys.stdin)['nonce'])"; }
+nothing_left() { ! in_ct pgrep -f slowweb/server.py >/dev/null; }
+started_as() { [ "$(status_field "['last_start']")" = "$1" ]; }
+
+# ---------------------------------------------------------------- setup
+tests/systemd/rootfs.sh "$ROOT"
+cargo build --release --locked -q
+make -s install DESTDIR="$ROOT" >/dev/null
+install -D -m 0755 "$(command -v criu)" "$ROOT/usr/local/sbin/criu"
+# Every run starts from a clean slate: no images, no journal, pristine service.
+rm -rf "$ROOT/var/cache/warmer" "$ROOT/var/log/journal"
+mkdir -p "$ROOT/var/log/journal"
+install -m 0755 examples/slowweb/server.py "$ROOT/opt/warmer/examples/slowweb/server.py"
+install -m 0644 manifests/slowweb.yaml "$ROOT/etc/warmer/manifests/slowweb.yaml"
+systemctl --root="$ROOT" enable "$SVC" >/dev/null 2>&1
+
+# ---------------------------------------------------------------- boot 1
+boot
+wait_until 60 is_active || fatal "$SVC not active after boot"
+check "boot 1: cold start" started_as cold
+check "boot 1: checkpoint stored" wait_until 60 has_image
+before=$(nonce)
+say "in-memory nonce before the reboot: $before"
+
+# ---------------------------------------------------------------- boot 2
+reboot_ct
+wait_until 60 is_active || fatal "$SVC not active after reboot"
+check "reboot: restored from the cache" started_as restored
+check "reboot: memory from before the reboot" test "$(nonce)" = "$before"
+in_ct curl -fs http://127.0.0.1:8080/hit >/dev/null
+journal_after_restore() {
+  in_ct journalctl -u "$SVC" -b --no-pager -o cat | sed -n '/ready: restored in/,$p' |
+    grep -q "slowweb: hit 1 (nonce $before)"
+}
+check "journal shows the service's output after the restore" wait_until 10 journal_after_restore
+check "journal of the previous boot has the cold start" \
+  bash -c "nsenter -t $LEADER -a -- journalctl -u $SVC -b -1 --no-pager -o cat | grep -q 'ready: cold start'"
+check "systemctl status says restored" \
+  bash -c "nsenter -t $LEADER -a -- systemctl status $SVC --no-pager | grep -q 'restored in'"
+
+# ---------------------------------------------------------------- stop / start / restart / kill
+in_ct systemctl stop "$SVC"
+check "stop: nothing left running" nothing_left
+check "stop: clean result" test "$(in_ct systemctl show -p Result --value "$SVC")" = success
+in_ct systemctl start "$SVC"
+check "start: restored again" started_as restored
+in_ct systemctl restart "$SVC"
+check "restart: restored again" started_as restored
+check "restart: same memory" test "$(nonce)" = "$before"
+in_ct systemctl kill "$SVC"
+check "kill: service gone" wait_until 30 is_inactive
+check "kill: nothing left running" wait_until 10 nothing_left
+in_ct systemctl start "$SVC"
+check "start after kill: restored" started_as restored
+
+# ---------------------------------------------------------------- new program
+echo "# new build" >>"$ROOT/opt/warmer/examples/slowweb/server.py"
+reboot_ct
+wait_until 60 is_active || fatal "$SVC not active after the third boot"
+check "changed program: cold start after reboot" started_as cold
+check "changed program: fresh memory" test "$(nonce)" != "$before"
+
+shutdown_ct
+say "logs: $LOG"
+echo "systemd: $PASS passed, $FAIL failed"
+[ "$FAIL" = 0 ]

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Builds (once) a minimal Debian bookworm root filesystem that boots systemd
+# in systemd-nspawn, with python3 for the example service and CRIU's runtime
+# libraries. Usage: rootfs.sh DIR. A finished tree is marked DIR/.warmer-rootfs-1.
+set -euo pipefail
+ROOT=$1
+HERE=$(cd "$(dirname "$0")" && pwd)
+MARK=$ROOT/.warmer-rootfs-1
+[ -e "$MARK" ] && exit 0
+rm -rf "$ROOT" "$ROOT.tmp"
+mkdir -p "$(dirname "$ROOT")"
+URI=$("$HERE/../../scripts/debian-uri.sh")
+PKGS=systemd,systemd-sysv,dbus,python3,procps,iproute2,curl,iptables
+# CRIU 4.2.1's shared libraries (it is copied in from the host).
+PKGS=$PKGS,libprotobuf-c1,libnl-3-200,libnet1,libnftables1,libbsd0,libgnutls30,libuuid1
+echo "rootfs: debootstrap bookworm into $ROOT (a minute or two)" >&2
+debootstrap --variant=minbase --include="$PKGS" bookworm "$ROOT.tmp" "$URI" >"$ROOT.log" 2>&1 || {
+  tail -n 30 "$ROOT.log" >&2
+  exit 1
+}
+mv "$ROOT.tmp" "$ROOT"
+# No getty on the console, no password prompts: the container is driven with nsenter.
+systemctl --root="$ROOT" mask console-getty.service getty@tty1.service systemd-logind.service >/dev/null 2>&1 || true
+echo warmer-test >"$ROOT/etc/hostname"
+touch "$MARK"
