@@ -98,7 +98,7 @@ shutdown_ct() {
 trap shutdown_ct EXIT
 
 reboot_ct() {
-  in_ct systemctl reboot || true
+  in_ct systemctl start --job-mode=replace-irreversibly --no-block reboot.target || true
   local rc=0
   wait "$NSPAWN" || rc=$?
   # systemd-nspawn exits 133 when the container asks for a reboot.
