@@ -69,7 +69,13 @@ struct Cli {
 enum Cmd {
     /// Start SERVICE: restore it from the cache, or cold-start and checkpoint it;
     /// supervise it until it exits or warmer gets SIGTERM/SIGINT.
-    Run { service: String },
+    Run {
+        service: String,
+        /// Ignore the cache: cold start, no checkpoint (a baseline, or to
+        /// rule warmer out while debugging a service).
+        #[arg(long)]
+        cold: bool,
+    },
     /// Show services: state, last start (cold/restored), ready times, image.
     Status {
         service: Option<String>,
@@ -190,7 +196,7 @@ fn main() -> ExitCode {
         run: cli.run_dir,
     };
     match cli.cmd {
-        Cmd::Run { service } => run(&dirs, &service),
+        Cmd::Run { service, cold } => run(&dirs, &service, supervisor::RunOptions { cold }),
         Cmd::Status { service, json } => status_cmd(&dirs, service.as_deref(), json),
         Cmd::Validate { files } => validate(&files),
         Cmd::Check => check(),
@@ -290,9 +296,9 @@ fn cache_cmd(dirs: &Dirs, cmd: CacheCmd) -> ExitCode {
     }
 }
 
-fn run(dirs: &Dirs, service: &str) -> ExitCode {
+fn run(dirs: &Dirs, service: &str, opts: supervisor::RunOptions) -> ExitCode {
     let _ = SERVICE.set(service.to_string());
-    match supervisor::run(dirs, service) {
+    match supervisor::run(dirs, service, opts) {
         Ok(outcome) => {
             if let Some(sig) = outcome.stopped_by {
                 if outcome.code == 128 + sig as i32 {

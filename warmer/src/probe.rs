@@ -12,6 +12,26 @@ use crate::manifest::{HttpUrl, Probe};
 /// Longest a single attempt may take; the overall deadline is the manifest's.
 const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// The pause between probe attempts: 1 ms, doubling up to 20 ms. Short at
+/// first because a restored service is usually ready at once; capped so a
+/// cold start's ready time is not overstated by more than 20 ms.
+#[derive(Debug, Clone, Copy)]
+pub struct Backoff(Duration);
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Self(Duration::from_millis(1))
+    }
+}
+
+impl Backoff {
+    pub fn next_pause(&mut self) -> Duration {
+        let now = self.0;
+        self.0 = (self.0 * 2).min(Duration::from_millis(20));
+        now
+    }
+}
+
 /// A probe ready to be polled.
 pub enum Prober {
     Http(HttpUrl),

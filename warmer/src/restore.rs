@@ -85,7 +85,8 @@ const STDERR_FD: i32 = 4;
 
 /// Restores the image in `data_dir`. Returns the restored tree, not yet
 /// probed; with `leave_stopped` every task of it is stopped until
-/// [`Running::resume`].
+/// [`Running::resume`]. State files (`state:`) must already be back in place
+/// ([`crate::state_files::put_back`]).
 pub fn restore(
     criu: &Criu,
     data_dir: &Path,
@@ -93,10 +94,6 @@ pub fn restore(
     leave_stopped: bool,
 ) -> Result<Running, RestoreError> {
     let info = RestoreInfo::read(data_dir)?;
-    // Disk must agree with memory before CRIU reopens the service's files.
-    if crate::state_files::has_state(data_dir) {
-        crate::state_files::put_back(data_dir)?;
-    }
     let mut output = Output::new().map_err(RestoreError::Setup)?;
     let pidfile = run_dir.join("restore.pid");
     // CRIU opens the pidfile O_EXCL.

@@ -117,9 +117,17 @@ struct Supervisor {
     /// Where the last restore spent its time, for the ready message.
     timings: Option<String>,
     watch: Option<InputWatch>,
+    opts: RunOptions,
 }
 
-pub fn run(dirs: &Dirs, name: &str) -> Result<Outcome, RunError> {
+/// How to run.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RunOptions {
+    /// Ignore the cache: always cold-start, never checkpoint (baselines).
+    pub cold: bool,
+}
+
+pub fn run(dirs: &Dirs, name: &str, opts: RunOptions) -> Result<Outcome, RunError> {
     let started = Instant::now();
     let manifest = Manifest::find(&dirs.manifests, name)?;
     // Anything the service tree orphans (CRIU's restored root among them,
@@ -192,6 +200,7 @@ pub fn run(dirs: &Dirs, name: &str) -> Result<Outcome, RunError> {
         digest,
         timings: None,
         watch: None,
+        opts,
     };
     sup.start_watch();
     sup.run()
@@ -266,7 +275,12 @@ impl Supervisor {
     }
 
     fn run(&mut self) -> Result<Outcome, RunError> {
-        let running = match self.try_restore() {
+        let restored = if self.opts.cold {
+            None
+        } else {
+            self.try_restore()
+        };
+        let running = match restored {
             Some(r) => r,
             None => self.cold_start()?,
         };
@@ -295,7 +309,7 @@ impl Supervisor {
         self.set_state(ServiceState::Ready);
         self.systemd.ready(&status);
 
-        if running.kind == StartKind::Cold {
+        if running.kind == StartKind::Cold && !self.opts.cold {
             self.maybe_checkpoint(&running, ready_ms);
             self.systemd.status(&status);
         }
@@ -355,12 +369,34 @@ impl Supervisor {
         // left stopped until the hashes are confirmed: the check costs little
         // wall time, and a damaged image never runs.
         let stamped = cache.stamp_valid(&entry);
-        let verifier = (!stamped).then(|| {
+        let data = entry.data_dir();
+        // State files go back onto the live filesystem before CRIU runs, so
+        // an image with state is verified in full first: nothing unverified
+        // is ever written outside the cache.
+        let with_state = crate::state_files::has_state(&data);
+        if with_state && !stamped {
+            if let Err(problem) = cache.verify(&entry, &mut |_, _| {}) {
+                self.discard(&cache, &digest, &chain(&RestoreError::Damaged(problem)));
+                return None;
+            }
+        }
+        if with_state {
+            if let Err(e) = crate::state_files::put_back(&data) {
+                self.discard(&cache, &digest, &chain(&RestoreError::State(e)));
+                return None;
+            }
+        }
+        let integrity = match (stamped, with_state) {
+            (true, _) => "stamp",
+            (false, true) => "hashed before the state was put back",
+            (false, false) => "hashed alongside",
+        };
+        let verifier = (!stamped && !with_state).then(|| {
             let (cache, entry) = (cache.clone(), entry.clone());
             std::thread::spawn(move || cache.verify_with(&entry, cache::Cores::One, &mut |_, _| {}))
         });
-        let restored =
-            restore::restore(&criu, &entry.data_dir(), &self.run_dir, verifier.is_some());
+        let held = verifier.is_some();
+        let restored = restore::restore(&criu, &data, &self.run_dir, held);
         let t_criu = t0.elapsed();
         let verified = match verifier {
             None => Ok(()),
@@ -372,18 +408,14 @@ impl Supervisor {
             }),
         };
         drop(lock);
-        self.timings = Some(if stamped {
-            format!("criu restore {} ms, integrity: stamp", ms(t_criu))
-        } else {
-            format!(
-                "criu restore {} ms, integrity: hashed alongside (+{} ms)",
-                ms(t_criu),
-                ms(t0.elapsed().saturating_sub(t_criu))
-            )
-        });
+        self.timings = Some(format!(
+            "criu restore {} ms, integrity: {integrity} (+{} ms)",
+            ms(t_criu),
+            ms(t0.elapsed().saturating_sub(t_criu))
+        ));
         let mut running = match (verified, restored) {
             (Ok(()), Ok(r)) => {
-                if !stamped {
+                if held {
                     r.resume();
                 }
                 r
@@ -516,7 +548,7 @@ impl Supervisor {
         let deadline = Instant::now() + timeout;
         self.systemd
             .extend_timeout(timeout + Duration::from_secs(5));
-        let mut interval = Duration::from_millis(1);
+        let mut backoff = crate::probe::Backoff::default();
         loop {
             if self.signals.stop_requested() {
                 return Readiness::Stopped;
@@ -535,8 +567,7 @@ impl Supervisor {
             if prober.check(left) {
                 return Readiness::Ready;
             }
-            self.signals.wait(interval.min(left));
-            interval = (interval * 2).min(Duration::from_millis(20));
+            self.signals.wait(backoff.next_pause().min(left));
         }
     }
 
