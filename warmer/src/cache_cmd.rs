@@ -41,10 +41,11 @@ pub struct EntryRow {
 
 /// The digest each service with a manifest would use now.
 pub fn current_digests(dirs: &Dirs) -> BTreeMap<String, String> {
-    let host = Criu::locate()
+    let mut memo = crate::memo::Memo::load(&dirs.run);
+    let host = Criu::locate_memo(&mut memo)
         .ok()
         .zip(crate::init::locate().ok())
-        .and_then(|(c, init)| HostFacts::gather(&c.version, &init).ok());
+        .and_then(|(c, init)| HostFacts::gather(&c.version, &init, &mut memo).ok());
     let Some(host) = host else {
         return BTreeMap::new();
     };
@@ -59,7 +60,7 @@ pub fn current_digests(dirs: &Dirs) -> BTreeMap<String, String> {
                 return None;
             }
             let m = Manifest::load(&p).ok()?;
-            let d = digest::compute(&m, &host, &dirs.run.join(&m.name)).ok()?;
+            let d = digest::compute(&m, &host, &dirs.run.join(&m.name), &mut memo).ok()?;
             Some((m.name, d.hex))
         })
         .collect()

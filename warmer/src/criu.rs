@@ -56,20 +56,25 @@ pub struct Criu {
 impl Criu {
     /// `$WARMER_CRIU`, then `criu` on PATH, then the usual sbin directories.
     pub fn locate() -> Result<Self, CriuError> {
+        Self::locate_memo(&mut crate::memo::Memo::none())
+    }
+
+    /// [`Criu::locate`], remembering the binary's version while it is unchanged.
+    pub fn locate_memo(memo: &mut crate::memo::Memo) -> Result<Self, CriuError> {
         let bin = find_bin().ok_or(CriuError::NotFound)?;
-        let out = Command::new(&bin)
-            .arg("--version")
-            .stdin(Stdio::null())
-            .output()
-            .map_err(|source| CriuError::Version {
-                bin: bin.clone(),
-                source,
-            })?;
-        let version = parse_version(&String::from_utf8_lossy(&out.stdout)).ok_or_else(|| {
-            CriuError::Version {
-                bin: bin.clone(),
+        let version = memo.get("criu-version", &bin, |bin| {
+            let out = Command::new(bin)
+                .arg("--version")
+                .stdin(Stdio::null())
+                .output()
+                .map_err(|source| CriuError::Version {
+                    bin: bin.to_path_buf(),
+                    source,
+                })?;
+            parse_version(&String::from_utf8_lossy(&out.stdout)).ok_or_else(|| CriuError::Version {
+                bin: bin.to_path_buf(),
                 source: std::io::Error::new(std::io::ErrorKind::InvalidData, "no Version: line"),
-            }
+            })
         })?;
         if !version_at_least(&version, MIN_VERSION) {
             return Err(CriuError::TooOld { bin, version });

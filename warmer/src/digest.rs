@@ -17,6 +17,7 @@ use serde::Serialize;
 use sha2::{Digest as _, Sha256};
 
 use crate::manifest::Manifest;
+use crate::memo::Memo;
 
 pub const WARMER_VERSION: &str = env!("CARGO_PKG_VERSION");
 
@@ -55,11 +56,13 @@ pub struct HostFacts {
 }
 
 impl HostFacts {
-    pub fn gather(criu_version: &str, init: &Path) -> Result<Self, DigestError> {
-        let init_sha256 = sha256_file(init).map_err(|source| DigestError::Host {
-            what: "warmer-init",
-            source,
-        })?;
+    pub fn gather(criu_version: &str, init: &Path, memo: &mut Memo) -> Result<Self, DigestError> {
+        let init_sha256 =
+            memo.get("sha256", init, sha256_file)
+                .map_err(|source| DigestError::Host {
+                    what: "warmer-init",
+                    source,
+                })?;
         let kernel = nix::sys::utsname::uname()
             .map(|u| u.release().to_string_lossy().into_owned())
             .map_err(|e| DigestError::Host {
@@ -228,6 +231,7 @@ pub fn compute(
     manifest: &Manifest,
     host: &HostFacts,
     init_home: &Path,
+    memo: &mut Memo,
 ) -> Result<ServiceDigest, DigestError> {
     let path_var = std::env::var("PATH").ok();
     let program = resolve_program(manifest, path_var.as_deref())?;
@@ -247,7 +251,7 @@ pub fn compute(
 
     let mut files = Vec::new();
     for p in paths {
-        hash_path(&manifest.name, &p, &mut files)?;
+        hash_path(&manifest.name, &p, &mut files, memo)?;
     }
     files.sort_by(|a, b| a.path.cmp(&b.path));
     files.dedup_by(|a, b| a.path == b.path);
@@ -267,7 +271,12 @@ pub fn compute(
 /// Hashes a file, or every file under a directory (sorted, symlinks not followed
 /// below the top). A missing declared input is an error: a digest that silently
 /// skips an input could restore a stale image.
-fn hash_path(service: &str, path: &Path, out: &mut Vec<FileInput>) -> Result<(), DigestError> {
+fn hash_path(
+    service: &str,
+    path: &Path,
+    out: &mut Vec<FileInput>,
+    memo: &mut Memo,
+) -> Result<(), DigestError> {
     let err = |source| DigestError::Input {
         service: service.to_string(),
         path: path.to_path_buf(),
@@ -283,13 +292,13 @@ fn hash_path(service: &str, path: &Path, out: &mut Vec<FileInput>) -> Result<(),
             .collect();
         children.sort();
         for c in children {
-            hash_path(service, &c, out)?;
+            hash_path(service, &c, out, memo)?;
         }
         return Ok(());
     }
     out.push(FileInput {
         path: path.to_path_buf(),
-        sha256: sha256_file(path).map_err(err)?,
+        sha256: memo.get("sha256", path, sha256_file).map_err(err)?,
     });
     Ok(())
 }
@@ -340,10 +349,10 @@ mod tests {
         std::fs::write(dir.path().join("conf/a.ini"), "a=1").unwrap();
         let extra = format!("digest: {{files: [\"{}/conf\"]}}\n", dir.path().display());
         let m = manifest(dir.path(), &extra);
-        let base = compute(&m, &host(), Path::new("/run/warmer/svc")).unwrap();
+        let base = compute(&m, &host(), Path::new("/run/warmer/svc"), &mut Memo::none()).unwrap();
         assert_eq!(
             base.hex,
-            compute(&m, &host(), Path::new("/run/warmer/svc"))
+            compute(&m, &host(), Path::new("/run/warmer/svc"), &mut Memo::none())
                 .unwrap()
                 .hex,
             "stable"
@@ -352,48 +361,61 @@ mod tests {
         assert_eq!(base.inputs.files.len(), 3, "{:?}", base.inputs.files);
 
         std::fs::write(dir.path().join("app.sh"), "echo 2").unwrap();
-        let script = compute(&m, &host(), Path::new("/run/warmer/svc")).unwrap();
+        let script = compute(&m, &host(), Path::new("/run/warmer/svc"), &mut Memo::none()).unwrap();
         assert_ne!(base.hex, script.hex, "script argument is an input");
 
         std::fs::write(dir.path().join("conf/a.ini"), "a=2").unwrap();
-        let conf = compute(&m, &host(), Path::new("/run/warmer/svc")).unwrap();
+        let conf = compute(&m, &host(), Path::new("/run/warmer/svc"), &mut Memo::none()).unwrap();
         assert_ne!(script.hex, conf.hex, "files under a digest dir are inputs");
 
         let mut h = host();
         h.kernel = "6.19.0".into();
         assert_ne!(
             conf.hex,
-            compute(&m, &h, Path::new("/run/warmer/svc")).unwrap().hex,
+            compute(&m, &h, Path::new("/run/warmer/svc"), &mut Memo::none())
+                .unwrap()
+                .hex,
             "kernel is an input"
         );
         let mut h = host();
         h.init_sha256 = "01".into();
         assert_ne!(
             conf.hex,
-            compute(&m, &h, Path::new("/run/warmer/svc")).unwrap().hex,
+            compute(&m, &h, Path::new("/run/warmer/svc"), &mut Memo::none())
+                .unwrap()
+                .hex,
             "warmer-init is an input"
         );
         let mut h = host();
         h.criu_version = "4.3".into();
         assert_ne!(
             conf.hex,
-            compute(&m, &h, Path::new("/run/warmer/svc")).unwrap().hex,
+            compute(&m, &h, Path::new("/run/warmer/svc"), &mut Memo::none())
+                .unwrap()
+                .hex,
             "criu is an input"
         );
         let mut h = host();
         h.cpu_flags = "sse4_2".into();
         assert_ne!(
             conf.hex,
-            compute(&m, &h, Path::new("/run/warmer/svc")).unwrap().hex,
+            compute(&m, &h, Path::new("/run/warmer/svc"), &mut Memo::none())
+                .unwrap()
+                .hex,
             "cpu flags are inputs"
         );
 
         let m2 = manifest(dir.path(), &format!("{extra}env: {{A: b}}\n"));
         assert_ne!(
             conf.hex,
-            compute(&m2, &host(), Path::new("/run/warmer/svc"))
-                .unwrap()
-                .hex,
+            compute(
+                &m2,
+                &host(),
+                Path::new("/run/warmer/svc"),
+                &mut Memo::none()
+            )
+            .unwrap()
+            .hex,
             "env is an input"
         );
     }
@@ -410,7 +432,7 @@ mod tests {
             d = dir.path().display()
         );
         let m = Manifest::parse("svc", &dir.path().join("svc.yaml"), &text).unwrap();
-        let d = compute(&m, &host(), Path::new("/run/warmer/svc")).unwrap();
+        let d = compute(&m, &host(), Path::new("/run/warmer/svc"), &mut Memo::none()).unwrap();
         let names: Vec<_> = d.inputs.files.iter().map(|f| f.path.clone()).collect();
         assert_eq!(
             names,
@@ -424,13 +446,13 @@ mod tests {
         std::fs::write(dir.path().join("app.sh"), "echo 1").unwrap();
         let m = manifest(dir.path(), "digest: {files: [\"/nonexistent/x\"]}\n");
         assert!(matches!(
-            compute(&m, &host(), Path::new("/run/warmer/svc")),
+            compute(&m, &host(), Path::new("/run/warmer/svc"), &mut Memo::none()),
             Err(DigestError::Input { .. })
         ));
         let text = "exec: [\"no-such-program-xyz\"]\nready: {tcp: \"h:1\"}\n";
         let m = Manifest::parse("svc", Path::new("svc.yaml"), text).unwrap();
         assert!(matches!(
-            compute(&m, &host(), Path::new("/run/warmer/svc")),
+            compute(&m, &host(), Path::new("/run/warmer/svc"), &mut Memo::none()),
             Err(DigestError::ProgramNotFound { .. })
         ));
     }

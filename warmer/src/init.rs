@@ -14,21 +14,22 @@
 //! CRIU wants the dump root to be a session leader, hence `setsid` inside.
 //!
 //! PID 1 of a namespace ignores signals it has no handler for, so the init
-//! forwards SIGTERM, SIGINT, SIGHUP, SIGQUIT, SIGUSR1 and SIGUSR2 to the
-//! service, reaps orphans, and exits with the service's status (128+N when it
-//! died of signal N). When it exits the kernel kills the rest of the
-//! namespace: nothing of the service outlives it. It blocks signals and
-//! waits with `sigwait` (no handlers, no threads): state CRIU restores exactly.
+//! (`src/bin/warmer-init.rs`) forwards SIGTERM, SIGINT, SIGHUP, SIGQUIT,
+//! SIGUSR1 and SIGUSR2 to the service, reaps orphans, and exits with the
+//! service's status (128+N when it died of signal N). When it exits the
+//! kernel kills the rest of the namespace: nothing of the service outlives it.
+//! It blocks signals and waits with `sigwait` (no handlers, no threads): state
+//! CRIU restores exactly. It is its own small binary, independent of this
+//! library, so that changes to warmer do not change it (its hash is part of
+//! every digest).
 
 use std::ffi::{CString, OsStr, OsString};
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
-use nix::sys::signal::{kill, SigSet, SigmaskHow, Signal};
-use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::sys::wait::waitpid;
 use nix::unistd::Pid;
 
 /// The init's file name; it is installed next to `warmer`.
@@ -47,16 +48,6 @@ pub fn locate() -> io::Result<PathBuf> {
         ))
     }
 }
-
-/// Signals the init passes on to the service.
-pub const FORWARDED: [Signal; 6] = [
-    Signal::SIGTERM,
-    Signal::SIGINT,
-    Signal::SIGHUP,
-    Signal::SIGQUIT,
-    Signal::SIGUSR1,
-    Signal::SIGUSR2,
-];
 
 #[derive(Debug, thiserror::Error)]
 pub enum SpawnError {
@@ -239,81 +230,5 @@ unsafe fn child_exec(
         libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
         libc::execve(exe.as_ptr(), argv.as_ptr(), envp.as_ptr());
         fail(report)
-    }
-}
-
-/// `warmer-init SERVICE HOME -- ARGV...`: the namespace init. Never returns.
-///
-/// After starting the service (in the workdir it was given), the init moves
-/// its own cwd to HOME, the service's run directory: CRIU's parasite mounts a
-/// /proc for the namespace at `proc.crtools` relative to the dump root's cwd,
-/// so that cwd must be writable and private to this service (two services
-/// sharing a cwd could not be checkpointed at the same time).
-pub fn main(args: &[OsString]) -> ! {
-    let argv: Vec<&OsString> = args
-        .iter()
-        .skip_while(|a| a.as_os_str() != "--")
-        .skip(1)
-        .collect();
-    if argv.is_empty() || args.len() < 3 {
-        eprintln!("warmer-init: usage: warmer-init SERVICE HOME -- PROGRAM [ARGS...]");
-        std::process::exit(2);
-    }
-    let home = &args[1];
-    let mut mask = SigSet::empty();
-    mask.add(Signal::SIGCHLD);
-    for s in FORWARDED {
-        mask.add(s);
-    }
-    if let Err(e) = nix::sys::signal::sigprocmask(SigmaskHow::SIG_BLOCK, Some(&mask), None) {
-        eprintln!("warmer-init: sigprocmask: {e}");
-        std::process::exit(127);
-    }
-    let mut cmd = Command::new(argv[0]);
-    cmd.args(&argv[1..]);
-    // SAFETY: sigprocmask and signal are async-signal-safe. The service must
-    // not inherit the init's blocked mask or Rust's ignored SIGPIPE.
-    unsafe {
-        std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
-            let mut empty: libc::sigset_t = std::mem::zeroed();
-            libc::sigemptyset(&mut empty);
-            libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
-            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
-            Ok(())
-        });
-    }
-    let child = match cmd.spawn() {
-        Ok(c) => Pid::from_raw(i32::try_from(c.id()).unwrap_or(i32::MAX)),
-        Err(e) => {
-            eprintln!("warmer-init: cannot execute {:?}: {e}", argv[0]);
-            std::process::exit(if e.kind() == io::ErrorKind::NotFound {
-                127
-            } else {
-                126
-            });
-        }
-    };
-    if let Err(e) = std::env::set_current_dir(home) {
-        eprintln!("warmer-init: cannot enter {home:?}: {e}");
-    }
-    loop {
-        let sig = match mask.wait() {
-            Ok(s) => s,
-            Err(_) => continue, // EINTR, e.g. around a checkpoint or restore
-        };
-        if sig != Signal::SIGCHLD {
-            let _ = kill(child, sig);
-            continue;
-        }
-        loop {
-            match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
-                Ok(WaitStatus::Exited(pid, code)) if pid == child => std::process::exit(code),
-                Ok(WaitStatus::Signaled(pid, s, _)) if pid == child => {
-                    std::process::exit(128 + s as i32)
-                }
-                Ok(WaitStatus::StillAlive) | Err(_) => break,
-                Ok(_) => continue, // an orphan reaped
-            }
-        }
     }
 }

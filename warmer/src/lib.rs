@@ -10,6 +10,7 @@
 //! - [`supervisor`]: `warmer run`, the warm path end to end
 //! - [`restore`], [`checkpoint`]: the two CRIU operations
 //! - [`probe`], [`notify`], [`logs`], [`signals`], [`service`], [`state`], [`status`]
+pub mod bench;
 pub mod cache_cmd;
 pub mod checkpoint;
 pub mod criu;
@@ -17,6 +18,7 @@ pub mod digest;
 pub mod init;
 pub mod logs;
 pub mod manifest;
+pub mod memo;
 pub mod notify;
 pub mod probe;
 pub mod restore;

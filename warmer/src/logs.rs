@@ -22,6 +22,8 @@ pub struct OutputPipe {
 pub enum Sink {
     Stdout,
     Stderr,
+    /// Read and dropped (benchmarks).
+    Discard,
 }
 
 impl OutputPipe {
@@ -83,6 +85,7 @@ fn pump(mut from: File, sink: Sink) {
                 o.write_all(&buf[..n]).and_then(|_| o.flush())
             }
             Sink::Stderr => io::stderr().lock().write_all(&buf[..n]),
+            Sink::Discard => Ok(()),
         };
     }
 }
@@ -94,10 +97,19 @@ pub struct Output {
 }
 
 impl Output {
+    /// Pipes copied to warmer's own stdout and stderr.
     pub fn new() -> io::Result<Self> {
         Ok(Self {
             stdout: OutputPipe::new(Sink::Stdout)?,
             stderr: OutputPipe::new(Sink::Stderr)?,
+        })
+    }
+
+    /// Pipes whose contents are dropped.
+    pub fn discarding() -> io::Result<Self> {
+        Ok(Self {
+            stdout: OutputPipe::new(Sink::Discard)?,
+            stderr: OutputPipe::new(Sink::Discard)?,
         })
     }
 

@@ -90,6 +90,24 @@ enum Cmd {
     },
     /// Check that CRIU is present, recent enough (>= 4.2) and works here.
     Check,
+    /// Cold start vs warmer restore vs bare `criu restore` of the same image,
+    /// interleaved; median, min, max and the ratio (makes the image first if
+    /// there is none). Stop the service first: the runs need its port.
+    Bench {
+        service: String,
+        /// Rounds (each: one cold start, one warmer restore, one bare CRIU restore).
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+        /// One JSON object on stdout instead of the table.
+        #[arg(long)]
+        json: bool,
+        /// Empty the page cache before every run (the after-reboot case).
+        #[arg(long)]
+        drop_caches: bool,
+        /// Also write bench-SVC.md, .svg and .json into this directory.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// Inspect and maintain the image cache.
     #[command(subcommand)]
     Cache(CacheCmd),
@@ -201,7 +219,59 @@ fn main() -> ExitCode {
         Cmd::Validate { files } => validate(&files),
         Cmd::Check => check(),
         Cmd::Cache(c) => cache_cmd(&dirs, c),
+        Cmd::Bench {
+            service,
+            runs,
+            json,
+            drop_caches,
+            out,
+        } => bench_cmd(&dirs, &service, runs, json, drop_caches, out.as_deref()),
     }
+}
+
+fn bench_cmd(
+    dirs: &Dirs,
+    service: &str,
+    runs: usize,
+    json: bool,
+    drop_caches: bool,
+    out: Option<&std::path::Path>,
+) -> ExitCode {
+    use warmer::bench;
+    let _ = SERVICE.set(service.to_string());
+    let opts = bench::BenchOptions {
+        runs: runs.max(1),
+        drop_caches,
+    };
+    let report = match bench::bench(dirs, service, &opts, &mut |p| eprintln!("bench: {p}")) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("warmer bench: {}", chain(&e));
+            return ExitCode::from(exit::UNAVAILABLE);
+        }
+    };
+    if let Some(dir) = out {
+        match bench::write_out(&report, dir) {
+            Ok(files) => {
+                for f in files {
+                    eprintln!("bench: wrote {}", f.display());
+                }
+            }
+            Err(e) => {
+                eprintln!("warmer bench: {}", chain(&e));
+                return ExitCode::from(exit::SOFTWARE);
+            }
+        }
+    }
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report).expect("report serializes")
+        );
+    } else {
+        print!("{}", bench::markdown(&report));
+    }
+    ExitCode::from(exit::OK)
 }
 
 fn cache_cmd(dirs: &Dirs, cmd: CacheCmd) -> ExitCode {

@@ -92,9 +92,9 @@ pub fn restore(
     data_dir: &Path,
     run_dir: &Path,
     leave_stopped: bool,
+    mut output: Output,
 ) -> Result<Running, RestoreError> {
     let info = RestoreInfo::read(data_dir)?;
-    let mut output = Output::new().map_err(RestoreError::Setup)?;
     let pidfile = run_dir.join("restore.pid");
     // CRIU opens the pidfile O_EXCL.
     let _ = std::fs::remove_file(&pidfile);

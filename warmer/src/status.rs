@@ -71,13 +71,14 @@ pub fn collect(dirs: &Dirs, only: Option<&str>) -> Vec<ServiceStatus> {
         .exists()
         .then(|| cache::Cache::open(&dirs.cache).ok())
         .flatten();
-    let host = Criu::locate()
+    let mut memo = crate::memo::Memo::load(&dirs.run);
+    let host = Criu::locate_memo(&mut memo)
         .ok()
         .zip(crate::init::locate().ok())
-        .and_then(|(c, init)| HostFacts::gather(&c.version, &init).ok());
+        .and_then(|(c, init)| HostFacts::gather(&c.version, &init, &mut memo).ok());
     names
         .into_iter()
-        .map(|name| one(dirs, &name, cache.as_ref(), host.as_ref()))
+        .map(|name| one(dirs, &name, cache.as_ref(), host.as_ref(), &mut memo))
         .collect()
 }
 
@@ -86,6 +87,7 @@ fn one(
     name: &str,
     cache: Option<&cache::Cache>,
     host: Option<&HostFacts>,
+    memo: &mut crate::memo::Memo,
 ) -> ServiceStatus {
     let record = RunRecord::read(&dirs.run, name);
     let alive = record.as_ref().is_some_and(|r| r.warmer_alive());
@@ -101,7 +103,7 @@ fn one(
         _ => Manifest::find(&dirs.manifests, name)
             .ok()
             .zip(host)
-            .and_then(|(m, h)| digest::compute(&m, h, &dirs.run.join(name)).ok())
+            .and_then(|(m, h)| digest::compute(&m, h, &dirs.run.join(name), memo).ok())
             .map(|d| d.hex),
     };
     let entry = cache

@@ -116,7 +116,8 @@ struct Supervisor {
     digest: Option<ServiceDigest>,
     /// Where the last restore spent its time, for the ready message.
     timings: Option<String>,
-    watch: Option<InputWatch>,
+    /// Filled by the watcher thread once inotify is set up.
+    watch: std::sync::Arc<std::sync::Mutex<Option<InputWatch>>>,
     opts: RunOptions,
 }
 
@@ -136,6 +137,7 @@ pub fn run(dirs: &Dirs, name: &str, opts: RunOptions) -> Result<Outcome, RunErro
     unsafe {
         libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0);
     }
+    log::debug!("t+{} us: manifest", started.elapsed().as_micros());
     let signals = Signals::install().map_err(RunError::Signals)?;
     let run_dir = dirs.run.join(name);
     private_dir(&run_dir)?;
@@ -148,6 +150,7 @@ pub fn run(dirs: &Dirs, name: &str, opts: RunOptions) -> Result<Outcome, RunErro
             None
         }
     };
+    log::debug!("t+{} us: cache open", started.elapsed().as_micros());
     let _lock = match cache.as_ref().map(|c| c.lock_run(name)) {
         Some(Err(cache::Error::Locked { path, .. })) => {
             return Err(RunError::AlreadyRunning {
@@ -162,20 +165,27 @@ pub fn run(dirs: &Dirs, name: &str, opts: RunOptions) -> Result<Outcome, RunErro
         Some(Ok(l)) => Some(l),
         None => None,
     };
-    let criu = match Criu::locate() {
+    let mut memo = crate::memo::Memo::load(&dirs.run);
+    let criu = match Criu::locate_memo(&mut memo) {
         Ok(c) => Some(c),
         Err(e) => {
             log::warn!("checkpoint/restore disabled: {e}");
             None
         }
     };
+    log::debug!("t+{} us: criu locate", started.elapsed().as_micros());
     let exe = init::locate().map_err(|source| RunError::Dir {
         path: init::INIT_BIN.into(),
         source,
     })?;
-    let host = HostFacts::gather(criu.as_ref().map_or("none", |c| c.version.as_str()), &exe)
-        .map_err(RunError::Program)?;
-    let digest = match digest::compute(&manifest, &host, &run_dir) {
+    let host = HostFacts::gather(
+        criu.as_ref().map_or("none", |c| c.version.as_str()),
+        &exe,
+        &mut memo,
+    )
+    .map_err(RunError::Program)?;
+    log::debug!("t+{} us: host facts", started.elapsed().as_micros());
+    let digest = match digest::compute(&manifest, &host, &run_dir, &mut memo) {
         Ok(d) => Some(d),
         Err(e @ DigestError::ProgramNotFound { .. }) => return Err(RunError::Program(e)),
         Err(e) => {
@@ -183,6 +193,8 @@ pub fn run(dirs: &Dirs, name: &str, opts: RunOptions) -> Result<Outcome, RunErro
             None
         }
     };
+    memo.save();
+    log::debug!("t+{} us: digest", started.elapsed().as_micros());
     let mut record = RunRecord::new(name);
     record.digest = digest.as_ref().map(|d| d.hex.clone());
     let mut sup = Supervisor {
@@ -199,10 +211,9 @@ pub fn run(dirs: &Dirs, name: &str, opts: RunOptions) -> Result<Outcome, RunErro
         host,
         digest,
         timings: None,
-        watch: None,
+        watch: Default::default(),
         opts,
     };
-    sup.start_watch();
     sup.run()
 }
 
@@ -233,17 +244,54 @@ fn ms(d: Duration) -> u64 {
 }
 
 impl Supervisor {
+    /// Starts watching the digest inputs on a helper thread: setting up
+    /// inotify on every input's directory takes ~1.5 ms, which a restore
+    /// should not wait for.
     fn start_watch(&mut self) {
-        let Some(digest) = &self.digest else { return };
-        let started = self
-            .signals
-            .waker()
-            .map_err(notify::Error::io)
-            .and_then(|wake| InputWatch::start(&self.manifest, digest, wake));
-        match started {
-            Ok(w) => self.watch = Some(w),
-            Err(e) => log::warn!("cannot watch the digest inputs: {e}"),
+        let Some(digest) = self.digest.clone() else {
+            return;
+        };
+        let wake = match self.signals.waker() {
+            Ok(w) => w,
+            Err(e) => {
+                log::warn!("cannot watch the digest inputs: {e}");
+                return;
+            }
+        };
+        let (manifest, slot) = (self.manifest.clone(), self.watch.clone());
+        let spawned = std::thread::Builder::new()
+            .name("warmer-watch".into())
+            .spawn(move || match InputWatch::start(&manifest, &digest, wake) {
+                Ok(w) => *slot.lock().expect("watch slot") = Some(w),
+                Err(e) => log::warn!("cannot watch the digest inputs: {e}"),
+            });
+        if let Err(e) = spawned {
+            log::warn!("cannot watch the digest inputs: {e}");
         }
+    }
+
+    /// After a restore: if an input changed between the digest at start and
+    /// the watcher's start, the restored service is already stale.
+    fn recheck_digest(&mut self) {
+        let Some(d) = &self.digest else { return };
+        let mut memo = crate::memo::Memo::load(&self.run_root);
+        let now = digest::compute(&self.manifest, &self.host, &self.run_dir, &mut memo);
+        if !now.is_ok_and(|n| n.hex == d.hex) {
+            let reason = "digest inputs changed during the restore".to_string();
+            log::warn!("{reason}: image marked stale; restart the service to run the new version");
+            if let Some(cache) = &self.cache {
+                let _ = cache.mark_stale(&d.hex, &reason);
+            }
+            self.record.stale = Some(reason);
+        }
+    }
+
+    fn input_change(&self) -> Option<String> {
+        self.watch
+            .lock()
+            .expect("watch slot")
+            .as_ref()
+            .and_then(InputWatch::changed)
     }
 
     /// Marks the image stale once an input changed. Returns whether stale.
@@ -251,7 +299,7 @@ impl Supervisor {
         if self.record.stale.is_some() {
             return true;
         }
-        let Some(reason) = self.watch.as_ref().and_then(InputWatch::changed) else {
+        let Some(reason) = self.input_change() else {
             return false;
         };
         log::warn!("{reason}: image marked stale; restart the service to run the new version");
@@ -281,7 +329,13 @@ impl Supervisor {
             self.try_restore()
         };
         let running = match restored {
-            Some(r) => r,
+            Some(r) => {
+                // Set up inotify only now (it would slow the restore down),
+                // then make sure nothing changed in between.
+                self.start_watch();
+                self.recheck_digest();
+                r
+            }
             None => self.cold_start()?,
         };
         self.record.service_pid = Some(running.pid.as_raw());
@@ -363,6 +417,7 @@ impl Supervisor {
         self.systemd
             .status(&format!("restoring {}", short(&digest)));
         log::info!("restoring from image {}", short(&digest));
+        log::debug!("t+{} us: lookup", self.started.elapsed().as_micros());
         let t0 = Instant::now();
         // Free when a stamp from this boot still matches every file.
         // Otherwise every file is hashed while CRIU restores, and the tree is
@@ -396,8 +451,14 @@ impl Supervisor {
             std::thread::spawn(move || cache.verify_with(&entry, cache::Cores::One, &mut |_, _| {}))
         });
         let held = verifier.is_some();
-        let restored = restore::restore(&criu, &data, &self.run_dir, held);
+        let restored = Output::new()
+            .map_err(RestoreError::Setup)
+            .and_then(|out| restore::restore(&criu, &data, &self.run_dir, held, out));
         let t_criu = t0.elapsed();
+        log::debug!(
+            "t+{} us: criu restore done",
+            self.started.elapsed().as_micros()
+        );
         let verified = match verifier {
             None => Ok(()),
             Some(h) => h.join().unwrap_or_else(|_| {
@@ -483,6 +544,9 @@ impl Supervisor {
     }
 
     fn cold_start(&mut self) -> Result<Running, RunError> {
+        // Watch before the service reads its files, so a change while it
+        // starts is not missed.
+        self.start_watch();
         self.set_state(ServiceState::Starting);
         self.systemd.status("cold start");
         let service = self.manifest.name.clone();
@@ -626,7 +690,7 @@ impl Supervisor {
             }
         }
         // An input that changed during the dump makes the new image stale too.
-        if let Some(reason) = self.watch.as_ref().and_then(InputWatch::changed) {
+        if let Some(reason) = self.input_change() {
             self.record.stale = None;
             let _ = cache.mark_stale(&digest.hex, &reason);
             self.check_inputs();

@@ -1,0 +1,526 @@
+//! `warmer bench SVC`: cold start vs warmer restore vs bare `criu restore` of
+//! the same image, interleaved, to ready.
+//!
+//! - cold: `warmer run --cold SVC`, its own `ready_ms` (from its start to the
+//!   first passing probe);
+//! - restore: `warmer run SVC` restoring from the cache, its own `ready_ms`
+//!   (digest, integrity check, CRIU, probe: everything warmer does);
+//! - criu_restore: the floor: `criu restore` of the same image with the same
+//!   options, then the same probe loop, timed from just before CRIU starts.
+//!   State files, if any, are put back before the clock starts.
+//!
+//! Runs are interleaved (cold, restore, criu, cold, ...) so that drift (page
+//! cache, CPU frequency, other load) hits all three alike; `--drop-caches`
+//! empties the page cache before every run, as after a reboot.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use crate::criu::Criu;
+use crate::digest::{self, HostFacts};
+use crate::manifest::{Manifest, Probe};
+use crate::probe::{Backoff, Prober};
+use crate::signals::Signals;
+use crate::state::{RunRecord, ServiceState, StartKind};
+use crate::supervisor::{chain, Dirs};
+
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    #[error(transparent)]
+    Manifest(#[from] crate::manifest::ManifestError),
+    #[error(transparent)]
+    Criu(#[from] crate::criu::CriuError),
+    #[error(transparent)]
+    Digest(#[from] crate::digest::DigestError),
+    #[error(transparent)]
+    Cache(#[from] cache::Error),
+    #[error("service {0} is running under warmer: stop it first (its port would be taken)")]
+    Running(String),
+    #[error("{what}: {detail}")]
+    Run { what: String, detail: String },
+    #[error("{what}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> BenchError {
+    let what = what.into();
+    move |source| BenchError::Io { what, source }
+}
+
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    pub runs: usize,
+    pub drop_caches: bool,
+}
+
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Stats {
+    pub median_ms: f64,
+    pub min_ms: f64,
+    pub max_ms: f64,
+}
+
+impl Stats {
+    pub fn of(samples: &[f64]) -> Self {
+        let mut s = samples.to_vec();
+        s.sort_by(f64::total_cmp);
+        let n = s.len();
+        let median = if n == 0 {
+            f64::NAN
+        } else if n % 2 == 1 {
+            s[n / 2]
+        } else {
+            (s[n / 2 - 1] + s[n / 2]) / 2.0
+        };
+        Self {
+            median_ms: median,
+            min_ms: s.first().copied().unwrap_or(f64::NAN),
+            max_ms: s.last().copied().unwrap_or(f64::NAN),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Samples {
+    pub cold: Vec<f64>,
+    pub restore: Vec<f64>,
+    pub criu_restore: Vec<f64>,
+}
+
+/// `--json` output.
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchReport {
+    pub service: String,
+    pub runs: usize,
+    pub image_bytes: u64,
+    pub drop_caches: bool,
+    pub cold: Stats,
+    pub restore: Stats,
+    pub criu_restore: Stats,
+    /// cold median / restore median
+    pub ratio: f64,
+    /// restore median - criu_restore median: what warmer adds to CRIU.
+    pub overhead_ms: f64,
+    pub samples: Samples,
+    pub machine: Machine,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Machine {
+    pub kernel: String,
+    pub cpus: usize,
+    pub criu_version: String,
+    pub run_dir_tmpfs: bool,
+}
+
+struct Bench<'a> {
+    dirs: &'a Dirs,
+    manifest: Manifest,
+    exe: PathBuf,
+    criu: Criu,
+    signals: Signals,
+    log: PathBuf,
+}
+
+pub fn bench(
+    dirs: &Dirs,
+    service: &str,
+    opts: &BenchOptions,
+    progress: &mut dyn FnMut(&str),
+) -> Result<BenchReport, BenchError> {
+    let manifest = Manifest::find(&dirs.manifests, service)?;
+    let mut memo = crate::memo::Memo::load(&dirs.run);
+    let criu = Criu::locate_memo(&mut memo)?;
+    let cache = cache::Cache::open(&dirs.cache)?;
+    match cache.lock_run(service) {
+        Ok(l) => drop(l),
+        Err(cache::Error::Locked { .. }) => return Err(BenchError::Running(service.into())),
+        Err(e) => return Err(e.into()),
+    }
+    let exe = std::env::current_exe().map_err(io("locating warmer"))?;
+    let run_dir = dirs.run.join(service);
+    std::fs::create_dir_all(&run_dir).map_err(io(format!("creating {}", run_dir.display())))?;
+    let b = Bench {
+        dirs,
+        manifest,
+        exe,
+        criu,
+        signals: Signals::install().map_err(io("signal handlers"))?,
+        log: run_dir.join("bench.log"),
+    };
+
+    // An image to restore: make one with an ordinary run if there is none.
+    let init = crate::init::locate().map_err(io("locating warmer-init"))?;
+    let host = HostFacts::gather(&b.criu.version, &init, &mut memo)?;
+    let digest = digest::compute(&b.manifest, &host, &run_dir, &mut memo)?;
+    memo.save();
+    if cache.lookup(&digest.hex)?.is_none_or(|e| e.stale.is_some()) {
+        progress("no image yet: cold start and checkpoint first");
+        b.make_image(&cache, &digest.hex)?;
+    }
+    let entry = cache.lookup(&digest.hex)?.ok_or_else(|| BenchError::Run {
+        what: "checkpoint".into(),
+        detail: format!("no image was published; see {}", b.log.display()),
+    })?;
+
+    let mut samples = Samples {
+        cold: Vec::new(),
+        restore: Vec::new(),
+        criu_restore: Vec::new(),
+    };
+    for i in 0..opts.runs {
+        if b.signals.stop_requested() {
+            break;
+        }
+        // Rotate the order every round: whatever the previous run leaves
+        // behind (memory to reclaim, a warm CPU) falls on each kind alike.
+        let (mut cold, mut restore, mut bare) = (0.0, 0.0, 0.0);
+        for k in 0..3 {
+            if opts.drop_caches {
+                drop_caches()?;
+            }
+            match (i + k) % 3 {
+                0 => cold = b.warmer_run(true)?,
+                1 => restore = b.warmer_run(false)?,
+                _ => bare = b.criu_restore(&entry)?,
+            }
+        }
+        progress(&format!(
+            "run {}/{}: cold {cold:.0} ms, warmer restore {restore:.1} ms, criu restore {bare:.1} ms",
+            i + 1,
+            opts.runs
+        ));
+        samples.cold.push(cold);
+        samples.restore.push(restore);
+        samples.criu_restore.push(bare);
+    }
+    let (cold, restore, criu_restore) = (
+        Stats::of(&samples.cold),
+        Stats::of(&samples.restore),
+        Stats::of(&samples.criu_restore),
+    );
+    Ok(BenchReport {
+        service: service.to_string(),
+        runs: samples.cold.len(),
+        image_bytes: entry.meta.bytes,
+        drop_caches: opts.drop_caches,
+        ratio: cold.median_ms / restore.median_ms,
+        overhead_ms: restore.median_ms - criu_restore.median_ms,
+        cold,
+        restore,
+        criu_restore,
+        samples,
+        machine: Machine {
+            kernel: host.kernel.clone(),
+            cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            criu_version: b.criu.version.clone(),
+            run_dir_tmpfs: is_tmpfs("/run"),
+        },
+    })
+}
+
+fn drop_caches() -> Result<(), BenchError> {
+    nix::unistd::sync();
+    std::fs::write("/proc/sys/vm/drop_caches", "3").map_err(io("dropping the page cache"))
+}
+
+fn is_tmpfs(path: &str) -> bool {
+    nix::sys::statfs::statfs(path)
+        .is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::TMPFS_MAGIC)
+}
+
+impl Bench<'_> {
+    fn spawn_warmer(&self, cold: bool) -> Result<Child, BenchError> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .map_err(io(format!("opening {}", self.log.display())))?;
+        let mut cmd = Command::new(&self.exe);
+        cmd.arg("--manifest-dir")
+            .arg(&self.dirs.manifests)
+            .arg("--cache-dir")
+            .arg(&self.dirs.cache)
+            .arg("--run-dir")
+            .arg(&self.dirs.run)
+            .arg("run");
+        if cold {
+            cmd.arg("--cold");
+        }
+        cmd.arg(&self.manifest.name)
+            .env_remove("NOTIFY_SOCKET")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().map_err(io("log"))?)
+            .stderr(log);
+        cmd.spawn().map_err(io("starting warmer run"))
+    }
+
+    /// Waits until the run `child` records `want`; returns the record.
+    fn wait_record(
+        &self,
+        child: &mut Child,
+        want: &dyn Fn(&RunRecord) -> bool,
+        limit: Duration,
+    ) -> Result<RunRecord, BenchError> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(r) = RunRecord::read(&self.dirs.run, &self.manifest.name) {
+                if r.warmer_pid == child.id() && want(&r) {
+                    return Ok(r);
+                }
+            }
+            if let Ok(Some(st)) = child.try_wait() {
+                return Err(BenchError::Run {
+                    what: format!("warmer run {}", self.manifest.name),
+                    detail: format!(
+                        "exited ({st}) before it was ready; see {}",
+                        self.log.display()
+                    ),
+                });
+            }
+            if Instant::now() > deadline || self.signals.stop_requested() {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(BenchError::Run {
+                    what: format!("warmer run {}", self.manifest.name),
+                    detail: format!("not ready in time; see {}", self.log.display()),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    fn stop(&self, mut child: Child) -> Result<(), BenchError> {
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap_or(i32::MAX));
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let deadline = Instant::now() + self.manifest.stop_timeout + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if child
+                .try_wait()
+                .map_err(io("waiting for warmer"))?
+                .is_some()
+            {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        Ok(())
+    }
+
+    fn make_image(&self, cache: &cache::Cache, digest: &str) -> Result<(), BenchError> {
+        let mut child = self.spawn_warmer(false)?;
+        let limit = self.manifest.ready.timeout + Duration::from_secs(300);
+        self.wait_record(&mut child, &|r| r.state == ServiceState::Ready, limit)?;
+        let deadline = Instant::now() + Duration::from_secs(300);
+        while cache.lookup(digest)?.is_none() {
+            if Instant::now() > deadline
+                || RunRecord::read(&self.dirs.run, &self.manifest.name)
+                    .is_some_and(|r| r.message.is_some())
+            {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        self.stop(child)
+    }
+
+    /// One `warmer run`: its own ready_ms.
+    fn warmer_run(&self, cold: bool) -> Result<f64, BenchError> {
+        let mut child = self.spawn_warmer(cold)?;
+        let limit = self.manifest.ready.timeout + Duration::from_secs(30);
+        let ready =
+            |r: &RunRecord| matches!(r.state, ServiceState::Ready | ServiceState::Checkpointing);
+        let rec = self.wait_record(&mut child, &ready, limit);
+        let stopped = self.stop(child);
+        let rec = rec?;
+        stopped?;
+        if !cold && rec.last_start != Some(StartKind::Restored) {
+            return Err(BenchError::Run {
+                what: "warmer restore".into(),
+                detail: format!(
+                    "the image was not restored ({}); see {}",
+                    rec.message.unwrap_or_default(),
+                    self.log.display()
+                ),
+            });
+        }
+        #[allow(clippy::cast_precision_loss)]
+        Ok(rec.ready_ms.unwrap_or(0) as f64)
+    }
+
+    /// One bare `criu restore` of the image plus the probe loop.
+    fn criu_restore(&self, entry: &cache::Entry) -> Result<f64, BenchError> {
+        let data = entry.data_dir();
+        if crate::state_files::has_state(&data) {
+            crate::state_files::put_back(&data).map_err(|e| BenchError::Run {
+                what: "putting state back".into(),
+                detail: chain(&e),
+            })?;
+        }
+        let work = self.dirs.run.join(format!("{}.bench", self.manifest.name));
+        std::fs::create_dir_all(&work).map_err(io("bench work dir"))?;
+        let notify = work.join("notify.sock");
+        let mut prober = Prober::new(&self.manifest.ready.probe, &notify).map_err(io("probe"))?;
+        let t0 = Instant::now();
+        let output = crate::logs::Output::discarding().map_err(io("pipes"))?;
+        let mut running = crate::restore::restore(&self.criu, &data, &work, false, output)
+            .map_err(|e| BenchError::Run {
+                what: "criu restore".into(),
+                detail: chain(&e),
+            })?;
+        let deadline = t0 + self.manifest.ready.timeout;
+        let mut backoff = Backoff::default();
+        let ready = loop {
+            if matches!(self.manifest.ready.probe, Probe::Notify) {
+                break true;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() || running.poll_exit().is_some() {
+                break false;
+            }
+            if prober.check(left) {
+                break true;
+            }
+            std::thread::sleep(backoff.next_pause().min(left));
+        };
+        let elapsed = t0.elapsed();
+        running.kill(&self.signals);
+        running.finish();
+        if !ready {
+            return Err(BenchError::Run {
+                what: "criu restore".into(),
+                detail: "restored service not ready".into(),
+            });
+        }
+        Ok(elapsed.as_secs_f64() * 1000.0)
+    }
+}
+
+/// The Markdown table for `--out`.
+pub fn markdown(r: &BenchReport) -> String {
+    let row = |name: &str, s: &Stats| {
+        format!(
+            "| {name} | {:.1} | {:.1} | {:.1} |\n",
+            s.median_ms, s.min_ms, s.max_ms
+        )
+    };
+    let mut out = format!(
+        "### {} ({} runs, image {:.0} MB, page cache {})\n\n",
+        r.service,
+        r.runs,
+        r.image_bytes as f64 / 1e6,
+        if r.drop_caches { "dropped" } else { "warm" }
+    );
+    out.push_str("| start to ready | median ms | min ms | max ms |\n|---|---|---|---|\n");
+    out.push_str(&row("cold start", &r.cold));
+    out.push_str(&row("warmer restore", &r.restore));
+    out.push_str(&row("bare criu restore", &r.criu_restore));
+    out.push_str(&format!(
+        "\ncold / warmer restore: **{:.1}x**; warmer adds {:.1} ms to bare CRIU (median).\n\
+         Machine: kernel {}, {} CPUs, CRIU {}, /run {}a tmpfs.\n",
+        r.ratio,
+        r.overhead_ms,
+        r.machine.kernel,
+        r.machine.cpus,
+        r.machine.criu_version,
+        if r.machine.run_dir_tmpfs { "" } else { "not " }
+    ));
+    out
+}
+
+/// A small SVG: one row per kind, every run as a dot, the median as a bar.
+pub fn svg(r: &BenchReport) -> String {
+    let rows = [
+        ("cold start", &r.samples.cold, "#c0392b"),
+        ("warmer restore", &r.samples.restore, "#2471a3"),
+        ("bare criu restore", &r.samples.criu_restore, "#7f8c8d"),
+    ];
+    let max = rows
+        .iter()
+        .flat_map(|(_, s, _)| s.iter().copied())
+        .fold(1.0_f64, f64::max);
+    let (left, width, row_h) = (150.0, 560.0, 44.0);
+    let x = |ms: f64| left + ms / max * width;
+    let mut out = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"760\" height=\"{}\" font-family=\"sans-serif\" font-size=\"13\">\n\
+         <text x=\"10\" y=\"20\" font-weight=\"bold\">{}: start to ready (ms), {} runs, image {:.0} MB, page cache {}</text>\n",
+        60.0 + row_h * 3.0 + 30.0,
+        r.service,
+        r.runs,
+        r.image_bytes as f64 / 1e6,
+        if r.drop_caches { "dropped" } else { "warm" }
+    );
+    for (i, (name, samples, color)) in rows.iter().enumerate() {
+        #[allow(clippy::cast_precision_loss)]
+        let y = 50.0 + row_h * i as f64;
+        let median = Stats::of(samples).median_ms;
+        out.push_str(&format!(
+            "<text x=\"10\" y=\"{:.0}\">{name}</text>\n<rect x=\"{left}\" y=\"{:.0}\" width=\"{:.1}\" height=\"18\" fill=\"{color}\" opacity=\"0.35\"/>\n<text x=\"{:.1}\" y=\"{:.0}\">{median:.1}</text>\n",
+            y + 14.0,
+            y,
+            (x(median) - left).max(1.0),
+            x(median) + 6.0,
+            y + 14.0
+        ));
+        for s in samples.iter() {
+            out.push_str(&format!(
+                "<circle cx=\"{:.1}\" cy=\"{:.0}\" r=\"3\" fill=\"{color}\"/>\n",
+                x(*s),
+                y + 9.0
+            ));
+        }
+    }
+    let axis_y = 50.0 + row_h * 3.0;
+    out.push_str(&format!(
+        "<line x1=\"{left}\" y1=\"{axis_y}\" x2=\"{}\" y2=\"{axis_y}\" stroke=\"black\"/>\n<text x=\"{left}\" y=\"{}\">0</text>\n<text x=\"{}\" y=\"{}\" text-anchor=\"end\">{max:.0} ms</text>\n</svg>\n",
+        left + width,
+        axis_y + 16.0,
+        left + width,
+        axis_y + 16.0
+    ));
+    out
+}
+
+/// Writes `bench-<svc>.{md,svg,json}` into `dir`.
+pub fn write_out(r: &BenchReport, dir: &Path) -> Result<Vec<PathBuf>, BenchError> {
+    std::fs::create_dir_all(dir).map_err(io(format!("creating {}", dir.display())))?;
+    let mut written = Vec::new();
+    for (ext, text) in [
+        ("md", markdown(r)),
+        ("svg", svg(r)),
+        (
+            "json",
+            serde_json::to_string_pretty(r).expect("report serializes"),
+        ),
+    ] {
+        let p = dir.join(format!("bench-{}.{ext}", r.service));
+        let mut f = std::fs::File::create(&p).map_err(io(format!("writing {}", p.display())))?;
+        f.write_all(text.as_bytes())
+            .map_err(io(format!("writing {}", p.display())))?;
+        written.push(p);
+    }
+    Ok(written)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stats_median_min_max() {
+        let s = Stats::of(&[5.0, 1.0, 3.0]);
+        assert_eq!((s.median_ms, s.min_ms, s.max_ms), (3.0, 1.0, 5.0));
+        let s = Stats::of(&[4.0, 1.0, 3.0, 2.0]);
+        assert_eq!(s.median_ms, 2.5);
+    }
+}
