@@ -15,8 +15,13 @@ if [ ! -s "$DIR/dump.rdb" ] || [ "$(cat "$DIR/.keys" 2>/dev/null)" != "$KEYS" ];
     --pidfile "$DIR/gen.pid" --logfile "$DIR/gen.log"
   for _ in $(seq 1 50); do redis-cli -p 6391 ping >/dev/null 2>&1 && break; sleep 0.1; done
   redis-cli -p 6391 debug populate "$KEYS" key 16 >/dev/null
+  got=$(redis-cli -p 6391 dbsize)
   redis-cli -p 6391 save >/dev/null
   redis-cli -p 6391 shutdown nosave >/dev/null 2>&1 || true
+  if [ "$got" != "$KEYS" ]; then
+    echo "redis: expected $KEYS keys, got $got (see $DIR/gen.log)" >&2
+    exit 1
+  fi
   echo "$KEYS" >"$DIR/.keys"
 fi
 ls -la "$DIR/dump.rdb" >&2

@@ -107,7 +107,8 @@ pub struct BenchReport {
     pub criu_restore: Stats,
     /// cold median / restore median
     pub ratio: f64,
-    /// restore median - criu_restore median: what warmer adds to CRIU.
+    /// What warmer adds to CRIU: the median over rounds of (warmer restore -
+    /// bare criu restore).
     pub overhead_ms: f64,
     pub samples: Samples,
     pub machine: Machine,
@@ -121,13 +122,84 @@ pub struct Machine {
     pub run_dir_tmpfs: bool,
 }
 
-struct Bench<'a> {
-    dirs: &'a Dirs,
+/// Measures one service: each method is one timed start to ready.
+pub struct Bencher {
+    dirs: Dirs,
     manifest: Manifest,
     exe: PathBuf,
     criu: Criu,
     signals: Signals,
     log: PathBuf,
+    host: HostFacts,
+    entry: Option<cache::Entry>,
+}
+
+impl Bencher {
+    /// `warmer` is the binary that runs the service (usually this one).
+    pub fn new(dirs: &Dirs, service: &str, warmer: &Path) -> Result<Self, BenchError> {
+        let manifest = Manifest::find(&dirs.manifests, service)?;
+        let mut memo = crate::memo::Memo::load(&dirs.run);
+        let criu = Criu::locate_memo(&mut memo)?;
+        let cache = cache::Cache::open(&dirs.cache)?;
+        match cache.lock_run(service) {
+            Ok(l) => drop(l),
+            Err(cache::Error::Locked { .. }) => return Err(BenchError::Running(service.into())),
+            Err(e) => return Err(e.into()),
+        }
+        let run_dir = dirs.run.join(service);
+        std::fs::create_dir_all(&run_dir).map_err(io(format!("creating {}", run_dir.display())))?;
+        let init = warmer.with_file_name(crate::init::INIT_BIN);
+        let host = HostFacts::gather(&criu.version, &init, &mut memo)?;
+        memo.save();
+        Ok(Self {
+            dirs: dirs.clone(),
+            manifest,
+            exe: warmer.to_path_buf(),
+            criu,
+            signals: Signals::install().map_err(io("signal handlers"))?,
+            log: run_dir.join("bench.log"),
+            host,
+            entry: None,
+        })
+    }
+
+    /// The image to restore; made by an ordinary `warmer run` (cold start,
+    /// checkpoint) if there is none yet. Returns whether it had to be made.
+    pub fn ensure_image(&mut self) -> Result<bool, BenchError> {
+        let cache = cache::Cache::open(&self.dirs.cache)?;
+        let mut memo = crate::memo::Memo::load(&self.dirs.run);
+        let run_dir = self.dirs.run.join(&self.manifest.name);
+        let digest = digest::compute(&self.manifest, &self.host, &run_dir, &mut memo)?;
+        memo.save();
+        let made = cache.lookup(&digest.hex)?.is_none_or(|e| e.stale.is_some());
+        if made {
+            self.make_image(&cache, &digest.hex)?;
+        }
+        self.entry = Some(cache.lookup(&digest.hex)?.ok_or_else(|| BenchError::Run {
+            what: "checkpoint".into(),
+            detail: format!("no image was published; see {}", self.log.display()),
+        })?);
+        Ok(made)
+    }
+
+    /// One cold start to ready (`warmer run --cold`), in ms.
+    pub fn cold_ms(&self) -> Result<f64, BenchError> {
+        self.warmer_run(true)
+    }
+
+    /// One warmer restore to ready (`warmer run`), in ms.
+    pub fn restore_ms(&self) -> Result<f64, BenchError> {
+        self.warmer_run(false)
+    }
+
+    /// One bare `criu restore` of the image to ready, in ms.
+    pub fn criu_restore_ms(&self) -> Result<f64, BenchError> {
+        let entry = self.entry.as_ref().ok_or_else(|| BenchError::Run {
+            what: "criu restore".into(),
+            detail: "no image: call ensure_image first".into(),
+        })?;
+        self.criu_restore(entry)
+    }
 }
 
 pub fn bench(
@@ -136,40 +208,14 @@ pub fn bench(
     opts: &BenchOptions,
     progress: &mut dyn FnMut(&str),
 ) -> Result<BenchReport, BenchError> {
-    let manifest = Manifest::find(&dirs.manifests, service)?;
-    let mut memo = crate::memo::Memo::load(&dirs.run);
-    let criu = Criu::locate_memo(&mut memo)?;
-    let cache = cache::Cache::open(&dirs.cache)?;
-    match cache.lock_run(service) {
-        Ok(l) => drop(l),
-        Err(cache::Error::Locked { .. }) => return Err(BenchError::Running(service.into())),
-        Err(e) => return Err(e.into()),
-    }
     let exe = std::env::current_exe().map_err(io("locating warmer"))?;
-    let run_dir = dirs.run.join(service);
-    std::fs::create_dir_all(&run_dir).map_err(io(format!("creating {}", run_dir.display())))?;
-    let b = Bench {
-        dirs,
-        manifest,
-        exe,
-        criu,
-        signals: Signals::install().map_err(io("signal handlers"))?,
-        log: run_dir.join("bench.log"),
-    };
-
-    // An image to restore: make one with an ordinary run if there is none.
-    let init = crate::init::locate().map_err(io("locating warmer-init"))?;
-    let host = HostFacts::gather(&b.criu.version, &init, &mut memo)?;
-    let digest = digest::compute(&b.manifest, &host, &run_dir, &mut memo)?;
-    memo.save();
-    if cache.lookup(&digest.hex)?.is_none_or(|e| e.stale.is_some()) {
-        progress("no image yet: cold start and checkpoint first");
-        b.make_image(&cache, &digest.hex)?;
+    let mut b = Bencher::new(dirs, service, &exe)?;
+    progress("looking for an image (or making one: cold start + checkpoint)");
+    if b.ensure_image()? {
+        progress("image made");
     }
-    let entry = cache.lookup(&digest.hex)?.ok_or_else(|| BenchError::Run {
-        what: "checkpoint".into(),
-        detail: format!("no image was published; see {}", b.log.display()),
-    })?;
+    let entry = b.entry.clone().expect("ensure_image sets it");
+    let host = b.host.clone();
 
     let mut samples = Samples {
         cold: Vec::new(),
@@ -180,17 +226,26 @@ pub fn bench(
         if b.signals.stop_requested() {
             break;
         }
-        // Rotate the order every round: whatever the previous run leaves
-        // behind (memory to reclaim, a warm CPU) falls on each kind alike.
+        // Every round runs the three in another of the six orders, so
+        // whatever a run leaves behind (memory to reclaim, a busy page cache)
+        // falls on each kind alike, and each follows each other kind equally.
+        const ORDERS: [[usize; 3]; 6] = [
+            [0, 1, 2],
+            [1, 2, 0],
+            [2, 0, 1],
+            [0, 2, 1],
+            [2, 1, 0],
+            [1, 0, 2],
+        ];
         let (mut cold, mut restore, mut bare) = (0.0, 0.0, 0.0);
-        for k in 0..3 {
+        for kind in ORDERS[i % 6] {
             if opts.drop_caches {
                 drop_caches()?;
             }
-            match (i + k) % 3 {
-                0 => cold = b.warmer_run(true)?,
-                1 => restore = b.warmer_run(false)?,
-                _ => bare = b.criu_restore(&entry)?,
+            match kind {
+                0 => cold = b.cold_ms()?,
+                1 => restore = b.restore_ms()?,
+                _ => bare = b.criu_restore_ms()?,
             }
         }
         progress(&format!(
@@ -213,7 +268,17 @@ pub fn bench(
         image_bytes: entry.meta.bytes,
         drop_caches: opts.drop_caches,
         ratio: cold.median_ms / restore.median_ms,
-        overhead_ms: restore.median_ms - criu_restore.median_ms,
+        // Paired by round (the two ran next to each other), which cancels
+        // most of the drift that separate medians would carry.
+        overhead_ms: Stats::of(
+            &samples
+                .restore
+                .iter()
+                .zip(&samples.criu_restore)
+                .map(|(w, c)| w - c)
+                .collect::<Vec<_>>(),
+        )
+        .median_ms,
         cold,
         restore,
         criu_restore,
@@ -237,7 +302,7 @@ fn is_tmpfs(path: &str) -> bool {
         .is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::TMPFS_MAGIC)
 }
 
-impl Bench<'_> {
+impl Bencher {
     fn spawn_warmer(&self, cold: bool) -> Result<Child, BenchError> {
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -426,7 +491,7 @@ pub fn markdown(r: &BenchReport) -> String {
     out.push_str(&row("warmer restore", &r.restore));
     out.push_str(&row("bare criu restore", &r.criu_restore));
     out.push_str(&format!(
-        "\ncold / warmer restore: **{:.1}x**; warmer adds {:.1} ms to bare CRIU (median).\n\
+        "\ncold / warmer restore: **{:.1}x**; warmer adds {:.1} ms to bare CRIU (median of per-round differences).\n\
          Machine: kernel {}, {} CPUs, CRIU {}, /run {}a tmpfs.\n",
         r.ratio,
         r.overhead_ms,
