@@ -352,3 +352,50 @@ fn an_entry_with_loose_permissions_is_refused() {
     assert!(w.err().contains("allows group/other access"), "{}", w.err());
     w.stop();
 }
+
+#[test]
+fn leftover_criu_network_lock_rules_are_removed() {
+    require_criu();
+    // The rule a --tcp-established dump adds per connection (criu/netfilter.c).
+    let rule = [
+        "INPUT",
+        "-s",
+        "127.0.0.77/32",
+        "-d",
+        "127.0.0.77/32",
+        "-p",
+        "tcp",
+        "-m",
+        "tcp",
+        "--sport",
+        "4001",
+        "--dport",
+        "4002",
+        "-m",
+        "mark",
+        "!",
+        "--mark",
+        "0xc114",
+        "-j",
+        "DROP",
+    ];
+    let st = std::process::Command::new("iptables")
+        .arg("-A")
+        .args(rule)
+        .status()
+        .unwrap();
+    assert!(
+        st.success(),
+        "iptables is needed (scripts/deps.sh installs it)"
+    );
+    let listed = || {
+        let out = std::process::Command::new("iptables-save")
+            .args(["-t", "filter"])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).contains("127.0.0.77")
+    };
+    assert!(listed());
+    assert!(warmer::criu::clear_network_locks() >= 1);
+    assert!(!listed(), "the lock rule is gone");
+}

@@ -148,7 +148,15 @@ impl Bencher {
         }
         let run_dir = dirs.run.join(service);
         std::fs::create_dir_all(&run_dir).map_err(io(format!("creating {}", run_dir.display())))?;
-        let init = warmer.with_file_name(crate::init::INIT_BIN);
+        // The init `warmer run` will use (it looks for it the same way).
+        let beside = warmer.with_file_name(crate::init::INIT_BIN);
+        let init = if beside.is_file() {
+            beside
+        } else {
+            crate::init::locate()
+                .map_err(io("locating warmer-init"))?
+                .path
+        };
         let host = HostFacts::gather(&criu.version, &init, &mut memo)?;
         memo.save();
         Ok(Self {
@@ -216,6 +224,14 @@ pub fn bench(
     }
     let entry = b.entry.clone().expect("ensure_image sets it");
     let host = b.host.clone();
+    // A just-written image is still being flushed to disk, and the first
+    // start of anything pays for cold caches of its own: settle both with one
+    // round that is not counted.
+    nix::unistd::sync();
+    progress("warm-up round (not counted)");
+    b.cold_ms()?;
+    b.restore_ms()?;
+    b.criu_restore_ms()?;
 
     let mut samples = Samples {
         cold: Vec::new(),

@@ -45,7 +45,7 @@ pub fn current_digests(dirs: &Dirs) -> BTreeMap<String, String> {
     let host = Criu::locate_memo(&mut memo)
         .ok()
         .zip(crate::init::locate().ok())
-        .and_then(|(c, init)| HostFacts::gather(&c.version, &init, &mut memo).ok());
+        .and_then(|(c, init)| HostFacts::gather(&c.version, &init.path, &mut memo).ok());
     let Some(host) = host else {
         return BTreeMap::new();
     };

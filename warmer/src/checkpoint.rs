@@ -69,8 +69,16 @@ impl Checkpoint<'_> {
                 serde_json::to_string(&self.manifest.state).expect("paths serialize"),
             );
         }
-        self.criu
-            .run_command("dump", cmd, &self.run_dir.join("dump.log"))?;
+        let dumped = self
+            .criu
+            .run_command("dump", cmd, &self.run_dir.join("dump.log"));
+        if dumped.is_err() && plan.tcp_established {
+            let n = criu::clear_network_locks();
+            if n > 0 {
+                log::warn!("removed {n} network-lock rules the failed dump left");
+            }
+        }
+        dumped?;
         let info = RestoreInfo {
             format_version: RESTORE_INFO_VERSION,
             stdout: running.output.stdout.resource().to_string(),

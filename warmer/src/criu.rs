@@ -177,6 +177,48 @@ pub fn log_tail(log: &Path, stderr: &[u8]) -> String {
     lines[start..].join("\n")
 }
 
+/// CRIU's mark for its own packets (soccr.h `SOCCR_MARK`): the per-connection
+/// DROP rules of a `--tcp-established` network lock all carry `! --mark 0xc114`.
+const LOCK_MARK: &str = "0xc114";
+
+/// The `iptables -D` argument lists that remove CRIU's connection-lock rules
+/// found in `iptables-save -t filter` output.
+pub fn lock_rule_deletions(save: &str) -> Vec<Vec<String>> {
+    save.lines()
+        .filter(|l| l.starts_with("-A ") && l.contains(LOCK_MARK) && l.ends_with("-j DROP"))
+        .map(|l| {
+            let mut args: Vec<String> = vec!["-t".into(), "filter".into(), "-D".into()];
+            args.extend(l.split_whitespace().skip(1).map(String::from));
+            args
+        })
+        .collect()
+}
+
+/// Removes network-lock rules a failed `--tcp-established` dump or restore
+/// left behind (they would drop the service's connections for good).
+/// Returns how many were removed.
+pub fn clear_network_locks() -> usize {
+    let mut removed = 0;
+    for (save, tool) in [
+        ("iptables-save", "iptables"),
+        ("ip6tables-save", "ip6tables"),
+    ] {
+        let Ok(out) = Command::new(save).args(["-t", "filter"]).output() else {
+            continue;
+        };
+        for args in lock_rule_deletions(&String::from_utf8_lossy(&out.stdout)) {
+            if Command::new(tool)
+                .args(&args)
+                .status()
+                .is_ok_and(|s| s.success())
+            {
+                removed += 1;
+            }
+        }
+    }
+    removed
+}
+
 /// What to checkpoint and where.
 #[derive(Debug, Clone)]
 pub struct DumpPlan {
@@ -342,6 +384,19 @@ mod tests {
         assert!(a
             .windows(2)
             .any(|w| w == ["--inherit-fd", "fd[4]:pipe:[12]"]));
+    }
+
+    #[test]
+    fn network_lock_rules_are_found_and_only_they() {
+        let save = "*filter\n:INPUT ACCEPT [0:0]\n\
+            -A INPUT -s 127.0.0.1/32 -d 127.0.0.1/32 -p tcp -m tcp --sport 8080 --dport 4242 -m mark ! --mark 0xc114 -j DROP\n\
+            -A INPUT -p tcp --dport 22 -j ACCEPT\n\
+            -A OUTPUT -s 127.0.0.1/32 -d 127.0.0.1/32 -p tcp -m tcp --sport 4242 --dport 8080 -m mark ! --mark 0xc114 -j DROP\nCOMMIT\n";
+        let d = lock_rule_deletions(save);
+        assert_eq!(d.len(), 2);
+        assert_eq!(d[0][..4], ["-t", "filter", "-D", "INPUT"]);
+        assert_eq!(d[1][3], "OUTPUT");
+        assert!(d[0].ends_with(&["-j".to_string(), "DROP".to_string()]));
     }
 
     #[test]

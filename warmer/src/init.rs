@@ -35,19 +35,52 @@ use nix::unistd::Pid;
 /// The init's file name; it is installed next to `warmer`.
 pub const INIT_BIN: &str = "warmer-init";
 
-/// `warmer-init` next to the running `warmer`.
-pub fn locate() -> io::Result<PathBuf> {
-    let exe = std::env::current_exe()?;
-    let init = exe.with_file_name(INIT_BIN);
-    if init.is_file() {
-        Ok(init)
-    } else {
-        Err(io::Error::new(
-            io::ErrorKind::NotFound,
-            format!("{} not found next to {}", INIT_BIN, exe.display()),
-        ))
-    }
+/// The program that runs as a service's namespace init.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InitExe {
+    pub path: PathBuf,
+    /// Arguments before SERVICE: `["__init"]` when `warmer` itself serves.
+    pub prefix: Vec<String>,
 }
+
+/// `warmer-init` next to the running `warmer`, else on `PATH`. Without one
+/// (`cargo run` builds only `warmer`), `warmer __init` serves instead: it
+/// works the same, but its images then depend on the whole `warmer` binary.
+pub fn locate() -> io::Result<InitExe> {
+    let exe = std::env::current_exe()?;
+    let beside = exe.with_file_name(INIT_BIN);
+    let on_path = || {
+        std::env::var("PATH")
+            .unwrap_or_default()
+            .split(':')
+            .filter(|d| !d.is_empty())
+            .map(|d| Path::new(d).join(INIT_BIN))
+            .find(|p| p.is_file())
+    };
+    if beside.is_file() {
+        return Ok(InitExe {
+            path: beside,
+            prefix: Vec::new(),
+        });
+    }
+    if let Some(path) = on_path() {
+        return Ok(InitExe {
+            path,
+            prefix: Vec::new(),
+        });
+    }
+    log::warn!(
+        "{INIT_BIN} not found next to {} or on PATH: using warmer itself as the init",
+        exe.display()
+    );
+    Ok(InitExe {
+        path: exe,
+        prefix: vec![INIT_ARG.to_string()],
+    })
+}
+
+/// The hidden `warmer` subcommand that runs the init loop.
+pub const INIT_ARG: &str = "__init";
 
 #[derive(Debug, thiserror::Error)]
 pub enum SpawnError {
@@ -67,8 +100,8 @@ pub enum SpawnError {
 
 /// What goes into the new namespace.
 pub struct InitSpec<'a> {
-    /// The `warmer-init` executable.
-    pub exe: &'a Path,
+    /// The init program.
+    pub init: &'a InitExe,
     pub service: &'a str,
     /// The init's own cwd once the service runs (see [`main`]).
     pub home: &'a Path,
@@ -90,13 +123,16 @@ pub fn spawn(spec: &InitSpec<'_>) -> Result<Pid, SpawnError> {
     // Everything the child touches is prepared here: between clone and exec the
     // child may only make async-signal-safe calls (no allocation; other threads'
     // locks may be held in its copy of memory).
-    let exe = cstring(spec.exe.as_os_str())?;
-    let mut args = vec![
-        cstring(OsStr::new(INIT_BIN))?,
+    let exe = cstring(spec.init.path.as_os_str())?;
+    let mut args = vec![cstring(OsStr::new(INIT_BIN))?];
+    for p in &spec.init.prefix {
+        args.push(cstring(OsStr::new(p))?);
+    }
+    args.extend([
         cstring(OsStr::new(spec.service))?,
         cstring(spec.home.as_os_str())?,
         cstring(OsStr::new("--"))?,
-    ];
+    ]);
     for a in spec.argv {
         args.push(cstring(OsStr::new(a))?);
     }
@@ -163,7 +199,7 @@ pub fn spawn(spec: &InitSpec<'_>) -> Result<Pid, SpawnError> {
     if n == 4 {
         let _ = waitpid(pid, None);
         return Err(SpawnError::Exec {
-            exe: spec.exe.display().to_string(),
+            exe: spec.init.path.display().to_string(),
             source: io::Error::from_raw_os_error(i32::from_ne_bytes(buf)),
         });
     }

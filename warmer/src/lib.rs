@@ -16,6 +16,7 @@ pub mod checkpoint;
 pub mod criu;
 pub mod digest;
 pub mod init;
+pub mod init_loop;
 pub mod logs;
 pub mod manifest;
 pub mod memo;

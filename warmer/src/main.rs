@@ -196,6 +196,14 @@ fn init_logging() {
 static SERVICE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
 
 fn main() -> ExitCode {
+    if std::env::args_os()
+        .nth(1)
+        .is_some_and(|a| a == warmer::init::INIT_ARG)
+    {
+        // `warmer __init ...`: the namespace init, when no warmer-init is installed.
+        let args: Vec<std::ffi::OsString> = std::env::args_os().skip(2).collect();
+        warmer::init_loop::run(&args);
+    }
     if warmer::state_files::is_hook() {
         // CRIU's action script (see warmer::state_files).
         return match warmer::state_files::hook() {

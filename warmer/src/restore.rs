@@ -152,6 +152,12 @@ pub fn restore(
     output.close_write();
     if !out.status.success() {
         let _ = std::fs::remove_file(&pidfile);
+        if info.tcp_established {
+            let n = criu::clear_network_locks();
+            if n > 0 {
+                log::warn!("removed {n} network-lock rules the failed restore left");
+            }
+        }
         return Err(CriuError::Failed {
             action: "restore",
             status: out.status,

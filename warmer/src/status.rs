@@ -75,7 +75,7 @@ pub fn collect(dirs: &Dirs, only: Option<&str>) -> Vec<ServiceStatus> {
     let host = Criu::locate_memo(&mut memo)
         .ok()
         .zip(crate::init::locate().ok())
-        .and_then(|(c, init)| HostFacts::gather(&c.version, &init, &mut memo).ok());
+        .and_then(|(c, init)| HostFacts::gather(&c.version, &init.path, &mut memo).ok());
     names
         .into_iter()
         .map(|name| one(dirs, &name, cache.as_ref(), host.as_ref(), &mut memo))

@@ -105,7 +105,7 @@ struct Supervisor {
     /// `<run-dir>` (all services); `run_dir` is this service's part of it.
     run_root: PathBuf,
     run_dir: PathBuf,
-    exe: PathBuf,
+    exe: init::InitExe,
     signals: Signals,
     systemd: Systemd,
     record: RunRecord,
@@ -180,7 +180,7 @@ pub fn run(dirs: &Dirs, name: &str, opts: RunOptions) -> Result<Outcome, RunErro
     })?;
     let host = HostFacts::gather(
         criu.as_ref().map_or("none", |c| c.version.as_str()),
-        &exe,
+        &exe.path,
         &mut memo,
     )
     .map_err(RunError::Program)?;
@@ -563,7 +563,7 @@ impl Supervisor {
             source,
         })?;
         let pid = init::spawn(&InitSpec {
-            exe: &self.exe,
+            init: &self.exe,
             service: &service,
             home: &self.run_dir,
             argv: &self.manifest.exec,
