@@ -56,19 +56,7 @@ fn ls_verify_rm_and_gc() {
         .as_str()
         .unwrap()
         .to_string();
-    let pages = std::fs::read_dir(env.path(&format!("cache/entries/{two}/data")))
-        .unwrap()
-        .map(|d| d.unwrap().path())
-        .find(|p| {
-            p.file_name()
-                .unwrap()
-                .to_string_lossy()
-                .starts_with("pages-")
-        })
-        .unwrap();
-    let mut bytes = std::fs::read(&pages).unwrap();
-    bytes[100] ^= 0x80;
-    std::fs::write(&pages, bytes).unwrap();
+    flip_bit_in_pages(&env.path(&format!("cache/entries/{two}")), 0x80);
     let (code, out, _) = cache(&env, &["verify", "two"]);
     assert_eq!(code, 1, "{out}");
     assert!(

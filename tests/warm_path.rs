@@ -124,21 +124,7 @@ fn a_changed_program_is_never_restored() {
 fn a_corrupt_image_falls_back_to_a_cold_start_and_is_quarantined() {
     let (env, port, nonce) = warmed("bad", &[]);
     let entry = env.entries().pop().unwrap();
-    let pages = std::fs::read_dir(entry.join("data"))
-        .unwrap()
-        .filter_map(|d| d.ok())
-        .map(|d| d.path())
-        .find(|p| {
-            p.file_name()
-                .unwrap()
-                .to_string_lossy()
-                .starts_with("pages-")
-        })
-        .unwrap();
-    let mut bytes = std::fs::read(&pages).unwrap();
-    let mid = bytes.len() / 2;
-    bytes[mid] ^= 0x01;
-    std::fs::write(&pages, bytes).unwrap();
+    flip_bit_in_pages(&entry, 0x01);
 
     let mut w = env.run("bad");
     let s = env.wait_ready("bad", &mut w);

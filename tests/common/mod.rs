@@ -265,6 +265,24 @@ impl Drop for Warmer {
     }
 }
 
+/// Flips `mask` in the middle byte of an entry's CRIU page image.
+pub fn flip_bit_in_pages(entry: &Path, mask: u8) {
+    let pages = std::fs::read_dir(entry.join("data"))
+        .unwrap()
+        .map(|d| d.unwrap().path())
+        .find(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("pages-")
+        })
+        .expect("a pages-*.img in the entry");
+    let mut bytes = std::fs::read(&pages).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= mask;
+    std::fs::write(&pages, bytes).unwrap();
+}
+
 pub fn wait_for<T>(limit: Duration, mut f: impl FnMut() -> Option<T>) -> T {
     let deadline = Instant::now() + limit;
     loop {
