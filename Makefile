@@ -17,8 +17,9 @@ install: build
 	install -D -m 0755 target/release/warmer $(DESTDIR)$(BINDIR)/warmer
 	install -D -m 0755 target/release/warmer-init $(DESTDIR)$(BINDIR)/warmer-init
 	install -d -m 0755 $(DESTDIR)$(UNITDIR) $(DESTDIR)$(TMPFILESDIR)
-	sed 's|/usr/local/bin/|$(BINDIR)/|g' systemd/warmer@.service > $(DESTDIR)$(UNITDIR)/warmer@.service
-	chmod 0644 $(DESTDIR)$(UNITDIR)/warmer@.service
+	for u in warmer@.service warmer-verify.service; do \
+	  sed 's|/usr/local/bin/|$(BINDIR)/|g' systemd/$$u > $(DESTDIR)$(UNITDIR)/$$u; \
+	  chmod 0644 $(DESTDIR)$(UNITDIR)/$$u; done
 	install -m 0644 systemd/warmer.conf $(DESTDIR)$(TMPFILESDIR)/warmer.conf
 	install -D -m 0755 examples/slowweb/server.py $(DESTDIR)$(EXAMPLEDIR)/slowweb/server.py
 	install -d -m 0755 $(DESTDIR)$(MANIFESTDIR)
@@ -28,7 +29,8 @@ install: build
 
 uninstall:
 	rm -f $(DESTDIR)$(BINDIR)/warmer $(DESTDIR)$(BINDIR)/warmer-init
-	rm -f $(DESTDIR)$(UNITDIR)/warmer@.service $(DESTDIR)$(TMPFILESDIR)/warmer.conf
+	rm -f $(DESTDIR)$(UNITDIR)/warmer@.service $(DESTDIR)$(UNITDIR)/warmer-verify.service
+	rm -f $(DESTDIR)$(TMPFILESDIR)/warmer.conf
 	rm -rf $(DESTDIR)$(EXAMPLEDIR)/slowweb
 	rm -f $(DESTDIR)$(MANIFESTDIR)/slowweb.yaml
 	if [ -z "$(DESTDIR)" ] && [ -d /run/systemd/system ]; then systemctl daemon-reload; fi

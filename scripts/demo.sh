@@ -53,6 +53,8 @@ for _ in $(seq 1 600); do
 done
 bytes=$(field "['image']['bytes']")
 stop
+# Let the freshly written image reach the disk before timing restores.
+sync
 
 restores=()
 for i in $(seq 1 "$RESTORES"); do

@@ -15,23 +15,31 @@ fn units_verify_cleanly() {
         "systemd-analyze is missing: apt-get install systemd (scripts/deps.sh does)"
     );
     let dir = tempfile::tempdir().unwrap();
-    let text = std::fs::read_to_string(repo().join("systemd/warmer@.service")).unwrap();
     // Point ExecStart at the binary under test, as `make install` points it
     // at the installed one.
     let bin = std::path::Path::new(WARMER).parent().unwrap();
-    let unit = dir.path().join("warmer@slowweb.service");
-    std::fs::write(
-        &unit,
-        text.replace("/usr/local/bin/", &format!("{}/", bin.display())),
-    )
-    .unwrap();
-    let out = Command::new("systemd-analyze")
-        .arg("verify")
-        .arg(&unit)
-        .output()
+    for (file, name) in [
+        ("warmer@.service", "warmer@slowweb.service"),
+        ("warmer-verify.service", "warmer-verify.service"),
+    ] {
+        let text = std::fs::read_to_string(repo().join("systemd").join(file)).unwrap();
+        let unit = dir.path().join(name);
+        std::fs::write(
+            &unit,
+            text.replace("/usr/local/bin/", &format!("{}/", bin.display())),
+        )
         .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success() && err.trim().is_empty(), "{err}");
+        let out = Command::new("systemd-analyze")
+            .arg("verify")
+            .arg(&unit)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.success() && err.trim().is_empty(),
+            "{file}: {err}"
+        );
+    }
 }
 
 #[test]

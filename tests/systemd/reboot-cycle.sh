@@ -6,6 +6,7 @@
 #   reboot -> restored from the cache (the in-memory nonce from before the
 #             reboot proves it), journal shows the service's output after the
 #             restore, systemctl status says "restored"
+#   warmer-verify.service checked the image at boot
 #   stop   -> nothing left running, clean result
 #   start / restart / kill -> the same on a restored service
 #   change the service's program -> next boot cold-starts
@@ -140,7 +141,7 @@ rm -rf "$ROOT/var/cache/warmer" "$ROOT/var/log/journal"
 mkdir -p "$ROOT/var/log/journal"
 install -m 0755 examples/slowweb/server.py "$ROOT/opt/warmer/examples/slowweb/server.py"
 install -m 0644 manifests/slowweb.yaml "$ROOT/etc/warmer/manifests/slowweb.yaml"
-systemctl --root="$ROOT" enable "$SVC" >/dev/null 2>&1
+systemctl --root="$ROOT" enable "$SVC" warmer-verify.service >/dev/null 2>&1
 
 # ---------------------------------------------------------------- boot 1
 boot
@@ -163,6 +164,10 @@ journal_after_restore() {
 check "journal shows the service's output after the restore" wait_until 10 journal_after_restore
 check "journal of the previous boot has the cold start" \
   bash -c "nsenter -t $LEADER -a -- journalctl -u $SVC -b -1 --no-pager -o cat | grep -q 'ready: cold start'"
+verified_at_boot() {
+  in_ct journalctl -u warmer-verify.service -b --no-pager -o cat | grep -q "^ok .* slowweb"
+}
+check "warmer-verify checked the image at boot" wait_until 30 verified_at_boot
 check "systemctl status says restored" \
   bash -c "nsenter -t $LEADER -a -- systemctl status $SVC --no-pager | grep -q 'restored in'"
 
