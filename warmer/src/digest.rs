@@ -83,6 +83,17 @@ impl HostFacts {
         })
     }
 
+    /// Facts that could not be gathered; never used for a digest.
+    pub fn unknown() -> Self {
+        Self {
+            warmer_version: WARMER_VERSION.to_string(),
+            init_sha256: String::new(),
+            criu_version: String::new(),
+            kernel: String::new(),
+            cpu_flags: String::new(),
+        }
+    }
+
     pub fn as_map(&self) -> std::collections::BTreeMap<String, String> {
         [
             ("warmer_version", &self.warmer_version),

@@ -178,19 +178,24 @@ pub fn run(dirs: &Dirs, name: &str, opts: RunOptions) -> Result<Outcome, RunErro
         path: init::INIT_BIN.into(),
         source,
     })?;
-    let host = HostFacts::gather(
-        criu.as_ref().map_or("none", |c| c.version.as_str()),
-        &exe.path,
-        &mut memo,
-    )
-    .map_err(RunError::Program)?;
-    log::debug!("t+{} us: host facts", started.elapsed().as_micros());
-    let digest = match digest::compute(&manifest, &host, &run_dir, &mut memo) {
-        Ok(d) => Some(d),
-        Err(e @ DigestError::ProgramNotFound { .. }) => return Err(RunError::Program(e)),
+    let criu_version = criu.as_ref().map_or("none", |c| c.version.as_str());
+    let (host, digest) = match HostFacts::gather(criu_version, &exe.path, &mut memo) {
+        Ok(host) => {
+            log::debug!("t+{} us: host facts", started.elapsed().as_micros());
+            match digest::compute(&manifest, &host, &run_dir, &mut memo) {
+                Ok(d) => (host, Some(d)),
+                Err(e @ DigestError::ProgramNotFound { .. }) => return Err(RunError::Program(e)),
+                Err(e) => {
+                    log::warn!("no digest, so no cache for this run: {}", chain(&e));
+                    (host, None)
+                }
+            }
+        }
+        // Without host facts there is no digest, so no cache: the service
+        // still starts, cold.
         Err(e) => {
             log::warn!("no digest, so no cache for this run: {}", chain(&e));
-            None
+            (HostFacts::unknown(), None)
         }
     };
     memo.save();
@@ -329,13 +334,7 @@ impl Supervisor {
             self.try_restore()
         };
         let running = match restored {
-            Some(r) => {
-                // Set up inotify only now (it would slow the restore down),
-                // then make sure nothing changed in between.
-                self.start_watch();
-                self.recheck_digest();
-                r
-            }
+            Some(r) => r,
             None => self.cold_start()?,
         };
         self.record.service_pid = Some(running.pid.as_raw());
@@ -363,6 +362,12 @@ impl Supervisor {
         self.set_state(ServiceState::Ready);
         self.systemd.ready(&status);
 
+        if running.kind == StartKind::Restored {
+            // Set up inotify only now (it would slow the restore down), then
+            // make sure nothing changed since the digest was taken.
+            self.start_watch();
+            self.recheck_digest();
+        }
         if running.kind == StartKind::Cold && !self.opts.cold {
             self.maybe_checkpoint(&running, ready_ms);
             self.systemd.status(&status);
