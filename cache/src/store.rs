@@ -658,8 +658,12 @@ fn seal_tree(base: &Path, dir: &Path, out: &mut Vec<FileSum>) -> Result<(), Erro
 }
 
 /// Writes `dir/name` via a temporary file, fsync and rename: never a torn file.
+/// The temporary name is unique to this process and call, so concurrent
+/// writers (two `warmer run` opening a new cache) never trip over each other.
 fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), Error> {
-    let tmp = dir.join(format!(".{name}.tmp"));
+    static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = dir.join(format!(".{name}.tmp.{}.{seq}", std::process::id()));
     let target = dir.join(name);
     let mut f = OpenOptions::new()
         .write(true)

@@ -321,3 +321,22 @@ fn gc_leaves_a_busy_service_alone() {
     assert_eq!(r.skipped.len(), 1);
     assert!(cache.lookup(DIGEST).unwrap().is_some());
 }
+
+#[test]
+fn many_openers_of_a_new_cache_all_succeed() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("fresh");
+    let handles: Vec<_> = (0..8)
+        .map(|_| {
+            let root = root.clone();
+            std::thread::spawn(move || Cache::open(&root).map(|_| ()))
+        })
+        .collect();
+    for h in handles {
+        h.join().unwrap().unwrap();
+    }
+    assert_eq!(
+        fs::read_to_string(root.join("VERSION")).unwrap(),
+        "warmer-cache 1\n"
+    );
+}
