@@ -385,3 +385,38 @@ fn leftover_criu_network_lock_rules_are_removed() {
     assert!(warmer::criu::clear_network_locks() >= 1);
     assert!(!listed(), "the lock rule is gone");
 }
+
+#[test]
+fn several_services_started_at_once_on_a_new_cache_all_checkpoint_and_restore() {
+    require_criu();
+    let env = Env::new();
+    let names = ["par1", "par2", "par3"];
+    let ports: Vec<u16> = names.iter().map(|_| free_port()).collect();
+    for (name, port) in names.iter().zip(&ports) {
+        env.slowweb(name, *port, &["--warmup", "0.5"], "");
+    }
+    // All at once: the cache directory does not exist yet.
+    let mut runs: Vec<Warmer> = names.iter().map(|n| env.run(n)).collect();
+    for (name, w) in names.iter().zip(runs.iter_mut()) {
+        let s = env.wait_image(name, w);
+        assert_eq!(s["last_start"], "cold", "{}", w.err());
+        assert!(!w.err().contains("warning"), "{}", w.err());
+    }
+    let nonces: Vec<_> = ports.iter().map(|p| state(*p)["nonce"].clone()).collect();
+    for w in runs.iter_mut() {
+        w.stop();
+    }
+    let mut runs: Vec<Warmer> = names.iter().map(|n| env.run(n)).collect();
+    for ((name, w), (port, nonce)) in names
+        .iter()
+        .zip(runs.iter_mut())
+        .zip(ports.iter().zip(&nonces))
+    {
+        let s = env.wait_ready(name, w);
+        assert_eq!(s["last_start"], "restored", "{}", w.err());
+        assert_eq!(&state(*port)["nonce"], nonce);
+    }
+    for w in runs.iter_mut() {
+        w.stop();
+    }
+}
