@@ -420,3 +420,45 @@ fn several_services_started_at_once_on_a_new_cache_all_checkpoint_and_restore() 
         w.stop();
     }
 }
+
+#[test]
+fn a_failed_checkpoint_leaves_the_service_running_and_says_why() {
+    require_criu();
+    let env = Env::new();
+    let port = free_port();
+    env.slowweb(
+        "busy",
+        port,
+        &["--warmup", "0.5"],
+        "checkpoint: {settle: 1500ms}\n",
+    );
+    let mut w = env.run("busy");
+    env.wait_ready("busy", &mut w);
+    let nonce = state(port)["nonce"].clone();
+    // A client connects and stays connected through the checkpoint: CRIU
+    // refuses to dump an established TCP connection without
+    // --tcp-established.
+    let held = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let s = env.wait_status("busy", &mut w, |s| !s["message"].is_null());
+    let msg = s["message"].as_str().unwrap();
+    assert!(msg.contains("checkpoint failed"), "{msg}");
+    assert!(
+        w.err().contains("hint:") && w.err().contains("tcp_established"),
+        "{}",
+        w.err()
+    );
+    assert!(s["image"].is_null());
+    assert!(env.entries().is_empty(), "nothing half-published");
+    assert!(
+        std::fs::read_dir(env.path("cache/tmp"))
+            .unwrap()
+            .next()
+            .is_none(),
+        "staging removed"
+    );
+    drop(held);
+    // The service never noticed.
+    assert_eq!(state(port)["nonce"], nonce);
+    assert_eq!(env.status("busy")["state"], "ready");
+    w.stop();
+}

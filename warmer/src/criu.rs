@@ -29,7 +29,7 @@ pub enum CriuError {
         #[source]
         source: std::io::Error,
     },
-    #[error("criu {action} failed ({status}); log: {}{}", log.display(), tail_suffix(tail))]
+    #[error("criu {action} failed ({status}); log: {}{}{}", log.display(), tail_suffix(tail), hint(tail).map(|h| format!("\nhint: {h}")).unwrap_or_default())]
     Failed {
         action: &'static str,
         status: std::process::ExitStatus,
@@ -161,6 +161,19 @@ pub fn version_at_least(version: &str, min: (u32, u32)) -> bool {
     let major = parts.next().unwrap_or(0);
     let minor = parts.next().unwrap_or(0);
     (major, minor) >= min
+}
+
+/// What a manifest author can do about a CRIU failure, recognised from its log.
+pub fn hint(tail: &str) -> Option<&'static str> {
+    if tail.contains("Connected TCP socket") {
+        Some("the service had TCP connections open at the checkpoint: set `checkpoint: {tcp_established: true}` in its manifest, or checkpoint it before clients connect")
+    } else if tail.contains("External socket is used") {
+        Some("the service is connected to a unix socket outside its tree (syslog, a database): such services cannot be checkpointed as they are")
+    } else if tail.contains("bad size") || tail.contains("bad build-ID") {
+        Some("a file the service holds open changed since the checkpoint: list its data under `state:` in the manifest so it is put back before a restore")
+    } else {
+        None
+    }
 }
 
 /// The last error lines of a CRIU log (falling back to its stderr), minus the
@@ -397,6 +410,17 @@ mod tests {
         assert_eq!(d[0][..4], ["-t", "filter", "-D", "INPUT"]);
         assert_eq!(d[1][3], "OUTPUT");
         assert!(d[0].ends_with(&["-j".to_string(), "DROP".to_string()]));
+    }
+
+    #[test]
+    fn failures_come_with_hints() {
+        assert!(hint("Error (criu/sk-inet.c:200): Connected TCP socket, consider using --tcp-established option.")
+            .unwrap()
+            .contains("tcp_established"));
+        assert!(hint("File x has bad size 7 (expect 2)")
+            .unwrap()
+            .contains("state:"));
+        assert_eq!(hint("Error (criu/cr-dump.c:1975): Dumping FAILED."), None);
     }
 
     #[test]
