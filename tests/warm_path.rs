@@ -462,3 +462,29 @@ fn a_failed_checkpoint_leaves_the_service_running_and_says_why() {
     assert_eq!(env.status("busy")["state"], "ready");
     w.stop();
 }
+
+#[test]
+fn a_lazy_restore_serves_the_same_memory_and_leaves_nothing_behind() {
+    require_criu();
+    let env = Env::new();
+    let port = free_port();
+    env.slowweb("lazy", port, &["--warmup", "1"], "restore: {lazy: true}\n");
+    let mut w = env.run("lazy");
+    env.wait_image("lazy", &mut w);
+    let nonce = state(port)["nonce"].clone();
+    w.stop();
+    let mut w = env.run("lazy");
+    let s = env.wait_ready("lazy", &mut w);
+    assert_eq!(s["last_start"], "restored", "{}", w.err());
+    // Every page of the index is touched: all of it arrives.
+    assert_eq!(state(port)["nonce"], nonce);
+    assert!(get(port, "/hit").is_some());
+    w.stop();
+    let marker = env.dir.path().display().to_string();
+    assert!(pids_with(&marker).is_empty(), "service left running");
+    assert!(
+        pids_with(&format!("lazy-pages --images-dir {marker}")).is_empty(),
+        "lazy-pages daemon left running"
+    );
+    assert!(!w.err().contains("Traceback"), "{}", w.err());
+}

@@ -454,11 +454,20 @@ impl Bencher {
         let mut prober = Prober::new(&self.manifest.ready.probe, &notify).map_err(io("probe"))?;
         let t0 = Instant::now();
         let output = crate::logs::Output::discarding().map_err(io("pipes"))?;
-        let mut running = crate::restore::restore(&self.criu, &data, &work, false, output)
-            .map_err(|e| BenchError::Run {
-                what: "criu restore".into(),
-                detail: chain(&e),
-            })?;
+        let mut running = crate::restore::restore(
+            &self.criu,
+            &data,
+            &work,
+            crate::restore::RestoreOptions {
+                leave_stopped: false,
+                lazy: self.manifest.restore_lazy,
+            },
+            output,
+        )
+        .map_err(|e| BenchError::Run {
+            what: "criu restore".into(),
+            detail: chain(&e),
+        })?;
         let deadline = t0 + self.manifest.ready.timeout;
         let mut backoff = Backoff::default();
         let ready = loop {

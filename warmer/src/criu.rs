@@ -307,6 +307,8 @@ pub struct RestorePlan {
     /// Leave the tree SIGSTOPped (`--leave-stopped`): warmer resumes it once
     /// the image's checksums are confirmed.
     pub leave_stopped: bool,
+    /// Memory comes from a running `criu lazy-pages` (`--lazy-pages`).
+    pub lazy_pages: bool,
 }
 
 /// `criu restore` that leaves the tree running as the caller's child:
@@ -335,7 +337,27 @@ pub fn restore_args(plan: &RestorePlan) -> Vec<OsString> {
     if plan.leave_stopped {
         a.push("--leave-stopped".into());
     }
+    if plan.lazy_pages {
+        a.push("--lazy-pages".into());
+    }
     a
+}
+
+/// `criu lazy-pages`: serves the image's pages to a `--lazy-pages` restore
+/// over `lazy-pages.socket` in the work dir, reporting on `status_fd` once it
+/// listens.
+pub fn lazy_pages_args(images_dir: &Path, work_dir: &Path, status_fd: i32) -> Vec<OsString> {
+    vec![
+        "lazy-pages".into(),
+        "--images-dir".into(),
+        images_dir.into(),
+        "--work-dir".into(),
+        work_dir.into(),
+        "--log-file".into(),
+        "lazy-pages.log".into(),
+        "--status-fd".into(),
+        status_fd.to_string().into(),
+    ]
 }
 
 #[cfg(test)]
@@ -385,7 +407,9 @@ mod tests {
             ],
             tcp_established: true,
             leave_stopped: true,
+            lazy_pages: true,
         }));
+        assert!(a.contains(&"--lazy-pages".to_string()));
         assert_eq!(a[0], "restore");
         assert!(a.contains(&"--leave-stopped".to_string()));
         assert!(a.contains(&"--restore-detached".to_string()));

@@ -17,6 +17,8 @@
 //! digest:
 //!   files: ["/srv/app/server.py"]
 //! state: ["/var/lib/app/data"]     # on-disk state captured with the image
+//! restore:
+//!   lazy: true                       # pages on demand (userfaultfd), for big images
 //! ```
 
 use std::collections::BTreeMap;
@@ -85,6 +87,15 @@ struct RawManifest {
     cache: Option<RawCache>,
     #[serde(default)]
     state: Vec<Spanned<String>>,
+    #[serde(default)]
+    restore: Option<RawRestore>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRestore {
+    #[serde(default)]
+    lazy: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -201,6 +212,11 @@ pub struct Manifest {
     /// Paths kept on disk that must match memory (captured at checkpoint,
     /// put back before restore).
     pub state: Vec<PathBuf>,
+    /// Restore memory lazily (userfaultfd): the service runs as soon as its
+    /// tree is rebuilt and pages arrive on first touch. How an image is
+    /// restored, not what it is: not part of the digest.
+    #[serde(skip)]
+    pub restore_lazy: bool,
     #[serde(skip)]
     pub path: PathBuf,
 }
@@ -399,6 +415,7 @@ impl Manifest {
             stop_timeout,
             keep,
             state,
+            restore_lazy: raw.restore.and_then(|r| r.lazy).unwrap_or(false),
             path: path.to_path_buf(),
         })
     }
@@ -717,6 +734,17 @@ state: [\"/var/lib/app/data\"]
         assert_eq!(a.canonical(), b.canonical());
         let c = parse(&GOOD.replace("prod", "dev")).unwrap();
         assert_ne!(a.canonical(), c.canonical());
+    }
+
+    #[test]
+    fn lazy_restore_is_an_option_outside_the_digest() {
+        let eager = parse("exec: [a]\nready: {tcp: \"h:1\"}\n").unwrap();
+        let lazy = parse("exec: [a]\nready: {tcp: \"h:1\"}\nrestore: {lazy: true}\n").unwrap();
+        assert!(!eager.restore_lazy && lazy.restore_lazy);
+        assert_eq!(eager.canonical(), lazy.canonical());
+        assert!(
+            err("exec: [a]\nready: {tcp: \"h:1\"}\nrestore: {lazzy: true}\n").contains("lazzy")
+        );
     }
 
     #[test]

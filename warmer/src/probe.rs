@@ -94,15 +94,27 @@ fn http_ok(url: &HttpUrl, limit: Duration) -> bool {
     if s.write_all(req.as_bytes()).is_err() {
         return false;
     }
-    let mut buf = [0u8; 64];
+    let mut head = [0u8; 64];
     let mut got = 0;
     while got < 12 {
-        match s.read(&mut buf[got..]) {
+        match s.read(&mut head[got..]) {
             Ok(0) | Err(_) => break,
             Ok(n) => got += n,
         }
     }
-    status_is_2xx(&buf[..got])
+    let ok = status_is_2xx(&head[..got]);
+    // Read the rest (up to 64 KiB) before closing: closing a socket with
+    // unread data sends a RST, and the service would log a reset connection
+    // for every probe.
+    let mut rest = [0u8; 4096];
+    let mut total = 0usize;
+    while total < 64 * 1024 {
+        match s.read(&mut rest) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => total += n,
+        }
+    }
+    ok
 }
 
 fn status_is_2xx(head: &[u8]) -> bool {

@@ -79,6 +79,15 @@ impl RestoreInfo {
     }
 }
 
+/// How to restore.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RestoreOptions {
+    /// Leave every task stopped until [`Running::resume`].
+    pub leave_stopped: bool,
+    /// Serve memory on demand from a `criu lazy-pages` daemon.
+    pub lazy: bool,
+}
+
 /// The fds CRIU receives the new pipes on.
 const STDOUT_FD: i32 = 3;
 const STDERR_FD: i32 = 4;
@@ -91,7 +100,7 @@ pub fn restore(
     criu: &Criu,
     data_dir: &Path,
     run_dir: &Path,
-    leave_stopped: bool,
+    opts: RestoreOptions,
     mut output: Output,
 ) -> Result<Running, RestoreError> {
     let info = RestoreInfo::read(data_dir)?;
@@ -115,14 +124,13 @@ pub fn restore(
             },
         ],
         tcp_established: info.tcp_established,
-        leave_stopped,
+        leave_stopped: opts.leave_stopped,
+        lazy_pages: opts.lazy,
     };
-    // Move the write ends above the target numbers so the dup2s in the child
-    // cannot clobber each other.
-    let high = |fd: std::os::fd::BorrowedFd<'_>| -> std::io::Result<OwnedFd> {
-        let raw = nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(10))?;
-        // SAFETY: F_DUPFD_CLOEXEC returned a new fd that nothing else owns.
-        Ok(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(raw) })
+    let mut lazy = if opts.lazy {
+        Some(start_lazy_pages(criu, data_dir, run_dir)?)
+    } else {
+        None
     };
     let out_w = high(output.stdout.write_fd()).map_err(RestoreError::Setup)?;
     let err_w = high(output.stderr.write_fd()).map_err(RestoreError::Setup)?;
@@ -152,6 +160,10 @@ pub fn restore(
     output.close_write();
     if !out.status.success() {
         let _ = std::fs::remove_file(&pidfile);
+        if let Some(mut daemon) = lazy.take() {
+            let _ = daemon.kill();
+            let _ = daemon.wait();
+        }
         if info.tcp_established {
             let n = criu::clear_network_locks();
             if n > 0 {
@@ -173,9 +185,72 @@ pub fn restore(
             path: pidfile.clone(),
         })?;
     let _ = std::fs::remove_file(&pidfile);
-    Ok(Running::new(
-        Pid::from_raw(pid),
-        output,
-        StartKind::Restored,
-    ))
+    let mut running = Running::new(Pid::from_raw(pid), output, StartKind::Restored);
+    if let Some(daemon) = lazy {
+        running.set_lazy_pages(daemon);
+    }
+    Ok(running)
+}
+
+/// Moves `fd` above the numbers children get their fds on, so the dup2s in
+/// a child cannot clobber each other.
+fn high(fd: std::os::fd::BorrowedFd<'_>) -> std::io::Result<OwnedFd> {
+    let raw = nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(10))?;
+    // SAFETY: F_DUPFD_CLOEXEC returned a new fd that nothing else owns.
+    Ok(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(raw) })
+}
+
+/// The fd `criu lazy-pages` reports readiness on.
+const STATUS_FD: i32 = 3;
+
+/// Starts `criu lazy-pages` for the image and waits until it listens (a
+/// restore that connects earlier fails: `connect to lazy-pages.socket failed`).
+fn start_lazy_pages(
+    criu: &Criu,
+    data_dir: &Path,
+    run_dir: &Path,
+) -> Result<std::process::Child, RestoreError> {
+    // A socket left by an earlier daemon makes the next restore fail.
+    let _ = std::fs::remove_file(run_dir.join("lazy-pages.socket"));
+    let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+        .map_err(|e| RestoreError::Setup(e.into()))?;
+    let w = high(w.as_fd()).map_err(RestoreError::Setup)?;
+    let w_raw = w.as_raw_fd();
+    let log = run_dir.join("lazy-pages.log");
+    let mut cmd = criu.command();
+    cmd.args(criu::lazy_pages_args(data_dir, run_dir, STATUS_FD))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    // SAFETY: dup2 is async-signal-safe; the fd is open in the parent.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::dup2(w_raw, STATUS_FD) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().map_err(|source| CriuError::Spawn {
+        bin: criu.bin.clone(),
+        source,
+    })?;
+    drop(w);
+    let mut fds = [nix::poll::PollFd::new(
+        r.as_fd(),
+        nix::poll::PollFlags::POLLIN,
+    )];
+    let ready = nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(10_000u16)).unwrap_or(0) > 0
+        && nix::unistd::read(&r, &mut [0u8; 1]).is_ok_and(|n| n == 1);
+    if !ready {
+        let _ = child.kill();
+        let status = child.wait().map_err(RestoreError::Setup)?;
+        return Err(CriuError::Failed {
+            action: "lazy-pages",
+            status,
+            tail: criu::log_tail(&log, b""),
+            log,
+        }
+        .into());
+    }
+    Ok(child)
 }

@@ -51,6 +51,9 @@ pub struct Running {
     pub output: Output,
     pub kind: StartKind,
     exit: Option<i32>,
+    /// The `criu lazy-pages` daemon serving a lazily restored tree; `None`
+    /// once it has exited (it does when every page has been delivered).
+    lazy_pages: Option<std::process::Child>,
 }
 
 impl Running {
@@ -60,7 +63,21 @@ impl Running {
             output,
             kind,
             exit: None,
+            lazy_pages: None,
         }
+    }
+
+    /// Hands the lazy-pages daemon to this tree: reaped with it, killed when
+    /// the tree is gone.
+    pub fn set_lazy_pages(&mut self, daemon: std::process::Child) {
+        self.lazy_pages = Some(daemon);
+    }
+
+    fn lazy_pid(&self) -> Option<Pid> {
+        self.lazy_pages
+            .as_ref()
+            .and_then(|c| i32::try_from(c.id()).ok())
+            .map(Pid::from_raw)
     }
 
     /// Reaps without blocking. Returns the init's exit status once it has
@@ -79,6 +96,15 @@ impl Running {
                 Ok(WaitStatus::Signaled(pid, sig, _)) if pid == self.pid => {
                     self.exit = Some(128 + sig as i32);
                     break;
+                }
+                Ok(WaitStatus::Exited(pid, code)) if Some(pid) == self.lazy_pid() => {
+                    if code != 0 {
+                        log::warn!("criu lazy-pages exited with status {code}");
+                    }
+                    self.lazy_pages = None;
+                }
+                Ok(WaitStatus::Signaled(pid, ..)) if Some(pid) == self.lazy_pid() => {
+                    self.lazy_pages = None;
                 }
                 Ok(WaitStatus::StillAlive) | Err(_) => break,
                 Ok(_) => continue,
@@ -152,8 +178,13 @@ impl Running {
         }
     }
 
-    /// Drains the output pumps (after exit).
-    pub fn finish(self) {
+    /// Drains the output pumps (after exit) and stops a lazy-pages daemon
+    /// that has nobody left to serve.
+    pub fn finish(mut self) {
+        if let Some(mut daemon) = self.lazy_pages.take() {
+            let _ = daemon.kill();
+            let _ = daemon.wait();
+        }
         self.output.finish();
     }
 }

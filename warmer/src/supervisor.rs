@@ -456,9 +456,13 @@ impl Supervisor {
             std::thread::spawn(move || cache.verify_with(&entry, cache::Cores::One, &mut |_, _| {}))
         });
         let held = verifier.is_some();
-        let restored = Output::new()
-            .map_err(RestoreError::Setup)
-            .and_then(|out| restore::restore(&criu, &data, &self.run_dir, held, out));
+        let restored = Output::new().map_err(RestoreError::Setup).and_then(|out| {
+            let opts = restore::RestoreOptions {
+                leave_stopped: held,
+                lazy: self.manifest.restore_lazy,
+            };
+            restore::restore(&criu, &data, &self.run_dir, opts, out)
+        });
         let t_criu = t0.elapsed();
         log::debug!(
             "t+{} us: criu restore done",
