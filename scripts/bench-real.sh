@@ -17,9 +17,9 @@ export WARMER_MANIFEST_DIR=$PWD/manifests WARMER_CACHE_DIR=${WARMER_CACHE_DIR:-/
 export WARMER_RUN_DIR=${WARMER_RUN_DIR:-/run/warmer-bench}
 W=target/release/warmer
 mkdir -p "$OUT/warm" "$OUT/dropped"
-for svc in slowweb pyml nodered activemq redis; do
+for svc in slowweb pyml nodered activemq redis redis-lazy; do
   n=$RUNS
-  [ "$svc" = redis ] && n=$(( RUNS < 3 ? RUNS : 3 ))
+  case $svc in redis*) n=$(( RUNS < 3 ? RUNS : 3 )) ;; esac
   "$W" bench "$svc" --runs "$n" --out "$OUT/warm" >/dev/null
   "$W" bench "$svc" --runs "$n" --drop-caches --out "$OUT/dropped" >/dev/null
 done
