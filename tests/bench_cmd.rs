@@ -60,15 +60,7 @@ fn bench_reports_cold_restore_and_bare_criu() {
 fn bench_refuses_a_running_service() {
     require_criu();
     let env = Env::new();
-    let port = free_port();
-    env.slowweb(
-        "busy",
-        port,
-        &["--warmup", "0.2"],
-        "checkpoint: {enabled: false}\n",
-    );
-    let mut w = env.run("busy");
-    env.wait_ready("busy", &mut w);
+    let (_port, mut w) = env.start_plain("busy");
     let out = env
         .command()
         .args(["bench", "busy", "--runs", "1"])

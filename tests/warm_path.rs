@@ -218,15 +218,7 @@ fn a_service_that_exits_makes_warmer_exit_with_its_status() {
 fn a_second_run_of_the_same_service_is_refused() {
     require_criu();
     let env = Env::new();
-    let port = free_port();
-    env.slowweb(
-        "dup",
-        port,
-        &["--warmup", "0.2"],
-        "checkpoint: {enabled: false}\n",
-    );
-    let mut w = env.run("dup");
-    env.wait_ready("dup", &mut w);
+    let (_port, mut w) = env.start_plain("dup");
     let mut second = env.run("dup");
     let st = second.wait(Duration::from_secs(10));
     assert_eq!(st.code(), Some(75), "{}", second.err());

@@ -100,6 +100,20 @@ impl Env {
         self.write_manifest(name, &text);
     }
 
+    /// A quick slowweb that never checkpoints, started and ready.
+    pub fn start_plain(&self, name: &str) -> (u16, Warmer) {
+        let port = free_port();
+        self.slowweb(
+            name,
+            port,
+            &["--warmup", "0.2"],
+            "checkpoint: {enabled: false}\n",
+        );
+        let mut w = self.run(name);
+        self.wait_ready(name, &mut w);
+        (port, w)
+    }
+
     pub fn command(&self) -> Command {
         let mut c = Command::new(WARMER);
         c.env("WARMER_MANIFEST_DIR", self.path("manifests"))

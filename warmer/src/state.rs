@@ -58,7 +58,8 @@ pub struct RunRecord {
     pub last_start: Option<StartKind>,
     /// From `warmer run` start to ready, for the last start.
     pub ready_ms: Option<u64>,
-    /// The last cold start measured by this run (null after a restore).
+    /// The last measured cold start: this run's, or the one the restored
+    /// image was made after.
     pub cold_ready_ms: Option<u64>,
     pub exit_code: Option<i32>,
     pub message: Option<String>,

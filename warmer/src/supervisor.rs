@@ -350,7 +350,7 @@ impl Supervisor {
                 self.record.cold_ready_ms = Some(ready_ms);
                 format!("ready: cold start in {ready_ms} ms")
             }
-            StartKind::Restored => match self.image_cold_ms() {
+            StartKind::Restored => match self.record.cold_ready_ms {
                 Some(cold) => format!("ready: restored in {ready_ms} ms (cold {cold} ms)"),
                 None => format!("ready: restored in {ready_ms} ms"),
             },
@@ -373,12 +373,6 @@ impl Supervisor {
             self.systemd.status(&status);
         }
         Ok(self.supervise(running))
-    }
-
-    fn image_cold_ms(&self) -> Option<u64> {
-        let cache = self.cache.as_ref()?;
-        let d = self.digest.as_ref()?;
-        cache.lookup(&d.hex).ok()??.meta.cold_start_ms
     }
 
     fn notify_socket(&self) -> PathBuf {
@@ -488,6 +482,8 @@ impl Supervisor {
                 if held {
                     r.resume();
                 }
+                // What the image's cold start took, for the ready message and status.
+                self.record.cold_ready_ms = entry.meta.cold_start_ms;
                 r
             }
             (Err(problem), Ok(mut r)) => {
