@@ -344,6 +344,13 @@ mod tests {
         }
     }
 
+    /// The key of `m` on host `h` (fixed run dir, no memo).
+    fn key(m: &Manifest, h: &HostFacts) -> String {
+        compute(m, h, Path::new("/run/warmer/svc"), &mut Memo::none())
+            .unwrap()
+            .hex
+    }
+
     fn manifest(dir: &Path, extra: &str) -> Manifest {
         let text = format!(
             "exec: [\"/bin/sh\", \"{}/app.sh\"]\nready: {{tcp: \"127.0.0.1:1\"}}\n{extra}",
@@ -361,74 +368,33 @@ mod tests {
         let extra = format!("digest: {{files: [\"{}/conf\"]}}\n", dir.path().display());
         let m = manifest(dir.path(), &extra);
         let base = compute(&m, &host(), Path::new("/run/warmer/svc"), &mut Memo::none()).unwrap();
-        assert_eq!(
-            base.hex,
-            compute(&m, &host(), Path::new("/run/warmer/svc"), &mut Memo::none())
-                .unwrap()
-                .hex,
-            "stable"
-        );
+        assert_eq!(base.hex, key(&m, &host()), "stable");
         assert_eq!(base.inputs.program, PathBuf::from("/bin/sh"));
         assert_eq!(base.inputs.files.len(), 3, "{:?}", base.inputs.files);
 
         std::fs::write(dir.path().join("app.sh"), "echo 2").unwrap();
-        let script = compute(&m, &host(), Path::new("/run/warmer/svc"), &mut Memo::none()).unwrap();
-        assert_ne!(base.hex, script.hex, "script argument is an input");
+        let script = key(&m, &host());
+        assert_ne!(base.hex, script, "script argument is an input");
 
         std::fs::write(dir.path().join("conf/a.ini"), "a=2").unwrap();
-        let conf = compute(&m, &host(), Path::new("/run/warmer/svc"), &mut Memo::none()).unwrap();
-        assert_ne!(script.hex, conf.hex, "files under a digest dir are inputs");
+        let conf = key(&m, &host());
+        assert_ne!(script, conf, "files under a digest dir are inputs");
 
         let mut h = host();
         h.kernel = "6.19.0".into();
-        assert_ne!(
-            conf.hex,
-            compute(&m, &h, Path::new("/run/warmer/svc"), &mut Memo::none())
-                .unwrap()
-                .hex,
-            "kernel is an input"
-        );
+        assert_ne!(conf, key(&m, &h), "kernel is an input");
         let mut h = host();
         h.init_sha256 = "01".into();
-        assert_ne!(
-            conf.hex,
-            compute(&m, &h, Path::new("/run/warmer/svc"), &mut Memo::none())
-                .unwrap()
-                .hex,
-            "warmer-init is an input"
-        );
+        assert_ne!(conf, key(&m, &h), "warmer-init is an input");
         let mut h = host();
         h.criu_version = "4.3".into();
-        assert_ne!(
-            conf.hex,
-            compute(&m, &h, Path::new("/run/warmer/svc"), &mut Memo::none())
-                .unwrap()
-                .hex,
-            "criu is an input"
-        );
+        assert_ne!(conf, key(&m, &h), "criu is an input");
         let mut h = host();
         h.cpu_flags = "sse4_2".into();
-        assert_ne!(
-            conf.hex,
-            compute(&m, &h, Path::new("/run/warmer/svc"), &mut Memo::none())
-                .unwrap()
-                .hex,
-            "cpu flags are inputs"
-        );
+        assert_ne!(conf, key(&m, &h), "cpu flags are inputs");
 
         let m2 = manifest(dir.path(), &format!("{extra}env: {{A: b}}\n"));
-        assert_ne!(
-            conf.hex,
-            compute(
-                &m2,
-                &host(),
-                Path::new("/run/warmer/svc"),
-                &mut Memo::none()
-            )
-            .unwrap()
-            .hex,
-            "env is an input"
-        );
+        assert_ne!(conf, key(&m2, &host()), "env is an input");
     }
 
     #[test]
