@@ -37,6 +37,13 @@ pub struct GcReport {
     pub kept_bytes: u64,
 }
 
+/// What [`Cache::remove_for_gc`] did with an entry.
+enum Gone {
+    Removed(u64),
+    /// Busy: left in place.
+    Kept(Box<Entry>),
+}
+
 impl Cache {
     /// Applies `policy`. `is_current` says whether an entry is its service's
     /// current digest (a stale digest goes before a current one).
@@ -75,9 +82,14 @@ impl Cache {
                     .filter(|max| age > max.as_secs())
                     .map(|max| format!("older than {}", humantime::format_duration(max)))
             };
+            let current = is_current(&entry.meta);
             match reason {
-                Some(reason) => self.remove_for_gc(entry, reason, &mut report)?,
-                None => keep.push((is_current(&entry.meta), entry)),
+                Some(reason) => {
+                    if let Gone::Kept(entry) = self.remove_for_gc(entry, reason, &mut report)? {
+                        keep.push((current, *entry));
+                    }
+                }
+                None => keep.push((current, entry)),
             }
         }
         if let Some(max) = policy.max_bytes {
@@ -86,12 +98,17 @@ impl Cache {
             let mut total: u64 = keep.iter().map(|(_, e)| e.meta.bytes).sum();
             let mut rest = Vec::new();
             for (current, entry) in keep {
-                if total > max {
-                    total -= entry.meta.bytes;
-                    let what = if current { "current" } else { "stale digest" };
-                    self.remove_for_gc(entry, format!("over --max-bytes ({what})"), &mut report)?;
-                } else {
+                if total <= max {
                     rest.push((current, entry));
+                    continue;
+                }
+                let what = if current { "current" } else { "stale digest" };
+                let reason = format!("over --max-bytes ({what})");
+                // Only bytes actually removed count: a busy entry stays, and
+                // the next one in line must go instead.
+                match self.remove_for_gc(entry, reason, &mut report)? {
+                    Gone::Removed(bytes) => total -= bytes,
+                    Gone::Kept(entry) => rest.push((current, *entry)),
                 }
             }
             keep = rest;
@@ -105,25 +122,26 @@ impl Cache {
         entry: Entry,
         reason: String,
         report: &mut GcReport,
-    ) -> Result<(), Error> {
+    ) -> Result<Gone, Error> {
         let _lock = match self.lock_service(&entry.meta.service, false) {
             Ok(l) => l,
             Err(Error::Locked { .. }) => {
                 report.skipped.push((
-                    entry.meta.digest,
+                    entry.meta.digest.clone(),
                     "service busy (restoring or publishing)".into(),
                 ));
-                return Ok(());
+                return Ok(Gone::Kept(Box::new(entry)));
             }
             Err(e) => return Err(e),
         };
         self.remove(&entry.meta.digest)?;
+        let bytes = entry.meta.bytes;
         report.removed.push(Removed {
             digest: entry.meta.digest,
             service: entry.meta.service,
-            bytes: entry.meta.bytes,
+            bytes,
             reason,
         });
-        Ok(())
+        Ok(Gone::Removed(bytes))
     }
 }

@@ -43,6 +43,7 @@
 
 mod checksum;
 mod error;
+pub mod fsutil;
 mod gc;
 mod lock;
 mod meta;

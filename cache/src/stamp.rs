@@ -11,33 +11,27 @@
 //! is ignored: a reboot may have followed offline tampering or disk errors.
 
 use std::fs;
-use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
+
+pub use crate::fsutil::boot_id;
+use crate::fsutil::FileIdentity;
 
 /// Identity of one file at verification time.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FileId {
     pub path: String,
-    pub ino: u64,
-    pub size: u64,
-    pub mtime_ns: i128,
-    pub ctime_ns: i128,
-    pub uid: u32,
-    pub mode: u32,
+    // Not `#[serde(flatten)]`: flattening buffers values, and its buffer has
+    // no i128 (the nanosecond times).
+    pub id: FileIdentity,
 }
 
 impl FileId {
     pub fn of(path: &str, md: &fs::Metadata) -> Self {
         Self {
             path: path.to_string(),
-            ino: md.ino(),
-            size: md.size(),
-            mtime_ns: i128::from(md.mtime()) * 1_000_000_000 + i128::from(md.mtime_nsec()),
-            ctime_ns: i128::from(md.ctime()) * 1_000_000_000 + i128::from(md.ctime_nsec()),
-            uid: md.uid(),
-            mode: md.mode(),
+            id: FileIdentity::of(md),
         }
     }
 }
@@ -47,14 +41,6 @@ pub struct Stamp {
     pub boot_id: String,
     /// meta.json first, then every payload file in metadata order.
     pub files: Vec<FileId>,
-}
-
-/// This boot's id (`/proc/sys/kernel/random/boot_id`); empty if unknown,
-/// which makes every stamp invalid.
-pub fn boot_id() -> String {
-    fs::read_to_string("/proc/sys/kernel/random/boot_id")
-        .map(|s| s.trim().to_string())
-        .unwrap_or_default()
 }
 
 /// The current identities of an entry's files, in stamp order. `None` if any

@@ -1,12 +1,13 @@
 use std::collections::BTreeSet;
 use std::fs::{self, DirBuilder, File, OpenOptions};
-use std::io::{self, Write};
+use std::io;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::checksum::{hash_file, hash_file_with, Cores, FileSum, HASH_ALGORITHM};
 use crate::error::{Error, Problem};
+use crate::fsutil::{self, Durability};
 use crate::lock::ServiceLock;
 use crate::meta::{Meta, NewEntry, FORMAT_VERSION};
 use crate::stamp::{self, Stamp};
@@ -85,9 +86,7 @@ fn mkdir_private(path: &Path) -> Result<(), Error> {
 }
 
 fn fsync_dir(path: &Path) -> Result<(), Error> {
-    File::open(path)
-        .and_then(|d| d.sync_all())
-        .map_err(Error::io(path))
+    fsutil::fsync_dir(path).map_err(Error::io(path))
 }
 
 fn now_unix() -> u64 {
@@ -657,23 +656,8 @@ fn seal_tree(base: &Path, dir: &Path, out: &mut Vec<FileSum>) -> Result<(), Erro
     Ok(())
 }
 
-/// Writes `dir/name` via a temporary file, fsync and rename: never a torn file.
-/// The temporary name is unique to this process and call, so concurrent
-/// writers (two `warmer run` opening a new cache) never trip over each other.
+/// Writes `dir/name` durably (see [`crate::fsutil::write_atomic`]).
 fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), Error> {
-    static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let tmp = dir.join(format!(".{name}.tmp.{}.{seq}", std::process::id()));
-    let target = dir.join(name);
-    let mut f = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(Error::io(&tmp))?;
-    f.write_all(bytes).map_err(Error::io(&tmp))?;
-    f.sync_all().map_err(Error::io(&tmp))?;
-    fs::rename(&tmp, &target).map_err(Error::io(&target))?;
-    fsync_dir(dir)
+    fsutil::write_atomic(dir, name, bytes, 0o600, Durability::Fsync)
+        .map_err(Error::io(dir.join(name)))
 }

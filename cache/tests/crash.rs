@@ -1,7 +1,6 @@
 //! A crash at any point of publish leaves no entry or a whole one, and the
 //! next open cleans the leftovers. The crash is a real abort() of a forked
 //! child at a failpoint (feature `failpoints`).
-#![cfg(feature = "failpoints")]
 
 use std::fs;
 

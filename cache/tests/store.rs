@@ -340,3 +340,33 @@ fn many_openers_of_a_new_cache_all_succeed() {
         "warmer-cache 1\n"
     );
 }
+
+#[test]
+fn gc_over_max_bytes_removes_the_next_entry_when_one_is_busy_and_counts_what_is_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = Cache::open(dir.path().join("c")).unwrap();
+    for (i, service) in [(1u8, "busy"), (2, "idle")] {
+        let staging = cache.stage().unwrap();
+        fs::write(staging.data_dir().join("img"), vec![i; 1000]).unwrap();
+        let mut e = new_entry(&format!("{i:064x}"));
+        e.service = service.into();
+        cache.publish(staging, e).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(1100));
+    }
+    let _busy = cache.lock_service("busy", false).unwrap();
+    let policy = cache::GcPolicy {
+        max_bytes: Some(1000),
+        max_age: None,
+    };
+    // The older (busy) entry is first in line; it stays, so the idle one goes.
+    let r = cache.gc(&policy, &|_| true).unwrap();
+    assert_eq!(r.skipped.len(), 1, "{r:?}");
+    let gone: Vec<_> = r.removed.iter().map(|x| x.digest.clone()).collect();
+    assert_eq!(gone, vec![format!("{:064x}", 2)]);
+    assert_eq!(r.kept_bytes, 1000, "the busy entry is still there");
+    // A busy stale entry is kept and counted too.
+    cache.mark_stale(&format!("{:064x}", 1), "test").unwrap();
+    let r = cache.gc(&cache::GcPolicy::default(), &|_| true).unwrap();
+    assert!(r.removed.is_empty());
+    assert_eq!(r.kept_bytes, 1000);
+}
