@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use warmer::bench::Bencher;
-use warmer::supervisor::Dirs;
+use warmer::dirs::Dirs;
 
 fn setup() -> (tempfile::TempDir, Bencher) {
     assert!(

@@ -21,12 +21,13 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use crate::criu::Criu;
-use crate::digest::{self, HostFacts};
+use crate::digest::Digester;
+use crate::dirs::Dirs;
+use crate::errors::chain;
 use crate::manifest::{Manifest, Probe};
 use crate::probe::{Backoff, Prober};
 use crate::signals::Signals;
 use crate::state::{RunRecord, ServiceState, StartKind};
-use crate::supervisor::{chain, Dirs};
 
 #[derive(Debug, thiserror::Error)]
 pub enum BenchError {
@@ -130,7 +131,7 @@ pub struct Bencher {
     criu: Criu,
     signals: Signals,
     log: PathBuf,
-    host: HostFacts,
+    digester: Digester,
     entry: Option<cache::Entry>,
 }
 
@@ -157,8 +158,8 @@ impl Bencher {
                 .map_err(io("locating warmer-init"))?
                 .path
         };
-        let host = HostFacts::gather(&criu.version, &init, &mut memo)?;
         memo.save();
+        let digester = Digester::new(dirs, &criu.version, &init)?;
         Ok(Self {
             dirs: dirs.clone(),
             manifest,
@@ -166,7 +167,7 @@ impl Bencher {
             criu,
             signals: Signals::install().map_err(io("signal handlers"))?,
             log: run_dir.join("bench.log"),
-            host,
+            digester,
             entry: None,
         })
     }
@@ -175,10 +176,7 @@ impl Bencher {
     /// checkpoint) if there is none yet. Returns whether it had to be made.
     pub fn ensure_image(&mut self) -> Result<bool, BenchError> {
         let cache = cache::Cache::open(&self.dirs.cache)?;
-        let mut memo = crate::memo::Memo::load(&self.dirs.run);
-        let run_dir = self.dirs.run.join(&self.manifest.name);
-        let digest = digest::compute(&self.manifest, &self.host, &run_dir, &mut memo)?;
-        memo.save();
+        let digest = self.digester.digest(&self.manifest)?;
         let made = cache.lookup(&digest.hex)?.is_none_or(|e| e.stale.is_some());
         if made {
             self.make_image(&cache, &digest.hex)?;
@@ -223,7 +221,7 @@ pub fn bench(
         progress("image made");
     }
     let entry = b.entry.clone().expect("ensure_image sets it");
-    let host = b.host.clone();
+    let host = b.digester.host.clone();
     // A just-written image is still being flushed to disk, and the first
     // start of anything pays for cold caches of its own: settle both with one
     // round that is not counted.
@@ -443,10 +441,12 @@ impl Bencher {
     fn criu_restore(&self, entry: &cache::Entry) -> Result<f64, BenchError> {
         let data = entry.data_dir();
         if crate::state_files::has_state(&data) {
-            crate::state_files::put_back(&data).map_err(|e| BenchError::Run {
-                what: "putting state back".into(),
-                detail: chain(&e),
-            })?;
+            crate::state_files::put_back(&data)
+                .and_then(crate::state_files::PutBack::commit)
+                .map_err(|e| BenchError::Run {
+                    what: "putting state back".into(),
+                    detail: chain(&e),
+                })?;
         }
         let work = self.dirs.run.join(format!("{}.bench", self.manifest.name));
         std::fs::create_dir_all(&work).map_err(io("bench work dir"))?;
@@ -454,7 +454,7 @@ impl Bencher {
         let mut prober = Prober::new(&self.manifest.ready.probe, &notify).map_err(io("probe"))?;
         let t0 = Instant::now();
         let output = crate::logs::Output::discarding().map_err(io("pipes"))?;
-        let mut running = crate::restore::restore(
+        let mut running = crate::restore::criu_restore(
             &self.criu,
             &data,
             &work,

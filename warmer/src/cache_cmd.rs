@@ -8,10 +8,9 @@ use cache::{Cache, Entry, GcPolicy, GcReport, Problem};
 use serde::Serialize;
 
 use crate::checkpoint::short;
-use crate::criu::Criu;
-use crate::digest::{self, HostFacts};
+use crate::digest::Digester;
+use crate::dirs::Dirs;
 use crate::manifest::Manifest;
-use crate::supervisor::Dirs;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CacheCmdError {
@@ -41,12 +40,7 @@ pub struct EntryRow {
 
 /// The digest each service with a manifest would use now.
 pub fn current_digests(dirs: &Dirs) -> BTreeMap<String, String> {
-    let mut memo = crate::memo::Memo::load(&dirs.run);
-    let host = Criu::locate_memo(&mut memo)
-        .ok()
-        .zip(crate::init::locate().ok())
-        .and_then(|(c, init)| HostFacts::gather(&c.version, &init.path, &mut memo).ok());
-    let Some(host) = host else {
+    let Ok(mut digester) = Digester::open(dirs) else {
         return BTreeMap::new();
     };
     std::fs::read_dir(&dirs.manifests)
@@ -60,7 +54,7 @@ pub fn current_digests(dirs: &Dirs) -> BTreeMap<String, String> {
                 return None;
             }
             let m = Manifest::load(&p).ok()?;
-            let d = digest::compute(&m, &host, &dirs.run.join(&m.name), &mut memo).ok()?;
+            let d = digester.digest(&m).ok()?;
             Some((m.name, d.hex))
         })
         .collect()
@@ -231,4 +225,49 @@ pub fn rm(dirs: &Dirs, target: &str) -> Result<Vec<Entry>, CacheCmdError> {
         cache.remove(&e.meta.digest)?;
     }
     Ok(entries)
+}
+
+/// The report of `cache verify`, a line per entry. Returns whether any was bad.
+pub fn render_verify(results: &[Verified]) -> (String, bool) {
+    let mut out = String::new();
+    let mut bad = false;
+    for r in results {
+        match &r.problem {
+            None => out.push_str(&format!(
+                "ok   {} {} ({:.1} MB in {} ms)\n",
+                short(&r.digest),
+                r.service,
+                r.bytes as f64 / 1e6,
+                r.elapsed.as_millis()
+            )),
+            Some(p) => {
+                bad = true;
+                out.push_str(&format!(
+                    "BAD  {} {}: {p} (quarantined)\n",
+                    short(&r.digest),
+                    r.service
+                ));
+            }
+        }
+    }
+    (out, bad)
+}
+
+/// The report of `cache gc`.
+pub fn render_gc(report: &GcReport) -> String {
+    let mut out = String::new();
+    for r in &report.removed {
+        out.push_str(&format!(
+            "removed {} {} ({:.1} MB): {}\n",
+            short(&r.digest),
+            r.service,
+            r.bytes as f64 / 1e6,
+            r.reason
+        ));
+    }
+    for (d, why) in &report.skipped {
+        out.push_str(&format!("skipped {}: {why}\n", short(d)));
+    }
+    out.push_str(&format!("{:.1} MB kept\n", report.kept_bytes as f64 / 1e6));
+    out
 }

@@ -11,8 +11,8 @@ use cache::{Cache, Entry, NewEntry};
 
 use crate::criu::{self, Criu, CriuError, DumpPlan};
 use crate::digest::{HostFacts, ServiceDigest};
+use crate::image::{ImageFormatError, RestoreInfo, RESTORE_INFO_VERSION};
 use crate::manifest::Manifest;
-use crate::restore::{RestoreInfo, RESTORE_INFO, RESTORE_INFO_VERSION};
 use crate::service::Running;
 
 #[derive(Debug, thiserror::Error)]
@@ -21,8 +21,10 @@ pub enum CheckpointError {
     Cache(#[from] cache::Error),
     #[error(transparent)]
     Criu(#[from] CriuError),
-    #[error("cannot write {RESTORE_INFO}")]
-    Info(#[source] std::io::Error),
+    #[error("cannot write the image's restore information")]
+    Info(#[source] ImageFormatError),
+    #[error("cannot locate warmer itself (CRIU's action script)")]
+    Exe(#[source] std::io::Error),
 }
 
 pub struct Checkpoint<'a> {
@@ -48,7 +50,7 @@ impl Checkpoint<'_> {
         // CRIU execs the action script without a shell or arguments: the
         // script is warmer itself, told by the environment what to do.
         let action_script = if state {
-            let exe = std::env::current_exe().map_err(CheckpointError::Info)?;
+            let exe = std::env::current_exe().map_err(CheckpointError::Exe)?;
             Some(exe.to_string_lossy().into_owned())
         } else {
             None
@@ -64,10 +66,7 @@ impl Checkpoint<'_> {
         let mut cmd = self.criu.command();
         cmd.args(criu::dump_args(&plan));
         if state {
-            cmd.env(crate::state_files::HOOK_ENV, "1").env(
-                "WARMER_STATE_PATHS",
-                serde_json::to_string(&self.manifest.state).expect("paths serialize"),
-            );
+            cmd.envs(crate::roles::action_script_env(&self.manifest.state));
         }
         let dumped = self
             .criu
@@ -75,7 +74,7 @@ impl Checkpoint<'_> {
         if dumped.is_err() && plan.tcp_established {
             let n = criu::clear_network_locks();
             if n > 0 {
-                log::warn!("removed {n} network-lock rules the failed dump left");
+                tracing::warn!("removed {n} network-lock rules the failed dump left");
             }
         }
         dumped?;
@@ -85,11 +84,7 @@ impl Checkpoint<'_> {
             stderr: running.output.stderr.resource().to_string(),
             tcp_established: plan.tcp_established,
         };
-        std::fs::write(
-            staging.data_dir().join(RESTORE_INFO),
-            serde_json::to_vec_pretty(&info).expect("restore info serializes"),
-        )
-        .map_err(CheckpointError::Info)?;
+        crate::image::write(&staging.data_dir(), &info).map_err(CheckpointError::Info)?;
         let entry = self.cache.publish(
             staging,
             NewEntry {
@@ -106,7 +101,7 @@ impl Checkpoint<'_> {
             Some(&self.digest.hex),
         )?;
         for d in removed {
-            log::info!("removed old image {}", short(&d));
+            tracing::info!("removed old image {}", short(&d));
         }
         Ok(entry)
     }

@@ -82,6 +82,32 @@ impl Criu {
         Ok(Self { bin, version })
     }
 
+    /// Runs `criu check`: does CRIU work on this kernel, with our privileges?
+    pub fn check(&self) -> Result<CheckReport, CriuError> {
+        let o = self
+            .command()
+            .arg("check")
+            .output()
+            .map_err(|source| CriuError::Spawn {
+                bin: self.bin.clone(),
+                source,
+            })?;
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        Ok(CheckReport {
+            ok: o.status.success(),
+            status: o.status,
+            lines: text
+                .lines()
+                .filter(|l| !is_noise(l) && !l.trim().is_empty())
+                .map(String::from)
+                .collect(),
+        })
+    }
+
     pub fn command(&self) -> Command {
         let mut c = Command::new(&self.bin);
         c.stdin(Stdio::null());
@@ -176,6 +202,22 @@ pub fn hint(tail: &str) -> Option<&'static str> {
     }
 }
 
+/// Lines CRIU prints on every run on machines where root lacks
+/// CAP_SYS_RESOURCE (`rlimit: Can't setup RLIMIT_NOFILE for self`): harmless,
+/// and never shown to users as an error.
+pub fn is_noise(line: &str) -> bool {
+    line.contains("RLIMIT_NOFILE")
+}
+
+/// What `criu check` said.
+#[derive(Debug, Clone)]
+pub struct CheckReport {
+    pub ok: bool,
+    pub status: std::process::ExitStatus,
+    /// Its output, minus [`is_noise`] lines.
+    pub lines: Vec<String>,
+}
+
 /// The last error lines of a CRIU log (falling back to its stderr), minus the
 /// RLIMIT_NOFILE complaint CRIU prints on every run on these machines.
 pub fn log_tail(log: &Path, stderr: &[u8]) -> String {
@@ -183,7 +225,7 @@ pub fn log_tail(log: &Path, stderr: &[u8]) -> String {
         .unwrap_or_else(|_| String::from_utf8_lossy(stderr).into_owned());
     let lines: Vec<&str> = text
         .lines()
-        .filter(|l| !l.contains("RLIMIT_NOFILE"))
+        .filter(|l| !is_noise(l))
         .filter(|l| l.starts_with("Error") || l.contains("Error (") || l.contains("FAILED"))
         .collect();
     let start = lines.len().saturating_sub(6);

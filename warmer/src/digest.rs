@@ -3,11 +3,22 @@
 //! Inputs: the manifest's canonical form; the bytes of the resolved `exec[0]`,
 //! of every argument that names an existing script, jar or configuration file
 //! (by extension: .py, .js, .jar, .conf, .yaml, ... but never under a `state`
-//! path) and of `digest.files` (directories are walked); the warmer version; the
-//! CRIU version; the kernel release; the CPU feature flags. The inputs are
-//! collected into a JSON document (kept in the cache entry for humans) and the
-//! key is the sha256 of that document. Any change gives a different key, and an
-//! image is only ever looked up by the key it was made for.
+//! path) and of `digest.files` (directories are walked); and the host facts:
+//! the image format, the bytes of `warmer-init`, the CRIU version, the kernel
+//! release, the CPU feature flags. The inputs are collected into a JSON
+//! document (kept in the cache entry for humans) and the key is the sha256 of
+//! that document. Any change gives a different key, and an image is only ever
+//! looked up by the key it was made for.
+//!
+//! What an upgrade of warmer invalidates: only what a restore depends on.
+//! The image maps `warmer-init`, so its bytes are an input (it is its own
+//! crate with a pinned version, so a new warmer release leaves them alone);
+//! warmer's own files in the image are versioned by
+//! [`crate::image::IMAGE_FORMAT`]. warmer's version is not an input: a new
+//! warmer restores the images of an older one with the same image format.
+//!
+//! [`Digester`] is the one way to answer "what is SVC's digest on this host
+//! now": `run`, `status`, `cache` and `bench` all use it.
 
 use std::fs::File;
 use std::io::{self, Read};
@@ -18,8 +29,6 @@ use sha2::{Digest as _, Sha256};
 
 use crate::manifest::Manifest;
 use crate::memo::Memo;
-
-pub const WARMER_VERSION: &str = env!("CARGO_PKG_VERSION");
 
 #[derive(Debug, thiserror::Error)]
 pub enum DigestError {
@@ -42,12 +51,17 @@ pub enum DigestError {
         #[source]
         source: io::Error,
     },
+    #[error("cannot compute digests without CRIU")]
+    Criu(#[source] crate::criu::CriuError),
+    #[error("cannot find {}", crate::init::INIT_BIN)]
+    Init(#[source] io::Error),
 }
 
 /// Facts about this machine that a restore depends on.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct HostFacts {
-    pub warmer_version: String,
+    /// [`crate::image::IMAGE_FORMAT`]: warmer's files in the image.
+    pub image_format: u32,
     /// sha256 of `warmer-init`: every image maps it, so it must not change.
     pub init_sha256: String,
     pub criu_version: String,
@@ -75,7 +89,7 @@ impl HostFacts {
                 source,
             })?;
         Ok(Self {
-            warmer_version: WARMER_VERSION.to_string(),
+            image_format: crate::image::IMAGE_FORMAT,
             init_sha256,
             criu_version: criu_version.to_string(),
             kernel,
@@ -86,7 +100,7 @@ impl HostFacts {
     /// Facts that could not be gathered; never used for a digest.
     pub fn unknown() -> Self {
         Self {
-            warmer_version: WARMER_VERSION.to_string(),
+            image_format: crate::image::IMAGE_FORMAT,
             init_sha256: String::new(),
             criu_version: String::new(),
             kernel: String::new(),
@@ -96,14 +110,14 @@ impl HostFacts {
 
     pub fn as_map(&self) -> std::collections::BTreeMap<String, String> {
         [
-            ("warmer_version", &self.warmer_version),
+            ("image_format", &self.image_format.to_string()),
             ("init_sha256", &self.init_sha256),
             ("criu_version", &self.criu_version),
             ("kernel", &self.kernel),
             ("cpu_flags", &self.cpu_flags),
         ]
         .into_iter()
-        .map(|(k, v)| (k.to_string(), v.clone()))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect()
     }
 }
@@ -142,6 +156,57 @@ pub struct Inputs {
 pub struct ServiceDigest {
     pub hex: String,
     pub inputs: Inputs,
+}
+
+/// Answers "what is this service's digest on this host now": host facts
+/// gathered once, file hashes remembered for the boot (see [`Memo`]).
+pub struct Digester {
+    pub host: HostFacts,
+    memo: Memo,
+    run_root: PathBuf,
+}
+
+impl Digester {
+    /// With the CRIU and `warmer-init` this host would use (see
+    /// [`crate::criu::Criu::locate`], [`crate::init::locate`]).
+    pub fn open(dirs: &crate::dirs::Dirs) -> Result<Self, DigestError> {
+        let mut memo = Memo::load(&dirs.run);
+        let criu = crate::criu::Criu::locate_memo(&mut memo).map_err(DigestError::Criu)?;
+        let init = crate::init::locate().map_err(DigestError::Init)?;
+        Self::with_memo(dirs, &criu.version, &init.path, memo)
+    }
+
+    /// With a given CRIU version and init binary.
+    pub fn new(
+        dirs: &crate::dirs::Dirs,
+        criu_version: &str,
+        init: &Path,
+    ) -> Result<Self, DigestError> {
+        Self::with_memo(dirs, criu_version, init, Memo::load(&dirs.run))
+    }
+
+    fn with_memo(
+        dirs: &crate::dirs::Dirs,
+        criu_version: &str,
+        init: &Path,
+        mut memo: Memo,
+    ) -> Result<Self, DigestError> {
+        let host = HostFacts::gather(criu_version, init, &mut memo)?;
+        memo.save();
+        Ok(Self {
+            host,
+            memo,
+            run_root: dirs.run.clone(),
+        })
+    }
+
+    /// The digest of `manifest` now.
+    pub fn digest(&mut self, manifest: &Manifest) -> Result<ServiceDigest, DigestError> {
+        let home = self.run_root.join(&manifest.name);
+        let d = compute(manifest, &self.host, &home, &mut self.memo);
+        self.memo.save();
+        d
+    }
 }
 
 /// Resolves `exec[0]` the way execvp will for the service: a name with a `/`
@@ -336,7 +401,7 @@ mod tests {
 
     fn host() -> HostFacts {
         HostFacts {
-            warmer_version: "0.1.0".into(),
+            image_format: 1,
             init_sha256: "00".into(),
             criu_version: "4.2.1".into(),
             kernel: "6.18.0".into(),
@@ -383,6 +448,9 @@ mod tests {
         let mut h = host();
         h.kernel = "6.19.0".into();
         assert_ne!(conf, key(&m, &h), "kernel is an input");
+        let mut h = host();
+        h.image_format = 2;
+        assert_ne!(conf, key(&m, &h), "the image format is an input");
         let mut h = host();
         h.init_sha256 = "01".into();
         assert_ne!(conf, key(&m, &h), "warmer-init is an input");

@@ -69,7 +69,7 @@ pub fn locate() -> io::Result<InitExe> {
             prefix: Vec::new(),
         });
     }
-    log::warn!(
+    tracing::warn!(
         "{INIT_BIN} not found next to {} or on PATH: using warmer itself as the init",
         exe.display()
     );
@@ -79,8 +79,7 @@ pub fn locate() -> io::Result<InitExe> {
     })
 }
 
-/// The hidden `warmer` subcommand that runs the init loop.
-pub const INIT_ARG: &str = "__init";
+pub use crate::roles::INIT_ARG;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SpawnError {
@@ -125,16 +124,8 @@ pub fn spawn(spec: &InitSpec<'_>) -> Result<Pid, SpawnError> {
     // locks may be held in its copy of memory).
     let exe = cstring(spec.init.path.as_os_str())?;
     let mut args = vec![cstring(OsStr::new(INIT_BIN))?];
-    for p in &spec.init.prefix {
-        args.push(cstring(OsStr::new(p))?);
-    }
-    args.extend([
-        cstring(OsStr::new(spec.service))?,
-        cstring(spec.home.as_os_str())?,
-        cstring(OsStr::new("--"))?,
-    ]);
-    for a in spec.argv {
-        args.push(cstring(OsStr::new(a))?);
+    for a in crate::roles::init_args(&spec.init.prefix, spec.service, spec.home, spec.argv) {
+        args.push(cstring(&a)?);
     }
     let mut argv: Vec<*const libc::c_char> = args.iter().map(|a| a.as_ptr()).collect();
     argv.push(std::ptr::null());
@@ -219,6 +210,9 @@ fn read_full(fd: &OwnedFd, buf: &mut [u8]) -> usize {
     got
 }
 
+/// `close_range(2)` flag: mark the range close-on-exec instead of closing it.
+const CLOSE_RANGE_CLOEXEC: libc::c_uint = 1 << 2;
+
 /// The child's side of [`spawn`].
 ///
 /// # Safety
@@ -261,9 +255,18 @@ unsafe fn child_exec(
                 fail(report);
             }
         }
-        let mut empty: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut empty);
-        libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
+        // Only what is passed on purpose crosses into the service (and so
+        // into its images): every other fd of ours is closed at exec, as
+        // systemd does for its services. CLOEXEC rather than close, so the
+        // exec-error pipe still works until the exec.
+        if libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, CLOSE_RANGE_CLOEXEC) < 0 {
+            fail(report);
+        }
+        // The init's signals arrive blocked (it sigwaits for them): a
+        // SIGTERM sent before it runs stays pending instead of being dropped
+        // (PID 1 of a namespace ignores unblocked signals it has no handler for).
+        let set = crate::init_loop::wait_set();
+        libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
         libc::execve(exe.as_ptr(), argv.as_ptr(), envp.as_ptr());
         fail(report)
     }

@@ -1,28 +1,42 @@
 //! warmer: cold-start a slow service once, checkpoint it with CRIU when it is
 //! ready, and restore it from a digest-keyed cache on every later start.
 //!
-//! The library holds everything; `main.rs` only parses arguments and maps
-//! errors to exit codes. Where to look:
-//! - [`manifest`]: YAML -> validated manifest, positioned errors
-//! - [`digest`]: the cache key and its inputs
-//! - [`criu`]: locating CRIU, planning its command lines
-//! - [`init`]: the service's PID namespace and its tiny init
+//! The library holds everything; `main.rs` only parses arguments, prints and
+//! maps errors to exit codes. Where to look:
 //! - [`supervisor`]: `warmer run`, the warm path end to end
-//! - [`restore`], [`checkpoint`]: the two CRIU operations
-//! - [`probe`], [`notify`], [`logs`], [`signals`], [`service`], [`state`], [`status`]
+//! - [`restore`]: how a restore works, step by step (and its undo)
+//! - [`checkpoint`]: how a checkpoint is taken and published
+//! - [`image`]: warmer's own files inside an image (format, versions)
+//! - [`state_files`]: `state:` paths captured at checkpoint, put back at restore
+//! - [`digest`]: the cache key and its inputs ([`digest::Digester`])
+//! - [`manifest`]: YAML -> validated manifest, positioned errors
+//! - [`criu`]: locating CRIU, planning its command lines
+//! - [`init`], [`roles`]: the service's PID namespace and its init; the
+//!   binary's three roles and their contracts
+//! - [`probe`], [`notify`], [`logs`], [`signals`], [`service`]: the parts of
+//!   supervision
+//! - [`state`], [`status`]: what a run records and `warmer status` shows
+//! - [`cache_cmd`], [`bench`]: `warmer cache ...`, `warmer bench`
+//! - [`dirs`], [`errors`], [`logging`], [`memo`], [`watch`]: plumbing
 pub mod bench;
 pub mod cache_cmd;
 pub mod checkpoint;
 pub mod criu;
 pub mod digest;
+pub mod dirs;
+pub mod errors;
+pub mod image;
 pub mod init;
+#[path = "../../init/src/init_loop.rs"]
 pub mod init_loop;
+pub mod logging;
 pub mod logs;
 pub mod manifest;
 pub mod memo;
 pub mod notify;
 pub mod probe;
 pub mod restore;
+pub mod roles;
 pub mod service;
 pub mod signals;
 pub mod state;

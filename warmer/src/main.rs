@@ -1,11 +1,15 @@
-//! The `warmer` command line: argument parsing and exit codes only.
+//! The `warmer` command line: argument parsing, printing and exit codes only.
 
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use warmer::supervisor::{chain, Dirs, RunError};
-use warmer::{criu, manifest, status, supervisor};
+use warmer::dirs::Dirs;
+use warmer::errors::chain;
+use warmer::roles::Role;
+use warmer::supervisor::RunError;
+use warmer::{criu, logging, manifest, status, supervisor};
 
 /// Exit codes (sysexits.h), also shown in `--help`.
 mod exit {
@@ -163,64 +167,23 @@ fn parse_bytes(s: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("expected a size like 10G, 500M or 1048576, got {s:?}"))
 }
 
-fn init_logging() {
-    struct Logger;
-    impl log::Log for Logger {
-        fn enabled(&self, m: &log::Metadata) -> bool {
-            m.level() <= log::max_level()
-        }
-        fn log(&self, r: &log::Record) {
-            if self.enabled(r.metadata()) {
-                let svc = SERVICE.get().map(String::as_str).unwrap_or("");
-                let level = match r.level() {
-                    log::Level::Error => "error: ",
-                    log::Level::Warn => "warning: ",
-                    _ => "",
-                };
-                eprintln!("warmer[{svc}]: {level}{}", r.args());
-            }
-        }
-        fn flush(&self) {}
-    }
-    static LOGGER: Logger = Logger;
-    let level = match std::env::var("WARMER_LOG").as_deref() {
-        Ok("debug") => log::LevelFilter::Debug,
-        Ok("warn") => log::LevelFilter::Warn,
-        Ok("error") => log::LevelFilter::Error,
-        _ => log::LevelFilter::Info,
-    };
-    let _ = log::set_logger(&LOGGER);
-    log::set_max_level(level);
-}
-
-static SERVICE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-
 fn main() -> ExitCode {
-    if std::env::args_os()
-        .nth(1)
-        .is_some_and(|a| a == warmer::init::INIT_ARG)
-    {
-        // `warmer __init ...`: the namespace init, when no warmer-init is installed.
-        let args: Vec<std::ffi::OsString> = std::env::args_os().skip(2).collect();
-        warmer::init_loop::run(&args);
+    match warmer::roles::this_process() {
+        Role::Init(args) => warmer::init_loop::run(&args),
+        Role::ActionScript(req) => {
+            return match warmer::state_files::hook(&req) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("warmer (CRIU action script): {}", chain(&e));
+                    ExitCode::FAILURE
+                }
+            };
+        }
+        Role::Cli => {}
     }
-    if warmer::state_files::is_hook() {
-        // CRIU's action script (see warmer::state_files).
-        return match warmer::state_files::hook() {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("warmer (CRIU action script): {}", chain(&e));
-                ExitCode::FAILURE
-            }
-        };
-    }
-    init_logging();
+    logging::init();
     let cli = Cli::parse();
-    let dirs = Dirs {
-        manifests: cli.manifest_dir,
-        cache: cli.cache_dir,
-        run: cli.run_dir,
-    };
+    let dirs = Dirs::new(cli.manifest_dir, cli.cache_dir, cli.run_dir);
     match cli.cmd {
         Cmd::Run { service, cold } => run(&dirs, &service, supervisor::RunOptions { cold }),
         Cmd::Status { service, json } => status_cmd(&dirs, service.as_deref(), json),
@@ -237,6 +200,25 @@ fn main() -> ExitCode {
     }
 }
 
+/// Writes to stdout; a closed stdout (`warmer cache ls | head`) ends the
+/// program quietly, as CLI tools do.
+fn emit(text: &str) {
+    let mut out = std::io::stdout().lock();
+    if let Err(e) = out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        eprintln!("warmer: cannot write to stdout: {e}");
+        std::process::exit(i32::from(exit::SOFTWARE));
+    }
+}
+
+fn json<T: serde::Serialize>(value: &T) -> String {
+    let mut s = serde_json::to_string_pretty(value).expect("output serializes");
+    s.push('\n');
+    s
+}
+
 fn bench_cmd(
     dirs: &Dirs,
     service: &str,
@@ -246,7 +228,7 @@ fn bench_cmd(
     out: Option<&std::path::Path>,
 ) -> ExitCode {
     use warmer::bench;
-    let _ = SERVICE.set(service.to_string());
+    logging::set_service(service);
     let opts = bench::BenchOptions {
         runs: runs.max(1),
         drop_caches,
@@ -271,14 +253,11 @@ fn bench_cmd(
             }
         }
     }
-    if json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&report).expect("report serializes")
-        );
+    emit(&if json {
+        self::json(&report)
     } else {
-        print!("{}", bench::markdown(&report));
-    }
+        bench::markdown(&report)
+    });
     ExitCode::from(exit::OK)
 }
 
@@ -291,43 +270,22 @@ fn cache_cmd(dirs: &Dirs, cmd: CacheCmd) -> ExitCode {
     match cmd {
         CacheCmd::Ls { json } => match cc::ls(dirs) {
             Ok((rows, bad)) if json => {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&rows).expect("rows serialize")
-                );
+                emit(&self::json(&rows));
                 for (d, p) in &bad {
                     eprintln!("warmer: damaged entry {d}: {p}");
                 }
                 ExitCode::from(exit::OK)
             }
             Ok((rows, bad)) => {
-                print!("{}", cc::render_ls(&rows, &bad));
+                emit(&cc::render_ls(&rows, &bad));
                 ExitCode::from(exit::OK)
             }
             Err(e) => fail(e),
         },
         CacheCmd::Verify { target } => match cc::verify(dirs, target.as_deref()) {
             Ok(results) => {
-                let mut bad = false;
-                for r in &results {
-                    match &r.problem {
-                        None => println!(
-                            "ok   {} {} ({:.1} MB in {} ms)",
-                            &r.digest[..12.min(r.digest.len())],
-                            r.service,
-                            r.bytes as f64 / 1e6,
-                            r.elapsed.as_millis()
-                        ),
-                        Some(p) => {
-                            bad = true;
-                            println!(
-                                "BAD  {} {}: {p} (quarantined)",
-                                &r.digest[..12.min(r.digest.len())],
-                                r.service
-                            );
-                        }
-                    }
-                }
+                let (text, bad) = cc::render_verify(&results);
+                emit(&text);
                 ExitCode::from(if bad { exit::FAILURE } else { exit::OK })
             }
             Err(e) => fail(e),
@@ -337,36 +295,23 @@ fn cache_cmd(dirs: &Dirs, cmd: CacheCmd) -> ExitCode {
             max_age,
             json,
         } => match cc::gc(dirs, &cache::GcPolicy { max_bytes, max_age }) {
-            Ok(report) if json => {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&report).expect("report serializes")
-                );
-                ExitCode::from(exit::OK)
-            }
             Ok(report) => {
-                for r in &report.removed {
-                    println!(
-                        "removed {} {} ({:.1} MB): {}",
-                        &r.digest[..12.min(r.digest.len())],
-                        r.service,
-                        r.bytes as f64 / 1e6,
-                        r.reason
-                    );
-                }
-                for (d, why) in &report.skipped {
-                    println!("skipped {}: {why}", &d[..12.min(d.len())]);
-                }
-                println!("{:.1} MB kept", report.kept_bytes as f64 / 1e6);
+                emit(&if json {
+                    self::json(&report)
+                } else {
+                    cc::render_gc(&report)
+                });
                 ExitCode::from(exit::OK)
             }
             Err(e) => fail(e),
         },
         CacheCmd::Rm { target } => match cc::rm(dirs, &target) {
             Ok(entries) => {
-                for e in entries {
-                    println!("removed {} {}", &e.meta.digest[..12], e.meta.service);
-                }
+                let lines: String = entries
+                    .iter()
+                    .map(|e| format!("removed {} {}\n", &e.meta.digest[..12], e.meta.service))
+                    .collect();
+                emit(&lines);
                 ExitCode::from(exit::OK)
             }
             Err(e) => fail(e),
@@ -375,7 +320,7 @@ fn cache_cmd(dirs: &Dirs, cmd: CacheCmd) -> ExitCode {
 }
 
 fn run(dirs: &Dirs, service: &str, opts: supervisor::RunOptions) -> ExitCode {
-    let _ = SERVICE.set(service.to_string());
+    logging::set_service(service);
     match supervisor::run(dirs, service, opts) {
         Ok(outcome) => {
             if let Some(sig) = outcome.stopped_by {
@@ -388,7 +333,7 @@ fn run(dirs: &Dirs, service: &str, opts: supervisor::RunOptions) -> ExitCode {
             ExitCode::from(u8::try_from(outcome.code).unwrap_or(exit::FAILURE))
         }
         Err(e) => {
-            log::error!("{}", chain(&e));
+            tracing::error!("{}", chain(&e));
             if let RunError::Manifest(m) = &e {
                 if let Some(x) = m.excerpt() {
                     eprintln!("{x}");
@@ -397,9 +342,10 @@ fn run(dirs: &Dirs, service: &str, opts: supervisor::RunOptions) -> ExitCode {
             ExitCode::from(match e {
                 RunError::Manifest(_) => exit::DATAERR,
                 RunError::AlreadyRunning { .. } => exit::TEMPFAIL,
-                RunError::NotReady { .. } | RunError::Spawn { .. } | RunError::Program(_) => {
-                    exit::UNAVAILABLE
-                }
+                RunError::NotReady { .. }
+                | RunError::ExitedBeforeReady { .. }
+                | RunError::Spawn { .. }
+                | RunError::Program(_) => exit::UNAVAILABLE,
                 _ => exit::SOFTWARE,
             })
         }
@@ -419,14 +365,11 @@ fn status_cmd(dirs: &Dirs, service: Option<&str>, json: bool) -> ExitCode {
         }
     }
     let rows = status::collect(dirs, service);
-    if json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&rows).expect("status serializes")
-        );
+    emit(&if json {
+        self::json(&rows)
     } else {
-        print!("{}", status::render(&rows));
-    }
+        status::render(&rows)
+    });
     ExitCode::from(exit::OK)
 }
 
@@ -469,29 +412,24 @@ fn check() -> ExitCode {
         criu::MIN_VERSION.0,
         criu::MIN_VERSION.1
     );
-    let out = c.command().arg("check").output();
-    match out {
-        Ok(o) => {
-            let text = format!(
-                "{}{}",
-                String::from_utf8_lossy(&o.stdout),
-                String::from_utf8_lossy(&o.stderr)
+    match c.check() {
+        Ok(r) if r.ok => {
+            println!("criu check: ok: {}", r.lines.join(" / "));
+            ExitCode::from(exit::OK)
+        }
+        Ok(r) => {
+            println!(
+                "criu check: FAIL ({}):\n  {}",
+                r.status,
+                r.lines.join("\n  ")
             );
-            let text: Vec<&str> = text
-                .lines()
-                .filter(|l| !l.contains("RLIMIT_NOFILE"))
-                .collect();
-            if o.status.success() {
-                println!("criu check: ok: {}", text.join(" / "));
-                ExitCode::from(exit::OK)
-            } else {
-                println!("criu check: FAIL ({}):\n  {}", o.status, text.join("\n  "));
-                println!("hint: run as root; on kernels >= 6.16 use CRIU >= 4.2 (scripts/install-criu.sh)");
-                ExitCode::from(exit::UNAVAILABLE)
-            }
+            println!(
+                "hint: run as root; on kernels >= 6.16 use CRIU >= 4.2 (scripts/install-criu.sh)"
+            );
+            ExitCode::from(exit::UNAVAILABLE)
         }
         Err(e) => {
-            println!("criu check: FAIL: cannot run {}: {e}", c.bin.display());
+            println!("criu check: FAIL: {}", chain(&e));
             ExitCode::from(exit::UNAVAILABLE)
         }
     }

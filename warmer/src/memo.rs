@@ -3,43 +3,19 @@
 //!
 //! Hashing `/usr/bin/python3` (7 MB) and asking `criu --version` cost ~12 ms
 //! at every start: most of what warmer adds to a bare CRIU restore. The memo
-//! keeps each fact with the file's identity (device, inode, size, mtime,
-//! ctime): any write, replacement, chmod or chown changes ctime or the inode,
-//! and ctime cannot be set from user space, so a matching identity means the
-//! same bytes (the reasoning the cache's "verified this boot" stamps use). It
+//! keeps each fact with the file's [`FileIdentity`] (the reasoning, and the
+//! type, of the cache's "verified this boot" stamps). It
 //! lives in the run directory, a tmpfs under systemd: gone at reboot.
 
 use std::collections::BTreeMap;
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
+use cache::fsutil::{self, Durability, FileIdentity};
 use serde::{Deserialize, Serialize};
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-struct Identity {
-    dev: u64,
-    ino: u64,
-    size: u64,
-    mtime_ns: i128,
-    ctime_ns: i128,
-}
-
-impl Identity {
-    fn of(path: &Path) -> Option<Self> {
-        let md = std::fs::metadata(path).ok()?;
-        Some(Self {
-            dev: md.dev(),
-            ino: md.ino(),
-            size: md.size(),
-            mtime_ns: i128::from(md.mtime()) * 1_000_000_000 + i128::from(md.mtime_nsec()),
-            ctime_ns: i128::from(md.ctime()) * 1_000_000_000 + i128::from(md.ctime_nsec()),
-        })
-    }
-}
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct Fact {
-    id: Identity,
+    id: FileIdentity,
     value: String,
 }
 
@@ -67,9 +43,7 @@ impl Memo {
     /// Loads `<run-dir>/.memo.json` (a memo of another boot is ignored).
     pub fn load(run_root: &Path) -> Self {
         let path = run_root.join(".memo.json");
-        let boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
-            .map(|s| s.trim().to_string())
-            .unwrap_or_default();
+        let boot_id = fsutil::boot_id();
         let facts = std::fs::read(&path)
             .ok()
             .and_then(|b| serde_json::from_slice::<OnDisk>(&b).ok())
@@ -93,7 +67,7 @@ impl Memo {
     ) -> Result<String, E> {
         let key = format!("{kind}:{}", file.display());
         let id = if self.path.is_some() {
-            Identity::of(file)
+            FileIdentity::of_path(file)
         } else {
             None
         };
@@ -104,7 +78,7 @@ impl Memo {
         }
         let value = f(file)?;
         // Only remember what was computed from the file as it still is.
-        if let Some(id) = id.filter(|id| Identity::of(file).as_ref() == Some(id)) {
+        if let Some(id) = id.filter(|id| FileIdentity::of_path(file).as_ref() == Some(id)) {
             self.facts.insert(
                 key,
                 Fact {
@@ -126,11 +100,13 @@ impl Memo {
             boot_id: self.boot_id.clone(),
             facts: std::mem::take(&mut self.facts),
         };
-        let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
-        if let Ok(bytes) = serde_json::to_vec(&disk) {
-            if std::fs::write(&tmp, bytes).is_ok() {
-                let _ = std::fs::rename(&tmp, path);
-            }
+        // A lost memo only costs a re-hash: no fsync (it lives in /run).
+        if let (Ok(bytes), Some(dir), Some(name)) = (
+            serde_json::to_vec(&disk),
+            path.parent(),
+            path.file_name().and_then(|n| n.to_str()),
+        ) {
+            let _ = fsutil::write_atomic(dir, name, &bytes, 0o600, Durability::Atomic);
         }
         self.facts = disk.facts;
         self.dirty = false;

@@ -16,7 +16,7 @@ impl Systemd {
             return;
         }
         if let Err(e) = sd_notify::notify(false, states) {
-            log::warn!("sd_notify failed: {e}");
+            tracing::warn!("sd_notify failed: {e}");
         }
     }
 

@@ -32,6 +32,18 @@ impl Backoff {
     }
 }
 
+/// How waiting for readiness ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Readiness {
+    Ready,
+    /// The service exited first, with this status.
+    Exited(i32),
+    /// warmer was asked to stop first.
+    Stopped,
+    /// Not ready within this time.
+    TimedOut(Duration),
+}
+
 /// A probe ready to be polled.
 pub enum Prober {
     Http(HttpUrl),

@@ -99,7 +99,7 @@ impl Running {
                 }
                 Ok(WaitStatus::Exited(pid, code)) if Some(pid) == self.lazy_pid() => {
                     if code != 0 {
-                        log::warn!("criu lazy-pages exited with status {code}");
+                        tracing::warn!("criu lazy-pages exited with status {code}");
                     }
                     self.lazy_pages = None;
                 }
@@ -161,7 +161,7 @@ impl Running {
         if let Some(code) = self.wait_exit(timeout, signals) {
             return code;
         }
-        log::warn!(
+        tracing::warn!(
             "service did not exit {} after SIGTERM: killing it",
             humantime::format_duration(timeout)
         );

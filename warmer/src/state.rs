@@ -1,7 +1,6 @@
 //! What a service is doing, as `warmer run` records it and `warmer status`
 //! reads it: `<run-dir>/<service>/state.json`, replaced atomically.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -102,11 +101,14 @@ impl RunRecord {
     /// Writes the record (new file, then rename).
     pub fn write(&mut self, run_dir: &Path) -> std::io::Result<()> {
         self.updated = now();
-        let path = Self::path(run_dir, &self.name);
-        let tmp = path.with_extension("json.tmp");
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(&serde_json::to_vec_pretty(self).expect("record serializes"))?;
-        std::fs::rename(&tmp, &path)
+        // Runtime state in /run: atomic, no fsync needed.
+        cache::fsutil::write_atomic(
+            &run_dir.join(&self.name),
+            "state.json",
+            &serde_json::to_vec_pretty(self).expect("record serializes"),
+            0o644,
+            cache::fsutil::Durability::Atomic,
+        )
     }
 
     /// Whether the `warmer run` that wrote this is still alive.

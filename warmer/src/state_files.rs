@@ -45,6 +45,8 @@ pub enum StateError {
     Unsupported { path: PathBuf },
     #[error("state index {}: {reason}", path.display())]
     Index { path: PathBuf, reason: String },
+    #[error("state path {}: an earlier put-back was neither committed nor undone", path.display())]
+    Pending { path: PathBuf },
 }
 
 fn io_err(path: &Path, what: &'static str) -> impl FnOnce(io::Error) -> StateError {
@@ -157,33 +159,17 @@ fn copy_out(src: &Path, dst: &Path, rel: &str, nodes: &mut Vec<Node>) -> Result<
     Ok(())
 }
 
-/// Set in CRIU's environment for a dump with state: `warmer`, started as
-/// CRIU's action script, runs [`hook`] instead of its command line.
-pub const HOOK_ENV: &str = "WARMER_STATE_HOOK";
-
-/// Whether this process is CRIU running warmer as its action script.
-pub fn is_hook() -> bool {
-    std::env::var_os(HOOK_ENV).is_some_and(|v| v == "1")
-        && std::env::var_os("CRTOOLS_SCRIPT_ACTION").is_some()
-}
-
-/// The CRIU action script entry point: on `post-dump`
-/// (the service is still frozen) copy `$WARMER_STATE_PATHS` (a JSON array)
-/// into `$CRTOOLS_IMAGE_DIR`. Other actions: nothing.
-pub fn hook() -> Result<(), StateError> {
-    if std::env::var("CRTOOLS_SCRIPT_ACTION").as_deref() != Ok("post-dump") {
+/// The CRIU action script's work: on `post-dump` (the service is still
+/// frozen) copy the requested paths into the images directory. Other action
+/// points: nothing. The request's contract is in [`crate::roles`].
+pub fn hook(req: &crate::roles::ActionRequest) -> Result<(), StateError> {
+    if !req.captures_state() {
         return Ok(());
     }
-    let bad = |reason: String| StateError::Index {
-        path: PathBuf::from("$WARMER_STATE_PATHS"),
-        reason,
-    };
-    let paths: Vec<PathBuf> =
-        serde_json::from_str(&std::env::var("WARMER_STATE_PATHS").map_err(|e| bad(e.to_string()))?)
-            .map_err(|e| bad(e.to_string()))?;
-    let dir = std::env::var_os("CRTOOLS_IMAGE_DIR")
-        .map(PathBuf::from)
-        .ok_or_else(|| bad("CRTOOLS_IMAGE_DIR is not set".into()))?;
+    let (dir, paths) = req.capture_plan().map_err(|e| StateError::Index {
+        path: PathBuf::from("$".to_string() + crate::roles::STATE_PATHS_ENV),
+        reason: e.to_string(),
+    })?;
     capture(&paths, &dir)
 }
 
@@ -192,10 +178,87 @@ pub fn has_state(image_dir: &Path) -> bool {
     image_dir.join(STATE_DIR).join(INDEX).exists()
 }
 
-/// Puts every captured path back as it was at checkpoint time, replacing
-/// what is there now. Each path is rebuilt beside the original and swapped in
-/// by rename, so a failure midway leaves the live path untouched.
-pub fn put_back(image_dir: &Path) -> Result<(), StateError> {
+/// The names beside a state path that a put-back uses: the fresh copy being
+/// built, the live data moved aside, and a marker saying the path did not
+/// exist before (so an undo removes it).
+fn aside(path: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    let name = path
+        .file_name()
+        .map(|f| f.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    (
+        path.with_file_name(format!(".{name}.warmer-new")),
+        path.with_file_name(format!(".{name}.warmer-old")),
+        path.with_file_name(format!(".{name}.warmer-absent")),
+    )
+}
+
+/// A put-back that is not final yet: the data that was live before is kept
+/// beside each path until [`PutBack::commit`] (the restored service is ready)
+/// or brought back by [`PutBack::undo`] (the restore failed). If warmer dies
+/// in between, the next start finds the leftovers and [`recover`] undoes it:
+/// whatever happens, the service's data is never lost to a failed restore.
+#[derive(Debug)]
+#[must_use = "a put-back must be committed or undone"]
+pub struct PutBack {
+    paths: Vec<PathBuf>,
+}
+
+impl PutBack {
+    /// The restore succeeded: drop the data that was live before.
+    pub fn commit(self) -> Result<(), StateError> {
+        for path in &self.paths {
+            let (_, old, absent) = aside(path);
+            remove_any(&old)?;
+            remove_any(&absent)?;
+        }
+        Ok(())
+    }
+
+    /// The restore failed: put the data that was live before back, exactly.
+    pub fn undo(self) -> Result<(), StateError> {
+        undo_paths(&self.paths)
+    }
+}
+
+/// Brings back the live data of put-backs that were neither committed nor
+/// undone (warmer was killed during a restore). Returns the paths recovered.
+pub fn recover(paths: &[PathBuf]) -> Result<Vec<PathBuf>, StateError> {
+    let pending: Vec<PathBuf> = paths
+        .iter()
+        .filter(|p| {
+            let (_, old, absent) = aside(p);
+            fs::symlink_metadata(old).is_ok() || fs::symlink_metadata(absent).is_ok()
+        })
+        .cloned()
+        .collect();
+    undo_paths(&pending)?;
+    // A copy that was being built when warmer died.
+    for p in paths {
+        remove_any(&aside(p).0)?;
+    }
+    Ok(pending)
+}
+
+fn undo_paths(paths: &[PathBuf]) -> Result<(), StateError> {
+    for path in paths.iter().rev() {
+        let (_, old, absent) = aside(path);
+        if fs::symlink_metadata(&old).is_ok() {
+            remove_any(path)?;
+            fs::rename(&old, path).map_err(io_err(path, "restore the live data"))?;
+        } else if fs::symlink_metadata(&absent).is_ok() {
+            remove_any(path)?;
+            remove_any(&absent)?;
+        }
+    }
+    Ok(())
+}
+
+/// Puts every captured path back as it was at checkpoint time. Each path is
+/// rebuilt beside the original and swapped in by rename; what was live is
+/// kept aside until the returned [`PutBack`] is committed or undone. A
+/// failure midway undoes the paths already swapped.
+pub fn put_back(image_dir: &Path) -> Result<PutBack, StateError> {
     let root = image_dir.join(STATE_DIR);
     let idx = root.join(INDEX);
     let bytes = fs::read(&idx).map_err(io_err(&idx, "read"))?;
@@ -203,61 +266,71 @@ pub fn put_back(image_dir: &Path) -> Result<(), StateError> {
         path: idx.clone(),
         reason: e.to_string(),
     })?;
+    let mut done = PutBack { paths: Vec::new() };
     for (n, c) in index.iter().enumerate() {
-        let name = c
-            .path
-            .file_name()
-            .map(|f| f.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        let fresh = c.path.with_file_name(format!(".{name}.warmer-new"));
-        let old = c.path.with_file_name(format!(".{name}.warmer-old"));
-        remove_any(&fresh)?;
-        remove_any(&old)?;
-        if let Some(nodes) = &c.nodes {
-            if let Some(parent) = c.path.parent() {
-                fs::create_dir_all(parent).map_err(io_err(parent, "create"))?;
+        if let Err(e) = put_back_one(&root.join(n.to_string()), c, &mut done) {
+            if let Err(undo) = undo_paths(&done.paths) {
+                tracing::error!(
+                    "undoing a failed put-back failed too: {}",
+                    crate::errors::chain(&undo)
+                );
             }
-            let src = root.join(n.to_string());
-            // Contents first, then metadata deepest-first (a directory's
-            // mtime changes while its children are created).
-            for node in nodes {
-                let from = if node.rel.is_empty() {
-                    src.clone()
-                } else {
-                    src.join(&node.rel)
-                };
-                let to = if node.rel.is_empty() {
-                    fresh.clone()
-                } else {
-                    fresh.join(&node.rel)
-                };
-                match node.kind {
-                    Kind::Dir => fs::create_dir(&to).map_err(io_err(&to, "create"))?,
-                    Kind::File => {
-                        fs::copy(&from, &to).map_err(io_err(&from, "copy"))?;
-                    }
-                    Kind::Symlink => {
-                        let target = fs::read(&from).map_err(io_err(&from, "read"))?;
-                        symlink(OsStr::from_bytes(&target), &to).map_err(io_err(&to, "symlink"))?;
-                    }
+            return Err(e);
+        }
+    }
+    Ok(done)
+}
+
+fn put_back_one(src: &Path, c: &Captured, done: &mut PutBack) -> Result<(), StateError> {
+    let (fresh, old, absent) = aside(&c.path);
+    remove_any(&fresh)?;
+    // Leftovers of an earlier put-back are recovered before any restore
+    // starts; one still here means that recovery did not run: refuse.
+    if fs::symlink_metadata(&old).is_ok() || fs::symlink_metadata(&absent).is_ok() {
+        return Err(StateError::Pending {
+            path: c.path.clone(),
+        });
+    }
+    if let Some(nodes) = &c.nodes {
+        if let Some(parent) = c.path.parent() {
+            fs::create_dir_all(parent).map_err(io_err(parent, "create"))?;
+        }
+        // Contents first, then metadata deepest-first (a directory's
+        // mtime changes while its children are created).
+        for node in nodes {
+            let (from, to) = if node.rel.is_empty() {
+                (src.to_path_buf(), fresh.clone())
+            } else {
+                (src.join(&node.rel), fresh.join(&node.rel))
+            };
+            match node.kind {
+                Kind::Dir => fs::create_dir(&to).map_err(io_err(&to, "create"))?,
+                Kind::File => {
+                    fs::copy(&from, &to).map_err(io_err(&from, "copy"))?;
+                }
+                Kind::Symlink => {
+                    let target = fs::read(&from).map_err(io_err(&from, "read"))?;
+                    symlink(OsStr::from_bytes(&target), &to).map_err(io_err(&to, "symlink"))?;
                 }
             }
-            for node in nodes.iter().rev() {
-                let to = if node.rel.is_empty() {
-                    fresh.clone()
-                } else {
-                    fresh.join(&node.rel)
-                };
-                apply_meta(&to, node)?;
-            }
         }
-        if fs::symlink_metadata(&c.path).is_ok() {
-            fs::rename(&c.path, &old).map_err(io_err(&c.path, "move aside"))?;
+        for node in nodes.iter().rev() {
+            let to = if node.rel.is_empty() {
+                fresh.clone()
+            } else {
+                fresh.join(&node.rel)
+            };
+            apply_meta(&to, node)?;
         }
-        if c.nodes.is_some() {
-            fs::rename(&fresh, &c.path).map_err(io_err(&c.path, "put back"))?;
-        }
-        remove_any(&old)?;
+    }
+    if fs::symlink_metadata(&c.path).is_ok() {
+        fs::rename(&c.path, &old).map_err(io_err(&c.path, "move aside"))?;
+    } else {
+        fs::write(&absent, b"").map_err(io_err(&absent, "mark"))?;
+    }
+    done.paths.push(c.path.clone());
+    if c.nodes.is_some() {
+        fs::rename(&fresh, &c.path).map_err(io_err(&c.path, "put back"))?;
     }
     Ok(())
 }
@@ -323,7 +396,7 @@ mod tests {
         fs::remove_file(&single).unwrap();
         fs::write(&absent, b"created later").unwrap();
 
-        put_back(&image).unwrap();
+        put_back(&image).unwrap().commit().unwrap();
         assert_eq!(fs::read(live.join("dump.rdb")).unwrap(), b"version 1");
         assert!(!live.join("new-file").exists());
         assert_eq!(fs::read(live.join("sub/x")).unwrap(), b"x");
@@ -343,5 +416,79 @@ mod tests {
             .filter(|d| d.file_name().to_string_lossy().contains("warmer-"))
             .collect();
         assert!(leftovers.is_empty());
+    }
+}
+
+#[cfg(test)]
+mod undo_tests {
+    use super::*;
+
+    /// A live data dir, an image of its old state, and the newer live state.
+    fn setup(t: &Path) -> (PathBuf, PathBuf, PathBuf) {
+        let live = t.join("data");
+        fs::create_dir(&live).unwrap();
+        fs::write(live.join("ledger"), b"1\n").unwrap();
+        let absent = t.join("later");
+        let image = t.join("image");
+        fs::create_dir(&image).unwrap();
+        capture(&[live.clone(), absent.clone()], &image).unwrap();
+        fs::write(live.join("ledger"), b"1\n2\n3\n").unwrap();
+        fs::write(&absent, b"made after the checkpoint").unwrap();
+        (live, absent, image)
+    }
+
+    fn leftovers(t: &Path) -> Vec<String> {
+        fs::read_dir(t)
+            .unwrap()
+            .filter_map(|d| d.ok())
+            .map(|d| d.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.contains("warmer-"))
+            .collect()
+    }
+
+    #[test]
+    fn undo_brings_back_exactly_the_newer_data() {
+        let t = tempfile::tempdir().unwrap();
+        let (live, absent, image) = setup(t.path());
+        let pb = put_back(&image).unwrap();
+        assert_eq!(fs::read(live.join("ledger")).unwrap(), b"1\n");
+        assert!(!absent.exists());
+        pb.undo().unwrap();
+        assert_eq!(fs::read(live.join("ledger")).unwrap(), b"1\n2\n3\n");
+        assert_eq!(fs::read(&absent).unwrap(), b"made after the checkpoint");
+        assert!(leftovers(t.path()).is_empty(), "{:?}", leftovers(t.path()));
+    }
+
+    #[test]
+    fn a_put_back_interrupted_by_a_crash_is_recovered_at_the_next_start() {
+        let t = tempfile::tempdir().unwrap();
+        let (live, absent, image) = setup(t.path());
+        // warmer dies after the put-back: neither commit nor undo runs.
+        std::mem::forget(put_back(&image).unwrap());
+        let got = recover(&[live.clone(), absent.clone()]).unwrap();
+        assert_eq!(got.len(), 2);
+        assert_eq!(fs::read(live.join("ledger")).unwrap(), b"1\n2\n3\n");
+        assert_eq!(fs::read(&absent).unwrap(), b"made after the checkpoint");
+        assert!(leftovers(t.path()).is_empty());
+        assert!(
+            recover(std::slice::from_ref(&live)).unwrap().is_empty(),
+            "nothing pending"
+        );
+    }
+
+    #[test]
+    fn a_path_that_did_not_exist_is_removed_again_by_undo() {
+        let t = tempfile::tempdir().unwrap();
+        let shm = t.path().join("shm-file");
+        fs::write(&shm, b"mapped").unwrap();
+        let image = t.path().join("image");
+        fs::create_dir(&image).unwrap();
+        capture(std::slice::from_ref(&shm), &image).unwrap();
+        fs::remove_file(&shm).unwrap(); // gone after a reboot
+        let pb = put_back(&image).unwrap();
+        assert_eq!(fs::read(&shm).unwrap(), b"mapped");
+        pb.undo().unwrap();
+        assert!(!shm.exists());
+        assert!(leftovers(t.path()).is_empty());
     }
 }

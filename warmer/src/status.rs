@@ -5,11 +5,10 @@ use std::path::Path;
 
 use serde::Serialize;
 
-use crate::criu::Criu;
-use crate::digest::{self, HostFacts};
+use crate::digest::Digester;
+use crate::dirs::Dirs;
 use crate::manifest::Manifest;
 use crate::state::{RunRecord, ServiceState, StartKind};
-use crate::supervisor::Dirs;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct ImageInfo {
@@ -71,14 +70,10 @@ pub fn collect(dirs: &Dirs, only: Option<&str>) -> Vec<ServiceStatus> {
         .exists()
         .then(|| cache::Cache::open(&dirs.cache).ok())
         .flatten();
-    let mut memo = crate::memo::Memo::load(&dirs.run);
-    let host = Criu::locate_memo(&mut memo)
-        .ok()
-        .zip(crate::init::locate().ok())
-        .and_then(|(c, init)| HostFacts::gather(&c.version, &init.path, &mut memo).ok());
+    let mut digester = Digester::open(dirs).ok();
     names
         .into_iter()
-        .map(|name| one(dirs, &name, cache.as_ref(), host.as_ref(), &mut memo))
+        .map(|name| one(dirs, &name, cache.as_ref(), digester.as_mut()))
         .collect()
 }
 
@@ -86,8 +81,7 @@ fn one(
     dirs: &Dirs,
     name: &str,
     cache: Option<&cache::Cache>,
-    host: Option<&HostFacts>,
-    memo: &mut crate::memo::Memo,
+    digester: Option<&mut Digester>,
 ) -> ServiceStatus {
     let record = RunRecord::read(&dirs.run, name);
     let alive = record.as_ref().is_some_and(|r| r.warmer_alive());
@@ -102,8 +96,8 @@ fn one(
         Some(r) if alive => r.digest.clone(),
         _ => Manifest::find(&dirs.manifests, name)
             .ok()
-            .zip(host)
-            .and_then(|(m, h)| digest::compute(&m, h, &dirs.run.join(name), memo).ok())
+            .zip(digester)
+            .and_then(|(m, d)| d.digest(&m).ok())
             .map(|d| d.hex),
     };
     let entry = cache

@@ -16,7 +16,7 @@
 //! Whatever fails on the warm side (CRIU missing, damaged image, restore or
 //! checkpoint error) the service still runs: cold, logged, never down.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use cache::Cache;
@@ -24,25 +24,19 @@ use nix::sys::signal::Signal;
 
 use crate::checkpoint::{short, Checkpoint};
 use crate::criu::Criu;
-use crate::digest::{self, DigestError, HostFacts, ServiceDigest};
+use crate::digest::{DigestError, Digester, HostFacts, ServiceDigest};
+use crate::dirs::{private_dir, Dirs};
+use crate::errors::chain;
 use crate::init::{self, InitSpec, SpawnError};
 use crate::logs::Output;
 use crate::manifest::{Manifest, ManifestError, Probe};
 use crate::notify::Systemd;
-use crate::probe::Prober;
-use crate::restore::{self, RestoreError};
+use crate::probe::{Prober, Readiness};
+use crate::restore::{self, Restore, Skip};
 use crate::service::{service_env, Running};
 use crate::signals::Signals;
 use crate::state::{RunRecord, ServiceState, StartKind};
 use crate::watch::InputWatch;
-
-/// Where warmer finds and keeps things.
-#[derive(Debug, Clone)]
-pub struct Dirs {
-    pub manifests: PathBuf,
-    pub cache: PathBuf,
-    pub run: PathBuf,
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -79,6 +73,14 @@ pub enum RunError {
         #[source]
         source: std::io::Error,
     },
+    #[error("service {service}: data left aside by an interrupted restore cannot be put back")]
+    Recover {
+        service: String,
+        #[source]
+        source: crate::state_files::StateError,
+    },
+    #[error("service {service} exited with status {code} before it was ready")]
+    ExitedBeforeReady { service: String, code: i32 },
     #[error("service {service} was not ready within {}", humantime::format_duration(*timeout))]
     NotReady { service: String, timeout: Duration },
 }
@@ -90,13 +92,6 @@ pub struct Outcome {
     pub code: i32,
     /// warmer was asked to stop by this signal (and passed it on).
     pub stopped_by: Option<Signal>,
-}
-
-enum Readiness {
-    Ready,
-    Exited(i32),
-    Stopped,
-    TimedOut,
 }
 
 /// Everything one `warmer run` works with.
@@ -115,7 +110,7 @@ struct Supervisor {
     host: HostFacts,
     digest: Option<ServiceDigest>,
     /// Where the last restore spent its time, for the ready message.
-    timings: Option<String>,
+    timings: Option<restore::Timings>,
     /// Filled by the watcher thread once inotify is set up.
     watch: std::sync::Arc<std::sync::Mutex<Option<InputWatch>>>,
     opts: RunOptions,
@@ -131,26 +126,30 @@ pub struct RunOptions {
 pub fn run(dirs: &Dirs, name: &str, opts: RunOptions) -> Result<Outcome, RunError> {
     let started = Instant::now();
     let manifest = Manifest::find(&dirs.manifests, name)?;
+    let span = tracing::info_span!("run", service = name, digest = tracing::field::Empty);
+    let _span = span.enter();
     // Anything the service tree orphans (CRIU's restored root among them,
     // were it ever re-parented) comes to us, not to PID 1.
     // SAFETY: prctl with integer arguments only.
     unsafe {
         libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0);
     }
-    log::debug!("t+{} us: manifest", started.elapsed().as_micros());
+    tracing::debug!("t+{} us: manifest", started.elapsed().as_micros());
     let signals = Signals::install().map_err(RunError::Signals)?;
-    let run_dir = dirs.run.join(name);
-    private_dir(&run_dir)?;
+    let run_dir = dirs.service_run(name);
+    private_dir(&run_dir).map_err(|source| RunError::Dir {
+        path: run_dir.clone(),
+        source,
+    })?;
 
-    let systemd = Systemd;
     let cache = match Cache::open(&dirs.cache) {
         Ok(c) => Some(c),
         Err(e) => {
-            log::warn!("cache unusable, running without checkpoints: {}", chain(&e));
+            tracing::warn!("cache unusable, running without checkpoints: {}", chain(&e));
             None
         }
     };
-    log::debug!("t+{} us: cache open", started.elapsed().as_micros());
+    tracing::debug!("t+{} us: cache open", started.elapsed().as_micros());
     let _lock = match cache.as_ref().map(|c| c.lock_run(name)) {
         Some(Err(cache::Error::Locked { path, .. })) => {
             return Err(RunError::AlreadyRunning {
@@ -159,47 +158,60 @@ pub fn run(dirs: &Dirs, name: &str, opts: RunOptions) -> Result<Outcome, RunErro
             })
         }
         Some(Err(e)) => {
-            log::warn!("cannot lock the service's cache: {}", chain(&e));
+            tracing::warn!("cannot lock the service's cache: {}", chain(&e));
             None
         }
         Some(Ok(l)) => Some(l),
         None => None,
     };
+    // A restore interrupted by a crash of warmer left the service's newer
+    // data aside: it comes back before anything else runs.
+    let recovered =
+        crate::state_files::recover(&manifest.state).map_err(|source| RunError::Recover {
+            service: name.to_string(),
+            source,
+        })?;
+    for p in recovered {
+        tracing::warn!(
+            "{}: put the data back that an interrupted restore had set aside",
+            p.display()
+        );
+    }
     let mut memo = crate::memo::Memo::load(&dirs.run);
     let criu = match Criu::locate_memo(&mut memo) {
         Ok(c) => Some(c),
         Err(e) => {
-            log::warn!("checkpoint/restore disabled: {e}");
+            tracing::warn!("checkpoint/restore disabled: {e}");
             None
         }
     };
-    log::debug!("t+{} us: criu locate", started.elapsed().as_micros());
+    memo.save();
+    tracing::debug!("t+{} us: criu locate", started.elapsed().as_micros());
     let exe = init::locate().map_err(|source| RunError::Dir {
         path: init::INIT_BIN.into(),
         source,
     })?;
     let criu_version = criu.as_ref().map_or("none", |c| c.version.as_str());
-    let (host, digest) = match HostFacts::gather(criu_version, &exe.path, &mut memo) {
-        Ok(host) => {
-            log::debug!("t+{} us: host facts", started.elapsed().as_micros());
-            match digest::compute(&manifest, &host, &run_dir, &mut memo) {
-                Ok(d) => (host, Some(d)),
-                Err(e @ DigestError::ProgramNotFound { .. }) => return Err(RunError::Program(e)),
-                Err(e) => {
-                    log::warn!("no digest, so no cache for this run: {}", chain(&e));
-                    (host, None)
-                }
+    let (host, digest) = match Digester::new(dirs, criu_version, &exe.path) {
+        Ok(mut digester) => match digester.digest(&manifest) {
+            Ok(d) => (digester.host, Some(d)),
+            Err(e @ DigestError::ProgramNotFound { .. }) => return Err(RunError::Program(e)),
+            Err(e) => {
+                tracing::warn!("no digest, so no cache for this run: {}", chain(&e));
+                (digester.host, None)
             }
-        }
+        },
         // Without host facts there is no digest, so no cache: the service
         // still starts, cold.
         Err(e) => {
-            log::warn!("no digest, so no cache for this run: {}", chain(&e));
+            tracing::warn!("no digest, so no cache for this run: {}", chain(&e));
             (HostFacts::unknown(), None)
         }
     };
-    memo.save();
-    log::debug!("t+{} us: digest", started.elapsed().as_micros());
+    if let Some(d) = &digest {
+        span.record("digest", d.hex.as_str());
+    }
+    tracing::debug!("t+{} us: digest", started.elapsed().as_micros());
     let mut record = RunRecord::new(name);
     record.digest = digest.as_ref().map(|d| d.hex.clone());
     let mut sup = Supervisor {
@@ -208,7 +220,7 @@ pub fn run(dirs: &Dirs, name: &str, opts: RunOptions) -> Result<Outcome, RunErro
         run_dir,
         exe,
         signals,
-        systemd,
+        systemd: Systemd,
         record,
         started,
         cache,
@@ -220,28 +232,6 @@ pub fn run(dirs: &Dirs, name: &str, opts: RunOptions) -> Result<Outcome, RunErro
         opts,
     };
     sup.run()
-}
-
-fn private_dir(path: &Path) -> Result<(), RunError> {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::create_dir_all(path)
-        .and_then(|_| std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700)))
-        .map_err(|source| RunError::Dir {
-            path: path.to_path_buf(),
-            source,
-        })
-}
-
-/// An error and its sources on one line.
-pub fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
 
 fn ms(d: Duration) -> u64 {
@@ -259,7 +249,7 @@ impl Supervisor {
         let wake = match self.signals.waker() {
             Ok(w) => w,
             Err(e) => {
-                log::warn!("cannot watch the digest inputs: {e}");
+                tracing::warn!("cannot watch the digest inputs: {e}");
                 return;
             }
         };
@@ -268,10 +258,10 @@ impl Supervisor {
             .name("warmer-watch".into())
             .spawn(move || match InputWatch::start(&manifest, &digest, wake) {
                 Ok(w) => *slot.lock().expect("watch slot") = Some(w),
-                Err(e) => log::warn!("cannot watch the digest inputs: {e}"),
+                Err(e) => tracing::warn!("cannot watch the digest inputs: {e}"),
             });
         if let Err(e) = spawned {
-            log::warn!("cannot watch the digest inputs: {e}");
+            tracing::warn!("cannot watch the digest inputs: {e}");
         }
     }
 
@@ -280,10 +270,13 @@ impl Supervisor {
     fn recheck_digest(&mut self) {
         let Some(d) = &self.digest else { return };
         let mut memo = crate::memo::Memo::load(&self.run_root);
-        let now = digest::compute(&self.manifest, &self.host, &self.run_dir, &mut memo);
+        let now = crate::digest::compute(&self.manifest, &self.host, &self.run_dir, &mut memo);
+        memo.save();
         if !now.is_ok_and(|n| n.hex == d.hex) {
             let reason = "digest inputs changed during the restore".to_string();
-            log::warn!("{reason}: image marked stale; restart the service to run the new version");
+            tracing::warn!(
+                "{reason}: image marked stale; restart the service to run the new version"
+            );
             if let Some(cache) = &self.cache {
                 let _ = cache.mark_stale(&d.hex, &reason);
             }
@@ -307,10 +300,10 @@ impl Supervisor {
         let Some(reason) = self.input_change() else {
             return false;
         };
-        log::warn!("{reason}: image marked stale; restart the service to run the new version");
+        tracing::warn!("{reason}: image marked stale; restart the service to run the new version");
         if let (Some(cache), Some(d)) = (&self.cache, &self.digest) {
             if let Err(e) = cache.mark_stale(&d.hex, &reason) {
-                log::error!("cannot mark image {} stale: {}", short(&d.hex), chain(&e));
+                tracing::error!("cannot mark image {} stale: {}", short(&d.hex), chain(&e));
             }
         }
         self.record.stale = Some(reason);
@@ -323,7 +316,7 @@ impl Supervisor {
         self.record.state = state;
         if let Err(e) = self.record.write(&self.run_root) {
             let path = RunRecord::path(&self.run_root, &self.manifest.name);
-            log::warn!("cannot write {}: {e}", path.display());
+            tracing::warn!("cannot write {}: {e}", path.display());
         }
     }
 
@@ -355,9 +348,11 @@ impl Supervisor {
                 None => format!("ready: restored in {ready_ms} ms"),
             },
         };
-        match &self.timings {
-            Some(t) => log::info!("{status}; {t}"),
-            None => log::info!("{status}"),
+        match (&self.timings, running.kind) {
+            (Some(t), StartKind::Restored) => {
+                tracing::info!(phase = "ready", ready_ms, restored = true, "{status}; {t}")
+            }
+            _ => tracing::info!(phase = "ready", ready_ms, restored = false, "{status}"),
         }
         self.set_state(ServiceState::Ready);
         self.systemd.ready(&status);
@@ -379,173 +374,103 @@ impl Supervisor {
         self.run_dir.join("notify.sock")
     }
 
-    /// Restores from the cache if there is a usable image. Every failure is
-    /// logged, the image quarantined, and `None` returned: cold start next.
+    /// Restores from the cache if there is a usable image (see
+    /// [`crate::restore`] for the steps). Every failure is undone and
+    /// recorded, the image quarantined, and `None` returned: cold start next.
     fn try_restore(&mut self) -> Option<Running> {
         let (criu, cache, digest) = match (&self.criu, &self.cache, &self.digest) {
             (Some(c), Some(k), Some(d)) => (c.clone(), k.clone(), d.hex.clone()),
             _ => return None,
         };
-        // Held until CRIU is done with the image: gc and rm wait for it.
+        // Held until the restore is done: gc and rm wait for it.
         let lock = match cache.lock_service(&self.manifest.name, true) {
             Ok(l) => l,
             Err(e) => {
-                log::warn!("cannot lock the cache, cold start: {}", chain(&e));
+                tracing::warn!("cannot lock the cache, cold start: {}", chain(&e));
                 return None;
             }
         };
-        let entry = match cache.lookup(&digest) {
-            Ok(Some(e)) => e,
-            Ok(None) => {
-                log::info!("no image for digest {}: cold start", short(&digest));
+        let planned = restore::plan(&cache, &digest, self.manifest.restore_lazy);
+        let plan = match planned {
+            Ok(Ok(plan)) => plan,
+            Ok(Err(Skip::NoImage)) => {
+                tracing::info!(
+                    phase = "plan",
+                    "no image for digest {}: cold start",
+                    short(&digest)
+                );
                 return None;
             }
-            Err(e) => {
-                self.discard(&cache, &digest, &chain(&e));
+            Ok(Err(Skip::Stale(why))) => {
+                tracing::info!(
+                    phase = "plan",
+                    "image {} is stale ({why}): cold start",
+                    short(&digest)
+                );
+                if let Err(e) = cache.remove(&digest) {
+                    tracing::warn!("cannot remove stale image: {}", chain(&e));
+                }
+                return None;
+            }
+            Err(failure) => {
+                let failure = Restore {
+                    criu: &criu,
+                    cache: &cache,
+                    run_dir: &self.run_dir,
+                    signals: &self.signals,
+                }
+                .undo(&digest, failure, None, None);
+                self.record.message = Some(format!("restore failed: {}", chain(&failure)));
                 return None;
             }
         };
-        if let Some(why) = &entry.stale {
-            log::info!("image {} is stale ({why}): cold start", short(&digest));
-            if let Err(e) = cache.remove(&digest) {
-                log::warn!("cannot remove stale image: {}", chain(&e));
-            }
-            return None;
-        }
         self.set_state(ServiceState::Restoring);
         self.systemd
             .status(&format!("restoring {}", short(&digest)));
-        log::info!("restoring from image {}", short(&digest));
-        log::debug!("t+{} us: lookup", self.started.elapsed().as_micros());
-        let t0 = Instant::now();
-        // Free when a stamp from this boot still matches every file.
-        // Otherwise every file is hashed while CRIU restores, and the tree is
-        // left stopped until the hashes are confirmed: the check costs little
-        // wall time, and a damaged image never runs.
-        let stamped = cache.stamp_valid(&entry);
-        let data = entry.data_dir();
-        // State files go back onto the live filesystem before CRIU runs, so
-        // an image with state is verified in full first: nothing unverified
-        // is ever written outside the cache.
-        let with_state = crate::state_files::has_state(&data);
-        if with_state && !stamped {
-            if let Err(problem) = cache.verify(&entry, &mut |_, _| {}) {
-                self.discard(&cache, &digest, &chain(&RestoreError::Damaged(problem)));
-                return None;
-            }
-        }
-        if with_state {
-            if let Err(e) = crate::state_files::put_back(&data) {
-                self.discard(&cache, &digest, &chain(&RestoreError::State(e)));
-                return None;
-            }
-        }
-        let integrity = match (stamped, with_state) {
-            (true, _) => "stamp",
-            (false, true) => "hashed before the state was put back",
-            (false, false) => "hashed alongside",
+        tracing::info!(phase = "restore", "restoring from image {}", short(&digest));
+        let restore = Restore {
+            criu: &criu,
+            cache: &cache,
+            run_dir: &self.run_dir,
+            signals: &self.signals,
         };
-        let verifier = (!stamped && !with_state).then(|| {
-            let (cache, entry) = (cache.clone(), entry.clone());
-            std::thread::spawn(move || cache.verify_with(&entry, cache::Cores::One, &mut |_, _| {}))
-        });
-        let held = verifier.is_some();
-        let restored = Output::new().map_err(RestoreError::Setup).and_then(|out| {
-            let opts = restore::RestoreOptions {
-                leave_stopped: held,
-                lazy: self.manifest.restore_lazy,
-            };
-            restore::restore(&criu, &data, &self.run_dir, opts, out)
-        });
-        let t_criu = t0.elapsed();
-        log::debug!(
-            "t+{} us: criu restore done",
-            self.started.elapsed().as_micros()
-        );
-        let verified = match verifier {
-            None => Ok(()),
-            Some(h) => h.join().unwrap_or_else(|_| {
-                Err(cache::Problem::Unreadable {
-                    path: ".".into(),
-                    error: "verification thread panicked".into(),
-                })
-            }),
-        };
-        drop(lock);
-        self.timings = Some(format!(
-            "criu restore {} ms, integrity: {integrity} (+{} ms)",
-            ms(t_criu),
-            ms(t0.elapsed().saturating_sub(t_criu))
-        ));
-        let mut running = match (verified, restored) {
-            (Ok(()), Ok(r)) => {
-                if held {
-                    r.resume();
-                }
-                // What the image's cold start took, for the ready message and status.
-                self.record.cold_ready_ms = entry.meta.cold_start_ms;
-                r
-            }
-            (Err(problem), Ok(mut r)) => {
-                r.kill(&self.signals);
-                r.finish();
-                self.discard(&cache, &digest, &chain(&RestoreError::Damaged(problem)));
-                return None;
-            }
-            (Err(problem), Err(_)) => {
-                self.discard(&cache, &digest, &chain(&RestoreError::Damaged(problem)));
-                return None;
-            }
-            (Ok(()), Err(e)) => {
-                self.discard(&cache, &digest, &chain(&e));
-                return None;
-            }
-        };
-        // A notify-probed service said READY=1 before its checkpoint; the
-        // restored one is past that point.
-        let readiness = if matches!(self.manifest.ready.probe, Probe::Notify) {
-            match running.poll_exit() {
-                Some(code) => Readiness::Exited(code),
-                None => Readiness::Ready,
-            }
+        let notify_probe = matches!(self.manifest.ready.probe, Probe::Notify);
+        let prober = if notify_probe {
+            None
         } else {
-            match Prober::new(&self.manifest.ready.probe, &self.notify_socket()) {
-                Ok(mut p) => self.wait_ready(&mut running, &mut p),
-                Err(_) => Readiness::TimedOut,
+            Prober::new(&self.manifest.ready.probe, &self.notify_socket()).ok()
+        };
+        let mut prober = prober;
+        let (timeout, signals, systemd) =
+            (self.manifest.ready.timeout, &self.signals, self.systemd);
+        let mut probe = |running: &mut Running| -> Readiness {
+            // A notify-probed service said READY=1 before its checkpoint;
+            // the restored one is past that point.
+            if notify_probe {
+                return match running.poll_exit() {
+                    Some(code) => Readiness::Exited(code),
+                    None => Readiness::Ready,
+                };
+            }
+            match prober.as_mut() {
+                Some(p) => wait_ready(running, p, timeout, signals, systemd, &mut || {}),
+                None => Readiness::TimedOut(Duration::ZERO),
             }
         };
-        let why = match readiness {
-            Readiness::Ready => return Some(running),
-            Readiness::Exited(code) => format!("restored service exited with status {code}"),
-            Readiness::TimedOut => format!(
-                "restored service not ready within {}",
-                humantime::format_duration(self.manifest.ready.timeout)
-            ),
-            Readiness::Stopped => {
-                // Asked to stop while restoring: stop it like any running service.
-                return Some(running);
+        let result = restore.run(&plan, &mut probe);
+        drop(lock);
+        match result {
+            Ok(restored) => {
+                self.timings = Some(restored.timings);
+                // What the image's cold start took, for the ready message and status.
+                self.record.cold_ready_ms = restored.entry.meta.cold_start_ms;
+                Some(restored.running)
             }
-        };
-        running.kill(&self.signals);
-        running.finish();
-        self.discard(&cache, &digest, &why);
-        None
-    }
-
-    fn discard(&mut self, cache: &Cache, digest: &str, why: &str) {
-        log::warn!(
-            "image {} unusable, cold start instead: {why}",
-            short(digest)
-        );
-        match cache.quarantine(digest, why) {
-            Ok(to) => log::warn!("image moved to {}", to.display()),
-            Err(e) => {
-                if cache.lookup(digest).is_ok_and(|e| e.is_some()) {
-                    log::error!("cannot quarantine image {}: {}", short(digest), chain(&e));
-                }
+            Err(failure) => {
+                self.record.message = Some(format!("restore failed: {}", chain(&failure)));
+                None
             }
         }
-        self.record.message = Some(format!("restore failed: {why}"));
     }
 
     fn cold_start(&mut self) -> Result<Running, RunError> {
@@ -585,59 +510,51 @@ impl Supervisor {
         let mut running = Running::new(pid, output, StartKind::Cold);
         self.record.service_pid = Some(pid.as_raw());
         self.set_state(ServiceState::Starting);
-        log::info!("cold start: pid {pid}");
-        match self.wait_ready(&mut running, &mut prober) {
-            Readiness::Ready | Readiness::Stopped => Ok(running),
+        tracing::info!("cold start: pid {pid}");
+        let err = match self.wait_ready(&mut running, &mut prober) {
+            Readiness::Ready | Readiness::Stopped => return Ok(running),
             Readiness::Exited(code) => {
                 running.finish();
-                Err(RunError::Spawn {
-                    service,
-                    source: SpawnError::Exec {
-                        exe: self.manifest.exec[0].clone(),
-                        source: std::io::Error::other(format!(
-                            "exited with status {code} before it was ready"
-                        )),
-                    },
-                })
+                self.record.exit_code = Some(code);
+                RunError::ExitedBeforeReady { service, code }
             }
-            Readiness::TimedOut => {
+            Readiness::TimedOut(timeout) => {
                 running.stop(self.manifest.stop_timeout, &self.signals);
                 running.finish();
-                Err(RunError::NotReady {
-                    service,
-                    timeout: self.manifest.ready.timeout,
-                })
+                RunError::NotReady { service, timeout }
             }
-        }
+        };
+        self.record.message = Some(chain(&err));
+        self.set_state(ServiceState::Failed);
+        Err(err)
     }
 
-    /// Polls the probe until ready, exit, stop request or timeout.
+    /// Polls the probe until ready, exit, stop request or timeout, watching
+    /// the digest inputs meanwhile.
     fn wait_ready(&mut self, running: &mut Running, prober: &mut Prober) -> Readiness {
-        let timeout = self.manifest.ready.timeout;
-        let deadline = Instant::now() + timeout;
-        self.systemd
-            .extend_timeout(timeout + Duration::from_secs(5));
-        let mut backoff = crate::probe::Backoff::default();
-        loop {
-            if self.signals.stop_requested() {
-                return Readiness::Stopped;
-            }
-            for sig in self.signals.take_forwarded() {
-                running.signal(sig);
-            }
-            if let Some(code) = running.poll_exit() {
-                return Readiness::Exited(code);
-            }
+        let (timeout, systemd) = (self.manifest.ready.timeout, self.systemd);
+        let watch = self.watch.clone();
+        let mut changed = None;
+        let r = wait_ready(
+            running,
+            prober,
+            timeout,
+            &self.signals,
+            systemd,
+            &mut || {
+                if changed.is_none() {
+                    changed = watch
+                        .lock()
+                        .expect("watch slot")
+                        .as_ref()
+                        .and_then(InputWatch::changed);
+                }
+            },
+        );
+        if changed.is_some() {
             self.check_inputs();
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Readiness::TimedOut;
-            }
-            if prober.check(left) {
-                return Readiness::Ready;
-            }
-            self.signals.wait(backoff.next_pause().min(left));
         }
+        r
     }
 
     fn maybe_checkpoint(&mut self, running: &Running, cold_ms: u64) {
@@ -683,14 +600,14 @@ impl Supervisor {
         }
         .take(running);
         match result {
-            Ok(entry) => log::info!(
+            Ok(entry) => tracing::info!(
                 "checkpoint {} stored: {} MB in {} ms",
                 short(&digest.hex),
                 entry.meta.bytes / 1_000_000,
                 t.elapsed().as_millis()
             ),
             Err(e) => {
-                log::warn!("checkpoint failed, service keeps running: {}", chain(&e));
+                tracing::warn!("checkpoint failed, service keeps running: {}", chain(&e));
                 self.record.message = Some(format!("checkpoint failed: {}", chain(&e)));
             }
         }
@@ -710,14 +627,14 @@ impl Supervisor {
                 running.signal(sig);
             }
             if let Some(code) = running.poll_exit() {
-                log::info!("service exited with status {code}");
+                tracing::info!("service exited with status {code}");
                 break code;
             }
             self.check_inputs();
             if self.signals.stop_requested() {
                 self.set_state(ServiceState::Stopping);
                 self.systemd.stopping();
-                log::info!("stopping");
+                tracing::info!("stopping");
                 break running.stop(self.manifest.stop_timeout, &self.signals);
             }
             self.signals.wait(Duration::from_secs(1));
@@ -729,5 +646,40 @@ impl Supervisor {
             code,
             stopped_by: self.signals.stop_requested().then_some(Signal::SIGTERM),
         }
+    }
+}
+
+/// Polls `prober` until ready, exit, stop request or `timeout`; `tick` runs
+/// between attempts.
+fn wait_ready(
+    running: &mut Running,
+    prober: &mut Prober,
+    timeout: Duration,
+    signals: &Signals,
+    systemd: Systemd,
+    tick: &mut dyn FnMut(),
+) -> Readiness {
+    let deadline = Instant::now() + timeout;
+    systemd.extend_timeout(timeout + Duration::from_secs(5));
+    let mut backoff = crate::probe::Backoff::default();
+    loop {
+        if signals.stop_requested() {
+            return Readiness::Stopped;
+        }
+        for sig in signals.take_forwarded() {
+            running.signal(sig);
+        }
+        if let Some(code) = running.poll_exit() {
+            return Readiness::Exited(code);
+        }
+        tick();
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Readiness::TimedOut(timeout);
+        }
+        if prober.check(left) {
+            return Readiness::Ready;
+        }
+        signals.wait(backoff.next_pause().min(left));
     }
 }

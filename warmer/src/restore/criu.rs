@@ -1,10 +1,8 @@
-//! Restoring a service from a cache entry.
+//! Step 3 of a restore: `criu restore` itself (and its lazy-pages daemon).
 //!
-//! The entry is verified first (every checksum, owner and mode). CRIU then
-//! restores the tree as our child (`--restore-sibling`), with the service's
-//! stdout/stderr pipes swapped for fresh ones of ours (`--inherit-fd`).
-//! Any failure leaves nothing running: the caller quarantines the entry and
-//! cold-starts.
+//! CRIU restores the tree as our child (`--restore-sibling`), with the
+//! service's stdout/stderr pipes swapped for fresh ones of ours
+//! (`--inherit-fd`). Any failure leaves nothing running.
 
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
@@ -12,71 +10,23 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
 use nix::unistd::Pid;
-use serde::{Deserialize, Serialize};
 
 use crate::criu::{self, Criu, CriuError, Inherit, RestorePlan};
+use crate::image::ImageFormatError;
 use crate::logs::Output;
 use crate::service::Running;
 use crate::state::StartKind;
 
-/// Written into every image by the checkpoint: what a restore needs to know
-/// beyond CRIU's own files.
-pub const RESTORE_INFO: &str = "restore.json";
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RestoreInfo {
-    pub format_version: u32,
-    /// `pipe:[INODE]` of the service's stdout and stderr at dump time.
-    pub stdout: String,
-    pub stderr: String,
-    pub tcp_established: bool,
-}
-
-pub const RESTORE_INFO_VERSION: u32 = 1;
-
 #[derive(Debug, thiserror::Error)]
-pub enum RestoreError {
-    #[error("image is damaged: {0}")]
-    Damaged(#[from] cache::Problem),
-    #[error("cannot read {}", path.display())]
-    Info {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("{}: {reason}", path.display())]
-    BadInfo { path: PathBuf, reason: String },
+pub enum CriuRestoreError {
+    #[error("cannot read the image's restore information")]
+    Info(#[source] ImageFormatError),
     #[error("cannot set up the restore")]
     Setup(#[source] std::io::Error),
     #[error(transparent)]
     Criu(#[from] CriuError),
     #[error("criu restore succeeded but its pidfile {} is unreadable", path.display())]
     Pidfile { path: PathBuf },
-    #[error("cannot put the service's state files back")]
-    State(#[from] crate::state_files::StateError),
-}
-
-impl RestoreInfo {
-    pub fn read(data_dir: &Path) -> Result<Self, RestoreError> {
-        let path = data_dir.join(RESTORE_INFO);
-        let bytes = std::fs::read(&path).map_err(|source| RestoreError::Info {
-            path: path.clone(),
-            source,
-        })?;
-        let info: RestoreInfo =
-            serde_json::from_slice(&bytes).map_err(|e| RestoreError::BadInfo {
-                path: path.clone(),
-                reason: e.to_string(),
-            })?;
-        if info.format_version != RESTORE_INFO_VERSION {
-            return Err(RestoreError::BadInfo {
-                path,
-                reason: format!("unknown format_version {}", info.format_version),
-            });
-        }
-        Ok(info)
-    }
 }
 
 /// How to restore.
@@ -95,15 +45,16 @@ const STDERR_FD: i32 = 4;
 /// Restores the image in `data_dir`. Returns the restored tree, not yet
 /// probed; with `leave_stopped` every task of it is stopped until
 /// [`Running::resume`]. State files (`state:`) must already be back in place
-/// ([`crate::state_files::put_back`]).
+/// ([`crate::state_files::put_back`]). Used by warmer's restore and by the
+/// bench's bare-CRIU baseline alike, so both run the same command line.
 pub fn restore(
     criu: &Criu,
     data_dir: &Path,
     run_dir: &Path,
     opts: RestoreOptions,
     mut output: Output,
-) -> Result<Running, RestoreError> {
-    let info = RestoreInfo::read(data_dir)?;
+) -> Result<Running, CriuRestoreError> {
+    let info = crate::image::read(data_dir).map_err(CriuRestoreError::Info)?;
     let pidfile = run_dir.join("restore.pid");
     // CRIU opens the pidfile O_EXCL.
     let _ = std::fs::remove_file(&pidfile);
@@ -132,8 +83,8 @@ pub fn restore(
     } else {
         None
     };
-    let out_w = high(output.stdout.write_fd()).map_err(RestoreError::Setup)?;
-    let err_w = high(output.stderr.write_fd()).map_err(RestoreError::Setup)?;
+    let out_w = high(output.stdout.write_fd()).map_err(CriuRestoreError::Setup)?;
+    let err_w = high(output.stderr.write_fd()).map_err(CriuRestoreError::Setup)?;
     let (out_raw, err_raw) = (out_w.as_fd().as_raw_fd(), err_w.as_fd().as_raw_fd());
 
     let mut cmd = criu.command();
@@ -167,7 +118,7 @@ pub fn restore(
         if info.tcp_established {
             let n = criu::clear_network_locks();
             if n > 0 {
-                log::warn!("removed {n} network-lock rules the failed restore left");
+                tracing::warn!("removed {n} network-lock rules the failed restore left");
             }
         }
         return Err(CriuError::Failed {
@@ -181,7 +132,7 @@ pub fn restore(
     let pid = std::fs::read_to_string(&pidfile)
         .ok()
         .and_then(|s| s.trim().parse::<i32>().ok())
-        .ok_or(RestoreError::Pidfile {
+        .ok_or(CriuRestoreError::Pidfile {
             path: pidfile.clone(),
         })?;
     let _ = std::fs::remove_file(&pidfile);
@@ -209,12 +160,12 @@ fn start_lazy_pages(
     criu: &Criu,
     data_dir: &Path,
     run_dir: &Path,
-) -> Result<std::process::Child, RestoreError> {
+) -> Result<std::process::Child, CriuRestoreError> {
     // A socket left by an earlier daemon makes the next restore fail.
     let _ = std::fs::remove_file(run_dir.join("lazy-pages.socket"));
     let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
-        .map_err(|e| RestoreError::Setup(e.into()))?;
-    let w = high(w.as_fd()).map_err(RestoreError::Setup)?;
+        .map_err(|e| CriuRestoreError::Setup(e.into()))?;
+    let w = high(w.as_fd()).map_err(CriuRestoreError::Setup)?;
     let w_raw = w.as_raw_fd();
     let log = run_dir.join("lazy-pages.log");
     let mut cmd = criu.command();
@@ -243,7 +194,7 @@ fn start_lazy_pages(
         && nix::unistd::read(&r, &mut [0u8; 1]).is_ok_and(|n| n == 1);
     if !ready {
         let _ = child.kill();
-        let status = child.wait().map_err(RestoreError::Setup)?;
+        let status = child.wait().map_err(CriuRestoreError::Setup)?;
         return Err(CriuError::Failed {
             action: "lazy-pages",
             status,

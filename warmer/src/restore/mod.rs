@@ -1,0 +1,395 @@
+//! Restoring a service from its cache entry, step by step.
+//!
+//! ```text
+//!  1 plan ──> 2 prepare state ──> 3 CRIU ──> 4 verify ──> 5 probe ──> 6 commit
+//!   │ no image,     │ hash first,      │ criu       │ hash        │ exited,
+//!   │ stale         │ put back         │ restore    │ mismatch    │ not ready
+//!   v               v                  v            v             v
+//!  cold start      6' undo: kill the restored tree, put the service's data back
+//!  (nothing to      exactly as it was before step 2, quarantine the image, cold start
+//!   undo)
+//! ```
+//!
+//! 1. [`plan`]: look the digest up; decide how integrity is established
+//!    ([`Integrity`]) and whether state goes back first.
+//! 2. [`Restore::prepare_state`]: an image with `state:` is hashed in full
+//!    before anything of it is written outside the cache, then its state is
+//!    put back, keeping the live data aside ([`PutBack`]).
+//! 3. and 4. [`Restore::tree`]: without a stamp from this boot, every file is
+//!    hashed on one core while CRIU restores the tree `--leave-stopped`; the
+//!    tree runs only once the hashes hold.
+//! 5. The caller's probe decides readiness ([`Readiness`]).
+//! 6. [`commit`]: drop the data kept aside. 6'. [`Restore::undo`].
+//!
+//! [`Restore::run`] performs them in order; each is a function of its own
+//! so it can be read and tested alone.
+
+pub mod criu;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use cache::{Cache, Entry};
+
+pub use self::criu::{restore as criu_restore, CriuRestoreError, RestoreOptions};
+use crate::checkpoint::short;
+use crate::criu::Criu;
+use crate::errors::chain;
+use crate::logs::Output;
+pub use crate::probe::Readiness;
+use crate::service::Running;
+use crate::signals::Signals;
+use crate::state_files::{PutBack, StateError};
+
+/// How an entry's integrity is established before its tree runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Integrity {
+    /// A stamp from this boot still matches every file: nothing to hash.
+    Stamped,
+    /// Hashed in full before the state is put back (nothing unverified is
+    /// ever written outside the cache).
+    HashFirst,
+    /// Hashed on one core while CRIU restores the tree, left stopped.
+    HashAlongside,
+}
+
+impl Integrity {
+    pub fn choose(stamped: bool, with_state: bool) -> Self {
+        match (stamped, with_state) {
+            (true, _) => Integrity::Stamped,
+            (false, true) => Integrity::HashFirst,
+            (false, false) => Integrity::HashAlongside,
+        }
+    }
+
+    pub fn describe(self) -> &'static str {
+        match self {
+            Integrity::Stamped => "stamp",
+            Integrity::HashFirst => "hashed before the state was put back",
+            Integrity::HashAlongside => "hashed alongside",
+        }
+    }
+}
+
+/// What step 1 decided.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub entry: Entry,
+    pub integrity: Integrity,
+    pub with_state: bool,
+    pub lazy: bool,
+}
+
+impl Plan {
+    pub fn digest(&self) -> &str {
+        &self.entry.meta.digest
+    }
+}
+
+/// Why there is nothing to restore (a plain cold start, nothing failed).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Skip {
+    NoImage,
+    Stale(String),
+}
+
+/// Why a restore failed. Every variant means: undo, quarantine, cold start.
+#[derive(Debug, thiserror::Error)]
+pub enum Failure {
+    #[error("cache entry is unreadable")]
+    Entry(#[source] cache::Error),
+    #[error("image is damaged")]
+    Damaged(#[source] cache::Problem),
+    /// Both went wrong: the hash and CRIU. Both are reported.
+    #[error("image is damaged, and criu restore failed as well ({})", chain(criu))]
+    DamagedAndCriu {
+        #[source]
+        problem: cache::Problem,
+        criu: Box<CriuRestoreError>,
+    },
+    #[error("criu restore failed")]
+    Criu(#[source] Box<CriuRestoreError>),
+    #[error("cannot put the service's state files back")]
+    State(#[source] StateError),
+    #[error("restored service exited with status {0}")]
+    Exited(i32),
+    #[error("restored service not ready within {}", humantime::format_duration(*.0))]
+    NotReady(Duration),
+}
+
+/// Where a restore spent its time.
+#[derive(Debug, Clone, Copy)]
+pub struct Timings {
+    pub integrity: Integrity,
+    pub criu: Duration,
+    /// Time after CRIU returned, waiting for the hashes.
+    pub hash_wait: Duration,
+}
+
+impl std::fmt::Display for Timings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "criu restore {} ms, integrity: {} (+{} ms)",
+            self.criu.as_millis(),
+            self.integrity.describe(),
+            self.hash_wait.as_millis()
+        )
+    }
+}
+
+/// A restored, ready service.
+pub struct Restored {
+    pub running: Running,
+    pub timings: Timings,
+    pub entry: Entry,
+}
+
+/// Step 1: what to restore and how.
+pub fn plan(cache: &Cache, digest: &str, lazy: bool) -> Result<Result<Plan, Skip>, Failure> {
+    let entry = match cache.lookup(digest) {
+        Ok(Some(e)) => e,
+        Ok(None) => return Ok(Err(Skip::NoImage)),
+        Err(e) => return Err(Failure::Entry(e)),
+    };
+    if let Some(why) = &entry.stale {
+        return Ok(Err(Skip::Stale(why.clone())));
+    }
+    let with_state = crate::state_files::has_state(&entry.data_dir());
+    Ok(Ok(Plan {
+        integrity: Integrity::choose(cache.stamp_valid(&entry), with_state),
+        with_state,
+        lazy,
+        entry,
+    }))
+}
+
+/// Step 6: the restored service is ready; the data kept aside goes.
+pub fn commit(state: Option<PutBack>) {
+    if let Some(pb) = state {
+        // The restored service runs on the put-back data either way; a copy
+        // left aside is only disk space (and `recover` would bring it back
+        // at the next start, so say so loudly).
+        if let Err(e) = pb.commit() {
+            tracing::error!(
+                "cannot remove the data kept aside during the restore: {}",
+                chain(&e)
+            );
+        }
+    }
+}
+
+/// The parts a restore works with.
+pub struct Restore<'a> {
+    pub criu: &'a Criu,
+    pub cache: &'a Cache,
+    pub run_dir: &'a Path,
+    pub signals: &'a Signals,
+}
+
+impl Restore<'_> {
+    /// Steps 2 to 6 for `plan`; `probe` is step 5. On failure everything is
+    /// undone (6') and the failure returned; the caller cold-starts.
+    pub fn run(
+        &self,
+        plan: &Plan,
+        probe: &mut dyn FnMut(&mut Running) -> Readiness,
+    ) -> Result<Restored, Failure> {
+        let state = match self.prepare_state(plan) {
+            Ok(s) => s,
+            Err(f) => return Err(self.undo(plan.digest(), f, None, None)),
+        };
+        let (mut running, timings) = match self.tree(plan) {
+            Ok(r) => r,
+            Err(f) => return Err(self.undo(plan.digest(), f, None, state)),
+        };
+        let failure = match probe(&mut running) {
+            Readiness::Ready | Readiness::Stopped => None,
+            Readiness::Exited(code) => Some(Failure::Exited(code)),
+            Readiness::TimedOut(t) => Some(Failure::NotReady(t)),
+        };
+        if let Some(f) = failure {
+            return Err(self.undo(plan.digest(), f, Some(running), state));
+        }
+        commit(state);
+        Ok(Restored {
+            running,
+            timings,
+            entry: plan.entry.clone(),
+        })
+    }
+
+    /// Step 2: verify first if the image carries state, then put it back.
+    pub fn prepare_state(&self, plan: &Plan) -> Result<Option<PutBack>, Failure> {
+        if plan.integrity == Integrity::HashFirst {
+            self.cache
+                .verify(&plan.entry, &mut |_, _| {})
+                .map_err(Failure::Damaged)?;
+        }
+        if !plan.with_state {
+            return Ok(None);
+        }
+        crate::state_files::put_back(&plan.entry.data_dir())
+            .map(Some)
+            .map_err(Failure::State)
+    }
+
+    /// Steps 3 and 4: CRIU restores the tree; the hashes (if any are needed)
+    /// run alongside and the tree stays stopped until they hold.
+    pub fn tree(&self, plan: &Plan) -> Result<(Running, Timings), Failure> {
+        let t0 = Instant::now();
+        let verifier = (plan.integrity == Integrity::HashAlongside).then(|| {
+            let (cache, entry) = (self.cache.clone(), plan.entry.clone());
+            std::thread::spawn(move || cache.verify_with(&entry, cache::Cores::One, &mut |_, _| {}))
+        });
+        let held = verifier.is_some();
+        let restored = Output::new()
+            .map_err(CriuRestoreError::Setup)
+            .and_then(|out| {
+                let opts = RestoreOptions {
+                    leave_stopped: held,
+                    lazy: plan.lazy,
+                };
+                criu_restore(self.criu, &plan.entry.data_dir(), self.run_dir, opts, out)
+            });
+        let t_criu = t0.elapsed();
+        let verified = match verifier {
+            None => Ok(()),
+            Some(h) => h.join().unwrap_or_else(|_| {
+                Err(cache::Problem::Unreadable {
+                    path: ".".into(),
+                    error: "verification thread panicked".into(),
+                })
+            }),
+        };
+        let timings = Timings {
+            integrity: plan.integrity,
+            criu: t_criu,
+            hash_wait: t0.elapsed().saturating_sub(t_criu),
+        };
+        match (verified, restored) {
+            (Ok(()), Ok(r)) => {
+                if held {
+                    r.resume();
+                }
+                Ok((r, timings))
+            }
+            (Err(problem), Ok(mut r)) => {
+                // Never resumed: the damaged image did not run.
+                r.kill(self.signals);
+                r.finish();
+                Err(Failure::Damaged(problem))
+            }
+            (Err(problem), Err(criu)) => Err(Failure::DamagedAndCriu {
+                problem,
+                criu: Box::new(criu),
+            }),
+            (Ok(()), Err(e)) => Err(Failure::Criu(Box::new(e))),
+        }
+    }
+
+    /// 6': ends the restored tree, puts the live data back, quarantines the
+    /// image. Returns the failure, for the caller's record. A failed undo is
+    /// reported beside the failure that caused it.
+    pub fn undo(
+        &self,
+        digest: &str,
+        failure: Failure,
+        running: Option<Running>,
+        state: Option<PutBack>,
+    ) -> Failure {
+        if let Some(mut r) = running {
+            r.kill(self.signals);
+            r.finish();
+        }
+        let why = chain(&failure);
+        tracing::warn!(
+            "image {} unusable, cold start instead: {why}",
+            short(digest)
+        );
+        if let Some(pb) = state {
+            if let Err(e) = pb.undo() {
+                tracing::error!(
+                    "restore failed ({why}), and putting the service's data back failed too: {}",
+                    chain(&e)
+                );
+            }
+        }
+        match self.cache.quarantine(digest, &why) {
+            Ok(to) => tracing::warn!("image moved to {}", to.display()),
+            Err(e) => {
+                if self.cache.lookup(digest).is_ok_and(|e| e.is_some()) {
+                    tracing::error!("cannot quarantine image {}: {}", short(digest), chain(&e));
+                }
+            }
+        }
+        failure
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn integrity_is_free_with_a_stamp_and_first_when_state_goes_back() {
+        assert_eq!(Integrity::choose(true, true), Integrity::Stamped);
+        assert_eq!(Integrity::choose(true, false), Integrity::Stamped);
+        assert_eq!(Integrity::choose(false, true), Integrity::HashFirst);
+        assert_eq!(Integrity::choose(false, false), Integrity::HashAlongside);
+    }
+
+    #[test]
+    fn failures_print_each_cause_once_and_both_when_two_went_wrong() {
+        let f = Failure::Damaged(cache::Problem::Checksum {
+            path: "pages-1.img".into(),
+        });
+        assert_eq!(
+            chain(&f),
+            "image is damaged: pages-1.img: checksum mismatch"
+        );
+        let f = Failure::DamagedAndCriu {
+            problem: cache::Problem::Missing {
+                path: "core-1.img".into(),
+            },
+            criu: Box::new(CriuRestoreError::Pidfile {
+                path: "/run/x.pid".into(),
+            }),
+        };
+        let text = chain(&f);
+        assert!(text.contains("core-1.img: missing"), "{text}");
+        assert!(text.contains("pidfile /run/x.pid"), "{text}");
+        assert_eq!(text.matches("missing").count(), 1, "{text}");
+    }
+
+    #[test]
+    fn plan_skips_missing_and_stale_images() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::open(dir.path().join("c")).unwrap();
+        let digest = "ab".repeat(32);
+        assert!(matches!(
+            plan(&cache, &digest, false),
+            Ok(Err(Skip::NoImage))
+        ));
+        let staging = cache.stage().unwrap();
+        std::fs::write(staging.data_dir().join("core-1.img"), b"x").unwrap();
+        cache
+            .publish(
+                staging,
+                cache::NewEntry {
+                    service: "web".into(),
+                    digest: digest.clone(),
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+        let p = plan(&cache, &digest, true).unwrap().unwrap();
+        assert_eq!(p.integrity, Integrity::Stamped, "just published: stamped");
+        assert!(!p.with_state && p.lazy);
+        cache.mark_stale(&digest, "server.py changed").unwrap();
+        assert_eq!(
+            plan(&cache, &digest, false).unwrap().unwrap_err(),
+            Skip::Stale("server.py changed".into())
+        );
+    }
+}
