@@ -334,6 +334,7 @@ fn an_entry_with_loose_permissions_is_refused() {
 #[test]
 fn leftover_criu_network_lock_rules_are_removed() {
     require_criu();
+    let _iptables = iptables_lock();
     // The rule a --tcp-established dump adds per connection (criu/netfilter.c).
     let rule = [
         "INPUT",

@@ -124,36 +124,21 @@ impl Env {
     }
 
     pub fn run(&self, name: &str) -> Warmer {
-        let mut child = self
+        self.run_with(name, &[])
+    }
+
+    /// `warmer run NAME` with extra environment variables.
+    pub fn run_with(&self, name: &str, env: &[(&str, &str)]) -> Warmer {
+        let child = self
             .command()
+            .envs(env.iter().copied())
             .args(["run", name])
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        let stdout = Arc::new(Mutex::new(String::new()));
-        let stderr = Arc::new(Mutex::new(String::new()));
-        let pump = |mut from: Box<dyn Read + Send>, to: Arc<Mutex<String>>| {
-            std::thread::spawn(move || {
-                let mut buf = [0u8; 4096];
-                while let Ok(n) = from.read(&mut buf) {
-                    if n == 0 {
-                        break;
-                    }
-                    to.lock()
-                        .unwrap()
-                        .push_str(&String::from_utf8_lossy(&buf[..n]));
-                }
-            })
-        };
-        pump(Box::new(child.stdout.take().unwrap()), stdout.clone());
-        pump(Box::new(child.stderr.take().unwrap()), stderr.clone());
-        Warmer {
-            child,
-            stdout,
-            stderr,
-        }
+        Warmer::from_child(child)
     }
 
     pub fn status(&self, name: &str) -> serde_json::Value {
@@ -218,9 +203,31 @@ pub struct Warmer {
     pub child: Child,
     pub stdout: Arc<Mutex<String>>,
     pub stderr: Arc<Mutex<String>>,
+    /// The threads copying warmer's output; joined once it exits, so its
+    /// last lines are in `out()`/`err()`.
+    pumps: Vec<std::thread::JoinHandle<()>>,
 }
 
 impl Warmer {
+    /// Wraps a spawned `warmer` whose stdout/stderr are piped (or null).
+    pub fn from_child(mut child: Child) -> Self {
+        let stdout = Arc::new(Mutex::new(String::new()));
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let mut pumps = Vec::new();
+        if let Some(o) = child.stdout.take() {
+            pumps.push(pump(Box::new(o), stdout.clone()));
+        }
+        if let Some(e) = child.stderr.take() {
+            pumps.push(pump(Box::new(e), stderr.clone()));
+        }
+        Self {
+            child,
+            stdout,
+            stderr,
+            pumps,
+        }
+    }
+
     pub fn pid(&self) -> i32 {
         i32::try_from(self.child.id()).unwrap()
     }
@@ -257,8 +264,11 @@ impl Warmer {
         let deadline = Instant::now() + limit;
         loop {
             if let Some(st) = self.child.try_wait().unwrap() {
-                // Let the pumps drain.
-                std::thread::sleep(Duration::from_millis(50));
+                // EOF comes once warmer and everything that inherited its
+                // stdout/stderr are gone.
+                for p in self.pumps.drain(..) {
+                    let _ = p.join();
+                }
                 return st;
             }
             if Instant::now() > deadline {
@@ -349,4 +359,87 @@ pub fn pids_with(needle: &str) -> Vec<i32> {
                 .unwrap_or(false)
         })
         .collect()
+}
+
+/// Serializes tests that change the host's iptables rules (CRIU's network
+/// locks): held until dropped, across test binaries too.
+pub fn iptables_lock() -> nix::fcntl::Flock<std::fs::File> {
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open("/tmp/warmer-tests-iptables.lock")
+        .unwrap();
+    nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusive)
+        .map_err(|(_, e)| e)
+        .unwrap()
+}
+
+/// A fake `criu` for the supervisor's failure branches: no kernel support
+/// needed, every outcome on demand. Point `WARMER_CRIU` at it; choose with
+/// `FAKE_CRIU_DUMP` (`ok`, `fail`) and `FAKE_CRIU_RESTORE` (`fail`: CRIU
+/// error; `exit`: a tree that exits at once; `hang`: a tree that never
+/// becomes ready). A dump honours `--action-script` as CRIU does (exec with
+/// `CRTOOLS_SCRIPT_ACTION=post-dump` and `CRTOOLS_IMAGE_DIR`), so the state
+/// capture contract runs for real.
+pub fn fake_criu(dir: &Path) -> PathBuf {
+    let path = dir.join("fake-criu");
+    std::fs::write(
+        &path,
+        r#"#!/bin/bash
+action="$1"; shift
+images= work= log= pidfile= script=
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --images-dir) images="$2"; shift ;;
+    --work-dir) work="$2"; shift ;;
+    --log-file) log="$2"; shift ;;
+    --pidfile) pidfile="$2"; shift ;;
+    --action-script) script="$2"; shift ;;
+  esac
+  shift
+done
+say() { [ -n "$log" ] && echo "$*" >> "$work/$log"; }
+case "$action" in
+  --version) echo "Version: 4.2.1"; exit 0 ;;
+  check) echo "Looks good."; exit 0 ;;
+  dump)
+    say "(00.000) fake dump"
+    if [ "${FAKE_CRIU_DUMP:-ok}" = fail ]; then say "Error (criu/cr-dump.c:1): Dumping FAILED."; exit 1; fi
+    echo fake > "$images/core-1.img"
+    if [ -n "$script" ]; then
+      CRTOOLS_SCRIPT_ACTION=post-dump CRTOOLS_IMAGE_DIR="$images" "$script" || exit 1
+    fi
+    exit 0 ;;
+  restore)
+    say "(00.000) fake restore"
+    case "${FAKE_CRIU_RESTORE:-fail}" in
+      fail) say "Error (criu/cr-restore.c:1): Restoring FAILED."; exit 1 ;;
+      exit) setsid sh -c 'exit 3' </dev/null >/dev/null 2>&1 & echo $! > "$pidfile"; exit 0 ;;
+      hang) setsid sleep 1000 </dev/null >/dev/null 2>&1 & echo $! > "$pidfile"; exit 0 ;;
+    esac ;;
+esac
+echo "fake criu: unsupported: $action" >&2
+exit 2
+"#,
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    path
+}
+
+/// Copies a child's output into `to` until EOF.
+fn pump(mut from: Box<dyn Read + Send>, to: Arc<Mutex<String>>) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = from.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            to.lock()
+                .unwrap()
+                .push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+    })
 }

@@ -5,7 +5,8 @@
 #   enable -> boot: cold start + checkpoint
 #   reboot -> restored from the cache (the in-memory nonce from before the
 #             reboot proves it), journal shows the service's output after the
-#             restore, systemctl status says "restored"
+#             restore, systemctl status says "restored"; warmer's own entries
+#             carry SERVICE=, DIGEST=, PHASE=, READY_MS= fields
 #   warmer-verify.service checked the image at boot
 #   stop   -> nothing left running, clean result
 #   start / restart / kill -> the same on a restored service
@@ -164,6 +165,14 @@ journal_after_restore() {
 check "journal shows the service's output after the restore" wait_until 10 journal_after_restore
 check "journal of the previous boot has the cold start" \
   bash -c "nsenter -t $LEADER -a -- journalctl -u $SVC -b -1 --no-pager -o cat | grep -q 'ready: cold start'"
+journal_fields() {
+  local digest
+  digest=$(status_field "['digest']")
+  [ -n "$digest" ] || return 1
+  in_ct journalctl -b --no-pager -o verbose SERVICE=slowweb PHASE=ready | grep -q "READY_MS=" &&
+    in_ct journalctl -b --no-pager -o cat "DIGEST=$digest" | grep -q "ready: restored in"
+}
+check "journal entries carry SERVICE, PHASE, READY_MS and DIGEST" journal_fields
 verified_at_boot() {
   in_ct journalctl -u warmer-verify.service -b --no-pager -o cat | grep -q "^ok .* slowweb"
 }

@@ -107,8 +107,9 @@ pub enum Failure {
         problem: cache::Problem,
         criu: Box<CriuRestoreError>,
     },
-    #[error("criu restore failed")]
-    Criu(#[source] Box<CriuRestoreError>),
+    /// CRIU's own message says what failed.
+    #[error(transparent)]
+    Criu(Box<CriuRestoreError>),
     #[error("cannot put the service's state files back")]
     State(#[source] StateError),
     #[error("restored service exited with status {0}")]
