@@ -52,7 +52,7 @@ fn ls_verify_rm_and_gc() {
         .unwrap()
         .iter()
         .find(|r| r["service"] == "two")
-        .unwrap()["digest"]
+        .unwrap()["key"]
         .as_str()
         .unwrap()
         .to_string();
@@ -74,7 +74,7 @@ fn ls_verify_rm_and_gc() {
     let (code, out, _) = cache(&env, &["rm", "zzzz"]);
     assert_eq!(code, 1, "{out}");
     warm(&env, "two");
-    let two = env.status("two")["image"]["digest"]
+    let two = env.status("two")["image"]["key"]
         .as_str()
         .unwrap()
         .to_string();

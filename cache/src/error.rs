@@ -24,8 +24,12 @@ pub enum Error {
     },
     #[error("service {service} is locked by another warmer (lock {path})")]
     Locked { service: String, path: PathBuf },
-    #[error("cache entry {digest} is damaged: {problem}")]
-    Damaged { digest: String, problem: Problem },
+    #[error("cache entry {key} is damaged")]
+    Damaged {
+        key: String,
+        #[source]
+        problem: Problem,
+    },
     #[error("invalid cache key {0:?}: expected lowercase hex")]
     BadKey(String),
 }

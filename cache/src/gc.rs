@@ -22,7 +22,8 @@ pub struct GcPolicy {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Removed {
-    pub digest: String,
+    /// The entry's key (`<digest>.<generation>`).
+    pub key: String,
     pub service: String,
     pub bytes: u64,
     pub reason: String,
@@ -31,7 +32,7 @@ pub struct Removed {
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct GcReport {
     pub removed: Vec<Removed>,
-    /// (digest, why it was left alone)
+    /// (key, why it was left alone)
     pub skipped: Vec<(String, String)>,
     /// Bytes of the entries left.
     pub kept_bytes: u64,
@@ -61,11 +62,11 @@ impl Cache {
         for item in self.list()? {
             let entry = match item {
                 Ok(e) => e,
-                Err((digest, problem)) => {
+                Err((key, problem)) => {
                     let reason = format!("unreadable: {problem}");
-                    self.quarantine(&digest, &reason)?;
+                    self.quarantine(&key, &reason)?;
                     report.removed.push(Removed {
-                        digest,
+                        key,
                         service: String::new(),
                         bytes: 0,
                         reason: format!("{reason} (quarantined)"),
@@ -127,17 +128,17 @@ impl Cache {
             Ok(l) => l,
             Err(Error::Locked { .. }) => {
                 report.skipped.push((
-                    entry.meta.digest.clone(),
+                    entry.key.clone(),
                     "service busy (restoring or publishing)".into(),
                 ));
                 return Ok(Gone::Kept(Box::new(entry)));
             }
             Err(e) => return Err(e),
         };
-        self.remove(&entry.meta.digest)?;
+        self.remove(&entry.key)?;
         let bytes = entry.meta.bytes;
         report.removed.push(Removed {
-            digest: entry.meta.digest,
+            key: entry.key,
             service: entry.meta.service,
             bytes,
             reason,

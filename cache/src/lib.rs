@@ -5,7 +5,7 @@
 //! metadata file that records where the entry came from and a checksum of
 //! every payload file.
 //!
-//! # Layout (format version 1)
+//! # Layout (version 2)
 //!
 //! ```text
 //! <root>/                         0700 root
@@ -15,22 +15,30 @@
 //!       data/ ...                 payload being written
 //!       meta.json
 //!   entries/
-//!     <digest>/                   published, never modified in place
-//!       meta.json                 Meta: format_version, service, digest, inputs,
-//!                                 created, host facts, cold_start_ms, bytes, files[]
+//!     <digest>.<gen>/             published, never modified in place; <gen> is the
+//!                                 service's image generation (1, 2, ...)
+//!       meta.json                 Meta: format_version, service, digest, generation,
+//!                                 inputs, created, host facts, cold_start_ms, bytes,
+//!                                 files[]
 //!       data/                     the payload (CRIU image files, restore.json, state/)
 //!   quarantine/
-//!     <digest>.<unix-seconds>/    entries that failed verification or restore,
+//!     <key>.<unix-seconds>/       entries that failed verification or restore,
 //!       REASON                    kept for inspection (the newest few only)
 //!   locks/
 //!     <service>.lock              flock(2): one restorer/publisher/remover per service
 //!     <service>.run               flock(2): held by the service's supervisor
 //!   verified/
-//!     <digest>                    stamp: boot id + identity of every file after a
+//!     <key>                       stamp: boot id + identity of every file after a
 //!                                 full verification (see `stamp`)
 //!   stale/
-//!     <digest>                    reason the entry must never be restored again
+//!     <key>                       reason the entry must never be restored again
+//!   pins/
+//!     <digest>                    the key a rollback chose for the digest's next
+//!                                 restore (else its newest generation is current)
 //! ```
+//!
+//! Layout 1 (entries named `<digest>`, one per digest) is migrated on open:
+//! each entry becomes generation 1 of its digest.
 //!
 //! Publishing stages the entry under `tmp/` (same filesystem), fsyncs every file
 //! and directory, then renames it into `entries/` and fsyncs `entries/`: a
@@ -55,7 +63,7 @@ pub use error::{Error, Problem};
 pub use gc::{GcPolicy, GcReport, Removed};
 pub use lock::ServiceLock;
 pub use meta::{Meta, NewEntry, FORMAT_VERSION};
-pub use store::{Cache, Entry, Listed, Staging, Verification};
+pub use store::{make_key, split_key, Cache, Entry, Listed, Staging, Verification};
 
 /// Crash-injection points for tests (`failpoints` feature): when the
 /// environment variable `CACHE_FAILPOINT` names this point, the process aborts

@@ -7,7 +7,9 @@ use crate::checksum::FileSum;
 /// The metadata format this code writes and the only one it reads.
 /// A reader rejects any other version (firecracker does the same with its
 /// snapshot format): an unknown entry is quarantined, never guessed at.
-pub const FORMAT_VERSION: u32 = 1;
+/// Version 1 (no `generation`) is still read: its entries were migrated to
+/// generation 1 of their digest.
+pub const FORMAT_VERSION: u32 = 2;
 
 /// What the caller knows about an entry it publishes.
 #[derive(Debug, Clone, Default)]
@@ -29,6 +31,9 @@ pub struct Meta {
     pub format_version: u32,
     pub service: String,
     pub digest: String,
+    /// The service's image generation: 1, 2, ... in the order they were made.
+    #[serde(default)]
+    pub generation: u64,
     pub inputs: serde_json::Value,
     /// RFC 3339, UTC, seconds.
     pub created: String,

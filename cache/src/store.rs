@@ -12,7 +12,9 @@ use crate::lock::ServiceLock;
 use crate::meta::{Meta, NewEntry, FORMAT_VERSION};
 use crate::stamp::{self, Stamp};
 
-const LAYOUT: &str = "warmer-cache 1";
+const LAYOUT: &str = "warmer-cache 2";
+/// Layout 1 named entries by digest alone (one generation per digest).
+const LAYOUT_1: &str = "warmer-cache 1";
 const META: &str = "meta.json";
 const DATA: &str = "data";
 /// Quarantined entries kept for inspection; older ones are deleted.
@@ -28,6 +30,8 @@ pub struct Cache {
 /// A published entry: its directory and its metadata.
 #[derive(Debug, Clone)]
 pub struct Entry {
+    /// `<digest>.<generation>`: the entry's name in the store.
+    pub key: String,
     pub dir: PathBuf,
     pub meta: Meta,
     /// Why the entry was marked stale (its inputs changed while its service
@@ -96,7 +100,7 @@ fn now_unix() -> u64 {
         .unwrap_or(0)
 }
 
-fn valid_key(digest: &str) -> Result<(), Error> {
+fn valid_digest(digest: &str) -> Result<(), Error> {
     let ok = (16..=128).contains(&digest.len())
         && digest
             .bytes()
@@ -106,6 +110,28 @@ fn valid_key(digest: &str) -> Result<(), Error> {
     } else {
         Err(Error::BadKey(digest.to_string()))
     }
+}
+
+/// `<digest>.<generation>` -> (digest, generation).
+pub fn split_key(key: &str) -> Result<(&str, u64), Error> {
+    let bad = || Error::BadKey(key.to_string());
+    let (digest, gen) = key.rsplit_once('.').ok_or_else(bad)?;
+    valid_digest(digest)?;
+    let gen = gen
+        .parse::<u64>()
+        .ok()
+        .filter(|g| *g > 0 && gen.bytes().all(|b| b.is_ascii_digit()))
+        .ok_or_else(bad)?;
+    Ok((digest, gen))
+}
+
+fn valid_key(key: &str) -> Result<(), Error> {
+    split_key(key).map(|_| ())
+}
+
+/// The entry name of generation `gen` of `digest`.
+pub fn make_key(digest: &str, gen: u64) -> String {
+    format!("{digest}.{gen}")
 }
 
 impl Cache {
@@ -118,8 +144,10 @@ impl Cache {
         fs::set_permissions(&root, fs::Permissions::from_mode(0o700)).map_err(Error::io(&root))?;
         let uid = fs::metadata(&root).map_err(Error::io(&root))?.uid();
         let version = root.join("VERSION");
+        let mut migrate = false;
         match fs::read_to_string(&version) {
             Ok(found) if found.trim() == LAYOUT => {}
+            Ok(found) if found.trim() == LAYOUT_1 => migrate = true,
             Ok(found) => {
                 return Err(Error::Layout {
                     root,
@@ -132,10 +160,21 @@ impl Cache {
             }
             Err(e) => return Err(Error::io(&version)(e)),
         }
-        for sub in ["tmp", "entries", "quarantine", "locks", "verified", "stale"] {
+        for sub in [
+            "tmp",
+            "entries",
+            "quarantine",
+            "locks",
+            "verified",
+            "stale",
+            "pins",
+        ] {
             mkdir_private(&root.join(sub))?;
         }
         let cache = Self { root, uid };
+        if migrate {
+            cache.migrate_from_1()?;
+        }
         cache.clean_staging()?;
         Ok(cache)
     }
@@ -144,13 +183,40 @@ impl Cache {
         &self.root
     }
 
+    /// Layout 1 -> 2: every entry becomes generation 1 of its digest.
+    /// Renames only, under a lock; safe to repeat after a crash midway.
+    fn migrate_from_1(&self) -> Result<(), Error> {
+        let _lock = ServiceLock::acquire(&self.root.join("locks/.layout"), ".layout", true)?;
+        if fs::read_to_string(self.root.join("VERSION")).is_ok_and(|v| v.trim() == LAYOUT) {
+            return Ok(()); // another opener migrated it meanwhile
+        }
+        for sub in ["entries", "stale"] {
+            let dir = self.root.join(sub);
+            for dent in fs::read_dir(&dir).map_err(Error::io(&dir))? {
+                let name = dent.map_err(Error::io(&dir))?.file_name();
+                let name = name.to_string_lossy();
+                if valid_digest(&name).is_ok() {
+                    let (from, to) = (dir.join(&*name), dir.join(make_key(&name, 1)));
+                    fs::rename(&from, &to).map_err(Error::io(&from))?;
+                }
+            }
+            fsync_dir(&dir)?;
+        }
+        // Stamps name files by old paths; the next verification makes new ones.
+        let verified = self.root.join("verified");
+        for dent in fs::read_dir(&verified).map_err(Error::io(&verified))? {
+            let _ = fs::remove_file(dent.map_err(Error::io(&verified))?.path());
+        }
+        write_atomic(&self.root, "VERSION", format!("{LAYOUT}\n").as_bytes())
+    }
+
     fn entries_dir(&self) -> PathBuf {
         self.root.join("entries")
     }
 
-    /// The directory an entry for `digest` lives in (whether or not it exists).
-    pub fn entry_dir(&self, digest: &str) -> PathBuf {
-        self.entries_dir().join(digest)
+    /// The directory of the entry named `key` (whether or not it exists).
+    pub fn entry_dir(&self, key: &str) -> PathBuf {
+        self.entries_dir().join(key)
     }
 
     /// Removes `tmp/stage-<pid>-*` directories whose process is gone: a crash
@@ -212,8 +278,14 @@ impl Cache {
 
     /// Checksums the staged payload, writes its metadata, makes everything
     /// durable and moves it into place atomically.
+    ///
+    /// The entry is a new generation of its service (one more than the
+    /// highest it has) and becomes the current one of its digest: a pin
+    /// left by a rollback to an earlier generation is lifted. The caller
+    /// holds the service's lock ([`Cache::lock_service`]).
     pub fn publish(&self, mut staging: Staging, new: NewEntry) -> Result<Entry, Error> {
-        valid_key(&new.digest)?;
+        valid_digest(&new.digest)?;
+        let generation = self.next_generation(&new.service)?;
         let data = staging.data_dir();
         let mut files = Vec::new();
         seal_tree(&data, &data, &mut files)?;
@@ -223,6 +295,7 @@ impl Cache {
             format_version: FORMAT_VERSION,
             service: new.service,
             digest: new.digest,
+            generation,
             inputs: new.inputs,
             created: humantime::format_rfc3339_seconds(now).to_string(),
             created_unix: now_unix(),
@@ -242,31 +315,77 @@ impl Cache {
         fsync_dir(&staging.dir)?;
         crate::failpoint("publish-before-rename");
 
-        let target = self.entry_dir(&meta.digest);
-        match fs::rename(&staging.dir, &target) {
-            Ok(()) => staging.published = true,
-            // Lost the race to an entry with the same key: same inputs, so
-            // theirs is as good as ours (cacache treats this as success).
-            Err(e) if matches!(e.raw_os_error(), Some(libc::ENOTEMPTY | libc::EEXIST)) => {}
-            Err(e) => return Err(Error::io(&target)(e)),
-        }
+        let key = make_key(&meta.digest, generation);
+        let target = self.entry_dir(&key);
+        // A new generation number under the service lock: the name is free
+        // (a leftover would be a half-removed entry: it was renamed out of
+        // `entries/` first, see `remove`).
+        fs::rename(&staging.dir, &target).map_err(Error::io(&target))?;
+        staging.published = true;
         crate::failpoint("publish-after-rename");
         fsync_dir(&self.entries_dir())?;
-        let entry = self.read_entry(&meta.digest)?;
-        if staging.published {
-            let _ = fs::remove_file(self.stale_path(&meta.digest));
-            // Every file was just hashed: this boot need not hash them again.
-            self.write_stamp(&entry)?;
-        }
+        let _ = fs::remove_file(self.stale_path(&key));
+        let _ = fs::remove_file(self.pin_path(&meta.digest));
+        let entry = self.read_entry(&key)?;
+        // Every file was just hashed: this boot need not hash them again.
+        self.write_stamp(&entry)?;
         Ok(entry)
     }
 
-    fn stamp_path(&self, digest: &str) -> PathBuf {
-        self.root.join("verified").join(digest)
+    fn stamp_path(&self, key: &str) -> PathBuf {
+        self.root.join("verified").join(key)
     }
 
-    fn stale_path(&self, digest: &str) -> PathBuf {
-        self.root.join("stale").join(digest)
+    fn stale_path(&self, key: &str) -> PathBuf {
+        self.root.join("stale").join(key)
+    }
+
+    fn pin_path(&self, digest: &str) -> PathBuf {
+        self.root.join("pins").join(digest)
+    }
+
+    /// One more than the highest generation `service` has (1 for none).
+    fn next_generation(&self, service: &str) -> Result<u64, Error> {
+        let highest = self
+            .list()?
+            .into_iter()
+            .flatten()
+            .filter(|e| e.meta.service == service)
+            .map(|e| e.meta.generation)
+            .max()
+            .unwrap_or(0);
+        Ok(highest + 1)
+    }
+
+    /// Makes `key` the generation its digest's next lookup returns (a
+    /// rollback), until a newer generation is published or [`Cache::unpin`].
+    pub fn pin(&self, key: &str) -> Result<(), Error> {
+        let (digest, _) = split_key(key)?;
+        if self.lookup_key(key)?.is_none() {
+            return Err(Error::io(self.entry_dir(key))(io::Error::from(
+                io::ErrorKind::NotFound,
+            )));
+        }
+        write_atomic(&self.root.join("pins"), digest, key.as_bytes())
+    }
+
+    /// Lifts a rollback pin: the digest's newest generation is current again.
+    pub fn unpin(&self, digest: &str) -> Result<(), Error> {
+        valid_digest(digest)?;
+        match fs::remove_file(self.pin_path(digest)) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                Err(Error::io(self.pin_path(digest))(e))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// The key a rollback pinned for `digest`, if any.
+    pub fn pinned(&self, digest: &str) -> Option<String> {
+        fs::read_to_string(self.pin_path(digest))
+            .ok()
+            .map(|k| k.trim().to_string())
+            .filter(|k| split_key(k).is_ok_and(|(d, _)| d == digest))
     }
 
     fn write_stamp(&self, entry: &Entry) -> Result<(), Error> {
@@ -279,12 +398,12 @@ impl Cache {
             files: ids,
         };
         let json = serde_json::to_vec(&stamp).expect("stamp serializes");
-        write_atomic(&self.root.join("verified"), &entry.meta.digest, &json)
+        write_atomic(&self.root.join("verified"), &entry.key, &json)
     }
 
     /// Whether a stamp from this boot matches every file of `entry` as it is now.
     pub fn stamp_valid(&self, entry: &Entry) -> bool {
-        let Ok(bytes) = fs::read(self.stamp_path(&entry.meta.digest)) else {
+        let Ok(bytes) = fs::read(self.stamp_path(&entry.key)) else {
             return false;
         };
         let Ok(stamp) = serde_json::from_slice::<Stamp>(&bytes) else {
@@ -317,32 +436,73 @@ impl Cache {
 
     /// Marks an entry stale: it is never restored again, and `gc` removes it
     /// first. Used when a digest input changes under a running service.
-    pub fn mark_stale(&self, digest: &str, reason: &str) -> Result<(), Error> {
-        valid_key(digest)?;
+    pub fn mark_stale(&self, key: &str, reason: &str) -> Result<(), Error> {
+        valid_key(key)?;
         write_atomic(
             &self.root.join("stale"),
-            digest,
+            key,
             format!("{reason}\n").as_bytes(),
         )
     }
 
-    /// The entry for `digest`, if one is published. Its files are not checked
-    /// here; call [`Cache::verify`] before trusting them.
+    /// Marks every generation of `digest` stale (its inputs changed).
+    pub fn mark_digest_stale(&self, digest: &str, reason: &str) -> Result<(), Error> {
+        for key in self.keys_of(digest)? {
+            self.mark_stale(&key, reason)?;
+        }
+        Ok(())
+    }
+
+    /// The names of every generation of `digest`, oldest first.
+    fn keys_of(&self, digest: &str) -> Result<Vec<String>, Error> {
+        valid_digest(digest)?;
+        let dir = self.entries_dir();
+        let mut keys: Vec<(u64, String)> = Vec::new();
+        for dent in fs::read_dir(&dir).map_err(Error::io(&dir))? {
+            let name = dent.map_err(Error::io(&dir))?.file_name();
+            let name = name.to_string_lossy();
+            if let Ok((d, gen)) = split_key(&name) {
+                if d == digest {
+                    keys.push((gen, name.into_owned()));
+                }
+            }
+        }
+        keys.sort();
+        Ok(keys.into_iter().map(|(_, k)| k).collect())
+    }
+
+    /// The current generation of `digest`: the one a rollback pinned, else
+    /// the newest (stale or not: the caller decides). Its files are not
+    /// checked here; call [`Cache::verify`] before trusting them.
     pub fn lookup(&self, digest: &str) -> Result<Option<Entry>, Error> {
-        valid_key(digest)?;
-        match fs::symlink_metadata(self.entry_dir(digest)) {
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(Error::io(self.entry_dir(digest))(e)),
-            Ok(_) => self.read_entry(digest).map(Some),
+        if let Some(key) = self.pinned(digest) {
+            if let Some(e) = self.lookup_key(&key)? {
+                return Ok(Some(e));
+            }
+        }
+        match self.keys_of(digest)?.pop() {
+            Some(key) => self.read_entry(&key).map(Some),
+            None => Ok(None),
         }
     }
 
-    fn read_entry(&self, digest: &str) -> Result<Entry, Error> {
-        let dir = self.entry_dir(digest);
+    /// The entry named `key`, if it exists.
+    pub fn lookup_key(&self, key: &str) -> Result<Option<Entry>, Error> {
+        valid_key(key)?;
+        match fs::symlink_metadata(self.entry_dir(key)) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(Error::io(self.entry_dir(key))(e)),
+            Ok(_) => self.read_entry(key).map(Some),
+        }
+    }
+
+    fn read_entry(&self, key: &str) -> Result<Entry, Error> {
+        let dir = self.entry_dir(key);
         let damaged = |problem| Error::Damaged {
-            digest: digest.to_string(),
+            key: key.to_string(),
             problem,
         };
+        let (digest, generation) = split_key(key)?;
         let meta_path = dir.join(META);
         let md = fs::symlink_metadata(&meta_path)
             .map_err(|e| damaged(Problem::BadMeta(format!("{}: {e}", meta_path.display()))))?;
@@ -354,21 +514,30 @@ impl Cache {
         }
         let version: Version =
             serde_json::from_slice(&bytes).map_err(|e| damaged(Problem::BadMeta(e.to_string())))?;
-        if version.format_version != FORMAT_VERSION {
-            return Err(damaged(Problem::UnknownFormat(version.format_version)));
+        let mut meta: Meta = match version.format_version {
+            // Format 1 had no generations: an entry was its digest's only one.
+            1 | FORMAT_VERSION => serde_json::from_slice(&bytes)
+                .map_err(|e| damaged(Problem::BadMeta(e.to_string())))?,
+            v => return Err(damaged(Problem::UnknownFormat(v))),
+        };
+        if version.format_version == 1 {
+            meta.generation = generation;
         }
-        let meta: Meta =
-            serde_json::from_slice(&bytes).map_err(|e| damaged(Problem::BadMeta(e.to_string())))?;
-        if meta.digest != digest {
+        if meta.digest != digest || meta.generation != generation {
             return Err(damaged(Problem::WrongDigest {
-                expected: digest.to_string(),
-                found: meta.digest,
+                expected: key.to_string(),
+                found: make_key(&meta.digest, meta.generation),
             }));
         }
-        let stale = fs::read_to_string(self.stale_path(digest))
+        let stale = fs::read_to_string(self.stale_path(key))
             .ok()
             .map(|r| r.trim().to_string());
-        Ok(Entry { dir, meta, stale })
+        Ok(Entry {
+            key: key.to_string(),
+            dir,
+            meta,
+            stale,
+        })
     }
 
     fn check_private(&self, md: &fs::Metadata, rel: &str) -> Result<(), Problem> {
@@ -505,14 +674,14 @@ impl Cache {
 
     /// Moves an entry aside (never restored again, kept for inspection) and
     /// records why. Returns where it went.
-    pub fn quarantine(&self, digest: &str, reason: &str) -> Result<PathBuf, Error> {
-        valid_key(digest)?;
+    pub fn quarantine(&self, key: &str, reason: &str) -> Result<PathBuf, Error> {
+        valid_key(key)?;
         let qdir = self.root.join("quarantine");
-        let target = qdir.join(format!("{digest}.{}", now_unix()));
-        let src = self.entry_dir(digest);
+        let target = qdir.join(format!("{key}.{}", now_unix()));
+        let src = self.entry_dir(key);
         fs::rename(&src, &target).map_err(Error::io(&src))?;
         fsync_dir(&self.entries_dir())?;
-        self.forget(digest);
+        self.forget(key);
         // The reason is best effort: the entry is already out of reach.
         let _ = write_atomic(&target, "REASON", format!("{reason}\n").as_bytes());
         self.trim_quarantine()?;
@@ -545,23 +714,28 @@ impl Cache {
 
     /// Deletes an entry. Renamed out of `entries/` first, so a crash midway
     /// never leaves a half-deleted entry where a reader could find it.
-    pub fn remove(&self, digest: &str) -> Result<(), Error> {
-        valid_key(digest)?;
-        let src = self.entry_dir(digest);
+    pub fn remove(&self, key: &str) -> Result<(), Error> {
+        valid_key(key)?;
+        let src = self.entry_dir(key);
         let doomed = self
             .root
             .join("tmp")
-            .join(format!("stage-{}-rm-{digest}", std::process::id()));
+            .join(format!("stage-{}-rm-{key}", std::process::id()));
         fs::rename(&src, &doomed).map_err(Error::io(&src))?;
         fsync_dir(&self.entries_dir())?;
-        self.forget(digest);
+        self.forget(key);
         fs::remove_dir_all(&doomed).map_err(Error::io(&doomed))
     }
 
-    /// Drops the stamp and stale marker of an entry that is gone.
-    fn forget(&self, digest: &str) {
-        let _ = fs::remove_file(self.stamp_path(digest));
-        let _ = fs::remove_file(self.stale_path(digest));
+    /// Drops the stamp, stale marker and pin of an entry that is gone.
+    fn forget(&self, key: &str) {
+        let _ = fs::remove_file(self.stamp_path(key));
+        let _ = fs::remove_file(self.stale_path(key));
+        if let Ok((digest, _)) = split_key(key) {
+            if self.pinned(digest).as_deref() == Some(key) {
+                let _ = fs::remove_file(self.pin_path(digest));
+            }
+        }
     }
 
     /// All published entries, newest first. Entries whose metadata cannot be
@@ -571,10 +745,10 @@ impl Cache {
         let mut out = Vec::new();
         for dent in fs::read_dir(&dir).map_err(Error::io(&dir))? {
             let dent = dent.map_err(Error::io(&dir))?;
-            let digest = dent.file_name().to_string_lossy().into_owned();
-            match self.read_entry(&digest) {
+            let key = dent.file_name().to_string_lossy().into_owned();
+            match self.read_entry(&key) {
                 Ok(e) => out.push(Ok(e)),
-                Err(Error::Damaged { digest, problem }) => out.push(Err((digest, problem))),
+                Err(Error::Damaged { key, problem }) => out.push(Err((key, problem))),
                 Err(Error::BadKey(k)) => {
                     out.push(Err((k.clone(), Problem::BadMeta("not a cache key".into()))))
                 }
@@ -588,8 +762,8 @@ impl Cache {
         Ok(out)
     }
 
-    /// Keeps the newest `keep` entries of `service` (never removing `protect`)
-    /// and deletes the rest. Returns the digests removed.
+    /// Keeps the newest `keep` entries of `service` (never removing `protect`,
+    /// an entry's key) and deletes the rest. Returns the keys removed.
     pub fn prune_service(
         &self,
         service: &str,
@@ -602,12 +776,12 @@ impl Cache {
             if entry.meta.service != service {
                 continue;
             }
-            if kept < keep || Some(entry.meta.digest.as_str()) == protect {
+            if kept < keep || Some(entry.key.as_str()) == protect {
                 kept += 1;
                 continue;
             }
-            self.remove(&entry.meta.digest)?;
-            removed.push(entry.meta.digest);
+            self.remove(&entry.key)?;
+            removed.push(entry.key);
         }
         Ok(removed)
     }

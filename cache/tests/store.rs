@@ -7,6 +7,8 @@ use std::os::unix::fs::PermissionsExt;
 use cache::{Cache, NewEntry, Problem};
 
 const DIGEST: &str = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff";
+/// The first (only) generation of DIGEST.
+const KEY: &str = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff.1";
 
 fn new_entry(digest: &str) -> NewEntry {
     NewEntry {
@@ -123,7 +125,7 @@ fn unknown_format_version_and_bad_meta_are_damage() {
     let text = fs::read_to_string(&meta).unwrap();
     fs::write(
         &meta,
-        text.replace("\"format_version\": 1", "\"format_version\": 99"),
+        text.replace("\"format_version\": 2", "\"format_version\": 99"),
     )
     .unwrap();
     match cache.lookup(DIGEST) {
@@ -140,7 +142,7 @@ fn unknown_format_version_and_bad_meta_are_damage() {
             ..
         })
     ));
-    let q = cache.quarantine(DIGEST, "bad meta").unwrap();
+    let q = cache.quarantine(KEY, "bad meta").unwrap();
     assert!(q.join("REASON").exists());
     assert!(cache.lookup(DIGEST).unwrap().is_none());
 }
@@ -159,14 +161,58 @@ fn staging_leftovers_of_dead_processes_are_cleaned_on_open() {
 }
 
 #[test]
-fn publishing_an_existing_key_keeps_one_whole_entry() {
+fn publishing_a_digest_again_makes_a_new_current_generation_and_a_rollback_pins_an_old_one() {
     let dir = tempfile::tempdir().unwrap();
-    let (cache, _) = published(&dir);
-    let staging = cache.stage().unwrap();
-    fs::write(staging.data_dir().join("other.img"), b"other").unwrap();
-    let entry = cache.publish(staging, new_entry(DIGEST)).unwrap();
-    assert_eq!(entry.meta.files.len(), 2, "the first entry stays");
+    let (cache, first) = published(&dir);
+    assert_eq!((first.key.as_str(), first.meta.generation), (KEY, 1));
+    let publish = |name: &str| {
+        let staging = cache.stage().unwrap();
+        fs::write(staging.data_dir().join(name), name.as_bytes()).unwrap();
+        cache.publish(staging, new_entry(DIGEST)).unwrap()
+    };
+    let second = publish("second.img");
+    assert_eq!(second.meta.generation, 2);
+    assert_eq!(cache.lookup(DIGEST).unwrap().unwrap().key, second.key);
     verify(&cache, DIGEST).unwrap();
+    // A rollback: the next lookup returns generation 1 until a newer one.
+    cache.pin(KEY).unwrap();
+    assert_eq!(cache.pinned(DIGEST).as_deref(), Some(KEY));
+    assert_eq!(cache.lookup(DIGEST).unwrap().unwrap().key, KEY);
+    let third = publish("third.img");
+    assert_eq!(third.meta.generation, 3);
+    assert_eq!(cache.pinned(DIGEST), None, "a new generation lifts the pin");
+    assert_eq!(cache.lookup(DIGEST).unwrap().unwrap().key, third.key);
+    // Removing a pinned generation lifts its pin too.
+    cache.pin(&second.key).unwrap();
+    cache.remove(&second.key).unwrap();
+    assert_eq!(cache.lookup(DIGEST).unwrap().unwrap().key, third.key);
+    assert!(cache.pin(&second.key).is_err(), "no pin on a missing entry");
+}
+
+#[test]
+fn a_layout_1_cache_is_migrated_to_generations() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cache, entry) = published(&dir);
+    let root = cache.root().to_path_buf();
+    // Make it look like layout 1: entry named by digest, meta format 1.
+    let meta = entry.dir.join("meta.json");
+    let text = fs::read_to_string(&meta)
+        .unwrap()
+        .replace("\"format_version\": 2", "\"format_version\": 1")
+        .replace("\"generation\": 1,", "");
+    fs::write(&meta, text).unwrap();
+    fs::rename(&entry.dir, root.join("entries").join(DIGEST)).unwrap();
+    fs::write(root.join("stale").join(DIGEST), "old reason\n").unwrap();
+    fs::write(root.join("VERSION"), "warmer-cache 1\n").unwrap();
+    let cache = Cache::open(&root).unwrap();
+    assert_eq!(
+        fs::read_to_string(root.join("VERSION")).unwrap(),
+        "warmer-cache 2\n"
+    );
+    let e = cache.lookup(DIGEST).unwrap().unwrap();
+    assert_eq!((e.key.as_str(), e.meta.generation), (KEY, 1));
+    assert_eq!(e.stale.as_deref(), Some("old reason"));
+    cache.verify(&e, &mut |_, _| {}).unwrap();
 }
 
 #[test]
@@ -181,8 +227,9 @@ fn prune_keeps_the_newest_and_the_protected() {
         // created_unix has one-second resolution: make the order unambiguous.
         std::thread::sleep(std::time::Duration::from_millis(1100));
     }
-    let removed = cache.prune_service("web", 1, Some(&digests[0])).unwrap();
-    assert_eq!(removed, vec![digests[2].clone(), digests[1].clone()]);
+    let key = |i: usize| format!("{}.{}", digests[i], i + 1);
+    let removed = cache.prune_service("web", 1, Some(&key(0))).unwrap();
+    assert_eq!(removed, vec![key(2), key(1)]);
     assert!(cache.lookup(&digests[3]).unwrap().is_some());
     assert!(cache.lookup(&digests[0]).unwrap().is_some());
 }
@@ -231,7 +278,7 @@ fn a_stamp_from_this_boot_spares_the_hashing_until_a_file_changes() {
 fn a_full_verification_stamps_and_a_stamp_of_another_boot_is_ignored() {
     let dir = tempfile::tempdir().unwrap();
     let (cache, entry) = published(&dir);
-    let stamp = cache.root().join("verified").join(DIGEST);
+    let stamp = cache.root().join("verified").join(KEY);
     let text = fs::read_to_string(&stamp).unwrap();
     let boot = fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap();
     fs::write(
@@ -273,7 +320,7 @@ fn stale_entries_are_flagged_and_gc_removes_them_first() {
     mk(3, "a", 1000); // marked stale
     mk(4, "c", 1000); // newest, current
     cache
-        .mark_stale(&format!("{:064x}", 3), "server.py changed")
+        .mark_stale(&format!("{:064x}.2", 3), "server.py changed")
         .unwrap();
     let e3 = cache.lookup(&format!("{:064x}", 3)).unwrap().unwrap();
     assert_eq!(e3.stale.as_deref(), Some("server.py changed"));
@@ -281,16 +328,16 @@ fn stale_entries_are_flagged_and_gc_removes_them_first() {
     let current = |m: &cache::Meta| m.digest != format!("{:064x}", 2);
     // No limits: only the marked entry goes.
     let r = cache.gc(&cache::GcPolicy::default(), &current).unwrap();
-    let gone: Vec<_> = r.removed.iter().map(|x| x.digest.clone()).collect();
-    assert_eq!(gone, vec![format!("{:064x}", 3)]);
+    let gone: Vec<_> = r.removed.iter().map(|x| x.key.clone()).collect();
+    assert_eq!(gone, vec![format!("{:064x}.2", 3)]);
     // Room for two: the stale digest goes before the older current one.
     let policy = cache::GcPolicy {
         max_bytes: Some(2000),
         max_age: None,
     };
     let r = cache.gc(&policy, &current).unwrap();
-    let gone: Vec<_> = r.removed.iter().map(|x| x.digest.clone()).collect();
-    assert_eq!(gone, vec![format!("{:064x}", 2)]);
+    let gone: Vec<_> = r.removed.iter().map(|x| x.key.clone()).collect();
+    assert_eq!(gone, vec![format!("{:064x}.1", 2)]);
     assert_eq!(r.kept_bytes, 2000);
     // Room for one: the oldest current entry goes.
     let policy = cache::GcPolicy {
@@ -298,7 +345,7 @@ fn stale_entries_are_flagged_and_gc_removes_them_first() {
         max_age: None,
     };
     let r = cache.gc(&policy, &current).unwrap();
-    assert_eq!(r.removed[0].digest, format!("{:064x}", 1));
+    assert_eq!(r.removed[0].key, format!("{:064x}.1", 1));
     // Age: everything is older than zero seconds... after a second.
     std::thread::sleep(std::time::Duration::from_millis(1100));
     let policy = cache::GcPolicy {
@@ -314,7 +361,7 @@ fn stale_entries_are_flagged_and_gc_removes_them_first() {
 fn gc_leaves_a_busy_service_alone() {
     let dir = tempfile::tempdir().unwrap();
     let (cache, _) = published(&dir);
-    cache.mark_stale(DIGEST, "test").unwrap();
+    cache.mark_stale(KEY, "test").unwrap();
     let _busy = cache.lock_service("web", false).unwrap();
     let r = cache.gc(&cache::GcPolicy::default(), &|_| true).unwrap();
     assert!(r.removed.is_empty());
@@ -337,7 +384,7 @@ fn many_openers_of_a_new_cache_all_succeed() {
     }
     assert_eq!(
         fs::read_to_string(root.join("VERSION")).unwrap(),
-        "warmer-cache 1\n"
+        "warmer-cache 2\n"
     );
 }
 
@@ -361,11 +408,11 @@ fn gc_over_max_bytes_removes_the_next_entry_when_one_is_busy_and_counts_what_is_
     // The older (busy) entry is first in line; it stays, so the idle one goes.
     let r = cache.gc(&policy, &|_| true).unwrap();
     assert_eq!(r.skipped.len(), 1, "{r:?}");
-    let gone: Vec<_> = r.removed.iter().map(|x| x.digest.clone()).collect();
-    assert_eq!(gone, vec![format!("{:064x}", 2)]);
+    let gone: Vec<_> = r.removed.iter().map(|x| x.key.clone()).collect();
+    assert_eq!(gone, vec![format!("{:064x}.1", 2)]);
     assert_eq!(r.kept_bytes, 1000, "the busy entry is still there");
     // A busy stale entry is kept and counted too.
-    cache.mark_stale(&format!("{:064x}", 1), "test").unwrap();
+    cache.mark_stale(&format!("{:064x}.1", 1), "test").unwrap();
     let r = cache.gc(&cache::GcPolicy::default(), &|_| true).unwrap();
     assert!(r.removed.is_empty());
     assert_eq!(r.kept_bytes, 1000);

@@ -25,7 +25,14 @@ pub enum CacheCmdError {
 /// One entry, as `cache ls --json` prints it.
 #[derive(Debug, Clone, Serialize)]
 pub struct EntryRow {
+    /// `<digest>.<generation>`: the entry's name in the cache.
+    pub key: String,
     pub digest: String,
+    /// The service's image generation (1, 2, ... in the order made).
+    pub generation: u64,
+    /// The generation a start of the service restores now (its digest's
+    /// newest, or the one a rollback pinned).
+    pub next_restore: bool,
     pub service: String,
     pub bytes: u64,
     pub created: String,
@@ -73,6 +80,13 @@ pub fn ls(dirs: &Dirs) -> Result<Listing, CacheCmdError> {
             Ok(e) => rows.push(EntryRow {
                 current: current.get(&e.meta.service) == Some(&e.meta.digest),
                 verified_this_boot: cache.stamp_valid(&e),
+                next_restore: cache
+                    .lookup(&e.meta.digest)
+                    .ok()
+                    .flatten()
+                    .is_some_and(|c| c.key == e.key),
+                key: e.key,
+                generation: e.meta.generation,
                 digest: e.meta.digest,
                 service: e.meta.service,
                 bytes: e.meta.bytes,
@@ -89,13 +103,15 @@ pub fn ls(dirs: &Dirs) -> Result<Listing, CacheCmdError> {
 
 pub fn render_ls(rows: &[EntryRow], bad: &[(String, Problem)]) -> String {
     let mut out = format!(
-        "{:<14} {:<18} {:>9} {:<21} {:>8}  {}\n",
-        "DIGEST", "SERVICE", "MB", "CREATED", "COLD_MS", "FLAGS"
+        "{:<16} {:>4} {:<18} {:>9} {:<21} {:>8}  {}\n",
+        "IMAGE", "GEN", "SERVICE", "MB", "CREATED", "COLD_MS", "FLAGS"
     );
     for r in rows {
         let mut flags = Vec::new();
-        if r.current {
-            flags.push("current".to_string());
+        if r.current && r.next_restore && r.stale.is_none() {
+            flags.push("current (next start restores it)".to_string());
+        } else if r.current {
+            flags.push("current digest".to_string());
         }
         if let Some(why) = &r.stale {
             flags.push(format!("stale ({why})"));
@@ -104,8 +120,9 @@ pub fn render_ls(rows: &[EntryRow], bad: &[(String, Problem)]) -> String {
             flags.push("verified".into());
         }
         out.push_str(&format!(
-            "{:<14} {:<18} {:>9.1} {:<21} {:>8}  {}\n",
-            short(&r.digest),
+            "{:<16} {:>4} {:<18} {:>9.1} {:<21} {:>8}  {}\n",
+            short(&r.key),
+            r.generation,
             r.service,
             r.bytes as f64 / 1e6,
             r.created,
@@ -137,7 +154,7 @@ fn select(cache: &Cache, target: Option<&str>) -> Result<Vec<Entry>, CacheCmdErr
     let is_hex = t.len() >= 6 && t.bytes().all(|b| b.is_ascii_hexdigit());
     let by_digest: Vec<Entry> = all
         .into_iter()
-        .filter(|e| is_hex && e.meta.digest.starts_with(&t.to_ascii_lowercase()))
+        .filter(|e| is_hex && (e.key == t || e.key.starts_with(&t.to_ascii_lowercase())))
         .collect();
     match by_digest.len() {
         0 => Err(CacheCmdError::NoMatch(t.to_string())),
@@ -151,6 +168,7 @@ fn select(cache: &Cache, target: Option<&str>) -> Result<Vec<Entry>, CacheCmdErr
 
 /// Outcome of verifying one entry.
 pub struct Verified {
+    /// The entry's key.
     pub digest: String,
     pub service: String,
     pub bytes: u64,
@@ -167,7 +185,7 @@ pub fn verify(dirs: &Dirs, target: Option<&str>) -> Result<Vec<Verified>, CacheC
     for entry in select(&cache, target)? {
         let _lock = cache.lock_service(&entry.meta.service, true)?;
         let t = std::time::Instant::now();
-        let label = format!("{} {}", entry.meta.service, short(&entry.meta.digest));
+        let label = format!("{} {}", entry.meta.service, short(&entry.key));
         let mut last = 0u64;
         let mut progress = |done: u64, total: u64| {
             // A line per 10% of a large image.
@@ -184,10 +202,10 @@ pub fn verify(dirs: &Dirs, target: Option<&str>) -> Result<Vec<Verified>, CacheC
         };
         let problem = cache.verify(&entry, &mut progress).err();
         if let Some(p) = &problem {
-            cache.quarantine(&entry.meta.digest, &format!("cache verify: {p}"))?;
+            cache.quarantine(&entry.key, &format!("cache verify: {p}"))?;
         }
         out.push(Verified {
-            digest: entry.meta.digest,
+            digest: entry.key,
             service: entry.meta.service,
             bytes: entry.meta.bytes,
             elapsed: t.elapsed(),
@@ -222,7 +240,7 @@ pub fn rm(dirs: &Dirs, target: &str) -> Result<Vec<Entry>, CacheCmdError> {
     let entries = select(&cache, Some(target))?;
     for e in &entries {
         let _lock = cache.lock_service(&e.meta.service, true)?;
-        cache.remove(&e.meta.digest)?;
+        cache.remove(&e.key)?;
     }
     Ok(entries)
 }
@@ -259,7 +277,7 @@ pub fn render_gc(report: &GcReport) -> String {
     for r in &report.removed {
         out.push_str(&format!(
             "removed {} {} ({:.1} MB): {}\n",
-            short(&r.digest),
+            short(&r.key),
             r.service,
             r.bytes as f64 / 1e6,
             r.reason

@@ -98,7 +98,7 @@ impl Checkpoint<'_> {
         let removed = self.cache.prune_service(
             &self.manifest.name,
             usize::try_from(self.manifest.keep).unwrap_or(usize::MAX),
-            Some(&self.digest.hex),
+            Some(&entry.key),
         )?;
         for d in removed {
             tracing::info!("removed old image {}", short(&d));
@@ -107,7 +107,11 @@ impl Checkpoint<'_> {
     }
 }
 
-/// The first 12 hex digits, for messages.
-pub fn short(digest: &str) -> &str {
-    &digest[..digest.len().min(12)]
+/// The first 12 hex digits of a digest, or of a cache key's digest with its
+/// generation (`0123456789ab.3`), for messages.
+pub fn short(digest_or_key: &str) -> String {
+    match digest_or_key.rsplit_once('.') {
+        Some((d, gen)) => format!("{}.{gen}", &d[..d.len().min(12)]),
+        None => digest_or_key[..digest_or_key.len().min(12)].to_string(),
+    }
 }

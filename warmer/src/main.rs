@@ -309,7 +309,13 @@ fn cache_cmd(dirs: &Dirs, cmd: CacheCmd) -> ExitCode {
             Ok(entries) => {
                 let lines: String = entries
                     .iter()
-                    .map(|e| format!("removed {} {}\n", &e.meta.digest[..12], e.meta.service))
+                    .map(|e| {
+                        format!(
+                            "removed {} {}\n",
+                            warmer::checkpoint::short(&e.key),
+                            e.meta.service
+                        )
+                    })
                     .collect();
                 emit(&lines);
                 ExitCode::from(exit::OK)

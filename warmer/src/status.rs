@@ -13,6 +13,9 @@ use crate::state::{RunRecord, ServiceState, StartKind};
 #[derive(Debug, Clone, Serialize)]
 pub struct ImageInfo {
     pub digest: String,
+    /// `<digest>.<generation>`.
+    pub key: String,
+    pub generation: u64,
     pub bytes: u64,
     pub created: String,
 }
@@ -108,6 +111,8 @@ fn one(
         .filter(|e| e.stale.is_none())
         .map(|e| ImageInfo {
             digest: e.meta.digest.clone(),
+            key: e.key.clone(),
+            generation: e.meta.generation,
             bytes: e.meta.bytes,
             created: e.meta.created.clone(),
         });
@@ -164,7 +169,7 @@ pub fn render(rows: &[ServiceStatus]) -> String {
             .map(|i| {
                 format!(
                     "{} ({} MB, {})",
-                    &i.digest[..12],
+                    crate::checkpoint::short(&i.key),
                     i.bytes / 1_000_000,
                     i.created
                 )

@@ -278,7 +278,7 @@ impl Supervisor {
                 "{reason}: image marked stale; restart the service to run the new version"
             );
             if let Some(cache) = &self.cache {
-                let _ = cache.mark_stale(&d.hex, &reason);
+                let _ = cache.mark_digest_stale(&d.hex, &reason);
             }
             self.record.stale = Some(reason);
         }
@@ -302,7 +302,7 @@ impl Supervisor {
         };
         tracing::warn!("{reason}: image marked stale; restart the service to run the new version");
         if let (Some(cache), Some(d)) = (&self.cache, &self.digest) {
-            if let Err(e) = cache.mark_stale(&d.hex, &reason) {
+            if let Err(e) = cache.mark_digest_stale(&d.hex, &reason) {
                 tracing::error!("cannot mark image {} stale: {}", short(&d.hex), chain(&e));
             }
         }
@@ -407,9 +407,6 @@ impl Supervisor {
                     "image {} is stale ({why}): cold start",
                     short(&digest)
                 );
-                if let Err(e) = cache.remove(&digest) {
-                    tracing::warn!("cannot remove stale image: {}", chain(&e));
-                }
                 return None;
             }
             Err(failure) => {
@@ -419,7 +416,7 @@ impl Supervisor {
                     run_dir: &self.run_dir,
                     signals: &self.signals,
                 }
-                .undo(&digest, failure, None, None);
+                .undo(failure.entry_key(), failure, None, None);
                 self.record.message = Some(format!("restore failed: {}", chain(&failure)));
                 return None;
             }
@@ -565,7 +562,12 @@ impl Supervisor {
         else {
             return;
         };
-        if cache.lookup(&digest.hex).is_ok_and(|e| e.is_some()) {
+        // A usable image of this digest exists: nothing to do. (A stale one,
+        // or none, and this ready service is the new generation.)
+        if cache
+            .lookup(&digest.hex)
+            .is_ok_and(|e| e.is_some_and(|e| e.stale.is_none()))
+        {
             return;
         }
         let (criu, cache, digest) = (criu.clone(), cache.clone(), digest.clone());
@@ -614,7 +616,7 @@ impl Supervisor {
         // An input that changed during the dump makes the new image stale too.
         if let Some(reason) = self.input_change() {
             self.record.stale = None;
-            let _ = cache.mark_stale(&digest.hex, &reason);
+            let _ = cache.mark_digest_stale(&digest.hex, &reason);
             self.check_inputs();
         }
         self.set_state(ServiceState::Ready);

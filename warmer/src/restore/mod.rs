@@ -81,8 +81,9 @@ pub struct Plan {
 }
 
 impl Plan {
-    pub fn digest(&self) -> &str {
-        &self.entry.meta.digest
+    /// The entry's name in the cache (digest and generation).
+    pub fn key(&self) -> &str {
+        &self.entry.key
     }
 }
 
@@ -116,6 +117,16 @@ pub enum Failure {
     Exited(i32),
     #[error("restored service not ready within {}", humantime::format_duration(*.0))]
     NotReady(Duration),
+}
+
+impl Failure {
+    /// The entry a lookup found damaged, to quarantine it.
+    pub fn entry_key(&self) -> Option<String> {
+        match self {
+            Failure::Entry(cache::Error::Damaged { key, .. }) => Some(key.clone()),
+            _ => None,
+        }
+    }
 }
 
 /// Where a restore spent its time.
@@ -198,11 +209,11 @@ impl Restore<'_> {
     ) -> Result<Restored, Failure> {
         let state = match self.prepare_state(plan) {
             Ok(s) => s,
-            Err(f) => return Err(self.undo(plan.digest(), f, None, None)),
+            Err(f) => return Err(self.undo(Some(plan.key().into()), f, None, None)),
         };
         let (mut running, timings) = match self.tree(plan) {
             Ok(r) => r,
-            Err(f) => return Err(self.undo(plan.digest(), f, None, state)),
+            Err(f) => return Err(self.undo(Some(plan.key().into()), f, None, state)),
         };
         let failure = match probe(&mut running) {
             Readiness::Ready | Readiness::Stopped => None,
@@ -210,7 +221,7 @@ impl Restore<'_> {
             Readiness::TimedOut(t) => Some(Failure::NotReady(t)),
         };
         if let Some(f) = failure {
-            return Err(self.undo(plan.digest(), f, Some(running), state));
+            return Err(self.undo(Some(plan.key().into()), f, Some(running), state));
         }
         commit(state);
         Ok(Restored {
@@ -294,7 +305,7 @@ impl Restore<'_> {
     /// reported beside the failure that caused it.
     pub fn undo(
         &self,
-        digest: &str,
+        key: Option<String>,
         failure: Failure,
         running: Option<Running>,
         state: Option<PutBack>,
@@ -304,10 +315,8 @@ impl Restore<'_> {
             r.finish();
         }
         let why = chain(&failure);
-        tracing::warn!(
-            "image {} unusable, cold start instead: {why}",
-            short(digest)
-        );
+        let label = key.as_deref().map_or_else(|| "?".to_string(), short);
+        tracing::warn!("image {label} unusable, cold start instead: {why}");
         if let Some(pb) = state {
             if let Err(e) = pb.undo() {
                 tracing::error!(
@@ -316,11 +325,14 @@ impl Restore<'_> {
                 );
             }
         }
-        match self.cache.quarantine(digest, &why) {
+        let Some(key) = key else {
+            return failure;
+        };
+        match self.cache.quarantine(&key, &why) {
             Ok(to) => tracing::warn!("image moved to {}", to.display()),
             Err(e) => {
-                if self.cache.lookup(digest).is_ok_and(|e| e.is_some()) {
-                    tracing::error!("cannot quarantine image {}: {}", short(digest), chain(&e));
+                if self.cache.lookup_key(&key).is_ok_and(|e| e.is_some()) {
+                    tracing::error!("cannot quarantine image {}: {}", short(&key), chain(&e));
                 }
             }
         }
@@ -387,7 +399,9 @@ mod tests {
         let p = plan(&cache, &digest, true).unwrap().unwrap();
         assert_eq!(p.integrity, Integrity::Stamped, "just published: stamped");
         assert!(!p.with_state && p.lazy);
-        cache.mark_stale(&digest, "server.py changed").unwrap();
+        cache
+            .mark_digest_stale(&digest, "server.py changed")
+            .unwrap();
         assert_eq!(
             plan(&cache, &digest, false).unwrap().unwrap_err(),
             Skip::Stale("server.py changed".into())
