@@ -13,6 +13,8 @@ echo "== cargo clippy -D warnings"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "== cargo bench --no-run"
 cargo bench --workspace --no-run --locked
+echo "== cargo build (warmer and warmer-init side by side, as installed)"
+cargo build --workspace --locked
 echo "== cargo test"
 cargo test --workspace --locked
 echo "== systemd: reboot cycle in a systemd-nspawn container"
