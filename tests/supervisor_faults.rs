@@ -4,7 +4,8 @@
 //!
 //! What must hold on every branch: the service runs (cold), the image is
 //! quarantined, the reason is recorded, and the service's data is exactly
-//! what it was before warmer touched it.
+//! what it was before warmer touched it (the only thing a restore ever puts
+//! back is a `state:` path a reboot took from a tmpfs, and that is undone).
 
 mod common;
 
@@ -20,32 +21,71 @@ fn require_root() {
     );
 }
 
-/// A quick service with a `state:` directory holding a ledger, on the fake
-/// CRIU. Returns (env, ledger path, fake criu).
-fn stateful() -> (Env, PathBuf, String) {
+/// A quick service with two `state:` paths on the fake CRIU: a data
+/// directory on disk and a file in /dev/shm (a tmpfs, emptied by a reboot).
+struct Stateful {
+    env: Env,
+    ledger: PathBuf,
+    shm: PathBuf,
+    criu: String,
+}
+
+impl Drop for Stateful {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.shm);
+    }
+}
+
+fn stateful() -> Stateful {
     require_root();
     let env = Env::new();
     let criu = fake_criu(env.dir.path()).display().to_string();
     let data = env.path("data");
     std::fs::create_dir(&data).unwrap();
     let ledger = data.join("ledger");
-    std::fs::write(&ledger, "1\n").unwrap();
+    std::fs::write(&ledger, "1\n2\n3\n").unwrap();
+    let shm = PathBuf::from(format!(
+        "/dev/shm/warmer-test-{}",
+        env.dir.path().file_name().unwrap().to_string_lossy()
+    ));
+    std::fs::write(&shm, "segment").unwrap();
     env.slowweb(
         "svc",
         free_port(),
         &["--warmup", "0.1"],
-        &format!("state: [\"{}\"]\n", data.display()),
+        &format!("state: [\"{}\", \"{}\"]\n", data.display(), shm.display()),
     );
-    (env, ledger, criu)
+    Stateful {
+        env,
+        ledger,
+        shm,
+        criu,
+    }
 }
 
-/// Cold start + (fake) checkpoint with the ledger at "1", then the service
-/// moves the ledger on after the checkpoint.
-fn checkpointed(env: &Env, ledger: &std::path::Path, criu: &str) {
-    let mut w = env.run_with("svc", &[("WARMER_CRIU", criu), ("FAKE_CRIU_DUMP", "ok")]);
-    env.wait_image("svc", &mut w);
+/// Cold start + (fake) checkpoint, then a "reboot" empties /dev/shm: the
+/// next restore must put the shm file back (and only it).
+fn checkpointed(s: &Stateful) {
+    let mut w = s
+        .env
+        .run_with("svc", &[("WARMER_CRIU", &s.criu), ("FAKE_CRIU_DUMP", "ok")]);
+    s.env.wait_image("svc", &mut w);
     w.stop();
-    std::fs::write(ledger, "1\n2\n3\n").unwrap();
+    std::fs::remove_file(&s.shm).unwrap();
+}
+
+/// The data is exactly as before the failed restore: ledger untouched, the
+/// vanished shm file still absent (the put-back undone), nothing left beside.
+fn assert_untouched(s: &Stateful) {
+    assert_eq!(std::fs::read_to_string(&s.ledger).unwrap(), "1\n2\n3\n");
+    assert!(!s.shm.exists(), "the put-back of the shm file was undone");
+    let leftovers: Vec<_> = std::fs::read_dir("/dev/shm")
+        .unwrap()
+        .filter_map(|d| d.ok())
+        .map(|d| d.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains(&*s.shm.file_name().unwrap().to_string_lossy()))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
 }
 
 fn quarantined(env: &Env) -> Vec<String> {
@@ -56,26 +96,24 @@ fn quarantined(env: &Env) -> Vec<String> {
 }
 
 #[test]
-fn a_failed_criu_restore_puts_the_newer_data_back_and_cold_starts() {
-    let (env, ledger, criu) = stateful();
-    checkpointed(&env, &ledger, &criu);
-    let mut w = env.run_with(
+fn a_failed_criu_restore_undoes_its_put_back_and_cold_starts() {
+    let s = stateful();
+    checkpointed(&s);
+    let mut w = s.env.run_with(
         "svc",
-        &[("WARMER_CRIU", &criu), ("FAKE_CRIU_RESTORE", "fail")],
+        &[("WARMER_CRIU", &s.criu), ("FAKE_CRIU_RESTORE", "fail")],
     );
-    let s = env.wait_ready("svc", &mut w);
-    assert_eq!(s["last_start"], "cold", "{s}");
-    let msg = s["message"].as_str().unwrap_or_default().to_string();
+    let st = s.env.wait_ready("svc", &mut w);
+    assert_eq!(st["last_start"], "cold", "{st}");
+    let msg = st["message"].as_str().unwrap_or_default().to_string();
     assert!(
         msg.starts_with("restore failed: criu restore failed"),
         "{msg}"
     );
-    assert_eq!(
-        std::fs::read_to_string(&ledger).unwrap(),
-        "1\n2\n3\n",
-        "the data written after the checkpoint survives a failed restore"
-    );
-    let reasons = quarantined(&env);
+    w.stop();
+    // The cold start's own checkpoint captured the shm file as absent.
+    assert_untouched(&s);
+    let reasons = quarantined(&s.env);
     assert_eq!(reasons.len(), 1);
     assert!(reasons[0].contains("Restoring FAILED"), "{reasons:?}");
     assert_eq!(
@@ -83,44 +121,42 @@ fn a_failed_criu_restore_puts_the_newer_data_back_and_cold_starts() {
         1,
         "each cause once: {reasons:?}"
     );
-    w.stop();
 }
 
 #[test]
 fn a_restored_tree_that_exits_is_undone_the_same_way() {
-    let (env, ledger, criu) = stateful();
-    checkpointed(&env, &ledger, &criu);
-    let mut w = env.run_with(
+    let s = stateful();
+    checkpointed(&s);
+    let mut w = s.env.run_with(
         "svc",
-        &[("WARMER_CRIU", &criu), ("FAKE_CRIU_RESTORE", "exit")],
+        &[("WARMER_CRIU", &s.criu), ("FAKE_CRIU_RESTORE", "exit")],
     );
-    let s = env.wait_ready("svc", &mut w);
-    assert_eq!(s["last_start"], "cold", "{s}");
+    let st = s.env.wait_ready("svc", &mut w);
+    assert_eq!(st["last_start"], "cold", "{st}");
     assert!(
-        s["message"]
+        st["message"]
             .as_str()
             .unwrap_or_default()
             .contains("restored service exited with status 3"),
-        "{s}"
+        "{st}"
     );
-    assert_eq!(std::fs::read_to_string(&ledger).unwrap(), "1\n2\n3\n");
-    assert_eq!(quarantined(&env).len(), 1);
     w.stop();
+    assert_untouched(&s);
+    assert_eq!(quarantined(&s.env).len(), 1);
 }
 
 #[test]
 fn a_warmer_killed_during_a_restore_leaves_data_the_next_start_puts_back() {
-    let (env, ledger, criu) = stateful();
-    checkpointed(&env, &ledger, &criu);
-    let mut w = env.run_with(
+    let s = stateful();
+    checkpointed(&s);
+    let mut w = s.env.run_with(
         "svc",
-        &[("WARMER_CRIU", &criu), ("FAKE_CRIU_RESTORE", "hang")],
+        &[("WARMER_CRIU", &s.criu), ("FAKE_CRIU_RESTORE", "hang")],
     );
-    env.wait_status("svc", &mut w, |s| s["state"] == "restoring");
-    // The checkpoint's ledger is in place while the restored tree starts.
-    wait_for(Duration::from_secs(10), || {
-        (std::fs::read_to_string(&ledger).ok()? == "1\n").then_some(())
-    });
+    s.env
+        .wait_status("svc", &mut w, |st| st["state"] == "restoring");
+    // The shm file is back while the restored tree starts.
+    wait_for(Duration::from_secs(10), || s.shm.exists().then_some(()));
     w.signal(nix::sys::signal::Signal::SIGKILL);
     w.wait(Duration::from_secs(10));
     for pid in pids_with("sleep 1000") {
@@ -129,25 +165,58 @@ fn a_warmer_killed_during_a_restore_leaves_data_the_next_start_puts_back() {
             nix::sys::signal::Signal::SIGKILL,
         );
     }
-    // Whatever the next start does (here: a cold one), the newer data is back
-    // before the service runs.
-    let mut w = env.command();
-    let out = w
+    // Whatever the next start does (here: a cold one), what the interrupted
+    // restore changed is undone before the service runs.
+    let child = s
+        .env
+        .command()
         .args(["run", "--cold", "svc"])
-        .env("WARMER_CRIU", &criu)
+        .env("WARMER_CRIU", &s.criu)
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let mut w = Warmer::from_child(out);
-    env.wait_ready("svc", &mut w);
-    assert_eq!(std::fs::read_to_string(&ledger).unwrap(), "1\n2\n3\n");
+    let mut w = Warmer::from_child(child);
+    s.env.wait_ready("svc", &mut w);
+    assert_untouched(&s);
     w.stop();
     assert!(
         w.err().contains("interrupted restore"),
         "the recovery is logged: {}",
         w.err()
+    );
+}
+
+#[test]
+fn data_written_after_the_checkpoint_is_never_touched_and_the_image_never_tried() {
+    let s = stateful();
+    checkpointed(&s);
+    std::fs::write(&s.ledger, "1\n2\n3\n4\n").unwrap();
+    // A restore would fail loudly here; it must not even be tried.
+    let mut w = s.env.run_with(
+        "svc",
+        &[("WARMER_CRIU", &s.criu), ("FAKE_CRIU_RESTORE", "fail")],
+    );
+    let st = s.env.wait_ready("svc", &mut w);
+    assert_eq!(st["last_start"], "cold", "{st}");
+    assert!(
+        st["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("state changed since checkpoint"),
+        "{st}"
+    );
+    w.stop();
+    assert_eq!(std::fs::read_to_string(&s.ledger).unwrap(), "1\n2\n3\n4\n");
+    assert!(!s.shm.exists(), "nothing put back");
+    assert!(
+        quarantined(&s.env).is_empty(),
+        "a stale image is not a damaged one"
+    );
+    assert!(
+        !std::path::Path::new(&s.env.path("run/svc/restore.log")).exists(),
+        "CRIU never ran"
     );
 }
 

@@ -227,7 +227,7 @@ fn a_second_run_of_the_same_service_is_refused() {
 }
 
 #[test]
-fn state_files_are_put_back_so_disk_matches_memory() {
+fn state_files_restore_only_while_the_data_is_as_it_was_and_are_never_overwritten() {
     require_criu();
     let env = Env::new();
     let port = free_port();
@@ -249,18 +249,63 @@ fn state_files_are_put_back_so_disk_matches_memory() {
     env.wait_image("st", &mut w);
     let nonce = state(port)["nonce"].as_str().unwrap().to_string();
     w.stop();
-    // The disk moves on: the file the service holds open for writing grows
-    // (CRIU would refuse: "bad size") and a new file appears.
-    std::fs::write(&file, format!("{nonce} and much more since")).unwrap();
-    std::fs::write(data.join("later.txt"), "x").unwrap();
-
+    // Unchanged data (a file held open for writing among it): restored.
     let mut w = env.run("st");
     let s = env.wait_ready("st", &mut w);
     assert_eq!(s["last_start"], "restored", "{}", w.err());
     assert_eq!(state(port)["nonce"], nonce.as_str());
-    assert_eq!(std::fs::read_to_string(&file).unwrap(), nonce);
-    assert!(!data.join("later.txt").exists());
     w.stop();
+    // The disk moves on: the image is older than the data, so it is not
+    // restored, and nothing is copied over the newer data.
+    std::fs::write(&file, format!("{nonce} and much more since")).unwrap();
+    std::fs::write(data.join("later.txt"), "x").unwrap();
+    let mut w = env.run("st");
+    let s = env.wait_ready("st", &mut w);
+    assert_eq!(s["last_start"], "cold", "{}", w.err());
+    assert!(data.join("later.txt").exists(), "newer data kept");
+    let cold_nonce = state(port)["nonce"].as_str().unwrap().to_string();
+    assert_ne!(cold_nonce, nonce);
+    // The cold start on the current data is the new generation.
+    let s = env.wait_image("st", &mut w);
+    assert_eq!(s["image"]["generation"], 2, "{s}");
+    w.stop();
+    let mut w = env.run("st");
+    let s = env.wait_ready("st", &mut w);
+    assert_eq!(s["last_start"], "restored", "{}", w.err());
+    assert_eq!(state(port)["nonce"], cold_nonce.as_str());
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), cold_nonce);
+    w.stop();
+}
+
+#[test]
+fn a_state_file_a_reboot_took_from_a_tmpfs_goes_back_with_the_image() {
+    require_criu();
+    let env = Env::new();
+    let port = free_port();
+    // A file the service keeps open in /dev/shm: gone after a reboot, and
+    // CRIU cannot restore without it ("Can't open file dev/shm/...").
+    let shm = std::path::PathBuf::from(format!(
+        "/dev/shm/warmer-test-{}",
+        env.dir.path().file_name().unwrap().to_string_lossy()
+    ));
+    env.slowweb(
+        "shm",
+        port,
+        &["--warmup", "0.5", "--statefile", &shm.display().to_string()],
+        &format!("state: [\"{}\"]\n", shm.display()),
+    );
+    let mut w = env.run("shm");
+    env.wait_image("shm", &mut w);
+    let nonce = state(port)["nonce"].as_str().unwrap().to_string();
+    w.stop();
+    std::fs::remove_file(&shm).unwrap(); // the reboot
+    let mut w = env.run("shm");
+    let s = env.wait_ready("shm", &mut w);
+    assert_eq!(s["last_start"], "restored", "{}", w.err());
+    assert_eq!(state(port)["nonce"], nonce.as_str());
+    assert_eq!(std::fs::read_to_string(&shm).unwrap(), nonce);
+    w.stop();
+    let _ = std::fs::remove_file(&shm);
 }
 
 #[test]

@@ -445,6 +445,17 @@ impl Cache {
         )
     }
 
+    /// Lifts a stale mark (an explicit rollback to this entry).
+    pub fn clear_stale(&self, key: &str) -> Result<(), Error> {
+        valid_key(key)?;
+        match fs::remove_file(self.stale_path(key)) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                Err(Error::io(self.stale_path(key))(e))
+            }
+            _ => Ok(()),
+        }
+    }
+
     /// Marks every generation of `digest` stale (its inputs changed).
     pub fn mark_digest_stale(&self, digest: &str, reason: &str) -> Result<(), Error> {
         for key in self.keys_of(digest)? {

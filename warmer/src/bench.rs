@@ -441,7 +441,8 @@ impl Bencher {
     fn criu_restore(&self, entry: &cache::Entry) -> Result<f64, BenchError> {
         let data = entry.data_dir();
         if crate::state_files::has_state(&data) {
-            crate::state_files::put_back(&data)
+            crate::state_files::captured_paths(&data)
+                .and_then(|all| crate::state_files::put_back(&data, &all))
                 .and_then(crate::state_files::PutBack::commit)
                 .map_err(|e| BenchError::Run {
                     what: "putting state back".into(),

@@ -11,7 +11,7 @@ use cache::{Cache, Entry, NewEntry};
 
 use crate::criu::{self, Criu, CriuError, DumpPlan};
 use crate::digest::{HostFacts, ServiceDigest};
-use crate::image::{ImageFormatError, RestoreInfo, RESTORE_INFO_VERSION};
+use crate::image::{ImageFormatError, RestoreInfo, Taken, RESTORE_INFO_VERSION};
 use crate::manifest::Manifest;
 use crate::service::Running;
 
@@ -35,11 +35,18 @@ pub struct Checkpoint<'a> {
     pub host: &'a HostFacts,
     pub run_dir: &'a Path,
     pub cold_start_ms: u64,
+    pub taken: Taken,
 }
 
 impl Checkpoint<'_> {
-    /// Dumps `running` and publishes the image. Returns the new entry.
-    pub fn take(&self, running: &Running) -> Result<Entry, CheckpointError> {
+    /// Dumps `running` and publishes the image as a new generation. Returns
+    /// the new entry. A stop-time checkpoint (`Taken::Stop`) ends the tree;
+    /// `deadline` bounds the dump (CRIU is killed past it).
+    pub fn take(
+        &self,
+        running: &Running,
+        deadline: Option<std::time::Duration>,
+    ) -> Result<Entry, CheckpointError> {
         // A crash during an earlier dump can leave CRIU's /proc mount point
         // behind in the init's cwd; its mkdir would then fail with EEXIST.
         let _ = std::fs::remove_dir(self.run_dir.join("proc.crtools"));
@@ -61,6 +68,7 @@ impl Checkpoint<'_> {
             work_dir: self.run_dir.to_path_buf(),
             log_name: "dump.log".into(),
             tcp_established: self.manifest.checkpoint.tcp_established,
+            leave_running: self.taken != Taken::Stop,
             action_script,
         };
         let mut cmd = self.criu.command();
@@ -70,7 +78,7 @@ impl Checkpoint<'_> {
         }
         let dumped = self
             .criu
-            .run_command("dump", cmd, &self.run_dir.join("dump.log"));
+            .run_command("dump", cmd, &self.run_dir.join("dump.log"), deadline);
         if dumped.is_err() && plan.tcp_established {
             let n = criu::clear_network_locks();
             if n > 0 {
@@ -83,6 +91,7 @@ impl Checkpoint<'_> {
             stdout: running.output.stdout.resource().to_string(),
             stderr: running.output.stderr.resource().to_string(),
             tcp_established: plan.tcp_established,
+            taken: self.taken,
         };
         crate::image::write(&staging.data_dir(), &info).map_err(CheckpointError::Info)?;
         let entry = self.cache.publish(

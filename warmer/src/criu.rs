@@ -23,6 +23,12 @@ pub enum CriuError {
     },
     #[error("{} is CRIU {version}; warmer needs >= {}.{} (scripts/install-criu.sh builds 4.2.1)", bin.display(), MIN_VERSION.0, MIN_VERSION.1)]
     TooOld { bin: PathBuf, version: String },
+    #[error("criu {action} did not finish within {}; killed it (log: {})", humantime::format_duration(*after), log.display())]
+    Timeout {
+        action: &'static str,
+        after: std::time::Duration,
+        log: PathBuf,
+    },
     #[error("could not run {}", bin.display())]
     Spawn {
         bin: PathBuf,
@@ -123,32 +129,68 @@ impl Criu {
     ) -> Result<(), CriuError> {
         let mut cmd = self.command();
         cmd.args(args);
-        self.run_command(action, cmd, log)
+        self.run_command(action, cmd, log, None)
     }
 
-    /// Runs a prepared CRIU command (see [`Criu::command`]) to completion.
+    /// Runs a prepared CRIU command (see [`Criu::command`]) to completion,
+    /// or until `deadline` has passed: then CRIU is killed and the call fails.
     pub fn run_command(
         &self,
         action: &'static str,
         mut cmd: Command,
         log: &Path,
+        deadline: Option<std::time::Duration>,
     ) -> Result<(), CriuError> {
-        let out = cmd
+        let mut child = cmd
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
-            .output()
+            .spawn()
             .map_err(|source| CriuError::Spawn {
                 bin: self.bin.clone(),
                 source,
             })?;
-        if out.status.success() {
+        let mut stderr = child.stderr.take();
+        let reader = std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            if let Some(s) = stderr.as_mut() {
+                let _ = std::io::Read::read_to_end(s, &mut buf);
+            }
+            buf
+        });
+        let spawn_err = |source| CriuError::Spawn {
+            bin: self.bin.clone(),
+            source,
+        };
+        let status = match deadline {
+            None => child.wait().map_err(spawn_err)?,
+            Some(limit) => {
+                let end = std::time::Instant::now() + limit;
+                loop {
+                    if let Some(st) = child.try_wait().map_err(spawn_err)? {
+                        break st;
+                    }
+                    if std::time::Instant::now() >= end {
+                        let _ = child.kill();
+                        let _ = child.wait();
+                        return Err(CriuError::Timeout {
+                            action,
+                            after: limit,
+                            log: log.to_path_buf(),
+                        });
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                }
+            }
+        };
+        let stderr = reader.join().unwrap_or_default();
+        if status.success() {
             Ok(())
         } else {
             Err(CriuError::Failed {
                 action,
-                status: out.status,
+                status,
                 log: log.to_path_buf(),
-                tail: log_tail(log, &out.stderr),
+                tail: log_tail(log, &stderr),
             })
         }
     }
@@ -284,6 +326,9 @@ pub struct DumpPlan {
     pub work_dir: PathBuf,
     pub log_name: String,
     pub tcp_established: bool,
+    /// Keep the tree running after the dump (else CRIU ends it: persist
+    /// mode's stop-time checkpoint).
+    pub leave_running: bool,
     /// Run at CRIU's action points (`--action-script`), e.g. to capture state
     /// files at `post-dump` while the tree is still frozen.
     pub action_script: Option<String>,
@@ -313,9 +358,11 @@ pub fn dump_args(plan: &DumpPlan) -> Vec<OsString> {
         plan.pid.to_string().into(),
         "--images-dir".into(),
         plan.images_dir.clone().into(),
-        // The checkpoint happens while the service serves: it must go on.
-        "--leave-running".into(),
     ];
+    if plan.leave_running {
+        // The checkpoint happens while the service serves: it must go on.
+        a.push("--leave-running".into());
+    }
     a.extend(common_args(
         &plan.work_dir,
         &plan.log_name,
@@ -418,6 +465,7 @@ mod tests {
             work_dir: "/run/warmer/web".into(),
             log_name: "dump.log".into(),
             tcp_established: false,
+            leave_running: true,
             action_script: Some("/usr/bin/warmer".into()),
         }));
         assert!(a

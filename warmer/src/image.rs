@@ -28,8 +28,20 @@ pub const IMAGE_FORMAT: u32 = 1;
 /// The file name of [`RestoreInfo`] in the payload.
 pub const RESTORE_INFO: &str = "restore.json";
 
-/// The `restore.json` version this warmer writes.
-pub const RESTORE_INFO_VERSION: u32 = 1;
+/// The `restore.json` version this warmer writes (1 had no `taken`).
+pub const RESTORE_INFO_VERSION: u32 = 2;
+
+/// When an image was taken, which decides when it may be restored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Taken {
+    /// When the service first became ready (warm mode).
+    Ready,
+    /// By `warmer checkpoint` while the service ran.
+    OnDemand,
+    /// At a stop, the service's last state (persist mode).
+    Stop,
+}
 
 /// What a restore needs to know beyond CRIU's own files.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -42,6 +54,7 @@ pub struct RestoreInfo {
     pub stderr: String,
     /// Dumped with `--tcp-established`: restore with it too.
     pub tcp_established: bool,
+    pub taken: Taken,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -89,7 +102,27 @@ fn parse(path: &Path, bytes: &[u8]) -> Result<RestoreInfo, ImageFormatError> {
     };
     let v: Version = serde_json::from_slice(bytes).map_err(parse_err)?;
     match v.format_version {
-        1 => serde_json::from_slice(bytes).map_err(parse_err),
+        1 => {
+            #[derive(Deserialize)]
+            #[serde(deny_unknown_fields)]
+            struct V1 {
+                #[allow(dead_code)]
+                format_version: u32,
+                stdout: String,
+                stderr: String,
+                tcp_established: bool,
+            }
+            let v1: V1 = serde_json::from_slice(bytes).map_err(parse_err)?;
+            Ok(RestoreInfo {
+                format_version: 1,
+                stdout: v1.stdout,
+                stderr: v1.stderr,
+                tcp_established: v1.tcp_established,
+                // Version 1 images were all taken when the service was ready.
+                taken: Taken::Ready,
+            })
+        }
+        RESTORE_INFO_VERSION => serde_json::from_slice(bytes).map_err(parse_err),
         found => Err(ImageFormatError::UnknownVersion {
             path: path.to_path_buf(),
             found,
@@ -126,6 +159,7 @@ mod tests {
         let info = parse_str(V1).unwrap();
         assert_eq!(info.stdout, "pipe:[126119]");
         assert!(!info.tcp_established);
+        assert_eq!(info.taken, Taken::Ready);
     }
 
     #[test]
@@ -136,6 +170,7 @@ mod tests {
             stdout: "pipe:[1]".into(),
             stderr: "pipe:[2]".into(),
             tcp_established: true,
+            taken: Taken::Stop,
         };
         write(dir.path(), &info).unwrap();
         assert_eq!(read(dir.path()).unwrap(), info);

@@ -21,6 +21,7 @@
 pub mod bench;
 pub mod cache_cmd;
 pub mod checkpoint;
+pub mod control;
 pub mod criu;
 pub mod digest;
 pub mod dirs;
@@ -37,6 +38,7 @@ pub mod notify;
 pub mod probe;
 pub mod restore;
 pub mod roles;
+pub mod rollback;
 pub mod service;
 pub mod signals;
 pub mod state;

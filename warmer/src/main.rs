@@ -19,6 +19,7 @@ mod exit {
     pub const UNAVAILABLE: u8 = 69;
     pub const SOFTWARE: u8 = 70;
     pub const TEMPFAIL: u8 = 75;
+    pub const USAGE: u8 = 2;
 }
 
 const EXIT_CODES: &str = "\
@@ -30,6 +31,8 @@ Exit codes:
   69         service not ready in time, or exited before ready; CRIU unusable (check)
   70         internal error (cannot create directories, spawn, ...)
   75         the service is already running under another warmer
+  checkpoint 0 taken; 1 the checkpoint failed; 69 the service is not running
+  rollback   0 chosen; 1 refused (the reason is printed) or no such generation
   1          status: unknown service; cache verify: a bad entry; cache rm: no match
   2          usage error";
 
@@ -94,6 +97,23 @@ enum Cmd {
     },
     /// Check that CRIU is present, recent enough (>= 4.2) and works here.
     Check,
+    /// Ask the running supervisor of SERVICE to take a checkpoint now (e.g.
+    /// after the traffic that warms a JIT); prints the new generation and how
+    /// long the service was frozen. The service keeps running.
+    Checkpoint {
+        service: String,
+        /// Give up waiting for the supervisor's answer after this long.
+        #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+        timeout: std::time::Duration,
+    },
+    /// Make an earlier image generation of SERVICE the one its next start
+    /// restores (default: the one before the current). Refused where it would
+    /// roll the service's data back (see `warmer cache ls` for generations).
+    Rollback {
+        service: String,
+        #[arg(long = "to", value_name = "GEN")]
+        to: Option<u64>,
+    },
     /// Cold start vs warmer restore vs bare `criu restore` of the same image,
     /// interleaved; median, min, max and the ratio (makes the image first if
     /// there is none). Stop the service first: the runs need its port.
@@ -189,6 +209,8 @@ fn main() -> ExitCode {
         Cmd::Status { service, json } => status_cmd(&dirs, service.as_deref(), json),
         Cmd::Validate { files } => validate(&files),
         Cmd::Check => check(),
+        Cmd::Checkpoint { service, timeout } => checkpoint_cmd(&dirs, &service, timeout),
+        Cmd::Rollback { service, to } => rollback_cmd(&dirs, &service, to),
         Cmd::Cache(c) => cache_cmd(&dirs, c),
         Cmd::Bench {
             service,
@@ -401,6 +423,70 @@ fn validate(files: &[PathBuf]) -> ExitCode {
         }
     }
     ExitCode::from(if bad { exit::DATAERR } else { exit::OK })
+}
+
+fn checkpoint_cmd(dirs: &Dirs, service: &str, timeout: std::time::Duration) -> ExitCode {
+    use warmer::control::{self, ControlError, Reply, Request};
+    if let Err(e) = manifest::check_service_name(service) {
+        eprintln!("warmer: {e}");
+        return ExitCode::from(exit::USAGE);
+    }
+    match control::send(&dirs.run, service, Request::Checkpoint, timeout) {
+        Ok(Reply::Ok(c)) => {
+            emit(&format!(
+                "checkpoint of {service}: generation {} (image {}), service frozen for {} ms\n",
+                c.generation,
+                warmer::checkpoint::short(&c.key),
+                c.frozen_ms
+            ));
+            ExitCode::from(exit::OK)
+        }
+        Ok(Reply::Err(e)) => {
+            eprintln!("warmer: checkpoint of {service} failed: {e}");
+            ExitCode::from(exit::FAILURE)
+        }
+        Err(e @ ControlError::NotRunning { .. }) => {
+            eprintln!("warmer: {}", chain(&e));
+            ExitCode::from(exit::UNAVAILABLE)
+        }
+        Err(e) => {
+            eprintln!("warmer: {}", chain(&e));
+            ExitCode::from(exit::FAILURE)
+        }
+    }
+}
+
+fn rollback_cmd(dirs: &Dirs, service: &str, to: Option<u64>) -> ExitCode {
+    match warmer::rollback::rollback(dirs, service, to) {
+        Ok(r) => {
+            let running = warmer::state::RunRecord::read(&dirs.run, service)
+                .is_some_and(|rec| rec.state.is_running() && rec.warmer_alive());
+            let mut text = format!(
+                "{service}: the next start restores generation {} (image {}, taken {})",
+                r.generation,
+                warmer::checkpoint::short(&r.key),
+                r.created
+            );
+            if let Some(prev) = r.previous {
+                text.push_str(&format!(" instead of generation {prev}"));
+            }
+            text.push('\n');
+            if running {
+                text.push_str(
+                    "it is running now: the rollback takes effect when it is restarted\n",
+                );
+            }
+            emit(&text);
+            ExitCode::from(exit::OK)
+        }
+        Err(e) => {
+            eprintln!("warmer: {}", chain(&e));
+            ExitCode::from(match e {
+                warmer::rollback::RollbackError::Manifest(_) => exit::DATAERR,
+                _ => exit::FAILURE,
+            })
+        }
+    }
 }
 
 fn check() -> ExitCode {

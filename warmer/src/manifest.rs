@@ -17,6 +17,7 @@
 //! digest:
 //!   files: ["/srv/app/server.py"]
 //! state: ["/var/lib/app/data"]     # on-disk state captured with the image
+//! mode: warm                         # or persist: checkpoint at every stop
 //! restore:
 //!   lazy: true                       # pages on demand (userfaultfd), for big images
 //! ```
@@ -89,6 +90,8 @@ struct RawManifest {
     state: Vec<Spanned<String>>,
     #[serde(default)]
     restore: Option<RawRestore>,
+    #[serde(default)]
+    mode: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -192,12 +195,27 @@ pub struct Checkpoint {
     pub tcp_established: bool,
 }
 
+/// What a stop means for the service's memory (see README, "Modes").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Checkpointed once when ready; every start restores that state, as
+    /// long as the service's `state:` data is exactly as it was then (else
+    /// cold). For services whose state is re-derived at start.
+    Warm,
+    /// Checkpointed at every stop (memory and `state:` at the same instant);
+    /// the next start restores exactly that, once. After a crash or any stop
+    /// whose checkpoint did not complete: cold, on the current data.
+    Persist,
+}
+
 /// A valid service manifest. Serializes to its canonical form (the digest's
 /// view of it): the file's own formatting and comments do not matter.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Manifest {
     pub version: u32,
     pub name: String,
+    pub mode: Mode,
     pub exec: Vec<String>,
     pub workdir: Option<PathBuf>,
     pub env: BTreeMap<String, String>,
@@ -388,6 +406,20 @@ impl Manifest {
                 None => DEFAULT_KEEP,
             };
 
+        let mode = match raw.mode.as_ref() {
+            None => Mode::Warm,
+            Some(m) => match m.value.as_str() {
+                "warm" => Mode::Warm,
+                "persist" => Mode::Persist,
+                other => {
+                    return Err(at(
+                        &m.referenced,
+                        format!("mode: expected warm or persist, got {other:?}"),
+                    ))
+                }
+            },
+        };
+
         let mut state = Vec::new();
         for p in &raw.state {
             let path = Path::new(&p.value);
@@ -406,6 +438,7 @@ impl Manifest {
         Ok(Manifest {
             version: MANIFEST_VERSION,
             name: name.to_string(),
+            mode,
             exec,
             workdir,
             env,
@@ -760,5 +793,35 @@ state: [\"/var/lib/app/data\"]
             ("[::1]", 9000, "/x?y=1")
         );
         assert!(parse_http_url("http://h:0/").is_err());
+    }
+}
+
+#[cfg(test)]
+mod mode_tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Manifest, ManifestError> {
+        Manifest::parse("db", Path::new("db.yaml"), text)
+    }
+
+    #[test]
+    fn mode_defaults_to_warm_is_validated_and_is_part_of_the_key() {
+        let base = "exec: [a]\nready: {tcp: \"h:1\"}\n";
+        let warm = parse(base).unwrap();
+        assert_eq!(warm.mode, Mode::Warm);
+        let persist = parse(&format!("{base}mode: persist\n")).unwrap();
+        assert_eq!(persist.mode, Mode::Persist);
+        assert_ne!(
+            warm.canonical(),
+            persist.canonical(),
+            "a ready-time image is never a persist image"
+        );
+        let e = parse(&format!("{base}mode: durable\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("db.yaml:3:7:") && e.contains("warm or persist"),
+            "{e}"
+        );
     }
 }

@@ -66,6 +66,9 @@ pub struct RunRecord {
     /// service and its image no longer match the files.
     #[serde(default)]
     pub stale: Option<String>,
+    /// The cache key of the image this run restored or last took.
+    #[serde(default)]
+    pub image: Option<String>,
     /// RFC 3339.
     pub updated: String,
 }
@@ -84,6 +87,7 @@ impl RunRecord {
             exit_code: None,
             message: None,
             stale: None,
+            image: None,
             updated: now(),
         }
     }

@@ -1,13 +1,24 @@
 //! State a service keeps outside memory (manifest `state: [paths]`).
 //!
-//! A Redis RDB directory, a /dev/shm file the service maps, a data dir: CRIU
-//! restores memory, not disks, and refuses or misbehaves when the two
-//! disagree (`File ... has bad size`, `Can't open file dev/shm/...`). So the
-//! paths are copied into the image while CRIU holds the service frozen (from
-//! CRIU's `post-dump` action script: `warmer` itself, see [`hook`]), and put back,
-//! replaced whole, just before a restore. Restoring therefore rolls the disk
-//! back to the checkpoint together with the memory: list only paths where
-//! that is what you want (a data set loaded at start, caches, shm files).
+//! A database directory, a ledger, a /dev/shm file the service maps: CRIU
+//! restores memory, not disks, and memory and disk must agree. So the paths
+//! are copied into the image while CRIU holds the service frozen (from CRIU's
+//! `post-dump` action script: `warmer` itself, see [`hook`]), with a
+//! fingerprint of every file (size, mtime, symlink target).
+//!
+//! The rule: **an image is never restored over newer data.** Before a restore
+//! the live paths are compared with the fingerprints ([`drift`]):
+//! - all the same: restore; nothing is copied.
+//! - paths captured on a tmpfs (`/dev/shm`) are gone, after a reboot: they go
+//!   back from the image ([`put_back`]), everything else being the same.
+//! - anything else changed (the service wrote after the checkpoint): the
+//!   image is older than the data and is not restored: cold start on the
+//!   current data.
+//!
+//! A put-back is all or nothing: the data that was live is kept aside until
+//! the restored service is ready ([`PutBack`]), brought back if the restore
+//! fails, and brought back at the next start if warmer died meanwhile
+//! ([`recover`]).
 //!
 //! ```text
 //! <image>/state/index.json     [{path, kind, mode, uid, gid, mtime, ...}, ...]
@@ -65,6 +76,9 @@ pub struct Node {
     pub gid: u32,
     pub atime: (i64, i64),
     pub mtime: (i64, i64),
+    /// Files: the size at the checkpoint (absent in indexes of older images).
+    #[serde(default)]
+    pub size: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -120,7 +134,162 @@ fn node(rel: &str, kind: Kind, md: &fs::Metadata) -> Node {
         gid: md.gid(),
         atime: (md.atime(), md.atime_nsec()),
         mtime: (md.mtime(), md.mtime_nsec()),
+        size: (kind == Kind::File).then(|| md.size()),
     }
+}
+
+/// How the live state paths compare with an image's captured state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Drift {
+    /// Every path is exactly as captured (absent ones still absent).
+    Same,
+    /// The same, except these paths, captured on a tmpfs, are gone (a reboot
+    /// emptied it): they go back with the image.
+    Vanished(Vec<PathBuf>),
+    /// The data moved on since the checkpoint (the reason names the path):
+    /// restoring would roll it back.
+    Changed(String),
+}
+
+fn read_index(image_dir: &Path) -> Result<Vec<Captured>, StateError> {
+    let idx = image_dir.join(STATE_DIR).join(INDEX);
+    let bytes = fs::read(&idx).map_err(io_err(&idx, "read"))?;
+    serde_json::from_slice(&bytes).map_err(|e| StateError::Index {
+        path: idx.clone(),
+        reason: e.to_string(),
+    })
+}
+
+/// Whether `path` (or, if it does not exist, its nearest existing ancestor)
+/// is on a tmpfs: its contents do not survive a reboot.
+fn on_tmpfs(path: &Path) -> bool {
+    let mut p = Some(path);
+    while let Some(cur) = p {
+        if let Ok(s) = nix::sys::statfs::statfs(cur) {
+            return s.filesystem_type() == nix::sys::statfs::TMPFS_MAGIC;
+        }
+        p = cur.parent();
+    }
+    false
+}
+
+/// Compares the live state paths with the fingerprints in `image_dir`.
+pub fn drift(image_dir: &Path) -> Result<Drift, StateError> {
+    let index = read_index(image_dir)?;
+    let mut vanished = Vec::new();
+    for (n, c) in index.iter().enumerate() {
+        let live = fs::symlink_metadata(&c.path).is_ok();
+        match (&c.nodes, live) {
+            (None, false) => {}
+            (None, true) => {
+                return Ok(Drift::Changed(format!(
+                    "{} was created after the checkpoint",
+                    c.path.display()
+                )))
+            }
+            (Some(_), false) if on_tmpfs(&c.path) => vanished.push(c.path.clone()),
+            (Some(_), false) => {
+                return Ok(Drift::Changed(format!(
+                    "{} is gone since the checkpoint",
+                    c.path.display()
+                )))
+            }
+            (Some(nodes), true) => {
+                let stored = image_dir.join(STATE_DIR).join(n.to_string());
+                if let Some(why) = tree_differs(&c.path, &stored, nodes)? {
+                    return Ok(Drift::Changed(why));
+                }
+            }
+        }
+    }
+    Ok(if vanished.is_empty() {
+        Drift::Same
+    } else {
+        Drift::Vanished(vanished)
+    })
+}
+
+/// The first difference between the live tree at `root` and `nodes`.
+fn tree_differs(root: &Path, stored: &Path, nodes: &[Node]) -> Result<Option<String>, StateError> {
+    let mut live = Vec::new();
+    copy_out_listing(root, "", &mut live)?;
+    let join = |base: &Path, rel: &str| {
+        if rel.is_empty() {
+            base.to_path_buf()
+        } else {
+            base.join(rel)
+        }
+    };
+    let by_rel: std::collections::BTreeMap<&str, &Node> =
+        live.iter().map(|n| (n.rel.as_str(), n)).collect();
+    for want in nodes {
+        let path = join(root, &want.rel);
+        let Some(got) = by_rel.get(want.rel.as_str()) else {
+            return Ok(Some(format!(
+                "{} is gone since the checkpoint",
+                path.display()
+            )));
+        };
+        let changed = got.kind != want.kind
+            || match want.kind {
+                Kind::Dir => false,
+                Kind::File => {
+                    got.mtime != want.mtime || want.size.is_some_and(|s| got.size != Some(s))
+                }
+                Kind::Symlink => {
+                    let target = fs::read_link(&path).map_err(io_err(&path, "readlink"))?;
+                    let from = join(stored, &want.rel);
+                    let saved = fs::read(&from).map_err(io_err(&from, "read"))?;
+                    target.as_os_str().as_bytes() != saved.as_slice()
+                }
+            };
+        if changed {
+            return Ok(Some(format!(
+                "{} changed since the checkpoint",
+                path.display()
+            )));
+        }
+    }
+    let known: std::collections::BTreeSet<&str> = nodes.iter().map(|n| n.rel.as_str()).collect();
+    if let Some(extra) = live.iter().find(|n| !known.contains(n.rel.as_str())) {
+        return Ok(Some(format!(
+            "{} was created after the checkpoint",
+            join(root, &extra.rel).display()
+        )));
+    }
+    Ok(None)
+}
+
+/// The nodes of the live tree at `src`, as [`copy_out`] would record them.
+fn copy_out_listing(src: &Path, rel: &str, nodes: &mut Vec<Node>) -> Result<(), StateError> {
+    let md = fs::symlink_metadata(src).map_err(io_err(src, "stat"))?;
+    let ft = md.file_type();
+    if ft.is_dir() {
+        nodes.push(node(rel, Kind::Dir, &md));
+        let mut children: Vec<_> = fs::read_dir(src)
+            .map_err(io_err(src, "list"))?
+            .filter_map(|d| d.ok())
+            .map(|d| d.file_name())
+            .collect();
+        children.sort();
+        for c in children {
+            let child_rel = if rel.is_empty() {
+                c.to_string_lossy().into_owned()
+            } else {
+                format!("{rel}/{}", c.to_string_lossy())
+            };
+            copy_out_listing(&src.join(&c), &child_rel, nodes)?;
+        }
+    } else if ft.is_file() {
+        nodes.push(node(rel, Kind::File, &md));
+    } else if ft.is_symlink() {
+        nodes.push(node(rel, Kind::Symlink, &md));
+    } else {
+        return Err(StateError::Unsupported {
+            path: src.to_path_buf(),
+        });
+    }
+    Ok(())
 }
 
 fn copy_out(src: &Path, dst: &Path, rel: &str, nodes: &mut Vec<Node>) -> Result<(), StateError> {
@@ -171,6 +340,11 @@ pub fn hook(req: &crate::roles::ActionRequest) -> Result<(), StateError> {
         reason: e.to_string(),
     })?;
     capture(&paths, &dir)
+}
+
+/// The paths an image captured.
+pub fn captured_paths(image_dir: &Path) -> Result<Vec<PathBuf>, StateError> {
+    Ok(read_index(image_dir)?.into_iter().map(|c| c.path).collect())
 }
 
 /// Whether an image carries captured state.
@@ -254,20 +428,20 @@ fn undo_paths(paths: &[PathBuf]) -> Result<(), StateError> {
     Ok(())
 }
 
-/// Puts every captured path back as it was at checkpoint time. Each path is
-/// rebuilt beside the original and swapped in by rename; what was live is
-/// kept aside until the returned [`PutBack`] is committed or undone. A
-/// failure midway undoes the paths already swapped.
-pub fn put_back(image_dir: &Path) -> Result<PutBack, StateError> {
+/// Puts the captured paths named in `only` back as they were at checkpoint
+/// time (the rule above allows it only for paths that vanished with a
+/// tmpfs; tests and the bench's bare-CRIU baseline pass every path). Each
+/// path is rebuilt beside the original and swapped in by rename; what was
+/// live is kept aside until the returned [`PutBack`] is committed or undone.
+/// A failure midway undoes the paths already swapped.
+pub fn put_back(image_dir: &Path, only: &[PathBuf]) -> Result<PutBack, StateError> {
     let root = image_dir.join(STATE_DIR);
-    let idx = root.join(INDEX);
-    let bytes = fs::read(&idx).map_err(io_err(&idx, "read"))?;
-    let index: Vec<Captured> = serde_json::from_slice(&bytes).map_err(|e| StateError::Index {
-        path: idx.clone(),
-        reason: e.to_string(),
-    })?;
+    let index = read_index(image_dir)?;
     let mut done = PutBack { paths: Vec::new() };
     for (n, c) in index.iter().enumerate() {
+        if !only.contains(&c.path) {
+            continue;
+        }
         if let Err(e) = put_back_one(&root.join(n.to_string()), c, &mut done) {
             if let Err(undo) = undo_paths(&done.paths) {
                 tracing::error!(
@@ -396,7 +570,8 @@ mod tests {
         fs::remove_file(&single).unwrap();
         fs::write(&absent, b"created later").unwrap();
 
-        put_back(&image).unwrap().commit().unwrap();
+        let all = captured_paths(&image).unwrap();
+        put_back(&image, &all).unwrap().commit().unwrap();
         assert_eq!(fs::read(live.join("dump.rdb")).unwrap(), b"version 1");
         assert!(!live.join("new-file").exists());
         assert_eq!(fs::read(live.join("sub/x")).unwrap(), b"x");
@@ -450,7 +625,7 @@ mod undo_tests {
     fn undo_brings_back_exactly_the_newer_data() {
         let t = tempfile::tempdir().unwrap();
         let (live, absent, image) = setup(t.path());
-        let pb = put_back(&image).unwrap();
+        let pb = put_back(&image, &captured_paths(&image).unwrap()).unwrap();
         assert_eq!(fs::read(live.join("ledger")).unwrap(), b"1\n");
         assert!(!absent.exists());
         pb.undo().unwrap();
@@ -464,7 +639,7 @@ mod undo_tests {
         let t = tempfile::tempdir().unwrap();
         let (live, absent, image) = setup(t.path());
         // warmer dies after the put-back: neither commit nor undo runs.
-        std::mem::forget(put_back(&image).unwrap());
+        std::mem::forget(put_back(&image, &captured_paths(&image).unwrap()).unwrap());
         let got = recover(&[live.clone(), absent.clone()]).unwrap();
         assert_eq!(got.len(), 2);
         assert_eq!(fs::read(live.join("ledger")).unwrap(), b"1\n2\n3\n");
@@ -485,10 +660,101 @@ mod undo_tests {
         fs::create_dir(&image).unwrap();
         capture(std::slice::from_ref(&shm), &image).unwrap();
         fs::remove_file(&shm).unwrap(); // gone after a reboot
-        let pb = put_back(&image).unwrap();
+        let pb = put_back(&image, &captured_paths(&image).unwrap()).unwrap();
         assert_eq!(fs::read(&shm).unwrap(), b"mapped");
         pb.undo().unwrap();
         assert!(!shm.exists());
         assert!(leftovers(t.path()).is_empty());
+    }
+}
+
+#[cfg(test)]
+mod drift_tests {
+    use super::*;
+
+    fn image_of(t: &Path, paths: &[PathBuf]) -> PathBuf {
+        let image = t.join("image");
+        fs::create_dir(&image).unwrap();
+        capture(paths, &image).unwrap();
+        image
+    }
+
+    #[test]
+    fn untouched_data_is_the_same() {
+        let t = tempfile::tempdir().unwrap();
+        let data = t.path().join("data");
+        fs::create_dir(&data).unwrap();
+        fs::write(data.join("ledger"), "1\n").unwrap();
+        symlink("ledger", data.join("current")).unwrap();
+        let image = image_of(t.path(), &[data.clone(), t.path().join("absent")]);
+        assert_eq!(drift(&image).unwrap(), Drift::Same);
+    }
+
+    #[test]
+    fn every_kind_of_write_after_the_checkpoint_is_a_change() {
+        type Edit = fn(&Path);
+        let cases: [(&str, Edit); 6] = [
+            ("append", |d| {
+                let mut f = fs::OpenOptions::new()
+                    .append(true)
+                    .open(d.join("ledger"))
+                    .unwrap();
+                std::io::Write::write_all(&mut f, b"2\n").unwrap();
+            }),
+            ("same size, new bytes", |d| {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+                fs::write(d.join("ledger"), "9\n").unwrap();
+            }),
+            ("new file", |d| fs::write(d.join("journal"), "x").unwrap()),
+            ("removed file", |d| {
+                fs::remove_file(d.join("ledger")).unwrap()
+            }),
+            ("retargeted symlink", |d| {
+                fs::remove_file(d.join("current")).unwrap();
+                symlink("journal", d.join("current")).unwrap();
+            }),
+            ("whole dir gone", |d| fs::remove_dir_all(d).unwrap()),
+        ];
+        for (what, edit) in cases {
+            let t = tempfile::tempdir().unwrap();
+            let data = t.path().join("data");
+            fs::create_dir(&data).unwrap();
+            fs::write(data.join("ledger"), "1\n").unwrap();
+            symlink("ledger", data.join("current")).unwrap();
+            let image = image_of(t.path(), std::slice::from_ref(&data));
+            edit(&data);
+            match drift(&image).unwrap() {
+                Drift::Changed(why) => {
+                    assert!(why.contains(&*data.to_string_lossy()), "{what}: {why}")
+                }
+                other => panic!("{what}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn a_path_created_after_the_checkpoint_is_a_change() {
+        let t = tempfile::tempdir().unwrap();
+        let later = t.path().join("later");
+        let image = image_of(t.path(), std::slice::from_ref(&later));
+        fs::write(&later, "new").unwrap();
+        assert!(matches!(drift(&image).unwrap(), Drift::Changed(_)));
+    }
+
+    #[test]
+    fn a_vanished_tmpfs_file_goes_back_but_a_vanished_disk_file_is_a_change() {
+        let shm_dir = Path::new("/dev/shm");
+        if !on_tmpfs(shm_dir) {
+            panic!("/dev/shm is not a tmpfs here: cannot test the tmpfs rule");
+        }
+        let shm = tempfile::Builder::new()
+            .prefix("warmer-drift-")
+            .tempfile_in(shm_dir)
+            .unwrap();
+        let shm_path = shm.path().to_path_buf();
+        let t = tempfile::tempdir().unwrap();
+        let image = image_of(t.path(), std::slice::from_ref(&shm_path));
+        drop(shm); // gone, as after a reboot
+        assert_eq!(drift(&image).unwrap(), Drift::Vanished(vec![shm_path]));
     }
 }

@@ -7,7 +7,7 @@ use serde::Serialize;
 
 use crate::digest::Digester;
 use crate::dirs::Dirs;
-use crate::manifest::Manifest;
+use crate::manifest::{Manifest, Mode};
 use crate::state::{RunRecord, ServiceState, StartKind};
 
 #[derive(Debug, Clone, Serialize)]
@@ -36,6 +36,67 @@ pub struct ServiceStatus {
     pub message: Option<String>,
     /// Why the running service (or its image) no longer matches its inputs.
     pub stale: Option<String>,
+    /// warm or persist (from the manifest).
+    pub mode: Option<Mode>,
+    /// What the next start will do, and why.
+    pub next_start: Option<NextStart>,
+}
+
+/// What the next start of a service will do.
+#[derive(Debug, Clone, Serialize)]
+pub struct NextStart {
+    /// `restore` or `cold`.
+    pub action: &'static str,
+    /// Which image, or why cold.
+    pub detail: String,
+}
+
+impl NextStart {
+    fn restore(detail: String) -> Option<Self> {
+        Some(Self {
+            action: "restore",
+            detail,
+        })
+    }
+    fn cold(detail: impl Into<String>) -> Option<Self> {
+        Some(Self {
+            action: "cold",
+            detail: detail.into(),
+        })
+    }
+}
+
+/// The prediction, from the same planning step a start runs.
+fn next_start(
+    manifest: Option<&Manifest>,
+    cache: Option<&cache::Cache>,
+    digest: Option<&str>,
+    alive: bool,
+) -> Option<NextStart> {
+    let m = manifest?;
+    if !m.checkpoint.enabled {
+        return NextStart::cold("checkpoint.enabled is false");
+    }
+    let (Some(cache), Some(digest)) = (cache, digest) else {
+        return NextStart::cold(
+            "no image cache or digest here (is CRIU installed? see `warmer check`)",
+        );
+    };
+    if m.mode == Mode::Persist && alive {
+        return NextStart::restore(
+            "the state at stop, once the stop-time checkpoint completes; after a crash or kill: cold, on the current data".into(),
+        );
+    }
+    match crate::restore::plan(cache, digest, m.restore_lazy, m.mode) {
+        Ok(Ok(plan)) => NextStart::restore(format!(
+            "image {} (generation {}, taken {})",
+            crate::checkpoint::short(&plan.entry.key),
+            plan.entry.meta.generation,
+            plan.entry.meta.created
+        )),
+        Ok(Err(skip)) => NextStart::cold(skip.to_string()),
+        Err(failure) => NextStart::cold(crate::errors::chain(&failure)),
+    }
 }
 
 /// Service names known from manifests and from run records.
@@ -93,16 +154,18 @@ fn one(
         Some(r) => r.state,
         None => ServiceState::Stopped,
     };
+    let manifest = Manifest::find(&dirs.manifests, name).ok();
     // A running service runs on the digest it started with; otherwise the
     // digest a start would use now (so a changed binary shows no image).
     let digest = match &record {
         Some(r) if alive => r.digest.clone(),
-        _ => Manifest::find(&dirs.manifests, name)
-            .ok()
+        _ => manifest
+            .as_ref()
             .zip(digester)
-            .and_then(|(m, d)| d.digest(&m).ok())
+            .and_then(|(m, d)| d.digest(m).ok())
             .map(|d| d.hex),
     };
+    let next = next_start(manifest.as_ref(), cache, digest.as_deref(), alive);
     let entry = cache
         .zip(digest.as_deref())
         .and_then(|(c, d)| c.lookup(d).ok().flatten());
@@ -138,14 +201,16 @@ fn one(
             .and_then(|r| r.stale.clone())
             .or_else(|| entry.as_ref().and_then(|e| e.stale.clone())),
         message: record.and_then(|r| r.message),
+        mode: manifest.map(|m| m.mode),
+        next_start: next,
     }
 }
 
 /// The human table.
 pub fn render(rows: &[ServiceStatus]) -> String {
     let mut out = format!(
-        "{:<20} {:<13} {:<9} {:>9} {:>9}  {}\n",
-        "SERVICE", "STATE", "START", "READY_MS", "COLD_MS", "IMAGE"
+        "{:<20} {:<8} {:<13} {:<9} {:>9} {:>9}  {}\n",
+        "SERVICE", "MODE", "STATE", "START", "READY_MS", "COLD_MS", "IMAGE"
     );
     let dash = || "-".to_string();
     for r in rows {
@@ -175,15 +240,30 @@ pub fn render(rows: &[ServiceStatus]) -> String {
                 )
             })
             .unwrap_or_else(|| "none".to_string());
+        let mode = match r.mode {
+            Some(Mode::Warm) => "warm",
+            Some(Mode::Persist) => "persist",
+            None => "-",
+        };
         out.push_str(&format!(
-            "{:<20} {:<13} {:<9} {:>9} {:>9}  {}\n",
+            "{:<20} {:<8} {:<13} {:<9} {:>9} {:>9}  {}\n",
             r.name,
+            mode,
             state,
             start,
             r.ready_ms.map(|v| v.to_string()).unwrap_or_else(dash),
             r.cold_ready_ms.map(|v| v.to_string()).unwrap_or_else(dash),
             image
         ));
+        if let Some(n) = &r.next_start {
+            out.push_str(&format!(
+                "{:<20} next start: {}: {}\n",
+                "", n.action, n.detail
+            ));
+        }
+        if let Some(m) = &r.message {
+            out.push_str(&format!("{:<20} last: {m}\n", ""));
+        }
     }
     out
 }

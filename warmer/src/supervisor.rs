@@ -23,13 +23,15 @@ use cache::Cache;
 use nix::sys::signal::Signal;
 
 use crate::checkpoint::{short, Checkpoint};
+use crate::control::{ControlServer, Reply, Request};
 use crate::criu::Criu;
 use crate::digest::{DigestError, Digester, HostFacts, ServiceDigest};
 use crate::dirs::{private_dir, Dirs};
 use crate::errors::chain;
+use crate::image::Taken;
 use crate::init::{self, InitSpec, SpawnError};
 use crate::logs::Output;
-use crate::manifest::{Manifest, ManifestError, Probe};
+use crate::manifest::{Manifest, ManifestError, Mode, Probe};
 use crate::notify::Systemd;
 use crate::probe::{Prober, Readiness};
 use crate::restore::{self, Restore, Skip};
@@ -113,6 +115,8 @@ struct Supervisor {
     timings: Option<restore::Timings>,
     /// Filled by the watcher thread once inotify is set up.
     watch: std::sync::Arc<std::sync::Mutex<Option<InputWatch>>>,
+    /// `warmer checkpoint` requests, once the service is ready.
+    control: Option<ControlServer>,
     opts: RunOptions,
 }
 
@@ -229,6 +233,7 @@ pub fn run(dirs: &Dirs, name: &str, opts: RunOptions) -> Result<Outcome, RunErro
         digest,
         timings: None,
         watch: Default::default(),
+        control: None,
         opts,
     };
     sup.run()
@@ -357,6 +362,13 @@ impl Supervisor {
         self.set_state(ServiceState::Ready);
         self.systemd.ready(&status);
 
+        match self.signals.waker() {
+            Ok(wake) => match ControlServer::start(&self.run_dir, wake) {
+                Ok(c) => self.control = Some(c),
+                Err(e) => tracing::warn!("no control socket (warmer checkpoint): {e}"),
+            },
+            Err(e) => tracing::warn!("no control socket (warmer checkpoint): {e}"),
+        }
         if running.kind == StartKind::Restored {
             // Set up inotify only now (it would slow the restore down), then
             // make sure nothing changed since the digest was taken.
@@ -364,7 +376,7 @@ impl Supervisor {
             self.recheck_digest();
         }
         if running.kind == StartKind::Cold && !self.opts.cold {
-            self.maybe_checkpoint(&running, ready_ms);
+            self.maybe_checkpoint(&running);
             self.systemd.status(&status);
         }
         Ok(self.supervise(running))
@@ -390,9 +402,31 @@ impl Supervisor {
                 return None;
             }
         };
-        let planned = restore::plan(&cache, &digest, self.manifest.restore_lazy);
+        let planned = restore::plan(
+            &cache,
+            &digest,
+            self.manifest.restore_lazy,
+            self.manifest.mode,
+        );
         let plan = match planned {
             Ok(Ok(plan)) => plan,
+            Ok(Err(skip @ Skip::StateChanged { .. })) => {
+                // The image is older than the data: never restored again.
+                // (Warm mode then takes a fresh one when the service is ready.)
+                if let Skip::StateChanged { key, why } = &skip {
+                    let reason = format!("state changed since checkpoint: {why}");
+                    if let Err(e) = cache.mark_stale(key, &reason) {
+                        tracing::warn!("cannot mark image {} stale: {}", short(key), chain(&e));
+                    }
+                }
+                tracing::info!(phase = "plan", "cold start: {skip}");
+                self.record.message = Some(format!("cold start: {skip}"));
+                return None;
+            }
+            Ok(Err(skip @ Skip::NotStopImage { .. })) => {
+                tracing::info!(phase = "plan", "cold start: {skip}");
+                return None;
+            }
             Ok(Err(Skip::NoImage)) => {
                 tracing::info!(
                     phase = "plan",
@@ -458,6 +492,24 @@ impl Supervisor {
         drop(lock);
         match result {
             Ok(restored) => {
+                if self.manifest.mode == Mode::Persist {
+                    // Used once: from now on the service's memory and data
+                    // move on, so after a crash this image would roll them back.
+                    let why =
+                        "restored once (persist mode): the next stop's checkpoint supersedes it";
+                    if let Err(e) = cache.mark_stale(&restored.entry.key, why) {
+                        tracing::error!(
+                            "cannot retire the persist image {}; stopping the service rather than risking a rollback later: {}",
+                            short(&restored.entry.key),
+                            chain(&e)
+                        );
+                        let mut r = restored.running;
+                        r.kill(&self.signals);
+                        r.finish();
+                        return None;
+                    }
+                }
+                self.record.image = Some(restored.entry.key.clone());
                 self.timings = Some(restored.timings);
                 // What the image's cold start took, for the ready message and status.
                 self.record.cold_ready_ms = restored.entry.meta.cold_start_ms;
@@ -554,12 +606,16 @@ impl Supervisor {
         r
     }
 
-    fn maybe_checkpoint(&mut self, running: &Running, cold_ms: u64) {
-        if !self.manifest.checkpoint.enabled || !self.record.state.can_checkpoint() {
+    /// Warm mode: the checkpoint at ready, unless a usable image of this
+    /// digest exists already.
+    fn maybe_checkpoint(&mut self, running: &Running) {
+        if self.manifest.mode != Mode::Warm
+            || !self.manifest.checkpoint.enabled
+            || !self.record.state.can_checkpoint()
+        {
             return;
         }
-        let (Some(criu), Some(cache), Some(digest)) = (&self.criu, &self.cache, &self.digest)
-        else {
+        let (Some(cache), Some(digest)) = (&self.cache, &self.digest) else {
             return;
         };
         // A usable image of this digest exists: nothing to do. (A stale one,
@@ -570,7 +626,6 @@ impl Supervisor {
         {
             return;
         }
-        let (criu, cache, digest) = (criu.clone(), cache.clone(), digest.clone());
         // Let the service settle (lazy initialisation after the first probe);
         // a stop request or exit during the wait cancels the checkpoint.
         let until = Instant::now() + self.manifest.checkpoint.settle;
@@ -581,15 +636,42 @@ impl Supervisor {
             self.signals
                 .wait(until.saturating_duration_since(Instant::now()));
         }
-        if self.signals.stop_requested()
-            || nix::sys::signal::kill(running.pid, None).is_err()
-            || self.check_inputs()
-        {
+        if self.signals.stop_requested() || nix::sys::signal::kill(running.pid, None).is_err() {
             return;
         }
+        if let Err(e) = self.checkpoint(running, Taken::Ready) {
+            tracing::warn!("checkpoint failed, service keeps running: {}", chain(&e));
+            self.record.message = Some(format!("checkpoint failed: {}", chain(&e)));
+        }
+        self.set_state(ServiceState::Ready);
+    }
+
+    /// Takes a checkpoint of `running` now and publishes it as a new
+    /// generation. `Taken::Stop` dumps and ends the tree (persist mode, bounded
+    /// by `stop.timeout`); the others leave it running.
+    fn checkpoint(
+        &mut self,
+        running: &Running,
+        taken: Taken,
+    ) -> Result<Checkpointed, CheckpointNowError> {
+        let (Some(criu), Some(cache), Some(digest)) =
+            (self.criu.clone(), self.cache.clone(), self.digest.clone())
+        else {
+            return Err(CheckpointNowError::Unavailable(
+                "no CRIU, cache or digest for this run (see the start's warnings)",
+            ));
+        };
+        if self.check_inputs() {
+            return Err(CheckpointNowError::Unavailable(
+                "the service's inputs changed since it started: restart it first",
+            ));
+        }
+        let previous = self.record.state;
         self.set_state(ServiceState::Checkpointing);
         self.systemd.status("checkpointing");
-        self.systemd.extend_timeout(Duration::from_secs(300));
+        let deadline = (taken == Taken::Stop).then_some(self.manifest.stop_timeout);
+        self.systemd
+            .extend_timeout(deadline.unwrap_or(Duration::from_secs(300)) + Duration::from_secs(5));
         let t = Instant::now();
         let result = Checkpoint {
             criu: &criu,
@@ -598,28 +680,87 @@ impl Supervisor {
             digest: &digest,
             host: &self.host,
             run_dir: &self.run_dir,
-            cold_start_ms: cold_ms,
+            cold_start_ms: self.record.cold_ready_ms.unwrap_or(0),
+            taken,
         }
-        .take(running);
-        match result {
-            Ok(entry) => tracing::info!(
-                "checkpoint {} stored: {} MB in {} ms",
-                short(&digest.hex),
-                entry.meta.bytes / 1_000_000,
-                t.elapsed().as_millis()
-            ),
-            Err(e) => {
-                tracing::warn!("checkpoint failed, service keeps running: {}", chain(&e));
-                self.record.message = Some(format!("checkpoint failed: {}", chain(&e)));
-            }
-        }
+        .take(running, deadline);
+        let elapsed = t.elapsed();
+        self.set_state(previous);
+        let entry = result.map_err(CheckpointNowError::Checkpoint)?;
+        tracing::info!(
+            phase = "checkpoint",
+            checkpoint_ms = ms(elapsed),
+            generation = entry.meta.generation,
+            "checkpoint {} stored: {} MB in {} ms",
+            short(&entry.key),
+            entry.meta.bytes / 1_000_000,
+            elapsed.as_millis()
+        );
         // An input that changed during the dump makes the new image stale too.
         if let Some(reason) = self.input_change() {
             self.record.stale = None;
             let _ = cache.mark_digest_stale(&digest.hex, &reason);
             self.check_inputs();
         }
-        self.set_state(ServiceState::Ready);
+        self.record.image = Some(entry.key.clone());
+        Ok(Checkpointed {
+            key: entry.key,
+            generation: entry.meta.generation,
+            frozen_ms: ms(elapsed),
+        })
+    }
+
+    /// Persist mode, asked to stop: checkpoint the service's current state
+    /// (which ends it). Returns its exit status if that worked; `None`: stop
+    /// it normally (its own shutdown saves its data; the next start is cold).
+    fn stop_checkpoint(&mut self, running: &mut Running) -> Option<i32> {
+        if self.manifest.mode != Mode::Persist || !self.manifest.checkpoint.enabled {
+            return None;
+        }
+        tracing::info!(
+            phase = "stop",
+            "persist mode: checkpointing the service's state at stop"
+        );
+        match self.checkpoint(running, Taken::Stop) {
+            Ok(_) => {
+                // CRIU ended the tree after the dump.
+                let code = running.wait_exit(self.manifest.stop_timeout, &self.signals);
+                Some(code.map_or_else(|| running.kill(&self.signals), |_| 0))
+            }
+            Err(e) => {
+                tracing::warn!(
+                    "stop-time checkpoint failed, stopping the service normally (next start: cold): {}",
+                    chain(&e)
+                );
+                self.record.message = Some(format!("stop-time checkpoint failed: {}", chain(&e)));
+                None
+            }
+        }
+    }
+
+    /// Answers `warmer checkpoint` requests.
+    fn serve_control(&mut self, running: &Running) {
+        while let Some(pending) = self.control.as_ref().and_then(ControlServer::next) {
+            let reply = match pending.request {
+                Request::Checkpoint => {
+                    tracing::info!(phase = "checkpoint", "checkpoint requested");
+                    let taken = Taken::OnDemand;
+                    match self.checkpoint(running, taken) {
+                        Ok(done) => {
+                            if self.manifest.mode == Mode::Persist {
+                                // Older than the data by the time of any
+                                // later start: restored only by an explicit
+                                // rollback, never by a restart.
+                                tracing::info!("persist mode: this image is restored only by `warmer rollback`");
+                            }
+                            Reply::Ok(done)
+                        }
+                        Err(e) => Reply::Err(chain(&e)),
+                    }
+                }
+            };
+            pending.reply(&reply);
+        }
     }
 
     /// Runs until the service exits or warmer is asked to stop.
@@ -633,10 +774,14 @@ impl Supervisor {
                 break code;
             }
             self.check_inputs();
+            self.serve_control(&running);
             if self.signals.stop_requested() {
                 self.set_state(ServiceState::Stopping);
                 self.systemd.stopping();
-                tracing::info!("stopping");
+                tracing::info!(phase = "stop", "stopping");
+                if let Some(code) = self.stop_checkpoint(&mut running) {
+                    break code;
+                }
                 break running.stop(self.manifest.stop_timeout, &self.signals);
             }
             self.signals.wait(Duration::from_secs(1));
@@ -649,6 +794,23 @@ impl Supervisor {
             stopped_by: self.signals.stop_requested().then_some(Signal::SIGTERM),
         }
     }
+}
+
+/// A checkpoint taken on request.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct Checkpointed {
+    pub key: String,
+    pub generation: u64,
+    /// How long the service was frozen (the dump, start to end).
+    pub frozen_ms: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointNowError {
+    #[error("cannot checkpoint: {0}")]
+    Unavailable(&'static str),
+    #[error("checkpoint failed")]
+    Checkpoint(#[source] crate::checkpoint::CheckpointError),
 }
 
 /// Polls `prober` until ready, exit, stop request or `timeout`; `tick` runs

@@ -26,7 +26,7 @@
 
 pub mod criu;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use cache::{Cache, Entry};
@@ -35,10 +35,13 @@ pub use self::criu::{restore as criu_restore, CriuRestoreError, RestoreOptions};
 use crate::checkpoint::short;
 use crate::criu::Criu;
 use crate::errors::chain;
+use crate::image::Taken;
 use crate::logs::Output;
+use crate::manifest::Mode;
 pub use crate::probe::Readiness;
 use crate::service::Running;
 use crate::signals::Signals;
+use crate::state_files::Drift;
 use crate::state_files::{PutBack, StateError};
 
 /// How an entry's integrity is established before its tree runs.
@@ -76,8 +79,11 @@ impl Integrity {
 pub struct Plan {
     pub entry: Entry,
     pub integrity: Integrity,
-    pub with_state: bool,
+    /// `state:` paths that vanished with a tmpfs and go back with the image
+    /// (every other captured path is exactly as at the checkpoint).
+    pub put_back: Vec<PathBuf>,
     pub lazy: bool,
+    pub taken: Taken,
 }
 
 impl Plan {
@@ -92,6 +98,37 @@ impl Plan {
 pub enum Skip {
     NoImage,
     Stale(String),
+    /// The service's `state:` data moved on since the image was taken:
+    /// restoring it would roll the data back.
+    StateChanged {
+        key: String,
+        why: String,
+    },
+    /// Persist mode restores only the image of the last stop (or one a
+    /// rollback chose explicitly).
+    NotStopImage {
+        key: String,
+        taken: Taken,
+    },
+}
+
+impl std::fmt::Display for Skip {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Skip::NoImage => write!(f, "no image"),
+            Skip::Stale(why) => write!(f, "image is stale ({why})"),
+            Skip::StateChanged { why, .. } => write!(f, "state changed since checkpoint ({why})"),
+            Skip::NotStopImage { taken, .. } => write!(
+                f,
+                "persist mode restores only a stop-time image (this one was taken {})",
+                match taken {
+                    Taken::Ready => "when the service was ready",
+                    Taken::OnDemand => "on demand",
+                    Taken::Stop => "at a stop",
+                }
+            ),
+        }
+    }
 }
 
 /// Why a restore failed. Every variant means: undo, quarantine, cold start.
@@ -113,6 +150,10 @@ pub enum Failure {
     Criu(Box<CriuRestoreError>),
     #[error("cannot put the service's state files back")]
     State(#[source] StateError),
+    #[error("cannot compare the service's state with the image")]
+    Drift(#[source] StateError),
+    #[error("cannot read the image's restore information")]
+    Info(#[source] crate::image::ImageFormatError),
     #[error("restored service exited with status {0}")]
     Exited(i32),
     #[error("restored service not ready within {}", humantime::format_duration(*.0))]
@@ -157,8 +198,15 @@ pub struct Restored {
     pub entry: Entry,
 }
 
-/// Step 1: what to restore and how.
-pub fn plan(cache: &Cache, digest: &str, lazy: bool) -> Result<Result<Plan, Skip>, Failure> {
+/// Step 1: what to restore and how. The image must be current and not
+/// stale; in persist mode, taken at a stop (unless a rollback pinned it);
+/// and the service's `state:` data exactly as the image captured it.
+pub fn plan(
+    cache: &Cache,
+    digest: &str,
+    lazy: bool,
+    mode: Mode,
+) -> Result<Result<Plan, Skip>, Failure> {
     let entry = match cache.lookup(digest) {
         Ok(Some(e)) => e,
         Ok(None) => return Ok(Err(Skip::NoImage)),
@@ -167,11 +215,34 @@ pub fn plan(cache: &Cache, digest: &str, lazy: bool) -> Result<Result<Plan, Skip
     if let Some(why) = &entry.stale {
         return Ok(Err(Skip::Stale(why.clone())));
     }
-    let with_state = crate::state_files::has_state(&entry.data_dir());
+    let data = entry.data_dir();
+    let taken = crate::image::read(&data).map_err(Failure::Info)?.taken;
+    let pinned = cache.pinned(digest).as_deref() == Some(entry.key.as_str());
+    if mode == Mode::Persist && taken != Taken::Stop && !pinned {
+        return Ok(Err(Skip::NotStopImage {
+            key: entry.key,
+            taken,
+        }));
+    }
+    let put_back = if crate::state_files::has_state(&data) {
+        match crate::state_files::drift(&data).map_err(Failure::Drift)? {
+            Drift::Same => Vec::new(),
+            Drift::Vanished(paths) => paths,
+            Drift::Changed(why) => {
+                return Ok(Err(Skip::StateChanged {
+                    key: entry.key,
+                    why,
+                }))
+            }
+        }
+    } else {
+        Vec::new()
+    };
     Ok(Ok(Plan {
-        integrity: Integrity::choose(cache.stamp_valid(&entry), with_state),
-        with_state,
+        integrity: Integrity::choose(cache.stamp_valid(&entry), !put_back.is_empty()),
+        put_back,
         lazy,
+        taken,
         entry,
     }))
 }
@@ -231,17 +302,18 @@ impl Restore<'_> {
         })
     }
 
-    /// Step 2: verify first if the image carries state, then put it back.
+    /// Step 2: verify first if state goes back (nothing unverified is ever
+    /// written outside the cache), then put back what vanished.
     pub fn prepare_state(&self, plan: &Plan) -> Result<Option<PutBack>, Failure> {
         if plan.integrity == Integrity::HashFirst {
             self.cache
                 .verify(&plan.entry, &mut |_, _| {})
                 .map_err(Failure::Damaged)?;
         }
-        if !plan.with_state {
+        if plan.put_back.is_empty() {
             return Ok(None);
         }
-        crate::state_files::put_back(&plan.entry.data_dir())
+        crate::state_files::put_back(&plan.entry.data_dir(), &plan.put_back)
             .map(Some)
             .map_err(Failure::State)
     }
@@ -381,11 +453,22 @@ mod tests {
         let cache = Cache::open(dir.path().join("c")).unwrap();
         let digest = "ab".repeat(32);
         assert!(matches!(
-            plan(&cache, &digest, false),
+            plan(&cache, &digest, false, Mode::Warm),
             Ok(Err(Skip::NoImage))
         ));
         let staging = cache.stage().unwrap();
         std::fs::write(staging.data_dir().join("core-1.img"), b"x").unwrap();
+        crate::image::write(
+            &staging.data_dir(),
+            &crate::image::RestoreInfo {
+                format_version: crate::image::RESTORE_INFO_VERSION,
+                stdout: "pipe:[1]".into(),
+                stderr: "pipe:[2]".into(),
+                tcp_established: false,
+                taken: Taken::Ready,
+            },
+        )
+        .unwrap();
         cache
             .publish(
                 staging,
@@ -396,14 +479,31 @@ mod tests {
                 },
             )
             .unwrap();
-        let p = plan(&cache, &digest, true).unwrap().unwrap();
+        let p = plan(&cache, &digest, true, Mode::Warm).unwrap().unwrap();
         assert_eq!(p.integrity, Integrity::Stamped, "just published: stamped");
-        assert!(!p.with_state && p.lazy);
+        assert!(p.put_back.is_empty() && p.lazy);
+        assert!(
+            matches!(
+                plan(&cache, &digest, false, Mode::Persist),
+                Ok(Err(Skip::NotStopImage {
+                    taken: Taken::Ready,
+                    ..
+                }))
+            ),
+            "a ready-time image is no fallback for a persist service"
+        );
+        cache.pin(&p.entry.key).unwrap();
+        assert!(
+            plan(&cache, &digest, false, Mode::Persist).unwrap().is_ok(),
+            "unless a rollback chose it"
+        );
         cache
             .mark_digest_stale(&digest, "server.py changed")
             .unwrap();
         assert_eq!(
-            plan(&cache, &digest, false).unwrap().unwrap_err(),
+            plan(&cache, &digest, false, Mode::Warm)
+                .unwrap()
+                .unwrap_err(),
             Skip::Stale("server.py changed".into())
         );
     }
