@@ -23,6 +23,7 @@ use serde::Serialize;
 use crate::criu::Criu;
 use crate::digest::Digester;
 use crate::dirs::Dirs;
+use crate::checkpoint::short;
 use crate::errors::chain;
 use crate::manifest::{Manifest, Probe};
 use crate::probe::{Backoff, Prober};
@@ -133,6 +134,30 @@ pub struct Bencher {
     log: PathBuf,
     digester: Digester,
     entry: Option<cache::Entry>,
+    /// The service's live `state:` data, saved before the first run and put
+    /// back when the bench ends: benchmarking never changes the data.
+    saved_state: Option<PathBuf>,
+}
+
+impl Drop for Bencher {
+    fn drop(&mut self) {
+        let Some(saved) = self.saved_state.take() else {
+            return;
+        };
+        let back = crate::state_files::captured_paths(&saved)
+            .and_then(|all| crate::state_files::put_back(&saved, &all))
+            .and_then(crate::state_files::PutBack::commit);
+        match back {
+            Ok(()) => {
+                let _ = std::fs::remove_dir_all(&saved);
+            }
+            Err(e) => tracing::error!(
+                "cannot put the service's data back as it was before the bench; the copy is in {}: {}",
+                saved.display(),
+                chain(&e)
+            ),
+        }
+    }
 }
 
 impl Bencher {
@@ -160,7 +185,22 @@ impl Bencher {
         };
         memo.save();
         let digester = Digester::new(dirs, &criu.version, &init)?;
+        // Every restore run needs the data as the image has it, and cold runs
+        // change it: keep the operator's data safe aside meanwhile.
+        let saved_state = if manifest.state.is_empty() {
+            None
+        } else {
+            let saved = dirs.run.join(format!("{service}.bench")).join("live-state");
+            let _ = std::fs::remove_dir_all(&saved);
+            std::fs::create_dir_all(&saved).map_err(io("saving the live state"))?;
+            crate::state_files::capture(&manifest.state, &saved).map_err(|e| BenchError::Run {
+                what: "saving the service's live state".into(),
+                detail: chain(&e),
+            })?;
+            Some(saved)
+        };
         Ok(Self {
+            saved_state,
             dirs: dirs.clone(),
             manifest,
             exe: warmer.to_path_buf(),
@@ -177,7 +217,9 @@ impl Bencher {
     pub fn ensure_image(&mut self) -> Result<bool, BenchError> {
         let cache = cache::Cache::open(&self.dirs.cache)?;
         let digest = self.digester.digest(&self.manifest)?;
-        let made = cache.lookup(&digest.hex)?.is_none_or(|e| e.stale.is_some());
+        let made = cache
+            .lookup(&digest.hex)?
+            .is_none_or(|e| e.stale.as_deref().is_some_and(|s| !is_retired(s)));
         if made {
             self.make_image(&cache, &digest.hex)?;
         }
@@ -195,16 +237,55 @@ impl Bencher {
 
     /// One warmer restore to ready (`warmer run`), in ms.
     pub fn restore_ms(&self) -> Result<f64, BenchError> {
+        self.prepare_restore()?;
         self.warmer_run(false)
+    }
+
+    /// Before a restore run: the data as the image has it (earlier runs
+    /// changed it), and a persist image that a run retired made usable again.
+    fn prepare_restore(&self) -> Result<cache::Entry, BenchError> {
+        // The current generation: in persist mode every restored run's stop
+        // makes a new one.
+        let entry = self.current_entry()?;
+        let data = entry.data_dir();
+        if crate::state_files::has_state(&data) {
+            crate::state_files::captured_paths(&data)
+                .and_then(|all| crate::state_files::put_back(&data, &all))
+                .and_then(crate::state_files::PutBack::commit)
+                .map_err(|e| BenchError::Run {
+                    what: "putting the image's state in place".into(),
+                    detail: chain(&e),
+                })?;
+        }
+        let cache = cache::Cache::open(&self.dirs.cache)?;
+        if let Some(now) = cache.lookup_key(&entry.key)? {
+            if now.stale.as_deref().is_some_and(is_retired) {
+                cache.clear_stale(&entry.key)?;
+            }
+        }
+        Ok(entry)
+    }
+
+    fn current_entry(&self) -> Result<cache::Entry, BenchError> {
+        let cache = cache::Cache::open(&self.dirs.cache)?;
+        let digest = self
+            .entry
+            .as_ref()
+            .map(|e| e.meta.digest.clone())
+            .ok_or_else(|| BenchError::Run {
+                what: "restore".into(),
+                detail: "no image: call ensure_image first".into(),
+            })?;
+        cache.lookup(&digest)?.ok_or_else(|| BenchError::Run {
+            what: "restore".into(),
+            detail: format!("the image of {} is gone", short(&digest)),
+        })
     }
 
     /// One bare `criu restore` of the image to ready, in ms.
     pub fn criu_restore_ms(&self) -> Result<f64, BenchError> {
-        let entry = self.entry.as_ref().ok_or_else(|| BenchError::Run {
-            what: "criu restore".into(),
-            detail: "no image: call ensure_image first".into(),
-        })?;
-        self.criu_restore(entry)
+        let entry = self.prepare_restore()?;
+        self.criu_restore(&entry)
     }
 }
 
@@ -306,6 +387,12 @@ pub fn bench(
     })
 }
 
+/// A persist image retired after its one restore (the bench restores it
+/// again on purpose, with the data as it captured it).
+fn is_retired(stale_reason: &str) -> bool {
+    stale_reason.starts_with(crate::supervisor::RETIRED)
+}
+
 fn drop_caches() -> Result<(), BenchError> {
     nix::unistd::sync();
     std::fs::write("/proc/sys/vm/drop_caches", "3").map_err(io("dropping the page cache"))
@@ -400,8 +487,12 @@ impl Bencher {
         let mut child = self.spawn_warmer(false)?;
         let limit = self.manifest.ready.timeout + Duration::from_secs(300);
         self.wait_record(&mut child, &|r| r.state == ServiceState::Ready, limit)?;
+        if self.manifest.mode == crate::manifest::Mode::Persist {
+            // Its image is taken at the stop.
+            return self.stop(child);
+        }
         let deadline = Instant::now() + Duration::from_secs(300);
-        while cache.lookup(digest)?.is_none() {
+        while cache.lookup(digest)?.is_none_or(|e| e.stale.is_some()) {
             if Instant::now() > deadline
                 || RunRecord::read(&self.dirs.run, &self.manifest.name)
                     .is_some_and(|r| r.message.is_some())
@@ -440,15 +531,6 @@ impl Bencher {
     /// One bare `criu restore` of the image plus the probe loop.
     fn criu_restore(&self, entry: &cache::Entry) -> Result<f64, BenchError> {
         let data = entry.data_dir();
-        if crate::state_files::has_state(&data) {
-            crate::state_files::captured_paths(&data)
-                .and_then(|all| crate::state_files::put_back(&data, &all))
-                .and_then(crate::state_files::PutBack::commit)
-                .map_err(|e| BenchError::Run {
-                    what: "putting state back".into(),
-                    detail: chain(&e),
-                })?;
-        }
         let work = self.dirs.run.join(format!("{}.bench", self.manifest.name));
         std::fs::create_dir_all(&work).map_err(io("bench work dir"))?;
         let notify = work.join("notify.sock");

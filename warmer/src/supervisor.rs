@@ -495,8 +495,7 @@ impl Supervisor {
                 if self.manifest.mode == Mode::Persist {
                     // Used once: from now on the service's memory and data
                     // move on, so after a crash this image would roll them back.
-                    let why =
-                        "restored once (persist mode): the next stop's checkpoint supersedes it";
+                    let why = RETIRED;
                     if let Err(e) = cache.mark_stale(&restored.entry.key, why) {
                         tracing::error!(
                             "cannot retire the persist image {}; stopping the service rather than risking a rollback later: {}",
@@ -714,7 +713,8 @@ impl Supervisor {
     /// (which ends it). Returns its exit status if that worked; `None`: stop
     /// it normally (its own shutdown saves its data; the next start is cold).
     fn stop_checkpoint(&mut self, running: &mut Running) -> Option<i32> {
-        if self.manifest.mode != Mode::Persist || !self.manifest.checkpoint.enabled {
+        if self.manifest.mode != Mode::Persist || !self.manifest.checkpoint.enabled || self.opts.cold
+        {
             return None;
         }
         tracing::info!(
@@ -795,6 +795,10 @@ impl Supervisor {
         }
     }
 }
+
+/// The stale mark of a persist image after its one restore.
+pub const RETIRED: &str =
+    "restored once (persist mode): the next stop's checkpoint supersedes it";
 
 /// A checkpoint taken on request.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
