@@ -5,6 +5,7 @@ PREFIX      ?= /usr/local
 BINDIR      ?= $(PREFIX)/bin
 UNITDIR     ?= /etc/systemd/system
 TMPFILESDIR ?= /etc/tmpfiles.d
+GENERATORDIR ?= /etc/systemd/system-generators
 MANIFESTDIR ?= /etc/warmer/manifests
 EXAMPLEDIR  ?= /opt/warmer/examples
 DESTDIR     ?=
@@ -21,6 +22,9 @@ install: build
 	  sed 's|/usr/local/bin/|$(BINDIR)/|g' systemd/$$u > $(DESTDIR)$(UNITDIR)/$$u; \
 	  chmod 0644 $(DESTDIR)$(UNITDIR)/$$u; done
 	install -m 0644 systemd/warmer.conf $(DESTDIR)$(TMPFILESDIR)/warmer.conf
+	install -d -m 0755 $(DESTDIR)$(GENERATORDIR)
+	sed 's|/usr/local/bin/|$(BINDIR)/|g' systemd/warmer-generator > $(DESTDIR)$(GENERATORDIR)/warmer-generator
+	chmod 0755 $(DESTDIR)$(GENERATORDIR)/warmer-generator
 	install -D -m 0755 examples/slowweb/server.py $(DESTDIR)$(EXAMPLEDIR)/slowweb/server.py
 	install -d -m 0755 $(DESTDIR)$(MANIFESTDIR)
 	test -e $(DESTDIR)$(MANIFESTDIR)/slowweb.yaml || install -m 0644 manifests/slowweb.yaml $(DESTDIR)$(MANIFESTDIR)/slowweb.yaml
@@ -31,6 +35,7 @@ uninstall:
 	rm -f $(DESTDIR)$(BINDIR)/warmer $(DESTDIR)$(BINDIR)/warmer-init
 	rm -f $(DESTDIR)$(UNITDIR)/warmer@.service $(DESTDIR)$(UNITDIR)/warmer-verify.service
 	rm -f $(DESTDIR)$(TMPFILESDIR)/warmer.conf
+	rm -f $(DESTDIR)$(GENERATORDIR)/warmer-generator
 	rm -rf $(DESTDIR)$(EXAMPLEDIR)/slowweb
 	rm -f $(DESTDIR)$(MANIFESTDIR)/slowweb.yaml
 	if [ -z "$(DESTDIR)" ] && [ -d /run/systemd/system ]; then systemctl daemon-reload; fi

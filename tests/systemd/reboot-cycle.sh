@@ -11,6 +11,10 @@
 #   stop   -> nothing left running, clean result
 #   start / restart / kill -> the same on a restored service
 #   change the service's program -> next boot cold-starts
+#   persist mode (examples/ledger, fsync'd writes in a state: dir):
+#     writes, reboot -> restored with the same memory and every write; the
+#     generated drop-in orders it before its data's mount goes away;
+#     systemctl kill -s KILL -> restarted cold, on the current data
 #
 # Needs root, systemd-nspawn and debootstrap (scripts/deps.sh installs them).
 # It never skips: if the container cannot boot, it fails and says why.
@@ -108,10 +112,11 @@ reboot_ct() {
   boot
 }
 
-status_field() {
-  in_ct /usr/local/bin/warmer status slowweb --json 2>/dev/null |
-    python3 -c "import json,sys; v=json.load(sys.stdin)[0]; r=eval('v'+sys.argv[1]); print('' if r is None else r)" "$1"
+status_of() {
+  in_ct /usr/local/bin/warmer status "$1" --json 2>/dev/null |
+    python3 -c "import json,sys; v=json.load(sys.stdin)[0]; r=eval('v'+sys.argv[1]); print('' if r is None else r)" "$2"
 }
+status_field() { status_of slowweb "$1"; }
 
 # wait_until SECONDS CMD...: polls CMD until it succeeds.
 wait_until() {
@@ -142,7 +147,10 @@ rm -rf "$ROOT/var/cache/warmer" "$ROOT/var/log/journal"
 mkdir -p "$ROOT/var/log/journal"
 install -m 0755 examples/slowweb/server.py "$ROOT/opt/warmer/examples/slowweb/server.py"
 install -m 0644 manifests/slowweb.yaml "$ROOT/etc/warmer/manifests/slowweb.yaml"
-systemctl --root="$ROOT" enable "$SVC" warmer-verify.service >/dev/null 2>&1
+install -D -m 0755 examples/ledger/ledger.py "$ROOT/opt/warmer/examples/ledger/ledger.py"
+install -m 0644 manifests/ledger.yaml "$ROOT/etc/warmer/manifests/ledger.yaml"
+rm -rf "$ROOT/var/lib/ledger"
+systemctl --root="$ROOT" enable "$SVC" warmer@ledger.service warmer-verify.service >/dev/null 2>&1
 
 # ---------------------------------------------------------------- boot 1
 boot
@@ -151,6 +159,20 @@ check "boot 1: cold start" started_as cold
 check "boot 1: checkpoint stored" wait_until 60 has_image
 before=$(nonce)
 say "in-memory nonce before the reboot: $before"
+LEDGER=warmer@ledger.service
+ledger_active() { [ "$(in_ct systemctl is-active "$LEDGER" 2>/dev/null)" = active ]; }
+ledger() { in_ct curl -fs "http://127.0.0.1:8090/$1"; }
+ledger_field() { ledger state | python3 -c "import json,sys; v=json.load(sys.stdin); print(eval('v'+sys.argv[1]))" "$1"; }
+wait_until 60 ledger_active || fatal "$LEDGER not active after boot"
+check "persist: cold start at first boot" test "$(status_of ledger "['last_start']")" = cold
+for i in 1 2 3 4 5; do ledger "write?v=boot1-$i" >/dev/null; done
+ledger_nonce=$(ledger_field "['nonce']")
+check "persist: 5 writes acknowledged" test "$(ledger_field "['count']")" = 5
+dropin_mounts() {
+  in_ct systemctl show -p RequiresMountsFor --value "$LEDGER" | grep -q /var/lib/ledger &&
+    [ "$(in_ct systemctl show -p TimeoutStopUSec --value "$LEDGER")" = 50s ]
+}
+check "persist: generated drop-in (RequiresMountsFor state, TimeoutStopSec)" dropin_mounts
 
 # ---------------------------------------------------------------- boot 2
 reboot_ct
@@ -179,6 +201,27 @@ verified_at_boot() {
 check "warmer-verify checked the image at boot" wait_until 30 verified_at_boot
 check "systemctl status says restored" \
   bash -c "nsenter -t $LEADER -a -- systemctl status $SVC --no-pager | grep -q 'restored in'"
+
+# ---------------------------------------------------------------- persist across the reboot
+wait_until 60 ledger_active || fatal "$LEDGER not active after reboot"
+check "persist: restored after the reboot" test "$(status_of ledger "['last_start']")" = restored
+check "persist: same memory after the reboot" test "$(ledger_field "['nonce']")" = "$ledger_nonce"
+check "persist: every write in memory" test "$(ledger_field "['count']")" = 5
+check "persist: every write on disk" test "$(ledger_field "['lines'].__len__()")" = 5
+stop_checkpoint_logged() {
+  in_ct journalctl -u "$LEDGER" -b -1 --no-pager -o cat | grep -q "checkpointing the service's state at stop"
+}
+check "persist: the shutdown took the stop-time checkpoint" stop_checkpoint_logged
+ledger "write?v=boot2-1" >/dev/null
+ledger "write?v=boot2-2" >/dev/null
+in_ct systemctl kill -s KILL "$LEDGER"
+ledger_cold_again() {
+  ledger_active && [ "$(status_of ledger "['last_start']")" = cold ] &&
+    [ "$(status_of ledger "['state']")" = ready ]
+}
+check "persist: after kill -9, restarted cold (never the older image)" wait_until 60 ledger_cold_again
+check "persist: after kill -9, every write kept" test "$(ledger_field "['count']")" = 7
+check "persist: after kill -9, fresh memory" test "$(ledger_field "['nonce']")" != "$ledger_nonce"
 
 # ---------------------------------------------------------------- stop / start / restart / kill
 in_ct systemctl stop "$SVC"

@@ -20,10 +20,10 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
+use crate::checkpoint::short;
 use crate::criu::Criu;
 use crate::digest::Digester;
 use crate::dirs::Dirs;
-use crate::checkpoint::short;
 use crate::errors::chain;
 use crate::manifest::{Manifest, Probe};
 use crate::probe::{Backoff, Prober};

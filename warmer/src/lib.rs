@@ -45,4 +45,5 @@ pub mod state;
 pub mod state_files;
 pub mod status;
 pub mod supervisor;
+pub mod units;
 pub mod watch;

@@ -97,6 +97,10 @@ enum Cmd {
     },
     /// Check that CRIU is present, recent enough (>= 4.2) and works here.
     Check,
+    /// Write systemd drop-ins for every manifest into DIR (run by
+    /// systemd/warmer-generator at boot and on daemon-reload).
+    #[command(hide = true)]
+    GenerateUnits { dir: PathBuf },
     /// Ask the running supervisor of SERVICE to take a checkpoint now (e.g.
     /// after the traffic that warms a JIT); prints the new generation and how
     /// long the service was frozen. The service keeps running.
@@ -209,6 +213,14 @@ fn main() -> ExitCode {
         Cmd::Status { service, json } => status_cmd(&dirs, service.as_deref(), json),
         Cmd::Validate { files } => validate(&files),
         Cmd::Check => check(),
+        Cmd::GenerateUnits { dir } => {
+            for r in warmer::units::generate(&dirs.manifests, &dir) {
+                if let Err(e) = r {
+                    eprintln!("warmer-generator: skipped: {e}");
+                }
+            }
+            ExitCode::from(exit::OK)
+        }
         Cmd::Checkpoint { service, timeout } => checkpoint_cmd(&dirs, &service, timeout),
         Cmd::Rollback { service, to } => rollback_cmd(&dirs, &service, to),
         Cmd::Cache(c) => cache_cmd(&dirs, c),

@@ -713,7 +713,9 @@ impl Supervisor {
     /// (which ends it). Returns its exit status if that worked; `None`: stop
     /// it normally (its own shutdown saves its data; the next start is cold).
     fn stop_checkpoint(&mut self, running: &mut Running) -> Option<i32> {
-        if self.manifest.mode != Mode::Persist || !self.manifest.checkpoint.enabled || self.opts.cold
+        if self.manifest.mode != Mode::Persist
+            || !self.manifest.checkpoint.enabled
+            || self.opts.cold
         {
             return None;
         }
@@ -797,8 +799,7 @@ impl Supervisor {
 }
 
 /// The stale mark of a persist image after its one restore.
-pub const RETIRED: &str =
-    "restored once (persist mode): the next stop's checkpoint supersedes it";
+pub const RETIRED: &str = "restored once (persist mode): the next stop's checkpoint supersedes it";
 
 /// A checkpoint taken on request.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
