@@ -526,3 +526,53 @@ fn a_lazy_restore_serves_the_same_memory_and_leaves_nothing_behind() {
     );
     assert!(!w.err().contains("Traceback"), "{}", w.err());
 }
+
+#[test]
+fn a_data_file_outside_state_is_named_by_validate_and_by_the_failed_restore() {
+    require_criu();
+    let env = Env::new();
+    let port = free_port();
+    // Data where data lives (not /tmp, which counts as scratch).
+    let data_dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let file = data_dir.path().join("nonce.dat");
+    env.slowweb(
+        "outside",
+        port,
+        &[
+            "--warmup",
+            "0.3",
+            "--statefile",
+            &file.display().to_string(),
+        ],
+        "",
+    );
+    let mut w = env.run("outside");
+    env.wait_image("outside", &mut w);
+    w.stop();
+    let manifest = env.path("manifests/outside.yaml");
+    let out = env
+        .command()
+        .arg("validate")
+        .arg(&manifest)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains(&format!("holds {} open for writing", file.display()))
+            && err.contains("state:"),
+        "{err}"
+    );
+    // The file moves on: CRIU refuses, warmer falls back cold and says which
+    // file and what to do.
+    std::fs::write(&file, "written by someone since").unwrap();
+    let mut w = env.run("outside");
+    let s = env.wait_ready("outside", &mut w);
+    assert_eq!(s["last_start"], "cold", "{s}");
+    let msg = s["message"].as_str().unwrap_or_default();
+    assert!(
+        msg.contains(&*file.display().to_string()) && msg.contains("state:"),
+        "{msg}"
+    );
+    w.stop();
+}

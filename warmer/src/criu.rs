@@ -232,16 +232,37 @@ pub fn version_at_least(version: &str, min: (u32, u32)) -> bool {
 }
 
 /// What a manifest author can do about a CRIU failure, recognised from its log.
-pub fn hint(tail: &str) -> Option<&'static str> {
+pub fn hint(tail: &str) -> Option<String> {
     if tail.contains("Connected TCP socket") {
-        Some("the service had TCP connections open at the checkpoint: set `checkpoint: {tcp_established: true}` in its manifest, or checkpoint it before clients connect")
+        Some("the service had TCP connections open at the checkpoint: set `checkpoint: {tcp_established: true}` in its manifest, or checkpoint it before clients connect".into())
     } else if tail.contains("External socket is used") {
-        Some("the service is connected to a unix socket outside its tree (syslog, a database): such services cannot be checkpointed as they are")
-    } else if tail.contains("bad size") || tail.contains("bad build-ID") {
-        Some("a file the service holds open changed since the checkpoint: list its data under `state:` in the manifest so it is put back before a restore")
+        Some("the service is connected to a unix socket outside its tree (syslog, a database): such services cannot be checkpointed as they are".into())
+    } else if tail.contains("bad build-ID") {
+        Some(format!(
+            "{} changed since the checkpoint (a new build of a program or library): the next start is cold and makes a new image",
+            changed_file(tail).unwrap_or("a program or library the service maps".into())
+        ))
+    } else if tail.contains("bad size") {
+        let file = changed_file(tail).unwrap_or("a file the service holds open".into());
+        Some(format!(
+            "{file} was written since the checkpoint: if it is the service's data, list its directory under `state:` (warmer then never restores an image older than it) and consider `mode: persist`; if it is a log, open it for appending"
+        ))
+    } else if tail.contains("Can't get rlimit") || tail.contains("Can't dump creds") {
+        Some("the service runs as another user, and root here lacks CAP_SYS_RESOURCE, which CRIU needs to dump it: run the service as root (drop privileges inside it later), or run warmer where root has its full capabilities".into())
     } else {
         None
     }
+}
+
+/// `/path` from CRIU's `File path has bad size` (CRIU prints it without the
+/// leading slash).
+fn changed_file(tail: &str) -> Option<String> {
+    let line = tail
+        .lines()
+        .find(|l| l.contains("bad size") || l.contains("bad build-ID"))?;
+    let rest = line.split("File ").nth(1)?;
+    let path = rest.split(" has bad").next()?.trim();
+    (!path.is_empty()).then(|| format!("/{}", path.trim_start_matches('/')))
 }
 
 /// Lines CRIU prints on every run on machines where root lacks
@@ -531,9 +552,19 @@ mod tests {
         assert!(hint("Error (criu/sk-inet.c:200): Connected TCP socket, consider using --tcp-established option.")
             .unwrap()
             .contains("tcp_established"));
-        assert!(hint("File x has bad size 7 (expect 2)")
-            .unwrap()
-            .contains("state:"));
+        let h = hint(
+            "Error (criu/files-reg.c:2133): File var/lib/app/db.log has bad size 7 (expect 2)",
+        )
+        .unwrap();
+        assert!(
+            h.contains("/var/lib/app/db.log") && h.contains("state:") && h.contains("persist"),
+            "{h}"
+        );
+        assert!(
+            hint("Error (criu/cr-dump.c:1): Can't get rlimit 0: Operation not permitted")
+                .unwrap()
+                .contains("CAP_SYS_RESOURCE")
+        );
         assert_eq!(hint("Error (criu/cr-dump.c:1975): Dumping FAILED."), None);
     }
 

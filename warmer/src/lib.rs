@@ -23,6 +23,7 @@ pub mod cache_cmd;
 pub mod checkpoint;
 pub mod control;
 pub mod criu;
+pub mod criu_image;
 pub mod digest;
 pub mod dirs;
 pub mod errors;
@@ -30,6 +31,7 @@ pub mod image;
 pub mod init;
 #[path = "../../init/src/init_loop.rs"]
 pub mod init_loop;
+pub mod lint;
 pub mod logging;
 pub mod logs;
 pub mod manifest;

@@ -211,7 +211,7 @@ fn main() -> ExitCode {
     match cli.cmd {
         Cmd::Run { service, cold } => run(&dirs, &service, supervisor::RunOptions { cold }),
         Cmd::Status { service, json } => status_cmd(&dirs, service.as_deref(), json),
-        Cmd::Validate { files } => validate(&files),
+        Cmd::Validate { files } => validate(&dirs, &files),
         Cmd::Check => check(),
         Cmd::GenerateUnits { dir } => {
             for r in warmer::units::generate(&dirs.manifests, &dir) {
@@ -413,8 +413,9 @@ fn status_cmd(dirs: &Dirs, service: Option<&str>, json: bool) -> ExitCode {
     ExitCode::from(exit::OK)
 }
 
-fn validate(files: &[PathBuf]) -> ExitCode {
+fn validate(dirs: &Dirs, files: &[PathBuf]) -> ExitCode {
     let mut bad = false;
+    let mut digester = None;
     for f in files {
         match manifest::Manifest::load(f) {
             Ok(m) => {
@@ -423,6 +424,29 @@ fn validate(files: &[PathBuf]) -> ExitCode {
                     warmer::digest::resolve_program(&m, std::env::var("PATH").ok().as_deref())
                 {
                     eprintln!("{}: warning: {e}", f.display());
+                }
+                // What the service's current image shows, where there is one.
+                if digester.is_none() {
+                    digester = warmer::digest::Digester::open(dirs).ok();
+                }
+                let entry = digester
+                    .as_mut()
+                    .and_then(|d| d.digest(&m).ok())
+                    .zip(
+                        // Only an existing cache: validate creates nothing.
+                        dirs.cache
+                            .join("VERSION")
+                            .exists()
+                            .then(|| cache::Cache::open(&dirs.cache).ok())
+                            .flatten(),
+                    )
+                    .and_then(|(d, c)| c.lookup(&d.hex).ok().flatten());
+                if let Some(e) = entry {
+                    if let Ok(open) = warmer::criu_image::open_files(&e.data_dir()) {
+                        for w in warmer::lint::unsaved_writes(&m, &open) {
+                            eprintln!("{}: warning: {w}", f.display());
+                        }
+                    }
                 }
             }
             Err(e) => {
