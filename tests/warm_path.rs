@@ -532,8 +532,11 @@ fn a_data_file_outside_state_is_named_by_validate_and_by_the_failed_restore() {
     require_criu();
     let env = Env::new();
     let port = free_port();
-    // Data where data lives (not /tmp, which counts as scratch).
-    let data_dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    // Data where data lives (not under /tmp, which counts as scratch).
+    let data_dir = tempfile::Builder::new()
+        .prefix("warmer-test-")
+        .tempdir_in("/var/lib")
+        .unwrap();
     let file = data_dir.path().join("nonce.dat");
     env.slowweb(
         "outside",

@@ -22,6 +22,18 @@ pub enum Error {
         found: String,
         expected: String,
     },
+    #[error("refusing the cache at {}: someone other than its user could have written it", root.display())]
+    Untrusted {
+        root: PathBuf,
+        #[source]
+        why: crate::fsutil::Untrusted,
+    },
+    #[error("refusing the cache at {}: {} is a {what}, not a directory", root.display(), path.display())]
+    NotADirectory {
+        root: PathBuf,
+        path: PathBuf,
+        what: &'static str,
+    },
     #[error("service {service} is locked by another warmer (lock {path})")]
     Locked { service: String, path: PathBuf },
     #[error("cache entry {key} is damaged")]

@@ -99,6 +99,61 @@ impl FileIdentity {
     }
 }
 
+/// Why a path cannot be trusted by `uid`: someone else could have written it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Untrusted {
+    #[error("{}: owned by uid {owner}; only uid {expected} (or root) may own it", path.display())]
+    Owner {
+        path: std::path::PathBuf,
+        owner: u32,
+        expected: u32,
+    },
+    #[error("{}: writable by {} (mode {mode:o}); only its owner may write it", path.display(), if mode & 0o002 != 0 { "everyone" } else { "its group" })]
+    Writable { path: std::path::PathBuf, mode: u32 },
+    #[error("{}: cannot check it: {error}", path.display())]
+    Unreadable {
+        path: std::path::PathBuf,
+        error: String,
+    },
+}
+
+/// Checks `path` and every directory above it, up to `/`, as sudo and ssh
+/// check their files: each must be owned by `uid` or root, and not writable
+/// by anyone else; a directory writable by others is accepted only with the
+/// sticky bit (like `/tmp`: others cannot rename or remove what is ours).
+/// Symlinks are followed (the checked chain is the real one), so a link to
+/// a file someone else owns is refused.
+pub fn check_trusted(path: &Path, uid: u32) -> Result<(), Untrusted> {
+    let real = fs::canonicalize(path).map_err(|e| Untrusted::Unreadable {
+        path: path.to_path_buf(),
+        error: e.to_string(),
+    })?;
+    let mut cur = Some(real.as_path());
+    while let Some(p) = cur {
+        let md = fs::metadata(p).map_err(|e| Untrusted::Unreadable {
+            path: p.to_path_buf(),
+            error: e.to_string(),
+        })?;
+        if md.uid() != uid && md.uid() != 0 {
+            return Err(Untrusted::Owner {
+                path: p.to_path_buf(),
+                owner: md.uid(),
+                expected: uid,
+            });
+        }
+        let mode = md.mode() & 0o7777;
+        let sticky_dir = md.is_dir() && mode & 0o1000 != 0;
+        if mode & 0o022 != 0 && !sticky_dir {
+            return Err(Untrusted::Writable {
+                path: p.to_path_buf(),
+                mode,
+            });
+        }
+        cur = p.parent();
+    }
+    Ok(())
+}
+
 /// This boot's id (`/proc/sys/kernel/random/boot_id`); empty if unknown,
 /// which callers treat as "nothing from an earlier check can be trusted".
 pub fn boot_id() -> String {
@@ -126,6 +181,44 @@ mod tests {
         assert_eq!(names, vec![std::ffi::OsString::from("f")]);
         let mode = fs::metadata(dir.path().join("f")).unwrap().mode() & 0o777;
         assert_eq!(mode, 0o600);
+    }
+
+    #[test]
+    fn trust_needs_the_right_owner_and_no_foreign_writers_up_to_the_root() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let me = nix::unistd::geteuid().as_raw();
+        let f = dir.path().join("m.yaml");
+        fs::write(&f, "x").unwrap();
+        check_trusted(&f, me).unwrap();
+        fs::set_permissions(&f, fs::Permissions::from_mode(0o666)).unwrap();
+        assert!(matches!(
+            check_trusted(&f, me),
+            Err(Untrusted::Writable { .. })
+        ));
+        fs::set_permissions(&f, fs::Permissions::from_mode(0o644)).unwrap();
+        fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o777)).unwrap();
+        assert!(
+            matches!(check_trusted(&f, me), Err(Untrusted::Writable { .. })),
+            "a 0777 parent"
+        );
+        fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o1777)).unwrap();
+        check_trusted(&f, me).unwrap();
+        fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+        if me == 0 {
+            nix::unistd::chown(&f, Some(nix::unistd::Uid::from_raw(65534)), None).unwrap();
+            assert!(matches!(
+                check_trusted(&f, 0),
+                Err(Untrusted::Owner { owner: 65534, .. })
+            ));
+            // A symlink of ours to a file someone else owns is refused too.
+            let link = dir.path().join("link.yaml");
+            std::os::unix::fs::symlink(&f, &link).unwrap();
+            assert!(matches!(
+                check_trusted(&link, 0),
+                Err(Untrusted::Owner { .. })
+            ));
+        }
     }
 
     #[test]

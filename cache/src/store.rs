@@ -139,10 +139,32 @@ impl Cache {
     /// leftovers of processes that no longer exist.
     pub fn open(root: impl Into<PathBuf>) -> Result<Self, Error> {
         let root = root.into();
-        fs::create_dir_all(&root).map_err(Error::io(&root))?;
+        if fs::symlink_metadata(&root).is_err() {
+            fs::create_dir_all(&root).map_err(Error::io(&root))?;
+            fs::set_permissions(&root, fs::Permissions::from_mode(0o700))
+                .map_err(Error::io(&root))?;
+        }
+        // The cache's user is whoever runs warmer (root in production), never
+        // whoever happens to own the directory: images are restored, with
+        // their credentials, by that user.
+        let uid = nix::unistd::geteuid().as_raw();
+        crate::fsutil::check_trusted(&root, uid).map_err(|why| Error::Untrusted {
+            root: root.clone(),
+            why,
+        })?;
+        let root_md = fs::symlink_metadata(&root).map_err(Error::io(&root))?;
+        if root_md.uid() != uid {
+            return Err(Error::Untrusted {
+                root: root.clone(),
+                why: crate::fsutil::Untrusted::Owner {
+                    path: root.clone(),
+                    owner: root_md.uid(),
+                    expected: uid,
+                },
+            });
+        }
         // Images are secrets: the root is private whatever created it.
         fs::set_permissions(&root, fs::Permissions::from_mode(0o700)).map_err(Error::io(&root))?;
-        let uid = fs::metadata(&root).map_err(Error::io(&root))?.uid();
         let version = root.join("VERSION");
         let mut migrate = false;
         match fs::read_to_string(&version) {
@@ -170,6 +192,41 @@ impl Cache {
             "pins",
         ] {
             mkdir_private(&root.join(sub))?;
+        }
+        for sub in [
+            "tmp",
+            "entries",
+            "quarantine",
+            "locks",
+            "verified",
+            "stale",
+            "pins",
+        ] {
+            let path = root.join(sub);
+            let md = fs::symlink_metadata(&path).map_err(Error::io(&path))?;
+            let what = if md.file_type().is_symlink() {
+                "symlink"
+            } else if !md.is_dir() {
+                "file"
+            } else {
+                ""
+            };
+            if !what.is_empty() {
+                return Err(Error::NotADirectory {
+                    root: root.clone(),
+                    path,
+                    what,
+                });
+            }
+            if md.uid() != uid || md.mode() & 0o077 != 0 {
+                return Err(Error::Untrusted {
+                    root: root.clone(),
+                    why: crate::fsutil::Untrusted::Writable {
+                        path,
+                        mode: md.mode() & 0o7777,
+                    },
+                });
+            }
         }
         let cache = Self { root, uid };
         if migrate {
@@ -401,8 +458,64 @@ impl Cache {
         write_atomic(&self.root.join("verified"), &entry.key, &json)
     }
 
-    /// Whether a stamp from this boot matches every file of `entry` as it is now.
+    /// The entry's shape, without reading any content: its directories are
+    /// private and ours, its payload holds exactly the recorded files, each
+    /// a regular file (no symlink, fifo or device) of the recorded size.
+    /// Cheap (a readdir and an lstat per file); checked before anything of an
+    /// entry is used, stamp or not.
+    pub fn check_shape(&self, entry: &Entry) -> Result<(), Problem> {
+        let dir_md = fs::symlink_metadata(&entry.dir).map_err(|e| Problem::Unreadable {
+            path: ".".into(),
+            error: e.to_string(),
+        })?;
+        self.check_private(&dir_md, ".")?;
+        let data = entry.data_dir();
+        let mut found = BTreeSet::new();
+        self.list_tree(&data, &data, &mut found)?;
+        let recorded: BTreeSet<&str> = entry.meta.files.iter().map(|f| f.path.as_str()).collect();
+        if let Some(extra) = found.iter().find(|f| !recorded.contains(f.as_str())) {
+            return Err(Problem::Unexpected {
+                path: extra.clone(),
+            });
+        }
+        for sum in &entry.meta.files {
+            let md = match fs::symlink_metadata(data.join(&sum.path)) {
+                Ok(md) => md,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    return Err(Problem::Missing {
+                        path: sum.path.clone(),
+                    })
+                }
+                Err(e) => {
+                    return Err(Problem::Unreadable {
+                        path: sum.path.clone(),
+                        error: e.to_string(),
+                    })
+                }
+            };
+            if !md.is_file() {
+                return Err(Problem::NotRegular {
+                    path: sum.path.clone(),
+                });
+            }
+            self.check_private(&md, &sum.path)?;
+            if md.len() != sum.size {
+                return Err(Problem::Size {
+                    path: sum.path.clone(),
+                    expected: sum.size,
+                    found: md.len(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether a stamp from this boot matches every file of `entry` as it is
+    /// now (and the entry has its recorded shape: see [`Cache::check_shape`]).
     pub fn stamp_valid(&self, entry: &Entry) -> bool {
+        if self.check_shape(entry).is_err() {
+            return false;
+        }
         let Ok(bytes) = fs::read(self.stamp_path(&entry.key)) else {
             return false;
         };

@@ -546,6 +546,10 @@ impl Bencher {
                 lazy: self.manifest.restore_lazy,
             },
             output,
+            crate::restore::Watch {
+                deadline: self.manifest.restore_timeout,
+                abort: &mut || None,
+            },
         )
         .map_err(|e| BenchError::Run {
             what: "criu restore".into(),

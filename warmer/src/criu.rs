@@ -161,26 +161,17 @@ impl Criu {
             bin: self.bin.clone(),
             source,
         };
-        let status = match deadline {
-            None => child.wait().map_err(spawn_err)?,
-            Some(limit) => {
-                let end = std::time::Instant::now() + limit;
-                loop {
-                    if let Some(st) = child.try_wait().map_err(spawn_err)? {
-                        break st;
-                    }
-                    if std::time::Instant::now() >= end {
-                        let _ = child.kill();
-                        let _ = child.wait();
-                        return Err(CriuError::Timeout {
-                            action,
-                            after: limit,
-                            log: log.to_path_buf(),
-                        });
-                    }
-                    std::thread::sleep(std::time::Duration::from_millis(5));
-                }
+        let status = match wait_child(&mut child, deadline, &mut || None) {
+            Ok(st) => st,
+            Err(Interrupted::Io(e)) => return Err(spawn_err(e)),
+            Err(Interrupted::Timeout(after)) => {
+                return Err(CriuError::Timeout {
+                    action,
+                    after,
+                    log: log.to_path_buf(),
+                })
             }
+            Err(Interrupted::Aborted(_)) => unreachable!("no abort condition"),
         };
         let stderr = reader.join().unwrap_or_default();
         if status.success() {
@@ -194,6 +185,71 @@ impl Criu {
             })
         }
     }
+}
+
+/// Why [`wait_child`] gave up on a CRIU process (it is killed and reaped).
+#[derive(Debug)]
+pub enum Interrupted {
+    Timeout(std::time::Duration),
+    /// `abort` said why.
+    Aborted(String),
+    Io(std::io::Error),
+}
+
+/// Waits for `child` until it exits, `deadline` passes, or `abort` returns a
+/// reason (polled every few ms); in the last two cases the child is killed.
+/// Every CRIU call goes through this: none can hang warmer.
+pub fn wait_child(
+    child: &mut std::process::Child,
+    deadline: Option<std::time::Duration>,
+    abort: &mut dyn FnMut() -> Option<String>,
+) -> Result<std::process::ExitStatus, Interrupted> {
+    let start = std::time::Instant::now();
+    let mut pause = std::time::Duration::from_micros(200);
+    loop {
+        if let Some(st) = child.try_wait().map_err(Interrupted::Io)? {
+            return Ok(st);
+        }
+        let stop = if let Some(why) = abort() {
+            Some(Interrupted::Aborted(why))
+        } else {
+            deadline
+                .filter(|d| start.elapsed() >= *d)
+                .map(Interrupted::Timeout)
+        };
+        if let Some(stop) = stop {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(stop);
+        }
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(std::time::Duration::from_millis(5));
+    }
+}
+
+/// SIGKILLs and reaps every child of this process: what a killed CRIU
+/// restore left behind (the partly restored tree is re-parented to warmer,
+/// its subreaper). Only called when nothing else of ours runs.
+pub fn kill_children() -> usize {
+    let mut n = 0;
+    let tasks = std::fs::read_dir("/proc/self/task").into_iter().flatten();
+    let mut pids = Vec::new();
+    for t in tasks.filter_map(|t| t.ok()) {
+        let children = std::fs::read_to_string(t.path().join("children")).unwrap_or_default();
+        pids.extend(
+            children
+                .split_whitespace()
+                .filter_map(|c| c.parse::<i32>().ok()),
+        );
+    }
+    for pid in pids {
+        let pid = nix::unistd::Pid::from_raw(pid);
+        if nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL).is_ok() {
+            n += 1;
+            let _ = nix::sys::wait::waitpid(pid, None);
+        }
+    }
+    n
 }
 
 fn find_bin() -> Option<PathBuf> {

@@ -31,12 +31,14 @@ pub mod image;
 pub mod init;
 #[path = "../../init/src/init_loop.rs"]
 pub mod init_loop;
+pub mod leftovers;
 pub mod lint;
 pub mod logging;
 pub mod logs;
 pub mod manifest;
 pub mod memo;
 pub mod notify;
+pub mod ports;
 pub mod probe;
 pub mod restore;
 pub mod roles;

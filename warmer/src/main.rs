@@ -380,7 +380,7 @@ fn run(dirs: &Dirs, service: &str, opts: supervisor::RunOptions) -> ExitCode {
                 }
             }
             ExitCode::from(match e {
-                RunError::Manifest(_) => exit::DATAERR,
+                RunError::Manifest(_) | RunError::UntrustedManifest { .. } => exit::DATAERR,
                 RunError::AlreadyRunning { .. } => exit::TEMPFAIL,
                 RunError::NotReady { .. }
                 | RunError::ExitedBeforeReady { .. }

@@ -99,6 +99,8 @@ struct RawManifest {
 struct RawRestore {
     #[serde(default)]
     lazy: Option<bool>,
+    #[serde(default)]
+    timeout: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -125,6 +127,8 @@ struct RawCheckpoint {
     enabled: Option<bool>,
     #[serde(default)]
     tcp_established: Option<bool>,
+    #[serde(default)]
+    timeout: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -193,6 +197,9 @@ pub struct Checkpoint {
     pub settle: Duration,
     /// Dump established TCP connections too (CRIU `--tcp-established`).
     pub tcp_established: bool,
+    /// A dump taking longer is killed (the service keeps running).
+    #[serde(skip)]
+    pub timeout: Duration,
 }
 
 /// What a stop means for the service's memory (see README, "Modes").
@@ -235,6 +242,10 @@ pub struct Manifest {
     /// restored, not what it is: not part of the digest.
     #[serde(skip)]
     pub restore_lazy: bool,
+    /// CRIU must have restored the tree within this; else it is killed and
+    /// the service cold-started. Not part of the digest.
+    #[serde(skip)]
+    pub restore_timeout: Duration,
     #[serde(skip)]
     pub path: PathBuf,
 }
@@ -250,6 +261,8 @@ pub const DEFAULT_READY_TIMEOUT: Duration = Duration::from_secs(60);
 pub const DEFAULT_SETTLE: Duration = Duration::from_millis(500);
 pub const DEFAULT_STOP_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_KEEP: u32 = 2;
+pub const DEFAULT_RESTORE_TIMEOUT: Duration = Duration::from_secs(60);
+pub const DEFAULT_CHECKPOINT_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// Service names become file, unit and directory names: keep them plain.
 pub fn check_service_name(name: &str) -> Result<(), String> {
@@ -361,11 +374,18 @@ impl Manifest {
                 enabled: c.enabled.unwrap_or(true),
                 settle: duration(c.settle.as_ref(), DEFAULT_SETTLE, "checkpoint.settle", &at)?,
                 tcp_established: c.tcp_established.unwrap_or(false),
+                timeout: duration(
+                    c.timeout.as_ref(),
+                    DEFAULT_CHECKPOINT_TIMEOUT,
+                    "checkpoint.timeout",
+                    &at,
+                )?,
             },
             None => Checkpoint {
                 enabled: true,
                 settle: DEFAULT_SETTLE,
                 tcp_established: false,
+                timeout: DEFAULT_CHECKPOINT_TIMEOUT,
             },
         };
 
@@ -448,7 +468,13 @@ impl Manifest {
             stop_timeout,
             keep,
             state,
-            restore_lazy: raw.restore.and_then(|r| r.lazy).unwrap_or(false),
+            restore_lazy: raw.restore.as_ref().and_then(|r| r.lazy).unwrap_or(false),
+            restore_timeout: duration(
+                raw.restore.as_ref().and_then(|r| r.timeout.as_ref()),
+                DEFAULT_RESTORE_TIMEOUT,
+                "restore.timeout",
+                &at,
+            )?,
             path: path.to_path_buf(),
         })
     }

@@ -38,10 +38,24 @@ pub enum Readiness {
     Ready,
     /// The service exited first, with this status.
     Exited(i32),
+    /// The service exited after warmer passed it a signal from the operator.
+    ExitedAfterSignal(i32),
     /// warmer was asked to stop first.
     Stopped,
     /// Not ready within this time.
     TimedOut(Duration),
+}
+
+/// The outcome of one attempt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Check {
+    Ready,
+    NotReady,
+    /// An answer came, but from a process outside the service: not ready.
+    Foreign {
+        port: u16,
+        who: String,
+    },
 }
 
 /// A probe ready to be polled.
@@ -68,9 +82,30 @@ impl Prober {
         let limit = limit.clamp(Duration::from_millis(10), ATTEMPT_TIMEOUT);
         match self {
             Prober::Http(url) => http_ok(url, limit),
-            Prober::Tcp(addr) => connect(addr, limit).is_some(),
+            Prober::Tcp(addr) => connect(addr, Instant::now() + limit).is_some(),
             Prober::Exec(argv) => exec_ok(argv, limit),
             Prober::Notify(sock) => sock.ready_seen(),
+        }
+    }
+
+    /// One attempt whose answer counts only if it came from the service
+    /// whose namespace init is `init` (for local http/tcp probes; see
+    /// [`crate::ports`]).
+    pub fn check_from(&mut self, limit: Duration, init: nix::unistd::Pid) -> Check {
+        if !self.check(limit) {
+            return Check::NotReady;
+        }
+        let port = match self {
+            Prober::Http(u) if crate::ports::is_local(&u.host) => Some(u.port),
+            Prober::Tcp(a) => a
+                .rsplit_once(':')
+                .filter(|(h, _)| crate::ports::is_local(h))
+                .and_then(|(_, p)| p.parse().ok()),
+            _ => None,
+        };
+        match port.map(|p| (p, crate::ports::holder(p, init))) {
+            Some((port, crate::ports::Holder::Other(who))) => Check::Foreign { port, who },
+            _ => Check::Ready,
         }
     }
 
@@ -79,10 +114,15 @@ impl Prober {
     }
 }
 
-fn connect(addr: &str, limit: Duration) -> Option<TcpStream> {
+/// Connects to the first address of `addr` that answers before `deadline`.
+fn connect(addr: &str, deadline: Instant) -> Option<TcpStream> {
     let addrs = addr.to_socket_addrs().ok()?;
     for a in addrs {
-        if let Ok(s) = TcpStream::connect_timeout(&a, limit) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return None;
+        }
+        if let Ok(s) = TcpStream::connect_timeout(&a, left) {
             return Some(s);
         }
     }
@@ -90,15 +130,22 @@ fn connect(addr: &str, limit: Duration) -> Option<TcpStream> {
 }
 
 /// GET the URL with HTTP/1.1 and `Connection: close`; any 2xx is ready.
+/// The whole attempt (connect, write, every read) ends by `limit`.
 fn http_ok(url: &HttpUrl, limit: Duration) -> bool {
+    let deadline = Instant::now() + limit;
     let host = url.host.trim_start_matches('[').trim_end_matches(']');
-    let Some(mut s) = connect(&format!("{}:{}", url.host, url.port), limit)
-        .or_else(|| connect(&format!("{host}:{}", url.port), limit))
+    let Some(mut s) = connect(&format!("{}:{}", url.host, url.port), deadline)
+        .or_else(|| connect(&format!("{host}:{}", url.port), deadline))
     else {
         return false;
     };
-    let _ = s.set_read_timeout(Some(limit));
-    let _ = s.set_write_timeout(Some(limit));
+    // Each read waits at most what is left of the attempt.
+    let left = || {
+        let l = deadline.saturating_duration_since(Instant::now());
+        (!l.is_zero()).then_some(l)
+    };
+    let Some(l) = left() else { return false };
+    let _ = s.set_write_timeout(Some(l));
     let req = format!(
         "GET {} HTTP/1.1\r\nHost: {}:{}\r\nUser-Agent: warmer-probe\r\nAccept: */*\r\nConnection: close\r\n\r\n",
         url.path, url.host, url.port
@@ -109,6 +156,8 @@ fn http_ok(url: &HttpUrl, limit: Duration) -> bool {
     let mut head = [0u8; 64];
     let mut got = 0;
     while got < 12 {
+        let Some(l) = left() else { break };
+        let _ = s.set_read_timeout(Some(l));
         match s.read(&mut head[got..]) {
             Ok(0) | Err(_) => break,
             Ok(n) => got += n,
@@ -121,6 +170,8 @@ fn http_ok(url: &HttpUrl, limit: Duration) -> bool {
     let mut rest = [0u8; 4096];
     let mut total = 0usize;
     while total < 64 * 1024 {
+        let Some(l) = left() else { break };
+        let _ = s.set_read_timeout(Some(l));
         match s.read(&mut rest) {
             Ok(0) | Err(_) => break,
             Ok(n) => total += n,

@@ -154,10 +154,11 @@ impl Running {
         }
     }
 
-    /// SIGTERM (the init forwards it), then SIGKILL after `timeout`. Killing
-    /// the init kills its whole PID namespace.
+    /// The signal that stopped warmer (SIGTERM, or SIGINT from a terminal;
+    /// the init forwards it), then SIGKILL after `timeout`. Killing the init
+    /// kills its whole PID namespace.
     pub fn stop(&mut self, timeout: Duration, signals: &Signals) -> i32 {
-        self.signal(Signal::SIGTERM);
+        self.signal(signals.stop_signal().unwrap_or(Signal::SIGTERM));
         if let Some(code) = self.wait_exit(timeout, signals) {
             return code;
         }

@@ -15,6 +15,8 @@ use nix::sys::signal::Signal;
 
 pub struct Signals {
     stop: Arc<AtomicBool>,
+    /// SIGINT (rather than SIGTERM) asked for the stop.
+    interrupt: Arc<AtomicBool>,
     /// Signals to pass on to the service, by index in [`crate::init::FORWARDED`].
     forward: Vec<(Signal, Arc<AtomicBool>)>,
     child: Arc<AtomicBool>,
@@ -31,6 +33,8 @@ impl Signals {
         notify.set_nonblocking(true)?;
         let stop = Arc::new(AtomicBool::new(false));
         let child = Arc::new(AtomicBool::new(false));
+        let interrupt = Arc::new(AtomicBool::new(false));
+        signal_hook::flag::register(Signal::SIGINT as i32, interrupt.clone())?;
         for sig in [Signal::SIGTERM, Signal::SIGINT] {
             signal_hook::flag::register(sig as i32, stop.clone())?;
             signal_hook::low_level::pipe::register(sig as i32, notify.try_clone()?)?;
@@ -51,6 +55,7 @@ impl Signals {
         }
         Ok(Self {
             stop,
+            interrupt,
             forward,
             child,
             wake,
@@ -65,6 +70,17 @@ impl Signals {
 
     pub fn stop_requested(&self) -> bool {
         self.stop.load(Ordering::SeqCst)
+    }
+
+    /// The signal that asked warmer to stop (SIGINT or SIGTERM), if any.
+    pub fn stop_signal(&self) -> Option<Signal> {
+        if !self.stop_requested() {
+            None
+        } else if self.interrupt.load(Ordering::SeqCst) {
+            Some(Signal::SIGINT)
+        } else {
+            Some(Signal::SIGTERM)
+        }
     }
 
     /// Signals received since the last call that should reach the service.

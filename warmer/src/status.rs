@@ -87,7 +87,7 @@ fn next_start(
             "the state at stop, once the stop-time checkpoint completes; after a crash or kill: cold, on the current data".into(),
         );
     }
-    match crate::restore::plan(cache, digest, m.restore_lazy, m.mode) {
+    match crate::restore::plan(cache, digest, m) {
         Ok(Ok(plan)) => NextStart::restore(format!(
             "image {} (generation {}, taken {})",
             crate::checkpoint::short(&plan.entry.key),

@@ -33,7 +33,7 @@ use crate::init::{self, InitSpec, SpawnError};
 use crate::logs::Output;
 use crate::manifest::{Manifest, ManifestError, Mode, Probe};
 use crate::notify::Systemd;
-use crate::probe::{Prober, Readiness};
+use crate::probe::{Check, Prober, Readiness};
 use crate::restore::{self, Restore, Skip};
 use crate::service::{service_env, Running};
 use crate::signals::Signals;
@@ -44,6 +44,12 @@ use crate::watch::InputWatch;
 pub enum RunError {
     #[error(transparent)]
     Manifest(#[from] ManifestError),
+    #[error("refusing manifest {}: someone other than root could have written it", path.display())]
+    UntrustedManifest {
+        path: PathBuf,
+        #[source]
+        why: cache::fsutil::Untrusted,
+    },
     #[error("service {service} is already running (lock {})", lock.display())]
     AlreadyRunning { service: String, lock: PathBuf },
     #[error("cannot prepare {}", path.display())]
@@ -81,10 +87,19 @@ pub enum RunError {
         #[source]
         source: crate::state_files::StateError,
     },
-    #[error("service {service} exited with status {code} before it was ready")]
-    ExitedBeforeReady { service: String, code: i32 },
-    #[error("service {service} was not ready within {}", humantime::format_duration(*timeout))]
-    NotReady { service: String, timeout: Duration },
+    #[error("service {service} exited with status {code} before it was ready{why}")]
+    ExitedBeforeReady {
+        service: String,
+        code: i32,
+        /// What else is known (another process on its port).
+        why: String,
+    },
+    #[error("service {service} was not ready within {}{why}", humantime::format_duration(*timeout))]
+    NotReady {
+        service: String,
+        timeout: Duration,
+        why: String,
+    },
 }
 
 /// How `warmer run` ended.
@@ -117,6 +132,8 @@ struct Supervisor {
     watch: std::sync::Arc<std::sync::Mutex<Option<InputWatch>>>,
     /// `warmer checkpoint` requests, once the service is ready.
     control: Option<ControlServer>,
+    /// Who else answered on the service's port while it started, if anyone.
+    foreign: Option<String>,
     opts: RunOptions,
 }
 
@@ -130,6 +147,14 @@ pub struct RunOptions {
 pub fn run(dirs: &Dirs, name: &str, opts: RunOptions) -> Result<Outcome, RunError> {
     let started = Instant::now();
     let manifest = Manifest::find(&dirs.manifests, name)?;
+    // A manifest says what runs as root: only root (or warmer's own user)
+    // may have written it, or any directory above it.
+    cache::fsutil::check_trusted(&manifest.path, nix::unistd::geteuid().as_raw()).map_err(
+        |why| RunError::UntrustedManifest {
+            path: manifest.path.clone(),
+            why,
+        },
+    )?;
     let span = tracing::info_span!("run", service = name, digest = tracing::field::Empty);
     let _span = span.enter();
     // Anything the service tree orphans (CRIU's restored root among them,
@@ -168,6 +193,13 @@ pub fn run(dirs: &Dirs, name: &str, opts: RunOptions) -> Result<Outcome, RunErro
         Some(Ok(l)) => Some(l),
         None => None,
     };
+    // What an earlier run left running (killed mid-restore): ended first.
+    // We hold the run lock, so no live warmer owns any of it.
+    if _lock.is_some() {
+        for l in crate::leftovers::end(name, &run_dir) {
+            tracing::warn!("ended pid {}: {}", l.pid, l.what);
+        }
+    }
     // A restore interrupted by a crash of warmer left the service's newer
     // data aside: it comes back before anything else runs.
     let recovered =
@@ -234,6 +266,7 @@ pub fn run(dirs: &Dirs, name: &str, opts: RunOptions) -> Result<Outcome, RunErro
         timings: None,
         watch: Default::default(),
         control: None,
+        foreign: None,
         opts,
     };
     sup.run()
@@ -332,7 +365,17 @@ impl Supervisor {
             self.try_restore()
         };
         let running = match restored {
-            Some(r) => r,
+            Some(Ok(r)) => r,
+            Some(Err(code)) => {
+                // The operator's signal ended the restored service: the run
+                // ends as it would have had the service been running.
+                self.record.exit_code = Some(code);
+                self.set_state(ServiceState::Stopped);
+                return Ok(Outcome {
+                    code,
+                    stopped_by: self.signals.stop_signal(),
+                });
+            }
             None => self.cold_start()?,
         };
         self.record.service_pid = Some(running.pid.as_raw());
@@ -389,7 +432,9 @@ impl Supervisor {
     /// Restores from the cache if there is a usable image (see
     /// [`crate::restore`] for the steps). Every failure is undone and
     /// recorded, the image quarantined, and `None` returned: cold start next.
-    fn try_restore(&mut self) -> Option<Running> {
+    /// `Some(Err(status))`: the restored service was ended by a signal the
+    /// operator sent meanwhile (not the image's fault: kept).
+    fn try_restore(&mut self) -> Option<Result<Running, i32>> {
         let (criu, cache, digest) = match (&self.criu, &self.cache, &self.digest) {
             (Some(c), Some(k), Some(d)) => (c.clone(), k.clone(), d.hex.clone()),
             _ => return None,
@@ -402,12 +447,7 @@ impl Supervisor {
                 return None;
             }
         };
-        let planned = restore::plan(
-            &cache,
-            &digest,
-            self.manifest.restore_lazy,
-            self.manifest.mode,
-        );
+        let planned = restore::plan(&cache, &digest, &self.manifest);
         let plan = match planned {
             Ok(Ok(plan)) => plan,
             Ok(Err(skip @ Skip::StateChanged { .. })) => {
@@ -474,6 +514,7 @@ impl Supervisor {
         let mut prober = prober;
         let (timeout, signals, systemd) =
             (self.manifest.ready.timeout, &self.signals, self.systemd);
+        let mut foreign = None;
         let mut probe = |running: &mut Running| -> Readiness {
             // A notify-probed service said READY=1 before its checkpoint;
             // the restored one is past that point.
@@ -484,12 +525,23 @@ impl Supervisor {
                 };
             }
             match prober.as_mut() {
-                Some(p) => wait_ready(running, p, timeout, signals, systemd, &mut || {}),
+                Some(p) => wait_ready(
+                    running,
+                    p,
+                    timeout,
+                    signals,
+                    systemd,
+                    &mut || {},
+                    &mut foreign,
+                ),
                 None => Readiness::TimedOut(Duration::ZERO),
             }
         };
         let result = restore.run(&plan, &mut probe);
         drop(lock);
+        if let Some(f) = foreign {
+            self.record.message = Some(f);
+        }
         match result {
             Ok(restored) => {
                 if self.manifest.mode == Mode::Persist {
@@ -512,7 +564,17 @@ impl Supervisor {
                 self.timings = Some(restored.timings);
                 // What the image's cold start took, for the ready message and status.
                 self.record.cold_ready_ms = restored.entry.meta.cold_start_ms;
-                Some(restored.running)
+                Some(Ok(restored.running))
+            }
+            Err(restore::Failure::Stopped) => {
+                // Asked to stop while CRIU ran: nothing runs; end the run.
+                Some(Err(128
+                    + self.signals.stop_signal().unwrap_or(Signal::SIGTERM)
+                        as i32))
+            }
+            Err(restore::Failure::EndedBySignal(code)) => {
+                tracing::info!("the restored service exited with status {code} after a signal warmer passed on; the image is kept");
+                Some(Err(code))
             }
             Err(failure) => {
                 self.record.message = Some(format!("restore failed: {}", chain(&failure)));
@@ -561,15 +623,31 @@ impl Supervisor {
         tracing::info!("cold start: pid {pid}");
         let err = match self.wait_ready(&mut running, &mut prober) {
             Readiness::Ready | Readiness::Stopped => return Ok(running),
-            Readiness::Exited(code) => {
+            Readiness::Exited(code) | Readiness::ExitedAfterSignal(code) => {
                 running.finish();
                 self.record.exit_code = Some(code);
-                RunError::ExitedBeforeReady { service, code }
+                RunError::ExitedBeforeReady {
+                    service,
+                    code,
+                    why: self
+                        .foreign
+                        .clone()
+                        .map(|f| format!(" ({f})"))
+                        .unwrap_or_default(),
+                }
             }
             Readiness::TimedOut(timeout) => {
                 running.stop(self.manifest.stop_timeout, &self.signals);
                 running.finish();
-                RunError::NotReady { service, timeout }
+                RunError::NotReady {
+                    service,
+                    timeout,
+                    why: self
+                        .foreign
+                        .clone()
+                        .map(|f| format!(" ({f})"))
+                        .unwrap_or_default(),
+                }
             }
         };
         self.record.message = Some(chain(&err));
@@ -583,6 +661,7 @@ impl Supervisor {
         let (timeout, systemd) = (self.manifest.ready.timeout, self.systemd);
         let watch = self.watch.clone();
         let mut changed = None;
+        let mut foreign = self.foreign.take();
         let r = wait_ready(
             running,
             prober,
@@ -598,7 +677,9 @@ impl Supervisor {
                         .and_then(InputWatch::changed);
                 }
             },
+            &mut foreign,
         );
+        self.foreign = foreign;
         if changed.is_some() {
             self.check_inputs();
         }
@@ -668,9 +749,14 @@ impl Supervisor {
         let previous = self.record.state;
         self.set_state(ServiceState::Checkpointing);
         self.systemd.status("checkpointing");
-        let deadline = (taken == Taken::Stop).then_some(self.manifest.stop_timeout);
+        // Every dump has a deadline; a stop-time one has the stop's.
+        let deadline = if taken == Taken::Stop {
+            self.manifest.stop_timeout
+        } else {
+            self.manifest.checkpoint.timeout
+        };
         self.systemd
-            .extend_timeout(deadline.unwrap_or(Duration::from_secs(300)) + Duration::from_secs(5));
+            .extend_timeout(deadline + Duration::from_secs(5));
         let t = Instant::now();
         let result = Checkpoint {
             criu: &criu,
@@ -682,7 +768,7 @@ impl Supervisor {
             cold_start_ms: self.record.cold_ready_ms.unwrap_or(0),
             taken,
         }
-        .take(running, deadline);
+        .take(running, Some(deadline));
         let elapsed = t.elapsed();
         self.set_state(previous);
         let entry = result.map_err(CheckpointNowError::Checkpoint)?;
@@ -793,7 +879,7 @@ impl Supervisor {
         self.set_state(ServiceState::Stopped);
         Outcome {
             code,
-            stopped_by: self.signals.stop_requested().then_some(Signal::SIGTERM),
+            stopped_by: self.signals.stop_signal(),
         }
     }
 }
@@ -820,6 +906,11 @@ pub enum CheckpointNowError {
 
 /// Polls `prober` until ready, exit, stop request or `timeout`; `tick` runs
 /// between attempts.
+///
+/// An answer from a process outside the service's tree (another process on
+/// its port) is not readiness: it is logged once, kept in `foreign`, and the
+/// wait goes on. If the service exits after warmer passed it a signal, that
+/// is [`Readiness::ExitedAfterSignal`]: the operator's doing, not the image's.
 fn wait_ready(
     running: &mut Running,
     prober: &mut Prober,
@@ -827,27 +918,44 @@ fn wait_ready(
     signals: &Signals,
     systemd: Systemd,
     tick: &mut dyn FnMut(),
+    foreign: &mut Option<String>,
 ) -> Readiness {
     let deadline = Instant::now() + timeout;
     systemd.extend_timeout(timeout + Duration::from_secs(5));
     let mut backoff = crate::probe::Backoff::default();
+    let mut signalled = false;
     loop {
         if signals.stop_requested() {
             return Readiness::Stopped;
         }
         for sig in signals.take_forwarded() {
             running.signal(sig);
+            signalled = true;
         }
         if let Some(code) = running.poll_exit() {
-            return Readiness::Exited(code);
+            return if signalled {
+                Readiness::ExitedAfterSignal(code)
+            } else {
+                Readiness::Exited(code)
+            };
         }
         tick();
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
             return Readiness::TimedOut(timeout);
         }
-        if prober.check(left) {
-            return Readiness::Ready;
+        match prober.check_from(left, running.pid) {
+            Check::Ready => return Readiness::Ready,
+            Check::NotReady => {}
+            Check::Foreign { port, who } => {
+                if foreign.is_none() {
+                    let msg = format!(
+                        "port {port} answers, but it is held by {who}, not by the service: not ready"
+                    );
+                    tracing::warn!(phase = "probe", "{msg}");
+                    *foreign = Some(msg);
+                }
+            }
         }
         signals.wait(backoff.next_pause().min(left));
     }

@@ -27,6 +27,22 @@ pub enum CriuRestoreError {
     Criu(#[from] CriuError),
     #[error("criu restore succeeded but its pidfile {} is unreadable", path.display())]
     Pidfile { path: PathBuf },
+    #[error("criu restore did not finish within {}; killed it and what it had restored (log: {})", humantime::format_duration(*after), log.display())]
+    Timeout {
+        after: std::time::Duration,
+        log: PathBuf,
+    },
+    #[error("criu restore stopped: {why}")]
+    Aborted { why: String },
+}
+
+/// When to give up on a restore while CRIU runs.
+pub struct Watch<'a> {
+    /// CRIU must be done by then.
+    pub deadline: std::time::Duration,
+    /// Polled while CRIU runs: a reason to stop now (a failed hash, a stop
+    /// request). CRIU and whatever it restored so far are then killed.
+    pub abort: &'a mut dyn FnMut() -> Option<String>,
 }
 
 /// How to restore.
@@ -53,6 +69,7 @@ pub fn restore(
     run_dir: &Path,
     opts: RestoreOptions,
     mut output: Output,
+    watch: Watch<'_>,
 ) -> Result<Running, CriuRestoreError> {
     let info = crate::image::read(data_dir).map_err(CriuRestoreError::Info)?;
     let pidfile = run_dir.join("restore.pid");
@@ -101,15 +118,55 @@ pub fn restore(
             Ok(())
         });
     }
-    let out = cmd.output().map_err(|source| CriuError::Spawn {
+    let mut child = cmd.spawn().map_err(|source| CriuError::Spawn {
         bin: criu.bin.clone(),
         source,
     })?;
+    let mut stderr = child.stderr.take();
+    let reader = std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        if let Some(s) = stderr.as_mut() {
+            let _ = std::io::Read::read_to_end(s, &mut buf);
+        }
+        buf
+    });
+    let waited = criu::wait_child(&mut child, Some(watch.deadline), watch.abort);
     drop(out_w);
     drop(err_w);
     // The restored service holds its own copies of the write ends now.
     output.close_write();
-    if !out.status.success() {
+    let interrupted = |e: CriuRestoreError| {
+        // CRIU is gone; what it restored so far is re-parented to us.
+        let n = criu::kill_children();
+        if n > 0 {
+            tracing::warn!("killed {n} processes the interrupted restore left");
+        }
+        let _ = std::fs::remove_file(&pidfile);
+        if info.tcp_established {
+            criu::clear_network_locks();
+        }
+        e
+    };
+    let status = match waited {
+        Ok(st) => st,
+        Err(criu::Interrupted::Io(source)) => {
+            return Err(interrupted(
+                CriuError::Spawn {
+                    bin: criu.bin.clone(),
+                    source,
+                }
+                .into(),
+            ))
+        }
+        Err(criu::Interrupted::Timeout(after)) => {
+            return Err(interrupted(CriuRestoreError::Timeout { after, log }))
+        }
+        Err(criu::Interrupted::Aborted(why)) => {
+            return Err(interrupted(CriuRestoreError::Aborted { why }))
+        }
+    };
+    let stderr = reader.join().unwrap_or_default();
+    if !status.success() {
         let _ = std::fs::remove_file(&pidfile);
         if let Some(mut daemon) = lazy.take() {
             let _ = daemon.kill();
@@ -123,8 +180,8 @@ pub fn restore(
         }
         return Err(CriuError::Failed {
             action: "restore",
-            status: out.status,
-            tail: criu::log_tail(&log, &out.stderr),
+            status,
+            tail: criu::log_tail(&log, &stderr),
             log,
         }
         .into());

@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 
 use cache::{Cache, Entry};
 
-pub use self::criu::{restore as criu_restore, CriuRestoreError, RestoreOptions};
+pub use self::criu::{restore as criu_restore, CriuRestoreError, RestoreOptions, Watch};
 use crate::checkpoint::short;
 use crate::criu::Criu;
 use crate::errors::chain;
@@ -77,6 +77,8 @@ impl Integrity {
 /// What step 1 decided.
 #[derive(Debug, Clone)]
 pub struct Plan {
+    /// CRIU must have restored the tree within this (manifest `restore.timeout`).
+    pub deadline: Duration,
     pub entry: Entry,
     pub integrity: Integrity,
     /// `state:` paths that vanished with a tmpfs and go back with the image
@@ -156,6 +158,14 @@ pub enum Failure {
     Info(#[source] crate::image::ImageFormatError),
     #[error("restored service exited with status {0}")]
     Exited(i32),
+    /// It exited after warmer passed it an operator's signal: no evidence
+    /// against the image (undone, not quarantined).
+    #[error("restored service exited with status {0} after a signal passed on to it")]
+    EndedBySignal(i32),
+    /// warmer was asked to stop while CRIU ran: CRIU and its tree were
+    /// killed; no evidence against the image (undone, not quarantined).
+    #[error("stopped during the restore")]
+    Stopped,
     #[error("restored service not ready within {}", humantime::format_duration(*.0))]
     NotReady(Duration),
 }
@@ -204,9 +214,9 @@ pub struct Restored {
 pub fn plan(
     cache: &Cache,
     digest: &str,
-    lazy: bool,
-    mode: Mode,
+    manifest: &crate::manifest::Manifest,
 ) -> Result<Result<Plan, Skip>, Failure> {
+    let (lazy, mode) = (manifest.restore_lazy, manifest.mode);
     let entry = match cache.lookup(digest) {
         Ok(Some(e)) => e,
         Ok(None) => return Ok(Err(Skip::NoImage)),
@@ -214,6 +224,14 @@ pub fn plan(
     };
     if let Some(why) = &entry.stale {
         return Ok(Err(Skip::Stale(why.clone())));
+    }
+    // Nothing of an entry is read (not even restore.json) before its shape
+    // holds: no symlinks, fifos or devices, no extra or missing files.
+    if let Err(problem) = cache.check_shape(&entry) {
+        return Err(Failure::Entry(cache::Error::Damaged {
+            key: entry.key,
+            problem,
+        }));
     }
     let data = entry.data_dir();
     let taken = crate::image::read(&data).map_err(Failure::Info)?.taken;
@@ -239,6 +257,7 @@ pub fn plan(
         Vec::new()
     };
     Ok(Ok(Plan {
+        deadline: manifest.restore_timeout,
         integrity: Integrity::choose(cache.stamp_valid(&entry), !put_back.is_empty()),
         put_back,
         lazy,
@@ -289,6 +308,7 @@ impl Restore<'_> {
         let failure = match probe(&mut running) {
             Readiness::Ready | Readiness::Stopped => None,
             Readiness::Exited(code) => Some(Failure::Exited(code)),
+            Readiness::ExitedAfterSignal(code) => Some(Failure::EndedBySignal(code)),
             Readiness::TimedOut(t) => Some(Failure::NotReady(t)),
         };
         if let Some(f) = failure {
@@ -319,14 +339,33 @@ impl Restore<'_> {
     }
 
     /// Steps 3 and 4: CRIU restores the tree; the hashes (if any are needed)
-    /// run alongside and the tree stays stopped until they hold.
+    /// run alongside and the tree stays stopped until they hold. A failed
+    /// hash or a stop request kills CRIU at once, as does `plan.deadline`.
     pub fn tree(&self, plan: &Plan) -> Result<(Running, Timings), Failure> {
         let t0 = Instant::now();
-        let verifier = (plan.integrity == Integrity::HashAlongside).then(|| {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let held = plan.integrity == Integrity::HashAlongside;
+        if held {
             let (cache, entry) = (self.cache.clone(), plan.entry.clone());
-            std::thread::spawn(move || cache.verify_with(&entry, cache::Cores::One, &mut |_, _| {}))
-        });
-        let held = verifier.is_some();
+            std::thread::spawn(move || {
+                let _ = tx.send(cache.verify_with(&entry, cache::Cores::One, &mut |_, _| {}));
+            });
+        } else {
+            let _ = tx.send(Ok(()));
+        }
+        let mut verified: Option<Result<(), cache::Problem>> = None;
+        let signals = self.signals;
+        let mut abort = || {
+            if verified.is_none() {
+                verified = rx.try_recv().ok();
+            }
+            if let Some(Err(p)) = &verified {
+                return Some(format!("the image is damaged: {p}"));
+            }
+            signals
+                .stop_requested()
+                .then(|| "warmer was asked to stop".to_string())
+        };
         let restored = Output::new()
             .map_err(CriuRestoreError::Setup)
             .and_then(|out| {
@@ -334,22 +373,56 @@ impl Restore<'_> {
                     leave_stopped: held,
                     lazy: plan.lazy,
                 };
-                criu_restore(self.criu, &plan.entry.data_dir(), self.run_dir, opts, out)
+                let watch = Watch {
+                    deadline: plan.deadline,
+                    abort: &mut abort,
+                };
+                criu_restore(
+                    self.criu,
+                    &plan.entry.data_dir(),
+                    self.run_dir,
+                    opts,
+                    out,
+                    watch,
+                )
             });
         let t_criu = t0.elapsed();
-        let verified = match verifier {
-            None => Ok(()),
-            Some(h) => h.join().unwrap_or_else(|_| {
-                Err(cache::Problem::Unreadable {
-                    path: ".".into(),
-                    error: "verification thread panicked".into(),
-                })
-            }),
+        // The tree is held stopped until the hashes are in (bounded by the
+        // same deadline; a stop request ends the wait too).
+        let verified = match verified {
+            Some(v) => v,
+            None => loop {
+                match rx.recv_timeout(Duration::from_millis(20)) {
+                    Ok(v) => break v,
+                    Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                        break Err(cache::Problem::Unreadable {
+                            path: ".".into(),
+                            error: "verification thread panicked".into(),
+                        })
+                    }
+                    Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                        if t0.elapsed() > plan.deadline || self.signals.stop_requested() {
+                            break Err(cache::Problem::Unreadable {
+                                path: ".".into(),
+                                error: "verification did not finish in time".into(),
+                            });
+                        }
+                    }
+                }
+            },
         };
         let timings = Timings {
             integrity: plan.integrity,
             criu: t_criu,
             hash_wait: t0.elapsed().saturating_sub(t_criu),
+        };
+        let restored = match restored {
+            // CRIU was stopped because the hash failed: that is the cause.
+            Err(CriuRestoreError::Aborted { .. }) if verified.is_err() => {
+                return Err(Failure::Damaged(verified.unwrap_err()))
+            }
+            Err(CriuRestoreError::Aborted { .. }) => return Err(Failure::Stopped),
+            r => r,
         };
         match (verified, restored) {
             (Ok(()), Ok(r)) => {
@@ -397,7 +470,8 @@ impl Restore<'_> {
                 );
             }
         }
-        let Some(key) = key else {
+        let evidence = !matches!(failure, Failure::EndedBySignal(_) | Failure::Stopped);
+        let Some(key) = key.filter(|_| evidence) else {
             return failure;
         };
         match self.cache.quarantine(&key, &why) {
@@ -447,13 +521,25 @@ mod tests {
         assert_eq!(text.matches("missing").count(), 1, "{text}");
     }
 
+    fn manifest(mode: Mode, lazy: bool) -> crate::manifest::Manifest {
+        let text = format!(
+            "exec: [a]\nready: {{tcp: \"h:1\"}}\nmode: {}\nrestore: {{lazy: {lazy}}}\n",
+            if mode == Mode::Warm {
+                "warm"
+            } else {
+                "persist"
+            }
+        );
+        crate::manifest::Manifest::parse("web", Path::new("web.yaml"), &text).unwrap()
+    }
+
     #[test]
     fn plan_skips_missing_and_stale_images() {
         let dir = tempfile::tempdir().unwrap();
         let cache = Cache::open(dir.path().join("c")).unwrap();
         let digest = "ab".repeat(32);
         assert!(matches!(
-            plan(&cache, &digest, false, Mode::Warm),
+            plan(&cache, &digest, &manifest(Mode::Warm, false)),
             Ok(Err(Skip::NoImage))
         ));
         let staging = cache.stage().unwrap();
@@ -479,12 +565,14 @@ mod tests {
                 },
             )
             .unwrap();
-        let p = plan(&cache, &digest, true, Mode::Warm).unwrap().unwrap();
+        let p = plan(&cache, &digest, &manifest(Mode::Warm, true))
+            .unwrap()
+            .unwrap();
         assert_eq!(p.integrity, Integrity::Stamped, "just published: stamped");
         assert!(p.put_back.is_empty() && p.lazy);
         assert!(
             matches!(
-                plan(&cache, &digest, false, Mode::Persist),
+                plan(&cache, &digest, &manifest(Mode::Persist, false)),
                 Ok(Err(Skip::NotStopImage {
                     taken: Taken::Ready,
                     ..
@@ -494,14 +582,16 @@ mod tests {
         );
         cache.pin(&p.entry.key).unwrap();
         assert!(
-            plan(&cache, &digest, false, Mode::Persist).unwrap().is_ok(),
+            plan(&cache, &digest, &manifest(Mode::Persist, false))
+                .unwrap()
+                .is_ok(),
             "unless a rollback chose it"
         );
         cache
             .mark_digest_stale(&digest, "server.py changed")
             .unwrap();
         assert_eq!(
-            plan(&cache, &digest, false, Mode::Warm)
+            plan(&cache, &digest, &manifest(Mode::Warm, false))
                 .unwrap()
                 .unwrap_err(),
             Skip::Stale("server.py changed".into())

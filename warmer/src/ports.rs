@@ -1,0 +1,165 @@
+//! Who holds a listening TCP port: the service's own tree, or someone else.
+//!
+//! A probe that connects to a port another process already listens on
+//! succeeds at once, though the service is still warming up (and will die
+//! with EADDRINUSE). So for local `http`/`tcp` probes an answer counts only
+//! when the listening socket belongs to a process of the service's PID
+//! namespace (matched by socket inode, from /proc/net/tcp{,6} and the
+//! processes' fds).
+
+use std::collections::BTreeSet;
+
+use nix::unistd::Pid;
+
+/// Who listens on a port.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Holder {
+    /// A process of the service's own tree.
+    Service,
+    /// Someone else: pid and command name (or "unknown" if not found).
+    Other(String),
+    /// No listening socket on the port (yet).
+    Nobody,
+}
+
+/// Inodes of the sockets listening on TCP `port` (IPv4 and IPv6).
+pub fn listening_inodes(port: u16) -> BTreeSet<u64> {
+    let mut out = BTreeSet::new();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let Ok(text) = std::fs::read_to_string(table) else {
+            continue;
+        };
+        out.extend(parse_listeners(&text, port));
+    }
+    out
+}
+
+/// The listening sockets on `port` in one /proc/net/tcp table.
+fn parse_listeners(table: &str, port: u16) -> Vec<u64> {
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let local = f.get(1)?;
+            let (_, p) = local.rsplit_once(':')?;
+            let p = u16::from_str_radix(p, 16).ok()?;
+            // st 0A: TCP_LISTEN
+            (p == port && *f.get(3)? == "0A").then(|| f.get(9)?.parse().ok())?
+        })
+        .collect()
+}
+
+/// Pids whose fds include one of `inodes`.
+fn holders_of(inodes: &BTreeSet<u64>, only: Option<&BTreeSet<i32>>) -> Vec<i32> {
+    let mut out = Vec::new();
+    let pids: Vec<i32> = match only {
+        Some(set) => set.iter().copied().collect(),
+        None => all_pids(),
+    };
+    for pid in pids {
+        let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+            continue;
+        };
+        let hit = fds.filter_map(|d| d.ok()).any(|d| {
+            std::fs::read_link(d.path()).ok().is_some_and(|t| {
+                let t = t.to_string_lossy();
+                t.strip_prefix("socket:[")
+                    .and_then(|r| r.strip_suffix(']'))
+                    .and_then(|n| n.parse::<u64>().ok())
+                    .is_some_and(|i| inodes.contains(&i))
+            })
+        });
+        if hit {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+fn all_pids() -> Vec<i32> {
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .filter_map(|d| d.ok())
+        .filter_map(|d| d.file_name().to_str()?.parse().ok())
+        .collect()
+}
+
+/// The processes in the PID namespace whose init is `init`.
+fn namespace_of(init: Pid) -> BTreeSet<i32> {
+    let ns = |pid: i32| std::fs::read_link(format!("/proc/{pid}/ns/pid")).ok();
+    let Some(want) = ns(init.as_raw()) else {
+        return BTreeSet::new();
+    };
+    all_pids()
+        .into_iter()
+        .filter(|p| ns(*p).as_ref() == Some(&want))
+        .collect()
+}
+
+/// Who listens on `port`, relative to the service whose init is `init`.
+pub fn holder(port: u16, init: Pid) -> Holder {
+    let inodes = listening_inodes(port);
+    if inodes.is_empty() {
+        return Holder::Nobody;
+    }
+    let tree = namespace_of(init);
+    if !holders_of(&inodes, Some(&tree)).is_empty() {
+        return Holder::Service;
+    }
+    let others = holders_of(&inodes, None);
+    Holder::Other(match others.first() {
+        Some(pid) => {
+            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+            format!("pid {pid} ({})", comm.trim())
+        }
+        None => "a process warmer cannot see".into(),
+    })
+}
+
+/// Whether a probe address is on this machine (where ownership can be
+/// checked): loopback, `localhost`, or the unspecified address.
+pub fn is_local(host: &str) -> bool {
+    let h = host.trim_start_matches('[').trim_end_matches(']');
+    h == "localhost"
+        || h.parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback() || ip.is_unspecified())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listeners_are_found_by_port_and_state() {
+        let table = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n\
+   0: 0100007F:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 4242 1 0000000000000000 100 0 0 10 0\n\
+   1: 0100007F:1F90 0100007F:D431 01 00000000:00000000 00:00000000 00000000     0        0 4343 1 0000000000000000 20 4 30 10 -1\n\
+   2: 00000000:0016 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 99 1 0000000000000000 100 0 0 10 0\n";
+        assert_eq!(
+            parse_listeners(table, 8080),
+            vec![4242],
+            "the established one is not a listener"
+        );
+        assert_eq!(parse_listeners(table, 22), vec![99]);
+        assert!(parse_listeners(table, 9).is_empty());
+    }
+
+    #[test]
+    fn a_port_this_test_holds_is_someone_elses_for_a_foreign_tree() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        assert!(!listening_inodes(port).is_empty());
+        // PID 1's namespace is not ours only in containers; use a pid that
+        // does not exist: its tree is empty, so the holder is "other".
+        match holder(port, Pid::from_raw(i32::MAX - 1)) {
+            Holder::Other(who) => assert!(who.contains(&std::process::id().to_string()), "{who}"),
+            h => panic!("{h:?}"),
+        }
+        drop(l);
+        assert_eq!(holder(port, Pid::from_raw(1)), Holder::Nobody);
+        assert!(is_local("127.0.0.1") && is_local("[::1]") && is_local("localhost"));
+        assert!(!is_local("10.1.2.3"));
+    }
+}
