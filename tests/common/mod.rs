@@ -379,7 +379,9 @@ pub fn iptables_lock() -> nix::fcntl::Flock<std::fs::File> {
 /// needed, every outcome on demand. Point `WARMER_CRIU` at it; choose with
 /// `FAKE_CRIU_DUMP` (`ok`, `fail`) and `FAKE_CRIU_RESTORE` (`fail`: CRIU
 /// error; `exit`: a tree that exits at once; `hang`: a tree that never
-/// becomes ready). A dump honours `--action-script` as CRIU does (exec with
+/// becomes ready; `slow`: such a tree after 1 s; `stuck`: CRIU never
+/// returns; `orphan`: it starts a namespace init of the service
+/// (`FAKE_CRIU_INIT`) and never returns). A dump honours `--action-script` as CRIU does (exec with
 /// `CRTOOLS_SCRIPT_ACTION=post-dump` and `CRTOOLS_IMAGE_DIR`), so the state
 /// capture contract runs for real.
 pub fn fake_criu(dir: &Path) -> PathBuf {
@@ -417,6 +419,13 @@ case "$action" in
       fail) say "Error (criu/cr-restore.c:1): Restoring FAILED."; exit 1 ;;
       exit) setsid sh -c 'exit 3' </dev/null >/dev/null 2>&1 & echo $! > "$pidfile"; exit 0 ;;
       hang) setsid sleep 1000 </dev/null >/dev/null 2>&1 & echo $! > "$pidfile"; exit 0 ;;
+      slow) sleep 1; setsid sleep 1000 </dev/null >/dev/null 2>&1 & echo $! > "$pidfile"; exit 0 ;;
+      stuck) exec sleep 1000 ;;
+      orphan)
+        # A namespace init of this service, as a real restore would leave it,
+        # then CRIU itself never returns.
+        setsid "$FAKE_CRIU_INIT" "$(basename "$work")" "$work" -- sleep 1000 </dev/null >/dev/null 2>&1 &
+        exec sleep 1000 ;;
     esac ;;
 esac
 echo "fake criu: unsupported: $action" >&2

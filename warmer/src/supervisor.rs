@@ -626,6 +626,10 @@ impl Supervisor {
             Readiness::Exited(code) | Readiness::ExitedAfterSignal(code) => {
                 running.finish();
                 self.record.exit_code = Some(code);
+                if self.foreign.is_none() {
+                    // Often the reason (EADDRINUSE): say who holds the port.
+                    self.foreign = self.port_holder();
+                }
                 RunError::ExitedBeforeReady {
                     service,
                     code,
@@ -653,6 +657,22 @@ impl Supervisor {
         self.record.message = Some(chain(&err));
         self.set_state(ServiceState::Failed);
         Err(err)
+    }
+
+    /// Who else holds the probed local port, if someone does.
+    fn port_holder(&self) -> Option<String> {
+        let port = match &self.manifest.ready.probe {
+            Probe::Http(u) if crate::ports::is_local(&u.host) => u.port,
+            Probe::Tcp(a) => a
+                .rsplit_once(':')
+                .filter(|(h, _)| crate::ports::is_local(h))
+                .and_then(|(_, p)| p.parse().ok())?,
+            _ => return None,
+        };
+        match crate::ports::holder(port, nix::unistd::Pid::from_raw(i32::MAX - 1)) {
+            crate::ports::Holder::Other(who) => Some(format!("port {port} is held by {who}")),
+            _ => None,
+        }
     }
 
     /// Polls the probe until ready, exit, stop request or timeout, watching

@@ -1,0 +1,379 @@
+//! Faults, hostile input and privilege: warmer never hangs, never restores
+//! anything a non-root user could have written, and whatever happens the
+//! service still runs (or the run ends cleanly) with its data intact.
+//! Real CRIU where the fault can be made for real; the fake CRIU
+//! (`common::fake_criu`) where it must happen at an exact moment.
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use common::*;
+use nix::sys::signal::Signal;
+
+/// A warmed slowweb: checkpointed, stopped. Returns (env, port, entry dir).
+fn warmed(name: &str) -> (Env, u16, PathBuf) {
+    require_criu();
+    let env = Env::new();
+    let port = free_port();
+    env.slowweb(name, port, &["--warmup", "0.3"], "");
+    let mut w = env.run(name);
+    env.wait_image(name, &mut w);
+    w.stop();
+    let entry = env.entries().pop().expect("an entry");
+    (env, port, entry)
+}
+
+fn pages_file(entry: &Path) -> PathBuf {
+    std::fs::read_dir(entry.join("data"))
+        .unwrap()
+        .map(|d| d.unwrap().path())
+        .find(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("pages-")
+        })
+        .unwrap()
+}
+
+fn quarantine_reasons(env: &Env) -> Vec<String> {
+    std::fs::read_dir(env.path("cache/quarantine"))
+        .map(|r| {
+            r.filter_map(|d| d.ok())
+                .map(|d| std::fs::read_to_string(d.path().join("REASON")).unwrap_or_default())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The next start is cold, quarantines the entry for `why`, and is prompt.
+fn cold_and_quarantined(env: &Env, name: &str, why: &str) {
+    let t = Instant::now();
+    let mut w = env.run(name);
+    let s = env.wait_ready(name, &mut w);
+    assert_eq!(s["last_start"], "cold", "{s}\n{}", w.err());
+    assert!(
+        t.elapsed() < Duration::from_secs(20),
+        "took {:?}",
+        t.elapsed()
+    );
+    let reasons = quarantine_reasons(env);
+    assert!(reasons.iter().any(|r| r.contains(why)), "{reasons:?}");
+    w.stop();
+}
+
+fn drop_stamps(env: &Env) {
+    for d in std::fs::read_dir(env.path("cache/verified")).unwrap() {
+        std::fs::remove_file(d.unwrap().path()).unwrap();
+    }
+}
+
+// ------------------------------------------------------------ tampering
+
+#[test]
+fn a_truncated_pages_file_without_a_stamp_never_hangs() {
+    let (env, _, entry) = warmed("trunc");
+    drop_stamps(&env);
+    let pages = pages_file(&entry);
+    let len = std::fs::metadata(&pages).unwrap().len();
+    nix::unistd::truncate(&pages, i64::try_from(len - 4096).unwrap()).unwrap();
+    cold_and_quarantined(&env, "trunc", "size");
+}
+
+#[test]
+fn a_same_size_corruption_without_a_stamp_stops_criu_and_never_runs() {
+    let (env, port, entry) = warmed("flip");
+    drop_stamps(&env);
+    flip_bit_in_pages(&entry, 0x01);
+    cold_and_quarantined(&env, "flip", "checksum mismatch");
+    let _ = port;
+}
+
+#[test]
+fn a_pages_file_replaced_by_a_symlink_is_refused_even_with_a_stamp() {
+    let (env, _, entry) = warmed("link");
+    let pages = pages_file(&entry);
+    std::fs::remove_file(&pages).unwrap();
+    std::os::unix::fs::symlink("/etc/shadow", &pages).unwrap();
+    cold_and_quarantined(&env, "link", "not a regular file");
+}
+
+#[test]
+fn an_extra_file_in_an_entry_is_refused_even_with_a_stamp() {
+    let (env, _, entry) = warmed("extra");
+    let extra = entry.join("data/evil.img");
+    std::fs::write(&extra, b"x").unwrap();
+    std::fs::set_permissions(&extra, std::fs::Permissions::from_mode(0o600)).unwrap();
+    cold_and_quarantined(&env, "extra", "not in the metadata");
+}
+
+#[test]
+fn an_entries_dir_that_is_a_symlink_is_not_a_cache() {
+    let (env, port, _) = warmed("symentries");
+    let entries = env.path("cache/entries");
+    let elsewhere = env.path("elsewhere");
+    std::fs::rename(&entries, &elsewhere).unwrap();
+    std::os::unix::fs::symlink(&elsewhere, &entries).unwrap();
+    let mut w = env.run("symentries");
+    let s = env.wait_ready("symentries", &mut w);
+    assert_eq!(s["last_start"], "cold");
+    assert!(
+        w.err().contains("is a symlink, not a directory"),
+        "{}",
+        w.err()
+    );
+    assert!(get(port, "/health").is_some(), "the service runs anyway");
+    w.stop();
+}
+
+// ------------------------------------------------------------ ownership
+
+#[test]
+fn a_cache_someone_else_owns_is_never_used() {
+    let (env, _, entry) = warmed("owner");
+    let nobody = nix::unistd::Uid::from_raw(65534);
+    // Everything the way root's cache would be, but owned by nobody (who
+    // could have planted it, with consistent checksums).
+    for p in [env.path("cache"), entry.clone()] {
+        nix::unistd::chown(&p, Some(nobody), None).unwrap();
+    }
+    let mut w = env.run("owner");
+    let s = env.wait_ready("owner", &mut w);
+    assert_eq!(s["last_start"], "cold", "{s}");
+    assert!(
+        w.err().contains("refusing the cache") && w.err().contains("uid 65534"),
+        "{}",
+        w.err()
+    );
+    w.stop();
+}
+
+#[test]
+fn a_manifest_someone_else_could_write_is_refused() {
+    require_criu();
+    let env = Env::new();
+    env.slowweb("m", free_port(), &["--warmup", "0.1"], "");
+    let dir = env.path("manifests");
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let out = env.command().args(["run", "m"]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(65), "{err}");
+    assert!(
+        err.contains("refusing manifest") && err.contains("writable by everyone"),
+        "{err}"
+    );
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    // A manifest that is a symlink to a file nobody owns.
+    let real = env.path("app/m.yaml");
+    std::fs::rename(dir.join("m.yaml"), &real).unwrap();
+    nix::unistd::chown(&real, Some(nix::unistd::Uid::from_raw(65534)), None).unwrap();
+    std::os::unix::fs::symlink(&real, dir.join("m.yaml")).unwrap();
+    let out = env.command().args(["run", "m"]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(65), "{err}");
+    assert!(err.contains("owned by uid 65534"), "{err}");
+}
+
+// ------------------------------------------------------------ kill -9, deadlines
+
+fn fake_env(name: &str) -> (Env, String, u16) {
+    require_criu();
+    let env = Env::new();
+    let criu = fake_criu(env.dir.path()).display().to_string();
+    let port = free_port();
+    env.slowweb(name, port, &["--warmup", "0.2"], "restore: {timeout: 3s}\n");
+    let mut w = env.run_with(name, &[("WARMER_CRIU", &criu), ("FAKE_CRIU_DUMP", "ok")]);
+    env.wait_image(name, &mut w);
+    w.stop();
+    (env, criu, port)
+}
+
+fn init_bin() -> String {
+    Path::new(WARMER)
+        .with_file_name("warmer-init")
+        .display()
+        .to_string()
+}
+
+#[test]
+fn leftovers_of_a_warmer_killed_mid_restore_are_ended_before_the_next_start() {
+    let (env, criu, port) = fake_env("orphan");
+    let init = init_bin();
+    assert!(
+        Path::new(&init).exists(),
+        "build warmer-init first (scripts/test.sh does)"
+    );
+    let mut w = env.run_with(
+        "orphan",
+        &[
+            ("WARMER_CRIU", &criu),
+            ("FAKE_CRIU_RESTORE", "orphan"),
+            ("FAKE_CRIU_INIT", &init),
+        ],
+    );
+    env.wait_status("orphan", &mut w, |s| s["state"] == "restoring");
+    let home = env.path("run/orphan").display().to_string();
+    let left = || {
+        pids_with(&format!("orphan\0{home}\0--"))
+            .into_iter()
+            .chain(pids_with(&format!("orphan {home} --")))
+            .collect::<Vec<_>>()
+    };
+    wait_for(Duration::from_secs(10), || {
+        (!left().is_empty()).then_some(())
+    });
+    w.signal(Signal::SIGKILL);
+    w.wait(Duration::from_secs(10));
+    let before = left();
+    assert!(!before.is_empty(), "the killed run left its tree behind");
+    // The next start ends it before anything else (its own, new init is
+    // another process).
+    let mut w = env.run_with(
+        "orphan",
+        &[("WARMER_CRIU", &criu), ("FAKE_CRIU_RESTORE", "fail")],
+    );
+    env.wait_ready("orphan", &mut w);
+    let alive = |pid: &i32| {
+        std::fs::read_to_string(format!("/proc/{pid}/status")).is_ok_and(|s| {
+            !s.lines()
+                .any(|l| l.starts_with("State:") && l.contains('Z'))
+        })
+    };
+    assert!(!before.iter().any(alive), "leftovers ended: {before:?}");
+    assert!(w.err().contains("from an earlier run"), "{}", w.err());
+    assert!(get(port, "/health").is_some());
+    w.stop();
+    for p in pids_with("sleep 1000") {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(p), Signal::SIGKILL);
+    }
+}
+
+#[test]
+fn a_restore_that_never_returns_is_killed_at_its_deadline() {
+    let (env, criu, port) = fake_env("stuck");
+    let t = Instant::now();
+    let mut w = env.run_with(
+        "stuck",
+        &[("WARMER_CRIU", &criu), ("FAKE_CRIU_RESTORE", "stuck")],
+    );
+    let s = env.wait_ready("stuck", &mut w);
+    assert_eq!(s["last_start"], "cold", "{s}");
+    assert!(t.elapsed() < Duration::from_secs(15), "{:?}", t.elapsed());
+    assert!(
+        s["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("did not finish within 3s"),
+        "{s}"
+    );
+    assert!(get(port, "/health").is_some());
+    w.stop();
+}
+
+// ------------------------------------------------------------ signals
+
+#[test]
+fn sigterm_during_a_restore_stops_promptly_and_keeps_the_image() {
+    let (env, criu, _) = fake_env("termr");
+    let mut w = env.run_with(
+        "termr",
+        &[("WARMER_CRIU", &criu), ("FAKE_CRIU_RESTORE", "stuck")],
+    );
+    env.wait_status("termr", &mut w, |s| s["state"] == "restoring");
+    let t = Instant::now();
+    let st = w.stop();
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    assert_eq!(
+        st.signal(),
+        Some(15),
+        "dies of SIGTERM: {st:?}\n{}",
+        w.err()
+    );
+    assert!(quarantine_reasons(&env).is_empty(), "a stop is no evidence");
+    assert_eq!(env.entries().len(), 1);
+}
+
+#[test]
+fn sighup_during_a_restore_is_not_evidence_against_the_image() {
+    let (env, criu, _) = fake_env("hupr");
+    let mut w = env.run_with(
+        "hupr",
+        &[("WARMER_CRIU", &criu), ("FAKE_CRIU_RESTORE", "slow")],
+    );
+    env.wait_status("hupr", &mut w, |s| s["state"] == "restoring");
+    w.signal(Signal::SIGHUP);
+    let st = w.wait(Duration::from_secs(20));
+    // The restored tree (here `sleep`) died of the HUP passed on to it.
+    assert_eq!(st.code(), Some(129), "{st:?}\n{}", w.err());
+    assert!(
+        quarantine_reasons(&env).is_empty(),
+        "image kept: {}",
+        w.err()
+    );
+    assert_eq!(env.entries().len(), 1);
+}
+
+#[test]
+fn sigint_is_passed_on_and_warmer_ends_as_the_service_did() {
+    require_criu();
+    let env = Env::new();
+    let port = free_port();
+    // A service with Python's default SIGINT handling: it dies of SIGINT.
+    env.write_manifest(
+        "int",
+        &format!(
+            "exec: [\"/usr/bin/python3\", \"-c\", \"import socket,time; s=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(('127.0.0.1', {port})); s.listen(); time.sleep(1000)\"]\nready: {{tcp: \"127.0.0.1:{port}\"}}\ncheckpoint: {{enabled: false}}\n"
+        ),
+    );
+    let mut w = env.run("int");
+    env.wait_ready("int", &mut w);
+    w.signal(Signal::SIGINT);
+    let st = w.wait(Duration::from_secs(20));
+    assert_eq!(
+        st.signal(),
+        Some(2),
+        "{st:?}: 130, like the service, not 143\n{}",
+        w.err()
+    );
+}
+
+// ------------------------------------------------------------ port taken
+
+#[test]
+fn a_port_another_process_holds_is_not_readiness() {
+    require_criu();
+    let env = Env::new();
+    let squatter = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = squatter.local_addr().unwrap().port();
+    // Another web server on the port: it answers the probe with a 200.
+    std::thread::spawn(move || {
+        for c in squatter.incoming().flatten() {
+            let mut c = c;
+            let mut buf = [0u8; 1024];
+            let _ = std::io::Read::read(&mut c, &mut buf);
+            let _ = std::io::Write::write_all(
+                &mut c,
+                b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok",
+            );
+        }
+    });
+    env.slowweb("taken", port, &["--warmup", "0.3"], "");
+    let out = env.command().args(["run", "taken"]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(69), "{err}");
+    assert!(
+        err.contains(&format!(
+            "port {port} answers, but it is held by pid {}",
+            std::process::id()
+        )),
+        "{err}"
+    );
+    assert!(
+        env.entries().is_empty(),
+        "no image of a half-started service"
+    );
+}
