@@ -101,3 +101,70 @@ fn every_shipped_manifest_is_valid() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+mod fuzz {
+    //! The manifest parser on hostile input: it never panics, every
+    //! rejection is positioned, and what it prints is bounded.
+    use proptest::prelude::*;
+    use std::path::Path;
+    use warmer::manifest::{Manifest, ManifestError};
+
+    const GOOD: &str = "exec: [\"/usr/bin/python3\", \"/srv/app/server.py\"]\nready:\n  http: \"http://127.0.0.1:8080/health\"\n  timeout: 60s\ncheckpoint: {settle: 500ms}\nstate: [\"/var/lib/app\"]\nmode: persist\n";
+
+    fn check(text: &str) {
+        match Manifest::parse("web", Path::new("web.yaml"), text) {
+            Ok(_) => {}
+            Err(e) => {
+                let msg = e.to_string();
+                assert!(msg.starts_with("web.yaml:"), "unpositioned: {msg}");
+                if let ManifestError::Invalid { line, column, .. } = &e {
+                    assert!(*line >= 1 && *column >= 1);
+                }
+                assert!(msg.len() < 1000, "unbounded message: {} bytes", msg.len());
+                if let Some(x) = e.excerpt() {
+                    assert!(x.len() < 1000, "unbounded excerpt: {} bytes", x.len());
+                }
+            }
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
+
+        #[test]
+        fn arbitrary_text_never_panics(text in "\\PC{0,400}") {
+            check(&text);
+        }
+
+        #[test]
+        fn mutated_manifests_never_panic(at in 0usize..GOOD.len(), len in 0usize..20, junk in "[ -~\\n\\t:{}\\[\\]\"'#&*!|>%@`-]{0,20}") {
+            let mut text = GOOD.to_string();
+            let at = (0..=at).rev().find(|i| text.is_char_boundary(*i)).unwrap_or(0);
+            let end = (at + len).min(text.len());
+            let end = (end..=text.len()).find(|i| text.is_char_boundary(*i)).unwrap_or(text.len());
+            text.replace_range(at..end, &junk);
+            check(&text);
+        }
+    }
+
+    #[test]
+    fn a_huge_scalar_is_not_echoed() {
+        let big = "x".repeat(5_000_000);
+        let text = format!("exec: 3\nready: {{tcp: \"{big}\"}}\n");
+        check(&text);
+        let text = format!("exec: [a]\nready: {{tcp: \"h:1\"}}\nmode: \"{big}\"\n");
+        check(&text);
+    }
+
+    #[test]
+    fn invalid_utf8_is_positioned() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("web.yaml");
+        std::fs::write(&p, b"exec: [a]\nready: {tcp: \"h:1\xff\"}\n").unwrap();
+        let e = Manifest::load(&p).unwrap_err().to_string();
+        assert!(
+            e.contains("web.yaml:2:18:") && e.contains("not UTF-8"),
+            "{e}"
+        );
+    }
+}

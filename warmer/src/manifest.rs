@@ -261,6 +261,10 @@ pub const DEFAULT_READY_TIMEOUT: Duration = Duration::from_secs(60);
 pub const DEFAULT_SETTLE: Duration = Duration::from_millis(500);
 pub const DEFAULT_STOP_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_KEEP: u32 = 2;
+/// Manifests are small; anything bigger is a mistake or an attack.
+pub const MAX_MANIFEST_BYTES: usize = 1 << 20;
+/// The most of a source line an error message shows.
+const EXCERPT_CHARS: usize = 120;
 pub const DEFAULT_RESTORE_TIMEOUT: Duration = Duration::from_secs(60);
 pub const DEFAULT_CHECKPOINT_TIMEOUT: Duration = Duration::from_secs(300);
 
@@ -302,9 +306,42 @@ impl Manifest {
 
     /// Loads a manifest file; the service name is the file stem.
     pub fn load(path: &Path) -> Result<Self, ManifestError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ManifestError::Read {
+        let bytes = std::fs::read(path).map_err(|source| ManifestError::Read {
             path: path.to_path_buf(),
             source,
+        })?;
+        if bytes.len() > MAX_MANIFEST_BYTES {
+            return Err(ManifestError::Invalid {
+                path: path.to_path_buf(),
+                line: 1,
+                column: 1,
+                message: format!(
+                    "manifest is {} bytes; the limit is {MAX_MANIFEST_BYTES}",
+                    bytes.len()
+                ),
+                excerpt: None,
+            });
+        }
+        let text = String::from_utf8(bytes).map_err(|e| {
+            let good = &e.as_bytes()[..e.utf8_error().valid_up_to()];
+            let line = good.iter().filter(|b| **b == b'\n').count() + 1;
+            let col_bytes =
+                good.len() - good.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
+            let column = String::from_utf8_lossy(&good[good.len() - col_bytes..])
+                .chars()
+                .count()
+                + 1;
+            ManifestError::Invalid {
+                path: path.to_path_buf(),
+                line: u64::try_from(line).unwrap_or(u64::MAX),
+                column: u64::try_from(column).unwrap_or(u64::MAX),
+                message: format!(
+                    "not UTF-8: byte 0x{:02x} at offset {} (manifests are UTF-8 text)",
+                    e.as_bytes()[good.len()],
+                    good.len()
+                ),
+                excerpt: None,
+            }
         })?;
         let name = path
             .file_stem()
@@ -658,7 +695,11 @@ fn saphyr_message(e: &serde_saphyr::Error) -> String {
     }
 }
 
-fn invalid(path: &Path, text: &str, loc: &Location, message: String) -> ManifestError {
+fn invalid(path: &Path, text: &str, loc: &Location, mut message: String) -> ManifestError {
+    // The parser may quote the offending value: never echo a huge one.
+    if message.chars().count() > 2 * EXCERPT_CHARS {
+        message = message.chars().take(2 * EXCERPT_CHARS).collect::<String>() + "...";
+    }
     let (line, column) = if *loc == Location::UNKNOWN {
         (1, 1)
     } else {
@@ -668,8 +709,22 @@ fn invalid(path: &Path, text: &str, loc: &Location, message: String) -> Manifest
         .ok()
         .and_then(|i| text.lines().nth(i))
         .map(|src| {
-            let pad = usize::try_from(column - 1).unwrap_or(0);
-            format!("  {src}\n  {}^", " ".repeat(pad))
+            // A window of the line around the column, never the whole of a
+            // huge line.
+            let col = usize::try_from(column - 1).unwrap_or(0);
+            let chars: Vec<char> = src.chars().collect();
+            let start = col.saturating_sub(EXCERPT_CHARS / 2).min(chars.len());
+            let end = (start + EXCERPT_CHARS).min(chars.len());
+            let (pre, post) = (
+                if start > 0 { "..." } else { "" },
+                if end < chars.len() { "..." } else { "" },
+            );
+            let shown: String = chars[start..end].iter().collect();
+            let pad = col.saturating_sub(start) + pre.len();
+            format!(
+                "  {pre}{shown}{post}\n  {}^",
+                " ".repeat(pad.min(EXCERPT_CHARS + 3))
+            )
         });
     ManifestError::Invalid {
         path: path.to_path_buf(),
