@@ -10,12 +10,12 @@ scripts/deps.sh
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy -D warnings"
-cargo clippy --workspace --all-targets --locked -- -D warnings
+cargo clippy --workspace --all-targets --locked --features warmer/failpoints -- -D warnings
 echo "== cargo bench --no-run"
 cargo bench --workspace --no-run --locked
 echo "== cargo build (warmer and warmer-init side by side, as installed)"
 cargo build --workspace --locked
 echo "== cargo test"
-cargo test --workspace --locked
+cargo test --workspace --locked --features warmer/failpoints
 echo "== systemd: reboot cycle in a systemd-nspawn container"
 tests/systemd/reboot-cycle.sh

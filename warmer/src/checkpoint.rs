@@ -86,6 +86,7 @@ impl Checkpoint<'_> {
             }
         }
         dumped?;
+        crate::failpoint("checkpoint-after-dump");
         let info = RestoreInfo {
             format_version: RESTORE_INFO_VERSION,
             stdout: running.output.stdout.resource().to_string(),

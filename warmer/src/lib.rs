@@ -18,6 +18,16 @@
 //! - [`state`], [`status`]: what a run records and `warmer status` shows
 //! - [`cache_cmd`], [`bench`]: `warmer cache ...`, `warmer bench`
 //! - [`dirs`], [`errors`], [`logging`], [`memo`], [`watch`]: plumbing
+/// Crash-injection points (`failpoints` feature): when `WARMER_FAILPOINT`
+/// names this point the process aborts here, as a `kill -9` would stop it.
+#[inline]
+pub fn failpoint(_name: &str) {
+    #[cfg(feature = "failpoints")]
+    if std::env::var("WARMER_FAILPOINT").is_ok_and(|v| v == _name) {
+        std::process::abort();
+    }
+}
+
 pub mod bench;
 pub mod cache_cmd;
 pub mod checkpoint;

@@ -831,6 +831,7 @@ impl Supervisor {
         );
         match self.checkpoint(running, Taken::Stop) {
             Ok(_) => {
+                crate::failpoint("stop-after-checkpoint");
                 // CRIU ended the tree after the dump.
                 let code = running.wait_exit(self.manifest.stop_timeout, &self.signals);
                 Some(code.map_or_else(|| running.kill(&self.signals), |_| 0))

@@ -301,10 +301,12 @@ impl Restore<'_> {
             Ok(s) => s,
             Err(f) => return Err(self.undo(Some(plan.key().into()), f, None, None)),
         };
+        crate::failpoint("restore-after-put-back");
         let (mut running, timings) = match self.tree(plan) {
             Ok(r) => r,
             Err(f) => return Err(self.undo(Some(plan.key().into()), f, None, state)),
         };
+        crate::failpoint("restore-after-criu");
         let failure = match probe(&mut running) {
             Readiness::Ready | Readiness::Stopped => None,
             Readiness::Exited(code) => Some(Failure::Exited(code)),
