@@ -377,3 +377,51 @@ fn a_port_another_process_holds_is_not_readiness() {
         "no image of a half-started service"
     );
 }
+
+// ------------------------------------------------------------ disk full
+
+/// A small tmpfs mounted for the test's cache, unmounted on drop.
+struct SmallFs(PathBuf);
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
+#[test]
+fn a_cache_without_room_is_not_filled_and_the_checkpoint_backs_off() {
+    require_criu();
+    let env = Env::new();
+    let cache = env.path("cache");
+    nix::mount::mount(
+        Some("tmpfs"),
+        &cache,
+        Some("tmpfs"),
+        nix::mount::MsFlags::empty(),
+        Some("size=8m,mode=0700"),
+    )
+    .expect("mount a small tmpfs (root)");
+    let _fs = SmallFs(cache.clone());
+    let port = free_port();
+    env.slowweb("full", port, &["--warmup", "0.3"], "");
+    for round in 1..=4 {
+        let mut w = env.run("full");
+        let s = env.wait_status("full", &mut w, |s| {
+            s["state"] == "ready"
+                && s["message"]
+                    .as_str()
+                    .is_some_and(|m| m.starts_with("checkpoint skipped"))
+        });
+        let msg = s["message"].as_str().unwrap().to_string();
+        if round <= 3 {
+            assert!(msg.contains("MB free"), "round {round}: {msg}");
+        } else {
+            assert!(msg.contains("failed 3 times"), "round {round}: {msg}");
+        }
+        assert!(get(port, "/health").is_some(), "the service runs");
+        w.stop();
+    }
+    assert!(env.entries().is_empty());
+    assert_eq!(std::fs::read_dir(cache.join("tmp")).unwrap().count(), 0);
+}

@@ -28,6 +28,7 @@ pub fn failpoint(_name: &str) {
     }
 }
 
+pub mod backoff;
 pub mod bench;
 pub mod cache_cmd;
 pub mod checkpoint;

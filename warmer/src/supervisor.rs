@@ -739,9 +739,31 @@ impl Supervisor {
         if self.signals.stop_requested() || nix::sys::signal::kill(running.pid, None).is_err() {
             return;
         }
-        if let Err(e) = self.checkpoint(running, Taken::Ready) {
-            tracing::warn!("checkpoint failed, service keeps running: {}", chain(&e));
-            self.record.message = Some(format!("checkpoint failed: {}", chain(&e)));
+        // A checkpoint that keeps failing (a full disk, a service CRIU cannot
+        // dump) is not retried at every start: after a few failures for the
+        // same digest it waits for something to change.
+        let failures = crate::backoff::Failures::load(&self.run_dir);
+        if let Some(why) = failures.skip(&digest.hex) {
+            tracing::warn!(phase = "checkpoint", "checkpoint skipped: {why}");
+            self.record.message = Some(format!("checkpoint skipped: {why}"));
+            self.set_state(ServiceState::Ready);
+            return;
+        }
+        if let Some(why) = crate::backoff::no_room(&cache.root().to_path_buf(), running.pid) {
+            tracing::warn!(phase = "checkpoint", "checkpoint skipped: {why}");
+            self.record.message = Some(format!("checkpoint skipped: {why}"));
+            let _ = failures.record(&self.run_dir, &digest.hex.clone(), &why);
+            self.set_state(ServiceState::Ready);
+            return;
+        }
+        let hex = digest.hex.clone();
+        match self.checkpoint(running, Taken::Ready) {
+            Ok(_) => failures.clear(&self.run_dir),
+            Err(e) => {
+                tracing::warn!("checkpoint failed, service keeps running: {}", chain(&e));
+                self.record.message = Some(format!("checkpoint failed: {}", chain(&e)));
+                let _ = failures.record(&self.run_dir, &hex, &chain(&e));
+            }
         }
         self.set_state(ServiceState::Ready);
     }
@@ -856,6 +878,7 @@ impl Supervisor {
                     let taken = Taken::OnDemand;
                     match self.checkpoint(running, taken) {
                         Ok(done) => {
+                            crate::backoff::Failures::default().clear(&self.run_dir);
                             if self.manifest.mode == Mode::Persist {
                                 // Older than the data by the time of any
                                 // later start: restored only by an explicit

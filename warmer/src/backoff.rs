@@ -1,0 +1,133 @@
+//! Not retrying what keeps failing: a checkpoint of the same digest that
+//! failed [`MAX_TRIES`] times (a full disk, a service CRIU cannot dump) is
+//! skipped at later starts until the digest changes or `warmer checkpoint`
+//! succeeds; and a dump that cannot fit on the cache's filesystem is not
+//! started at all.
+//!
+//! ```text
+//! <run>/<svc>/checkpoint-failures.json   {digest, count, last}   (per boot: /run)
+//! ```
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+/// Failures of one digest before its checkpoint is skipped.
+pub const MAX_TRIES: u32 = 3;
+const FILE: &str = "checkpoint-failures.json";
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Failures {
+    pub digest: String,
+    pub count: u32,
+    pub last: String,
+}
+
+impl Failures {
+    pub fn load(run_dir: &Path) -> Self {
+        std::fs::read(run_dir.join(FILE))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default()
+    }
+
+    /// Why the checkpoint of `digest` is skipped, if it is.
+    pub fn skip(&self, digest: &str) -> Option<String> {
+        (self.digest == digest && self.count >= MAX_TRIES).then(|| {
+            format!(
+                "it failed {} times for this version of the service (last: {}); fix that, then `warmer checkpoint` (or change the service)",
+                self.count, self.last
+            )
+        })
+    }
+
+    pub fn record(&self, run_dir: &Path, digest: &str, why: &str) -> std::io::Result<()> {
+        let next = Failures {
+            digest: digest.to_string(),
+            count: if self.digest == digest {
+                self.count + 1
+            } else {
+                1
+            },
+            last: why.chars().take(500).collect(),
+        };
+        cache::fsutil::write_atomic(
+            run_dir,
+            FILE,
+            &serde_json::to_vec(&next).expect("serializes"),
+            0o600,
+            cache::fsutil::Durability::Atomic,
+        )
+    }
+
+    pub fn clear(&self, run_dir: &Path) {
+        let _ = std::fs::remove_file(run_dir.join(FILE));
+    }
+}
+
+/// Why a dump of the tree under `init` would not fit in the cache's
+/// filesystem, if it would not: its resident memory (what CRIU writes,
+/// roughly) against the free space, with a margin.
+pub fn no_room(cache_root: &Path, init: nix::unistd::Pid) -> Option<String> {
+    let free = nix::sys::statvfs::statvfs(cache_root)
+        .ok()
+        .map(|s| s.blocks_available() * s.fragment_size())?;
+    let need = tree_resident_bytes(init);
+    // 10% and 16 MiB of margin: metadata, state copies, page-table rounding.
+    let want = need + need / 10 + (16 << 20);
+    (free < want).then(|| {
+        format!(
+            "the image would need about {} MB and {} has {} MB free",
+            want >> 20,
+            cache_root.display(),
+            free >> 20
+        )
+    })
+}
+
+/// Resident bytes of the processes in the PID namespace of `init`.
+fn tree_resident_bytes(init: nix::unistd::Pid) -> u64 {
+    let ns = |pid: &str| std::fs::read_link(format!("/proc/{pid}/ns/pid")).ok();
+    let Some(want) = ns(&init.as_raw().to_string()) else {
+        return 0;
+    };
+    let page = 4096u64;
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .filter_map(|d| d.ok())
+        .filter_map(|d| d.file_name().to_str().map(String::from))
+        .filter(|p| p.bytes().all(|b| b.is_ascii_digit()))
+        .filter(|p| ns(p).as_ref() == Some(&want))
+        .filter_map(|p| std::fs::read_to_string(format!("/proc/{p}/statm")).ok())
+        .filter_map(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .map(|pages| pages * page)
+        .sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn three_failures_of_one_digest_skip_it_and_another_digest_starts_over() {
+        let dir = tempfile::tempdir().unwrap();
+        for _ in 0..MAX_TRIES {
+            let f = Failures::load(dir.path());
+            assert!(f.skip("aa").is_none());
+            f.record(dir.path(), "aa", "No space left on device")
+                .unwrap();
+        }
+        let f = Failures::load(dir.path());
+        let why = f.skip("aa").unwrap();
+        assert!(
+            why.contains("failed 3 times") && why.contains("No space left"),
+            "{why}"
+        );
+        assert!(f.skip("bb").is_none(), "another version is tried");
+        f.record(dir.path(), "bb", "x").unwrap();
+        assert_eq!(Failures::load(dir.path()).count, 1);
+        Failures::load(dir.path()).clear(dir.path());
+        assert!(Failures::load(dir.path()).skip("aa").is_none());
+    }
+}
