@@ -420,7 +420,18 @@ fn leftover_criu_network_lock_rules_are_removed() {
         String::from_utf8_lossy(&out.stdout).contains("127.0.0.77")
     };
     assert!(listed());
-    assert!(warmer::criu::clear_network_locks() >= 1);
+    // Only the rules of the given connections go.
+    let other = warmer::criu::Conn {
+        a: "127.0.0.77:4001".parse().unwrap(),
+        b: "127.0.0.77:4999".parse().unwrap(),
+    };
+    assert_eq!(warmer::criu::clear_network_locks(&[other]), 0);
+    assert!(listed(), "another connection's rule stays");
+    let ours = warmer::criu::Conn {
+        a: "127.0.0.77:4002".parse().unwrap(),
+        b: "127.0.0.77:4001".parse().unwrap(),
+    };
+    assert!(warmer::criu::clear_network_locks(&[ours]) >= 1);
     assert!(!listed(), "the lock rule is gone");
 }
 

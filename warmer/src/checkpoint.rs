@@ -76,11 +76,17 @@ impl Checkpoint<'_> {
         if state {
             cmd.envs(crate::roles::action_script_env(&self.manifest.state));
         }
+        // The connections this dump may lock (to clean up only theirs).
+        let conns = if plan.tcp_established {
+            crate::ports::established(running.pid)
+        } else {
+            Vec::new()
+        };
         let dumped = self
             .criu
             .run_command("dump", cmd, &self.run_dir.join("dump.log"), deadline);
         if dumped.is_err() && plan.tcp_established {
-            let n = criu::clear_network_locks();
+            let n = criu::clear_network_locks(&conns);
             if n > 0 {
                 tracing::warn!("removed {n} network-lock rules the failed dump left");
             }

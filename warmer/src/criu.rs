@@ -355,11 +355,44 @@ pub fn log_tail(log: &Path, stderr: &[u8]) -> String {
 /// DROP rules of a `--tcp-established` network lock all carry `! --mark 0xc114`.
 const LOCK_MARK: &str = "0xc114";
 
+/// One TCP connection: its two endpoints, in either order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Conn {
+    pub a: std::net::SocketAddr,
+    pub b: std::net::SocketAddr,
+}
+
+impl Conn {
+    fn matches(&self, x: std::net::SocketAddr, y: std::net::SocketAddr) -> bool {
+        (self.a == x && self.b == y) || (self.a == y && self.b == x)
+    }
+}
+
+/// The endpoints a lock rule names: (`-s` with `--sport`, `-d` with `--dport`).
+fn rule_endpoints(line: &str) -> Option<(std::net::SocketAddr, std::net::SocketAddr)> {
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let after = |flag: &str| {
+        words
+            .windows(2)
+            .find(|w| w[0] == flag)
+            .map(|w| w[1].split('/').next().unwrap_or(w[1]))
+    };
+    let ip = |s: &str| s.parse::<std::net::IpAddr>().ok();
+    let port = |s: &str| s.parse::<u16>().ok();
+    Some((
+        std::net::SocketAddr::new(ip(after("-s")?)?, port(after("--sport")?)?),
+        std::net::SocketAddr::new(ip(after("-d")?)?, port(after("--dport")?)?),
+    ))
+}
+
 /// The `iptables -D` argument lists that remove CRIU's connection-lock rules
-/// found in `iptables-save -t filter` output.
-pub fn lock_rule_deletions(save: &str) -> Vec<Vec<String>> {
+/// for the connections `only` (those of the dump or restore that failed: a
+/// rule of another service's checkpoint in progress stays) found in
+/// `iptables-save -t filter` output.
+pub fn lock_rule_deletions(save: &str, only: &[Conn]) -> Vec<Vec<String>> {
     save.lines()
         .filter(|l| l.starts_with("-A ") && l.contains(LOCK_MARK) && l.ends_with("-j DROP"))
+        .filter(|l| rule_endpoints(l).is_some_and(|(x, y)| only.iter().any(|c| c.matches(x, y))))
         .map(|l| {
             let mut args: Vec<String> = vec!["-t".into(), "filter".into(), "-D".into()];
             args.extend(l.split_whitespace().skip(1).map(String::from));
@@ -368,10 +401,13 @@ pub fn lock_rule_deletions(save: &str) -> Vec<Vec<String>> {
         .collect()
 }
 
-/// Removes network-lock rules a failed `--tcp-established` dump or restore
-/// left behind (they would drop the service's connections for good).
-/// Returns how many were removed.
-pub fn clear_network_locks() -> usize {
+/// Removes the network-lock rules a failed `--tcp-established` dump or
+/// restore of the connections `only` left behind (they would drop those
+/// connections for good). Returns how many were removed.
+pub fn clear_network_locks(only: &[Conn]) -> usize {
+    if only.is_empty() {
+        return 0;
+    }
     let mut removed = 0;
     for (save, tool) in [
         ("iptables-save", "iptables"),
@@ -380,7 +416,7 @@ pub fn clear_network_locks() -> usize {
         let Ok(out) = Command::new(save).args(["-t", "filter"]).output() else {
             continue;
         };
-        for args in lock_rule_deletions(&String::from_utf8_lossy(&out.stdout)) {
+        for args in lock_rule_deletions(&String::from_utf8_lossy(&out.stdout), only) {
             if Command::new(tool)
                 .args(&args)
                 .status()
@@ -596,8 +632,20 @@ mod tests {
             -A INPUT -s 127.0.0.1/32 -d 127.0.0.1/32 -p tcp -m tcp --sport 8080 --dport 4242 -m mark ! --mark 0xc114 -j DROP\n\
             -A INPUT -p tcp --dport 22 -j ACCEPT\n\
             -A OUTPUT -s 127.0.0.1/32 -d 127.0.0.1/32 -p tcp -m tcp --sport 4242 --dport 8080 -m mark ! --mark 0xc114 -j DROP\nCOMMIT\n";
-        let d = lock_rule_deletions(save);
+        let ours = Conn {
+            a: "127.0.0.1:8080".parse().unwrap(),
+            b: "127.0.0.1:4242".parse().unwrap(),
+        };
+        let d = lock_rule_deletions(save, &[ours]);
         assert_eq!(d.len(), 2);
+        let theirs = Conn {
+            a: "127.0.0.1:9090".parse().unwrap(),
+            b: "127.0.0.1:4242".parse().unwrap(),
+        };
+        assert!(
+            lock_rule_deletions(save, &[theirs]).is_empty(),
+            "another service's rules stay"
+        );
         assert_eq!(d[0][..4], ["-t", "filter", "-D", "INPUT"]);
         assert_eq!(d[1][3], "OUTPUT");
         assert!(d[0].ends_with(&["-j".to_string(), "DROP".to_string()]));

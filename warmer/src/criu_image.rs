@@ -101,6 +101,76 @@ fn malformed(path: &Path, at: usize, what: &'static str) -> ImageError {
     }
 }
 
+/// `fd_types.INETSK`, and `file_entry.isk`.
+const FD_TYPE_INETSK: u64 = 4;
+const TCP_ESTABLISHED: u64 = 1;
+
+/// The established TCP connections an image holds (`inet_sk_entry`: family
+/// 3, proto 5, state 6, src_port 7, dst_port 8, src_addr 11, dst_addr 12,
+/// addresses as u32 words in network byte order).
+pub fn tcp_connections(images_dir: &Path) -> Result<Vec<crate::criu::Conn>, ImageError> {
+    let path = images_dir.join("files.img");
+    let bytes = std::fs::read(&path).map_err(|source| ImageError::Read {
+        path: path.clone(),
+        source,
+    })?;
+    let mut out = Vec::new();
+    for entry in entries(&path, &bytes)? {
+        let mut kind = None;
+        let mut isk = None;
+        for field in Fields::new(entry) {
+            match field.map_err(|(at, what)| malformed(&path, at, what))? {
+                (1, Value::Varint(v)) => kind = Some(v),
+                (4, Value::Bytes(b)) => isk = Some(b),
+                _ => {}
+            }
+        }
+        let (Some(FD_TYPE_INETSK), Some(isk)) = (kind, isk) else {
+            continue;
+        };
+        let (mut proto, mut state, mut sport, mut dport) = (0, 0, 0, 0);
+        let (mut src, mut dst) = (Vec::new(), Vec::new());
+        for field in Fields::new(isk) {
+            match field.map_err(|(at, what)| malformed(&path, at, what))? {
+                (5, Value::Varint(v)) => proto = v,
+                (6, Value::Varint(v)) => state = v,
+                (7, Value::Varint(v)) => sport = v,
+                (8, Value::Varint(v)) => dport = v,
+                (11, Value::Varint(v)) => src.push(v),
+                (12, Value::Varint(v)) => dst.push(v),
+                _ => {}
+            }
+        }
+        if proto != 6 || state != TCP_ESTABLISHED {
+            continue;
+        }
+        let (Some(a), Some(b)) = (ip_of(&src), ip_of(&dst)) else {
+            continue;
+        };
+        let (Ok(sport), Ok(dport)) = (u16::try_from(sport), u16::try_from(dport)) else {
+            continue;
+        };
+        out.push(crate::criu::Conn {
+            a: std::net::SocketAddr::new(a, sport),
+            b: std::net::SocketAddr::new(b, dport),
+        });
+    }
+    Ok(out)
+}
+
+/// One (IPv4) or four (IPv6) u32 words, each holding network-order bytes.
+fn ip_of(words: &[u64]) -> Option<std::net::IpAddr> {
+    let bytes: Vec<u8> = words
+        .iter()
+        .flat_map(|w| u32::try_from(*w).unwrap_or(0).to_le_bytes())
+        .collect();
+    match bytes.len() {
+        4 => Some(std::net::IpAddr::from(<[u8; 4]>::try_from(bytes).ok()?)),
+        16 => Some(std::net::IpAddr::from(<[u8; 16]>::try_from(bytes).ok()?)),
+        _ => None,
+    }
+}
+
 /// The entries of an image file, after its magic(s).
 fn entries<'a>(path: &Path, bytes: &'a [u8]) -> Result<Vec<&'a [u8]>, ImageError> {
     let u32_at = |at: usize| -> Option<u32> {
@@ -264,6 +334,50 @@ mod tests {
         )
         .unwrap();
         assert!(!open_files(dir.path()).unwrap()[0].writes_in_place());
+    }
+
+    #[test]
+    fn established_tcp_connections_are_read_and_listeners_skipped() {
+        let sk = |state: u64, sport: u64, dport: u64| {
+            let mut isk = Vec::new();
+            for (n, v) in [
+                (1, 26),
+                (2, 99),
+                (3, 2),
+                (4, 1),
+                (5, 6),
+                (6, state),
+                (7, sport),
+                (8, dport),
+            ] {
+                field_varint(n, v, &mut isk);
+            }
+            // 127.0.0.1 as CRIU stores it: network-order bytes in a u32.
+            field_varint(11, u64::from(u32::from_le_bytes([127, 0, 0, 1])), &mut isk);
+            field_varint(12, u64::from(u32::from_le_bytes([127, 0, 0, 2])), &mut isk);
+            let mut e = Vec::new();
+            field_varint(1, FD_TYPE_INETSK, &mut e);
+            field_varint(2, 26, &mut e);
+            field_bytes(4, &isk, &mut e);
+            e
+        };
+        let mut img = Vec::new();
+        img.extend_from_slice(&0x5456_4319u32.to_le_bytes());
+        img.extend_from_slice(&0x5630_3138u32.to_le_bytes());
+        for e in [sk(10, 8080, 0), sk(1, 8080, 51000)] {
+            img.extend_from_slice(&u32::try_from(e.len()).unwrap().to_le_bytes());
+            img.extend_from_slice(&e);
+        }
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("files.img"), img).unwrap();
+        let conns = tcp_connections(dir.path()).unwrap();
+        assert_eq!(
+            conns,
+            vec![crate::criu::Conn {
+                a: "127.0.0.1:8080".parse().unwrap(),
+                b: "127.0.0.2:51000".parse().unwrap()
+            }]
+        );
     }
 
     #[test]

@@ -118,6 +118,68 @@ pub fn holder(port: u16, init: Pid) -> Holder {
     })
 }
 
+/// The established TCP connections of the service whose init is `init`
+/// (what a `--tcp-established` dump locks with iptables rules).
+pub fn established(init: Pid) -> Vec<crate::criu::Conn> {
+    let tree = namespace_of(init);
+    let mut ours = BTreeSet::new();
+    for pid in &tree {
+        let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+            continue;
+        };
+        for d in fds.filter_map(|d| d.ok()) {
+            if let Ok(t) = std::fs::read_link(d.path()) {
+                let t = t.to_string_lossy();
+                if let Some(i) = t
+                    .strip_prefix("socket:[")
+                    .and_then(|r| r.strip_suffix(']'))
+                    .and_then(|n| n.parse::<u64>().ok())
+                {
+                    ours.insert(i);
+                }
+            }
+        }
+    }
+    let mut out = Vec::new();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let Ok(text) = std::fs::read_to_string(table) else {
+            continue;
+        };
+        for l in text.lines().skip(1) {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let (Some(local), Some(remote), Some(st), Some(ino)) =
+                (f.get(1), f.get(2), f.get(3), f.get(9))
+            else {
+                continue;
+            };
+            if *st != "01" || !ino.parse::<u64>().is_ok_and(|i| ours.contains(&i)) {
+                continue;
+            }
+            if let (Some(a), Some(b)) = (proc_addr(local), proc_addr(remote)) {
+                out.push(crate::criu::Conn { a, b });
+            }
+        }
+    }
+    out
+}
+
+/// `0100007F:1F90` (or the 32-hex-digit IPv6 form) as in /proc/net/tcp.
+fn proc_addr(s: &str) -> Option<std::net::SocketAddr> {
+    let (ip, port) = s.split_once(':')?;
+    let port = u16::from_str_radix(port, 16).ok()?;
+    let words: Vec<u32> = (0..ip.len() / 8)
+        .map(|i| u32::from_str_radix(&ip[i * 8..i * 8 + 8], 16))
+        .collect::<Result<_, _>>()
+        .ok()?;
+    let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
+    let ip = match bytes.len() {
+        4 => std::net::IpAddr::from(<[u8; 4]>::try_from(bytes).ok()?),
+        16 => std::net::IpAddr::from(<[u8; 16]>::try_from(bytes).ok()?),
+        _ => return None,
+    };
+    Some(std::net::SocketAddr::new(ip, port))
+}
+
 /// Whether a probe address is on this machine (where ownership can be
 /// checked): loopback, `localhost`, or the unspecified address.
 pub fn is_local(host: &str) -> bool {
@@ -144,6 +206,14 @@ mod tests {
         );
         assert_eq!(parse_listeners(table, 22), vec![99]);
         assert!(parse_listeners(table, 9).is_empty());
+        assert_eq!(
+            proc_addr("0100007F:1F90"),
+            Some("127.0.0.1:8080".parse().unwrap())
+        );
+        assert_eq!(
+            proc_addr("00000000000000000000000001000000:0016"),
+            Some("[::1]:22".parse().unwrap())
+        );
     }
 
     #[test]

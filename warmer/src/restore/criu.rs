@@ -143,7 +143,7 @@ pub fn restore(
         }
         let _ = std::fs::remove_file(&pidfile);
         if info.tcp_established {
-            criu::clear_network_locks();
+            criu::clear_network_locks(&image_conns(data_dir));
         }
         e
     };
@@ -173,7 +173,7 @@ pub fn restore(
             let _ = daemon.wait();
         }
         if info.tcp_established {
-            let n = criu::clear_network_locks();
+            let n = criu::clear_network_locks(&image_conns(data_dir));
             if n > 0 {
                 tracing::warn!("removed {n} network-lock rules the failed restore left");
             }
@@ -198,6 +198,11 @@ pub fn restore(
         running.set_lazy_pages(daemon);
     }
     Ok(running)
+}
+
+/// The connections the image holds: those a failed restore may have locked.
+fn image_conns(data_dir: &Path) -> Vec<criu::Conn> {
+    crate::criu_image::tcp_connections(data_dir).unwrap_or_default()
 }
 
 /// Moves `fd` above the numbers children get their fds on, so the dup2s in
