@@ -749,7 +749,7 @@ impl Supervisor {
             self.set_state(ServiceState::Ready);
             return;
         }
-        if let Some(why) = crate::backoff::no_room(&cache.root().to_path_buf(), running.pid) {
+        if let Some(why) = crate::backoff::no_room(cache.root(), running.pid) {
             tracing::warn!(phase = "checkpoint", "checkpoint skipped: {why}");
             self.record.message = Some(format!("checkpoint skipped: {why}"));
             let _ = failures.record(&self.run_dir, &digest.hex.clone(), &why);
