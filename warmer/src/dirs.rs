@@ -48,3 +48,19 @@ pub fn private_dir(path: &Path) -> std::io::Result<()> {
     std::fs::create_dir_all(path)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn relative_and_absolute_spellings_are_the_same_dirs() {
+        let cwd = std::env::current_dir().unwrap();
+        let a = Dirs::new("m".into(), "c".into(), "run".into());
+        let b = Dirs::new(cwd.join("m"), cwd.join("c"), cwd.join("run"));
+        // The run directory is a digest input: one spelling, one image.
+        assert_eq!(a.run, b.run);
+        assert_eq!(a.cache, b.cache);
+        assert!(a.service_run("web").is_absolute());
+    }
+}
