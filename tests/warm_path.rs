@@ -590,3 +590,46 @@ fn a_data_file_outside_state_is_named_by_validate_and_by_the_failed_restore() {
     );
     w.stop();
 }
+
+#[test]
+fn fds_of_warmers_caller_reach_neither_the_service_nor_its_image() {
+    require_criu();
+    let env = Env::new();
+    let port = free_port();
+    env.slowweb("fds", port, &["--warmup", "0.3"], "");
+    // A caller with a stray, inheritable fd (as a shell script can have).
+    let stray = std::fs::File::open("/dev/null").unwrap();
+    let raw = std::os::fd::AsRawFd::as_raw_fd(&stray);
+    let high = nix::fcntl::fcntl(&stray, nix::fcntl::FcntlArg::F_DUPFD(40)).unwrap();
+    assert!(high >= 40 && raw != high);
+    let mut w = env.run("fds");
+    assert!(
+        std::path::Path::new(&format!("/proc/{}/fd/{high}", w.pid())).exists(),
+        "warmer itself inherited the stray fd (the case under test)"
+    );
+    env.wait_image("fds", &mut w);
+    let svc = state(port)["pid"].as_i64().unwrap();
+    let outer = pids_with("--port")
+        .into_iter()
+        .find(|p| {
+            std::fs::read_to_string(format!("/proc/{p}/status")).is_ok_and(|s| {
+                s.lines().any(|l| {
+                    l.starts_with("NSpid:") && l.split_whitespace().last() == Some(&svc.to_string())
+                }) && std::fs::read_to_string(format!("/proc/{p}/cmdline"))
+                    .is_ok_and(|c| c.contains(&port.to_string()))
+            })
+        })
+        .expect("the service's pid");
+    let fds: Vec<i32> = std::fs::read_dir(format!("/proc/{outer}/fd"))
+        .unwrap()
+        .filter_map(|d| d.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    assert!(!fds.contains(&high), "the stray fd {high} reached the service: {fds:?}");
+    w.stop();
+    // Restored from an image that holds no stray fd either.
+    let mut w = env.run("fds");
+    let s = env.wait_ready("fds", &mut w);
+    assert_eq!(s["last_start"], "restored", "{}", w.err());
+    w.stop();
+    nix::unistd::close(high).unwrap();
+}

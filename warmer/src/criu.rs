@@ -114,9 +114,24 @@ impl Criu {
         })
     }
 
+    /// A CRIU command with stdin on /dev/null and none of warmer's other
+    /// fds: what warmer's caller left open (a shell's stray fd) would
+    /// otherwise reach CRIU, and through a restore, the service. fds a caller
+    /// passes on purpose are dup2'ed by later `pre_exec`s, which run after
+    /// this one.
     pub fn command(&self) -> Command {
         let mut c = Command::new(&self.bin);
         c.stdin(Stdio::null());
+        // SAFETY: close_range(2) is a plain syscall, async-signal-safe.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut c, || {
+                const CLOSE_RANGE_CLOEXEC: libc::c_uint = 1 << 2;
+                if libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, CLOSE_RANGE_CLOEXEC) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
         c
     }
 
