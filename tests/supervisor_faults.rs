@@ -265,3 +265,50 @@ fn a_service_that_dies_before_it_is_ready_is_failed_with_its_status() {
         "{s}"
     );
 }
+
+#[test]
+fn an_image_criu_keeps_failing_to_restore_is_not_remade_forever() {
+    require_root();
+    let env = Env::new();
+    let criu = fake_criu(env.dir.path()).display().to_string();
+    env.slowweb("lf", free_port(), &["--warmup", "0.1"], "");
+    let fake = [
+        ("WARMER_CRIU", criu.as_str()),
+        ("FAKE_CRIU_RESTORE", "fail"),
+    ];
+    // 1: cold + checkpoint. 2: the restore fails, quarantined, cold, one
+    // more checkpoint. 3: fails again: cold, and no checkpoint this time.
+    for round in 1..=3 {
+        let mut w = env.run_with("lf", &fake);
+        let s = env.wait_status("lf", &mut w, |s| {
+            s["state"] == "ready"
+                && (!s["image"].is_null()
+                    || s["message"]
+                        .as_str()
+                        .is_some_and(|m| m.starts_with("checkpoint skipped")))
+        });
+        assert_eq!(s["last_start"], "cold", "round {round}: {s}");
+        if round < 3 {
+            assert!(!s["image"].is_null(), "round {round}: {s}");
+        } else {
+            assert!(
+                s["message"]
+                    .as_str()
+                    .unwrap()
+                    .contains("could not be restored 2 times"),
+                "{s}"
+            );
+        }
+        w.stop();
+    }
+    assert!(env.entries().is_empty());
+    let s = env.status("lf");
+    assert_eq!(s["next_start"]["action"], "cold", "{s}");
+    assert!(
+        s["next_start"]["detail"]
+            .as_str()
+            .unwrap()
+            .contains("none will be taken"),
+        "{s}"
+    );
+}

@@ -624,7 +624,10 @@ fn fds_of_warmers_caller_reach_neither_the_service_nor_its_image() {
         .unwrap()
         .filter_map(|d| d.ok()?.file_name().to_str()?.parse().ok())
         .collect();
-    assert!(!fds.contains(&high), "the stray fd {high} reached the service: {fds:?}");
+    assert!(
+        !fds.contains(&high),
+        "the stray fd {high} reached the service: {fds:?}"
+    );
     w.stop();
     // Restored from an image that holds no stray fd either.
     let mut w = env.run("fds");

@@ -1,11 +1,16 @@
-//! Not retrying what keeps failing: a checkpoint of the same digest that
-//! failed [`MAX_TRIES`] times (a full disk, a service CRIU cannot dump) is
-//! skipped at later starts until the digest changes or `warmer checkpoint`
-//! succeeds; and a dump that cannot fit on the cache's filesystem is not
-//! started at all.
+//! Not retrying what keeps failing:
+//! - a checkpoint of the same digest that failed [`MAX_TRIES`] times (a full
+//!   disk, a service CRIU cannot dump) is skipped at later starts until the
+//!   digest changes or `warmer checkpoint` succeeds; a dump that cannot fit
+//!   on the cache's filesystem is not started at all;
+//! - an image that CRIU could not restore is quarantined, and the same state
+//!   is not checkpointed again and again: after [`MAX_RESTORE_FAILURES`]
+//!   failed restores of one digest its checkpoints stop (until the digest
+//!   changes, the next boot, or `warmer checkpoint`).
 //!
 //! ```text
 //! <run>/<svc>/checkpoint-failures.json   {digest, count, last}   (per boot: /run)
+//! <run>/<svc>/restore-failures.json      {digest, count, last}
 //! ```
 
 use std::path::Path;
@@ -14,30 +19,85 @@ use serde::{Deserialize, Serialize};
 
 /// Failures of one digest before its checkpoint is skipped.
 pub const MAX_TRIES: u32 = 3;
-const FILE: &str = "checkpoint-failures.json";
+/// Failed restores of one digest before its checkpoints stop.
+pub const MAX_RESTORE_FAILURES: u32 = 2;
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+/// What failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Checkpoint,
+    Restore,
+}
+
+impl Kind {
+    fn file(self) -> &'static str {
+        match self {
+            Kind::Checkpoint => "checkpoint-failures.json",
+            Kind::Restore => "restore-failures.json",
+        }
+    }
+    fn limit(self) -> u32 {
+        match self {
+            Kind::Checkpoint => MAX_TRIES,
+            Kind::Restore => MAX_RESTORE_FAILURES,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Failures {
     pub digest: String,
     pub count: u32,
     pub last: String,
+    #[serde(skip, default = "default_kind")]
+    kind: Kind,
+}
+
+fn default_kind() -> Kind {
+    Kind::Checkpoint
+}
+
+impl Default for Failures {
+    fn default() -> Self {
+        Self::empty(Kind::Checkpoint)
+    }
 }
 
 impl Failures {
+    fn empty(kind: Kind) -> Self {
+        Self {
+            digest: String::new(),
+            count: 0,
+            last: String::new(),
+            kind,
+        }
+    }
+
+    /// The checkpoint failures recorded in `run_dir`.
     pub fn load(run_dir: &Path) -> Self {
-        std::fs::read(run_dir.join(FILE))
+        Self::load_kind(run_dir, Kind::Checkpoint)
+    }
+
+    pub fn load_kind(run_dir: &Path, kind: Kind) -> Self {
+        let mut f: Self = std::fs::read(run_dir.join(kind.file()))
             .ok()
             .and_then(|b| serde_json::from_slice(&b).ok())
-            .unwrap_or_default()
+            .unwrap_or_else(|| Self::empty(kind));
+        f.kind = kind;
+        f
     }
 
     /// Why the checkpoint of `digest` is skipped, if it is.
     pub fn skip(&self, digest: &str) -> Option<String> {
-        (self.digest == digest && self.count >= MAX_TRIES).then(|| {
-            format!(
+        (self.digest == digest && self.count >= self.kind.limit()).then(|| match self.kind {
+            Kind::Checkpoint => format!(
                 "it failed {} times for this version of the service (last: {}); fix that, then `warmer checkpoint` (or change the service)",
                 self.count, self.last
-            )
+            ),
+            Kind::Restore => format!(
+                "its image could not be restored {} times (last: {}); this version stays cold until it changes (or `warmer checkpoint`)",
+                self.count, self.last
+            ),
         })
     }
 
@@ -50,10 +110,11 @@ impl Failures {
                 1
             },
             last: why.chars().take(500).collect(),
+            kind: self.kind,
         };
         cache::fsutil::write_atomic(
             run_dir,
-            FILE,
+            self.kind.file(),
             &serde_json::to_vec(&next).expect("serializes"),
             0o600,
             cache::fsutil::Durability::Atomic,
@@ -61,7 +122,7 @@ impl Failures {
     }
 
     pub fn clear(&self, run_dir: &Path) {
-        let _ = std::fs::remove_file(run_dir.join(FILE));
+        let _ = std::fs::remove_file(run_dir.join(self.kind.file()));
     }
 }
 

@@ -72,6 +72,7 @@ fn next_start(
     cache: Option<&cache::Cache>,
     digest: Option<&str>,
     alive: bool,
+    run_dir: Option<&Path>,
 ) -> Option<NextStart> {
     let m = manifest?;
     if !m.checkpoint.enabled {
@@ -94,6 +95,20 @@ fn next_start(
             plan.entry.meta.generation,
             plan.entry.meta.created
         )),
+        Ok(Err(crate::restore::Skip::NoImage)) => {
+            let run_dir = run_dir?;
+            let restores =
+                crate::backoff::Failures::load_kind(run_dir, crate::backoff::Kind::Restore);
+            let checkpoints = crate::backoff::Failures::load(run_dir);
+            match restores.skip(digest).or_else(|| checkpoints.skip(digest)) {
+                Some(why) => NextStart::cold(format!("no image, and none will be taken: {why}")),
+                None if restores.digest == digest => NextStart::cold(format!(
+                    "no image (the last restore failed: {}); the next cold start takes a new one",
+                    restores.last
+                )),
+                None => NextStart::cold("no image"),
+            }
+        }
         Ok(Err(skip)) => NextStart::cold(skip.to_string()),
         Err(failure) => NextStart::cold(crate::errors::chain(&failure)),
     }
@@ -165,7 +180,14 @@ fn one(
             .and_then(|(m, d)| d.digest(m).ok())
             .map(|d| d.hex),
     };
-    let next = next_start(manifest.as_ref(), cache, digest.as_deref(), alive);
+    let service_run = dirs.service_run(name);
+    let next = next_start(
+        manifest.as_ref(),
+        cache,
+        digest.as_deref(),
+        alive,
+        Some(service_run.as_path()),
+    );
     let entry = cache
         .zip(digest.as_deref())
         .and_then(|(c, d)| c.lookup(d).ok().flatten());

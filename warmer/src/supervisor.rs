@@ -578,6 +578,13 @@ impl Supervisor {
             }
             Err(failure) => {
                 self.record.message = Some(format!("restore failed: {}", chain(&failure)));
+                // Learn from it: the same state is not checkpointed and
+                // failed again forever (see `backoff`).
+                let restores = crate::backoff::Failures::load_kind(
+                    &self.run_dir,
+                    crate::backoff::Kind::Restore,
+                );
+                let _ = restores.record(&self.run_dir, &digest, &chain(&failure));
                 None
             }
         }
@@ -743,7 +750,12 @@ impl Supervisor {
         // dump) is not retried at every start: after a few failures for the
         // same digest it waits for something to change.
         let failures = crate::backoff::Failures::load(&self.run_dir);
-        if let Some(why) = failures.skip(&digest.hex) {
+        let restores =
+            crate::backoff::Failures::load_kind(&self.run_dir, crate::backoff::Kind::Restore);
+        if let Some(why) = failures
+            .skip(&digest.hex)
+            .or_else(|| restores.skip(&digest.hex))
+        {
             tracing::warn!(phase = "checkpoint", "checkpoint skipped: {why}");
             self.record.message = Some(format!("checkpoint skipped: {why}"));
             self.set_state(ServiceState::Ready);
@@ -879,6 +891,11 @@ impl Supervisor {
                     match self.checkpoint(running, taken) {
                         Ok(done) => {
                             crate::backoff::Failures::default().clear(&self.run_dir);
+                            crate::backoff::Failures::load_kind(
+                                &self.run_dir,
+                                crate::backoff::Kind::Restore,
+                            )
+                            .clear(&self.run_dir);
                             if self.manifest.mode == Mode::Persist {
                                 // Older than the data by the time of any
                                 // later start: restored only by an explicit
