@@ -312,3 +312,47 @@ fn an_image_criu_keeps_failing_to_restore_is_not_remade_forever() {
         "{s}"
     );
 }
+
+#[test]
+fn a_service_that_cold_starts_faster_than_it_restores_stays_cold() {
+    require_root();
+    let env = Env::new();
+    let criu = fake_criu(env.dir.path()).display().to_string();
+    let port = free_port();
+    // Ready in a few tens of ms cold; its (fake) restore takes a second.
+    env.write_manifest(
+        "quick",
+        &format!(
+            "exec: [\"/usr/bin/python3\", \"-c\", \"import socket,time; s=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(('127.0.0.1', {port})); s.listen(); time.sleep(1000)\"]\nready: {{tcp: \"127.0.0.1:{port}\"}}\ncheckpoint: {{settle: 10ms}}\n"
+        ),
+    );
+    let port_s = port.to_string();
+    let fake = [
+        ("WARMER_CRIU", criu.as_str()),
+        ("FAKE_CRIU_RESTORE", "slowok"),
+        ("FAKE_PORT", port_s.as_str()),
+    ];
+    let mut w = env.run_with("quick", &fake);
+    env.wait_image("quick", &mut w);
+    w.stop();
+    // One restore, slower than the cold start: decided.
+    let mut w = env.run_with("quick", &fake);
+    let s = env.wait_ready("quick", &mut w);
+    assert_eq!(s["last_start"], "restored", "{s}");
+    assert!(
+        s["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("a cold start is faster"),
+        "{s}"
+    );
+    w.stop();
+    let st = env.status("quick");
+    assert_eq!(st["next_start"]["action"], "cold", "{st}");
+    // From now on: cold, and never slower than that.
+    let mut w = env.run_with("quick", &fake);
+    let s = env.wait_ready("quick", &mut w);
+    assert_eq!(s["last_start"], "cold", "{s}");
+    assert!(s["ready_ms"].as_u64().unwrap() < 1000, "{s}");
+    w.stop();
+}

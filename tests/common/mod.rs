@@ -421,6 +421,11 @@ case "$action" in
       hang) setsid sleep 1000 </dev/null >/dev/null 2>&1 & echo $! > "$pidfile"; exit 0 ;;
       slow) sleep 1; setsid sleep 1000 </dev/null >/dev/null 2>&1 & echo $! > "$pidfile"; exit 0 ;;
       stuck) exec sleep 1000 ;;
+      slowok)
+        # A restore that works, slowly: a listener on $FAKE_PORT after 1 s.
+        sleep 1
+        setsid python3 -c "import socket,time; s=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(('127.0.0.1', $FAKE_PORT)); s.listen(); time.sleep(1000)" </dev/null >/dev/null 2>&1 &
+        echo $! > "$pidfile"; exit 0 ;;
       orphan)
         # A namespace init of this service, as a real restore would leave it,
         # then CRIU itself never returns.

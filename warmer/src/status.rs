@@ -88,7 +88,8 @@ fn next_start(
             "the state at stop, once the stop-time checkpoint completes; after a crash or kill: cold, on the current data".into(),
         );
     }
-    match crate::restore::plan(cache, digest, m) {
+    let run_dir = run_dir?;
+    match crate::restore::plan(cache, digest, m, run_dir) {
         Ok(Ok(plan)) => NextStart::restore(format!(
             "image {} (generation {}, taken {})",
             crate::checkpoint::short(&plan.entry.key),
@@ -96,7 +97,6 @@ fn next_start(
             plan.entry.meta.created
         )),
         Ok(Err(crate::restore::Skip::NoImage)) => {
-            let run_dir = run_dir?;
             let restores =
                 crate::backoff::Failures::load_kind(run_dir, crate::backoff::Kind::Restore);
             let checkpoints = crate::backoff::Failures::load(run_dir);

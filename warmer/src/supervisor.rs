@@ -392,7 +392,26 @@ impl Supervisor {
                 format!("ready: cold start in {ready_ms} ms")
             }
             StartKind::Restored => match self.record.cold_ready_ms {
-                Some(cold) => format!("ready: restored in {ready_ms} ms (cold {cold} ms)"),
+                Some(cold) => {
+                    // Never slower than cold: one restore that was not
+                    // faster decides it (warm mode; persist must restore).
+                    if self.manifest.mode == Mode::Warm {
+                        if let Some(d) = &self.digest {
+                            if let Some(p) = crate::backoff::PreferCold::judge(
+                                &self.run_dir,
+                                &d.hex,
+                                cold,
+                                ready_ms,
+                            ) {
+                                tracing::warn!(
+                                    "{p}: this service will be cold-started from now on"
+                                );
+                                self.record.message = Some(format!("next starts are cold: {p}"));
+                            }
+                        }
+                    }
+                    format!("ready: restored in {ready_ms} ms (cold {cold} ms)")
+                }
                 None => format!("ready: restored in {ready_ms} ms"),
             },
         };
@@ -447,7 +466,7 @@ impl Supervisor {
                 return None;
             }
         };
-        let planned = restore::plan(&cache, &digest, &self.manifest);
+        let planned = restore::plan(&cache, &digest, &self.manifest, &self.run_dir);
         let plan = match planned {
             Ok(Ok(plan)) => plan,
             Ok(Err(skip @ Skip::StateChanged { .. })) => {
@@ -459,6 +478,11 @@ impl Supervisor {
                         tracing::warn!("cannot mark image {} stale: {}", short(key), chain(&e));
                     }
                 }
+                tracing::info!(phase = "plan", "cold start: {skip}");
+                self.record.message = Some(format!("cold start: {skip}"));
+                return None;
+            }
+            Ok(Err(skip @ Skip::ColdIsFaster(_))) => {
                 tracing::info!(phase = "plan", "cold start: {skip}");
                 self.record.message = Some(format!("cold start: {skip}"));
                 return None;

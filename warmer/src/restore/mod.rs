@@ -112,6 +112,8 @@ pub enum Skip {
         key: String,
         taken: Taken,
     },
+    /// This service cold-starts faster than it restores.
+    ColdIsFaster(crate::backoff::PreferCold),
 }
 
 impl std::fmt::Display for Skip {
@@ -120,6 +122,7 @@ impl std::fmt::Display for Skip {
             Skip::NoImage => write!(f, "no image"),
             Skip::Stale(why) => write!(f, "image is stale ({why})"),
             Skip::StateChanged { why, .. } => write!(f, "state changed since checkpoint ({why})"),
+            Skip::ColdIsFaster(p) => write!(f, "{p}"),
             Skip::NotStopImage { taken, .. } => write!(
                 f,
                 "persist mode restores only a stop-time image (this one was taken {})",
@@ -210,12 +213,21 @@ pub struct Restored {
 
 /// Step 1: what to restore and how. The image must be current and not
 /// stale; in persist mode, taken at a stop (unless a rollback pinned it);
-/// and the service's `state:` data exactly as the image captured it.
+/// and the service's `state:` data exactly as the image captured it. A warm
+/// service measured to cold-start faster than it restores is not restored
+/// (`run_dir` holds that measurement; a persist service always restores:
+/// its memory is its state).
 pub fn plan(
     cache: &Cache,
     digest: &str,
     manifest: &crate::manifest::Manifest,
+    run_dir: &Path,
 ) -> Result<Result<Plan, Skip>, Failure> {
+    if manifest.mode == Mode::Warm {
+        if let Some(p) = crate::backoff::PreferCold::load(run_dir, digest) {
+            return Ok(Err(Skip::ColdIsFaster(p)));
+        }
+    }
     let (lazy, mode) = (manifest.restore_lazy, manifest.mode);
     let entry = match cache.lookup(digest) {
         Ok(Some(e)) => e,
@@ -541,7 +553,7 @@ mod tests {
         let cache = Cache::open(dir.path().join("c")).unwrap();
         let digest = "ab".repeat(32);
         assert!(matches!(
-            plan(&cache, &digest, &manifest(Mode::Warm, false)),
+            plan(&cache, &digest, &manifest(Mode::Warm, false), dir.path()),
             Ok(Err(Skip::NoImage))
         ));
         let staging = cache.stage().unwrap();
@@ -567,14 +579,14 @@ mod tests {
                 },
             )
             .unwrap();
-        let p = plan(&cache, &digest, &manifest(Mode::Warm, true))
+        let p = plan(&cache, &digest, &manifest(Mode::Warm, true), dir.path())
             .unwrap()
             .unwrap();
         assert_eq!(p.integrity, Integrity::Stamped, "just published: stamped");
         assert!(p.put_back.is_empty() && p.lazy);
         assert!(
             matches!(
-                plan(&cache, &digest, &manifest(Mode::Persist, false)),
+                plan(&cache, &digest, &manifest(Mode::Persist, false), dir.path()),
                 Ok(Err(Skip::NotStopImage {
                     taken: Taken::Ready,
                     ..
@@ -584,7 +596,7 @@ mod tests {
         );
         cache.pin(&p.entry.key).unwrap();
         assert!(
-            plan(&cache, &digest, &manifest(Mode::Persist, false))
+            plan(&cache, &digest, &manifest(Mode::Persist, false), dir.path())
                 .unwrap()
                 .is_ok(),
             "unless a rollback chose it"
@@ -593,7 +605,7 @@ mod tests {
             .mark_digest_stale(&digest, "server.py changed")
             .unwrap();
         assert_eq!(
-            plan(&cache, &digest, &manifest(Mode::Warm, false))
+            plan(&cache, &digest, &manifest(Mode::Warm, false), dir.path())
                 .unwrap()
                 .unwrap_err(),
             Skip::Stale("server.py changed".into())
