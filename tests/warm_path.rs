@@ -628,6 +628,10 @@ fn fds_of_warmers_caller_reach_neither_the_service_nor_its_image() {
         !fds.contains(&high),
         "the stray fd {high} reached the service: {fds:?}"
     );
+    // status names the service's own process, and its init apart.
+    let s = env.status("fds");
+    assert_eq!(s["pid"], outer, "{s}");
+    assert_ne!(s["init_pid"], outer, "{s}");
     w.stop();
     // Restored from an image that holds no stray fd either.
     let mut w = env.run("fds");

@@ -137,10 +137,22 @@ pub struct Bencher {
     /// The service's live `state:` data, saved before the first run and put
     /// back when the bench ends: benchmarking never changes the data.
     saved_state: Option<PathBuf>,
+    /// The service's run record (what `warmer status` shows), put back too.
+    saved_record: Option<Vec<u8>>,
 }
 
 impl Drop for Bencher {
     fn drop(&mut self) {
+        if let Some(rec) = self.saved_record.take() {
+            let run = self.dirs.service_run(&self.manifest.name);
+            let _ = cache::fsutil::write_atomic(
+                &run,
+                "state.json",
+                &rec,
+                0o644,
+                cache::fsutil::Durability::Atomic,
+            );
+        }
         let Some(saved) = self.saved_state.take() else {
             return;
         };
@@ -199,7 +211,9 @@ impl Bencher {
             })?;
             Some(saved)
         };
+        let saved_record = std::fs::read(RunRecord::path(&dirs.run, service)).ok();
         Ok(Self {
+            saved_record,
             saved_state,
             dirs: dirs.clone(),
             manifest,

@@ -31,7 +31,10 @@ pub struct ServiceStatus {
     pub cold_ready_ms: Option<u64>,
     /// The published image for the service's current digest, if any.
     pub image: Option<ImageInfo>,
+    /// The service's main process (as seen from here).
     pub pid: Option<i32>,
+    /// Its namespace init, `warmer-init` (the root of what CRIU dumps).
+    pub init_pid: Option<i32>,
     pub digest: Option<String>,
     pub message: Option<String>,
     /// Why the running service (or its image) no longer matches its inputs.
@@ -215,6 +218,11 @@ fn one(
         pid: record
             .as_ref()
             .filter(|_| alive)
+            .and_then(|r| r.service_pid)
+            .and_then(main_child),
+        init_pid: record
+            .as_ref()
+            .filter(|_| alive)
             .and_then(|r| r.service_pid),
         digest,
         stale: record
@@ -226,6 +234,16 @@ fn one(
         mode: manifest.map(|m| m.mode),
         next_start: next,
     }
+}
+
+/// The service's main process: the init's first child.
+fn main_child(init: i32) -> Option<i32> {
+    std::fs::read_to_string(format!("/proc/{init}/task/{init}/children"))
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
 }
 
 /// The human table.
