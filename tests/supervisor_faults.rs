@@ -296,7 +296,9 @@ fn an_image_criu_keeps_failing_to_restore_is_not_remade_forever() {
                     .as_str()
                     .unwrap()
                     .contains("could not be restored 2 times"),
-                "{s}"
+                "{s}\n{}\n{:?}",
+                w.err(),
+                std::fs::read_to_string(env.path("run/lf/restore-failures.json"))
             );
         }
         w.stop();

@@ -22,7 +22,7 @@
 //!                                 files[]
 //!       data/                     the payload (CRIU image files, restore.json, state/)
 //!   quarantine/
-//!     <key>.<unix-seconds>/       entries that failed verification or restore,
+//!     <key>.<secs>.<nanos>/       entries that failed verification or restore,
 //!       REASON                    kept for inspection (the newest few only)
 //!   locks/
 //!     <service>.lock              flock(2): one restorer/publisher/remover per service
@@ -35,6 +35,8 @@
 //!   pins/
 //!     <digest>                    the key a rollback chose for the digest's next
 //!                                 restore (else its newest generation is current)
+//!   generations/
+//!     <service>                   the last generation number given (never reused)
 //! ```
 //!
 //! Layout 1 (entries named `<digest>`, one per digest) is migrated on open:

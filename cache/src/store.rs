@@ -190,6 +190,7 @@ impl Cache {
             "verified",
             "stale",
             "pins",
+            "generations",
         ] {
             mkdir_private(&root.join(sub))?;
         }
@@ -401,9 +402,17 @@ impl Cache {
         self.root.join("pins").join(digest)
     }
 
-    /// One more than the highest generation `service` has (1 for none).
+    /// The next generation number of `service`: one more than any it ever
+    /// had (remembered in `generations/<service>`, so a number is never
+    /// reused after its entry was quarantined or removed). The caller holds
+    /// the service lock.
     fn next_generation(&self, service: &str) -> Result<u64, Error> {
-        let highest = self
+        let dir = self.root.join("generations");
+        let counted = fs::read_to_string(dir.join(service))
+            .ok()
+            .and_then(|s| s.trim().parse::<u64>().ok())
+            .unwrap_or(0);
+        let present = self
             .list()?
             .into_iter()
             .flatten()
@@ -411,7 +420,9 @@ impl Cache {
             .map(|e| e.meta.generation)
             .max()
             .unwrap_or(0);
-        Ok(highest + 1)
+        let next = counted.max(present) + 1;
+        write_atomic(&dir, service, format!("{next}\n").as_bytes())?;
+        Ok(next)
     }
 
     /// Makes `key` the generation its digest's next lookup returns (a
@@ -801,7 +812,12 @@ impl Cache {
     pub fn quarantine(&self, key: &str, reason: &str) -> Result<PathBuf, Error> {
         valid_key(key)?;
         let qdir = self.root.join("quarantine");
-        let target = qdir.join(format!("{key}.{}", now_unix()));
+        // Unique even for two quarantines of one key in the same second.
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        let target = qdir.join(format!("{key}.{}.{nanos:09}", now_unix()));
         let src = self.entry_dir(key);
         fs::rename(&src, &target).map_err(Error::io(&src))?;
         fsync_dir(&self.entries_dir())?;
@@ -814,18 +830,16 @@ impl Cache {
 
     fn trim_quarantine(&self) -> Result<(), Error> {
         let qdir = self.root.join("quarantine");
-        let mut items: Vec<(u64, PathBuf)> = fs::read_dir(&qdir)
+        // <key>.<secs>.<nanos>: oldest first.
+        let mut items: Vec<((u64, u64), PathBuf)> = fs::read_dir(&qdir)
             .map_err(Error::io(&qdir))?
             .filter_map(|d| d.ok())
             .map(|d| {
-                let stamp = d
-                    .file_name()
-                    .to_string_lossy()
-                    .rsplit('.')
-                    .next()
-                    .and_then(|s| s.parse().ok())
-                    .unwrap_or(0);
-                (stamp, d.path())
+                let name = d.file_name().to_string_lossy().into_owned();
+                let mut parts = name.rsplit('.');
+                let nanos = parts.next().and_then(|s| s.parse().ok()).unwrap_or(0);
+                let secs = parts.next().and_then(|s| s.parse().ok()).unwrap_or(0);
+                ((secs, nanos), d.path())
             })
             .collect();
         items.sort();

@@ -182,10 +182,17 @@ fn publishing_a_digest_again_makes_a_new_current_generation_and_a_rollback_pins_
     assert_eq!(third.meta.generation, 3);
     assert_eq!(cache.pinned(DIGEST), None, "a new generation lifts the pin");
     assert_eq!(cache.lookup(DIGEST).unwrap().unwrap().key, third.key);
+    // Numbers are never reused, even after an entry is gone.
+    cache.quarantine(&third.key, "test").unwrap();
+    let fourth = publish("fourth.img");
+    assert_eq!(fourth.meta.generation, 4);
+    cache
+        .quarantine(&fourth.key, "twice in a second is fine")
+        .unwrap();
     // Removing a pinned generation lifts its pin too.
     cache.pin(&second.key).unwrap();
     cache.remove(&second.key).unwrap();
-    assert_eq!(cache.lookup(DIGEST).unwrap().unwrap().key, third.key);
+    assert_eq!(cache.lookup(DIGEST).unwrap().unwrap().key, KEY);
     assert!(cache.pin(&second.key).is_err(), "no pin on a missing entry");
 }
 
