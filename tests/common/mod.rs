@@ -417,7 +417,7 @@ case "$action" in
     say "(00.000) fake restore"
     case "${FAKE_CRIU_RESTORE:-fail}" in
       fail) say "Error (criu/cr-restore.c:1): Restoring FAILED."; exit 1 ;;
-      exit) setsid sh -c 'exit 3' </dev/null >/dev/null 2>&1 & echo $! > "$pidfile"; exit 0 ;;
+      exit) setsid sh -c 'sleep 0.3; exit 3' </dev/null >/dev/null 2>&1 & echo $! > "$pidfile"; exit 0 ;;
       hang) setsid sleep 1000 </dev/null >/dev/null 2>&1 & echo $! > "$pidfile"; exit 0 ;;
       slow) sleep 1; setsid sleep 1000 </dev/null >/dev/null 2>&1 & echo $! > "$pidfile"; exit 0 ;;
       stuck) exec sleep 1000 ;;

@@ -45,6 +45,10 @@ pub fn service_env(manifest: &Manifest, notify_socket: Option<&Path>) -> Vec<(Os
     env.into_iter().collect()
 }
 
+/// The exit status reported for a process that vanished without being
+/// reaped by warmer.
+pub const UNKNOWN_EXIT: i32 = 255;
+
 /// A live service tree, rooted at its namespace init (our child).
 pub struct Running {
     pub pid: Pid,
@@ -109,6 +113,12 @@ impl Running {
                 Ok(WaitStatus::StillAlive) | Err(_) => break,
                 Ok(_) => continue,
             }
+        }
+        // Gone without us reaping it (someone else did: it was never quite
+        // ours): it exited, status unknown. Waiting for it would never end.
+        if self.exit.is_none() && kill(self.pid, None) == Err(nix::errno::Errno::ESRCH) {
+            tracing::warn!("process {} is gone and its exit status unknown", self.pid);
+            self.exit = Some(UNKNOWN_EXIT);
         }
         self.exit
     }
@@ -187,5 +197,20 @@ impl Running {
             let _ = daemon.wait();
         }
         self.output.finish();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_process_someone_else_reaped_counts_as_exited_not_as_running_forever() {
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = Pid::from_raw(i32::try_from(child.id()).unwrap());
+        child.wait().unwrap(); // reaped here, not by Running
+        let mut r = Running::new(pid, Output::discarding().unwrap(), StartKind::Restored);
+        assert_eq!(r.poll_exit(), Some(UNKNOWN_EXIT));
+        r.finish();
     }
 }
