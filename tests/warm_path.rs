@@ -640,3 +640,46 @@ fn fds_of_warmers_caller_reach_neither_the_service_nor_its_image() {
     w.stop();
     nix::unistd::close(high).unwrap();
 }
+
+#[test]
+fn files_a_service_writes_among_its_inputs_at_first_start_do_not_make_it_stale() {
+    require_criu();
+    let env = Env::new();
+    let port = free_port();
+    // A Python app whose digest covers its whole directory: at its first
+    // start Python writes __pycache__/helper.*.pyc into it.
+    let app = env.path("site");
+    std::fs::create_dir(&app).unwrap();
+    std::fs::write(app.join("helper.py"), "GREETING = 'hi'\n").unwrap();
+    let server = std::fs::read_to_string(repo().join("examples/slowweb/server.py")).unwrap();
+    std::fs::write(app.join("server.py"), format!("import helper\n{server}")).unwrap();
+    env.write_manifest(
+        "pyc",
+        &format!(
+            "exec: [\"/usr/bin/python3\", \"{}\", \"--port\", \"{port}\", \"--warmup\", \"0.3\"]\n\
+             workdir: {}\nenv: {{PYTHONPATH: \"{}\", PYTHONDONTWRITEBYTECODE: \"\"}}\n\
+             ready: {{http: \"http://127.0.0.1:{port}/health\"}}\ncheckpoint: {{settle: 100ms}}\n\
+             digest: {{files: [\"{}\"]}}\n",
+            app.join("server.py").display(),
+            app.display(),
+            app.display(),
+            app.display()
+        ),
+    );
+    let mut w = env.run("pyc");
+    let s = env.wait_image("pyc", &mut w);
+    assert!(s["stale"].is_null(), "{s}\n{}", w.err());
+    assert!(app.join("__pycache__").exists(), "the case under test");
+    w.stop();
+    let mut w = env.run("pyc");
+    let s = env.wait_ready("pyc", &mut w);
+    assert_eq!(s["last_start"], "restored", "{s}\n{}", w.err());
+    // A real change still makes it stale at once.
+    std::fs::write(app.join("helper.py"), "GREETING = 'hello'\n").unwrap();
+    let s = env.wait_status("pyc", &mut w, |s| !s["stale"].is_null());
+    assert!(
+        s["stale"].as_str().unwrap().contains("helper.py changed"),
+        "{s}"
+    );
+    w.stop();
+}

@@ -327,7 +327,7 @@ pub fn compute(
 
     let mut files = Vec::new();
     for p in paths {
-        hash_path(&manifest.name, &p, &mut files, memo)?;
+        hash_path(&manifest.name, &p, &manifest.state, &mut files, memo)?;
     }
     files.sort_by(|a, b| a.path.cmp(&b.path));
     files.dedup_by(|a, b| a.path == b.path);
@@ -347,12 +347,18 @@ pub fn compute(
 /// Hashes a file, or every file under a directory (sorted, symlinks not followed
 /// below the top). A missing declared input is an error: a digest that silently
 /// skips an input could restore a stale image.
+/// Paths under `skip` (the manifest's `state:`: data the service writes) are
+/// never inputs, even inside a `digest.files` directory.
 fn hash_path(
     service: &str,
     path: &Path,
+    skip: &[PathBuf],
     out: &mut Vec<FileInput>,
     memo: &mut Memo,
 ) -> Result<(), DigestError> {
+    if skip.iter().any(|s| path.starts_with(s)) {
+        return Ok(());
+    }
     let err = |source| DigestError::Input {
         service: service.to_string(),
         path: path.to_path_buf(),
@@ -368,7 +374,7 @@ fn hash_path(
             .collect();
         children.sort();
         for c in children {
-            hash_path(service, &c, out, memo)?;
+            hash_path(service, &c, skip, out, memo)?;
         }
         return Ok(());
     }
@@ -377,6 +383,58 @@ fn hash_path(
         sha256: memo.get("sha256", path, sha256_file).map_err(err)?,
     });
     Ok(())
+}
+
+/// How the inputs of a service changed between two digests.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    Same,
+    /// Only files that did not exist before appeared (what a service writes
+    /// among its own inputs when it first starts: `__pycache__`, Tomcat's
+    /// `conf/Catalina/...`).
+    OnlyNew(Vec<PathBuf>),
+    /// Something that was an input changed or went (the reason names it).
+    Changed(String),
+}
+
+/// Compares the inputs of `old` with those of `new`.
+pub fn change(old: &ServiceDigest, new: &ServiceDigest) -> Change {
+    if old.hex == new.hex {
+        return Change::Same;
+    }
+    let before: std::collections::BTreeMap<&Path, &str> = old
+        .inputs
+        .files
+        .iter()
+        .map(|f| (f.path.as_path(), f.sha256.as_str()))
+        .collect();
+    let after: std::collections::BTreeMap<&Path, &str> = new
+        .inputs
+        .files
+        .iter()
+        .map(|f| (f.path.as_path(), f.sha256.as_str()))
+        .collect();
+    for (path, sum) in &before {
+        match after.get(path) {
+            None => return Change::Changed(format!("{} is gone", path.display())),
+            Some(s) if s != sum => return Change::Changed(format!("{} changed", path.display())),
+            Some(_) => {}
+        }
+    }
+    let mut o = old.inputs.clone();
+    let mut n = new.inputs.clone();
+    o.files.clear();
+    n.files.clear();
+    if serde_json::to_value(&o).ok() != serde_json::to_value(&n).ok() {
+        return Change::Changed("the manifest, program or host changed".into());
+    }
+    Change::OnlyNew(
+        after
+            .keys()
+            .filter(|p| !before.contains_key(*p))
+            .map(|p| p.to_path_buf())
+            .collect(),
+    )
 }
 
 /// Lowercase hex sha256 of a file's contents.
@@ -500,6 +558,42 @@ mod tests {
             compute(&m, &host(), Path::new("/run/warmer/svc"), &mut Memo::none()),
             Err(DigestError::ProgramNotFound { .. })
         ));
+    }
+
+    #[test]
+    fn state_inside_a_digest_dir_is_not_an_input_and_new_files_are_told_apart() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("app.sh"), "echo 1").unwrap();
+        let app = dir.path().join("site");
+        std::fs::create_dir_all(app.join("db")).unwrap();
+        std::fs::write(app.join("settings.py"), "A=1").unwrap();
+        let extra = format!(
+            "digest: {{files: [\"{}\"]}}\nstate: [\"{}\"]\n",
+            app.display(),
+            app.join("db").display()
+        );
+        let m = manifest(dir.path(), &extra);
+        let d = |m: &Manifest| {
+            compute(m, &host(), Path::new("/run/warmer/svc"), &mut Memo::none()).unwrap()
+        };
+        let base = d(&m);
+        std::fs::write(app.join("db/db.sqlite3-journal"), "x").unwrap();
+        assert_eq!(
+            change(&base, &d(&m)),
+            Change::Same,
+            "state is never an input"
+        );
+        std::fs::create_dir(app.join("__pycache__")).unwrap();
+        std::fs::write(app.join("__pycache__/settings.pyc"), "pyc").unwrap();
+        let grown = d(&m);
+        assert_eq!(
+            change(&base, &grown),
+            Change::OnlyNew(vec![app.join("__pycache__/settings.pyc")])
+        );
+        std::fs::write(app.join("settings.py"), "A=2").unwrap();
+        assert!(
+            matches!(change(&grown, &d(&m)), Change::Changed(w) if w.contains("settings.py changed"))
+        );
     }
 
     #[test]

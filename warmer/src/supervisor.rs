@@ -134,6 +134,8 @@ struct Supervisor {
     control: Option<ControlServer>,
     /// Who else answered on the service's port while it started, if anyone.
     foreign: Option<String>,
+    /// This run restored an image or took one: its digest is settled.
+    image_taken: bool,
     opts: RunOptions,
 }
 
@@ -267,6 +269,7 @@ pub fn run(dirs: &Dirs, name: &str, opts: RunOptions) -> Result<Outcome, RunErro
         watch: Default::default(),
         control: None,
         foreign: None,
+        image_taken: false,
         opts,
     };
     sup.run()
@@ -322,6 +325,12 @@ impl Supervisor {
         }
     }
 
+    fn clear_watch(&self) {
+        if let Some(w) = self.watch.lock().expect("watch slot").as_ref() {
+            w.clear();
+        }
+    }
+
     fn input_change(&self) -> Option<String> {
         self.watch
             .lock()
@@ -331,13 +340,68 @@ impl Supervisor {
     }
 
     /// Marks the image stale once an input changed. Returns whether stale.
+    ///
+    /// Stale means the digest changed: on a watch event the digest is
+    /// recomputed (cheap: hashes are remembered per file identity). The same
+    /// digest (a touch, a write to `state:`, a change undone): nothing. Only
+    /// new files, before this run took its image (what a service writes
+    /// among its inputs while it starts: `__pycache__`, `conf/Catalina/...`):
+    /// the image is keyed by the inputs as they are now, which is what the
+    /// next start computes. Anything else: stale.
     fn check_inputs(&mut self) -> bool {
+        self.reconcile_inputs(false)
+    }
+
+    /// [`Supervisor::check_inputs`]; `force`: recompute even without a watch
+    /// event (right before a checkpoint: an event may still be in flight).
+    fn reconcile_inputs(&mut self, force: bool) -> bool {
         if self.record.stale.is_some() {
             return true;
         }
-        let Some(reason) = self.input_change() else {
+        let event = self.input_change();
+        if event.is_none() && !force {
             return false;
-        };
+        }
+        let mut reason = event.unwrap_or_default();
+        if let Some(old) = self.digest.clone() {
+            let mut memo = crate::memo::Memo::load(&self.run_root);
+            let now = crate::digest::compute(&self.manifest, &self.host, &self.run_dir, &mut memo);
+            memo.save();
+            match now.as_ref().map(|n| crate::digest::change(&old, n)) {
+                Ok(crate::digest::Change::Same) => {
+                    self.clear_watch();
+                    return false;
+                }
+                Ok(crate::digest::Change::OnlyNew(files)) if !self.image_taken => {
+                    let now = now.expect("computed");
+                    tracing::info!(
+                        "the service created {} among its own inputs while starting ({}); its image is keyed by the inputs as they are now",
+                        if files.len() == 1 { "a file".to_string() } else { format!("{} files", files.len()) },
+                        files.first().map(|f| f.display().to_string()).unwrap_or_default()
+                    );
+                    self.record.digest = Some(now.hex.clone());
+                    self.digest = Some(now);
+                    // Watch the new set of inputs.
+                    *self.watch.lock().expect("watch slot") = None;
+                    self.start_watch();
+                    return false;
+                }
+                Ok(crate::digest::Change::OnlyNew(files)) => {
+                    reason = format!(
+                        "{} appeared among the inputs",
+                        files
+                            .first()
+                            .map(|f| f.display().to_string())
+                            .unwrap_or_default()
+                    );
+                }
+                Ok(crate::digest::Change::Changed(why)) => reason = why,
+                Err(e) => reason = format!("the inputs cannot be read: {}", chain(&e)),
+            }
+        }
+        if reason.is_empty() {
+            return false;
+        }
         tracing::warn!("{reason}: image marked stale; restart the service to run the new version");
         if let (Some(cache), Some(d)) = (&self.cache, &self.digest) {
             if let Err(e) = cache.mark_digest_stale(&d.hex, &reason) {
@@ -585,6 +649,7 @@ impl Supervisor {
                     }
                 }
                 self.record.image = Some(restored.entry.key.clone());
+                self.image_taken = true;
                 self.timings = Some(restored.timings);
                 // What the image's cold start took, for the ready message and status.
                 self.record.cold_ready_ms = restored.entry.meta.cold_start_ms;
@@ -812,6 +877,11 @@ impl Supervisor {
         running: &Running,
         taken: Taken,
     ) -> Result<Checkpointed, CheckpointNowError> {
+        if self.reconcile_inputs(!self.image_taken) {
+            return Err(CheckpointNowError::Unavailable(
+                "the service's inputs changed since it started: restart it first",
+            ));
+        }
         let (Some(criu), Some(cache), Some(digest)) =
             (self.criu.clone(), self.cache.clone(), self.digest.clone())
         else {
@@ -819,11 +889,6 @@ impl Supervisor {
                 "no CRIU, cache or digest for this run (see the start's warnings)",
             ));
         };
-        if self.check_inputs() {
-            return Err(CheckpointNowError::Unavailable(
-                "the service's inputs changed since it started: restart it first",
-            ));
-        }
         let previous = self.record.state;
         self.set_state(ServiceState::Checkpointing);
         self.systemd.status("checkpointing");
@@ -866,6 +931,7 @@ impl Supervisor {
             self.check_inputs();
         }
         self.record.image = Some(entry.key.clone());
+        self.image_taken = true;
         Ok(Checkpointed {
             key: entry.key,
             generation: entry.meta.generation,

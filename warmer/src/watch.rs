@@ -107,6 +107,11 @@ impl InputWatch {
     pub fn changed(&self) -> Option<String> {
         self.changed.lock().expect("watch flag").clone()
     }
+
+    /// Forgets a change that turned out not to change the digest.
+    pub fn clear(&self) {
+        *self.changed.lock().expect("watch flag") = None;
+    }
 }
 
 fn still_valid(path: &Path, expect: &Expect) -> bool {
