@@ -358,3 +358,20 @@ fn a_service_that_cold_starts_faster_than_it_restores_stays_cold() {
     assert!(s["ready_ms"].as_u64().unwrap() < 1000, "{s}");
     w.stop();
 }
+
+#[test]
+fn a_missing_workdir_is_named_as_such() {
+    require_root();
+    let env = Env::new();
+    env.write_manifest(
+        "nowd",
+        "exec: [\"/bin/true\"]\nworkdir: /nonexistent/warmer-test\nready: {tcp: \"127.0.0.1:1\"}\n",
+    );
+    let out = env.command().args(["run", "nowd"]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(69), "{err}");
+    assert!(
+        err.contains("cannot enter the manifest's workdir /nonexistent/warmer-test"),
+        "{err}"
+    );
+}

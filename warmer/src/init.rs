@@ -95,7 +95,23 @@ pub enum SpawnError {
     },
     #[error("pipe")]
     Pipe(#[source] io::Error),
+    #[error("cannot enter the manifest's workdir {}", dir.display())]
+    Workdir {
+        dir: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot prepare the service's process (step {step})")]
+    Setup {
+        step: i32,
+        #[source]
+        source: io::Error,
+    },
 }
+
+/// Steps of [`child_exec`] a failure is reported for.
+const STEP_WORKDIR: i32 = 4;
+const STEP_EXEC: i32 = 6;
 
 /// What goes into the new namespace.
 pub struct InitSpec<'a> {
@@ -185,13 +201,23 @@ pub fn spawn(spec: &InitSpec<'_>) -> Result<Pid, SpawnError> {
     drop(err_w);
     // The child reports an exec failure as an errno on the CLOEXEC pipe; EOF
     // means exec succeeded.
-    let mut buf = [0u8; 4];
+    let mut buf = [0u8; 8];
     let n = read_full(&err_r, &mut buf);
-    if n == 4 {
+    if n == 8 {
         let _ = waitpid(pid, None);
-        return Err(SpawnError::Exec {
-            exe: spec.init.path.display().to_string(),
-            source: io::Error::from_raw_os_error(i32::from_ne_bytes(buf)),
+        let step = i32::from_ne_bytes([buf[0], buf[1], buf[2], buf[3]]);
+        let source =
+            io::Error::from_raw_os_error(i32::from_ne_bytes([buf[4], buf[5], buf[6], buf[7]]));
+        return Err(match (step, spec.workdir) {
+            (STEP_WORKDIR, Some(dir)) => SpawnError::Workdir {
+                dir: dir.to_path_buf(),
+                source,
+            },
+            (STEP_EXEC, _) => SpawnError::Exec {
+                exe: spec.init.path.display().to_string(),
+                source,
+            },
+            _ => SpawnError::Setup { step, source },
         });
     }
     Ok(pid)
@@ -228,31 +254,35 @@ unsafe fn child_exec(
     // SAFETY: all calls below are async-signal-safe syscalls on valid
     // pointers prepared by the parent; the function ends in execve or _exit.
     unsafe {
-        let fail = |report: i32| -> ! {
+        // Reports (step, errno) on the CLOEXEC pipe: which step failed
+        // matters (a missing workdir is not a missing warmer-init).
+        let fail = |report: i32, step: i32| -> ! {
             let errno = *libc::__errno_location();
-            let bytes = errno.to_ne_bytes();
-            libc::write(report, bytes.as_ptr().cast(), 4);
+            let mut bytes = [0u8; 8];
+            bytes[..4].copy_from_slice(&step.to_ne_bytes());
+            bytes[4..].copy_from_slice(&errno.to_ne_bytes());
+            libc::write(report, bytes.as_ptr().cast(), 8);
             libc::_exit(127)
         };
         if libc::setsid() < 0 {
-            fail(report);
+            fail(report, 1);
         }
         // If warmer dies (even by SIGKILL), the kernel kills this init and so
         // the whole namespace: a service never outlives its supervisor. CRIU
         // keeps the setting across checkpoint/restore, and a restored init is
         // warmer's child too (--restore-sibling), so it holds after restore.
         if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) < 0 {
-            fail(report);
+            fail(report, 2);
         }
         for (target, fd) in stdio.iter().enumerate() {
             let target = i32::try_from(target).unwrap_or(0);
             if libc::dup2(*fd, target) < 0 {
-                fail(report);
+                fail(report, 3);
             }
         }
         if let Some(w) = workdir {
             if libc::chdir(w.as_ptr()) < 0 {
-                fail(report);
+                fail(report, 4);
             }
         }
         // Only what is passed on purpose crosses into the service (and so
@@ -260,7 +290,7 @@ unsafe fn child_exec(
         // systemd does for its services. CLOEXEC rather than close, so the
         // exec-error pipe still works until the exec.
         if libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, CLOSE_RANGE_CLOEXEC) < 0 {
-            fail(report);
+            fail(report, 5);
         }
         // The init's signals arrive blocked (it sigwaits for them): a
         // SIGTERM sent before it runs stays pending instead of being dropped
@@ -268,6 +298,6 @@ unsafe fn child_exec(
         let set = crate::init_loop::wait_set();
         libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
         libc::execve(exe.as_ptr(), argv.as_ptr(), envp.as_ptr());
-        fail(report)
+        fail(report, 6)
     }
 }

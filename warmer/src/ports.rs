@@ -86,6 +86,28 @@ fn all_pids() -> Vec<i32> {
         .collect()
 }
 
+/// The processes of the tree under `init` (its descendants, walked through
+/// /proc/PID/task/TID/children: no scan of every process).
+fn tree_of(init: Pid) -> BTreeSet<i32> {
+    let mut out = BTreeSet::new();
+    let mut todo = vec![init.as_raw()];
+    while let Some(pid) = todo.pop() {
+        if !out.insert(pid) {
+            continue;
+        }
+        let tasks = std::fs::read_dir(format!("/proc/{pid}/task"));
+        for t in tasks.into_iter().flatten().filter_map(|t| t.ok()) {
+            let children = std::fs::read_to_string(t.path().join("children")).unwrap_or_default();
+            todo.extend(
+                children
+                    .split_whitespace()
+                    .filter_map(|c| c.parse::<i32>().ok()),
+            );
+        }
+    }
+    out
+}
+
 /// The processes in the PID namespace whose init is `init`.
 fn namespace_of(init: Pid) -> BTreeSet<i32> {
     let ns = |pid: i32| std::fs::read_link(format!("/proc/{pid}/ns/pid")).ok();
@@ -104,8 +126,11 @@ pub fn holder(port: u16, init: Pid) -> Holder {
     if inodes.is_empty() {
         return Holder::Nobody;
     }
-    let tree = namespace_of(init);
-    if !holders_of(&inodes, Some(&tree)).is_empty() {
+    // The tree first (cheap); the whole namespace (orphans re-parented to
+    // its init are in the tree anyway) only if that found nothing.
+    if !holders_of(&inodes, Some(&tree_of(init))).is_empty()
+        || !holders_of(&inodes, Some(&namespace_of(init))).is_empty()
+    {
         return Holder::Service;
     }
     let others = holders_of(&inodes, None);

@@ -196,8 +196,12 @@ pub fn run(dirs: &Dirs, name: &str, opts: RunOptions) -> Result<Outcome, RunErro
         None => None,
     };
     // What an earlier run left running (killed mid-restore): ended first.
-    // We hold the run lock, so no live warmer owns any of it.
-    if _lock.is_some() {
+    // We hold the run lock, so no live warmer owns any of it. Only looked for
+    // when the last run did not end cleanly (its record says it was still
+    // running): a scan of every process costs milliseconds.
+    let unclean =
+        RunRecord::read(&dirs.run, name).is_some_and(|r| r.state.is_running() && !r.warmer_alive());
+    if _lock.is_some() && unclean {
         for l in crate::leftovers::end(name, &run_dir) {
             tracing::warn!("ended pid {}: {}", l.pid, l.what);
         }
@@ -602,7 +606,6 @@ impl Supervisor {
         let mut prober = prober;
         let (timeout, signals, systemd) =
             (self.manifest.ready.timeout, &self.signals, self.systemd);
-        let mut foreign = None;
         let mut probe = |running: &mut Running| -> Readiness {
             // A notify-probed service said READY=1 before its checkpoint;
             // the restored one is past that point.
@@ -613,23 +616,12 @@ impl Supervisor {
                 };
             }
             match prober.as_mut() {
-                Some(p) => wait_ready(
-                    running,
-                    p,
-                    timeout,
-                    signals,
-                    systemd,
-                    &mut || {},
-                    &mut foreign,
-                ),
+                Some(p) => wait_ready(running, p, timeout, signals, systemd, &mut || {}, None),
                 None => Readiness::TimedOut(Duration::ZERO),
             }
         };
         let result = restore.run(&plan, &mut probe);
         drop(lock);
-        if let Some(f) = foreign {
-            self.record.message = Some(f);
-        }
         match result {
             Ok(restored) => {
                 if self.manifest.mode == Mode::Persist {
@@ -793,7 +785,7 @@ impl Supervisor {
                         .and_then(InputWatch::changed);
                 }
             },
-            &mut foreign,
+            Some(&mut foreign),
         );
         self.foreign = foreign;
         if changed.is_some() {
@@ -1062,6 +1054,11 @@ pub enum CheckpointNowError {
 /// its port) is not readiness: it is logged once, kept in `foreign`, and the
 /// wait goes on. If the service exits after warmer passed it a signal, that
 /// is [`Readiness::ExitedAfterSignal`]: the operator's doing, not the image's.
+///
+/// `foreign: None` skips the ownership check: a restored tree's listening
+/// sockets were bound by CRIU itself (a restore fails when the port is taken),
+/// and the check reads the kernel's socket tables (milliseconds on a busy
+/// host).
 fn wait_ready(
     running: &mut Running,
     prober: &mut Prober,
@@ -1069,7 +1066,7 @@ fn wait_ready(
     signals: &Signals,
     systemd: Systemd,
     tick: &mut dyn FnMut(),
-    foreign: &mut Option<String>,
+    mut foreign: Option<&mut Option<String>>,
 ) -> Readiness {
     let deadline = Instant::now() + timeout;
     systemd.extend_timeout(timeout + Duration::from_secs(5));
@@ -1095,10 +1092,16 @@ fn wait_ready(
         if left.is_zero() {
             return Readiness::TimedOut(timeout);
         }
-        match prober.check_from(left, running.pid) {
+        let check = match foreign.as_deref_mut() {
+            Some(_) => prober.check_from(left, running.pid),
+            None if prober.check(left) => Check::Ready,
+            None => Check::NotReady,
+        };
+        match check {
             Check::Ready => return Readiness::Ready,
             Check::NotReady => {}
             Check::Foreign { port, who } => {
+                let foreign = foreign.as_deref_mut().expect("checked only with a slot");
                 if foreign.is_none() {
                     let msg = format!(
                         "port {port} answers, but it is held by {who}, not by the service: not ready"
