@@ -27,29 +27,6 @@ fn warmed(name: &str) -> (Env, u16, PathBuf) {
     (env, port, entry)
 }
 
-fn pages_file(entry: &Path) -> PathBuf {
-    std::fs::read_dir(entry.join("data"))
-        .unwrap()
-        .map(|d| d.unwrap().path())
-        .find(|p| {
-            p.file_name()
-                .unwrap()
-                .to_string_lossy()
-                .starts_with("pages-")
-        })
-        .unwrap()
-}
-
-fn quarantine_reasons(env: &Env) -> Vec<String> {
-    std::fs::read_dir(env.path("cache/quarantine"))
-        .map(|r| {
-            r.filter_map(|d| d.ok())
-                .map(|d| std::fs::read_to_string(d.path().join("REASON")).unwrap_or_default())
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
 /// The next start is cold, quarantines the entry for `why`, and is prompt.
 fn cold_and_quarantined(env: &Env, name: &str, why: &str) {
     let t = Instant::now();

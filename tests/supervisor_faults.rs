@@ -88,13 +88,6 @@ fn assert_untouched(s: &Stateful) {
     assert!(leftovers.is_empty(), "{leftovers:?}");
 }
 
-fn quarantined(env: &Env) -> Vec<String> {
-    std::fs::read_dir(env.path("cache/quarantine"))
-        .unwrap()
-        .map(|d| std::fs::read_to_string(d.unwrap().path().join("REASON")).unwrap_or_default())
-        .collect()
-}
-
 #[test]
 fn a_failed_criu_restore_undoes_its_put_back_and_cold_starts() {
     let s = stateful();
@@ -113,7 +106,7 @@ fn a_failed_criu_restore_undoes_its_put_back_and_cold_starts() {
     w.stop();
     // The cold start's own checkpoint captured the shm file as absent.
     assert_untouched(&s);
-    let reasons = quarantined(&s.env);
+    let reasons = quarantine_reasons(&s.env);
     assert_eq!(reasons.len(), 1);
     assert!(reasons[0].contains("Restoring FAILED"), "{reasons:?}");
     assert_eq!(
@@ -142,7 +135,7 @@ fn a_restored_tree_that_exits_is_undone_the_same_way() {
     );
     w.stop();
     assert_untouched(&s);
-    assert_eq!(quarantined(&s.env).len(), 1);
+    assert_eq!(quarantine_reasons(&s.env).len(), 1);
 }
 
 #[test]
@@ -211,7 +204,7 @@ fn data_written_after_the_checkpoint_is_never_touched_and_the_image_never_tried(
     assert_eq!(std::fs::read_to_string(&s.ledger).unwrap(), "1\n2\n3\n4\n");
     assert!(!s.shm.exists(), "nothing put back");
     assert!(
-        quarantined(&s.env).is_empty(),
+        quarantine_reasons(&s.env).is_empty(),
         "a stale image is not a damaged one"
     );
     assert!(

@@ -289,9 +289,9 @@ impl Drop for Warmer {
     }
 }
 
-/// Flips `mask` in the middle byte of an entry's CRIU page image.
-pub fn flip_bit_in_pages(entry: &Path, mask: u8) {
-    let pages = std::fs::read_dir(entry.join("data"))
+/// An entry's (first) CRIU page image.
+pub fn pages_file(entry: &Path) -> PathBuf {
+    std::fs::read_dir(entry.join("data"))
         .unwrap()
         .map(|d| d.unwrap().path())
         .find(|p| {
@@ -300,7 +300,23 @@ pub fn flip_bit_in_pages(entry: &Path, mask: u8) {
                 .to_string_lossy()
                 .starts_with("pages-")
         })
-        .expect("a pages-*.img in the entry");
+        .expect("a pages-*.img in the entry")
+}
+
+/// The REASON of every quarantined entry.
+pub fn quarantine_reasons(env: &Env) -> Vec<String> {
+    std::fs::read_dir(env.path("cache/quarantine"))
+        .map(|r| {
+            r.filter_map(|d| d.ok())
+                .map(|d| std::fs::read_to_string(d.path().join("REASON")).unwrap_or_default())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Flips `mask` in the middle byte of an entry's CRIU page image.
+pub fn flip_bit_in_pages(entry: &Path, mask: u8) {
+    let pages = pages_file(entry);
     let mut bytes = std::fs::read(&pages).unwrap();
     let mid = bytes.len() / 2;
     bytes[mid] ^= mask;

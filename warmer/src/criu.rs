@@ -114,6 +114,31 @@ impl Criu {
         })
     }
 
+    /// Starts a CRIU command with its stderr piped and read on a thread (so
+    /// it never blocks on a full pipe); join the thread for the text once
+    /// CRIU has exited.
+    pub fn spawn(
+        &self,
+        cmd: &mut Command,
+    ) -> Result<(std::process::Child, std::thread::JoinHandle<Vec<u8>>), CriuError> {
+        let mut child = cmd
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|source| CriuError::Spawn {
+                bin: self.bin.clone(),
+                source,
+            })?;
+        let mut stderr = child.stderr.take();
+        let reader = std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            if let Some(s) = stderr.as_mut() {
+                let _ = std::io::Read::read_to_end(s, &mut buf);
+            }
+            buf
+        });
+        Ok((child, reader))
+    }
+
     /// A CRIU command with stdin on /dev/null and none of warmer's other
     /// fds: what warmer's caller left open (a shell's stray fd) would
     /// otherwise reach CRIU, and through a restore, the service. fds a caller
@@ -156,22 +181,7 @@ impl Criu {
         log: &Path,
         deadline: Option<std::time::Duration>,
     ) -> Result<(), CriuError> {
-        let mut child = cmd
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(|source| CriuError::Spawn {
-                bin: self.bin.clone(),
-                source,
-            })?;
-        let mut stderr = child.stderr.take();
-        let reader = std::thread::spawn(move || {
-            let mut buf = Vec::new();
-            if let Some(s) = stderr.as_mut() {
-                let _ = std::io::Read::read_to_end(s, &mut buf);
-            }
-            buf
-        });
+        let (mut child, reader) = self.spawn(cmd.stdout(Stdio::null()))?;
         let spawn_err = |source| CriuError::Spawn {
             bin: self.bin.clone(),
             source,

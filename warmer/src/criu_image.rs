@@ -52,8 +52,13 @@ impl OpenFile {
     }
 }
 
-/// The regular files in an image directory's `files.img`.
-pub fn open_files(images_dir: &Path) -> Result<Vec<OpenFile>, ImageError> {
+/// The `file_entry` sub-messages (field `field`) of every entry of type
+/// `fd_type` in an image directory's `files.img`, and that file's path.
+fn file_entries(
+    images_dir: &Path,
+    fd_type: u64,
+    field: u64,
+) -> Result<(PathBuf, Vec<Vec<u8>>), ImageError> {
     let path = images_dir.join("files.img");
     let bytes = std::fs::read(&path).map_err(|source| ImageError::Read {
         path: path.clone(),
@@ -61,19 +66,28 @@ pub fn open_files(images_dir: &Path) -> Result<Vec<OpenFile>, ImageError> {
     })?;
     let mut out = Vec::new();
     for entry in entries(&path, &bytes)? {
-        let mut kind = None;
-        let mut reg = None;
-        for field in Fields::new(entry) {
-            let (num, value) = field.map_err(|(at, what)| malformed(&path, at, what))?;
-            match (num, value) {
+        let (mut kind, mut sub) = (None, None);
+        for f in Fields::new(entry) {
+            match f.map_err(|(at, what)| malformed(&path, at, what))? {
                 (1, Value::Varint(v)) => kind = Some(v),
-                (3, Value::Bytes(b)) => reg = Some(b),
+                (n, Value::Bytes(b)) if n == field => sub = Some(b.to_vec()),
                 _ => {}
             }
         }
-        let (Some(FD_TYPE_REG), Some(reg)) = (kind, reg) else {
-            continue;
-        };
+        if let (Some(k), Some(b)) = (kind, sub) {
+            if k == fd_type {
+                out.push(b);
+            }
+        }
+    }
+    Ok((path, out))
+}
+
+/// The regular files in an image directory's `files.img`.
+pub fn open_files(images_dir: &Path) -> Result<Vec<OpenFile>, ImageError> {
+    let (path, regs) = file_entries(images_dir, FD_TYPE_REG, 3)?;
+    let mut out = Vec::new();
+    for reg in &regs {
         let mut file = OpenFile {
             path: String::new(),
             flags: 0,
@@ -109,25 +123,9 @@ const TCP_ESTABLISHED: u64 = 1;
 /// 3, proto 5, state 6, src_port 7, dst_port 8, src_addr 11, dst_addr 12,
 /// addresses as u32 words in network byte order).
 pub fn tcp_connections(images_dir: &Path) -> Result<Vec<crate::criu::Conn>, ImageError> {
-    let path = images_dir.join("files.img");
-    let bytes = std::fs::read(&path).map_err(|source| ImageError::Read {
-        path: path.clone(),
-        source,
-    })?;
+    let (path, isks) = file_entries(images_dir, FD_TYPE_INETSK, 4)?;
     let mut out = Vec::new();
-    for entry in entries(&path, &bytes)? {
-        let mut kind = None;
-        let mut isk = None;
-        for field in Fields::new(entry) {
-            match field.map_err(|(at, what)| malformed(&path, at, what))? {
-                (1, Value::Varint(v)) => kind = Some(v),
-                (4, Value::Bytes(b)) => isk = Some(b),
-                _ => {}
-            }
-        }
-        let (Some(FD_TYPE_INETSK), Some(isk)) = (kind, isk) else {
-            continue;
-        };
+    for isk in &isks {
         let (mut proto, mut state, mut sport, mut dport) = (0, 0, 0, 0);
         let (mut src, mut dst) = (Vec::new(), Vec::new());
         for field in Fields::new(isk) {

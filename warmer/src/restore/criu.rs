@@ -118,18 +118,7 @@ pub fn restore(
             Ok(())
         });
     }
-    let mut child = cmd.spawn().map_err(|source| CriuError::Spawn {
-        bin: criu.bin.clone(),
-        source,
-    })?;
-    let mut stderr = child.stderr.take();
-    let reader = std::thread::spawn(move || {
-        let mut buf = Vec::new();
-        if let Some(s) = stderr.as_mut() {
-            let _ = std::io::Read::read_to_end(s, &mut buf);
-        }
-        buf
-    });
+    let (mut child, reader) = criu.spawn(&mut cmd)?;
     let waited = criu::wait_child(&mut child, Some(watch.deadline), watch.abort);
     drop(out_w);
     drop(err_w);
