@@ -28,5 +28,13 @@ if [ ${#need[@]} -gt 0 ]; then
   apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
 
+# A JDK for the JVM test (tests/jvm.rs compiles examples/jvm/Hello.java).
+if ! command -v javac >/dev/null; then
+  log "installing default-jdk-headless"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends default-jdk-headless >/dev/null
+fi
+
 scripts/install-criu.sh
 cargo fetch --locked 2>/dev/null || cargo fetch

@@ -22,8 +22,10 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-/// The layout above, as a whole. Part of the digest.
-pub const IMAGE_FORMAT: u32 = 1;
+/// The layout above, and what warmer gives every service that its image
+/// depends on, as a whole. Part of the digest. 2: JVMs keep their perf
+/// counters in memory (`JAVA_TOOL_OPTIONS`, see `service::java_tool_options`).
+pub const IMAGE_FORMAT: u32 = 2;
 
 /// The file name of [`RestoreInfo`] in the payload.
 pub const RESTORE_INFO: &str = "restore.json";

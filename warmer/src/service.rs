@@ -42,7 +42,32 @@ pub fn service_env(manifest: &Manifest, notify_socket: Option<&Path>) -> Vec<(Os
     if let Some(p) = notify_socket {
         env.insert("NOTIFY_SOCKET".into(), p.into());
     }
+    let java = env
+        .get(std::ffi::OsStr::new(JAVA_TOOL_OPTIONS))
+        .map(|v| v.to_string_lossy().into_owned());
+    env.insert(
+        JAVA_TOOL_OPTIONS.into(),
+        java_tool_options(java.as_deref()).into(),
+    );
     env.into_iter().collect()
+}
+
+const JAVA_TOOL_OPTIONS: &str = "JAVA_TOOL_OPTIONS";
+/// HotSpot keeps its performance counters in a file it maps,
+/// `/tmp/hsperfdata_<user>/<pid>`, and deletes at exit: an image of any JVM
+/// then cannot be restored ("Can't open file tmp/hsperfdata_root/2"). In
+/// ordinary memory they are part of the image like the rest of the heap.
+/// (jstat then no longer sees the JVM; jcmd still does.)
+const PERF_IN_MEMORY: &str = "-XX:+PerfDisableSharedMem";
+
+/// `JAVA_TOOL_OPTIONS` for every JVM of the service: the given value plus
+/// [`PERF_IN_MEMORY`], unless the service decides about perf data itself.
+pub fn java_tool_options(given: Option<&str>) -> String {
+    match given {
+        None | Some("") => PERF_IN_MEMORY.to_string(),
+        Some(v) if v.contains("PerfDisableSharedMem") || v.contains("UsePerfData") => v.to_string(),
+        Some(v) => format!("{v} {PERF_IN_MEMORY}"),
+    }
 }
 
 /// The exit status reported for a process that vanished without being
@@ -212,5 +237,23 @@ mod tests {
         let mut r = Running::new(pid, Output::discarding().unwrap(), StartKind::Restored);
         assert_eq!(r.poll_exit(), Some(UNKNOWN_EXIT));
         r.finish();
+    }
+}
+
+#[cfg(test)]
+mod env_tests {
+    use super::*;
+
+    #[test]
+    fn jvms_keep_perf_counters_in_memory_unless_told_otherwise() {
+        assert_eq!(java_tool_options(None), "-XX:+PerfDisableSharedMem");
+        assert_eq!(
+            java_tool_options(Some("-Xmx1g")),
+            "-Xmx1g -XX:+PerfDisableSharedMem"
+        );
+        assert_eq!(
+            java_tool_options(Some("-XX:-UsePerfData")),
+            "-XX:-UsePerfData"
+        );
     }
 }

@@ -1,0 +1,44 @@
+//! A JVM service as installed (no special flags in its manifest) restores:
+//! HotSpot's perf-data file in /tmp would otherwise make every restore fail
+//! (`Can't open file tmp/hsperfdata_root/2`). Real CRIU, the system's JDK.
+
+mod common;
+
+use std::process::Command;
+
+use common::*;
+
+#[test]
+fn a_jvm_service_restores_as_installed() {
+    require_criu();
+    let env = Env::new();
+    let classes = env.path("classes");
+    let javac = Command::new("javac")
+        .arg("-d")
+        .arg(&classes)
+        .arg(repo().join("examples/jvm/Hello.java"))
+        .output()
+        .expect("javac (scripts/deps.sh installs default-jdk-headless)");
+    assert!(
+        javac.status.success(),
+        "{}",
+        String::from_utf8_lossy(&javac.stderr)
+    );
+    let port = free_port();
+    env.write_manifest(
+        "jvm",
+        &format!(
+            "exec: [\"java\", \"-cp\", \"{}\", \"Hello\", \"{port}\"]\nready: {{http: \"http://127.0.0.1:{port}/\", timeout: 60s}}\ncheckpoint: {{settle: 300ms}}\n",
+            classes.display()
+        ),
+    );
+    let mut w = env.run("jvm");
+    env.wait_image("jvm", &mut w);
+    let nonce = get(port, "/").unwrap();
+    w.stop();
+    let mut w = env.run("jvm");
+    let s = env.wait_ready("jvm", &mut w);
+    assert_eq!(s["last_start"], "restored", "{s}\n{}", w.err());
+    assert_eq!(get(port, "/").unwrap(), nonce, "the same JVM, restored");
+    w.stop();
+}
