@@ -1,10 +1,12 @@
 //! `warmer bench SVC`: cold start vs warmer restore vs bare `criu restore` of
 //! the same image, interleaved, to ready.
 //!
-//! - cold: `warmer run --cold SVC`, its own `ready_ms` (from its start to the
-//!   first passing probe);
-//! - restore: `warmer run SVC` restoring from the cache, its own `ready_ms`
-//!   (digest, integrity check, CRIU, probe: everything warmer does);
+//! - cold: `warmer run --cold SVC`, from the moment the bench spawns it to
+//!   the first passing probe (the spawn moment travels in
+//!   `WARMER_SPAWNED_AT_NS`, CLOCK_MONOTONIC, so warmer's own exec and
+//!   start-up count);
+//! - restore: `warmer run SVC` restoring from the cache, timed the same way
+//!   (exec, digest, integrity check, CRIU, probe: everything);
 //! - criu_restore: the floor: `criu restore` of the same image with the same
 //!   options, then the same probe loop, timed from just before CRIU starts.
 //!   State files, if any, are put back before the clock starts.
@@ -407,6 +409,27 @@ fn is_retired(stale_reason: &str) -> bool {
     stale_reason.starts_with(crate::supervisor::RETIRED)
 }
 
+/// The environment variable through which the bench tells the `warmer run`
+/// it spawns when it spawned it (CLOCK_MONOTONIC, ns).
+pub const SPAWNED_AT: &str = "WARMER_SPAWNED_AT_NS";
+
+/// CLOCK_MONOTONIC now, in ns (one clock for every process of the machine).
+pub fn monotonic_ns() -> u128 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into the timespec we own.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    u128::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u128::try_from(ts.tv_nsec).unwrap_or(0)
+}
+
+/// In a `warmer run` the bench spawned: µs since that spawn.
+pub fn since_spawn_us() -> Option<u64> {
+    let at: u128 = std::env::var(SPAWNED_AT).ok()?.parse().ok()?;
+    u64::try_from(monotonic_ns().checked_sub(at)? / 1000).ok()
+}
+
 fn drop_caches() -> Result<(), BenchError> {
     nix::unistd::sync();
     std::fs::write("/proc/sys/vm/drop_caches", "3").map_err(io("dropping the page cache"))
@@ -437,6 +460,8 @@ impl Bencher {
         }
         cmd.arg(&self.manifest.name)
             .env_remove("NOTIFY_SOCKET")
+            // The clock starts here, before warmer exists: what a user waits.
+            .env(SPAWNED_AT, monotonic_ns().to_string())
             .stdin(Stdio::null())
             .stdout(log.try_clone().map_err(io("log"))?)
             .stderr(log);
@@ -539,7 +564,13 @@ impl Bencher {
             });
         }
         #[allow(clippy::cast_precision_loss)]
-        Ok(rec.ready_ms.unwrap_or(0) as f64)
+        match rec.ready_from_spawn_us {
+            Some(us) => Ok(us as f64 / 1000.0),
+            None => Err(BenchError::Run {
+                what: "warmer run".into(),
+                detail: "its record has no ready time from spawn (an older warmer?)".into(),
+            }),
+        }
     }
 
     /// One bare `criu restore` of the image plus the probe loop.

@@ -57,6 +57,11 @@ pub struct RunRecord {
     pub last_start: Option<StartKind>,
     /// From `warmer run` start to ready, for the last start.
     pub ready_ms: Option<u64>,
+    /// From the moment whoever started warmer spawned it (`warmer bench`
+    /// passes that moment in `WARMER_SPAWNED_AT_NS`) to ready: warmer's own
+    /// exec and start-up included.
+    #[serde(default)]
+    pub ready_from_spawn_us: Option<u64>,
     /// The last measured cold start: this run's, or the one the restored
     /// image was made after.
     pub cold_ready_ms: Option<u64>,
@@ -83,6 +88,7 @@ impl RunRecord {
             digest: None,
             last_start: None,
             ready_ms: None,
+            ready_from_spawn_us: None,
             cold_ready_ms: None,
             exit_code: None,
             message: None,

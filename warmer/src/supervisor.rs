@@ -454,6 +454,7 @@ impl Supervisor {
         let ready_ms = ms(self.started.elapsed());
         self.record.last_start = Some(running.kind);
         self.record.ready_ms = Some(ready_ms);
+        self.record.ready_from_spawn_us = crate::bench::since_spawn_us();
         let status = match running.kind {
             StartKind::Cold => {
                 self.record.cold_ready_ms = Some(ready_ms);
