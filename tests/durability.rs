@@ -164,17 +164,16 @@ fn persist_mode_restores_the_state_at_stop_and_never_an_older_one() {
 
     // kill -9 of the service itself: warmer exits with it; next start cold.
     write(port, 1, "d");
-    let pid = after_crash["pid"].as_i64().unwrap();
-    let outer = pids_with("examples/ledger/ledger.py")
-        .into_iter()
-        .find(|p| {
-            std::fs::read_to_string(format!("/proc/{p}/status")).is_ok_and(|s| {
-                s.lines().any(|l| {
-                    l.starts_with("NSpid:") && l.split_whitespace().last() == Some(&pid.to_string())
-                })
-            })
-        })
-        .expect("the service's host pid");
+    // This service's own process (status names it; other tests' ledgers are
+    // pid 2 of their namespaces too).
+    let outer = env.status("pl")["pid"].as_i64().expect("the service's pid");
+    let outer = i32::try_from(outer).unwrap();
+    assert!(
+        std::fs::read_to_string(format!("/proc/{outer}/cmdline"))
+            .is_ok_and(|c| c.contains("ledger.py")),
+        "pid {outer} is the ledger"
+    );
+    let _ = after_crash;
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(outer), Signal::SIGKILL).unwrap();
     let st = w.wait(Duration::from_secs(10));
     assert_ne!(st.code(), Some(0));

@@ -224,7 +224,7 @@ fn leftovers_of_a_warmer_killed_mid_restore_are_ended_before_the_next_start() {
     assert!(w.err().contains("from an earlier run"), "{}", w.err());
     assert!(get(port, "/health").is_some());
     w.stop();
-    for p in pids_with("sleep 1000") {
+    for p in pids_with("sleep 1001") {
         let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(p), Signal::SIGKILL);
     }
 }

@@ -445,8 +445,9 @@ case "$action" in
       orphan)
         # A namespace init of this service, as a real restore would leave it,
         # then CRIU itself never returns.
-        setsid "$FAKE_CRIU_INIT" "$(basename "$work")" "$work" -- sleep 1000 </dev/null >/dev/null 2>&1 &
-        exec sleep 1000 ;;
+        # (sleep 1001: the test cleans these up by name, and only these.)
+        setsid "$FAKE_CRIU_INIT" "$(basename "$work")" "$work" -- sleep 1001 </dev/null >/dev/null 2>&1 &
+        exec sleep 1001 ;;
     esac ;;
 esac
 echo "fake criu: unsupported: $action" >&2
