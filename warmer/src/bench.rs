@@ -582,9 +582,14 @@ impl Bencher {
         let mut prober = Prober::new(&self.manifest.ready.probe, &notify).map_err(io("probe"))?;
         let t0 = Instant::now();
         let output = crate::logs::Output::discarding().map_err(io("pipes"))?;
+        let info = crate::image::read(&data).map_err(|e| BenchError::Run {
+            what: "criu restore".into(),
+            detail: chain(&e),
+        })?;
         let mut running = crate::restore::criu_restore(
             &self.criu,
             &data,
+            &info,
             &work,
             crate::restore::RestoreOptions {
                 leave_stopped: false,

@@ -108,7 +108,7 @@ pub fn capture(paths: &[PathBuf], image_dir: &Path) -> Result<(), StateError> {
             Err(e) => return Err(io_err(path, "stat")(e)),
             Ok(_) => {
                 let mut nodes = Vec::new();
-                copy_out(path, &dst, "", &mut nodes)?;
+                copy_out(path, Some(&dst), "", &mut nodes)?;
                 Some(nodes)
             }
         };
@@ -212,7 +212,7 @@ pub fn drift(image_dir: &Path) -> Result<Drift, StateError> {
 /// The first difference between the live tree at `root` and `nodes`.
 fn tree_differs(root: &Path, stored: &Path, nodes: &[Node]) -> Result<Option<String>, StateError> {
     let mut live = Vec::new();
-    copy_out_listing(root, "", &mut live)?;
+    copy_out(root, None, "", &mut live)?;
     let join = |base: &Path, rel: &str| {
         if rel.is_empty() {
             base.to_path_buf()
@@ -260,11 +260,20 @@ fn tree_differs(root: &Path, stored: &Path, nodes: &[Node]) -> Result<Option<Str
     Ok(None)
 }
 
-/// The nodes of the live tree at `src`, as [`copy_out`] would record them.
-fn copy_out_listing(src: &Path, rel: &str, nodes: &mut Vec<Node>) -> Result<(), StateError> {
+/// Records the tree at `src` as nodes and, with a `dst`, copies it there
+/// (without one: only the listing, to compare a live tree with an image).
+fn copy_out(
+    src: &Path,
+    dst: Option<&Path>,
+    rel: &str,
+    nodes: &mut Vec<Node>,
+) -> Result<(), StateError> {
     let md = fs::symlink_metadata(src).map_err(io_err(src, "stat"))?;
     let ft = md.file_type();
     if ft.is_dir() {
+        if let Some(dst) = dst {
+            fs::create_dir(dst).map_err(io_err(dst, "create"))?;
+        }
         nodes.push(node(rel, Kind::Dir, &md));
         let mut children: Vec<_> = fs::read_dir(src)
             .map_err(io_err(src, "list"))?
@@ -278,47 +287,20 @@ fn copy_out_listing(src: &Path, rel: &str, nodes: &mut Vec<Node>) -> Result<(), 
             } else {
                 format!("{rel}/{}", c.to_string_lossy())
             };
-            copy_out_listing(&src.join(&c), &child_rel, nodes)?;
+            let child_dst = dst.map(|d| d.join(&c));
+            copy_out(&src.join(&c), child_dst.as_deref(), &child_rel, nodes)?;
         }
     } else if ft.is_file() {
-        nodes.push(node(rel, Kind::File, &md));
-    } else if ft.is_symlink() {
-        nodes.push(node(rel, Kind::Symlink, &md));
-    } else {
-        return Err(StateError::Unsupported {
-            path: src.to_path_buf(),
-        });
-    }
-    Ok(())
-}
-
-fn copy_out(src: &Path, dst: &Path, rel: &str, nodes: &mut Vec<Node>) -> Result<(), StateError> {
-    let md = fs::symlink_metadata(src).map_err(io_err(src, "stat"))?;
-    let ft = md.file_type();
-    if ft.is_dir() {
-        fs::create_dir(dst).map_err(io_err(dst, "create"))?;
-        nodes.push(node(rel, Kind::Dir, &md));
-        let mut children: Vec<_> = fs::read_dir(src)
-            .map_err(io_err(src, "list"))?
-            .filter_map(|d| d.ok())
-            .map(|d| d.file_name())
-            .collect();
-        children.sort();
-        for c in children {
-            let child_rel = if rel.is_empty() {
-                c.to_string_lossy().into_owned()
-            } else {
-                format!("{rel}/{}", c.to_string_lossy())
-            };
-            copy_out(&src.join(&c), &dst.join(&c), &child_rel, nodes)?;
+        if let Some(dst) = dst {
+            fs::copy(src, dst).map_err(io_err(src, "copy"))?;
         }
-    } else if ft.is_file() {
-        fs::copy(src, dst).map_err(io_err(src, "copy"))?;
         nodes.push(node(rel, Kind::File, &md));
     } else if ft.is_symlink() {
-        let target = fs::read_link(src).map_err(io_err(src, "readlink"))?;
-        // Stored as a file holding the target: the cache stores files only.
-        fs::write(dst, target.as_os_str().as_bytes()).map_err(io_err(dst, "write"))?;
+        if let Some(dst) = dst {
+            let target = fs::read_link(src).map_err(io_err(src, "readlink"))?;
+            // Stored as a file holding the target: the cache stores files only.
+            fs::write(dst, target.as_os_str().as_bytes()).map_err(io_err(dst, "write"))?;
+        }
         nodes.push(node(rel, Kind::Symlink, &md));
     } else {
         return Err(StateError::Unsupported {

@@ -12,15 +12,13 @@ use std::process::Stdio;
 use nix::unistd::Pid;
 
 use crate::criu::{self, Criu, CriuError, Inherit, RestorePlan};
-use crate::image::ImageFormatError;
+
 use crate::logs::Output;
 use crate::service::Running;
 use crate::state::StartKind;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CriuRestoreError {
-    #[error("cannot read the image's restore information")]
-    Info(#[source] ImageFormatError),
     #[error("cannot set up the restore")]
     Setup(#[source] std::io::Error),
     #[error(transparent)]
@@ -66,12 +64,12 @@ const STDERR_FD: i32 = 4;
 pub fn restore(
     criu: &Criu,
     data_dir: &Path,
+    info: &crate::image::RestoreInfo,
     run_dir: &Path,
     opts: RestoreOptions,
     mut output: Output,
     watch: Watch<'_>,
 ) -> Result<Running, CriuRestoreError> {
-    let info = crate::image::read(data_dir).map_err(CriuRestoreError::Info)?;
     let pidfile = run_dir.join("restore.pid");
     // CRIU opens the pidfile O_EXCL.
     let _ = std::fs::remove_file(&pidfile);

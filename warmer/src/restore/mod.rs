@@ -85,7 +85,8 @@ pub struct Plan {
     /// (every other captured path is exactly as at the checkpoint).
     pub put_back: Vec<PathBuf>,
     pub lazy: bool,
-    pub taken: Taken,
+    /// The image's `restore.json`, read once here.
+    pub info: crate::image::RestoreInfo,
 }
 
 impl Plan {
@@ -246,7 +247,8 @@ pub fn plan(
         }));
     }
     let data = entry.data_dir();
-    let taken = crate::image::read(&data).map_err(Failure::Info)?.taken;
+    let info = crate::image::read(&data).map_err(Failure::Info)?;
+    let taken = info.taken;
     let pinned = cache.pinned(digest).as_deref() == Some(entry.key.as_str());
     if mode == Mode::Persist && taken != Taken::Stop && !pinned {
         return Ok(Err(Skip::NotStopImage {
@@ -273,7 +275,7 @@ pub fn plan(
         integrity: Integrity::choose(cache.stamp_valid(&entry), !put_back.is_empty()),
         put_back,
         lazy,
-        taken,
+        info,
         entry,
     }))
 }
@@ -394,6 +396,7 @@ impl Restore<'_> {
                 criu_restore(
                     self.criu,
                     &plan.entry.data_dir(),
+                    &plan.info,
                     self.run_dir,
                     opts,
                     out,
