@@ -14,6 +14,9 @@ use serde::Serialize;
 use crate::store::{Cache, Entry};
 use crate::{Error, Meta};
 
+/// How long a partial download is kept for resuming.
+const INCOMING_MAX_AGE: Duration = Duration::from_secs(24 * 3600);
+
 #[derive(Debug, Clone, Default)]
 pub struct GcPolicy {
     pub max_bytes: Option<u64>,
@@ -115,6 +118,16 @@ impl Cache {
             keep = rest;
         }
         report.kept_bytes = keep.iter().map(|(_, e)| e.meta.bytes).sum();
+        // Downloads that broke off and were not resumed within a day.
+        let pruned = self.prune_incoming(INCOMING_MAX_AGE)?;
+        if pruned > 0 {
+            report.removed.push(Removed {
+                key: "incoming".into(),
+                service: String::new(),
+                bytes: pruned,
+                reason: "partial downloads older than a day".into(),
+            });
+        }
         Ok(report)
     }
 

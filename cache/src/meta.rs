@@ -22,6 +22,15 @@ pub struct NewEntry {
     pub host: BTreeMap<String, String>,
     /// How long the cold start took, to compare restores against.
     pub cold_start_ms: Option<u64>,
+    /// Where the entry came from when it was not made here (a registry
+    /// reference, an imported archive), for `cache ls`.
+    pub origin: Option<String>,
+    /// The payload's checksums as its maker recorded them (an entry made
+    /// elsewhere): publishing fails unless the staged files match exactly.
+    pub expected_files: Option<Vec<FileSum>>,
+    /// When the entry was made, if not now (an entry made elsewhere keeps
+    /// its maker's time): RFC 3339 and Unix seconds.
+    pub created: Option<(String, u64)>,
 }
 
 /// `meta.json` of a published entry.
@@ -40,6 +49,9 @@ pub struct Meta {
     pub created_unix: u64,
     pub host: BTreeMap<String, String>,
     pub cold_start_ms: Option<u64>,
+    /// Where an entry made elsewhere came from; absent for local ones.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin: Option<String>,
     /// Sum of the payload files' sizes.
     pub bytes: u64,
     pub hash: String,

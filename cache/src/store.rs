@@ -191,6 +191,7 @@ impl Cache {
             "stale",
             "pins",
             "generations",
+            "incoming",
         ] {
             mkdir_private(&root.join(sub))?;
         }
@@ -202,6 +203,7 @@ impl Cache {
             "verified",
             "stale",
             "pins",
+            "incoming",
         ] {
             let path = root.join(sub);
             let md = fs::symlink_metadata(&path).map_err(Error::io(&path))?;
@@ -348,17 +350,30 @@ impl Cache {
         let mut files = Vec::new();
         seal_tree(&data, &data, &mut files)?;
         files.sort_by(|a, b| a.path.cmp(&b.path));
+        if let Some(expected) = &new.expected_files {
+            check_expected(expected, &files).map_err(|problem| Error::Damaged {
+                key: make_key(&new.digest, generation),
+                problem,
+            })?;
+        }
         let now = SystemTime::now();
+        let (created, created_unix) = new.created.unwrap_or_else(|| {
+            (
+                humantime::format_rfc3339_seconds(now).to_string(),
+                now_unix(),
+            )
+        });
         let meta = Meta {
             format_version: FORMAT_VERSION,
             service: new.service,
             digest: new.digest,
             generation,
             inputs: new.inputs,
-            created: humantime::format_rfc3339_seconds(now).to_string(),
-            created_unix: now_unix(),
+            created,
+            created_unix,
             host: new.host,
             cold_start_ms: new.cold_start_ms,
+            origin: new.origin,
             bytes: files.iter().map(|f| f.size).sum(),
             hash: HASH_ALGORITHM.to_string(),
             files,
@@ -807,6 +822,58 @@ impl Cache {
         Ok(())
     }
 
+    /// A private directory for the blobs of an entry being downloaded from
+    /// another tier (`name`: lowercase hex), kept across failures so a
+    /// download that broke off continues with what it has. Removed by
+    /// [`Cache::drop_incoming`] once the entry is published, by `gc` when old.
+    pub fn incoming(&self, name: &str) -> Result<PathBuf, Error> {
+        valid_digest(name)?;
+        let dir = self.root.join("incoming").join(name);
+        mkdir_private(&dir)?;
+        let md = fs::symlink_metadata(&dir).map_err(Error::io(&dir))?;
+        self.check_private(&md, "incoming")
+            .map_err(|problem| Error::Damaged {
+                key: name.to_string(),
+                problem,
+            })?;
+        Ok(dir)
+    }
+
+    /// Removes a download directory (see [`Cache::incoming`]).
+    pub fn drop_incoming(&self, name: &str) -> Result<(), Error> {
+        valid_digest(name)?;
+        let dir = self.root.join("incoming").join(name);
+        match fs::remove_dir_all(&dir) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(Error::io(&dir)(e)),
+            _ => Ok(()),
+        }
+    }
+
+    /// Removes download directories untouched for longer than `age`.
+    pub(crate) fn prune_incoming(&self, age: Duration) -> Result<u64, Error> {
+        let dir = self.root.join("incoming");
+        let mut bytes = 0;
+        for dent in fs::read_dir(&dir).map_err(Error::io(&dir))? {
+            let path = dent.map_err(Error::io(&dir))?.path();
+            let old = fs::symlink_metadata(&path)
+                .and_then(|md| md.modified())
+                .ok()
+                .and_then(|m| m.elapsed().ok())
+                .is_some_and(|e| e > age);
+            if old {
+                bytes += fs::read_dir(&path)
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+                    .filter_map(|d| d.metadata().ok())
+                    .map(|md| md.len())
+                    .sum::<u64>();
+                fs::remove_dir_all(&path).map_err(Error::io(&path))?;
+            }
+        }
+        Ok(bytes)
+    }
+
     /// Moves an entry aside (never restored again, kept for inspection) and
     /// records why. Returns where it went.
     pub fn quarantine(&self, key: &str, reason: &str) -> Result<PathBuf, Error> {
@@ -935,6 +1002,43 @@ fn relative(base: &Path, path: &Path) -> String {
 }
 
 /// Makes every staged file private and durable and records its checksum.
+/// The staged files are exactly the expected ones (paths, sizes, hashes).
+fn check_expected(expected: &[FileSum], found: &[FileSum]) -> Result<(), Problem> {
+    let mut want: Vec<&FileSum> = expected.iter().collect();
+    want.sort_by(|a, b| a.path.cmp(&b.path));
+    for f in found {
+        match want.binary_search_by(|w| w.path.as_str().cmp(&f.path)) {
+            Err(_) => {
+                return Err(Problem::Unexpected {
+                    path: f.path.clone(),
+                })
+            }
+            Ok(i) if want[i].size != f.size => {
+                return Err(Problem::Size {
+                    path: f.path.clone(),
+                    expected: want[i].size,
+                    found: f.size,
+                })
+            }
+            Ok(i) if want[i].blake3 != f.blake3 => {
+                return Err(Problem::Checksum {
+                    path: f.path.clone(),
+                })
+            }
+            Ok(_) => {}
+        }
+    }
+    if let Some(missing) = want
+        .iter()
+        .find(|w| !found.iter().any(|f| f.path == w.path))
+    {
+        return Err(Problem::Missing {
+            path: missing.path.clone(),
+        });
+    }
+    Ok(())
+}
+
 fn seal_tree(base: &Path, dir: &Path, out: &mut Vec<FileSum>) -> Result<(), Error> {
     fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(Error::io(dir))?;
     for dent in fs::read_dir(dir).map_err(Error::io(dir))? {

@@ -109,6 +109,7 @@ impl Checkpoint<'_> {
                 inputs: serde_json::to_value(&self.digest.inputs).expect("inputs serialize"),
                 host: self.host.as_map(),
                 cold_start_ms: Some(self.cold_start_ms),
+                ..NewEntry::default()
             },
         )?;
         let removed = self.cache.prune_service(

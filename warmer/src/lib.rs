@@ -50,6 +50,7 @@ pub mod manifest;
 pub mod memo;
 pub mod notify;
 pub mod ports;
+pub mod remote;
 pub mod probe;
 pub mod restore;
 pub mod roles;

@@ -139,6 +139,35 @@ enum Cmd {
     /// Inspect and maintain the image cache.
     #[command(subcommand)]
     Cache(CacheCmd),
+    /// Upload the image a start of SERVICE restores now to its manifest's
+    /// `remote.repository`, tagged with its digest (blobs the registry has
+    /// are not sent again).
+    Push {
+        service: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Fetch the image of SERVICE's digest on this host from its
+    /// `remote.repository` into the cache (verified; resumes a broken pull).
+    Pull {
+        service: String,
+        /// Give up after this long (the partial download is kept for the next try).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        timeout: Option<std::time::Duration>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write an image (SERVICE's current one, or a DIGEST prefix) to one
+    /// archive: an OCI image layout tarball, layers zstd-compressed.
+    Export {
+        target: String,
+        #[arg(short = 'o', long = "output", value_name = "FILE")]
+        output: PathBuf,
+    },
+    /// Verify an archive made by `warmer export` and add its image to the
+    /// cache; refused (with the reason) if this host's kernel, CPU flags,
+    /// CRIU or warmer-init differ from the image's.
+    Import { file: PathBuf },
 }
 
 #[derive(Subcommand)]
@@ -224,6 +253,14 @@ fn main() -> ExitCode {
         Cmd::Checkpoint { service, timeout } => checkpoint_cmd(&dirs, &service, timeout),
         Cmd::Rollback { service, to } => rollback_cmd(&dirs, &service, to),
         Cmd::Cache(c) => cache_cmd(&dirs, c),
+        Cmd::Push { service, json } => push_cmd(&dirs, &service, json),
+        Cmd::Pull {
+            service,
+            timeout,
+            json,
+        } => pull_cmd(&dirs, &service, timeout, json),
+        Cmd::Export { target, output } => export_cmd(&dirs, &target, &output),
+        Cmd::Import { file } => import_cmd(&dirs, &file),
         Cmd::Bench {
             service,
             runs,
@@ -244,6 +281,105 @@ fn emit(text: &str) {
         }
         eprintln!("warmer: cannot write to stdout: {e}");
         std::process::exit(i32::from(exit::SOFTWARE));
+    }
+}
+
+fn mb(bytes: u64) -> String {
+    format!("{:.1} MB", bytes as f64 / 1e6)
+}
+
+fn push_cmd(dirs: &Dirs, service: &str, json: bool) -> ExitCode {
+    logging::set_service(service);
+    match warmer::remote::push_service(dirs, service, &mut |p| eprintln!("push: {p}")) {
+        Ok(p) if json => {
+            emit(&self::json(&p));
+            ExitCode::from(exit::OK)
+        }
+        Ok(p) => {
+            emit(&format!(
+                "pushed {} ({}): {} of images, {} as blobs, {} sent ({} of {} blobs already there) in {} ms\n",
+                p.reference,
+                p.manifest_digest,
+                mb(p.raw_bytes),
+                mb(p.wire_bytes),
+                mb(p.sent_bytes),
+                p.blobs_present,
+                p.blobs,
+                p.ms
+            ));
+            ExitCode::from(exit::OK)
+        }
+        Err(e) => {
+            eprintln!("warmer push: {}", chain(&e));
+            ExitCode::from(exit::FAILURE)
+        }
+    }
+}
+
+fn pull_cmd(dirs: &Dirs, service: &str, timeout: Option<std::time::Duration>, json: bool) -> ExitCode {
+    use warmer::remote::PullOutcome;
+    logging::set_service(service);
+    match warmer::remote::pull_service(dirs, service, timeout, &mut |p| eprintln!("pull: {p}")) {
+        Ok(p) if json => {
+            emit(&self::json(&p));
+            ExitCode::from(exit::OK)
+        }
+        Ok(PullOutcome::Present(key)) => {
+            emit(&format!("already in the cache: {key}\n"));
+            ExitCode::from(exit::OK)
+        }
+        Ok(PullOutcome::Pulled(p)) => {
+            emit(&format!(
+                "pulled {} ({}) as {}: {} fetched, {} of images, in {} ms\n",
+                p.reference,
+                p.manifest_digest,
+                p.key,
+                mb(p.fetched_bytes),
+                mb(p.raw_bytes),
+                p.ms
+            ));
+            ExitCode::from(exit::OK)
+        }
+        Err(e) => {
+            eprintln!("warmer pull: {}", chain(&e));
+            ExitCode::from(exit::FAILURE)
+        }
+    }
+}
+
+fn export_cmd(dirs: &Dirs, target: &str, output: &std::path::Path) -> ExitCode {
+    match warmer::remote::export(dirs, target, output) {
+        Ok(x) => {
+            emit(&format!(
+                "exported {} to {}: {} of images in a {} archive\n",
+                x.key,
+                x.path.display(),
+                mb(x.raw_bytes),
+                mb(x.archive_bytes)
+            ));
+            ExitCode::from(exit::OK)
+        }
+        Err(e) => {
+            eprintln!("warmer export: {}", chain(&e));
+            ExitCode::from(exit::FAILURE)
+        }
+    }
+}
+
+fn import_cmd(dirs: &Dirs, file: &std::path::Path) -> ExitCode {
+    match warmer::remote::import(dirs, file) {
+        Ok(i) => {
+            let next = match &i.restores_here {
+                Ok(()) => format!("the next start of {} restores it", i.service),
+                Err(why) => format!("not used by a start here: {why}"),
+            };
+            emit(&format!("imported {} ({}); {next}\n", i.key, i.service));
+            ExitCode::from(exit::OK)
+        }
+        Err(e) => {
+            eprintln!("warmer import: {}", chain(&e));
+            ExitCode::from(exit::FAILURE)
+        }
     }
 }
 

@@ -92,6 +92,22 @@ struct RawManifest {
     restore: Option<RawRestore>,
     #[serde(default)]
     mode: Option<Spanned<String>>,
+    #[serde(default)]
+    remote: Option<Spanned<RawRemote>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRemote {
+    repository: Spanned<String>,
+    #[serde(default)]
+    push: Option<bool>,
+    #[serde(default)]
+    insecure: Option<bool>,
+    #[serde(default)]
+    timeout: Option<Spanned<String>>,
+    #[serde(default)]
+    ca_file: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -202,6 +218,23 @@ pub struct Checkpoint {
     pub timeout: Duration,
 }
 
+/// The registry tier of a service's images (see [`crate::remote`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Remote {
+    /// `host[:port]/path`: images are tagged with their digest in it.
+    pub repository: String,
+    /// Push each new image after its checkpoint (in the background).
+    pub push: bool,
+    /// Plain HTTP to this registry (test registries only).
+    pub insecure: bool,
+    /// A start waits at most this long for a pull (lookup and download).
+    pub timeout: Duration,
+    /// A CA certificate (PEM) trusted for this registry besides the system's.
+    pub ca_file: Option<PathBuf>,
+}
+
+pub const DEFAULT_REMOTE_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// What a stop means for the service's memory (see README, "Modes").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -246,6 +279,10 @@ pub struct Manifest {
     /// the service cold-started. Not part of the digest.
     #[serde(skip)]
     pub restore_timeout: Duration,
+    /// Where images are shared with other machines. Not part of the digest:
+    /// the same service on every node has the same key.
+    #[serde(skip)]
+    pub remote: Option<Remote>,
     #[serde(skip)]
     pub path: PathBuf,
 }
@@ -492,6 +529,54 @@ impl Manifest {
             state.push(path.to_path_buf());
         }
 
+        let remote = match raw.remote.as_ref() {
+            None => None,
+            Some(r) => {
+                let repo = &r.value.repository;
+                let ok = !repo.value.is_empty()
+                    && !repo.value.contains("://")
+                    && !repo.value.contains(['@', ' '])
+                    && repo.value.contains('/')
+                    && !repo.value.rsplit('/').next().unwrap_or("").contains(':');
+                if !ok {
+                    return Err(at(
+                        &repo.referenced,
+                        format!(
+                            "remote.repository: expected host[:port]/path without tag or scheme, e.g. registry.example:5000/warmer/web, got {:?}",
+                            repo.value
+                        ),
+                    ));
+                }
+                if mode == Mode::Persist {
+                    return Err(at(
+                        &r.referenced,
+                        "remote: a persist-mode image holds this machine's data at its stop; it does not travel (use mode: warm)".into(),
+                    ));
+                }
+                let ca_file = match &r.value.ca_file {
+                    Some(c) if !Path::new(&c.value).is_absolute() => {
+                        return Err(at(
+                            &c.referenced,
+                            format!("remote.ca_file: expected an absolute path, got {:?}", c.value),
+                        ))
+                    }
+                    c => c.as_ref().map(|c| PathBuf::from(&c.value)),
+                };
+                Some(Remote {
+                    repository: repo.value.clone(),
+                    push: r.value.push.unwrap_or(false),
+                    insecure: r.value.insecure.unwrap_or(false),
+                    timeout: duration(
+                        r.value.timeout.as_ref(),
+                        DEFAULT_REMOTE_TIMEOUT,
+                        "remote.timeout",
+                        &at,
+                    )?,
+                    ca_file,
+                })
+            }
+        };
+
         Ok(Manifest {
             version: MANIFEST_VERSION,
             name: name.to_string(),
@@ -512,6 +597,7 @@ impl Manifest {
                 "restore.timeout",
                 &at,
             )?,
+            remote,
             path: path.to_path_buf(),
         })
     }

@@ -136,6 +136,9 @@ struct Supervisor {
     foreign: Option<String>,
     /// This run restored an image or took one: its digest is settled.
     image_taken: bool,
+    /// How long this start spent pulling its image from the registry: a
+    /// one-time cost, not part of what a restore costs.
+    pulled_ms: u64,
     opts: RunOptions,
 }
 
@@ -274,6 +277,7 @@ pub fn run(dirs: &Dirs, name: &str, opts: RunOptions) -> Result<Outcome, RunErro
         control: None,
         foreign: None,
         image_taken: false,
+        pulled_ms: 0,
         opts,
     };
     sup.run()
@@ -470,7 +474,7 @@ impl Supervisor {
                                 &self.run_dir,
                                 &d.hex,
                                 cold,
-                                ready_ms,
+                                ready_ms.saturating_sub(self.pulled_ms),
                             ) {
                                 tracing::warn!(
                                     "{p}: this service will be cold-started from now on"
@@ -479,9 +483,9 @@ impl Supervisor {
                             }
                         }
                     }
-                    format!("ready: restored in {ready_ms} ms (cold {cold} ms)")
+                    format!("ready: restored in {ready_ms} ms (cold {cold} ms){}", self.pull_note())
                 }
-                None => format!("ready: restored in {ready_ms} ms"),
+                None => format!("ready: restored in {ready_ms} ms{}", self.pull_note()),
             },
         };
         match (&self.timings, running.kind) {
@@ -535,7 +539,10 @@ impl Supervisor {
                 return None;
             }
         };
-        let planned = restore::plan(&cache, &digest, &self.manifest, &self.run_dir);
+        let mut planned = restore::plan(&cache, &digest, &self.manifest, &self.run_dir);
+        if matches!(planned, Ok(Err(Skip::NoImage))) && self.pull_missing(&cache, &digest) {
+            planned = restore::plan(&cache, &digest, &self.manifest, &self.run_dir);
+        }
         let plan = match planned {
             Ok(Ok(plan)) => plan,
             Ok(Err(skip @ Skip::StateChanged { .. })) => {
@@ -669,6 +676,107 @@ impl Supervisor {
                 let _ = restores.record(&self.run_dir, &digest, &chain(&failure));
                 None
             }
+        }
+    }
+
+    /// The cache has no image of `digest`: fetch it from the service's
+    /// registry, if it has one, within `remote.timeout` (a registry that is
+    /// down or slow costs a start no more). Returns whether an image came.
+    fn pull_missing(&mut self, cache: &Cache, digest: &str) -> bool {
+        let Some(remote) = &self.manifest.remote else {
+            return false;
+        };
+        if self.manifest.mode != Mode::Warm {
+            return false;
+        }
+        self.systemd.status("pulling the image");
+        let t = Instant::now();
+        let result = crate::remote::pull(
+            cache,
+            &self.manifest,
+            digest,
+            &self.host.as_map(),
+            Some(remote.timeout),
+            &mut |p| tracing::info!(phase = "pull", "{p}"),
+        );
+        match result {
+            Ok(p) => {
+                self.pulled_ms = p.ms;
+                tracing::info!(
+                    phase = "pull",
+                    pull_ms = p.ms,
+                    "pulled image {} from {}: {} MB fetched in {} ms",
+                    short(&p.key),
+                    remote.repository,
+                    p.fetched_bytes / 1_000_000,
+                    p.ms
+                );
+                true
+            }
+            Err(e) => {
+                let why = chain(&e);
+                tracing::info!(
+                    phase = "pull",
+                    "no image from {} ({} ms): {why}",
+                    remote.repository,
+                    t.elapsed().as_millis()
+                );
+                self.record.message = Some(format!("cold start: pull failed: {why}"));
+                false
+            }
+        }
+    }
+
+    fn pull_note(&self) -> String {
+        if self.pulled_ms > 0 {
+            format!(", of which {} ms pulling the image", self.pulled_ms)
+        } else {
+            String::new()
+        }
+    }
+
+    /// Uploads a new image to the service's registry (`remote.push`) on a
+    /// thread of its own: never delays the service; a failure is logged.
+    fn push_in_background(&self, key: &str) {
+        let Some(remote) = self.manifest.remote.as_ref().filter(|r| r.push) else {
+            return;
+        };
+        let Some(cache) = self.cache.clone() else {
+            return;
+        };
+        let manifest = self.manifest.clone();
+        let key = key.to_string();
+        let repository = remote.repository.clone();
+        let spawned = std::thread::Builder::new()
+            .name("push".into())
+            .spawn(move || {
+                let entry = match cache.lookup_key(&key) {
+                    Ok(Some(e)) => e,
+                    _ => return,
+                };
+                match crate::remote::push(&cache, &manifest, &entry, &mut |p| {
+                    tracing::debug!(phase = "push", "{p}")
+                }) {
+                    Ok(p) => tracing::info!(
+                        phase = "push",
+                        push_ms = p.ms,
+                        "pushed image {} to {repository}: {} MB sent ({} of {} blobs already there) in {} ms",
+                        short(&key),
+                        p.sent_bytes / 1_000_000,
+                        p.blobs_present,
+                        p.blobs,
+                        p.ms
+                    ),
+                    Err(e) => tracing::warn!(
+                        phase = "push",
+                        "cannot push image {} to {repository}: {}",
+                        short(&key),
+                        chain(&e)
+                    ),
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::warn!("cannot start the push: {e}");
         }
     }
 
@@ -925,6 +1033,9 @@ impl Supervisor {
         }
         self.record.image = Some(entry.key.clone());
         self.image_taken = true;
+        if taken != Taken::Stop && self.record.stale.is_none() {
+            self.push_in_background(&entry.key);
+        }
         Ok(Checkpointed {
             key: entry.key,
             generation: entry.meta.generation,

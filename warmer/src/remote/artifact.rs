@@ -1,0 +1,466 @@
+//! A cache entry as an OCI artifact, the one format of the registry tier and
+//! of `warmer export` / `warmer import`.
+//!
+//! - The manifest is an OCI image manifest with `artifactType`
+//!   [`ARTIFACT_TYPE`], tagged (in a registry) or named (in a layout) after
+//!   the entry's digest, the 64 hex characters of its cache key.
+//! - The config blob ([`CONFIG_TYPE`]) is [`Config`]: the entry's own
+//!   `meta.json` (service, digest, generation, host facts, when it was made,
+//!   and the BLAKE3 of every payload file).
+//! - One layer per payload file, titled with its path
+//!   (`org.opencontainers.image.title`), zstd-compressed ([`FILE_ZSTD_TYPE`])
+//!   when that saves at least a tenth, else raw ([`FILE_TYPE`]). Identical
+//!   files (across generations, across services) are identical blobs: a
+//!   registry stores and sends them once.
+//!
+//! Reading one back trusts nothing: every blob is checked against its sha256
+//! as it arrives, a layer never decompresses past the size the config
+//! records, its title must be a plain relative path, and the cache publishes
+//! the entry only if every file's BLAKE3 matches the config
+//! ([`cache::NewEntry::expected_files`]). A config for another digest, or
+//! made on a host with different facts, is refused with the difference.
+
+use std::collections::BTreeMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, BufReader, Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Component, Path, PathBuf};
+
+use cache::{Cache, Entry, Meta};
+use oci_client::manifest::{OciDescriptor, OciImageManifest, OCI_IMAGE_MEDIA_TYPE};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest as _, Sha256};
+
+use super::RemoteError;
+
+pub const ARTIFACT_TYPE: &str = "application/vnd.warmer.image.v1";
+pub const CONFIG_TYPE: &str = "application/vnd.warmer.image.config.v1+json";
+pub const FILE_TYPE: &str = "application/vnd.warmer.image.file.v1";
+pub const FILE_ZSTD_TYPE: &str = "application/vnd.warmer.image.file.v1+zstd";
+pub const TITLE: &str = "org.opencontainers.image.title";
+/// The artifact version this code writes and reads.
+pub const ARTIFACT_VERSION: u32 = 1;
+/// A config is a few KiB of JSON; anything much bigger is not ours.
+pub const MAX_CONFIG_BYTES: i64 = 8 << 20;
+/// Manifests likewise (one descriptor per file).
+pub const MAX_MANIFEST_BYTES: usize = 4 << 20;
+/// zstd level: fast to make (images are made at ready time), and CRIU's
+/// page files compress well even at low levels.
+const ZSTD_LEVEL: i32 = 3;
+
+/// The config blob.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub warmer_artifact: u32,
+    pub entry: Meta,
+}
+
+/// A blob on local disk whose sha256 is `desc.digest`.
+#[derive(Debug, Clone)]
+pub struct Blob {
+    pub desc: OciDescriptor,
+    pub path: PathBuf,
+}
+
+/// An entry made ready to leave this machine.
+#[derive(Debug)]
+pub struct Prepared {
+    pub manifest: OciImageManifest,
+    /// The manifest as sent; its sha256 is the manifest digest.
+    pub manifest_bytes: Vec<u8>,
+    pub config: Vec<u8>,
+    pub config_desc: OciDescriptor,
+    pub layers: Vec<Blob>,
+    /// Payload bytes before compression.
+    pub raw_bytes: u64,
+}
+
+impl Prepared {
+    /// Bytes of all blobs as sent (compressed where it paid).
+    pub fn wire_bytes(&self) -> u64 {
+        self.layers
+            .iter()
+            .map(|b| u64::try_from(b.desc.size).unwrap_or(0))
+            .sum::<u64>()
+            + self.config.len() as u64
+            + self.manifest_bytes.len() as u64
+    }
+}
+
+pub fn sha256_digest(bytes: &[u8]) -> String {
+    format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> RemoteError + '_ {
+    move |source| RemoteError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// A writer that hashes what passes through it.
+struct Hashing<W> {
+    inner: W,
+    hash: Sha256,
+    len: u64,
+}
+
+impl<W: Write> Write for Hashing<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hash.update(&buf[..n]);
+        self.len += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// Builds the artifact of `entry`; compressed layers are written under
+/// `scratch` (which must outlive the result), raw ones point into the entry.
+pub fn prepare(entry: &Entry, scratch: &Path) -> Result<Prepared, RemoteError> {
+    let data = entry.data_dir();
+    let mut layers = Vec::new();
+    for (i, file) in entry.meta.files.iter().enumerate() {
+        let src = data.join(&file.path);
+        let packed = scratch.join(format!("{i}.zst"));
+        // One read: the raw file's sha256 and its compressed form together.
+        let mut input = BufReader::with_capacity(1 << 20, File::open(&src).map_err(io_err(&src))?);
+        let out = File::create(&packed).map_err(io_err(&packed))?;
+        let mut raw_hash = Sha256::new();
+        let mut enc = zstd::stream::write::Encoder::new(
+            Hashing {
+                inner: out,
+                hash: Sha256::new(),
+                len: 0,
+            },
+            ZSTD_LEVEL,
+        )
+        .map_err(io_err(&packed))?;
+        let mut buf = vec![0u8; 1 << 20];
+        let mut raw_len = 0u64;
+        loop {
+            let n = input.read(&mut buf).map_err(io_err(&src))?;
+            if n == 0 {
+                break;
+            }
+            raw_hash.update(&buf[..n]);
+            raw_len += n as u64;
+            enc.write_all(&buf[..n]).map_err(io_err(&packed))?;
+        }
+        let hashing = enc.finish().map_err(io_err(&packed))?;
+        if raw_len != file.size {
+            return Err(RemoteError::Damaged(format!(
+                "{}: size {raw_len}, recorded {}",
+                file.path, file.size
+            )));
+        }
+        let (media_type, digest, size, path) = if hashing.len * 10 <= raw_len * 9 {
+            (
+                FILE_ZSTD_TYPE,
+                hex::encode(hashing.hash.finalize()),
+                hashing.len,
+                packed,
+            )
+        } else {
+            let _ = fs::remove_file(&packed);
+            (FILE_TYPE, hex::encode(raw_hash.finalize()), raw_len, src)
+        };
+        layers.push(Blob {
+            desc: OciDescriptor {
+                media_type: media_type.into(),
+                digest: format!("sha256:{digest}"),
+                size: i64::try_from(size).unwrap_or(i64::MAX),
+                urls: None,
+                artifact_type: None,
+                annotations: Some(BTreeMap::from([(TITLE.to_string(), file.path.clone())])),
+            },
+            path,
+        });
+    }
+    let config = serde_json::to_vec(&Config {
+        warmer_artifact: ARTIFACT_VERSION,
+        entry: Meta {
+            origin: None,
+            ..entry.meta.clone()
+        },
+    })
+    .expect("config serializes");
+    let config_desc = OciDescriptor {
+        media_type: CONFIG_TYPE.into(),
+        digest: sha256_digest(&config),
+        size: config.len() as i64,
+        urls: None,
+        artifact_type: None,
+        annotations: None,
+    };
+    let manifest = OciImageManifest {
+        schema_version: 2,
+        media_type: Some(OCI_IMAGE_MEDIA_TYPE.into()),
+        config: config_desc.clone(),
+        layers: layers.iter().map(|b| b.desc.clone()).collect(),
+        subject: None,
+        artifact_type: Some(ARTIFACT_TYPE.into()),
+        annotations: Some(BTreeMap::from([
+            (
+                "org.opencontainers.image.created".to_string(),
+                entry.meta.created.clone(),
+            ),
+            ("vnd.warmer.service".to_string(), entry.meta.service.clone()),
+            (
+                "vnd.warmer.generation".to_string(),
+                entry.meta.generation.to_string(),
+            ),
+        ])),
+    };
+    let manifest_bytes = serde_json::to_vec(&manifest).expect("manifest serializes");
+    Ok(Prepared {
+        manifest,
+        manifest_bytes,
+        config,
+        config_desc,
+        layers,
+        raw_bytes: entry.meta.bytes,
+    })
+}
+
+/// Parses a manifest and checks it is a warmer image this code can read.
+pub fn parse_manifest(bytes: &[u8]) -> Result<OciImageManifest, RemoteError> {
+    if bytes.len() > MAX_MANIFEST_BYTES {
+        return Err(RemoteError::NotOurs(format!(
+            "manifest of {} bytes",
+            bytes.len()
+        )));
+    }
+    let manifest: OciImageManifest = serde_json::from_slice(bytes)
+        .map_err(|e| RemoteError::NotOurs(format!("unreadable manifest: {e}")))?;
+    check_manifest(&manifest)?;
+    Ok(manifest)
+}
+
+pub fn check_manifest(manifest: &OciImageManifest) -> Result<(), RemoteError> {
+    if manifest.config.media_type != CONFIG_TYPE {
+        return Err(RemoteError::NotOurs(format!(
+            "config media type {:?}, expected {CONFIG_TYPE}",
+            manifest.config.media_type
+        )));
+    }
+    if !(0..=MAX_CONFIG_BYTES).contains(&manifest.config.size) {
+        return Err(RemoteError::NotOurs(format!(
+            "config of {} bytes",
+            manifest.config.size
+        )));
+    }
+    for layer in &manifest.layers {
+        if layer.media_type != FILE_TYPE && layer.media_type != FILE_ZSTD_TYPE {
+            return Err(RemoteError::NotOurs(format!(
+                "layer media type {:?}",
+                layer.media_type
+            )));
+        }
+        title(layer)?;
+    }
+    Ok(())
+}
+
+/// Parses a config blob (already checked against its digest).
+pub fn parse_config(bytes: &[u8]) -> Result<Config, RemoteError> {
+    let config: Config = serde_json::from_slice(bytes)
+        .map_err(|e| RemoteError::NotOurs(format!("unreadable config: {e}")))?;
+    if config.warmer_artifact != ARTIFACT_VERSION {
+        return Err(RemoteError::NotOurs(format!(
+            "artifact version {}, this warmer reads {ARTIFACT_VERSION}",
+            config.warmer_artifact
+        )));
+    }
+    Ok(config)
+}
+
+/// A layer's file path: relative, plain components only.
+pub fn title(layer: &OciDescriptor) -> Result<&str, RemoteError> {
+    let t = layer
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(TITLE))
+        .ok_or_else(|| RemoteError::NotOurs(format!("layer {} has no title", layer.digest)))?;
+    let path = Path::new(t);
+    let plain = !t.is_empty()
+        && path
+            .components()
+            .all(|c| matches!(c, Component::Normal(_)));
+    if !plain {
+        return Err(RemoteError::NotOurs(format!("layer title {t:?}")));
+    }
+    Ok(t)
+}
+
+/// Where this host differs from the one an image was made on, in the facts
+/// a restore depends on (empty: compatible).
+pub fn host_differences(
+    image: &BTreeMap<String, String>,
+    here: &BTreeMap<String, String>,
+) -> Vec<String> {
+    let mut out = Vec::new();
+    for (key, theirs) in image {
+        let ours = here.get(key).map(String::as_str).unwrap_or("");
+        if theirs == ours {
+            continue;
+        }
+        if key == "cpu_flags" {
+            let ours: Vec<&str> = ours.split_whitespace().collect();
+            let missing: Vec<&str> = theirs
+                .split_whitespace()
+                .filter(|f| !ours.contains(f))
+                .collect();
+            let extra = ours.len() + missing.len() - theirs.split_whitespace().count();
+            out.push(if missing.is_empty() {
+                format!("CPU flags: this host has {extra} the image's host lacked")
+            } else {
+                format!(
+                    "CPU flags: this host lacks {} ({})",
+                    missing.len(),
+                    missing.join(" ")
+                )
+            });
+        } else if key == "init_sha256" {
+            out.push("warmer-init differs".to_string());
+        } else {
+            let name = match key.as_str() {
+                "criu_version" => "CRIU",
+                "kernel" => "kernel",
+                "image_format" => "image format",
+                other => other,
+            };
+            out.push(format!("{name}: image {theirs}, here {ours}"));
+        }
+    }
+    out
+}
+
+/// Writes a layer's payload file from its verified blob, never past `limit`
+/// bytes (the size the config records: a compressed bomb stops there).
+fn unpack(layer: &OciDescriptor, blob: &Path, dest: &Path, limit: u64) -> Result<(), RemoteError> {
+    if let Some(parent) = dest.parent() {
+        fs::create_dir_all(parent).map_err(io_err(parent))?;
+    }
+    let mut out = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(dest)
+        .map_err(io_err(dest))?;
+    let input = File::open(blob).map_err(io_err(blob))?;
+    let copied = if layer.media_type == FILE_ZSTD_TYPE {
+        let dec = zstd::stream::read::Decoder::new(input).map_err(io_err(blob))?;
+        io::copy(&mut dec.take(limit + 1), &mut out)
+    } else {
+        io::copy(&mut input.take(limit + 1), &mut out)
+    }
+    .map_err(|e| RemoteError::Damaged(format!("layer {}: {e}", layer.digest)))?;
+    if copied > limit {
+        return Err(RemoteError::Damaged(format!(
+            "layer {} unpacks to more than the {limit} bytes recorded",
+            layer.digest
+        )));
+    }
+    Ok(())
+}
+
+/// Adds the artifact to the cache as a new generation of its digest.
+/// `fetch` hands back a local file holding a layer's blob, already checked
+/// against its digest. The caller holds the service's cache lock.
+pub fn install(
+    cache: &Cache,
+    config: &Config,
+    manifest: &OciImageManifest,
+    fetch: &mut dyn FnMut(&OciDescriptor) -> Result<PathBuf, RemoteError>,
+    origin: String,
+) -> Result<Entry, RemoteError> {
+    let meta = &config.entry;
+    let staging = cache.stage().map_err(RemoteError::Cache)?;
+    let data = staging.data_dir();
+    for layer in &manifest.layers {
+        let path = title(layer)?;
+        let recorded = meta
+            .files
+            .iter()
+            .find(|f| f.path == path)
+            .ok_or_else(|| RemoteError::Damaged(format!("layer {path:?} is not in the config")))?;
+        let blob = fetch(layer)?;
+        unpack(layer, &blob, &data.join(path), recorded.size)?;
+    }
+    let entry = cache
+        .publish(
+            staging,
+            cache::NewEntry {
+                service: meta.service.clone(),
+                digest: meta.digest.clone(),
+                inputs: meta.inputs.clone(),
+                host: meta.host.clone(),
+                cold_start_ms: meta.cold_start_ms,
+                origin: Some(origin),
+                expected_files: Some(meta.files.clone()),
+                created: Some((meta.created.clone(), meta.created_unix)),
+            },
+        )
+        .map_err(RemoteError::Cache)?;
+    Ok(entry)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn host_differences_name_what_differs() {
+        let here = map(&[
+            ("kernel", "6.18"),
+            ("criu_version", "4.2.1"),
+            ("cpu_flags", "avx fpu sse"),
+        ]);
+        assert!(host_differences(&here, &here).is_empty());
+        let image = map(&[
+            ("kernel", "6.1"),
+            ("criu_version", "4.2.1"),
+            ("cpu_flags", "avx avx512f fpu sse"),
+        ]);
+        let d = host_differences(&image, &here);
+        assert_eq!(d.len(), 2, "{d:?}");
+        assert!(d[0].contains("lacks 1 (avx512f)"), "{d:?}");
+        assert_eq!(d[1], "kernel: image 6.1, here 6.18");
+    }
+
+    #[test]
+    fn titles_must_be_plain_relative_paths() {
+        let desc = |t: &str| OciDescriptor {
+            media_type: FILE_TYPE.into(),
+            digest: "sha256:00".into(),
+            size: 1,
+            urls: None,
+            artifact_type: None,
+            annotations: Some(BTreeMap::from([(TITLE.to_string(), t.to_string())])),
+        };
+        assert_eq!(title(&desc("pages-1.img")).unwrap(), "pages-1.img");
+        assert_eq!(title(&desc("state/0/db")).unwrap(), "state/0/db");
+        for bad in ["", "/etc/passwd", "../x", "a/../../x", "./a"] {
+            assert!(title(&desc(bad)).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn foreign_manifests_are_refused() {
+        let m = br#"{"schemaVersion":2,"config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:00","size":2},"layers":[]}"#;
+        let e = parse_manifest(m).unwrap_err().to_string();
+        assert!(e.contains("config media type"), "{e}");
+        assert!(parse_config(br#"{"warmer_artifact":9,"entry":{}}"#).is_err());
+    }
+}

@@ -1,0 +1,306 @@
+//! Images that travel: a registry as the cache's second tier, and archives.
+//!
+//! - [`artifact`]: the one format (an OCI artifact: config = the entry's
+//!   metadata, a layer per payload file) and how one is checked and added
+//!   to the cache.
+//! - [`registry`]: push and pull over the OCI distribution API
+//!   (`oci-client`), with auth ([`auth`]), TLS with the system's CA store,
+//!   resumable downloads and deadlines.
+//! - [`layout`]: `warmer export` / `warmer import`, the same artifact in an
+//!   OCI image layout tarball.
+//!
+//! Where the warm path uses them: on a cache miss `warmer run` pulls the tag
+//! named after the digest, bounded by `remote.timeout`
+//! ([`crate::supervisor`]); after a checkpoint it pushes in the background.
+//! A registry is not trusted more than the disk: a pulled entry is verified
+//! like any other, and quarantined if damaged.
+
+pub mod artifact;
+pub mod auth;
+pub mod layout;
+pub mod registry;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// What can go wrong moving an image between here and elsewhere.
+#[derive(Debug, thiserror::Error)]
+pub enum RemoteError {
+    #[error("{0}")]
+    Settings(String),
+    #[error("registry {what}")]
+    Registry {
+        what: String,
+        #[source]
+        source: Box<oci_client::errors::OciDistributionError>,
+    },
+    #[error("no image {0} in the registry")]
+    NotFound(String),
+    #[error("registry {what}: no answer within {}", humantime::format_duration(*limit))]
+    Timeout { what: String, limit: Duration },
+    #[error("blob {expected}: content has digest {found} (tampered or corrupted), refused")]
+    Tampered { expected: String, found: String },
+    #[error("not a warmer image: {0}")]
+    NotOurs(String),
+    #[error("image is damaged: {0}")]
+    Damaged(String),
+    #[error("the image is for digest {found}, expected {expected}")]
+    WrongDigest { expected: String, found: String },
+    #[error("the image was made on an incompatible host: {}", .0.join("; "))]
+    HostDiffers(Vec<String>),
+    #[error("I/O on {}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cache")]
+    Cache(#[source] cache::Error),
+}
+
+/// One line per phase of a transfer, for a person watching (stderr).
+pub type Progress<'a> = &'a mut dyn FnMut(&str);
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use cache::{Cache, Entry};
+
+use crate::dirs::Dirs;
+use crate::manifest::{Manifest, Remote};
+
+/// Refuses an image made for another digest or on an incompatible host.
+pub fn check_config(
+    config: &artifact::Config,
+    digest: Option<&str>,
+    here: &BTreeMap<String, String>,
+) -> Result<(), RemoteError> {
+    if let Some(d) = digest {
+        if config.entry.digest != d {
+            return Err(RemoteError::WrongDigest {
+                expected: d.to_string(),
+                found: config.entry.digest.clone(),
+            });
+        }
+    }
+    let differences = artifact::host_differences(&config.entry.host, here);
+    if differences.is_empty() {
+        Ok(())
+    } else {
+        Err(RemoteError::HostDiffers(differences))
+    }
+}
+
+fn remote_of(manifest: &Manifest) -> Result<&Remote, RemoteError> {
+    manifest.remote.as_ref().ok_or_else(|| {
+        RemoteError::Settings(format!(
+            "{}: no remote: section (remote: {{repository: host[:port]/path}})",
+            manifest.path.display()
+        ))
+    })
+}
+
+/// Pulls the image of `digest` for `manifest`'s service into `cache`, within
+/// `limit`. The caller holds the service's cache lock.
+pub fn pull(
+    cache: &Cache,
+    manifest: &Manifest,
+    digest: &str,
+    host: &BTreeMap<String, String>,
+    limit: Option<std::time::Duration>,
+    progress: Progress,
+) -> Result<registry::Pulled, RemoteError> {
+    let registry = registry::Registry::new(remote_of(manifest)?)?;
+    registry.pull(
+        cache,
+        digest,
+        limit,
+        &|config| check_config(config, Some(digest), host),
+        progress,
+    )
+}
+
+/// Pushes `entry` to `manifest`'s remote repository.
+pub fn push(
+    cache: &Cache,
+    manifest: &Manifest,
+    entry: &Entry,
+    progress: Progress,
+) -> Result<registry::Pushed, RemoteError> {
+    let registry = registry::Registry::new(remote_of(manifest)?)?;
+    let scratch = cache.stage().map_err(RemoteError::Cache)?;
+    registry.push(entry, &scratch.data_dir(), progress)
+}
+
+/// `warmer push SVC`: the image a start of SVC would restore now.
+pub fn push_service(dirs: &Dirs, service: &str, progress: Progress) -> Result<registry::Pushed, RemoteError> {
+    let (manifest, digest, _) = service_digest(dirs, service)?;
+    let cache = Cache::open(&dirs.cache).map_err(RemoteError::Cache)?;
+    let entry = cache
+        .lookup(&digest)
+        .map_err(RemoteError::Cache)?
+        .filter(|e| e.stale.is_none())
+        .ok_or_else(|| {
+            RemoteError::Settings(format!(
+                "no current image of {service} (digest {}) in the cache: start the service once to make one",
+                &digest[..12]
+            ))
+        })?;
+    let lock = cache.lock_service(service, true).map_err(RemoteError::Cache)?;
+    cache.check_shape(&entry).map_err(|p| RemoteError::Damaged(p.to_string()))?;
+    cache
+        .ensure_verified(&entry, &mut |_, _| {})
+        .map_err(|p| RemoteError::Damaged(p.to_string()))?;
+    drop(lock);
+    push(&cache, &manifest, &entry, progress)
+}
+
+/// What `warmer pull` did.
+#[derive(Debug, serde::Serialize)]
+pub enum PullOutcome {
+    /// The cache already has a usable image of the digest.
+    Present(String),
+    Pulled(registry::Pulled),
+}
+
+/// `warmer pull SVC`: fetch the image of SVC's digest on this host.
+pub fn pull_service(
+    dirs: &Dirs,
+    service: &str,
+    limit: Option<std::time::Duration>,
+    progress: Progress,
+) -> Result<PullOutcome, RemoteError> {
+    let (manifest, digest, host) = service_digest(dirs, service)?;
+    let cache = Cache::open(&dirs.cache).map_err(RemoteError::Cache)?;
+    let _lock = cache.lock_service(service, true).map_err(RemoteError::Cache)?;
+    if let Some(e) = cache.lookup(&digest).map_err(RemoteError::Cache)? {
+        if e.stale.is_none() {
+            return Ok(PullOutcome::Present(e.key));
+        }
+    }
+    pull(&cache, &manifest, &digest, &host, limit, progress).map(PullOutcome::Pulled)
+}
+
+fn service_digest(
+    dirs: &Dirs,
+    service: &str,
+) -> Result<(Manifest, String, BTreeMap<String, String>), RemoteError> {
+    let manifest = Manifest::find(&dirs.manifests, service)
+        .map_err(|e| RemoteError::Settings(crate::errors::chain(&e)))?;
+    let mut digester = crate::digest::Digester::open(dirs)
+        .map_err(|e| RemoteError::Settings(crate::errors::chain(&e)))?;
+    let digest = digester
+        .digest(&manifest)
+        .map_err(|e| RemoteError::Settings(crate::errors::chain(&e)))?;
+    Ok((manifest, digest.hex, digester.host.as_map()))
+}
+
+/// `warmer export SVC|DIGEST -o FILE`.
+pub fn export(dirs: &Dirs, target: &str, out: &Path) -> Result<layout::Exported, RemoteError> {
+    let cache = Cache::open(&dirs.cache).map_err(RemoteError::Cache)?;
+    let entry = pick(dirs, &cache, target)?;
+    {
+        let _lock = cache
+            .lock_service(&entry.meta.service, true)
+            .map_err(RemoteError::Cache)?;
+        cache.check_shape(&entry).map_err(|p| RemoteError::Damaged(p.to_string()))?;
+        cache
+            .ensure_verified(&entry, &mut |_, _| {})
+            .map_err(|p| RemoteError::Damaged(p.to_string()))?;
+    }
+    let scratch = cache.stage().map_err(RemoteError::Cache)?;
+    layout::export(&entry, &scratch.data_dir(), out)
+}
+
+/// What `warmer import` added.
+#[derive(Debug, serde::Serialize)]
+pub struct Imported {
+    pub key: String,
+    pub service: String,
+    /// Whether a start of the service here would restore it (its manifest
+    /// here gives the same digest), and if not, why not.
+    pub restores_here: Result<(), String>,
+}
+
+/// `warmer import FILE`: verify an exported archive and add its image.
+/// Refused when this host's facts differ from the image's.
+pub fn import(dirs: &Dirs, archive: &Path) -> Result<Imported, RemoteError> {
+    let cache = Cache::open(&dirs.cache).map_err(RemoteError::Cache)?;
+    let scratch = cache.stage().map_err(RemoteError::Cache)?;
+    let unpacked = layout::unpack(archive, &scratch.data_dir())?;
+    let service = unpacked.config.entry.service.clone();
+    crate::manifest::check_service_name(&service).map_err(RemoteError::NotOurs)?;
+    let digester = crate::digest::Digester::open(dirs)
+        .map_err(|e| RemoteError::Settings(crate::errors::chain(&e)))?;
+    check_config(&unpacked.config, None, &digester.host.as_map())?;
+    let restores_here = match service_digest(dirs, &service) {
+        Ok((_, d, _)) if d == unpacked.config.entry.digest => Ok(()),
+        Ok((_, d, _)) => Err(format!(
+            "{service}'s digest here is {} (its manifest, program or files differ from the image's)",
+            &d[..12]
+        )),
+        Err(e) => Err(e.to_string()),
+    };
+    let _lock = cache.lock_service(&service, true).map_err(RemoteError::Cache)?;
+    let origin = format!("import {}", archive.display());
+    let entry = layout::install(&cache, &unpacked, origin)?;
+    Ok(Imported {
+        key: entry.key,
+        service,
+        restores_here,
+    })
+}
+
+/// The entry `target` names: SVC (the generation its next start restores,
+/// else its newest) or a digest or key prefix naming one digest.
+pub fn pick(dirs: &Dirs, cache: &Cache, target: &str) -> Result<Entry, RemoteError> {
+    let all: Vec<Entry> = cache
+        .list()
+        .map_err(RemoteError::Cache)?
+        .into_iter()
+        .flatten()
+        .collect();
+    let of_service: Vec<&Entry> = all.iter().filter(|e| e.meta.service == target).collect();
+    let digest = if !of_service.is_empty() {
+        match service_digest(dirs, target) {
+            Ok((_, d, _)) if of_service.iter().any(|e| e.meta.digest == d) => d,
+            _ => of_service
+                .iter()
+                .max_by_key(|e| e.meta.generation)
+                .map(|e| e.meta.digest.clone())
+                .expect("not empty"),
+        }
+    } else {
+        let t = target.to_ascii_lowercase();
+        let hex = t.len() >= 6 && t.bytes().all(|b| b.is_ascii_hexdigit() || b == b'.');
+        let mut digests: Vec<&str> = all
+            .iter()
+            .filter(|e| hex && e.key.starts_with(&t))
+            .map(|e| e.meta.digest.as_str())
+            .collect();
+        digests.dedup();
+        match digests.as_slice() {
+            [] => {
+                return Err(RemoteError::Settings(format!(
+                    "no cache entry matches {target:?} (a service name or a digest prefix of 6+ hex digits)"
+                )))
+            }
+            [d] => {
+                if let Some(e) = all.iter().find(|e| e.key == t) {
+                    return Ok(e.clone());
+                }
+                d.to_string()
+            }
+            more => {
+                return Err(RemoteError::Settings(format!(
+                    "{target:?} matches {} digests; give more digits",
+                    more.len()
+                )))
+            }
+        }
+    };
+    cache
+        .lookup(&digest)
+        .map_err(RemoteError::Cache)?
+        .ok_or_else(|| RemoteError::Settings(format!("no entry for digest {digest}")))
+}

@@ -1,0 +1,456 @@
+//! Push and pull over the OCI distribution API.
+//!
+//! A [`Registry`] is one `remote.repository` with its credentials and a
+//! current-thread tokio runtime of its own (warmer is otherwise synchronous).
+//! Every request has a connect bound and a stall bound; a whole pull has the
+//! caller's deadline. Downloads land in the cache's `incoming/<digest>/`: a
+//! blob is renamed into place only once its sha256 matched, and a pull that
+//! broke off continues where it stopped (HTTP range requests), so even a
+//! start whose bound cuts a big pull short leaves the next one further on.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use cache::{Cache, Entry};
+use futures_util::StreamExt;
+use oci_client::client::{BlobResponse, Certificate, CertificateEncoding, ClientConfig, ClientProtocol};
+use oci_client::errors::OciDistributionError;
+use oci_client::manifest::{OciDescriptor, OCI_IMAGE_MEDIA_TYPE};
+use oci_client::secrets::RegistryAuth;
+use oci_client::{Client, Reference};
+
+
+use super::artifact::{self, Config};
+use super::{auth, Progress, RemoteError};
+use crate::manifest::Remote;
+
+/// Connecting to a registry that is down or unroutable gives up after this.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// A transfer that delivers nothing for this long is abandoned.
+const STALL_TIMEOUT: Duration = Duration::from_secs(10);
+/// Upload chunk size (a PATCH each).
+const PUSH_CHUNK: usize = 8 << 20;
+
+pub struct Registry {
+    rt: tokio::runtime::Runtime,
+    client: Client,
+    auth: RegistryAuth,
+    repository: String,
+}
+
+/// What a push sent.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Pushed {
+    pub reference: String,
+    pub manifest_digest: String,
+    /// Payload bytes, uncompressed.
+    pub raw_bytes: u64,
+    /// Bytes of all blobs as stored (compressed where it paid).
+    pub wire_bytes: u64,
+    /// Of those, bytes actually uploaded (blobs the registry lacked).
+    pub sent_bytes: u64,
+    pub blobs: usize,
+    pub blobs_present: usize,
+    pub ms: u64,
+}
+
+/// What a pull fetched.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Pulled {
+    pub key: String,
+    pub reference: String,
+    pub manifest_digest: String,
+    /// Bytes downloaded now (resumed blobs count only the rest).
+    pub fetched_bytes: u64,
+    pub raw_bytes: u64,
+    pub ms: u64,
+}
+
+fn registry_err(what: impl Into<String>) -> impl FnOnce(OciDistributionError) -> RemoteError {
+    let what = what.into();
+    move |e| RemoteError::Registry {
+        what,
+        source: Box::new(e),
+    }
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> RemoteError + '_ {
+    move |source| RemoteError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Runs `fut` to completion unless `deadline` passes first.
+fn bounded<T>(
+    rt: &tokio::runtime::Runtime,
+    deadline: Option<(Instant, Duration)>,
+    what: &str,
+    fut: impl std::future::Future<Output = Result<T, RemoteError>>,
+) -> Result<T, RemoteError> {
+    match deadline {
+        None => rt.block_on(fut),
+        Some((at, limit)) => {
+            let left = at.saturating_duration_since(Instant::now());
+            rt.block_on(async { tokio::time::timeout(left, fut).await })
+                .unwrap_or_else(|_| {
+                    Err(RemoteError::Timeout {
+                        what: what.to_string(),
+                        limit,
+                    })
+                })
+        }
+    }
+}
+
+impl Registry {
+    pub fn new(remote: &Remote) -> Result<Self, RemoteError> {
+        let reference = Self::parse_ref(&remote.repository, "latest")?;
+        let host = reference.resolve_registry().to_string();
+        let mut extra_root_certificates = Vec::new();
+        if let Some(ca) = &remote.ca_file {
+            let data = fs::read(ca).map_err(io_err(ca))?;
+            extra_root_certificates.push(Certificate {
+                encoding: CertificateEncoding::Pem,
+                data,
+            });
+        }
+        let config = ClientConfig {
+            protocol: if remote.insecure {
+                ClientProtocol::HttpsExcept(vec![host.clone()])
+            } else {
+                ClientProtocol::Https
+            },
+            extra_root_certificates,
+            connect_timeout: Some(CONNECT_TIMEOUT),
+            read_timeout: Some(STALL_TIMEOUT),
+            user_agent: concat!("warmer/", env!("CARGO_PKG_VERSION")),
+            ..ClientConfig::default()
+        };
+        let client = Client::try_from(config).map_err(registry_err("client setup"))?;
+        let auth = auth::credentials(&host)?;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(io_err(Path::new("tokio runtime")))?;
+        Ok(Self {
+            rt,
+            client,
+            auth,
+            repository: remote.repository.clone(),
+        })
+    }
+
+    fn parse_ref(repository: &str, tag: &str) -> Result<Reference, RemoteError> {
+        format!("{repository}:{tag}").parse::<Reference>().map_err(|e| {
+            RemoteError::Settings(format!(
+                "remote.repository {repository:?}: {e} (expected host[:port]/path, e.g. registry.example:5000/warmer/web)"
+            ))
+        })
+    }
+
+    /// The reference of `digest`'s image: the repository, tagged with it.
+    pub fn reference(&self, digest: &str) -> Result<Reference, RemoteError> {
+        Self::parse_ref(&self.repository, digest)
+    }
+
+    /// Uploads `entry` as the image tagged with its digest. Blobs the
+    /// registry already has are not sent again.
+    pub fn push(&self, entry: &Entry, scratch: &Path, progress: Progress) -> Result<Pushed, RemoteError> {
+        let t = Instant::now();
+        let reference = self.reference(&entry.meta.digest)?;
+        progress(&format!(
+            "preparing {} ({} MB in {} files)",
+            entry.key,
+            entry.meta.bytes / 1_000_000,
+            entry.meta.files.len()
+        ));
+        let prepared = artifact::prepare(entry, scratch)?;
+        let mut sent = 0u64;
+        let mut present = 0usize;
+        let client = &self.client;
+        self.rt.block_on(async {
+            client
+                .store_auth_if_needed(reference.resolve_registry(), &self.auth)
+                .await;
+            let blobs = prepared.layers.len();
+            for (i, blob) in prepared.layers.iter().enumerate() {
+                let size = u64::try_from(blob.desc.size).unwrap_or(0);
+                if client
+                    .blob_exists(&reference, &blob.desc.digest)
+                    .await
+                    .map_err(registry_err(format!("check of blob {}", blob.desc.digest)))?
+                {
+                    present += 1;
+                    continue;
+                }
+                if size > 16 << 20 {
+                    progress(&format!("uploading {}/{blobs}: {} MB", i + 1, size / 1_000_000));
+                }
+                let chunks = file_chunks(&blob.path)?;
+                client
+                    .push_blob_stream(&reference, chunks, &blob.desc.digest, Some(size))
+                    .await
+                    .map_err(registry_err(format!("upload of blob {}", blob.desc.digest)))?;
+                sent += size;
+            }
+            if !client
+                .blob_exists(&reference, &prepared.config_desc.digest)
+                .await
+                .map_err(registry_err("check of the config"))?
+            {
+                client
+                    .push_blob(&reference, prepared.config.clone(), &prepared.config_desc.digest)
+                    .await
+                    .map_err(registry_err("upload of the config"))?;
+            }
+            client
+                .push_manifest_raw(
+                    &reference,
+                    prepared.manifest_bytes.clone(),
+                    OCI_IMAGE_MEDIA_TYPE.parse().expect("valid header value"),
+                )
+                .await
+                .map_err(registry_err("upload of the manifest"))?;
+            Ok::<(), RemoteError>(())
+        })?;
+        Ok(Pushed {
+            reference: reference.whole(),
+            manifest_digest: artifact::sha256_digest(&prepared.manifest_bytes),
+            raw_bytes: prepared.raw_bytes,
+            wire_bytes: prepared.wire_bytes(),
+            sent_bytes: sent,
+            blobs: prepared.layers.len(),
+            blobs_present: present,
+            ms: u64::try_from(t.elapsed().as_millis()).unwrap_or(u64::MAX),
+        })
+    }
+
+    /// Fetches `digest`'s image into `cache` as a new generation, all of it
+    /// within `limit` if given. `check` sees the image's config before any
+    /// layer is fetched (digest, host facts). The caller holds the service's
+    /// cache lock. `Err(NotFound)`: the registry has no such image.
+    pub fn pull(
+        &self,
+        cache: &Cache,
+        digest: &str,
+        limit: Option<Duration>,
+        check: &dyn Fn(&Config) -> Result<(), RemoteError>,
+        progress: Progress,
+    ) -> Result<Pulled, RemoteError> {
+        let t = Instant::now();
+        let deadline = limit.map(|l| (t + l, l));
+        let reference = self.reference(digest)?;
+        let client = &self.client;
+        let (manifest_bytes, manifest_digest) = bounded(&self.rt, deadline, "lookup", async {
+            client
+                .store_auth_if_needed(reference.resolve_registry(), &self.auth)
+                .await;
+            client
+                .pull_manifest_raw(&reference, &self.auth, &[OCI_IMAGE_MEDIA_TYPE])
+                .await
+                .map_err(|e| match e {
+                    OciDistributionError::ImageManifestNotFoundError(_) => {
+                        RemoteError::NotFound(reference.whole())
+                    }
+                    OciDistributionError::RegistryError { ref envelope, .. }
+                        if envelope.errors.iter().any(|e| {
+                            matches!(
+                                e.code,
+                                oci_client::errors::OciErrorCode::ManifestUnknown
+                                    | oci_client::errors::OciErrorCode::NameUnknown
+                            )
+                        }) =>
+                    {
+                        RemoteError::NotFound(reference.whole())
+                    }
+                    e => registry_err(format!("lookup of {}", reference.whole()))(e),
+                })
+        })?;
+        if artifact::sha256_digest(&manifest_bytes) != manifest_digest {
+            return Err(RemoteError::Tampered {
+                expected: manifest_digest,
+                found: artifact::sha256_digest(&manifest_bytes),
+            });
+        }
+        let manifest = artifact::parse_manifest(&manifest_bytes)?;
+        let mut config_bytes = Vec::new();
+        bounded(&self.rt, deadline, "config download", async {
+            client
+                .pull_blob(&reference, &manifest.config, &mut config_bytes)
+                .await
+                .map_err(|e| blob_err(&manifest.config, e))
+        })?;
+        let config = artifact::parse_config(&config_bytes)?;
+        if config.entry.digest != digest {
+            return Err(RemoteError::WrongDigest {
+                expected: digest.to_string(),
+                found: config.entry.digest,
+            });
+        }
+        check(&config)?;
+        let incoming = cache.incoming(digest).map_err(RemoteError::Cache)?;
+        let total: u64 = manifest
+            .layers
+            .iter()
+            .map(|l| u64::try_from(l.size).unwrap_or(0))
+            .sum();
+        let mut fetched = 0u64;
+        let count = manifest.layers.len();
+        let mut done = 0usize;
+        let mut fetch = |layer: &OciDescriptor| -> Result<PathBuf, RemoteError> {
+            done += 1;
+            let size = u64::try_from(layer.size).unwrap_or(0);
+            if size > 16 << 20 {
+                progress(&format!("downloading {done}/{count}: {} MB of {} MB", size / 1_000_000, total / 1_000_000));
+            }
+            let (path, got) = bounded(
+                &self.rt,
+                deadline,
+                "download",
+                download(client, &reference, layer, &incoming),
+            )?;
+            fetched += got;
+            Ok(path)
+        };
+        let origin = format!("{}@{manifest_digest}", reference.whole());
+        let entry = artifact::install(cache, &config, &manifest, &mut fetch, origin)?;
+        let _ = cache.drop_incoming(digest);
+        Ok(Pulled {
+            key: entry.key,
+            reference: reference.whole(),
+            manifest_digest,
+            fetched_bytes: fetched,
+            raw_bytes: entry.meta.bytes,
+            ms: u64::try_from(t.elapsed().as_millis()).unwrap_or(u64::MAX),
+        })
+    }
+}
+
+fn blob_err(layer: &OciDescriptor, e: OciDistributionError) -> RemoteError {
+    match e {
+        OciDistributionError::DigestError(oci_client::errors::DigestError::VerificationError {
+            expected,
+            actual,
+        }) => RemoteError::Tampered {
+            expected,
+            found: actual,
+        },
+        e => registry_err(format!("download of blob {}", layer.digest))(e),
+    }
+}
+
+/// A file as a stream of chunks, read as the upload asks for them.
+fn file_chunks(
+    path: &Path,
+) -> Result<impl futures_util::Stream<Item = Result<bytes::Bytes, OciDistributionError>> + Send + 'static, RemoteError>
+{
+    let mut file = File::open(path).map_err(io_err(path))?;
+    Ok(futures_util::stream::iter(std::iter::from_fn(move || {
+        let mut buf = vec![0u8; PUSH_CHUNK];
+        let mut filled = 0;
+        while filled < buf.len() {
+            match file.read(&mut buf[filled..]) {
+                Ok(0) => break,
+                Ok(n) => filled += n,
+                Err(e) => return Some(Err(OciDistributionError::IoError(e))),
+            }
+        }
+        (filled > 0).then(|| {
+            buf.truncate(filled);
+            Ok(bytes::Bytes::from(buf))
+        })
+    })))
+}
+
+/// Downloads one blob into `dir` (named by its hex digest), continuing a
+/// partial download; returns its path and the bytes fetched now. The blob
+/// is renamed into place only after its sha256 matched.
+async fn download(
+    client: &Client,
+    reference: &Reference,
+    layer: &OciDescriptor,
+    dir: &Path,
+) -> Result<(PathBuf, u64), RemoteError> {
+    let hex = layer
+        .digest
+        .strip_prefix("sha256:")
+        .filter(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()))
+        .ok_or_else(|| RemoteError::NotOurs(format!("blob digest {:?}", layer.digest)))?;
+    let size = u64::try_from(layer.size)
+        .map_err(|_| RemoteError::NotOurs(format!("blob size {}", layer.size)))?;
+    let done = dir.join(hex);
+    if fs::metadata(&done).is_ok_and(|m| m.len() == size) {
+        return Ok((done, 0));
+    }
+    let part = dir.join(format!("{hex}.part"));
+    let have = fs::metadata(&part).map(|m| m.len()).unwrap_or(0);
+    let mut stream = if have > 0 && have < size {
+        match client
+            .pull_blob_stream_partial(reference, layer, have, None)
+            .await
+            .map_err(|e| blob_err(layer, e))?
+        {
+            BlobResponse::Partial(s) => s,
+            BlobResponse::Full(s) => {
+                let _ = fs::remove_file(&part);
+                s
+            }
+        }
+    } else {
+        let _ = fs::remove_file(&part);
+        client
+            .pull_blob_stream(reference, layer)
+            .await
+            .map_err(|e| blob_err(layer, e))?
+    };
+    let mut out = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(&part)
+        .map_err(io_err(&part))?;
+    let mut len = out.metadata().map_err(io_err(&part))?.len();
+    let start = len;
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| match e.get_ref().and_then(|i| i.downcast_ref::<oci_client::errors::DigestError>()) {
+            Some(oci_client::errors::DigestError::VerificationError { expected, actual }) => {
+                RemoteError::Tampered {
+                    expected: expected.clone(),
+                    found: actual.clone(),
+                }
+            }
+            _ => RemoteError::Io {
+                path: part.clone(),
+                source: e,
+            },
+        })?;
+        len += chunk.len() as u64;
+        if len > size {
+            let _ = fs::remove_file(&part);
+            return Err(RemoteError::Tampered {
+                expected: layer.digest.clone(),
+                found: format!("more than its {size} bytes"),
+            });
+        }
+        out.write_all(&chunk).map_err(io_err(&part))?;
+    }
+    out.sync_all().map_err(io_err(&part))?;
+    drop(out);
+    let found = format!(
+        "sha256:{}",
+        crate::digest::sha256_file(&part).map_err(io_err(&part))?
+    );
+    if found != layer.digest {
+        let _ = fs::remove_file(&part);
+        return Err(RemoteError::Tampered {
+            expected: layer.digest.clone(),
+            found,
+        });
+    }
+    fs::rename(&part, &done).map_err(io_err(&done))?;
+    Ok((done, len - start))
+}
