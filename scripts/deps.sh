@@ -16,9 +16,10 @@ if ! command -v cargo >/dev/null; then
   exit 1
 fi
 
-# The example services run on Debian's python3 (/usr/bin/python3); curl for the demo.
+# The example services run on Debian's python3 (/usr/bin/python3); curl for the
+# demo; docker-registry: the real OCI registry of tests/registry.rs.
 need=()
-for pkg in python3 curl iptables make systemd systemd-container debootstrap; do
+for pkg in python3 curl iptables make systemd systemd-container debootstrap docker-registry; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
 if [ ${#need[@]} -gt 0 ]; then

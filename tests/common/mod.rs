@@ -44,6 +44,8 @@ pub fn free_port() -> u16 {
 /// One isolated warmer installation.
 pub struct Env {
     pub dir: tempfile::TempDir,
+    /// WARMER_RUN_DIR: `<dir>/run`, or another node's (see [`Env::node_like`]).
+    pub run: PathBuf,
 }
 
 impl Env {
@@ -55,7 +57,23 @@ impl Env {
         for d in ["manifests", "cache", "run", "app"] {
             std::fs::create_dir(dir.path().join(d)).unwrap();
         }
-        Self { dir }
+        let run = dir.path().join("run");
+        Self { dir, run }
+    }
+
+    /// Another machine with the same installation: its own manifests and
+    /// cache, and the same run directory path as `other` (as every node's is
+    /// /run/warmer), emptied: run `other`'s services no more after this.
+    pub fn node_like(other: &Env) -> Self {
+        let mut env = Env::new();
+        std::fs::remove_dir_all(&other.run).unwrap();
+        std::fs::create_dir(&other.run).unwrap();
+        env.run = other.run.clone();
+        for m in std::fs::read_dir(other.path("manifests")).unwrap() {
+            let m = m.unwrap().path();
+            std::fs::copy(&m, env.path("manifests").join(m.file_name().unwrap())).unwrap();
+        }
+        env
     }
 
     pub fn path(&self, rel: &str) -> PathBuf {
@@ -118,7 +136,7 @@ impl Env {
         let mut c = Command::new(WARMER);
         c.env("WARMER_MANIFEST_DIR", self.path("manifests"))
             .env("WARMER_CACHE_DIR", self.path("cache"))
-            .env("WARMER_RUN_DIR", self.path("run"))
+            .env("WARMER_RUN_DIR", &self.run)
             .env_remove("NOTIFY_SOCKET");
         c
     }

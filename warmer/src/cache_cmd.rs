@@ -43,6 +43,9 @@ pub struct EntryRow {
     /// Verified (hashed) during this boot and unchanged since.
     pub verified_this_boot: bool,
     pub host: BTreeMap<String, String>,
+    /// Where the entry came from if not made here (registry reference with
+    /// the manifest digest, or the imported archive).
+    pub origin: Option<String>,
 }
 
 /// The digest each service with a manifest would use now.
@@ -94,6 +97,7 @@ pub fn ls(dirs: &Dirs) -> Result<Listing, CacheCmdError> {
                 cold_start_ms: e.meta.cold_start_ms,
                 stale: e.stale,
                 host: e.meta.host,
+                origin: e.meta.origin,
             }),
             Err(b) => bad.push(b),
         }
@@ -118,6 +122,9 @@ pub fn render_ls(rows: &[EntryRow], bad: &[(String, Problem)]) -> String {
         }
         if r.verified_this_boot {
             flags.push("verified".into());
+        }
+        if let Some(origin) = &r.origin {
+            flags.push(format!("from {origin}"));
         }
         out.push_str(&format!(
             "{:<16} {:>4} {:<18} {:>9.1} {:<21} {:>8}  {}\n",

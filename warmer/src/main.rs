@@ -316,7 +316,12 @@ fn push_cmd(dirs: &Dirs, service: &str, json: bool) -> ExitCode {
     }
 }
 
-fn pull_cmd(dirs: &Dirs, service: &str, timeout: Option<std::time::Duration>, json: bool) -> ExitCode {
+fn pull_cmd(
+    dirs: &Dirs,
+    service: &str,
+    timeout: Option<std::time::Duration>,
+    json: bool,
+) -> ExitCode {
     use warmer::remote::PullOutcome;
     logging::set_service(service);
     match warmer::remote::pull_service(dirs, service, timeout, &mut |p| eprintln!("pull: {p}")) {

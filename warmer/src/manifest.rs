@@ -557,7 +557,10 @@ impl Manifest {
                     Some(c) if !Path::new(&c.value).is_absolute() => {
                         return Err(at(
                             &c.referenced,
-                            format!("remote.ca_file: expected an absolute path, got {:?}", c.value),
+                            format!(
+                                "remote.ca_file: expected an absolute path, got {:?}",
+                                c.value
+                            ),
                         ))
                     }
                     c => c.as_ref().map(|c| PathBuf::from(&c.value)),

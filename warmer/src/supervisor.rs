@@ -483,7 +483,10 @@ impl Supervisor {
                             }
                         }
                     }
-                    format!("ready: restored in {ready_ms} ms (cold {cold} ms){}", self.pull_note())
+                    format!(
+                        "ready: restored in {ready_ms} ms (cold {cold} ms){}",
+                        self.pull_note()
+                    )
                 }
                 None => format!("ready: restored in {ready_ms} ms{}", self.pull_note()),
             },

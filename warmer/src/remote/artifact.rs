@@ -286,10 +286,7 @@ pub fn title(layer: &OciDescriptor) -> Result<&str, RemoteError> {
         .and_then(|a| a.get(TITLE))
         .ok_or_else(|| RemoteError::NotOurs(format!("layer {} has no title", layer.digest)))?;
     let path = Path::new(t);
-    let plain = !t.is_empty()
-        && path
-            .components()
-            .all(|c| matches!(c, Component::Normal(_)));
+    let plain = !t.is_empty() && path.components().all(|c| matches!(c, Component::Normal(_)));
     if !plain {
         return Err(RemoteError::NotOurs(format!("layer title {t:?}")));
     }
@@ -383,11 +380,10 @@ pub fn install(
     let data = staging.data_dir();
     for layer in &manifest.layers {
         let path = title(layer)?;
-        let recorded = meta
-            .files
-            .iter()
-            .find(|f| f.path == path)
-            .ok_or_else(|| RemoteError::Damaged(format!("layer {path:?} is not in the config")))?;
+        let recorded =
+            meta.files.iter().find(|f| f.path == path).ok_or_else(|| {
+                RemoteError::Damaged(format!("layer {path:?} is not in the config"))
+            })?;
         let blob = fetch(layer)?;
         unpack(layer, &blob, &data.join(path), recorded.size)?;
     }

@@ -57,10 +57,7 @@ pub fn credentials(registry: &str) -> Result<RegistryAuth, RemoteError> {
     }
     let uid = nix::unistd::geteuid().as_raw();
     cache::fsutil::check_trusted(&path, uid).map_err(|why| {
-        RemoteError::Settings(format!(
-            "refusing the auth file {}: {why}",
-            path.display()
-        ))
+        RemoteError::Settings(format!("refusing the auth file {}: {why}", path.display()))
     })?;
     let text = std::fs::read_to_string(&path).map_err(|source| RemoteError::Io {
         path: path.clone(),
@@ -94,8 +91,8 @@ fn lookup(path: &Path, text: &str, registry: &str) -> Result<RegistryAuth, Remot
         let decoded = base64::engine::general_purpose::STANDARD
             .decode(auth.trim())
             .map_err(|e| bad(format!("{key}: auth is not base64: {e}")))?;
-        let decoded = String::from_utf8(decoded)
-            .map_err(|_| bad(format!("{key}: auth is not UTF-8")))?;
+        let decoded =
+            String::from_utf8(decoded).map_err(|_| bad(format!("{key}: auth is not UTF-8")))?;
         let (user, pass) = decoded
             .split_once(':')
             .ok_or_else(|| bad(format!("{key}: auth is not base64 of user:password")))?;
@@ -120,17 +117,28 @@ mod tests {
     #[test]
     fn docker_style_entries() {
         let text = r#"{"auths": {"reg:5000": {"auth": "dTpwOng="}, "https://other": {"username": "a", "password": "b"}, "tok": {"registrytoken": "T"}}}"#;
-        assert!(matches!(get(text, "reg:5000").unwrap(), RegistryAuth::Basic(u, p) if u == "u" && p == "p:x"));
-        assert!(matches!(get(text, "other").unwrap(), RegistryAuth::Basic(u, p) if u == "a" && p == "b"));
+        assert!(
+            matches!(get(text, "reg:5000").unwrap(), RegistryAuth::Basic(u, p) if u == "u" && p == "p:x")
+        );
+        assert!(
+            matches!(get(text, "other").unwrap(), RegistryAuth::Basic(u, p) if u == "a" && p == "b")
+        );
         assert!(matches!(get(text, "tok").unwrap(), RegistryAuth::Bearer(t) if t == "T"));
-        assert!(matches!(get(text, "elsewhere").unwrap(), RegistryAuth::Anonymous));
+        assert!(matches!(
+            get(text, "elsewhere").unwrap(),
+            RegistryAuth::Anonymous
+        ));
     }
 
     #[test]
     fn bad_files_say_where() {
-        let e = get("{\"auths\": {\"r\": {\"auth\": 1}}}", "r").unwrap_err().to_string();
+        let e = get("{\"auths\": {\"r\": {\"auth\": 1}}}", "r")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("line 1"), "{e}");
-        let e = get(r#"{"auths": {"r": {"auth": "!!"}}}"#, "r").unwrap_err().to_string();
+        let e = get(r#"{"auths": {"r": {"auth": "!!"}}}"#, "r")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("not base64"), "{e}");
         let e = get(r#"{"auths": {"r": {}}}"#, "r").unwrap_err().to_string();
         assert!(e.contains("expected"), "{e}");

@@ -73,7 +73,8 @@ fn append(
     header.set_mode(0o644);
     header.set_mtime(mtime);
     header.set_entry_type(tar::EntryType::Regular);
-    tar.append_data(&mut header, name, data).map_err(io_err(out))
+    tar.append_data(&mut header, name, data)
+        .map_err(io_err(out))
 }
 
 /// Writes `entry` as an OCI layout tarball to `out` (atomically; mode 0600:
@@ -111,13 +112,41 @@ pub fn export(entry: &Entry, scratch: &Path, out: &Path) -> Result<Exported, Rem
     let mut tar = tar::Builder::new(BufWriter::new(file));
     let layout = br#"{"imageLayoutVersion":"1.0.0"}"#;
     let result = (|| {
-        append(&mut tar, "oci-layout", layout.len() as u64, mtime, &layout[..], out)?;
-        append(&mut tar, "index.json", index.len() as u64, mtime, &index[..], out)?;
+        append(
+            &mut tar,
+            "oci-layout",
+            layout.len() as u64,
+            mtime,
+            &layout[..],
+            out,
+        )?;
+        append(
+            &mut tar,
+            "index.json",
+            index.len() as u64,
+            mtime,
+            &index[..],
+            out,
+        )?;
         let blob = |d: &str| format!("blobs/sha256/{}", d.trim_start_matches("sha256:"));
         let m = &prepared.manifest_bytes;
-        append(&mut tar, &blob(&manifest_digest), m.len() as u64, mtime, &m[..], out)?;
+        append(
+            &mut tar,
+            &blob(&manifest_digest),
+            m.len() as u64,
+            mtime,
+            &m[..],
+            out,
+        )?;
         let c = &prepared.config;
-        append(&mut tar, &blob(&prepared.config_desc.digest), c.len() as u64, mtime, &c[..], out)?;
+        append(
+            &mut tar,
+            &blob(&prepared.config_desc.digest),
+            c.len() as u64,
+            mtime,
+            &c[..],
+            out,
+        )?;
         let mut written = std::collections::BTreeSet::new();
         for layer in &prepared.layers {
             if !written.insert(layer.desc.digest.clone()) {
@@ -195,7 +224,10 @@ pub fn unpack(archive: &Path, scratch: &Path) -> Result<Unpacked, RemoteError> {
         }
         if name == "index.json" {
             let mut buf = Vec::new();
-            (&mut item).take(MAX_SMALL + 1).read_to_end(&mut buf).map_err(io_err(archive))?;
+            (&mut item)
+                .take(MAX_SMALL + 1)
+                .read_to_end(&mut buf)
+                .map_err(io_err(archive))?;
             index_bytes = Some(buf);
             continue;
         }
@@ -206,7 +238,9 @@ pub fn unpack(archive: &Path, scratch: &Path) -> Result<Unpacked, RemoteError> {
             .strip_prefix("blobs/sha256/")
             .filter(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()))
         else {
-            return Err(RemoteError::NotOurs(format!("unexpected file {name} in the archive")));
+            return Err(RemoteError::NotOurs(format!(
+                "unexpected file {name} in the archive"
+            )));
         };
         let dest = blobs.join(hex);
         let mut out = OpenOptions::new()
@@ -246,10 +280,14 @@ pub fn unpack(archive: &Path, scratch: &Path) -> Result<Unpacked, RemoteError> {
         .ok_or_else(|| RemoteError::NotOurs("index.json names no manifest".into()))?;
     let read_blob = |digest: &str, limit: u64| -> Result<Vec<u8>, RemoteError> {
         let path = blobs.join(digest.trim_start_matches("sha256:"));
-        let md = fs::metadata(&path)
-            .map_err(|_| RemoteError::Damaged(format!("blob {digest} is missing from the archive")))?;
+        let md = fs::metadata(&path).map_err(|_| {
+            RemoteError::Damaged(format!("blob {digest} is missing from the archive"))
+        })?;
         if md.len() > limit {
-            return Err(RemoteError::NotOurs(format!("blob {digest} of {} bytes", md.len())));
+            return Err(RemoteError::NotOurs(format!(
+                "blob {digest} of {} bytes",
+                md.len()
+            )));
         }
         fs::read(&path).map_err(io_err(&path))
     };

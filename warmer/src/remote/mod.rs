@@ -133,7 +133,11 @@ pub fn push(
 }
 
 /// `warmer push SVC`: the image a start of SVC would restore now.
-pub fn push_service(dirs: &Dirs, service: &str, progress: Progress) -> Result<registry::Pushed, RemoteError> {
+pub fn push_service(
+    dirs: &Dirs,
+    service: &str,
+    progress: Progress,
+) -> Result<registry::Pushed, RemoteError> {
     let (manifest, digest, _) = service_digest(dirs, service)?;
     let cache = Cache::open(&dirs.cache).map_err(RemoteError::Cache)?;
     let entry = cache
@@ -146,8 +150,12 @@ pub fn push_service(dirs: &Dirs, service: &str, progress: Progress) -> Result<re
                 &digest[..12]
             ))
         })?;
-    let lock = cache.lock_service(service, true).map_err(RemoteError::Cache)?;
-    cache.check_shape(&entry).map_err(|p| RemoteError::Damaged(p.to_string()))?;
+    let lock = cache
+        .lock_service(service, true)
+        .map_err(RemoteError::Cache)?;
+    cache
+        .check_shape(&entry)
+        .map_err(|p| RemoteError::Damaged(p.to_string()))?;
     cache
         .ensure_verified(&entry, &mut |_, _| {})
         .map_err(|p| RemoteError::Damaged(p.to_string()))?;
@@ -172,7 +180,9 @@ pub fn pull_service(
 ) -> Result<PullOutcome, RemoteError> {
     let (manifest, digest, host) = service_digest(dirs, service)?;
     let cache = Cache::open(&dirs.cache).map_err(RemoteError::Cache)?;
-    let _lock = cache.lock_service(service, true).map_err(RemoteError::Cache)?;
+    let _lock = cache
+        .lock_service(service, true)
+        .map_err(RemoteError::Cache)?;
     if let Some(e) = cache.lookup(&digest).map_err(RemoteError::Cache)? {
         if e.stale.is_none() {
             return Ok(PullOutcome::Present(e.key));
@@ -203,7 +213,9 @@ pub fn export(dirs: &Dirs, target: &str, out: &Path) -> Result<layout::Exported,
         let _lock = cache
             .lock_service(&entry.meta.service, true)
             .map_err(RemoteError::Cache)?;
-        cache.check_shape(&entry).map_err(|p| RemoteError::Damaged(p.to_string()))?;
+        cache
+            .check_shape(&entry)
+            .map_err(|p| RemoteError::Damaged(p.to_string()))?;
         cache
             .ensure_verified(&entry, &mut |_, _| {})
             .map_err(|p| RemoteError::Damaged(p.to_string()))?;
@@ -241,7 +253,9 @@ pub fn import(dirs: &Dirs, archive: &Path) -> Result<Imported, RemoteError> {
         )),
         Err(e) => Err(e.to_string()),
     };
-    let _lock = cache.lock_service(&service, true).map_err(RemoteError::Cache)?;
+    let _lock = cache
+        .lock_service(&service, true)
+        .map_err(RemoteError::Cache)?;
     let origin = format!("import {}", archive.display());
     let entry = layout::install(&cache, &unpacked, origin)?;
     Ok(Imported {

@@ -16,12 +16,13 @@ use std::time::{Duration, Instant};
 
 use cache::{Cache, Entry};
 use futures_util::StreamExt;
-use oci_client::client::{BlobResponse, Certificate, CertificateEncoding, ClientConfig, ClientProtocol};
+use oci_client::client::{
+    BlobResponse, Certificate, CertificateEncoding, ClientConfig, ClientProtocol,
+};
 use oci_client::errors::OciDistributionError;
 use oci_client::manifest::{OciDescriptor, OCI_IMAGE_MEDIA_TYPE};
 use oci_client::secrets::RegistryAuth;
 use oci_client::{Client, Reference};
-
 
 use super::artifact::{self, Config};
 use super::{auth, Progress, RemoteError};
@@ -159,7 +160,12 @@ impl Registry {
 
     /// Uploads `entry` as the image tagged with its digest. Blobs the
     /// registry already has are not sent again.
-    pub fn push(&self, entry: &Entry, scratch: &Path, progress: Progress) -> Result<Pushed, RemoteError> {
+    pub fn push(
+        &self,
+        entry: &Entry,
+        scratch: &Path,
+        progress: Progress,
+    ) -> Result<Pushed, RemoteError> {
         let t = Instant::now();
         let reference = self.reference(&entry.meta.digest)?;
         progress(&format!(
@@ -188,7 +194,11 @@ impl Registry {
                     continue;
                 }
                 if size > 16 << 20 {
-                    progress(&format!("uploading {}/{blobs}: {} MB", i + 1, size / 1_000_000));
+                    progress(&format!(
+                        "uploading {}/{blobs}: {} MB",
+                        i + 1,
+                        size / 1_000_000
+                    ));
                 }
                 let chunks = file_chunks(&blob.path)?;
                 client
@@ -203,7 +213,11 @@ impl Registry {
                 .map_err(registry_err("check of the config"))?
             {
                 client
-                    .push_blob(&reference, prepared.config.clone(), &prepared.config_desc.digest)
+                    .push_blob(
+                        &reference,
+                        prepared.config.clone(),
+                        &prepared.config_desc.digest,
+                    )
                     .await
                     .map_err(registry_err("upload of the config"))?;
             }
@@ -305,7 +319,11 @@ impl Registry {
             done += 1;
             let size = u64::try_from(layer.size).unwrap_or(0);
             if size > 16 << 20 {
-                progress(&format!("downloading {done}/{count}: {} MB of {} MB", size / 1_000_000, total / 1_000_000));
+                progress(&format!(
+                    "downloading {done}/{count}: {} MB of {} MB",
+                    size / 1_000_000,
+                    total / 1_000_000
+                ));
             }
             let (path, got) = bounded(
                 &self.rt,
@@ -346,8 +364,10 @@ fn blob_err(layer: &OciDescriptor, e: OciDistributionError) -> RemoteError {
 /// A file as a stream of chunks, read as the upload asks for them.
 fn file_chunks(
     path: &Path,
-) -> Result<impl futures_util::Stream<Item = Result<bytes::Bytes, OciDistributionError>> + Send + 'static, RemoteError>
-{
+) -> Result<
+    impl futures_util::Stream<Item = Result<bytes::Bytes, OciDistributionError>> + Send + 'static,
+    RemoteError,
+> {
     let mut file = File::open(path).map_err(io_err(path))?;
     Ok(futures_util::stream::iter(std::iter::from_fn(move || {
         let mut buf = vec![0u8; PUSH_CHUNK];
@@ -416,17 +436,22 @@ async fn download(
     let mut len = out.metadata().map_err(io_err(&part))?.len();
     let start = len;
     while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(|e| match e.get_ref().and_then(|i| i.downcast_ref::<oci_client::errors::DigestError>()) {
-            Some(oci_client::errors::DigestError::VerificationError { expected, actual }) => {
-                RemoteError::Tampered {
-                    expected: expected.clone(),
-                    found: actual.clone(),
+        let chunk = chunk.map_err(|e| {
+            match e
+                .get_ref()
+                .and_then(|i| i.downcast_ref::<oci_client::errors::DigestError>())
+            {
+                Some(oci_client::errors::DigestError::VerificationError { expected, actual }) => {
+                    RemoteError::Tampered {
+                        expected: expected.clone(),
+                        found: actual.clone(),
+                    }
                 }
+                _ => RemoteError::Io {
+                    path: part.clone(),
+                    source: e,
+                },
             }
-            _ => RemoteError::Io {
-                path: part.clone(),
-                source: e,
-            },
         })?;
         len += chunk.len() as u64;
         if len > size {

@@ -1,0 +1,443 @@
+//! Images that travel: a real OCI registry (Debian's `docker-registry`, on a
+//! free local port with its own storage), real CRIU, real processes. A
+//! second "node" is a second warmer installation: its own manifests and
+//! cache, the same run directory path (as every machine's /run/warmer).
+
+mod common;
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// A `docker-registry serve` of our own; killed on drop.
+struct Registry {
+    child: Child,
+    port: u16,
+    dir: tempfile::TempDir,
+}
+
+impl Registry {
+    /// `users`: htpasswd auth with these (user, password) pairs.
+    fn start(users: &[(&str, &str)]) -> Self {
+        let bin = ["/usr/bin/docker-registry", "/usr/bin/registry"]
+            .into_iter()
+            .find(|p| Path::new(p).exists())
+            .expect("no docker-registry: scripts/deps.sh installs Debian's docker-registry");
+        let dir = tempfile::Builder::new()
+            .prefix("warmer-registry-")
+            .tempdir()
+            .unwrap();
+        let port = free_port();
+        let mut auth = String::new();
+        if !users.is_empty() {
+            let mut lines = String::new();
+            for (u, p) in users {
+                let out = Command::new("python3")
+                    .args([
+                        "-W",
+                        "ignore",
+                        "-c",
+                        "import crypt,sys; print(crypt.crypt(sys.argv[1], crypt.mksalt(crypt.METHOD_BLOWFISH)))",
+                        p,
+                    ])
+                    .output()
+                    .unwrap();
+                assert!(out.status.success(), "bcrypt: {out:?}");
+                lines.push_str(&format!("{u}:{}", String::from_utf8_lossy(&out.stdout)));
+            }
+            std::fs::write(dir.path().join("htpasswd"), lines).unwrap();
+            auth = format!(
+                "auth:\n  htpasswd:\n    realm: warmer-test\n    path: {}\n",
+                dir.path().join("htpasswd").display()
+            );
+        }
+        let config = format!(
+            "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n{auth}",
+            dir.path().join("data").display()
+        );
+        std::fs::write(dir.path().join("config.yml"), config).unwrap();
+        let log = std::fs::File::create(dir.path().join("log")).unwrap();
+        let child = Command::new(bin)
+            .arg("serve")
+            .arg(dir.path().join("config.yml"))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let r = Registry { child, port, dir };
+        wait_for(Duration::from_secs(20), || {
+            let s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+            drop(s);
+            Some(())
+        });
+        r
+    }
+
+    fn repository(&self, name: &str) -> String {
+        format!("127.0.0.1:{}/warmer/{name}", self.port)
+    }
+
+    /// The tags of a repository, as the registry lists them (no auth).
+    fn tags(&self, name: &str) -> String {
+        get(self.port, &format!("/v2/warmer/{name}/tags/list")).unwrap_or_default()
+    }
+
+    /// The biggest blob the registry stores (an image's pages).
+    fn biggest_blob(&self) -> PathBuf {
+        let mut best: Option<(u64, PathBuf)> = None;
+        let root = self.dir.path().join("data/docker/registry/v2/blobs/sha256");
+        for a in std::fs::read_dir(&root).unwrap() {
+            for b in std::fs::read_dir(a.unwrap().path()).unwrap() {
+                let data = b.unwrap().path().join("data");
+                let len = std::fs::metadata(&data).map(|m| m.len()).unwrap_or(0);
+                if best.as_ref().is_none_or(|(l, _)| len > *l) {
+                    best = Some((len, data));
+                }
+            }
+        }
+        best.unwrap().1
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn remote(repo: &str, extra: &str) -> String {
+    format!("remote:\n  repository: {repo}\n  insecure: true\n{extra}")
+}
+
+fn warmer(env: &Env, args: &[&str], extra_env: &[(&str, &str)]) -> std::process::Output {
+    env.command()
+        .args(args)
+        .envs(extra_env.iter().copied())
+        .output()
+        .unwrap()
+}
+
+fn text(out: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// Node A: cold start, checkpoint; returns the service's nonce (its
+/// in-memory state) and stops it.
+fn make_image(env: &Env, name: &str) -> String {
+    let mut w = env.run(name);
+    env.wait_image(name, &mut w);
+    let port = port_of(env, name);
+    let nonce = state(port)["nonce"].as_str().unwrap().to_string();
+    w.stop();
+    nonce
+}
+
+fn port_of(env: &Env, name: &str) -> u16 {
+    let m = std::fs::read_to_string(env.path("manifests").join(format!("{name}.yaml"))).unwrap();
+    let at = m.find("127.0.0.1:").unwrap() + "127.0.0.1:".len();
+    m[at..].split('/').next().unwrap().parse().unwrap()
+}
+
+/// Node B starts the service and must restore node A's memory.
+fn assert_restores_nonce(env: &Env, name: &str, nonce: &str) -> String {
+    let mut w = env.run(name);
+    let s = env.wait_ready(name, &mut w);
+    assert_eq!(s["last_start"], "restored", "{s}\n{}", w.err());
+    assert_eq!(state(port_of(env, name))["nonce"], nonce, "node A's memory");
+    w.stop();
+    w.err()
+}
+
+#[test]
+fn a_fresh_node_restores_the_image_another_node_pushed() {
+    require_criu();
+    let reg = Registry::start(&[]);
+    let a = Env::new();
+    let port = free_port();
+    a.slowweb(
+        "web",
+        port,
+        &["--warmup", "0.5"],
+        &remote(&reg.repository("web"), "  push: true\n"),
+    );
+    // Push happens in the background after the checkpoint; wait for the tag.
+    let mut w = a.run("web");
+    let s = a.wait_image("web", &mut w);
+    let digest = s["image"]["digest"].as_str().unwrap().to_string();
+    let nonce = state(port)["nonce"].as_str().unwrap().to_string();
+    wait_for(Duration::from_secs(60), || {
+        reg.tags("web").contains(&digest).then_some(())
+    });
+    w.stop();
+    assert!(w.err().contains("pushed image"), "{}", w.err());
+
+    // Node B: empty cache, only the manifest.
+    let b = Env::node_like(&a);
+    let err = assert_restores_nonce(&b, "web", &nonce);
+    assert!(err.contains("pulled image"), "{err}");
+    let ls = warmer(&b, &["cache", "ls", "--json"], &[]);
+    let rows: serde_json::Value = serde_json::from_slice(&ls.stdout).unwrap();
+    let origin = rows[0]["origin"].as_str().unwrap_or("");
+    assert!(origin.contains(&reg.repository("web")), "{rows}");
+    assert!(rows[0]["verified_this_boot"].as_bool().unwrap(), "{rows}");
+
+    // A push of the same image again sends nothing new.
+    let again = warmer(&b, &["push", "web", "--json"], &[]);
+    assert!(again.status.success(), "{}", text(&again));
+    let p: serde_json::Value = serde_json::from_slice(&again.stdout).unwrap();
+    assert_eq!(p["sent_bytes"], 0, "{p}");
+    assert_eq!(p["blobs_present"], p["blobs"], "{p}");
+}
+
+#[test]
+fn a_registry_that_is_down_or_silent_costs_a_start_at_most_its_timeout() {
+    require_criu();
+    // Nothing listens: refused at once.
+    let env = Env::new();
+    let dead = free_port();
+    let port = free_port();
+    env.slowweb(
+        "down",
+        port,
+        &["--warmup", "0.2"],
+        &format!(
+            "checkpoint: {{enabled: false}}\n{}",
+            remote(&format!("127.0.0.1:{dead}/warmer/down"), "")
+        ),
+    );
+    let mut w = env.run("down");
+    let s = env.wait_ready("down", &mut w);
+    assert_eq!(s["last_start"], "cold", "{s}");
+    w.stop();
+    assert!(w.err().contains("no image from"), "{}", w.err());
+
+    // Accepts connections, never answers: bounded by remote.timeout.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let silent_port = silent.local_addr().unwrap().port();
+    let port = free_port();
+    env.slowweb(
+        "silent",
+        port,
+        &["--warmup", "0.2"],
+        &format!(
+            "checkpoint: {{enabled: false}}\n{}",
+            remote(
+                &format!("127.0.0.1:{silent_port}/warmer/silent"),
+                "  timeout: 1s\n"
+            )
+        ),
+    );
+    let t = Instant::now();
+    let mut w = env.run("silent");
+    let s = env.wait_ready("silent", &mut w);
+    let took = t.elapsed();
+    assert_eq!(s["last_start"], "cold", "{s}");
+    w.stop();
+    assert!(w.err().contains("no answer within 1s"), "{}", w.err());
+    assert!(
+        took < Duration::from_secs(6),
+        "a silent registry delayed the start by {took:?}"
+    );
+    drop(silent);
+}
+
+#[test]
+fn a_tampered_blob_is_refused_and_the_service_starts_cold() {
+    require_criu();
+    let reg = Registry::start(&[]);
+    let a = Env::new();
+    a.slowweb(
+        "web",
+        free_port(),
+        &["--warmup", "0.3"],
+        &remote(&reg.repository("web"), ""),
+    );
+    make_image(&a, "web");
+    let pushed = warmer(&a, &["push", "web"], &[]);
+    assert!(pushed.status.success(), "{}", text(&pushed));
+
+    // Same size, one byte changed: only a digest check can tell.
+    let blob = reg.biggest_blob();
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&blob)
+        .unwrap();
+    let mut first = [0u8; 1];
+    f.read_exact(&mut first).unwrap();
+    use std::io::Seek;
+    f.seek(std::io::SeekFrom::Start(0)).unwrap();
+    f.write_all(&[first[0] ^ 0xff]).unwrap();
+    drop(f);
+
+    let b = Env::node_like(&a);
+    let pull = warmer(&b, &["pull", "web"], &[]);
+    assert!(!pull.status.success(), "{}", text(&pull));
+    assert!(text(&pull).contains("tampered"), "{}", text(&pull));
+    assert!(b.entries().is_empty(), "nothing tampered enters the cache");
+
+    let mut w = b.run("web");
+    let s = b.wait_ready("web", &mut w);
+    assert_eq!(s["last_start"], "cold", "{s}");
+    w.stop();
+    assert!(w.err().contains("tampered"), "{}", w.err());
+}
+
+#[test]
+fn a_registry_with_auth_works_with_the_auth_file_and_fails_clearly_without() {
+    require_criu();
+    let reg = Registry::start(&[("ci", "s3cret")]);
+    let a = Env::new();
+    a.slowweb(
+        "web",
+        free_port(),
+        &["--warmup", "0.3"],
+        &remote(&reg.repository("web"), ""),
+    );
+    let nonce = make_image(&a, "web");
+    let no_file = a.path("none.json");
+    let denied = warmer(
+        &a,
+        &["push", "web"],
+        &[("REGISTRY_AUTH_FILE", no_file.to_str().unwrap())],
+    );
+    assert!(!denied.status.success(), "{}", text(&denied));
+    let msg = text(&denied).to_lowercase();
+    assert!(
+        msg.contains("401") || msg.contains("unauthorized") || msg.contains("authentication"),
+        "{msg}"
+    );
+
+    let auth = a.path("auth.json");
+    std::fs::write(
+        &auth,
+        format!(
+            r#"{{"auths": {{"127.0.0.1:{}": {{"auth": "Y2k6czNjcmV0"}}}}}}"#,
+            reg.port
+        ),
+    )
+    .unwrap();
+    let auth_env = [("REGISTRY_AUTH_FILE", auth.to_str().unwrap())];
+    let pushed = warmer(&a, &["push", "web"], &auth_env);
+    assert!(pushed.status.success(), "{}", text(&pushed));
+
+    let b = Env::node_like(&a);
+    let pulled = warmer(&b, &["pull", "web"], &auth_env);
+    assert!(pulled.status.success(), "{}", text(&pulled));
+    assert_restores_nonce(&b, "web", &nonce);
+}
+
+#[test]
+fn export_and_import_carry_an_image_and_refuse_another_host() {
+    require_criu();
+    let a = Env::new();
+    a.slowweb("web", free_port(), &["--warmup", "0.3"], "");
+    let nonce = make_image(&a, "web");
+    let archive = a.path("web.tar");
+    let out = warmer(&a, &["export", "web", "-o", archive.to_str().unwrap()], &[]);
+    assert!(out.status.success(), "{}", text(&out));
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&archive).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "an image holds secrets");
+
+    let b = Env::node_like(&a);
+    let imported = warmer(&b, &["import", archive.to_str().unwrap()], &[]);
+    assert!(imported.status.success(), "{}", text(&imported));
+    assert!(
+        text(&imported).contains("the next start of web restores it"),
+        "{}",
+        text(&imported)
+    );
+    assert_restores_nonce(&b, "web", &nonce);
+
+    // The same image as if made on a host with another kernel.
+    let other = a.path("other.tar");
+    rewrite_host(&archive, &other, "kernel", "5.10.0-other");
+    let c = Env::new();
+    let refused = warmer(&c, &["import", other.to_str().unwrap()], &[]);
+    assert!(!refused.status.success(), "{}", text(&refused));
+    assert!(
+        text(&refused).contains("kernel: image 5.10.0-other, here"),
+        "{}",
+        text(&refused)
+    );
+    assert!(c.entries().is_empty());
+
+    // A damaged archive: one byte of a blob changed.
+    let damaged = a.path("damaged.tar");
+    let mut bytes = std::fs::read(&archive).unwrap();
+    let at = bytes.len() / 2;
+    bytes[at] ^= 0xff;
+    std::fs::write(&damaged, bytes).unwrap();
+    let bad = warmer(&c, &["import", damaged.to_str().unwrap()], &[]);
+    assert!(!bad.status.success(), "{}", text(&bad));
+    assert!(c.entries().is_empty());
+}
+
+/// Rewrites an exported archive's config host fact `key` (and every digest
+/// that depends on it), as a host with that fact would have made it.
+fn rewrite_host(src: &Path, dst: &Path, key: &str, value: &str) {
+    use sha2::{Digest, Sha256};
+    let mut files: Vec<(String, Vec<u8>)> = Vec::new();
+    let mut ar = tar::Archive::new(std::fs::File::open(src).unwrap());
+    for e in ar.entries().unwrap() {
+        let mut e = e.unwrap();
+        let name = e.path().unwrap().to_string_lossy().into_owned();
+        let mut data = Vec::new();
+        e.read_to_end(&mut data).unwrap();
+        files.push((name, data));
+    }
+    let sha = |d: &[u8]| hex::encode(Sha256::digest(d));
+    let find = |files: &[(String, Vec<u8>)], name: &str| {
+        files.iter().position(|(n, _)| n == name).unwrap()
+    };
+    let index: serde_json::Value =
+        serde_json::from_slice(&files[find(&files, "index.json")].1).unwrap();
+    let mdig = index["manifests"][0]["digest"]
+        .as_str()
+        .unwrap()
+        .trim_start_matches("sha256:")
+        .to_string();
+    let mi = find(&files, &format!("blobs/sha256/{mdig}"));
+    let mut manifest: serde_json::Value = serde_json::from_slice(&files[mi].1).unwrap();
+    let cdig = manifest["config"]["digest"]
+        .as_str()
+        .unwrap()
+        .trim_start_matches("sha256:")
+        .to_string();
+    let ci = find(&files, &format!("blobs/sha256/{cdig}"));
+    let mut config: serde_json::Value = serde_json::from_slice(&files[ci].1).unwrap();
+    config["entry"]["host"][key] = value.into();
+    let config = serde_json::to_vec(&config).unwrap();
+    manifest["config"]["digest"] = format!("sha256:{}", sha(&config)).into();
+    manifest["config"]["size"] = config.len().into();
+    let manifest_bytes = serde_json::to_vec(&manifest).unwrap();
+    let mut index = index;
+    index["manifests"][0]["digest"] = format!("sha256:{}", sha(&manifest_bytes)).into();
+    index["manifests"][0]["size"] = manifest_bytes.len().into();
+    files[ci] = (format!("blobs/sha256/{}", sha(&config)), config);
+    files[mi] = (
+        format!("blobs/sha256/{}", sha(&manifest_bytes)),
+        manifest_bytes,
+    );
+    let ii = find(&files, "index.json");
+    files[ii].1 = serde_json::to_vec(&index).unwrap();
+    let mut out = tar::Builder::new(std::fs::File::create(dst).unwrap());
+    for (name, data) in &files {
+        let mut h = tar::Header::new_ustar();
+        h.set_size(data.len() as u64);
+        h.set_mode(0o644);
+        h.set_entry_type(tar::EntryType::Regular);
+        out.append_data(&mut h, name, &data[..]).unwrap();
+    }
+    out.finish().unwrap();
+}
