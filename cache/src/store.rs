@@ -345,17 +345,17 @@ impl Cache {
     /// holds the service's lock ([`Cache::lock_service`]).
     pub fn publish(&self, mut staging: Staging, new: NewEntry) -> Result<Entry, Error> {
         valid_digest(&new.digest)?;
-        let generation = self.next_generation(&new.service)?;
         let data = staging.data_dir();
         let mut files = Vec::new();
         seal_tree(&data, &data, &mut files)?;
         files.sort_by(|a, b| a.path.cmp(&b.path));
         if let Some(expected) = &new.expected_files {
             check_expected(expected, &files).map_err(|problem| Error::Damaged {
-                key: make_key(&new.digest, generation),
+                key: new.digest.clone(),
                 problem,
             })?;
         }
+        let generation = self.next_generation(&new.service)?;
         let now = SystemTime::now();
         let (created, created_unix) = new.created.unwrap_or_else(|| {
             (

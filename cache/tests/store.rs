@@ -424,3 +424,56 @@ fn gc_over_max_bytes_removes_the_next_entry_when_one_is_busy_and_counts_what_is_
     assert!(r.removed.is_empty());
     assert_eq!(r.kept_bytes, 1000);
 }
+
+#[test]
+fn an_entry_made_elsewhere_is_published_only_if_every_file_matches() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cache, made) = published(&dir);
+    let restage = |tamper: bool| {
+        let staging = cache.stage().unwrap();
+        for f in &made.meta.files {
+            let mut bytes = fs::read(made.data_dir().join(&f.path)).unwrap();
+            if tamper {
+                bytes[0] ^= 1;
+            }
+            let dest = staging.data_dir().join(&f.path);
+            fs::create_dir_all(dest.parent().unwrap()).unwrap();
+            fs::write(dest, bytes).unwrap();
+        }
+        staging
+    };
+    let elsewhere = |origin: &str| NewEntry {
+        origin: Some(origin.into()),
+        expected_files: Some(made.meta.files.clone()),
+        created: Some((made.meta.created.clone(), made.meta.created_unix)),
+        ..new_entry(&made.meta.digest)
+    };
+    let err = cache
+        .publish(restage(true), elsewhere("reg/x@sha256:1"))
+        .unwrap_err();
+    assert!(
+        matches!(&err, cache::Error::Damaged { problem: Problem::Checksum { .. }, .. }),
+        "{err:?}"
+    );
+    let e = cache
+        .publish(restage(false), elsewhere("reg/x@sha256:1"))
+        .unwrap();
+    assert_eq!(e.meta.origin.as_deref(), Some("reg/x@sha256:1"));
+    assert_eq!(e.meta.created_unix, made.meta.created_unix, "the maker's time");
+    assert_eq!(e.meta.generation, made.meta.generation + 1);
+    cache.verify(&e, &mut |_, _| {}).unwrap();
+}
+
+#[test]
+fn incoming_downloads_are_private_and_removable() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = Cache::open(dir.path()).unwrap();
+    let d = cache.incoming("abcdef0123456789").unwrap();
+    fs::write(d.join("blob.part"), b"partial").unwrap();
+    // Kept across opens (a broken pull resumes).
+    let cache = Cache::open(dir.path()).unwrap();
+    assert!(d.join("blob.part").exists());
+    assert!(cache.incoming("../x").is_err());
+    cache.drop_incoming("abcdef0123456789").unwrap();
+    assert!(!d.exists());
+}
