@@ -452,14 +452,23 @@ fn an_entry_made_elsewhere_is_published_only_if_every_file_matches() {
         .publish(restage(true), elsewhere("reg/x@sha256:1"))
         .unwrap_err();
     assert!(
-        matches!(&err, cache::Error::Damaged { problem: Problem::Checksum { .. }, .. }),
+        matches!(
+            &err,
+            cache::Error::Damaged {
+                problem: Problem::Checksum { .. },
+                ..
+            }
+        ),
         "{err:?}"
     );
     let e = cache
         .publish(restage(false), elsewhere("reg/x@sha256:1"))
         .unwrap();
     assert_eq!(e.meta.origin.as_deref(), Some("reg/x@sha256:1"));
-    assert_eq!(e.meta.created_unix, made.meta.created_unix, "the maker's time");
+    assert_eq!(
+        e.meta.created_unix, made.meta.created_unix,
+        "the maker's time"
+    );
     assert_eq!(e.meta.generation, made.meta.generation + 1);
     cache.verify(&e, &mut |_, _| {}).unwrap();
 }
