@@ -357,6 +357,48 @@ fn export_and_import_carry_an_image_and_refuse_another_host() {
         "{}",
         text(&imported)
     );
+
+    // What the imported image holds, from its files alone.
+    let out = warmer(&b, &["inspect", "web", "--json"], &[]);
+    assert!(out.status.success(), "{}", text(&out));
+    let i: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(i["origin"].as_str().unwrap().starts_with("import "), "{i}");
+    assert_eq!(i["taken"], "ready", "{i}");
+    let port = port_of(&b, "web");
+    let service = i["processes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["cmdline"][0] == "/usr/bin/python3")
+        .unwrap_or_else(|| panic!("no service process with its command line: {i}"));
+    assert!(
+        service["cmdline"].to_string().contains(&port.to_string()),
+        "{service}"
+    );
+    assert!(
+        service["image_bytes"].as_u64().unwrap() > 1_000_000,
+        "{service}"
+    );
+    assert!(
+        i["sockets"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|s| s["state"] == "listen"
+                && s["local"].as_str().unwrap().ends_with(&format!(":{port}"))),
+        "{i}"
+    );
+    assert!(
+        i["namespaces"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|n| n == "pid"),
+        "{i}"
+    );
+    let table = warmer(&b, &["inspect", "web"], &[]);
+    assert!(text(&table).contains("SOCKETS"), "{}", text(&table));
+
     assert_restores_nonce(&b, "web", &nonce);
 
     // The same image as if made on a host with another kernel.

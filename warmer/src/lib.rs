@@ -42,6 +42,7 @@ pub mod image;
 pub mod init;
 #[path = "../../init/src/init_loop.rs"]
 pub mod init_loop;
+pub mod inspect;
 pub mod leftovers;
 pub mod lint;
 pub mod logging;

@@ -168,6 +168,15 @@ enum Cmd {
     /// cache; refused (with the reason) if this host's kernel, CPU flags,
     /// CRIU or warmer-init differ from the image's.
     Import { file: PathBuf },
+    /// What an image holds, read from its files (nothing is run): process
+    /// tree and command lines, memory per process, open files, sockets,
+    /// namespaces; when, why and where it was made.
+    Inspect {
+        /// SERVICE (the image its next start restores) or a DIGEST prefix.
+        target: String,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -261,6 +270,20 @@ fn main() -> ExitCode {
         } => pull_cmd(&dirs, &service, timeout, json),
         Cmd::Export { target, output } => export_cmd(&dirs, &target, &output),
         Cmd::Import { file } => import_cmd(&dirs, &file),
+        Cmd::Inspect { target, json } => match warmer::inspect::inspect(&dirs, &target) {
+            Ok(i) => {
+                emit(&if json {
+                    self::json(&i)
+                } else {
+                    warmer::inspect::render(&i)
+                });
+                ExitCode::from(exit::OK)
+            }
+            Err(e) => {
+                eprintln!("warmer inspect: {}", chain(&e));
+                ExitCode::from(exit::FAILURE)
+            }
+        },
         Cmd::Bench {
             service,
             runs,
