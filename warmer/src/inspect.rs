@@ -131,7 +131,7 @@ pub fn describe(entry: &Entry) -> Result<Inspection, InspectError> {
         let ids: Option<proto::TaskKobjIdsEntry> =
             img::read_one(&dir.join(format!("ids-{pid}.img")))
                 .ok()
-                .or_else(|| core.as_ref().and_then(|c| c.ids.clone()));
+                .or_else(|| core.as_ref().and_then(|c| c.ids));
         let mm: Option<proto::MmEntry> = img::read_one(&dir.join(format!("mm-{pid}.img"))).ok();
         let memory = Memory::read(&dir, pid, page).ok();
         let cmdline = match (&mm, &memory) {
