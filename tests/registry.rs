@@ -483,3 +483,74 @@ fn rewrite_host(src: &Path, dst: &Path, key: &str, value: &str) {
     }
     out.finish().unwrap();
 }
+
+#[test]
+fn a_pull_that_broke_off_resumes_and_a_bad_partial_is_refused_then_refetched() {
+    require_criu();
+    let reg = Registry::start(&[]);
+    let a = Env::new();
+    a.slowweb(
+        "web",
+        free_port(),
+        &["--warmup", "0.3"],
+        &remote(&reg.repository("web"), ""),
+    );
+    let nonce = make_image(&a, "web");
+    let pushed = warmer(&a, &["push", "web", "--json"], &[]);
+    assert!(pushed.status.success(), "{}", text(&pushed));
+    let digest = a.status("web")["digest"].as_str().unwrap().to_string();
+
+    // Node B broke off half-way through the biggest blob.
+    let blob = reg.biggest_blob();
+    let hex = blob
+        .parent()
+        .unwrap()
+        .file_name()
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_string();
+    let bytes = std::fs::read(&blob).unwrap();
+    let half = bytes.len() / 2;
+    let b = Env::node_like(&a);
+    let seed = |data: &[u8]| {
+        // `warmer pull` makes the cache; the download directory is its own.
+        let dir = b.path("cache/incoming").join(&digest);
+        std::fs::create_dir_all(&dir).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+        std::fs::write(dir.join(format!("{hex}.part")), data).unwrap();
+    };
+    let total = |out: &std::process::Output| -> u64 {
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        v["Pulled"]["fetched_bytes"].as_u64().unwrap()
+    };
+    // A partial that is not the blob's beginning: the whole blob fails its
+    // digest, is refused and dropped; the next pull fetches it whole.
+    warmer(&b, &["cache", "ls"], &[]);
+    let mut garbage = bytes[..half].to_vec();
+    garbage[0] ^= 0xff;
+    seed(&garbage);
+    let bad = warmer(&b, &["pull", "web", "--json"], &[]);
+    assert!(!bad.status.success(), "{}", text(&bad));
+    assert!(text(&bad).contains("tampered"), "{}", text(&bad));
+    assert!(b.entries().is_empty());
+
+    seed(&bytes[..half]);
+    let resumed = warmer(&b, &["pull", "web", "--json"], &[]);
+    assert!(resumed.status.success(), "{}", text(&resumed));
+    let wire: u64 = {
+        let v: serde_json::Value = serde_json::from_slice(&pushed.stdout).unwrap();
+        v["wire_bytes"].as_u64().unwrap()
+    };
+    let fetched = total(&resumed);
+    assert!(
+        fetched < wire && fetched + half as u64 >= wire - (64 << 10),
+        "resumed: fetched {fetched} of {wire} with {half} already here"
+    );
+    assert!(
+        !b.path("cache/incoming").join(&digest).exists(),
+        "downloads are removed once the entry is in the cache"
+    );
+    assert_restores_nonce(&b, "web", &nonce);
+}

@@ -833,7 +833,7 @@ impl Cache {
         let md = fs::symlink_metadata(&dir).map_err(Error::io(&dir))?;
         self.check_private(&md, "incoming")
             .map_err(|problem| Error::Damaged {
-                key: name.to_string(),
+                key: format!("incoming/{name}"),
                 problem,
             })?;
         Ok(dir)
