@@ -593,7 +593,20 @@ impl Bencher {
             &work,
             crate::restore::RestoreOptions {
                 leave_stopped: false,
-                lazy: self.manifest.restore_lazy,
+                // What warmer's own restore in this round chose.
+                lazy: RunRecord::read(&self.dirs.run, &self.manifest.name)
+                    .and_then(|r| r.restore_choice)
+                    .map_or_else(
+                        || {
+                            crate::restore::choose_restore(
+                                self.manifest.restore_mode,
+                                entry,
+                                &self.dirs.service_run(&self.manifest.name),
+                            )
+                            .lazy
+                        },
+                        |c| c.lazy,
+                    ),
             },
             output,
             crate::restore::Watch {

@@ -114,7 +114,9 @@ struct RawRemote {
 #[serde(deny_unknown_fields)]
 struct RawRestore {
     #[serde(default)]
-    lazy: Option<bool>,
+    mode: Option<Spanned<String>>,
+    #[serde(default)]
+    lazy: Option<Spanned<bool>>,
     #[serde(default)]
     timeout: Option<Spanned<String>>,
 }
@@ -218,6 +220,19 @@ pub struct Checkpoint {
     pub timeout: Duration,
 }
 
+/// How an image's memory is restored (see [`crate::restore::choose`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RestoreMode {
+    /// warmer decides per image from its size, the page cache and how
+    /// earlier restores went.
+    Auto,
+    /// All memory before the service runs.
+    Eager,
+    /// Memory on first touch (userfaultfd, `criu lazy-pages`).
+    Lazy,
+}
+
 /// The registry tier of a service's images (see [`crate::remote`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Remote {
@@ -270,11 +285,11 @@ pub struct Manifest {
     /// Paths kept on disk that must match memory (captured at checkpoint,
     /// put back before restore).
     pub state: Vec<PathBuf>,
-    /// Restore memory lazily (userfaultfd): the service runs as soon as its
-    /// tree is rebuilt and pages arrive on first touch. How an image is
+    /// Eager, lazy (userfaultfd: the service runs as soon as its tree is
+    /// rebuilt, pages arrive on first touch) or auto. How an image is
     /// restored, not what it is: not part of the digest.
     #[serde(skip)]
-    pub restore_lazy: bool,
+    pub restore_mode: RestoreMode,
     /// CRIU must have restored the tree within this; else it is killed and
     /// the service cold-started. Not part of the digest.
     #[serde(skip)]
@@ -593,7 +608,7 @@ impl Manifest {
             stop_timeout,
             keep,
             state,
-            restore_lazy: raw.restore.as_ref().and_then(|r| r.lazy).unwrap_or(false),
+            restore_mode: restore_mode(raw.restore.as_ref(), &at)?,
             restore_timeout: duration(
                 raw.restore.as_ref().and_then(|r| r.timeout.as_ref()),
                 DEFAULT_RESTORE_TIMEOUT,
@@ -704,6 +719,44 @@ fn duration(
                 ),
             )
         }),
+    }
+}
+
+/// `restore.mode`, or the older `restore.lazy` (true: lazy, false: eager).
+fn restore_mode(
+    raw: Option<&RawRestore>,
+    at: &dyn Fn(&Location, String) -> ManifestError,
+) -> Result<RestoreMode, ManifestError> {
+    let Some(r) = raw else {
+        return Ok(RestoreMode::Auto);
+    };
+    let mode = match &r.mode {
+        None => None,
+        Some(m) => Some(match m.value.as_str() {
+            "auto" => RestoreMode::Auto,
+            "eager" => RestoreMode::Eager,
+            "lazy" => RestoreMode::Lazy,
+            other => {
+                return Err(at(
+                    &m.referenced,
+                    format!("restore.mode: expected auto, eager or lazy, got {other:?}"),
+                ))
+            }
+        }),
+    };
+    let lazy = r.lazy.as_ref().map(|l| {
+        if l.value {
+            RestoreMode::Lazy
+        } else {
+            RestoreMode::Eager
+        }
+    });
+    match (mode, lazy) {
+        (Some(m), Some(l)) if m != l => Err(at(
+            &r.lazy.as_ref().expect("given").referenced,
+            "restore.lazy contradicts restore.mode: give only restore.mode".into(),
+        )),
+        (m, l) => Ok(m.or(l).unwrap_or(RestoreMode::Auto)),
     }
 }
 
@@ -941,10 +994,21 @@ state: [\"/var/lib/app/data\"]
 
     #[test]
     fn lazy_restore_is_an_option_outside_the_digest() {
-        let eager = parse("exec: [a]\nready: {tcp: \"h:1\"}\n").unwrap();
+        let auto = parse("exec: [a]\nready: {tcp: \"h:1\"}\n").unwrap();
         let lazy = parse("exec: [a]\nready: {tcp: \"h:1\"}\nrestore: {lazy: true}\n").unwrap();
-        assert!(!eager.restore_lazy && lazy.restore_lazy);
+        let eager = parse("exec: [a]\nready: {tcp: \"h:1\"}\nrestore: {mode: eager}\n").unwrap();
+        assert_eq!(auto.restore_mode, RestoreMode::Auto);
+        assert_eq!(lazy.restore_mode, RestoreMode::Lazy);
+        assert_eq!(eager.restore_mode, RestoreMode::Eager);
         assert_eq!(eager.canonical(), lazy.canonical());
+        assert!(
+            err("exec: [a]\nready: {tcp: \"h:1\"}\nrestore: {mode: lazy, lazy: false}\n")
+                .contains("contradicts")
+        );
+        assert!(
+            err("exec: [a]\nready: {tcp: \"h:1\"}\nrestore: {mode: fast}\n")
+                .contains("auto, eager or lazy")
+        );
         assert!(
             err("exec: [a]\nready: {tcp: \"h:1\"}\nrestore: {lazzy: true}\n").contains("lazzy")
         );

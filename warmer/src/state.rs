@@ -74,6 +74,9 @@ pub struct RunRecord {
     /// The cache key of the image this run restored or last took.
     #[serde(default)]
     pub image: Option<String>,
+    /// How the last restore was done (eager or lazy) and why.
+    #[serde(default)]
+    pub restore_choice: Option<crate::restore::choose::Choice>,
     /// RFC 3339.
     pub updated: String,
 }
@@ -94,6 +97,7 @@ impl RunRecord {
             message: None,
             stale: None,
             image: None,
+            restore_choice: None,
             updated: now(),
         }
     }

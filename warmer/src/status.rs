@@ -94,10 +94,11 @@ fn next_start(
     let run_dir = run_dir?;
     match crate::restore::plan(cache, digest, m, run_dir) {
         Ok(Ok(plan)) => NextStart::restore(format!(
-            "image {} (generation {}, taken {})",
+            "image {} (generation {}, taken {}), {}",
             crate::checkpoint::short(&plan.entry.key),
             plan.entry.meta.generation,
-            plan.entry.meta.created
+            plan.entry.meta.created,
+            plan.choice
         )),
         Ok(Err(crate::restore::Skip::NoImage)) => {
             let restores =

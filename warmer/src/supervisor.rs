@@ -468,6 +468,14 @@ impl Supervisor {
                 Some(cold) => {
                     // Never slower than cold: one restore that was not
                     // faster decides it (warm mode; persist must restore).
+                    if let (Some(d), Some(c)) = (&self.digest, &self.record.restore_choice) {
+                        crate::restore::choose::History::record(
+                            &self.run_dir,
+                            &d.hex,
+                            c.lazy,
+                            ready_ms.saturating_sub(self.pulled_ms),
+                        );
+                    }
                     if self.manifest.mode == Mode::Warm {
                         if let Some(d) = &self.digest {
                             if let Some(p) = crate::backoff::PreferCold::judge(
@@ -601,7 +609,14 @@ impl Supervisor {
         self.set_state(ServiceState::Restoring);
         self.systemd
             .status(&format!("restoring {}", short(&digest)));
-        tracing::info!(phase = "restore", "restoring from image {}", short(&digest));
+        tracing::info!(
+            phase = "restore",
+            lazy = plan.choice.lazy,
+            "restoring from image {}: {}",
+            short(&digest),
+            plan.choice
+        );
+        self.record.restore_choice = Some(plan.choice.clone());
         let restore = Restore {
             criu: &criu,
             cache: &cache,
@@ -670,6 +685,14 @@ impl Supervisor {
             }
             Err(failure) => {
                 self.record.message = Some(format!("restore failed: {}", chain(&failure)));
+                if plan.choice.lazy {
+                    // Auto does not try lazy again for this image this boot.
+                    crate::restore::choose::History::record_lazy_failure(
+                        &self.run_dir,
+                        &digest,
+                        &chain(&failure),
+                    );
+                }
                 // Learn from it: the same state is not checkpointed and
                 // failed again forever (see `backoff`).
                 let restores = crate::backoff::Failures::load_kind(

@@ -24,6 +24,7 @@
 //! [`Restore::run`] performs them in order; each is a function of its own
 //! so it can be read and tested alone.
 
+pub mod choose;
 pub mod criu;
 
 use std::path::{Path, PathBuf};
@@ -84,7 +85,8 @@ pub struct Plan {
     /// `state:` paths that vanished with a tmpfs and go back with the image
     /// (every other captured path is exactly as at the checkpoint).
     pub put_back: Vec<PathBuf>,
-    pub lazy: bool,
+    /// Eager or lazy, and why ([`choose`]).
+    pub choice: choose::Choice,
     /// The image's `restore.json`, read once here.
     pub info: crate::image::RestoreInfo,
 }
@@ -229,7 +231,7 @@ pub fn plan(
             return Ok(Err(Skip::ColdIsFaster(p)));
         }
     }
-    let (lazy, mode) = (manifest.restore_lazy, manifest.mode);
+    let mode = manifest.mode;
     let entry = match cache.lookup(digest) {
         Ok(Some(e)) => e,
         Ok(None) => return Ok(Err(Skip::NoImage)),
@@ -270,14 +272,30 @@ pub fn plan(
     } else {
         Vec::new()
     };
+    let choice = choose_restore(manifest.restore_mode, &entry, run_dir);
     Ok(Ok(Plan {
         deadline: manifest.restore_timeout,
         integrity: Integrity::choose(cache.stamp_valid(&entry), !put_back.is_empty()),
         put_back,
-        lazy,
+        choice,
         info,
         entry,
     }))
+}
+
+/// Eager or lazy for this image now (see [`choose`]); the page cache is
+/// looked at only when it can matter.
+pub fn choose_restore(
+    mode: crate::manifest::RestoreMode,
+    entry: &Entry,
+    run_dir: &Path,
+) -> choose::Choice {
+    let (memory, files) = choose::memory_files(entry);
+    let resident = (mode == crate::manifest::RestoreMode::Auto && memory >= choose::LAZY_MIN_BYTES)
+        .then(|| choose::resident_fraction(&files))
+        .flatten();
+    let history = choose::History::load(run_dir, &entry.meta.digest);
+    choose::choose(mode, memory, resident, &history)
 }
 
 /// Step 6: the restored service is ready; the data kept aside goes.
@@ -387,7 +405,7 @@ impl Restore<'_> {
             .and_then(|out| {
                 let opts = RestoreOptions {
                     leave_stopped: held,
-                    lazy: plan.lazy,
+                    lazy: plan.choice.lazy,
                 };
                 let watch = Watch {
                     deadline: plan.deadline,
@@ -586,7 +604,7 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(p.integrity, Integrity::Stamped, "just published: stamped");
-        assert!(p.put_back.is_empty() && p.lazy);
+        assert!(p.put_back.is_empty() && p.choice.lazy);
         assert!(
             matches!(
                 plan(&cache, &digest, &manifest(Mode::Persist, false), dir.path()),

@@ -1,0 +1,315 @@
+//! Eager or lazy: which restore an image gets (manifest `restore.mode`).
+//!
+//! An eager restore copies all of the image's memory into the new
+//! processes before they run; a lazy one (userfaultfd, `criu lazy-pages`)
+//! lets them run as soon as the tree is rebuilt, and fetches each page on
+//! first touch. Lazy wins for big images, above all when the image is not
+//! in the page cache (it reads only what the service touches before it
+//! answers); it loses for small ones (a daemon to start, a fault per page)
+//! and for some services that touch most of their memory at once.
+//!
+//! `auto` (the default) decides per image from what warmer measured:
+//! 1. memory under [`LAZY_MIN_BYTES`]: eager;
+//! 2. a lazy restore of this image failed this boot: eager;
+//! 3. most of the image is not in the page cache (the first start after a
+//!    boot): lazy;
+//! 4. both kinds measured for this image this boot: the faster (median);
+//! 5. one kind measured: the other, once, to compare;
+//! 6. nothing measured: lazy.
+//!
+//! The decision and its reason go to the log and `warmer status`.
+//!
+//! ```text
+//! <run>/<svc>/restore-history.json   {digest, eager_ms, lazy_ms, lazy_failed}   (per boot)
+//! ```
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::manifest::RestoreMode;
+
+/// Below this much memory in an image, eager is as fast as lazy or faster.
+pub const LAZY_MIN_BYTES: u64 = 256 << 20;
+/// Below this fraction of an image in the page cache, lazy reads far less.
+const COLD_CACHE: f64 = 0.5;
+/// Measurements kept per kind.
+const KEEP: usize = 3;
+const FILE: &str = "restore-history.json";
+
+/// How the restores of one image went (this boot).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct History {
+    pub digest: String,
+    /// Start to ready, ms, newest last.
+    pub eager_ms: Vec<u64>,
+    pub lazy_ms: Vec<u64>,
+    /// Why a lazy restore failed, if one did.
+    pub lazy_failed: Option<String>,
+}
+
+impl History {
+    pub fn load(run_dir: &Path, digest: &str) -> Self {
+        std::fs::read(run_dir.join(FILE))
+            .ok()
+            .and_then(|b| serde_json::from_slice::<Self>(&b).ok())
+            .filter(|h| h.digest == digest)
+            .unwrap_or_else(|| History {
+                digest: digest.to_string(),
+                ..History::default()
+            })
+    }
+
+    fn save(&self, run_dir: &Path) {
+        let _ = cache::fsutil::write_atomic(
+            run_dir,
+            FILE,
+            &serde_json::to_vec(self).expect("serializes"),
+            0o600,
+            cache::fsutil::Durability::Atomic,
+        );
+    }
+
+    /// Remembers how long a restore of the image took to ready.
+    pub fn record(run_dir: &Path, digest: &str, lazy: bool, ms: u64) {
+        let mut h = Self::load(run_dir, digest);
+        let list = if lazy {
+            &mut h.lazy_ms
+        } else {
+            &mut h.eager_ms
+        };
+        list.push(ms);
+        if list.len() > KEEP {
+            list.remove(0);
+        }
+        h.save(run_dir);
+    }
+
+    /// Remembers that a lazy restore of the image failed.
+    pub fn record_lazy_failure(run_dir: &Path, digest: &str, why: &str) {
+        let mut h = Self::load(run_dir, digest);
+        h.lazy_failed = Some(why.chars().take(300).collect());
+        h.save(run_dir);
+    }
+}
+
+fn median(v: &[u64]) -> Option<u64> {
+    let mut v = v.to_vec();
+    v.sort_unstable();
+    v.get(v.len() / 2).copied()
+}
+
+/// What was decided, and why (for the log and `status`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Choice {
+    pub lazy: bool,
+    pub reason: String,
+}
+
+impl std::fmt::Display for Choice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let kind = if self.lazy { "lazy" } else { "eager" };
+        write!(f, "{kind} ({})", self.reason)
+    }
+}
+
+fn mb(b: u64) -> u64 {
+    b / 1_000_000
+}
+
+/// The restore for an image with `memory` bytes of pages, `resident` of
+/// them in the page cache (fraction; `None`: unknown), given `history`.
+pub fn choose(mode: RestoreMode, memory: u64, resident: Option<f64>, h: &History) -> Choice {
+    let choice = |lazy: bool, reason: String| Choice { lazy, reason };
+    match mode {
+        RestoreMode::Eager => return choice(false, "restore.mode: eager".into()),
+        RestoreMode::Lazy => return choice(true, "restore.mode: lazy".into()),
+        RestoreMode::Auto => {}
+    }
+    if memory < LAZY_MIN_BYTES {
+        return choice(
+            false,
+            format!(
+                "auto: {} MB of memory, under {} MB",
+                mb(memory),
+                mb(LAZY_MIN_BYTES)
+            ),
+        );
+    }
+    if let Some(why) = &h.lazy_failed {
+        return choice(
+            false,
+            format!("auto: a lazy restore failed this boot ({why})"),
+        );
+    }
+    if let Some(r) = resident.filter(|r| *r < COLD_CACHE) {
+        return choice(
+            true,
+            format!(
+                "auto: {} MB of memory, {:.0}% in the page cache: lazy reads only what the service touches",
+                mb(memory),
+                r * 100.0
+            ),
+        );
+    }
+    match (median(&h.eager_ms), median(&h.lazy_ms)) {
+        (Some(e), Some(l)) => choice(
+            l < e,
+            format!("auto: measured this boot: lazy {l} ms, eager {e} ms"),
+        ),
+        (Some(e), None) => choice(
+            true,
+            format!("auto: eager took {e} ms; trying lazy once to compare"),
+        ),
+        (None, Some(l)) => choice(
+            false,
+            format!("auto: lazy took {l} ms; trying eager once to compare"),
+        ),
+        (None, None) => choice(true, format!("auto: {} MB of memory", mb(memory))),
+    }
+}
+
+/// The memory pages an image holds: its `pages-*.img` files.
+pub fn memory_files(entry: &cache::Entry) -> (u64, Vec<std::path::PathBuf>) {
+    let data = entry.data_dir();
+    let pages: Vec<&cache::FileSum> = entry
+        .meta
+        .files
+        .iter()
+        .filter(|f| f.path.starts_with("pages-") && f.path.ends_with(".img"))
+        .collect();
+    (
+        pages.iter().map(|f| f.size).sum(),
+        pages.iter().map(|f| data.join(&f.path)).collect(),
+    )
+}
+
+/// The fraction of `files` in the page cache (mincore(2) on a mapping of
+/// each; nothing is read). `None` if it cannot be told.
+pub fn resident_fraction(files: &[std::path::PathBuf]) -> Option<f64> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).ok()?;
+    let (mut total, mut resident) = (0usize, 0usize);
+    for path in files {
+        let file = std::fs::File::open(path).ok()?;
+        let len = usize::try_from(file.metadata().ok()?.len()).ok()?;
+        if len == 0 {
+            continue;
+        }
+        // SAFETY: a fresh read-only shared mapping of a file we hold open;
+        // it is only passed to mincore and unmapped below, never accessed.
+        let addr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        if addr == libc::MAP_FAILED {
+            return None;
+        }
+        let pages = len.div_ceil(page);
+        let mut vec = vec![0u8; pages];
+        // SAFETY: `addr` is a mapping of `len` bytes; `vec` has one byte per page.
+        let rc = unsafe { libc::mincore(addr, len, vec.as_mut_ptr()) };
+        // SAFETY: unmapping exactly the mapping made above.
+        unsafe { libc::munmap(addr, len) };
+        if rc != 0 {
+            return None;
+        }
+        total += pages;
+        resident += vec.iter().filter(|b| **b & 1 != 0).count();
+    }
+    if total == 0 {
+        return None;
+    }
+    #[allow(clippy::cast_precision_loss)]
+    Some(resident as f64 / total as f64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn h(eager: &[u64], lazy: &[u64]) -> History {
+        History {
+            digest: "d".into(),
+            eager_ms: eager.to_vec(),
+            lazy_ms: lazy.to_vec(),
+            lazy_failed: None,
+        }
+    }
+
+    const BIG: u64 = 1 << 30;
+
+    #[test]
+    fn explicit_modes_are_obeyed() {
+        assert!(!choose(RestoreMode::Eager, BIG, Some(0.0), &h(&[], &[])).lazy);
+        assert!(choose(RestoreMode::Lazy, 1, Some(1.0), &h(&[], &[])).lazy);
+    }
+
+    #[test]
+    fn small_images_are_always_eager() {
+        let c = choose(RestoreMode::Auto, 100 << 20, Some(0.0), &h(&[900], &[100]));
+        assert!(!c.lazy, "{c}");
+        assert!(c.reason.contains("under"), "{c}");
+    }
+
+    #[test]
+    fn auto_explores_once_then_keeps_the_faster() {
+        let none = choose(RestoreMode::Auto, BIG, Some(1.0), &h(&[], &[]));
+        assert!(none.lazy, "{none}");
+        let after_lazy = choose(RestoreMode::Auto, BIG, Some(1.0), &h(&[], &[210]));
+        assert!(!after_lazy.lazy, "{after_lazy}");
+        // ActiveMQ-like: eager faster.
+        let c = choose(RestoreMode::Auto, BIG, Some(1.0), &h(&[130], &[210]));
+        assert!(
+            !c.lazy && c.reason.contains("lazy 210 ms, eager 130 ms"),
+            "{c}"
+        );
+        // Redis-like: lazy faster.
+        assert!(choose(RestoreMode::Auto, BIG, Some(1.0), &h(&[911, 905], &[109])).lazy);
+    }
+
+    #[test]
+    fn a_cold_page_cache_means_lazy_and_a_lazy_failure_means_eager() {
+        let c = choose(RestoreMode::Auto, BIG, Some(0.1), &h(&[130], &[210]));
+        assert!(c.lazy && c.reason.contains("10% in the page cache"), "{c}");
+        let mut failed = h(&[], &[100]);
+        failed.lazy_failed = Some("daemon died".into());
+        assert!(!choose(RestoreMode::Auto, BIG, Some(0.1), &failed).lazy);
+    }
+
+    #[test]
+    fn history_is_per_digest_and_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        for ms in [5, 6, 7, 8] {
+            History::record(dir.path(), "a", false, ms);
+        }
+        History::record(dir.path(), "a", true, 3);
+        let got = History::load(dir.path(), "a");
+        assert_eq!(got.eager_ms, vec![6, 7, 8]);
+        assert_eq!(got.lazy_ms, vec![3]);
+        assert_eq!(History::load(dir.path(), "b"), h(&[], &[]).with_digest("b"));
+    }
+
+    impl History {
+        fn with_digest(mut self, d: &str) -> Self {
+            self.digest = d.into();
+            self
+        }
+    }
+
+    #[test]
+    fn residency_of_files_just_written_is_high() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("pages-1.img");
+        std::fs::write(&p, vec![1u8; 1 << 20]).unwrap();
+        let r = resident_fraction(&[p]).unwrap();
+        assert!(r > 0.9, "{r}");
+    }
+}
