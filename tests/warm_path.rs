@@ -539,6 +539,88 @@ fn a_lazy_restore_serves_the_same_memory_and_leaves_nothing_behind() {
 }
 
 #[test]
+fn a_stale_lazy_socket_is_no_obstacle_and_a_killed_lazy_daemon_means_cold_then_eager() {
+    require_criu();
+    let env = Env::new();
+    let port = free_port();
+    env.slowweb("lz", port, &["--warmup", "1"], "restore: {mode: lazy}\n");
+    let mut w = env.run("lz");
+    env.wait_image("lz", &mut w);
+    let nonce = state(port)["nonce"].clone();
+    w.stop();
+
+    // A socket file left by a daemon that died with an earlier warmer.
+    std::fs::write(env.run.join("lz/lazy-pages.socket"), b"").unwrap();
+    let mut w = env.run("lz");
+    let s = env.wait_ready("lz", &mut w);
+    assert_eq!(s["last_start"], "restored", "{}", w.err());
+    assert_eq!(state(port)["nonce"], nonce);
+    w.stop();
+
+    // The daemon killed the moment it appears: never a half-restored
+    // service; a cold start instead, and the image's next restore is eager.
+    let marker = env.dir.path().display().to_string();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let killer = {
+        let (stop, needle) = (stop.clone(), format!("lazy-pages --images-dir {marker}"));
+        std::thread::spawn(move || {
+            let mut killed = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                for pid in pids_with(&needle) {
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(pid),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                    killed += 1;
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            killed
+        })
+    };
+    let mut w = env.run("lz");
+    let s = env.wait_ready("lz", &mut w);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    assert!(killer.join().unwrap() > 0, "the daemon was never seen");
+    assert_eq!(s["last_start"], "cold", "{s}\n{}", w.err());
+    assert_ne!(state(port)["nonce"], nonce, "a fresh cold start");
+    w.stop();
+    let history: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(env.run.join("lz/restore-history.json")).unwrap())
+            .unwrap();
+    assert!(history["lazy_failed"].is_string(), "{history}");
+    assert!(
+        pids_with(&format!("lazy-pages --images-dir {marker}")).is_empty(),
+        "lazy-pages daemon left running"
+    );
+}
+
+#[test]
+fn auto_restores_a_small_image_eagerly_and_says_why() {
+    require_criu();
+    let env = Env::new();
+    let port = free_port();
+    env.slowweb("small", port, &["--warmup", "0.3"], "");
+    let mut w = env.run("small");
+    env.wait_image("small", &mut w);
+    w.stop();
+    let st = env.status("small");
+    let detail = st["next_start"]["detail"].as_str().unwrap();
+    assert!(
+        detail.contains("eager (auto:") && detail.contains("under 256 MiB"),
+        "{st}"
+    );
+    let mut w = env.run("small");
+    let s = env.wait_ready("small", &mut w);
+    assert_eq!(s["last_start"], "restored");
+    w.stop();
+    let rec: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(env.run.join("small/state.json")).unwrap()).unwrap();
+    assert_eq!(rec["restore_choice"]["lazy"], false, "{rec}");
+    assert!(w.err().contains("eager (auto:"), "{}", w.err());
+}
+
+#[test]
 fn a_data_file_outside_state_is_named_by_validate_and_by_the_failed_restore() {
     require_criu();
     let env = Env::new();

@@ -83,6 +83,8 @@ pub struct Running {
     /// The `criu lazy-pages` daemon serving a lazily restored tree; `None`
     /// once it has exited (it does when every page has been delivered).
     lazy_pages: Option<std::process::Child>,
+    /// Why the lazy-pages daemon ended before delivering every page.
+    lazy_failed: Option<String>,
 }
 
 impl Running {
@@ -93,7 +95,28 @@ impl Running {
             kind,
             exit: None,
             lazy_pages: None,
+            lazy_failed: None,
         }
+    }
+
+    /// Why the tree was killed: its lazy-pages daemon died before it had
+    /// delivered every page (`None`: it did not).
+    pub fn lazy_failure(&self) -> Option<&str> {
+        self.lazy_failed.as_deref()
+    }
+
+    /// The daemon that serves the tree's missing pages ended abnormally: a
+    /// page touched from now on would come back as zeros (userfaultfd
+    /// drops the registration with the daemon's fd), silently corrupting
+    /// the service's memory. Kill the tree instead; the next start knows
+    /// (see `restore::choose`).
+    fn lazy_died(&mut self, why: String) {
+        tracing::error!(
+            "criu lazy-pages {why} before it had delivered every page: the service's memory is incomplete, killing it"
+        );
+        self.lazy_failed = Some(format!("criu lazy-pages {why}"));
+        self.lazy_pages = None;
+        let _ = kill(self.pid, Signal::SIGKILL);
     }
 
     /// Hands the lazy-pages daemon to this tree: reaped with it, killed when
@@ -127,13 +150,14 @@ impl Running {
                     break;
                 }
                 Ok(WaitStatus::Exited(pid, code)) if Some(pid) == self.lazy_pid() => {
-                    if code != 0 {
-                        tracing::warn!("criu lazy-pages exited with status {code}");
+                    if code == 0 {
+                        self.lazy_pages = None;
+                    } else {
+                        self.lazy_died(format!("exited with status {code}"));
                     }
-                    self.lazy_pages = None;
                 }
-                Ok(WaitStatus::Signaled(pid, ..)) if Some(pid) == self.lazy_pid() => {
-                    self.lazy_pages = None;
+                Ok(WaitStatus::Signaled(pid, sig, _)) if Some(pid) == self.lazy_pid() => {
+                    self.lazy_died(format!("was killed by {sig}"));
                 }
                 Ok(WaitStatus::StillAlive) | Err(_) => break,
                 Ok(_) => continue,

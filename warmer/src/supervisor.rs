@@ -1155,7 +1155,15 @@ impl Supervisor {
             }
             self.signals.wait(Duration::from_secs(1));
         };
+        let lazy_failure = running.lazy_failure().map(str::to_string);
         running.finish();
+        if let (Some(why), Some(d)) = (lazy_failure, &self.digest) {
+            let why = why.as_str();
+            crate::restore::choose::History::record_lazy_failure(&self.run_dir, &d.hex, why);
+            self.record.message = Some(format!(
+                "killed: {why} before every page was delivered; the next restore is eager"
+            ));
+        }
         self.record.exit_code = Some(code);
         self.set_state(ServiceState::Stopped);
         Outcome {

@@ -130,9 +130,9 @@ pub fn choose(mode: RestoreMode, memory: u64, resident: Option<f64>, h: &History
         return choice(
             false,
             format!(
-                "auto: {} MB of memory, under {} MB",
+                "auto: {} MB of memory, under {} MiB",
                 mb(memory),
-                mb(LAZY_MIN_BYTES)
+                LAZY_MIN_BYTES >> 20
             ),
         );
     }
