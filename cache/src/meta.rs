@@ -28,6 +28,12 @@ pub struct NewEntry {
     /// The payload's checksums as its maker recorded them (an entry made
     /// elsewhere): publishing fails unless the staged files match exactly.
     pub expected_files: Option<Vec<FileSum>>,
+    /// Publish without fsync: for an entry that can be fetched again (a
+    /// pull). A power loss before the data reached the disk leaves, at
+    /// worst, an entry that fails its verification at the next boot (a
+    /// stamp is good for one boot only) and is quarantined; never one that
+    /// is trusted.
+    pub no_sync: bool,
     /// When the entry was made, if not now (an entry made elsewhere keeps
     /// its maker's time): RFC 3339 and Unix seconds.
     pub created: Option<(String, u64)>,

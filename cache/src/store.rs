@@ -347,7 +347,7 @@ impl Cache {
         valid_digest(&new.digest)?;
         let data = staging.data_dir();
         let mut files = Vec::new();
-        seal_tree(&data, &data, &mut files)?;
+        seal_tree(&data, &data, &mut files, !new.no_sync)?;
         files.sort_by(|a, b| a.path.cmp(&b.path));
         if let Some(expected) = &new.expected_files {
             check_expected(expected, &files).map_err(|problem| Error::Damaged {
@@ -1039,21 +1039,25 @@ fn check_expected(expected: &[FileSum], found: &[FileSum]) -> Result<(), Problem
     Ok(())
 }
 
-fn seal_tree(base: &Path, dir: &Path, out: &mut Vec<FileSum>) -> Result<(), Error> {
+fn seal_tree(base: &Path, dir: &Path, out: &mut Vec<FileSum>, sync: bool) -> Result<(), Error> {
     fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(Error::io(dir))?;
     for dent in fs::read_dir(dir).map_err(Error::io(dir))? {
         let dent = dent.map_err(Error::io(dir))?;
         let path = dent.path();
         let ft = dent.file_type().map_err(Error::io(&path))?;
         if ft.is_dir() {
-            seal_tree(base, &path, out)?;
-            fsync_dir(&path)?;
+            seal_tree(base, &path, out, sync)?;
+            if sync {
+                fsync_dir(&path)?;
+            }
         } else if ft.is_file() {
             fs::set_permissions(&path, fs::Permissions::from_mode(0o600))
                 .map_err(Error::io(&path))?;
             let mut file = File::open(&path).map_err(Error::io(&path))?;
             let (blake3, size) = hash_file(&mut file).map_err(Error::io(&path))?;
-            file.sync_all().map_err(Error::io(&path))?;
+            if sync {
+                file.sync_all().map_err(Error::io(&path))?;
+            }
             out.push(FileSum {
                 path: relative(base, &path),
                 size,

@@ -398,6 +398,8 @@ pub fn install(
                 cold_start_ms: meta.cold_start_ms,
                 origin: Some(origin),
                 expected_files: Some(meta.files.clone()),
+                // It can be fetched again; verification catches a torn one.
+                no_sync: true,
                 created: Some((meta.created.clone(), meta.created_unix)),
             },
         )

@@ -435,6 +435,20 @@ async fn download(
         .map_err(io_err(&part))?;
     let mut len = out.metadata().map_err(io_err(&part))?.len();
     let start = len;
+    // The digest of the whole blob, as it is written: what a resumed
+    // download already has first.
+    let mut hash = <sha2::Sha256 as sha2::Digest>::new();
+    if start > 0 {
+        let mut f = File::open(&part).map_err(io_err(&part))?;
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = f.read(&mut buf).map_err(io_err(&part))?;
+            if n == 0 {
+                break;
+            }
+            sha2::Digest::update(&mut hash, &buf[..n]);
+        }
+    }
     while let Some(chunk) = stream.next().await {
         let chunk = chunk.map_err(|e| {
             match e
@@ -461,14 +475,11 @@ async fn download(
                 found: format!("more than its {size} bytes"),
             });
         }
+        sha2::Digest::update(&mut hash, &chunk);
         out.write_all(&chunk).map_err(io_err(&part))?;
     }
-    out.sync_all().map_err(io_err(&part))?;
     drop(out);
-    let found = format!(
-        "sha256:{}",
-        crate::digest::sha256_file(&part).map_err(io_err(&part))?
-    );
+    let found = format!("sha256:{}", hex::encode(sha2::Digest::finalize(hash)));
     if found != layer.digest {
         let _ = fs::remove_file(&part);
         return Err(RemoteError::Tampered {
