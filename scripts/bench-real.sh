@@ -11,13 +11,13 @@ RUNS=${1:-5}
 OUT=${OUT:-$PWD/bench-out}
 scripts/deps.sh
 cargo build --release --locked -q
-for s in redis pyml nodered activemq; do benches/services/$s.sh; done
+for s in redis pyml nodered activemq tomcat10; do benches/services/$s.sh; done
 install -D -m 0755 examples/slowweb/server.py /opt/warmer/examples/slowweb/server.py
 export WARMER_MANIFEST_DIR=$PWD/manifests WARMER_CACHE_DIR=${WARMER_CACHE_DIR:-/var/cache/warmer-bench}
 export WARMER_RUN_DIR=${WARMER_RUN_DIR:-/run/warmer-bench}
 W=target/release/warmer
 mkdir -p "$OUT/warm" "$OUT/dropped"
-for svc in slowweb pyml nodered activemq redis redis-lazy; do
+for svc in slowweb pyml nodered activemq tomcat10 jetty9 redis redis-lazy; do
   n=$RUNS
   case $svc in redis*) n=$(( RUNS < 3 ? RUNS : 3 )) ;; esac
   "$W" bench "$svc" --runs "$n" --out "$OUT/warm" >/dev/null

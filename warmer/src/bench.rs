@@ -63,6 +63,15 @@ fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> BenchError {
 pub struct BenchOptions {
     pub runs: usize,
     pub drop_caches: bool,
+    /// Print where warmer's restores spent their time.
+    pub breakdown: bool,
+}
+
+/// One phase of warmer's restores: its median over the counted runs.
+#[derive(Debug, Clone, Serialize)]
+pub struct Phase {
+    pub phase: String,
+    pub median_ms: f64,
 }
 
 #[derive(Debug, Clone, Copy, Serialize)]
@@ -116,6 +125,11 @@ pub struct BenchReport {
     pub overhead_ms: f64,
     pub samples: Samples,
     pub machine: Machine,
+    /// Where warmer's restores spent their time, phase by phase (medians).
+    pub breakdown: Vec<Phase>,
+    /// Whether the Markdown shows the breakdown (`--breakdown`).
+    #[serde(skip)]
+    pub show_breakdown: bool,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -141,6 +155,8 @@ pub struct Bencher {
     saved_state: Option<PathBuf>,
     /// The service's run record (what `warmer status` shows), put back too.
     saved_record: Option<Vec<u8>>,
+    /// The breakdown of each warmer restore run so far.
+    breakdowns: std::cell::RefCell<Vec<Vec<(String, f64)>>>,
 }
 
 impl Drop for Bencher {
@@ -216,6 +232,7 @@ impl Bencher {
         let saved_record = std::fs::read(RunRecord::path(&dirs.run, service)).ok();
         Ok(Self {
             saved_record,
+            breakdowns: Default::default(),
             saved_state,
             dirs: dirs.clone(),
             manifest,
@@ -327,6 +344,8 @@ pub fn bench(
     b.cold_ms()?;
     b.restore_ms()?;
     b.criu_restore_ms()?;
+    b.breakdowns.borrow_mut().clear();
+
 
     let mut samples = Samples {
         cold: Vec::new(),
@@ -394,6 +413,8 @@ pub fn bench(
         restore,
         criu_restore,
         samples,
+        breakdown: phases(&b.breakdowns.take()),
+        show_breakdown: opts.breakdown,
         machine: Machine {
             kernel: host.kernel.clone(),
             cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
@@ -553,6 +574,9 @@ impl Bencher {
         let stopped = self.stop(child);
         let rec = rec?;
         stopped?;
+        if let (false, Some(b)) = (cold, &rec.breakdown) {
+            self.breakdowns.borrow_mut().push(b.clone());
+        }
         if !cold && rec.last_start != Some(StartKind::Restored) {
             return Err(BenchError::Run {
                 what: "warmer restore".into(),
@@ -586,7 +610,7 @@ impl Bencher {
             what: "criu restore".into(),
             detail: chain(&e),
         })?;
-        let mut running = crate::restore::criu_restore(
+        let (mut running, _) = crate::restore::criu_restore(
             &self.criu,
             &data,
             &info,
@@ -647,6 +671,31 @@ impl Bencher {
 }
 
 /// The Markdown table for `--out`.
+/// Per-phase medians over runs (phases in the order they first appear).
+fn phases(runs: &[Vec<(String, f64)>]) -> Vec<Phase> {
+    let mut names: Vec<&str> = Vec::new();
+    for run in runs {
+        for (name, _) in run {
+            if !names.contains(&name.as_str()) {
+                names.push(name);
+            }
+        }
+    }
+    names
+        .into_iter()
+        .map(|name| {
+            let samples: Vec<f64> = runs
+                .iter()
+                .map(|run| run.iter().find(|(n, _)| n == name).map_or(0.0, |(_, v)| *v))
+                .collect();
+            Phase {
+                phase: name.to_string(),
+                median_ms: Stats::of(&samples).median_ms,
+            }
+        })
+        .collect()
+}
+
 pub fn markdown(r: &BenchReport) -> String {
     let row = |name: &str, s: &Stats| {
         format!(
@@ -675,6 +724,14 @@ pub fn markdown(r: &BenchReport) -> String {
         r.machine.criu_version,
         if r.machine.run_dir_tmpfs { "" } else { "not " }
     ));
+    if r.show_breakdown && !r.breakdown.is_empty() {
+        out.push_str("\nWhere a warmer restore's time goes (median per phase, from spawn to ready):\n\n| phase | ms |\n|---|---|\n");
+        for p in &r.breakdown {
+            out.push_str(&format!("| {} | {:.1} |\n", p.phase, p.median_ms));
+        }
+        let sum: f64 = r.breakdown.iter().map(|p| p.median_ms).sum();
+        out.push_str(&format!("| (sum of medians) | {sum:.1} |\n"));
+    }
     out
 }
 

@@ -135,6 +135,11 @@ enum Cmd {
         /// Also write bench-SVC.md, .svg and .json into this directory.
         #[arg(long)]
         out: Option<PathBuf>,
+        /// Show where warmer's restores spend their time: set-up, digest,
+        /// plan, pull, state, lazy daemon, CRIU's own phases (from its stats
+        /// file), integrity, probe.
+        #[arg(long)]
+        breakdown: bool,
     },
     /// Inspect and maintain the image cache.
     #[command(subcommand)]
@@ -290,7 +295,8 @@ fn main() -> ExitCode {
             json,
             drop_caches,
             out,
-        } => bench_cmd(&dirs, &service, runs, json, drop_caches, out.as_deref()),
+            breakdown,
+        } => bench_cmd(&dirs, &service, runs, json, drop_caches, breakdown, out.as_deref()),
     }
 }
 
@@ -423,6 +429,7 @@ fn bench_cmd(
     runs: usize,
     json: bool,
     drop_caches: bool,
+    breakdown: bool,
     out: Option<&std::path::Path>,
 ) -> ExitCode {
     use warmer::bench;
@@ -430,6 +437,7 @@ fn bench_cmd(
     let opts = bench::BenchOptions {
         runs: runs.max(1),
         drop_caches,
+        breakdown,
     };
     let report = match bench::bench(dirs, service, &opts, &mut |p| eprintln!("bench: {p}")) {
         Ok(r) => r,

@@ -77,6 +77,9 @@ pub struct RunRecord {
     /// How the last restore was done (eager or lazy) and why.
     #[serde(default)]
     pub restore_choice: Option<crate::restore::choose::Choice>,
+    /// Where the last restore's time went: (phase, ms), in order.
+    #[serde(default)]
+    pub breakdown: Option<Vec<(String, f64)>>,
     /// RFC 3339.
     pub updated: String,
 }
@@ -98,6 +101,7 @@ impl RunRecord {
             stale: None,
             image: None,
             restore_choice: None,
+            breakdown: None,
             updated: now(),
         }
     }

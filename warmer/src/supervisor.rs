@@ -128,6 +128,9 @@ struct Supervisor {
     digest: Option<ServiceDigest>,
     /// Where the last restore spent its time, for the ready message.
     timings: Option<restore::Timings>,
+    /// When (since `started`) set-up ended, the digest was known, and the
+    /// restore's plan (and pull) was done: for the breakdown.
+    marks: [Duration; 3],
     /// Filled by the watcher thread once inotify is set up.
     watch: std::sync::Arc<std::sync::Mutex<Option<InputWatch>>>,
     /// `warmer checkpoint` requests, once the service is ready.
@@ -232,6 +235,7 @@ pub fn run(dirs: &Dirs, name: &str, opts: RunOptions) -> Result<Outcome, RunErro
     };
     memo.save();
     tracing::debug!("t+{} us: criu locate", started.elapsed().as_micros());
+    let setup_done = started.elapsed();
     let exe = init::locate().map_err(|source| RunError::Dir {
         path: init::INIT_BIN.into(),
         source,
@@ -257,6 +261,7 @@ pub fn run(dirs: &Dirs, name: &str, opts: RunOptions) -> Result<Outcome, RunErro
         span.record("digest", d.hex.as_str());
     }
     tracing::debug!("t+{} us: digest", started.elapsed().as_micros());
+    let digest_done = started.elapsed();
     let mut record = RunRecord::new(name);
     record.digest = digest.as_ref().map(|d| d.hex.clone());
     let mut sup = Supervisor {
@@ -273,6 +278,7 @@ pub fn run(dirs: &Dirs, name: &str, opts: RunOptions) -> Result<Outcome, RunErro
         host,
         digest,
         timings: None,
+        marks: [setup_done, digest_done, Duration::ZERO],
         watch: Default::default(),
         control: None,
         foreign: None,
@@ -459,6 +465,9 @@ impl Supervisor {
         self.record.last_start = Some(running.kind);
         self.record.ready_ms = Some(ready_ms);
         self.record.ready_from_spawn_us = crate::bench::since_spawn_us();
+        if let (StartKind::Restored, Some(t)) = (running.kind, &self.timings) {
+            self.record.breakdown = Some(self.breakdown(t));
+        }
         let status = match running.kind {
             StartKind::Cold => {
                 self.record.cold_ready_ms = Some(ready_ms);
@@ -554,6 +563,7 @@ impl Supervisor {
         if matches!(planned, Ok(Err(Skip::NoImage))) && self.pull_missing(&cache, &digest) {
             planned = restore::plan(&cache, &digest, &self.manifest, &self.run_dir);
         }
+        self.marks[2] = self.started.elapsed();
         let plan = match planned {
             Ok(Ok(plan)) => plan,
             Ok(Err(skip @ Skip::StateChanged { .. })) => {
@@ -668,7 +678,7 @@ impl Supervisor {
                 }
                 self.record.image = Some(restored.entry.key.clone());
                 self.image_taken = true;
-                self.timings = Some(restored.timings);
+                self.timings = Some(restored.timings.clone());
                 // What the image's cold start took, for the ready message and status.
                 self.record.cold_ready_ms = restored.entry.meta.cold_start_ms;
                 Some(Ok(restored.running))
@@ -751,6 +761,33 @@ impl Supervisor {
                 false
             }
         }
+    }
+
+    /// Where this restore's time went, from spawn (when known) to ready.
+    fn breakdown(&self, t: &restore::Timings) -> Vec<(String, f64)> {
+        let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+        let total = ms(self.started.elapsed());
+        let mut out = Vec::new();
+        if let Some(us) = self.record.ready_from_spawn_us {
+            #[allow(clippy::cast_precision_loss)]
+            let from_spawn = us as f64 / 1000.0;
+            out.push(("exec and start-up".to_string(), (from_spawn - total).max(0.0)));
+        }
+        let [setup, digest, planned] = self.marks;
+        let pull = Duration::from_millis(self.pulled_ms);
+        out.push(("set-up (manifest, cache, CRIU)".into(), ms(setup)));
+        out.push(("digest".into(), ms(digest.saturating_sub(setup))));
+        out.push((
+            "plan (lock, image shape, state, mode)".into(),
+            ms(planned.saturating_sub(digest).saturating_sub(pull)),
+        ));
+        if self.pulled_ms > 0 {
+            out.push(("pull".into(), ms(pull)));
+        }
+        out.extend(t.phases());
+        let counted: f64 = out.iter().skip(usize::from(self.record.ready_from_spawn_us.is_some())).map(|(_, v)| v).sum();
+        out.push(("other".into(), (total - counted).max(0.0)));
+        out
     }
 
     fn pull_note(&self) -> String {

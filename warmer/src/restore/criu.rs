@@ -69,7 +69,8 @@ pub fn restore(
     opts: RestoreOptions,
     mut output: Output,
     watch: Watch<'_>,
-) -> Result<Running, CriuRestoreError> {
+) -> Result<(Running, CriuTimes), CriuRestoreError> {
+    let mut times = CriuTimes::default();
     let pidfile = run_dir.join("restore.pid");
     // CRIU opens the pidfile O_EXCL.
     let _ = std::fs::remove_file(&pidfile);
@@ -93,8 +94,12 @@ pub fn restore(
         leave_stopped: opts.leave_stopped,
         lazy_pages: opts.lazy,
     };
+    let _ = std::fs::remove_file(run_dir.join(STATS_FILE));
     let mut lazy = if opts.lazy {
-        Some(start_lazy_pages(criu, data_dir, run_dir)?)
+        let t = std::time::Instant::now();
+        let daemon = start_lazy_pages(criu, data_dir, run_dir)?;
+        times.lazy_start = Some(t.elapsed());
+        Some(daemon)
     } else {
         None
     };
@@ -184,7 +189,25 @@ pub fn restore(
     if let Some(daemon) = lazy {
         running.set_lazy_pages(daemon);
     }
-    Ok(running)
+    times.stats = crate::criu_image::read_one::<crate::criu_image::proto::StatsEntry>(
+        &run_dir.join(STATS_FILE),
+    )
+    .ok()
+    .and_then(|s| s.restore);
+    Ok((running, times))
+}
+
+/// Where CRIU writes its restore statistics (in its work directory).
+const STATS_FILE: &str = "stats-restore";
+
+/// What a restore's CRIU side cost, beside its wall time.
+#[derive(Debug, Clone, Default)]
+pub struct CriuTimes {
+    /// Starting `criu lazy-pages` until it listened.
+    pub lazy_start: Option<std::time::Duration>,
+    /// CRIU's own statistics: `forking_time` and `restore_time` (µs),
+    /// pages restored.
+    pub stats: Option<crate::criu_image::proto::RestoreStatsEntry>,
 }
 
 /// The connections the image holds: those a failed restore may have locked.

@@ -32,7 +32,7 @@ use std::time::{Duration, Instant};
 
 use cache::{Cache, Entry};
 
-pub use self::criu::{restore as criu_restore, CriuRestoreError, RestoreOptions, Watch};
+pub use self::criu::{restore as criu_restore, CriuRestoreError, CriuTimes, RestoreOptions, Watch};
 use crate::checkpoint::short;
 use crate::criu::Criu;
 use crate::errors::chain;
@@ -187,12 +187,42 @@ impl Failure {
 }
 
 /// Where a restore spent its time.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Timings {
     pub integrity: Integrity,
+    /// Putting `state:` data back (and hashing first when it goes back).
+    pub state: Duration,
+    /// `criu restore`, wall time (a lazy daemon's start included).
     pub criu: Duration,
+    pub criu_times: CriuTimes,
     /// Time after CRIU returned, waiting for the hashes.
     pub hash_wait: Duration,
+    /// From the tree's resumption to the probe's success.
+    pub probe: Duration,
+}
+
+impl Timings {
+    /// The restore's phases in order, in ms, CRIU's own split out where it
+    /// reports them (see [`crate::timeline`]).
+    pub fn phases(&self) -> Vec<(String, f64)> {
+        let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+        let mut out = vec![("state".to_string(), ms(self.state))];
+        let mut criu_rest = ms(self.criu);
+        if let Some(l) = self.criu_times.lazy_start {
+            out.push(("lazy daemon start".into(), ms(l)));
+            criu_rest -= ms(l);
+        }
+        if let Some(s) = &self.criu_times.stats {
+            let (fork, restore) = (f64::from(s.forking_time) / 1000.0, f64::from(s.restore_time) / 1000.0);
+            out.push(("criu: forking".into(), fork));
+            out.push(("criu: restore".into(), restore));
+            criu_rest -= fork + restore;
+        }
+        out.push(("criu: rest (exec, checks, exit)".into(), criu_rest.max(0.0)));
+        out.push(("integrity wait".into(), ms(self.hash_wait)));
+        out.push(("probe".into(), ms(self.probe)));
+        out
+    }
 }
 
 impl std::fmt::Display for Timings {
@@ -329,17 +359,23 @@ impl Restore<'_> {
         plan: &Plan,
         probe: &mut dyn FnMut(&mut Running) -> Readiness,
     ) -> Result<Restored, Failure> {
+        let t_state = Instant::now();
         let state = match self.prepare_state(plan) {
             Ok(s) => s,
             Err(f) => return Err(self.undo(Some(plan.key().into()), f, None, None)),
         };
+        let state_took = t_state.elapsed();
         crate::failpoint("restore-after-put-back");
-        let (mut running, timings) = match self.tree(plan) {
+        let (mut running, mut timings) = match self.tree(plan) {
             Ok(r) => r,
             Err(f) => return Err(self.undo(Some(plan.key().into()), f, None, state)),
         };
+        timings.state = state_took;
         crate::failpoint("restore-after-criu");
-        let failure = match probe(&mut running) {
+        let t_probe = Instant::now();
+        let readiness = probe(&mut running);
+        timings.probe = t_probe.elapsed();
+        let failure = match readiness {
             Readiness::Ready | Readiness::Stopped => None,
             Readiness::Exited(code) => Some(Failure::Exited(code)),
             Readiness::ExitedAfterSignal(code) => Some(Failure::EndedBySignal(code)),
@@ -446,10 +482,17 @@ impl Restore<'_> {
                 }
             },
         };
+        let (restored, criu_times) = match restored {
+            Ok((r, t)) => (Ok(r), t),
+            Err(e) => (Err(e), CriuTimes::default()),
+        };
         let timings = Timings {
             integrity: plan.integrity,
+            state: Duration::ZERO,
             criu: t_criu,
+            criu_times,
             hash_wait: t0.elapsed().saturating_sub(t_criu),
+            probe: Duration::ZERO,
         };
         let restored = match restored {
             // CRIU was stopped because the hash failed: that is the cause.

@@ -1,0 +1,126 @@
+#!/usr/bin/env python3
+"""A boot storm: N warmed services started at once, as at boot.
+
+N copies of examples/slowweb (each its own manifest and port; each a ~2 s
+CPU-bound warm-up and ~150 MB of memory) are measured three ways, in the same
+run, every start timed from the moment this script spawns `warmer run`
+(WARMER_SPAWNED_AT_NS) to ready as warmer's probe saw it:
+
+  cold, all at once      N `warmer run --cold` spawned together: until the last is ready
+  restore, all at once   N `warmer run` spawned together (images made first)
+  restore, one by one    the same N restores one after another: the sum
+
+and checks that every restore restored (none fell back to cold).
+
+    benches/storm.py [N] [--warmup S] [--drop-caches] [--warmer target/release/warmer]
+"""
+import argparse, json, os, shutil, signal, socket, subprocess, sys, tempfile, time
+
+ap = argparse.ArgumentParser()
+ap.add_argument("n", type=int, nargs="?", default=8)
+ap.add_argument("--warmup", default="2")
+ap.add_argument("--drop-caches", action="store_true")
+ap.add_argument("--warmer", default="target/release/warmer")
+ap.add_argument("--json", action="store_true")
+args = ap.parse_args()
+W = os.path.abspath(args.warmer)
+SERVER = os.path.abspath("examples/slowweb/server.py")
+
+def free_port():
+    s = socket.socket(); s.bind(("127.0.0.1", 0)); p = s.getsockname()[1]; s.close(); return p
+
+tmp = tempfile.mkdtemp(prefix="warmer-storm-")
+mdir, cdir, rdir = (os.path.join(tmp, d) for d in ("manifests", "cache", "run"))
+os.makedirs(mdir)
+names = [f"storm{i}" for i in range(args.n)]
+for name in names:
+    with open(os.path.join(mdir, f"{name}.yaml"), "w") as f:
+        f.write(f'exec: ["/usr/bin/python3", "{SERVER}", "--port", "{free_port()}", "--warmup", "{args.warmup}"]\n'
+                f'ready:\n  http: "http://127.0.0.1:PORT/health"\n  timeout: 300s\ncheckpoint:\n  settle: 200ms\n')
+    # the port, twice
+    text = open(os.path.join(mdir, f"{name}.yaml")).read()
+    port = text.split('"--port", "')[1].split('"')[0]
+    open(os.path.join(mdir, f"{name}.yaml"), "w").write(text.replace("PORT", port))
+ENV = dict(os.environ, WARMER_MANIFEST_DIR=mdir, WARMER_CACHE_DIR=cdir, WARMER_RUN_DIR=rdir)
+
+def record(name):
+    try:
+        return json.load(open(os.path.join(rdir, name, "state.json")))
+    except (OSError, ValueError):
+        return {}
+
+def spawn(name, *extra):
+    e = dict(ENV, WARMER_SPAWNED_AT_NS=str(time.clock_gettime_ns(time.CLOCK_MONOTONIC)))
+    return subprocess.Popen([W, "run", name, *extra], env=e, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+def wait(procs, want=lambda r: r.get("state") in ("ready", "checkpointing")):
+    deadline = time.time() + 900
+    done = {}
+    while len(done) < len(procs):
+        for name, p in procs.items():
+            if name in done:
+                continue
+            if p.poll() is not None:
+                sys.exit(f"{name}: warmer exited")
+            r = record(name)
+            if r.get("warmer_pid") == p.pid and want(r):
+                done[name] = r
+        if time.time() > deadline:
+            sys.exit("not ready in 900 s")
+        time.sleep(0.01)
+    return done
+
+def stop(procs):
+    for p in procs.values():
+        p.send_signal(signal.SIGTERM)
+    for p in procs.values():
+        p.wait(timeout=120)
+
+def drop():
+    if args.drop_caches:
+        os.sync()
+        open("/proc/sys/vm/drop_caches", "w").write("3")
+
+try:
+    # Cold, all at once.
+    drop()
+    procs = {n: spawn(n, "--cold") for n in names}
+    recs = wait(procs)
+    stop(procs)
+    cold_all = max(r["ready_from_spawn_us"] for r in recs.values()) / 1000
+    # Images, one by one (not measured).
+    for n in names:
+        p = {n: spawn(n)}
+        wait(p, lambda r: r.get("image") and r.get("state") == "ready")
+        stop(p)
+    # Restores, all at once.
+    drop()
+    procs = {n: spawn(n) for n in names}
+    recs = wait(procs)
+    stop(procs)
+    kinds = {n: r["last_start"] for n, r in recs.items()}
+    if any(k != "restored" for k in kinds.values()):
+        sys.exit(f"not every service was restored: {kinds}")
+    restore_all = max(r["ready_from_spawn_us"] for r in recs.values()) / 1000
+    choices = sorted({str((r.get("restore_choice") or {}).get("lazy")) for r in recs.values()})
+    # Restores, one by one.
+    drop()
+    seq = 0.0
+    for n in names:
+        p = {n: spawn(n)}
+        r = wait(p)[n]
+        stop(p)
+        assert r["last_start"] == "restored", r
+        seq += r["ready_from_spawn_us"] / 1000
+    result = {"services": args.n, "cold_all_ms": round(cold_all), "restore_all_ms": round(restore_all),
+              "restore_one_by_one_ms": round(seq), "ratio": round(cold_all / restore_all, 1),
+              "drop_caches": args.drop_caches, "lazy": choices}
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print("| services | page cache | cold, all at once | restore, all at once | restore, one by one | cold / restore (all at once) |")
+        print("|---|---|---|---|---|---|")
+        print(f"| {args.n} x slowweb | {'dropped' if args.drop_caches else 'warm'} | {cold_all / 1000:.2f} s | "
+              f"{restore_all:.0f} ms | {seq:.0f} ms | **{cold_all / restore_all:.1f}x** |")
+finally:
+    shutil.rmtree(tmp, ignore_errors=True)
