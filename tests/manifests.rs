@@ -75,6 +75,30 @@ fn bad_manifests_get_file_line_column_errors() {
 }
 
 #[test]
+fn every_problem_of_a_file_is_reported_in_file_order() {
+    let (code, err) = validate(
+        "exec: [a]\nworkdir: rel\nready: {tcp: \"h:1\", timeout: soon}\ncache: {keep: 0}\nmode: fast\nstate: [relative]\n",
+    );
+    assert_eq!(code, 65, "{err}");
+    let positions: Vec<&str> = err
+        .lines()
+        .filter(|l| l.contains(".yaml:"))
+        .map(|l| l.split(": ").next().unwrap())
+        .collect();
+    assert_eq!(positions.len(), 5, "{err}");
+    for (want, got) in [":2:10", ":3:30", ":4:15", ":5:7", ":6:9"]
+        .iter()
+        .zip(&positions)
+    {
+        assert!(got.ends_with(want), "{want} vs {got}\n{err}");
+    }
+    assert!(
+        err.contains("workdir:") && err.contains("mode:") && err.contains("state:"),
+        "{err}"
+    );
+}
+
+#[test]
 fn a_good_manifest_validates() {
     let (code, err) = validate("exec: [\"/bin/true\"]\nready: {tcp: \"127.0.0.1:1\"}\n");
     assert_eq!(code, 0, "{err}");

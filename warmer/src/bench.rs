@@ -346,7 +346,6 @@ pub fn bench(
     b.criu_restore_ms()?;
     b.breakdowns.borrow_mut().clear();
 
-
     let mut samples = Samples {
         cold: Vec::new(),
         restore: Vec::new(),

@@ -296,7 +296,15 @@ fn main() -> ExitCode {
             drop_caches,
             out,
             breakdown,
-        } => bench_cmd(&dirs, &service, runs, json, drop_caches, breakdown, out.as_deref()),
+        } => bench_cmd(
+            &dirs,
+            &service,
+            runs,
+            json,
+            drop_caches,
+            breakdown,
+            out.as_deref(),
+        ),
     }
 }
 
@@ -547,8 +555,10 @@ fn run(dirs: &Dirs, service: &str, opts: supervisor::RunOptions) -> ExitCode {
         Err(e) => {
             tracing::error!("{}", chain(&e));
             if let RunError::Manifest(m) = &e {
-                if let Some(x) = m.excerpt() {
-                    eprintln!("{x}");
+                for one in m.each() {
+                    if let Some(x) = one.excerpt() {
+                        eprintln!("{x}");
+                    }
                 }
             }
             ExitCode::from(match e {
@@ -623,9 +633,11 @@ fn validate(dirs: &Dirs, files: &[PathBuf]) -> ExitCode {
             }
             Err(e) => {
                 bad = true;
-                eprintln!("{e}");
-                if let Some(x) = e.excerpt() {
-                    eprintln!("{x}");
+                for one in e.each() {
+                    eprintln!("{one}");
+                    if let Some(x) = one.excerpt() {
+                        eprintln!("{x}");
+                    }
                 }
             }
         }

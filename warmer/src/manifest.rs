@@ -53,11 +53,43 @@ pub enum ManifestError {
     },
     #[error("{}: {reason}", path.display())]
     Name { path: PathBuf, reason: String },
+    /// More than one problem in one file, each an `Invalid`, in file order.
+    #[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"))]
+    Several(Vec<ManifestError>),
     #[error("no manifest for service {service:?} in {} (looked for {service}.yaml and {service}.yml)", dir.display())]
     NotFound { service: String, dir: PathBuf },
 }
 
+/// A section's value, or (its error collected) a stand-in.
+fn keep<T>(errors: &mut Vec<ManifestError>, r: Result<T, ManifestError>, fallback: T) -> T {
+    r.unwrap_or_else(|e| {
+        errors.push(e);
+        fallback
+    })
+}
+
 impl ManifestError {
+    /// One error as itself, several as [`ManifestError::Several`] (in file order).
+    fn all(mut errors: Vec<ManifestError>) -> Self {
+        if errors.len() == 1 {
+            return errors.remove(0);
+        }
+        let pos = |e: &ManifestError| match e {
+            ManifestError::Invalid { line, column, .. } => (*line, *column),
+            _ => (0, 0),
+        };
+        errors.sort_by_key(pos);
+        ManifestError::Several(errors)
+    }
+
+    /// Each problem on its own (one, or the parts of `Several`).
+    pub fn each(&self) -> Vec<&ManifestError> {
+        match self {
+            ManifestError::Several(v) => v.iter().collect(),
+            e => vec![e],
+        }
+    }
+
     /// The source line and a caret, for printing under the message.
     pub fn excerpt(&self) -> Option<&str> {
         match self {
@@ -414,98 +446,129 @@ impl Manifest {
             at(&loc, saphyr_message(&e))
         })?;
 
+        // Every section is checked, so one run reports every problem: a
+        // section's first error is collected and a stand-in value used.
+        let mut errors = Vec::new();
         let exec = raw.exec.value.clone();
-        if exec.is_empty() || exec[0].is_empty() {
-            return Err(at(
-                &raw.exec.referenced,
-                "exec: expected a non-empty argv list, e.g. [\"/usr/bin/app\", \"--flag\"]".into(),
-            ));
-        }
-        if exec.iter().any(|a| a.contains('\0')) {
-            return Err(at(
-                &raw.exec.referenced,
-                "exec: NUL byte in argument".into(),
-            ));
-        }
-
-        let workdir = match &raw.workdir {
-            Some(w) if !Path::new(&w.value).is_absolute() => {
+        let checked = (|| {
+            if exec.is_empty() || exec[0].is_empty() {
                 return Err(at(
-                    &w.referenced,
-                    format!("workdir: expected an absolute path, got {:?}", w.value),
-                ))
+                    &raw.exec.referenced,
+                    "exec: expected a non-empty argv list, e.g. [\"/usr/bin/app\", \"--flag\"]"
+                        .into(),
+                ));
             }
-            Some(w) => Some(PathBuf::from(&w.value)),
-            None => None,
-        };
+            if exec.iter().any(|a| a.contains('\0')) {
+                return Err(at(
+                    &raw.exec.referenced,
+                    "exec: NUL byte in argument".into(),
+                ));
+            }
+            Ok(())
+        })();
+        keep(&mut errors, checked, ());
+
+        let workdir = (|| {
+            Ok(match &raw.workdir {
+                Some(w) if !Path::new(&w.value).is_absolute() => {
+                    return Err(at(
+                        &w.referenced,
+                        format!("workdir: expected an absolute path, got {:?}", w.value),
+                    ))
+                }
+                Some(w) => Some(PathBuf::from(&w.value)),
+                None => None,
+            })
+        })();
+        let workdir = keep(&mut errors, workdir, None);
 
         let env = raw
             .env
             .as_ref()
             .map(|e| e.value.clone())
             .unwrap_or_default();
-        if let Some(bad) = env
-            .keys()
-            .find(|k| k.is_empty() || k.contains('=') || k.contains('\0'))
-        {
-            let loc = raw
-                .env
-                .as_ref()
-                .map(|e| e.referenced)
-                .unwrap_or(Location::UNKNOWN);
-            return Err(at(&loc, format!("env: invalid variable name {bad:?}")));
-        }
+        let checked = (|| {
+            if let Some(bad) = env
+                .keys()
+                .find(|k| k.is_empty() || k.contains('=') || k.contains('\0'))
+            {
+                let loc = raw
+                    .env
+                    .as_ref()
+                    .map(|e| e.referenced)
+                    .unwrap_or(Location::UNKNOWN);
+                return Err(at(&loc, format!("env: invalid variable name {bad:?}")));
+            }
+            Ok(())
+        })();
+        keep(&mut errors, checked, ());
 
-        let ready = validate_ready(&raw.ready, &at)?;
+        let ready = keep(
+            &mut errors,
+            validate_ready(&raw.ready, &at),
+            Ready {
+                probe: Probe::Notify,
+                timeout: DEFAULT_READY_TIMEOUT,
+            },
+        );
 
-        let checkpoint = match &raw.checkpoint {
-            Some(c) => Checkpoint {
-                enabled: c.enabled.unwrap_or(true),
-                settle: duration(c.settle.as_ref(), DEFAULT_SETTLE, "checkpoint.settle", &at)?,
-                tcp_established: c.tcp_established.unwrap_or(false),
-                timeout: duration(
-                    c.timeout.as_ref(),
-                    DEFAULT_CHECKPOINT_TIMEOUT,
-                    "checkpoint.timeout",
-                    &at,
-                )?,
-            },
-            None => Checkpoint {
-                enabled: true,
-                settle: DEFAULT_SETTLE,
-                tcp_established: false,
-                timeout: DEFAULT_CHECKPOINT_TIMEOUT,
-            },
+        let default_checkpoint = Checkpoint {
+            enabled: true,
+            settle: DEFAULT_SETTLE,
+            tcp_established: false,
+            timeout: DEFAULT_CHECKPOINT_TIMEOUT,
         };
+        let checkpoint = (|| {
+            Ok(match &raw.checkpoint {
+                Some(c) => Checkpoint {
+                    enabled: c.enabled.unwrap_or(true),
+                    settle: duration(c.settle.as_ref(), DEFAULT_SETTLE, "checkpoint.settle", &at)?,
+                    tcp_established: c.tcp_established.unwrap_or(false),
+                    timeout: duration(
+                        c.timeout.as_ref(),
+                        DEFAULT_CHECKPOINT_TIMEOUT,
+                        "checkpoint.timeout",
+                        &at,
+                    )?,
+                },
+                None => default_checkpoint.clone(),
+            })
+        })();
+        let checkpoint = keep(&mut errors, checkpoint, default_checkpoint);
 
-        let mut digest_files = Vec::new();
-        for f in raw.digest.iter().flat_map(|d| d.files.iter()) {
-            let p = Path::new(&f.value);
-            let abs = if p.is_absolute() {
-                p.to_path_buf()
-            } else if let Some(w) = &workdir {
-                w.join(p)
-            } else {
-                return Err(at(
-                    &f.referenced,
-                    format!(
+        let digest_files = (|| {
+            let mut digest_files = Vec::new();
+            for f in raw.digest.iter().flat_map(|d| d.files.iter()) {
+                let p = Path::new(&f.value);
+                let abs = if p.is_absolute() {
+                    p.to_path_buf()
+                } else if let Some(w) = &workdir {
+                    w.join(p)
+                } else {
+                    return Err(at(
+                        &f.referenced,
+                        format!(
                         "digest.files: relative path {:?} needs a workdir (or make it absolute)",
                         f.value
                     ),
-                ));
-            };
-            digest_files.push(abs);
-        }
+                    ));
+                };
+                digest_files.push(abs);
+            }
+            Ok(digest_files)
+        })();
+        let digest_files = keep(&mut errors, digest_files, Vec::new());
 
         let stop_timeout = duration(
             raw.stop.as_ref().and_then(|s| s.timeout.as_ref()),
             DEFAULT_STOP_TIMEOUT,
             "stop.timeout",
             &at,
-        )?;
+        );
+        let stop_timeout = keep(&mut errors, stop_timeout, DEFAULT_STOP_TIMEOUT);
 
-        let keep =
-            match raw.cache.as_ref().and_then(|c| c.keep.as_ref()) {
+        let generations = (|| {
+            Ok(match raw.cache.as_ref().and_then(|c| c.keep.as_ref()) {
                 Some(k) if k.value == 0 => return Err(at(
                     &k.referenced,
                     "cache.keep: expected at least 1 (use checkpoint.enabled: false to keep none)"
@@ -513,87 +576,114 @@ impl Manifest {
                 )),
                 Some(k) => k.value,
                 None => DEFAULT_KEEP,
-            };
+            })
+        })();
+        let generations = keep(&mut errors, generations, DEFAULT_KEEP);
 
-        let mode = match raw.mode.as_ref() {
-            None => Mode::Warm,
-            Some(m) => match m.value.as_str() {
-                "warm" => Mode::Warm,
-                "persist" => Mode::Persist,
-                other => {
+        let mode = (|| {
+            Ok(match raw.mode.as_ref() {
+                None => Mode::Warm,
+                Some(m) => match m.value.as_str() {
+                    "warm" => Mode::Warm,
+                    "persist" => Mode::Persist,
+                    other => {
+                        return Err(at(
+                            &m.referenced,
+                            format!("mode: expected warm or persist, got {other:?}"),
+                        ))
+                    }
+                },
+            })
+        })();
+        let mode = keep(&mut errors, mode, Mode::Warm);
+
+        let state = (|| {
+            let mut state = Vec::new();
+            for p in &raw.state {
+                let path = Path::new(&p.value);
+                if !path.is_absolute() || path.parent().is_none() {
                     return Err(at(
-                        &m.referenced,
-                        format!("mode: expected warm or persist, got {other:?}"),
-                    ))
+                        &p.referenced,
+                        format!(
+                            "state: expected an absolute path below /, got {:?}",
+                            p.value
+                        ),
+                    ));
                 }
-            },
-        };
-
-        let mut state = Vec::new();
-        for p in &raw.state {
-            let path = Path::new(&p.value);
-            if !path.is_absolute() || path.parent().is_none() {
-                return Err(at(
-                    &p.referenced,
-                    format!(
-                        "state: expected an absolute path below /, got {:?}",
-                        p.value
-                    ),
-                ));
+                state.push(path.to_path_buf());
             }
-            state.push(path.to_path_buf());
-        }
+            Ok(state)
+        })();
+        let state = keep(&mut errors, state, Vec::new());
 
-        let remote = match raw.remote.as_ref() {
-            None => None,
-            Some(r) => {
-                let repo = &r.value.repository;
-                let ok = !repo.value.is_empty()
-                    && !repo.value.contains("://")
-                    && !repo.value.contains(['@', ' '])
-                    && repo.value.contains('/')
-                    && !repo.value.rsplit('/').next().unwrap_or("").contains(':');
-                if !ok {
-                    return Err(at(
+        let remote = (|| {
+            Ok(match raw.remote.as_ref() {
+                None => None,
+                Some(r) => {
+                    let repo = &r.value.repository;
+                    let ok = !repo.value.is_empty()
+                        && !repo.value.contains("://")
+                        && !repo.value.contains(['@', ' '])
+                        && repo.value.contains('/')
+                        && !repo.value.rsplit('/').next().unwrap_or("").contains(':');
+                    if !ok {
+                        return Err(at(
                         &repo.referenced,
                         format!(
                             "remote.repository: expected host[:port]/path without tag or scheme, e.g. registry.example:5000/warmer/web, got {:?}",
                             repo.value
                         ),
                     ));
-                }
-                if mode == Mode::Persist {
-                    return Err(at(
+                    }
+                    if mode == Mode::Persist {
+                        return Err(at(
                         &r.referenced,
                         "remote: a persist-mode image holds this machine's data at its stop; it does not travel (use mode: warm)".into(),
                     ));
-                }
-                let ca_file = match &r.value.ca_file {
-                    Some(c) if !Path::new(&c.value).is_absolute() => {
-                        return Err(at(
-                            &c.referenced,
-                            format!(
-                                "remote.ca_file: expected an absolute path, got {:?}",
-                                c.value
-                            ),
-                        ))
                     }
-                    c => c.as_ref().map(|c| PathBuf::from(&c.value)),
-                };
-                Some(Remote {
-                    repository: repo.value.clone(),
-                    push: r.value.push.unwrap_or(false),
-                    insecure: r.value.insecure.unwrap_or(false),
-                    timeout: duration(
-                        r.value.timeout.as_ref(),
-                        DEFAULT_REMOTE_TIMEOUT,
-                        "remote.timeout",
-                        &at,
-                    )?,
-                    ca_file,
-                })
-            }
-        };
+                    let ca_file = match &r.value.ca_file {
+                        Some(c) if !Path::new(&c.value).is_absolute() => {
+                            return Err(at(
+                                &c.referenced,
+                                format!(
+                                    "remote.ca_file: expected an absolute path, got {:?}",
+                                    c.value
+                                ),
+                            ))
+                        }
+                        c => c.as_ref().map(|c| PathBuf::from(&c.value)),
+                    };
+                    Some(Remote {
+                        repository: repo.value.clone(),
+                        push: r.value.push.unwrap_or(false),
+                        insecure: r.value.insecure.unwrap_or(false),
+                        timeout: duration(
+                            r.value.timeout.as_ref(),
+                            DEFAULT_REMOTE_TIMEOUT,
+                            "remote.timeout",
+                            &at,
+                        )?,
+                        ca_file,
+                    })
+                }
+            })
+        })();
+        let remote = keep(&mut errors, remote, None);
+        let restore_mode = keep(
+            &mut errors,
+            restore_mode(raw.restore.as_ref(), &at),
+            RestoreMode::Auto,
+        );
+        let restore_timeout = duration(
+            raw.restore.as_ref().and_then(|r| r.timeout.as_ref()),
+            DEFAULT_RESTORE_TIMEOUT,
+            "restore.timeout",
+            &at,
+        );
+        let restore_timeout = keep(&mut errors, restore_timeout, DEFAULT_RESTORE_TIMEOUT);
+        if !errors.is_empty() {
+            return Err(ManifestError::all(errors));
+        }
 
         Ok(Manifest {
             version: MANIFEST_VERSION,
@@ -606,15 +696,10 @@ impl Manifest {
             checkpoint,
             digest_files,
             stop_timeout,
-            keep,
+            keep: generations,
             state,
-            restore_mode: restore_mode(raw.restore.as_ref(), &at)?,
-            restore_timeout: duration(
-                raw.restore.as_ref().and_then(|r| r.timeout.as_ref()),
-                DEFAULT_RESTORE_TIMEOUT,
-                "restore.timeout",
-                &at,
-            )?,
+            restore_mode,
+            restore_timeout,
             remote,
             path: path.to_path_buf(),
         })

@@ -771,7 +771,10 @@ impl Supervisor {
         if let Some(us) = self.record.ready_from_spawn_us {
             #[allow(clippy::cast_precision_loss)]
             let from_spawn = us as f64 / 1000.0;
-            out.push(("exec and start-up".to_string(), (from_spawn - total).max(0.0)));
+            out.push((
+                "exec and start-up".to_string(),
+                (from_spawn - total).max(0.0),
+            ));
         }
         let [setup, digest, planned] = self.marks;
         let pull = Duration::from_millis(self.pulled_ms);
@@ -785,7 +788,11 @@ impl Supervisor {
             out.push(("pull".into(), ms(pull)));
         }
         out.extend(t.phases());
-        let counted: f64 = out.iter().skip(usize::from(self.record.ready_from_spawn_us.is_some())).map(|(_, v)| v).sum();
+        let counted: f64 = out
+            .iter()
+            .skip(usize::from(self.record.ready_from_spawn_us.is_some()))
+            .map(|(_, v)| v)
+            .sum();
         out.push(("other".into(), (total - counted).max(0.0)));
         out
     }

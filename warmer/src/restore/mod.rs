@@ -213,7 +213,10 @@ impl Timings {
             criu_rest -= ms(l);
         }
         if let Some(s) = &self.criu_times.stats {
-            let (fork, restore) = (f64::from(s.forking_time) / 1000.0, f64::from(s.restore_time) / 1000.0);
+            let (fork, restore) = (
+                f64::from(s.forking_time) / 1000.0,
+                f64::from(s.restore_time) / 1000.0,
+            );
             out.push(("criu: forking".into(), fork));
             out.push(("criu: restore".into(), restore));
             criu_rest -= fork + restore;
