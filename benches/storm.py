@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """A boot storm: N warmed services started at once, as at boot.
 
-N copies of examples/slowweb (each its own manifest and port; each a ~2 s
-CPU-bound warm-up and ~150 MB of memory) are measured three ways, in the same
+N copies of examples/slowweb (each its own manifest and port; each a fixed
+warm-up of --records records, ~2 CPU-seconds by default, and ~150 MB of
+memory: started together they share the CPUs, as real services do) are measured three ways, in the same
 run, every start timed from the moment this script spawns `warmer run`
 (WARMER_SPAWNED_AT_NS) to ready as warmer's probe saw it:
 
@@ -18,7 +19,7 @@ import argparse, json, os, shutil, signal, socket, subprocess, sys, tempfile, ti
 
 ap = argparse.ArgumentParser()
 ap.add_argument("n", type=int, nargs="?", default=8)
-ap.add_argument("--warmup", default="2")
+ap.add_argument("--records", default="800000")
 ap.add_argument("--drop-caches", action="store_true")
 ap.add_argument("--warmer", default="target/release/warmer")
 ap.add_argument("--json", action="store_true")
@@ -35,7 +36,7 @@ os.makedirs(mdir)
 names = [f"storm{i}" for i in range(args.n)]
 for name in names:
     with open(os.path.join(mdir, f"{name}.yaml"), "w") as f:
-        f.write(f'exec: ["/usr/bin/python3", "{SERVER}", "--port", "{free_port()}", "--warmup", "{args.warmup}"]\n'
+        f.write(f'exec: ["/usr/bin/python3", "{SERVER}", "--port", "{free_port()}", "--records", "{args.records}"]\n'
                 f'ready:\n  http: "http://127.0.0.1:PORT/health"\n  timeout: 300s\ncheckpoint:\n  settle: 200ms\n')
     # the port, twice
     text = open(os.path.join(mdir, f"{name}.yaml")).read()

@@ -23,11 +23,11 @@ import time
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
 
-def warm_up(seconds):
+def warm_up(seconds, records=None):
     started = time.monotonic()
     index = {}
     i = 0
-    while time.monotonic() - started < seconds:
+    while (i < records) if records else (time.monotonic() - started < seconds):
         for _ in range(2000):
             key = hashlib.sha256(str(i).encode()).hexdigest()
             index[key[:16]] = i
@@ -40,6 +40,8 @@ def main():
     ap.add_argument("--port", type=int, default=8080)
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--warmup", type=float, default=2.0, help="seconds of warm-up work")
+    ap.add_argument("--records", type=int, help="a fixed amount of warm-up work instead: index this many records "
+                    "(about 400000 per CPU-second), so services started together share the CPUs as real ones do")
     ap.add_argument("--child", help="also run `sleep CHILD` as a child process (a process tree)")
     ap.add_argument("--notify", action="store_true", help="send READY=1 to $NOTIFY_SOCKET when ready")
     ap.add_argument("--statefile", help="write the nonce to this file and keep it open for writing")
@@ -50,7 +52,7 @@ def main():
 
     nonce = secrets.token_hex(8)
     print(f"slowweb: warming up for {args.warmup:.1f}s (nonce {nonce})", flush=True)
-    index, took = warm_up(args.warmup)
+    index, took = warm_up(args.warmup, args.records)
     statefile = None
     if args.statefile:
         statefile = open(args.statefile, "w")
