@@ -11,11 +11,11 @@
 //! `auto` (the default) decides per image from what warmer measured:
 //! 1. memory under [`LAZY_MIN_BYTES`]: eager;
 //! 2. a lazy restore of this image failed this boot: eager;
-//! 3. most of the image is not in the page cache (the first start after a
-//!    boot): lazy;
-//! 4. both kinds measured for this image this boot: the faster (median);
-//! 5. one kind measured: the other, once, to compare;
-//! 6. nothing measured: lazy.
+//! 3. both kinds measured for this image this boot: the faster (median);
+//!    one kind measured: the other, once, to compare; nothing measured: lazy;
+//! 4. if that says eager but most of the image is not in the page cache
+//!    (the first start after a boot): lazy after all (only then is the
+//!    page cache looked at: a mincore walk of the image).
 //!
 //! The decision and its reason go to the log and `warmer status`.
 //!
@@ -119,9 +119,16 @@ fn mb(b: u64) -> u64 {
     b / 1_000_000
 }
 
-/// The restore for an image with `memory` bytes of pages, `resident` of
-/// them in the page cache (fraction; `None`: unknown), given `history`.
-pub fn choose(mode: RestoreMode, memory: u64, resident: Option<f64>, h: &History) -> Choice {
+/// The restore for an image with `memory` bytes of pages, given `history`;
+/// `resident` tells the fraction of them in the page cache (`None`:
+/// unknown), asked only when it can change the answer (it costs a mincore
+/// walk of the image).
+pub fn choose(
+    mode: RestoreMode,
+    memory: u64,
+    resident: &mut dyn FnMut() -> Option<f64>,
+    h: &History,
+) -> Choice {
     let choice = |lazy: bool, reason: String| Choice { lazy, reason };
     match mode {
         RestoreMode::Eager => return choice(false, "restore.mode: eager".into()),
@@ -144,17 +151,7 @@ pub fn choose(mode: RestoreMode, memory: u64, resident: Option<f64>, h: &History
             format!("auto: a lazy restore failed this boot ({why})"),
         );
     }
-    if let Some(r) = resident.filter(|r| *r < COLD_CACHE) {
-        return choice(
-            true,
-            format!(
-                "auto: {} MB of memory, {:.0}% in the page cache: lazy reads only what the service touches",
-                mb(memory),
-                r * 100.0
-            ),
-        );
-    }
-    match (median(&h.eager_ms), median(&h.lazy_ms)) {
+    let measured = match (median(&h.eager_ms), median(&h.lazy_ms)) {
         (Some(e), Some(l)) => choice(
             l < e,
             format!("auto: measured this boot: lazy {l} ms, eager {e} ms"),
@@ -168,6 +165,20 @@ pub fn choose(mode: RestoreMode, memory: u64, resident: Option<f64>, h: &History
             format!("auto: lazy took {l} ms; trying eager once to compare"),
         ),
         (None, None) => choice(true, format!("auto: {} MB of memory", mb(memory))),
+    };
+    if measured.lazy {
+        return measured;
+    }
+    match resident().filter(|r| *r < COLD_CACHE) {
+        Some(r) => choice(
+            true,
+            format!(
+                "auto: {} MB of memory, {:.0}% in the page cache: lazy reads only what the service touches",
+                mb(memory),
+                r * 100.0
+            ),
+        ),
+        None => measured,
     }
 }
 
@@ -250,40 +261,63 @@ mod tests {
 
     #[test]
     fn explicit_modes_are_obeyed() {
-        assert!(!choose(RestoreMode::Eager, BIG, Some(0.0), &h(&[], &[])).lazy);
-        assert!(choose(RestoreMode::Lazy, 1, Some(1.0), &h(&[], &[])).lazy);
+        assert!(!choose(RestoreMode::Eager, BIG, &mut || Some(0.0), &h(&[], &[])).lazy);
+        assert!(choose(RestoreMode::Lazy, 1, &mut || Some(1.0), &h(&[], &[])).lazy);
     }
 
     #[test]
     fn small_images_are_always_eager() {
-        let c = choose(RestoreMode::Auto, 30 << 20, Some(0.0), &h(&[900], &[100]));
+        let c = choose(
+            RestoreMode::Auto,
+            30 << 20,
+            &mut || Some(0.0),
+            &h(&[900], &[100]),
+        );
         assert!(!c.lazy, "{c}");
         assert!(c.reason.contains("under"), "{c}");
     }
 
     #[test]
     fn auto_explores_once_then_keeps_the_faster() {
-        let none = choose(RestoreMode::Auto, BIG, Some(1.0), &h(&[], &[]));
+        let none = choose(RestoreMode::Auto, BIG, &mut || Some(1.0), &h(&[], &[]));
         assert!(none.lazy, "{none}");
-        let after_lazy = choose(RestoreMode::Auto, BIG, Some(1.0), &h(&[], &[210]));
+        let after_lazy = choose(RestoreMode::Auto, BIG, &mut || Some(1.0), &h(&[], &[210]));
         assert!(!after_lazy.lazy, "{after_lazy}");
         // ActiveMQ-like: eager faster.
-        let c = choose(RestoreMode::Auto, BIG, Some(1.0), &h(&[130], &[210]));
+        let c = choose(
+            RestoreMode::Auto,
+            BIG,
+            &mut || Some(1.0),
+            &h(&[130], &[210]),
+        );
         assert!(
             !c.lazy && c.reason.contains("lazy 210 ms, eager 130 ms"),
             "{c}"
         );
         // Redis-like: lazy faster.
-        assert!(choose(RestoreMode::Auto, BIG, Some(1.0), &h(&[911, 905], &[109])).lazy);
+        assert!(
+            choose(
+                RestoreMode::Auto,
+                BIG,
+                &mut || Some(1.0),
+                &h(&[911, 905], &[109])
+            )
+            .lazy
+        );
     }
 
     #[test]
     fn a_cold_page_cache_means_lazy_and_a_lazy_failure_means_eager() {
-        let c = choose(RestoreMode::Auto, BIG, Some(0.1), &h(&[130], &[210]));
+        let c = choose(
+            RestoreMode::Auto,
+            BIG,
+            &mut || Some(0.1),
+            &h(&[130], &[210]),
+        );
         assert!(c.lazy && c.reason.contains("10% in the page cache"), "{c}");
         let mut failed = h(&[], &[100]);
         failed.lazy_failed = Some("daemon died".into());
-        assert!(!choose(RestoreMode::Auto, BIG, Some(0.1), &failed).lazy);
+        assert!(!choose(RestoreMode::Auto, BIG, &mut || Some(0.1), &failed).lazy);
     }
 
     #[test]

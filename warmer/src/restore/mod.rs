@@ -324,11 +324,13 @@ pub fn choose_restore(
     run_dir: &Path,
 ) -> choose::Choice {
     let (memory, files) = choose::memory_files(entry);
-    let resident = (mode == crate::manifest::RestoreMode::Auto && memory >= choose::LAZY_MIN_BYTES)
-        .then(|| choose::resident_fraction(&files))
-        .flatten();
     let history = choose::History::load(run_dir, &entry.meta.digest);
-    choose::choose(mode, memory, resident, &history)
+    choose::choose(
+        mode,
+        memory,
+        &mut || choose::resident_fraction(&files),
+        &history,
+    )
 }
 
 /// Step 6: the restored service is ready; the data kept aside goes.
