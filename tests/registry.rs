@@ -110,6 +110,18 @@ impl Drop for Registry {
     }
 }
 
+/// A node with a small slowweb whose images go to `reg`.
+fn node_with_remote(reg: &Registry) -> Env {
+    let a = Env::new();
+    a.slowweb(
+        "web",
+        free_port(),
+        &["--warmup", "0.3"],
+        &remote(&reg.repository("web"), ""),
+    );
+    a
+}
+
 fn remote(repo: &str, extra: &str) -> String {
     format!("remote:\n  repository: {repo}\n  insecure: true\n{extra}")
 }
@@ -254,13 +266,7 @@ fn a_registry_that_is_down_or_silent_costs_a_start_at_most_its_timeout() {
 fn a_tampered_blob_is_refused_and_the_service_starts_cold() {
     require_criu();
     let reg = Registry::start(&[]);
-    let a = Env::new();
-    a.slowweb(
-        "web",
-        free_port(),
-        &["--warmup", "0.3"],
-        &remote(&reg.repository("web"), ""),
-    );
+    let a = node_with_remote(&reg);
     make_image(&a, "web");
     let pushed = warmer(&a, &["push", "web"], &[]);
     assert!(pushed.status.success(), "{}", text(&pushed));
@@ -296,13 +302,7 @@ fn a_tampered_blob_is_refused_and_the_service_starts_cold() {
 fn a_registry_with_auth_works_with_the_auth_file_and_fails_clearly_without() {
     require_criu();
     let reg = Registry::start(&[("ci", "s3cret")]);
-    let a = Env::new();
-    a.slowweb(
-        "web",
-        free_port(),
-        &["--warmup", "0.3"],
-        &remote(&reg.repository("web"), ""),
-    );
+    let a = node_with_remote(&reg);
     let nonce = make_image(&a, "web");
     let no_file = a.path("none.json");
     let denied = warmer(
@@ -488,13 +488,7 @@ fn rewrite_host(src: &Path, dst: &Path, key: &str, value: &str) {
 fn a_pull_that_broke_off_resumes_and_a_bad_partial_is_refused_then_refetched() {
     require_criu();
     let reg = Registry::start(&[]);
-    let a = Env::new();
-    a.slowweb(
-        "web",
-        free_port(),
-        &["--warmup", "0.3"],
-        &remote(&reg.repository("web"), ""),
-    );
+    let a = node_with_remote(&reg);
     let nonce = make_image(&a, "web");
     let pushed = warmer(&a, &["push", "web", "--json"], &[]);
     assert!(pushed.status.success(), "{}", text(&pushed));

@@ -150,17 +150,23 @@ pub fn push_service(
                 &digest[..12]
             ))
         })?;
-    let lock = cache
-        .lock_service(service, true)
+    verified(&cache, &entry)?;
+    push(&cache, &manifest, &entry, progress)
+}
+
+/// An entry leaves this machine only whole: its shape, and its hashes
+/// (free when stamped this boot), under its service's lock.
+fn verified(cache: &Cache, entry: &Entry) -> Result<(), RemoteError> {
+    let _lock = cache
+        .lock_service(&entry.meta.service, true)
         .map_err(RemoteError::Cache)?;
     cache
-        .check_shape(&entry)
+        .check_shape(entry)
         .map_err(|p| RemoteError::Damaged(p.to_string()))?;
     cache
-        .ensure_verified(&entry, &mut |_, _| {})
+        .ensure_verified(entry, &mut |_, _| {})
         .map_err(|p| RemoteError::Damaged(p.to_string()))?;
-    drop(lock);
-    push(&cache, &manifest, &entry, progress)
+    Ok(())
 }
 
 /// What `warmer pull` did.
@@ -209,17 +215,7 @@ fn service_digest(
 pub fn export(dirs: &Dirs, target: &str, out: &Path) -> Result<layout::Exported, RemoteError> {
     let cache = Cache::open(&dirs.cache).map_err(RemoteError::Cache)?;
     let entry = pick(dirs, &cache, target)?;
-    {
-        let _lock = cache
-            .lock_service(&entry.meta.service, true)
-            .map_err(RemoteError::Cache)?;
-        cache
-            .check_shape(&entry)
-            .map_err(|p| RemoteError::Damaged(p.to_string()))?;
-        cache
-            .ensure_verified(&entry, &mut |_, _| {})
-            .map_err(|p| RemoteError::Damaged(p.to_string()))?;
-    }
+    verified(&cache, &entry)?;
     let scratch = cache.stage().map_err(RemoteError::Cache)?;
     layout::export(&entry, &scratch.data_dir(), out)
 }
