@@ -22,6 +22,10 @@ struct Registry {
 impl Registry {
     /// `users`: htpasswd auth with these (user, password) pairs.
     fn start(users: &[(&str, &str)]) -> Self {
+        Self::start_on(free_port(), users)
+    }
+
+    fn start_on(port: u16, users: &[(&str, &str)]) -> Self {
         let bin = ["/usr/bin/docker-registry", "/usr/bin/registry"]
             .into_iter()
             .find(|p| Path::new(p).exists())
@@ -30,7 +34,6 @@ impl Registry {
             .prefix("warmer-registry-")
             .tempdir()
             .unwrap();
-        let port = free_port();
         let mut auth = String::new();
         if !users.is_empty() {
             let mut lines = String::new();
@@ -208,6 +211,38 @@ fn a_fresh_node_restores_the_image_another_node_pushed() {
     let p: serde_json::Value = serde_json::from_slice(&again.stdout).unwrap();
     assert_eq!(p["sent_bytes"], 0, "{p}");
     assert_eq!(p["blobs_present"], p["blobs"], "{p}");
+}
+
+#[test]
+fn an_image_whose_push_failed_travels_after_a_later_start() {
+    require_criu();
+    let port = free_port();
+    let a = Env::new();
+    a.slowweb(
+        "web",
+        free_port(),
+        &["--warmup", "0.3"],
+        &remote(&format!("127.0.0.1:{port}/warmer/web"), "  push: true\n"),
+    );
+    // The registry is not up yet: the push after the checkpoint fails.
+    let mut w = a.run("web");
+    let s = a.wait_image("web", &mut w);
+    let digest = s["image"]["digest"].as_str().unwrap().to_string();
+    wait_for(Duration::from_secs(30), || {
+        w.err().contains("cannot push image").then_some(())
+    });
+    w.stop();
+    // Up now: the next start restores the local image and, in the
+    // background, pushes it since the registry lacks it.
+    let reg = Registry::start_on(port, &[]);
+    let mut w = a.run("web");
+    let s = a.wait_ready("web", &mut w);
+    assert_eq!(s["last_start"], "restored", "{s}");
+    wait_for(Duration::from_secs(60), || {
+        reg.tags("web").contains(&digest).then_some(())
+    });
+    w.stop();
+    assert!(w.err().contains("pushed image"), "{}", w.err());
 }
 
 #[test]

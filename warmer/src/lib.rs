@@ -16,6 +16,10 @@
 //! - [`probe`], [`notify`], [`logs`], [`signals`], [`service`]: the parts of
 //!   supervision
 //! - [`state`], [`status`]: what a run records and `warmer status` shows
+//! - [`restore::choose`]: eager or lazy, per image (`restore.mode`)
+//! - [`remote`]: images that travel: registry push/pull, export/import
+//! - [`criu_image`], [`inspect`]: CRIU's image files (types generated from
+//!   its `.proto` files) and `warmer inspect`
 //! - [`cache_cmd`], [`bench`]: `warmer cache ...`, `warmer bench`
 //! - [`dirs`], [`errors`], [`logging`], [`memo`], [`watch`]: plumbing
 /// Crash-injection points (`failpoints` feature): when `WARMER_FAILPOINT`

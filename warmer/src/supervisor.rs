@@ -678,6 +678,9 @@ impl Supervisor {
                 }
                 self.record.image = Some(restored.entry.key.clone());
                 self.image_taken = true;
+                if restored.entry.meta.origin.is_none() && self.manifest.mode == Mode::Warm {
+                    self.push_in_background(&restored.entry.key, true);
+                }
                 self.timings = Some(restored.timings.clone());
                 // What the image's cold start took, for the ready message and status.
                 self.record.cold_ready_ms = restored.entry.meta.cold_start_ms;
@@ -805,9 +808,12 @@ impl Supervisor {
         }
     }
 
-    /// Uploads a new image to the service's registry (`remote.push`) on a
+    /// Uploads an image to the service's registry (`remote.push`) on a
     /// thread of its own: never delays the service; a failure is logged.
-    fn push_in_background(&self, key: &str) {
+    /// `if_missing`: only if the registry has no image of its digest yet (a
+    /// start that restored a local image: its first push may have been cut
+    /// short by a stop).
+    fn push_in_background(&self, key: &str, if_missing: bool) {
         let Some(remote) = self.manifest.remote.as_ref().filter(|r| r.push) else {
             return;
         };
@@ -824,10 +830,15 @@ impl Supervisor {
                     Ok(Some(e)) => e,
                     _ => return,
                 };
-                match crate::remote::push(&cache, &manifest, &entry, &mut |p| {
-                    tracing::debug!(phase = "push", "{p}")
-                }) {
-                    Ok(p) => tracing::info!(
+                let mut progress = |p: &str| tracing::debug!(phase = "push", "{p}");
+                let pushed = if if_missing {
+                    crate::remote::push_if_missing(&cache, &manifest, &entry, &mut progress)
+                } else {
+                    crate::remote::push(&cache, &manifest, &entry, &mut progress).map(Some)
+                };
+                match pushed {
+                    Ok(None) => tracing::debug!(phase = "push", "the registry has image {}", short(&key)),
+                    Ok(Some(p)) => tracing::info!(
                         phase = "push",
                         push_ms = p.ms,
                         "pushed image {} to {repository}: {} MB sent ({} of {} blobs already there) in {} ms",
@@ -1104,7 +1115,7 @@ impl Supervisor {
         self.record.image = Some(entry.key.clone());
         self.image_taken = true;
         if taken != Taken::Stop && self.record.stale.is_none() {
-            self.push_in_background(&entry.key);
+            self.push_in_background(&entry.key, false);
         }
         Ok(Checkpointed {
             key: entry.key,

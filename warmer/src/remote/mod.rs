@@ -132,6 +132,25 @@ pub fn push(
     registry.push(entry, &scratch.data_dir(), progress)
 }
 
+/// Pushes `entry` unless the registry already has an image of its digest
+/// (`None`): what a start that restored a local image does, so an image
+/// whose push was cut short (the service stopped meanwhile) still travels.
+pub fn push_if_missing(
+    cache: &Cache,
+    manifest: &Manifest,
+    entry: &Entry,
+    progress: Progress,
+) -> Result<Option<registry::Pushed>, RemoteError> {
+    let registry = registry::Registry::new(remote_of(manifest)?)?;
+    if registry.has(&entry.meta.digest)? {
+        return Ok(None);
+    }
+    let scratch = cache.stage().map_err(RemoteError::Cache)?;
+    registry
+        .push(entry, &scratch.data_dir(), progress)
+        .map(Some)
+}
+
 /// `warmer push SVC`: the image a start of SVC would restore now.
 pub fn push_service(
     dirs: &Dirs,

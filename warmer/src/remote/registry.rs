@@ -243,6 +243,28 @@ impl Registry {
         })
     }
 
+    /// Whether the registry has an image tagged with `digest` (a HEAD).
+    pub fn has(&self, digest: &str) -> Result<bool, RemoteError> {
+        let reference = self.reference(digest)?;
+        let limit = STALL_TIMEOUT;
+        bounded(
+            &self.rt,
+            Some((Instant::now() + limit, limit)),
+            "lookup",
+            async {
+                match self
+                    .client
+                    .fetch_manifest_digest(&reference, &self.auth)
+                    .await
+                {
+                    Ok(_) => Ok(true),
+                    Err(e) if not_found(&e) => Ok(false),
+                    Err(e) => Err(registry_err(format!("lookup of {}", reference.whole()))(e)),
+                }
+            },
+        )
+    }
+
     /// Fetches `digest`'s image into `cache` as a new generation, all of it
     /// within `limit` if given. `check` sees the image's config before any
     /// layer is fetched (digest, host facts). The caller holds the service's
@@ -266,22 +288,12 @@ impl Registry {
             client
                 .pull_manifest_raw(&reference, &self.auth, &[OCI_IMAGE_MEDIA_TYPE])
                 .await
-                .map_err(|e| match e {
-                    OciDistributionError::ImageManifestNotFoundError(_) => {
+                .map_err(|e| {
+                    if not_found(&e) {
                         RemoteError::NotFound(reference.whole())
+                    } else {
+                        registry_err(format!("lookup of {}", reference.whole()))(e)
                     }
-                    OciDistributionError::RegistryError { ref envelope, .. }
-                        if envelope.errors.iter().any(|e| {
-                            matches!(
-                                e.code,
-                                oci_client::errors::OciErrorCode::ManifestUnknown
-                                    | oci_client::errors::OciErrorCode::NameUnknown
-                            )
-                        }) =>
-                    {
-                        RemoteError::NotFound(reference.whole())
-                    }
-                    e => registry_err(format!("lookup of {}", reference.whole()))(e),
                 })
         })?;
         if artifact::sha256_digest(&manifest_bytes) != manifest_digest {
@@ -345,6 +357,22 @@ impl Registry {
             raw_bytes: entry.meta.bytes,
             ms: u64::try_from(t.elapsed().as_millis()).unwrap_or(u64::MAX),
         })
+    }
+}
+
+/// The registry says it has no such image (or repository).
+fn not_found(e: &OciDistributionError) -> bool {
+    match e {
+        OciDistributionError::ImageManifestNotFoundError(_) => true,
+        OciDistributionError::RegistryError { envelope, .. } => envelope.errors.iter().any(|e| {
+            matches!(
+                e.code,
+                oci_client::errors::OciErrorCode::ManifestUnknown
+                    | oci_client::errors::OciErrorCode::NameUnknown
+            )
+        }),
+        OciDistributionError::ServerError { code, .. } => *code == 404,
+        _ => false,
     }
 }
 
