@@ -139,6 +139,45 @@ fn a_restored_tree_that_exits_is_undone_the_same_way() {
 }
 
 #[test]
+fn a_lazy_daemon_that_never_listens_or_dies_means_a_prompt_cold_start() {
+    require_root();
+    let env = Env::new();
+    let criu = fake_criu(env.dir.path()).display().to_string();
+    env.slowweb(
+        "lz",
+        free_port(),
+        &["--warmup", "0.1"],
+        "restore: {mode: lazy, timeout: 2s}\n",
+    );
+    for (lazy, why) in [("hang", "lazy-pages failed"), ("die", "lazy-pages failed")] {
+        // An image (the last failed restore quarantined the one before).
+        let mut w = env.run_with("lz", &[("WARMER_CRIU", &criu), ("FAKE_CRIU_DUMP", "ok")]);
+        env.wait_image("lz", &mut w);
+        w.stop();
+        let t = std::time::Instant::now();
+        let mut w = env.run_with("lz", &[("WARMER_CRIU", &criu), ("FAKE_CRIU_LAZY", lazy)]);
+        let st = env.wait_ready("lz", &mut w);
+        assert_eq!(st["last_start"], "cold", "{st}");
+        assert!(
+            t.elapsed() < Duration::from_secs(8),
+            "{lazy}: the daemon's wait is bounded by restore.timeout (2 s): {:?}",
+            t.elapsed()
+        );
+        w.stop();
+        assert!(w.err().contains(why), "{lazy}: {}", w.err());
+        assert!(
+            pids_with("sleep 1002").is_empty(),
+            "{lazy}: the daemon was left running"
+        );
+        let history: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(env.run.join("lz/restore-history.json")).unwrap(),
+        )
+        .unwrap();
+        assert!(history["lazy_failed"].is_string(), "{history}");
+    }
+}
+
+#[test]
 fn a_warmer_killed_during_a_restore_leaves_data_the_next_start_puts_back() {
     let s = stateful();
     checkpointed(&s);

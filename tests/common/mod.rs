@@ -447,6 +447,11 @@ case "$action" in
       CRTOOLS_SCRIPT_ACTION=post-dump CRTOOLS_IMAGE_DIR="$images" "$script" || exit 1
     fi
     exit 0 ;;
+  lazy-pages)
+    case "${FAKE_CRIU_LAZY:-hang}" in
+      hang) exec sleep 1002 ;;
+      *) echo "fake lazy-pages failed" > "$work/lazy-pages.log"; exit 1 ;;
+    esac ;;
   restore)
     say "(00.000) fake restore"
     case "${FAKE_CRIU_RESTORE:-fail}" in

@@ -97,7 +97,7 @@ pub fn restore(
     let _ = std::fs::remove_file(run_dir.join(STATS_FILE));
     let mut lazy = if opts.lazy {
         let t = std::time::Instant::now();
-        let daemon = start_lazy_pages(criu, data_dir, run_dir)?;
+        let daemon = start_lazy_pages(criu, data_dir, run_dir, watch.deadline)?;
         times.lazy_start = Some(t.elapsed());
         Some(daemon)
     } else {
@@ -197,6 +197,9 @@ pub fn restore(
     Ok((running, times))
 }
 
+/// The longest a lazy-pages daemon is given to start listening.
+const LAZY_START_MAX: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Where CRIU writes its restore statistics (in its work directory).
 const STATS_FILE: &str = "stats-restore";
 
@@ -232,6 +235,7 @@ fn start_lazy_pages(
     criu: &Criu,
     data_dir: &Path,
     run_dir: &Path,
+    limit: std::time::Duration,
 ) -> Result<std::process::Child, CriuRestoreError> {
     // A socket left by an earlier daemon makes the next restore fail.
     let _ = std::fs::remove_file(run_dir.join("lazy-pages.socket"));
@@ -262,7 +266,10 @@ fn start_lazy_pages(
         r.as_fd(),
         nix::poll::PollFlags::POLLIN,
     )];
-    let ready = nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(10_000u16)).unwrap_or(0) > 0
+    // Bounded by the restore's own deadline (and 10 s at most: a daemon
+    // that has not listened by then never will).
+    let wait_ms = u16::try_from(limit.min(LAZY_START_MAX).as_millis()).unwrap_or(u16::MAX);
+    let ready = nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(wait_ms)).unwrap_or(0) > 0
         && nix::unistd::read(&r, &mut [0u8; 1]).is_ok_and(|n| n == 1);
     if !ready {
         let _ = child.kill();
