@@ -297,7 +297,11 @@ impl Supervisor {
     /// Starts watching the digest inputs on a helper thread: setting up
     /// inotify on every input's directory takes ~1.5 ms, which a restore
     /// should not wait for.
-    fn start_watch(&mut self) {
+    /// Watches the digest inputs from a thread of its own (inotify set-up
+    /// would slow a restore down). `recheck`: compare the digest once the
+    /// watch is in place (the service already runs: a change made before
+    /// the watch started raised no event).
+    fn start_watch(&mut self, recheck: bool) {
         let Some(digest) = self.digest.clone() else {
             return;
         };
@@ -312,7 +316,12 @@ impl Supervisor {
         let spawned = std::thread::Builder::new()
             .name("warmer-watch".into())
             .spawn(move || match InputWatch::start(&manifest, &digest, wake) {
-                Ok(w) => *slot.lock().expect("watch slot") = Some(w),
+                Ok(w) => {
+                    if recheck {
+                        w.flag("the inputs, rechecked once watched");
+                    }
+                    *slot.lock().expect("watch slot") = Some(w)
+                }
                 Err(e) => tracing::warn!("cannot watch the digest inputs: {e}"),
             });
         if let Err(e) = spawned {
@@ -397,7 +406,7 @@ impl Supervisor {
                     self.digest = Some(now);
                     // Watch the new set of inputs.
                     *self.watch.lock().expect("watch slot") = None;
-                    self.start_watch();
+                    self.start_watch(false);
                     return false;
                 }
                 Ok(crate::digest::Change::OnlyNew(files)) => {
@@ -527,7 +536,7 @@ impl Supervisor {
         if running.kind == StartKind::Restored {
             // Set up inotify only now (it would slow the restore down), then
             // make sure nothing changed since the digest was taken.
-            self.start_watch();
+            self.start_watch(true);
             self.recheck_digest();
         }
         if running.kind == StartKind::Cold && !self.opts.cold {
@@ -864,7 +873,7 @@ impl Supervisor {
     fn cold_start(&mut self) -> Result<Running, RunError> {
         // Watch before the service reads its files, so a change while it
         // starts is not missed.
-        self.start_watch();
+        self.start_watch(false);
         self.set_state(ServiceState::Starting);
         self.systemd.status("cold start");
         let service = self.manifest.name.clone();

@@ -108,6 +108,17 @@ impl InputWatch {
         self.changed.lock().expect("watch flag").clone()
     }
 
+    /// Asks for one comparison of the digest with the files (without a
+    /// wake-up: the supervisor looks every second): what a watch started
+    /// after its service must do, since a change between the last
+    /// comparison and the watch's start raised no event.
+    pub fn flag(&self, reason: &str) {
+        let mut slot = self.changed.lock().expect("watch flag");
+        if slot.is_none() {
+            *slot = Some(reason.to_string());
+        }
+    }
+
     /// Forgets a change that turned out not to change the digest.
     pub fn clear(&self) {
         *self.changed.lock().expect("watch flag") = None;
