@@ -13,7 +13,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use warmer::bench::Bencher;
+use warmer::commands::bench::Bencher;
 use warmer::dirs::Dirs;
 
 fn setup() -> (tempfile::TempDir, Bencher) {

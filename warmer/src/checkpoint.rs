@@ -13,7 +13,7 @@ use crate::criu::{self, Criu, CriuError, DumpPlan};
 use crate::digest::{HostFacts, ServiceDigest};
 use crate::image::{ImageFormatError, RestoreInfo, Taken, RESTORE_INFO_VERSION};
 use crate::manifest::Manifest;
-use crate::service::Running;
+use crate::process::service::Running;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CheckpointError {
@@ -74,11 +74,13 @@ impl Checkpoint<'_> {
         let mut cmd = self.criu.command();
         cmd.args(criu::dump_args(&plan));
         if state {
-            cmd.envs(crate::roles::action_script_env(&self.manifest.state));
+            cmd.envs(crate::process::roles::action_script_env(
+                &self.manifest.state,
+            ));
         }
         // The connections this dump may lock (to clean up only theirs).
         let conns = if plan.tcp_established {
-            crate::ports::established(running.pid)
+            crate::process::ports::established(running.pid)
         } else {
             Vec::new()
         };

@@ -1,27 +1,29 @@
 //! warmer: cold-start a slow service once, checkpoint it with CRIU when it is
 //! ready, and restore it from a digest-keyed cache on every later start.
 //!
-//! The library holds everything; `main.rs` only parses arguments, prints and
-//! maps errors to exit codes. Where to look:
-//! - [`supervisor`]: `warmer run`, the warm path end to end
-//! - [`restore`]: how a restore works, step by step (and its undo)
-//! - [`checkpoint`]: how a checkpoint is taken and published
-//! - [`image`]: warmer's own files inside an image (format, versions)
-//! - [`state_files`]: `state:` paths captured at checkpoint, put back at restore
-//! - [`digest`]: the cache key and its inputs ([`digest::Digester`])
-//! - [`manifest`]: YAML -> validated manifest, positioned errors
-//! - [`criu`]: locating CRIU, planning its command lines
-//! - [`init`], [`roles`]: the service's PID namespace and its init; the
-//!   binary's three roles and their contracts
-//! - [`probe`], [`notify`], [`logs`], [`signals`], [`service`]: the parts of
-//!   supervision
-//! - [`state`], [`status`]: what a run records and `warmer status` shows
-//! - [`restore::choose`]: eager or lazy, per image (`restore.mode`)
-//! - [`remote`]: images that travel: registry push/pull, export/import
-//! - [`criu_image`], [`inspect`]: CRIU's image files (types generated from
-//!   its `.proto` files) and `warmer inspect`
-//! - [`cache_cmd`], [`bench`]: `warmer cache ...`, `warmer bench`
-//! - [`dirs`], [`errors`], [`logging`], [`memo`], [`watch`]: plumbing
+//! The library holds everything; `main.rs` only parses arguments and maps
+//! errors to exit codes. Folders by concern; imports point one way, from the
+//! top of this list down (a module never takes a type from one above it):
+//!
+//! ```text
+//!  commands/     the CLI's verbs: status, cache, rollback, inspect, validate, bench, units
+//!     │
+//!  supervisor/   `warmer run`: set-up, inputs, warm start, cold start,
+//!     │          checkpointing, the loop; its policies as pure functions
+//!     │
+//!  restore/  checkpoint   remote/          how a restore / a checkpoint works;
+//!     │          │          │              images that travel
+//!  process/   image/    digest/   criu    the parts: the service's processes,
+//!     │          │          │       │      the image on disk, the cache key, CRIU
+//!  manifest/  memo  dirs  errors  logging  formats and plumbing
+//! ```
+//!
+//! Where to look:
+//! - "how does restore work": [`restore`] (steps 1-6 and the undo)
+//! - "how does a checkpoint get taken": [`checkpoint`]
+//! - "what is on disk": [`image`] (warmer's files in an image, state
+//!   captures, CRIU's own files) and the `cache` crate (the store)
+//! - "what decides restore or cold, checkpoint or not": [`supervisor::policy`]
 /// Crash-injection points (`failpoints` feature): when `WARMER_FAILPOINT`
 /// names this point the process aborts here, as a `kill -9` would stop it.
 #[inline]
@@ -32,39 +34,17 @@ pub fn failpoint(_name: &str) {
     }
 }
 
-pub mod backoff;
-pub mod bench;
-pub mod cache_cmd;
 pub mod checkpoint;
-pub mod control;
+pub mod commands;
 pub mod criu;
-pub mod criu_image;
 pub mod digest;
 pub mod dirs;
 pub mod errors;
 pub mod image;
-pub mod init;
-#[path = "../../init/src/init_loop.rs"]
-pub mod init_loop;
-pub mod inspect;
-pub mod leftovers;
-pub mod lint;
 pub mod logging;
-pub mod logs;
 pub mod manifest;
 pub mod memo;
-pub mod notify;
-pub mod ports;
-pub mod probe;
+pub mod process;
 pub mod remote;
 pub mod restore;
-pub mod roles;
-pub mod rollback;
-pub mod service;
-pub mod signals;
-pub mod state;
-pub mod state_files;
-pub mod status;
 pub mod supervisor;
-pub mod units;
-pub mod watch;

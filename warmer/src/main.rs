@@ -5,11 +5,12 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use warmer::commands::status;
 use warmer::dirs::Dirs;
 use warmer::errors::chain;
-use warmer::roles::Role;
+use warmer::process::roles::Role;
 use warmer::supervisor::RunError;
-use warmer::{criu, logging, manifest, status, supervisor};
+use warmer::{criu, logging, manifest, supervisor};
 
 /// Exit codes (sysexits.h), also shown in `--help`.
 mod exit {
@@ -235,10 +236,10 @@ fn parse_bytes(s: &str) -> Result<u64, String> {
 }
 
 fn main() -> ExitCode {
-    match warmer::roles::this_process() {
-        Role::Init(args) => warmer::init_loop::run(&args),
+    match warmer::process::roles::this_process() {
+        Role::Init(args) => warmer::process::init_loop::run(&args),
         Role::ActionScript(req) => {
-            return match warmer::state_files::hook(&req) {
+            return match warmer::image::state::hook(&req) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("warmer (CRIU action script): {}", chain(&e));
@@ -257,7 +258,7 @@ fn main() -> ExitCode {
         Cmd::Validate { files } => validate(&dirs, &files),
         Cmd::Check => check(),
         Cmd::GenerateUnits { dir } => {
-            for r in warmer::units::generate(&dirs.manifests, &dir) {
+            for r in warmer::commands::units::generate(&dirs.manifests, &dir) {
                 if let Err(e) = r {
                     eprintln!("warmer-generator: skipped: {e}");
                 }
@@ -275,12 +276,12 @@ fn main() -> ExitCode {
         } => pull_cmd(&dirs, &service, timeout, json),
         Cmd::Export { target, output } => export_cmd(&dirs, &target, &output),
         Cmd::Import { file } => import_cmd(&dirs, &file),
-        Cmd::Inspect { target, json } => match warmer::inspect::inspect(&dirs, &target) {
+        Cmd::Inspect { target, json } => match warmer::commands::inspect::inspect(&dirs, &target) {
             Ok(i) => {
                 emit(&if json {
                     self::json(&i)
                 } else {
-                    warmer::inspect::render(&i)
+                    warmer::commands::inspect::render(&i)
                 });
                 ExitCode::from(exit::OK)
             }
@@ -440,7 +441,7 @@ fn bench_cmd(
     breakdown: bool,
     out: Option<&std::path::Path>,
 ) -> ExitCode {
-    use warmer::bench;
+    use warmer::commands::bench;
     logging::set_service(service);
     let opts = bench::BenchOptions {
         runs: runs.max(1),
@@ -476,7 +477,7 @@ fn bench_cmd(
 }
 
 fn cache_cmd(dirs: &Dirs, cmd: CacheCmd) -> ExitCode {
-    use warmer::cache_cmd as cc;
+    use warmer::commands::cache as cc;
     let fail = |e: cc::CacheCmdError| {
         eprintln!("warmer: {}", chain(&e));
         ExitCode::from(exit::FAILURE)
@@ -577,7 +578,7 @@ fn run(dirs: &Dirs, service: &str, opts: supervisor::RunOptions) -> ExitCode {
 fn status_cmd(dirs: &Dirs, service: Option<&str>, json: bool) -> ExitCode {
     if let Some(s) = service {
         let known = manifest::Manifest::find(&dirs.manifests, s).is_ok()
-            || warmer::state::RunRecord::read(&dirs.run, s).is_some();
+            || warmer::supervisor::record::RunRecord::read(&dirs.run, s).is_some();
         if !known {
             eprintln!(
                 "warmer: unknown service {s:?} (no manifest in {}, no run state)",
@@ -624,8 +625,8 @@ fn validate(dirs: &Dirs, files: &[PathBuf]) -> ExitCode {
                     )
                     .and_then(|(d, c)| c.lookup(&d.hex).ok().flatten());
                 if let Some(e) = entry {
-                    if let Ok(open) = warmer::criu_image::open_files(&e.data_dir()) {
-                        for w in warmer::lint::unsaved_writes(&m, &open) {
+                    if let Ok(open) = warmer::image::criu::open_files(&e.data_dir()) {
+                        for w in warmer::commands::lint::unsaved_writes(&m, &open) {
                             eprintln!("{}: warning: {w}", f.display());
                         }
                     }
@@ -646,7 +647,7 @@ fn validate(dirs: &Dirs, files: &[PathBuf]) -> ExitCode {
 }
 
 fn checkpoint_cmd(dirs: &Dirs, service: &str, timeout: std::time::Duration) -> ExitCode {
-    use warmer::control::{self, ControlError, Reply, Request};
+    use warmer::supervisor::control::{self, ControlError, Reply, Request};
     if let Err(e) = manifest::check_service_name(service) {
         eprintln!("warmer: {e}");
         return ExitCode::from(exit::USAGE);
@@ -677,9 +678,9 @@ fn checkpoint_cmd(dirs: &Dirs, service: &str, timeout: std::time::Duration) -> E
 }
 
 fn rollback_cmd(dirs: &Dirs, service: &str, to: Option<u64>) -> ExitCode {
-    match warmer::rollback::rollback(dirs, service, to) {
+    match warmer::commands::rollback::rollback(dirs, service, to) {
         Ok(r) => {
-            let running = warmer::state::RunRecord::read(&dirs.run, service)
+            let running = warmer::supervisor::record::RunRecord::read(&dirs.run, service)
                 .is_some_and(|rec| rec.state.is_running() && rec.warmer_alive());
             let mut text = format!(
                 "{service}: the next start restores generation {} (image {}, taken {})",
@@ -702,7 +703,7 @@ fn rollback_cmd(dirs: &Dirs, service: &str, to: Option<u64>) -> ExitCode {
         Err(e) => {
             eprintln!("warmer: {}", chain(&e));
             ExitCode::from(match e {
-                warmer::rollback::RollbackError::Manifest(_) => exit::DATAERR,
+                warmer::commands::rollback::RollbackError::Manifest(_) => exit::DATAERR,
                 _ => exit::FAILURE,
             })
         }

@@ -13,9 +13,9 @@ use nix::unistd::Pid;
 
 use crate::criu::{self, Criu, CriuError, Inherit, RestorePlan};
 
-use crate::logs::Output;
-use crate::service::Running;
-use crate::state::StartKind;
+use crate::process::logs::Output;
+use crate::process::service::Running;
+use crate::supervisor::record::StartKind;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CriuRestoreError {
@@ -59,7 +59,7 @@ const STDERR_FD: i32 = 4;
 /// Restores the image in `data_dir`. Returns the restored tree, not yet
 /// probed; with `leave_stopped` every task of it is stopped until
 /// [`Running::resume`]. State files (`state:`) must already be back in place
-/// ([`crate::state_files::put_back`]). Used by warmer's restore and by the
+/// ([`crate::image::state::put_back`]). Used by warmer's restore and by the
 /// bench's bare-CRIU baseline alike, so both run the same command line.
 pub fn restore(
     criu: &Criu,
@@ -189,7 +189,7 @@ pub fn restore(
     if let Some(daemon) = lazy {
         running.set_lazy_pages(daemon);
     }
-    times.stats = crate::criu_image::read_one::<crate::criu_image::proto::StatsEntry>(
+    times.stats = crate::image::criu::read_one::<crate::image::criu::proto::StatsEntry>(
         &run_dir.join(STATS_FILE),
     )
     .ok()
@@ -210,12 +210,12 @@ pub struct CriuTimes {
     pub lazy_start: Option<std::time::Duration>,
     /// CRIU's own statistics: `forking_time` and `restore_time` (µs),
     /// pages restored.
-    pub stats: Option<crate::criu_image::proto::RestoreStatsEntry>,
+    pub stats: Option<crate::image::criu::proto::RestoreStatsEntry>,
 }
 
 /// The connections the image holds: those a failed restore may have locked.
 fn image_conns(data_dir: &Path) -> Vec<criu::Conn> {
-    crate::criu_image::tcp_connections(data_dir).unwrap_or_default()
+    crate::image::criu::tcp_connections(data_dir).unwrap_or_default()
 }
 
 /// Moves `fd` above the numbers children get their fds on, so the dup2s in

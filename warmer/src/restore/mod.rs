@@ -36,14 +36,14 @@ pub use self::criu::{restore as criu_restore, CriuRestoreError, CriuTimes, Resto
 use crate::checkpoint::short;
 use crate::criu::Criu;
 use crate::errors::chain;
+use crate::image::state::Drift;
+use crate::image::state::{PutBack, StateError};
 use crate::image::Taken;
-use crate::logs::Output;
 use crate::manifest::Mode;
-pub use crate::probe::Readiness;
-use crate::service::Running;
-use crate::signals::Signals;
-use crate::state_files::Drift;
-use crate::state_files::{PutBack, StateError};
+use crate::process::logs::Output;
+pub use crate::process::probe::Readiness;
+use crate::process::service::Running;
+use crate::process::signals::Signals;
 
 /// How an entry's integrity is established before its tree runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -116,7 +116,7 @@ pub enum Skip {
         taken: Taken,
     },
     /// This service cold-starts faster than it restores.
-    ColdIsFaster(crate::backoff::PreferCold),
+    ColdIsFaster(crate::supervisor::backoff::PreferCold),
 }
 
 impl std::fmt::Display for Skip {
@@ -260,7 +260,7 @@ pub fn plan(
     run_dir: &Path,
 ) -> Result<Result<Plan, Skip>, Failure> {
     if manifest.mode == Mode::Warm {
-        if let Some(p) = crate::backoff::PreferCold::load(run_dir, digest) {
+        if let Some(p) = crate::supervisor::backoff::PreferCold::load(run_dir, digest) {
             return Ok(Err(Skip::ColdIsFaster(p)));
         }
     }
@@ -291,8 +291,8 @@ pub fn plan(
             taken,
         }));
     }
-    let put_back = if crate::state_files::has_state(&data) {
-        match crate::state_files::drift(&data).map_err(Failure::Drift)? {
+    let put_back = if crate::image::state::has_state(&data) {
+        match crate::image::state::drift(&data).map_err(Failure::Drift)? {
             Drift::Same => Vec::new(),
             Drift::Vanished(paths) => paths,
             Drift::Changed(why) => {
@@ -408,7 +408,7 @@ impl Restore<'_> {
         if plan.put_back.is_empty() {
             return Ok(None);
         }
-        crate::state_files::put_back(&plan.entry.data_dir(), &plan.put_back)
+        crate::image::state::put_back(&plan.entry.data_dir(), &plan.put_back)
             .map(Some)
             .map_err(Failure::State)
     }

@@ -10,10 +10,10 @@ use nix::sys::signal::{kill, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 
-use crate::logs::Output;
 use crate::manifest::Manifest;
-use crate::signals::Signals;
-use crate::state::StartKind;
+use crate::process::logs::Output;
+use crate::process::signals::Signals;
+use crate::supervisor::record::StartKind;
 
 /// Variables of warmer's environment that belong to warmer, not the service.
 const PRIVATE_ENV: &[&str] = &[

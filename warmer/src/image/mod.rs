@@ -6,7 +6,7 @@
 //! <entry>/data/                   the payload the cache stores and verifies
 //!   *.img                         CRIU's image files (CRIU's own format)
 //!   restore.json                  RestoreInfo: what a restore needs beyond CRIU
-//!   state/                        captured `state:` paths (see `state_files`)
+//!   state/                        captured `state:` paths (see [`state`])
 //!     index.json
 //!     <n>/...
 //! ```
@@ -17,6 +17,9 @@
 //! and is part of every digest: a change that older readers cannot handle
 //! bumps it, and only such a change invalidates existing images (an upgrade
 //! of warmer itself does not: see [`crate::digest`]).
+
+pub mod criu;
+pub mod state;
 
 use std::path::{Path, PathBuf};
 

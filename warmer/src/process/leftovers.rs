@@ -58,11 +58,13 @@ pub fn end(service: &str, run_dir: &Path) -> Vec<Leftover> {
 pub fn classify(argv: &[String], service: &str, run_dir: &Path) -> Option<String> {
     let home = run_dir.to_string_lossy();
     let first = argv.first()?;
-    let is_init = first.ends_with(crate::init::INIT_BIN)
-        || argv.get(1).is_some_and(|a| a == crate::roles::INIT_ARG);
+    let is_init = first.ends_with(crate::process::init::INIT_BIN)
+        || argv
+            .get(1)
+            .is_some_and(|a| a == crate::process::roles::INIT_ARG);
     if is_init {
         // warmer-init SERVICE HOME -- ...   or   warmer __init SERVICE HOME -- ...
-        let rest = if first.ends_with(crate::init::INIT_BIN) {
+        let rest = if first.ends_with(crate::process::init::INIT_BIN) {
             &argv[1..]
         } else {
             &argv[2..]

@@ -16,6 +16,10 @@
 //! Whatever fails on the warm side (CRIU missing, damaged image, restore or
 //! checkpoint error) the service still runs: cold, logged, never down.
 
+pub mod backoff;
+pub mod control;
+pub mod record;
+
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -23,22 +27,22 @@ use cache::Cache;
 use nix::sys::signal::Signal;
 
 use crate::checkpoint::{short, Checkpoint};
-use crate::control::{ControlServer, Reply, Request};
 use crate::criu::Criu;
+use crate::digest::watch::InputWatch;
 use crate::digest::{DigestError, Digester, HostFacts, ServiceDigest};
 use crate::dirs::{private_dir, Dirs};
 use crate::errors::chain;
 use crate::image::Taken;
-use crate::init::{self, InitSpec, SpawnError};
-use crate::logs::Output;
 use crate::manifest::{Manifest, ManifestError, Mode, Probe};
-use crate::notify::Systemd;
-use crate::probe::{Check, Prober, Readiness};
+use crate::process::init::{self, InitSpec, SpawnError};
+use crate::process::logs::Output;
+use crate::process::notify::Systemd;
+use crate::process::probe::{Check, Prober, Readiness};
+use crate::process::service::{service_env, Running};
+use crate::process::signals::Signals;
 use crate::restore::{self, Restore, Skip};
-use crate::service::{service_env, Running};
-use crate::signals::Signals;
-use crate::state::{RunRecord, ServiceState, StartKind};
-use crate::watch::InputWatch;
+use crate::supervisor::control::{ControlServer, Reply, Request};
+use crate::supervisor::record::{RunRecord, ServiceState, StartKind};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -85,7 +89,7 @@ pub enum RunError {
     Recover {
         service: String,
         #[source]
-        source: crate::state_files::StateError,
+        source: crate::image::state::StateError,
     },
     #[error("service {service} exited with status {code} before it was ready{why}")]
     ExitedBeforeReady {
@@ -208,14 +212,14 @@ pub fn run(dirs: &Dirs, name: &str, opts: RunOptions) -> Result<Outcome, RunErro
     let unclean =
         RunRecord::read(&dirs.run, name).is_some_and(|r| r.state.is_running() && !r.warmer_alive());
     if _lock.is_some() && unclean {
-        for l in crate::leftovers::end(name, &run_dir) {
+        for l in crate::process::leftovers::end(name, &run_dir) {
             tracing::warn!("ended pid {}: {}", l.pid, l.what);
         }
     }
     // A restore interrupted by a crash of warmer left the service's newer
     // data aside: it comes back before anything else runs.
     let recovered =
-        crate::state_files::recover(&manifest.state).map_err(|source| RunError::Recover {
+        crate::image::state::recover(&manifest.state).map_err(|source| RunError::Recover {
             service: name.to_string(),
             source,
         })?;
@@ -473,7 +477,7 @@ impl Supervisor {
         let ready_ms = ms(self.started.elapsed());
         self.record.last_start = Some(running.kind);
         self.record.ready_ms = Some(ready_ms);
-        self.record.ready_from_spawn_us = crate::bench::since_spawn_us();
+        self.record.ready_from_spawn_us = crate::commands::bench::since_spawn_us();
         if let (StartKind::Restored, Some(t)) = (running.kind, &self.timings) {
             self.record.breakdown = Some(self.breakdown(t));
         }
@@ -496,7 +500,7 @@ impl Supervisor {
                     }
                     if self.manifest.mode == Mode::Warm {
                         if let Some(d) = &self.digest {
-                            if let Some(p) = crate::backoff::PreferCold::judge(
+                            if let Some(p) = crate::supervisor::backoff::PreferCold::judge(
                                 &self.run_dir,
                                 &d.hex,
                                 cold,
@@ -717,9 +721,9 @@ impl Supervisor {
                 }
                 // Learn from it: the same state is not checkpointed and
                 // failed again forever (see `backoff`).
-                let restores = crate::backoff::Failures::load_kind(
+                let restores = crate::supervisor::backoff::Failures::load_kind(
                     &self.run_dir,
-                    crate::backoff::Kind::Restore,
+                    crate::supervisor::backoff::Kind::Restore,
                 );
                 let _ = restores.record(&self.run_dir, &digest, &chain(&failure));
                 None
@@ -949,15 +953,17 @@ impl Supervisor {
     /// Who else holds the probed local port, if someone does.
     fn port_holder(&self) -> Option<String> {
         let port = match &self.manifest.ready.probe {
-            Probe::Http(u) if crate::ports::is_local(&u.host) => u.port,
+            Probe::Http(u) if crate::process::ports::is_local(&u.host) => u.port,
             Probe::Tcp(a) => a
                 .rsplit_once(':')
-                .filter(|(h, _)| crate::ports::is_local(h))
+                .filter(|(h, _)| crate::process::ports::is_local(h))
                 .and_then(|(_, p)| p.parse().ok())?,
             _ => return None,
         };
-        match crate::ports::holder(port, nix::unistd::Pid::from_raw(i32::MAX - 1)) {
-            crate::ports::Holder::Other(who) => Some(format!("port {port} is held by {who}")),
+        match crate::process::ports::holder(port, nix::unistd::Pid::from_raw(i32::MAX - 1)) {
+            crate::process::ports::Holder::Other(who) => {
+                Some(format!("port {port} is held by {who}"))
+            }
             _ => None,
         }
     }
@@ -1029,9 +1035,11 @@ impl Supervisor {
         // A checkpoint that keeps failing (a full disk, a service CRIU cannot
         // dump) is not retried at every start: after a few failures for the
         // same digest it waits for something to change.
-        let failures = crate::backoff::Failures::load(&self.run_dir);
-        let restores =
-            crate::backoff::Failures::load_kind(&self.run_dir, crate::backoff::Kind::Restore);
+        let failures = crate::supervisor::backoff::Failures::load(&self.run_dir);
+        let restores = crate::supervisor::backoff::Failures::load_kind(
+            &self.run_dir,
+            crate::supervisor::backoff::Kind::Restore,
+        );
         if let Some(why) = failures
             .skip(&digest.hex)
             .or_else(|| restores.skip(&digest.hex))
@@ -1041,7 +1049,7 @@ impl Supervisor {
             self.set_state(ServiceState::Ready);
             return;
         }
-        if let Some(why) = crate::backoff::no_room(cache.root(), running.pid) {
+        if let Some(why) = crate::supervisor::backoff::no_room(cache.root(), running.pid) {
             tracing::warn!(phase = "checkpoint", "checkpoint skipped: {why}");
             self.record.message = Some(format!("checkpoint skipped: {why}"));
             let _ = failures.record(&self.run_dir, &digest.hex.clone(), &why);
@@ -1174,10 +1182,10 @@ impl Supervisor {
                     let taken = Taken::OnDemand;
                     match self.checkpoint(running, taken) {
                         Ok(done) => {
-                            crate::backoff::Failures::default().clear(&self.run_dir);
-                            crate::backoff::Failures::load_kind(
+                            crate::supervisor::backoff::Failures::default().clear(&self.run_dir);
+                            crate::supervisor::backoff::Failures::load_kind(
                                 &self.run_dir,
-                                crate::backoff::Kind::Restore,
+                                crate::supervisor::backoff::Kind::Restore,
                             )
                             .clear(&self.run_dir);
                             if self.manifest.mode == Mode::Persist {
@@ -1280,7 +1288,7 @@ fn wait_ready(
 ) -> Readiness {
     let deadline = Instant::now() + timeout;
     systemd.extend_timeout(timeout + Duration::from_secs(5));
-    let mut backoff = crate::probe::Backoff::default();
+    let mut backoff = crate::process::probe::Backoff::default();
     let mut signalled = false;
     loop {
         if signals.stop_requested() {

@@ -90,21 +90,21 @@ impl Prober {
 
     /// One attempt whose answer counts only if it came from the service
     /// whose namespace init is `init` (for local http/tcp probes; see
-    /// [`crate::ports`]).
+    /// [`crate::process::ports`]).
     pub fn check_from(&mut self, limit: Duration, init: nix::unistd::Pid) -> Check {
         if !self.check(limit) {
             return Check::NotReady;
         }
         let port = match self {
-            Prober::Http(u) if crate::ports::is_local(&u.host) => Some(u.port),
+            Prober::Http(u) if crate::process::ports::is_local(&u.host) => Some(u.port),
             Prober::Tcp(a) => a
                 .rsplit_once(':')
-                .filter(|(h, _)| crate::ports::is_local(h))
+                .filter(|(h, _)| crate::process::ports::is_local(h))
                 .and_then(|(_, p)| p.parse().ok()),
             _ => None,
         };
-        match port.map(|p| (p, crate::ports::holder(p, init))) {
-            Some((port, crate::ports::Holder::Other(who))) => Check::Foreign { port, who },
+        match port.map(|p| (p, crate::process::ports::holder(p, init))) {
+            Some((port, crate::process::ports::Holder::Other(who))) => Check::Foreign { port, who },
             _ => Check::Ready,
         }
     }

@@ -79,7 +79,7 @@ pub fn locate() -> io::Result<InitExe> {
     })
 }
 
-pub use crate::roles::INIT_ARG;
+pub use crate::process::roles::INIT_ARG;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SpawnError {
@@ -140,7 +140,8 @@ pub fn spawn(spec: &InitSpec<'_>) -> Result<Pid, SpawnError> {
     // locks may be held in its copy of memory).
     let exe = cstring(spec.init.path.as_os_str())?;
     let mut args = vec![cstring(OsStr::new(INIT_BIN))?];
-    for a in crate::roles::init_args(&spec.init.prefix, spec.service, spec.home, spec.argv) {
+    for a in crate::process::roles::init_args(&spec.init.prefix, spec.service, spec.home, spec.argv)
+    {
         args.push(cstring(&a)?);
     }
     let mut argv: Vec<*const libc::c_char> = args.iter().map(|a| a.as_ptr()).collect();
@@ -295,7 +296,7 @@ unsafe fn child_exec(
         // The init's signals arrive blocked (it sigwaits for them): a
         // SIGTERM sent before it runs stays pending instead of being dropped
         // (PID 1 of a namespace ignores unblocked signals it has no handler for).
-        let set = crate::init_loop::wait_set();
+        let set = crate::process::init_loop::wait_set();
         libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
         libc::execve(exe.as_ptr(), argv.as_ptr(), envp.as_ptr());
         fail(report, 6)

@@ -8,7 +8,7 @@ use serde::Serialize;
 use crate::digest::Digester;
 use crate::dirs::Dirs;
 use crate::manifest::{Manifest, Mode};
-use crate::state::{RunRecord, ServiceState, StartKind};
+use crate::supervisor::record::{RunRecord, ServiceState, StartKind};
 
 #[derive(Debug, Clone, Serialize)]
 pub struct ImageInfo {
@@ -101,9 +101,11 @@ fn next_start(
             plan.choice
         )),
         Ok(Err(crate::restore::Skip::NoImage)) => {
-            let restores =
-                crate::backoff::Failures::load_kind(run_dir, crate::backoff::Kind::Restore);
-            let checkpoints = crate::backoff::Failures::load(run_dir);
+            let restores = crate::supervisor::backoff::Failures::load_kind(
+                run_dir,
+                crate::supervisor::backoff::Kind::Restore,
+            );
+            let checkpoints = crate::supervisor::backoff::Failures::load(run_dir);
             match restores.skip(digest).or_else(|| checkpoints.skip(digest)) {
                 Some(why) => NextStart::cold(format!("no image, and none will be taken: {why}")),
                 None if restores.digest == digest => NextStart::cold(format!(

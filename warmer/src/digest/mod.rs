@@ -20,6 +20,8 @@
 //! [`Digester`] is the one way to answer "what is SVC's digest on this host
 //! now": `run`, `status`, `cache` and `bench` all use it.
 
+pub mod watch;
+
 use std::fs::File;
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};
@@ -53,7 +55,7 @@ pub enum DigestError {
     },
     #[error("cannot compute digests without CRIU")]
     Criu(#[source] crate::criu::CriuError),
-    #[error("cannot find {}", crate::init::INIT_BIN)]
+    #[error("cannot find {}", crate::process::init::INIT_BIN)]
     Init(#[source] io::Error),
 }
 
@@ -168,11 +170,11 @@ pub struct Digester {
 
 impl Digester {
     /// With the CRIU and `warmer-init` this host would use (see
-    /// [`crate::criu::Criu::locate`], [`crate::init::locate`]).
+    /// [`crate::criu::Criu::locate`], [`crate::process::init::locate`]).
     pub fn open(dirs: &crate::dirs::Dirs) -> Result<Self, DigestError> {
         let mut memo = Memo::load(&dirs.run);
         let criu = crate::criu::Criu::locate_memo(&mut memo).map_err(DigestError::Criu)?;
-        let init = crate::init::locate().map_err(DigestError::Init)?;
+        let init = crate::process::init::locate().map_err(DigestError::Init)?;
         Self::with_memo(dirs, &criu.version, &init.path, memo)
     }
 

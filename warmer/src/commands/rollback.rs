@@ -15,8 +15,8 @@ use cache::{Cache, Entry};
 use crate::checkpoint::short;
 use crate::digest::{DigestError, Digester};
 use crate::dirs::Dirs;
+use crate::image::state::Drift;
 use crate::manifest::{Manifest, ManifestError, Mode};
-use crate::state_files::Drift;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RollbackError {
@@ -56,7 +56,7 @@ pub enum RollbackError {
     Drift {
         gen: u64,
         #[source]
-        source: crate::state_files::StateError,
+        source: crate::image::state::StateError,
     },
 }
 
@@ -140,7 +140,7 @@ pub fn rollback(dirs: &Dirs, service: &str, to: Option<u64>) -> Result<RolledBac
 fn check_allowed(manifest: &Manifest, target: &Entry) -> Result<(), RollbackError> {
     let data = target.data_dir();
     let gen = target.meta.generation;
-    if !crate::state_files::has_state(&data) {
+    if !crate::image::state::has_state(&data) {
         return Ok(());
     }
     if manifest.mode == Mode::Warm {
@@ -148,7 +148,9 @@ fn check_allowed(manifest: &Manifest, target: &Entry) -> Result<(), RollbackErro
             service: manifest.name.clone(),
         });
     }
-    match crate::state_files::drift(&data).map_err(|source| RollbackError::Drift { gen, source })? {
+    match crate::image::state::drift(&data)
+        .map_err(|source| RollbackError::Drift { gen, source })?
+    {
         Drift::Same | Drift::Vanished(_) => Ok(()),
         Drift::Changed(why) => Err(RollbackError::DataMovedOn {
             service: manifest.name.clone(),

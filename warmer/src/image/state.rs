@@ -312,13 +312,13 @@ fn copy_out(
 
 /// The CRIU action script's work: on `post-dump` (the service is still
 /// frozen) copy the requested paths into the images directory. Other action
-/// points: nothing. The request's contract is in [`crate::roles`].
-pub fn hook(req: &crate::roles::ActionRequest) -> Result<(), StateError> {
+/// points: nothing. The request's contract is in [`crate::process::roles`].
+pub fn hook(req: &crate::process::roles::ActionRequest) -> Result<(), StateError> {
     if !req.captures_state() {
         return Ok(());
     }
     let (dir, paths) = req.capture_plan().map_err(|e| StateError::Index {
-        path: PathBuf::from("$".to_string() + crate::roles::STATE_PATHS_ENV),
+        path: PathBuf::from("$".to_string() + crate::process::roles::STATE_PATHS_ENV),
         reason: e.to_string(),
     })?;
     capture(&paths, &dir)

@@ -28,9 +28,9 @@ use crate::digest::Digester;
 use crate::dirs::Dirs;
 use crate::errors::chain;
 use crate::manifest::{Manifest, Probe};
-use crate::probe::{Backoff, Prober};
-use crate::signals::Signals;
-use crate::state::{RunRecord, ServiceState, StartKind};
+use crate::process::probe::{Backoff, Prober};
+use crate::process::signals::Signals;
+use crate::supervisor::record::{RunRecord, ServiceState, StartKind};
 
 #[derive(Debug, thiserror::Error)]
 pub enum BenchError {
@@ -174,9 +174,9 @@ impl Drop for Bencher {
         let Some(saved) = self.saved_state.take() else {
             return;
         };
-        let back = crate::state_files::captured_paths(&saved)
-            .and_then(|all| crate::state_files::put_back(&saved, &all))
-            .and_then(crate::state_files::PutBack::commit);
+        let back = crate::image::state::captured_paths(&saved)
+            .and_then(|all| crate::image::state::put_back(&saved, &all))
+            .and_then(crate::image::state::PutBack::commit);
         match back {
             Ok(()) => {
                 let _ = std::fs::remove_dir_all(&saved);
@@ -205,11 +205,11 @@ impl Bencher {
         let run_dir = dirs.run.join(service);
         std::fs::create_dir_all(&run_dir).map_err(io(format!("creating {}", run_dir.display())))?;
         // The init `warmer run` will use (it looks for it the same way).
-        let beside = warmer.with_file_name(crate::init::INIT_BIN);
+        let beside = warmer.with_file_name(crate::process::init::INIT_BIN);
         let init = if beside.is_file() {
             beside
         } else {
-            crate::init::locate()
+            crate::process::init::locate()
                 .map_err(io("locating warmer-init"))?
                 .path
         };
@@ -223,7 +223,7 @@ impl Bencher {
             let saved = dirs.run.join(format!("{service}.bench")).join("live-state");
             let _ = std::fs::remove_dir_all(&saved);
             std::fs::create_dir_all(&saved).map_err(io("saving the live state"))?;
-            crate::state_files::capture(&manifest.state, &saved).map_err(|e| BenchError::Run {
+            crate::image::state::capture(&manifest.state, &saved).map_err(|e| BenchError::Run {
                 what: "saving the service's live state".into(),
                 detail: chain(&e),
             })?;
@@ -281,10 +281,10 @@ impl Bencher {
         // makes a new one.
         let entry = self.current_entry()?;
         let data = entry.data_dir();
-        if crate::state_files::has_state(&data) {
-            crate::state_files::captured_paths(&data)
-                .and_then(|all| crate::state_files::put_back(&data, &all))
-                .and_then(crate::state_files::PutBack::commit)
+        if crate::image::state::has_state(&data) {
+            crate::image::state::captured_paths(&data)
+                .and_then(|all| crate::image::state::put_back(&data, &all))
+                .and_then(crate::image::state::PutBack::commit)
                 .map_err(|e| BenchError::Run {
                     what: "putting the image's state in place".into(),
                     detail: chain(&e),
@@ -604,7 +604,7 @@ impl Bencher {
         let notify = work.join("notify.sock");
         let mut prober = Prober::new(&self.manifest.ready.probe, &notify).map_err(io("probe"))?;
         let t0 = Instant::now();
-        let output = crate::logs::Output::discarding().map_err(io("pipes"))?;
+        let output = crate::process::logs::Output::discarding().map_err(io("pipes"))?;
         let info = crate::image::read(&data).map_err(|e| BenchError::Run {
             what: "criu restore".into(),
             detail: chain(&e),

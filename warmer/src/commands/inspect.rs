@@ -3,7 +3,7 @@
 //! process's memory in the image, its open files and sockets, its
 //! namespaces, and warmer's own record (when and why it was taken, on what
 //! host, from where). CRIU's images are read with the types generated from
-//! its own `.proto` files ([`crate::criu_image`]).
+//! its own `.proto` files ([`crate::image::criu`]).
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -13,9 +13,9 @@ use std::path::Path;
 use cache::{Cache, Entry};
 use serde::Serialize;
 
-use crate::criu_image::proto::{self, FdTypes};
-use crate::criu_image::{self as img, ImageError};
 use crate::dirs::Dirs;
+use crate::image::criu::proto::{self, FdTypes};
+use crate::image::criu::{self as img, ImageError};
 
 /// `pagemap_entry.flags` (criu/include/pagemap.h).
 const PE_LAZY: u32 = 1 << 1;
@@ -217,7 +217,7 @@ pub fn describe(entry: &Entry) -> Result<Inspection, InspectError> {
         stale: entry.stale.clone(),
         bytes: entry.meta.bytes,
         host: entry.meta.host.clone(),
-        state: crate::state_files::captured_paths(&dir)
+        state: crate::image::state::captured_paths(&dir)
             .unwrap_or_default()
             .iter()
             .map(|p| p.display().to_string())

@@ -17,7 +17,7 @@ pub struct Signals {
     stop: Arc<AtomicBool>,
     /// SIGINT (rather than SIGTERM) asked for the stop.
     interrupt: Arc<AtomicBool>,
-    /// Signals to pass on to the service, by index in [`crate::init::FORWARDED`].
+    /// Signals to pass on to the service, by index in [`crate::process::init::FORWARDED`].
     forward: Vec<(Signal, Arc<AtomicBool>)>,
     child: Arc<AtomicBool>,
     wake: UnixStream,

@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use crate::criu_image::OpenFile;
+use crate::image::criu::OpenFile;
 use crate::manifest::{Manifest, Mode};
 
 /// Places whose files are scratch or not data: a write there does not need

@@ -168,7 +168,7 @@ mod tests {
             panic!("not init")
         };
         assert_eq!(rest, args.split_off(1));
-        let parsed = crate::init_loop::parse_args(&rest).unwrap();
+        let parsed = crate::process::init_loop::parse_args(&rest).unwrap();
         assert_eq!(parsed.home, home.as_os_str());
         assert_eq!(parsed.argv, vec![OsString::from("/bin/app"), "-x".into()]);
     }

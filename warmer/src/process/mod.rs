@@ -1,0 +1,20 @@
+//! The service's processes: how they are started, watched, signalled and
+//! ended. Owns warmer's PID-namespace init ([`init`], [`init_loop`]), the
+//! running tree ([`service`]), its output ([`logs`]), signals, readiness
+//! probes, port ownership, sd_notify, leftovers of a crashed run, and the
+//! binary's three roles ([`roles`]).
+//!
+//! May call: `manifest`, `criu` (locating CRIU for the network-lock rules),
+//! `digest` (hashing helpers). Never `restore`, `checkpoint` or `supervisor`.
+
+pub mod init;
+#[path = "../../../init/src/init_loop.rs"]
+pub mod init_loop;
+pub mod leftovers;
+pub mod logs;
+pub mod notify;
+pub mod ports;
+pub mod probe;
+pub mod roles;
+pub mod service;
+pub mod signals;
