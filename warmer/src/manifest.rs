@@ -283,12 +283,13 @@ pub struct Remote {
 pub const DEFAULT_REMOTE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// What a stop means for the service's memory (see README, "Modes").
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Mode {
     /// Checkpointed once when ready; every start restores that state, as
     /// long as the service's `state:` data is exactly as it was then (else
     /// cold). For services whose state is re-derived at start.
+    #[default]
     Warm,
     /// Checkpointed at every stop (memory and `state:` at the same instant);
     /// the next start restores exactly that, once. After a crash or any stop

@@ -29,8 +29,9 @@ use crate::dirs::Dirs;
 use crate::errors::chain;
 use crate::manifest::{Manifest, Probe};
 use crate::process::probe::{Backoff, Prober};
+use crate::process::service::StartKind;
 use crate::process::signals::Signals;
-use crate::supervisor::record::{RunRecord, ServiceState, StartKind};
+use crate::supervisor::record::{RunRecord, ServiceState};
 
 #[derive(Debug, thiserror::Error)]
 pub enum BenchError {
@@ -426,7 +427,7 @@ pub fn bench(
 /// A persist image retired after its one restore (the bench restores it
 /// again on purpose, with the data as it captured it).
 fn is_retired(stale_reason: &str) -> bool {
-    stale_reason.starts_with(crate::supervisor::RETIRED)
+    stale_reason.starts_with(crate::image::RETIRED)
 }
 
 /// The environment variable through which the bench tells the `warmer run`
@@ -624,7 +625,10 @@ impl Bencher {
                             crate::restore::choose_restore(
                                 self.manifest.restore_mode,
                                 entry,
-                                &self.dirs.service_run(&self.manifest.name),
+                                &crate::restore::choose::History::load(
+                                    &self.dirs.service_run(&self.manifest.name),
+                                    &entry.meta.digest,
+                                ),
                             )
                             .lazy
                         },

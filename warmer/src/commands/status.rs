@@ -8,7 +8,8 @@ use serde::Serialize;
 use crate::digest::Digester;
 use crate::dirs::Dirs;
 use crate::manifest::{Manifest, Mode};
-use crate::supervisor::record::{RunRecord, ServiceState, StartKind};
+use crate::process::service::StartKind;
+use crate::supervisor::record::{RunRecord, ServiceState};
 
 #[derive(Debug, Clone, Serialize)]
 pub struct ImageInfo {

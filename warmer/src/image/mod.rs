@@ -25,6 +25,9 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+/// The stale mark of a persist image after its one restore.
+pub const RETIRED: &str = "restored once (persist mode): the next stop's checkpoint supersedes it";
+
 /// The layout above, and what warmer gives every service that its image
 /// depends on, as a whole. Part of the digest. 2: JVMs keep their perf
 /// counters in memory (`JAVA_TOOL_OPTIONS`, see `service::java_tool_options`).

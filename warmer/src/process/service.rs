@@ -13,7 +13,14 @@ use nix::unistd::Pid;
 use crate::manifest::Manifest;
 use crate::process::logs::Output;
 use crate::process::signals::Signals;
-use crate::supervisor::record::StartKind;
+
+/// How the last start happened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StartKind {
+    Cold,
+    Restored,
+}
 
 /// Variables of warmer's environment that belong to warmer, not the service.
 const PRIVATE_ENV: &[&str] = &[

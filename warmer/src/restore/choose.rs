@@ -19,9 +19,15 @@
 //!
 //! The decision and its reason go to the log and `warmer status`.
 //!
+//! The same measurements decide whether a warm service is restored at all
+//! ([`cold_is_faster`]): never slower than cold, judged from several samples,
+//! never from one.
+//!
 //! ```text
-//! <run>/<svc>/restore-history.json   {digest, eager_ms, lazy_ms, lazy_failed}   (per boot)
+//! <run>/<svc>/restore-history.json   {format_version, digest, eager_ms, lazy_ms,
+//!                                     cold_ms, lazy_failed}   (per boot)
 //! ```
+//! `warmer reset SVC` forgets it (and the failure counts of `backoff`).
 
 use std::path::Path;
 
@@ -37,12 +43,21 @@ pub const LAZY_MIN_BYTES: u64 = 64 << 20;
 const COLD_CACHE: f64 = 0.5;
 /// Measurements kept per kind.
 const KEEP: usize = 3;
-const FILE: &str = "restore-history.json";
+pub const FILE: &str = "restore-history.json";
+/// The history's format; files without one (version 0) read the same.
+pub const HISTORY_VERSION: u32 = 1;
+/// Restores measured before "a cold start is faster" can be concluded.
+pub const MIN_RESTORE_SAMPLES: usize = 3;
 
 /// How the restores of one image went (this boot).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct History {
+    #[serde(default)]
+    pub format_version: u32,
     pub digest: String,
+    /// Cold starts of this digest, start to ready, ms, newest last.
+    #[serde(default)]
+    pub cold_ms: Vec<u64>,
     /// Start to ready, ms, newest last.
     pub eager_ms: Vec<u64>,
     pub lazy_ms: Vec<u64>,
@@ -55,35 +70,49 @@ impl History {
         std::fs::read(run_dir.join(FILE))
             .ok()
             .and_then(|b| serde_json::from_slice::<Self>(&b).ok())
-            .filter(|h| h.digest == digest)
+            .filter(|h| h.digest == digest && h.format_version <= HISTORY_VERSION)
             .unwrap_or_else(|| History {
                 digest: digest.to_string(),
                 ..History::default()
             })
     }
 
-    fn save(&self, run_dir: &Path) {
-        let _ = cache::fsutil::write_atomic(
+    /// Writes the history; a failure is logged (the next decision then has
+    /// fewer measurements, nothing worse).
+    fn save(mut self, run_dir: &Path) {
+        self.format_version = HISTORY_VERSION;
+        if let Err(e) = cache::fsutil::write_atomic(
             run_dir,
             FILE,
-            &serde_json::to_vec(self).expect("serializes"),
+            &serde_json::to_vec(&self).expect("serializes"),
             0o600,
             cache::fsutil::Durability::Atomic,
-        );
+        ) {
+            tracing::warn!(
+                "cannot record the restore history in {}: {e}",
+                run_dir.display()
+            );
+        }
     }
 
     /// Remembers how long a restore of the image took to ready.
     pub fn record(run_dir: &Path, digest: &str, lazy: bool, ms: u64) {
         let mut h = Self::load(run_dir, digest);
-        let list = if lazy {
-            &mut h.lazy_ms
-        } else {
-            &mut h.eager_ms
-        };
-        list.push(ms);
-        if list.len() > KEEP {
-            list.remove(0);
-        }
+        push_sample(
+            if lazy {
+                &mut h.lazy_ms
+            } else {
+                &mut h.eager_ms
+            },
+            ms,
+        );
+        h.save(run_dir);
+    }
+
+    /// Remembers how long a cold start of this digest took to ready.
+    pub fn record_cold(run_dir: &Path, digest: &str, ms: u64) {
+        let mut h = Self::load(run_dir, digest);
+        push_sample(&mut h.cold_ms, ms);
         h.save(run_dir);
     }
 
@@ -93,6 +122,54 @@ impl History {
         h.lazy_failed = Some(why.chars().take(300).collect());
         h.save(run_dir);
     }
+}
+
+fn push_sample(list: &mut Vec<u64>, ms: u64) {
+    list.push(ms);
+    if list.len() > KEEP {
+        list.remove(0);
+    }
+}
+
+/// The measurements that say a warm service cold-starts faster than it
+/// restores.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ColdIsFaster {
+    /// Median cold start, ms.
+    pub cold_ms: u64,
+    /// The fastest and slowest restore measured, ms.
+    pub restore_ms: (u64, u64),
+    pub restores: usize,
+}
+
+impl std::fmt::Display for ColdIsFaster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "a cold start is faster: {} restores took {}-{} ms, a cold start {} ms (measured this boot; `warmer reset` forgets it)",
+            self.restores, self.restore_ms.0, self.restore_ms.1, self.cold_ms
+        )
+    }
+}
+
+/// Never slower than cold, decided from several samples: a warm service
+/// cold-starts from now on (this boot, this digest) only when at least
+/// [`MIN_RESTORE_SAMPLES`] restores were measured and even the fastest was
+/// no faster than the median cold start. One slow restore (a boot storm, a
+/// dropped page cache) decides nothing. `image_cold_ms`: the cold start the
+/// image was taken after, when this boot measured none.
+pub fn cold_is_faster(h: &History, image_cold_ms: Option<u64>) -> Option<ColdIsFaster> {
+    let restores: Vec<u64> = h.eager_ms.iter().chain(&h.lazy_ms).copied().collect();
+    if restores.len() < MIN_RESTORE_SAMPLES {
+        return None;
+    }
+    let cold_ms = median(&h.cold_ms).or(image_cold_ms)?;
+    let (min, max) = (*restores.iter().min()?, *restores.iter().max()?);
+    (min >= cold_ms).then_some(ColdIsFaster {
+        cold_ms,
+        restore_ms: (min, max),
+        restores: restores.len(),
+    })
 }
 
 fn median(v: &[u64]) -> Option<u64> {
@@ -253,8 +330,48 @@ mod tests {
             digest: "d".into(),
             eager_ms: eager.to_vec(),
             lazy_ms: lazy.to_vec(),
-            lazy_failed: None,
+            ..History::default()
         }
+    }
+
+    #[test]
+    fn cold_is_faster_needs_several_restores_all_no_faster_than_cold() {
+        // One slow restore decides nothing (Prometheus: 114 ms once, against
+        // cold starts of 60-167 ms).
+        assert_eq!(cold_is_faster(&h(&[114], &[]), Some(100)), None);
+        assert_eq!(cold_is_faster(&h(&[114, 120], &[]), Some(100)), None);
+        // Three, but one was faster than cold: keep restoring.
+        assert_eq!(cold_is_faster(&h(&[114, 90, 130], &[]), Some(100)), None);
+        // Three, none faster: cold from now on, with the spread.
+        let v = cold_is_faster(&h(&[114, 130], &[101]), Some(100)).unwrap();
+        assert_eq!((v.cold_ms, v.restore_ms, v.restores), (100, (101, 130), 3));
+        assert!(v.to_string().contains("3 restores took 101-130 ms"), "{v}");
+        // Cold starts measured this boot count before the image's one.
+        let mut with_cold = h(&[114, 130, 101], &[]);
+        with_cold.cold_ms = vec![200, 150, 180];
+        assert_eq!(cold_is_faster(&with_cold, Some(100)), None, "median 180");
+        // Nothing known about cold: nothing decided.
+        assert_eq!(cold_is_faster(&h(&[1, 2, 3], &[]), None), None);
+    }
+
+    #[test]
+    fn an_unversioned_history_reads_and_a_newer_one_does_not() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join(FILE),
+            r#"{"digest":"d","eager_ms":[5],"lazy_ms":[],"lazy_failed":null}"#,
+        )
+        .unwrap();
+        assert_eq!(History::load(dir.path(), "d").eager_ms, vec![5]);
+        History::record_cold(dir.path(), "d", 7);
+        let text = std::fs::read_to_string(dir.path().join(FILE)).unwrap();
+        assert!(text.contains(r#""format_version":1"#), "{text}");
+        std::fs::write(
+            dir.path().join(FILE),
+            r#"{"format_version":99,"digest":"d","eager_ms":[5],"lazy_ms":[]}"#,
+        )
+        .unwrap();
+        assert!(History::load(dir.path(), "d").eager_ms.is_empty());
     }
 
     const BIG: u64 = 1 << 30;

@@ -15,7 +15,7 @@ use crate::criu::{self, Criu, CriuError, Inherit, RestorePlan};
 
 use crate::process::logs::Output;
 use crate::process::service::Running;
-use crate::supervisor::record::StartKind;
+use crate::process::service::StartKind;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CriuRestoreError {

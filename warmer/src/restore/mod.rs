@@ -116,7 +116,7 @@ pub enum Skip {
         taken: Taken,
     },
     /// This service cold-starts faster than it restores.
-    ColdIsFaster(crate::supervisor::backoff::PreferCold),
+    ColdIsFaster(choose::ColdIsFaster),
 }
 
 impl std::fmt::Display for Skip {
@@ -203,7 +203,7 @@ pub struct Timings {
 
 impl Timings {
     /// The restore's phases in order, in ms, CRIU's own split out where it
-    /// reports them (see [`crate::timeline`]).
+    /// reports them (the supervisor adds what came before).
     pub fn phases(&self) -> Vec<(String, f64)> {
         let ms = |d: Duration| d.as_secs_f64() * 1000.0;
         let mut out = vec![("state".to_string(), ms(self.state))];
@@ -259,11 +259,6 @@ pub fn plan(
     manifest: &crate::manifest::Manifest,
     run_dir: &Path,
 ) -> Result<Result<Plan, Skip>, Failure> {
-    if manifest.mode == Mode::Warm {
-        if let Some(p) = crate::supervisor::backoff::PreferCold::load(run_dir, digest) {
-            return Ok(Err(Skip::ColdIsFaster(p)));
-        }
-    }
     let mode = manifest.mode;
     let entry = match cache.lookup(digest) {
         Ok(Some(e)) => e,
@@ -272,6 +267,12 @@ pub fn plan(
     };
     if let Some(why) = &entry.stale {
         return Ok(Err(Skip::Stale(why.clone())));
+    }
+    let history = choose::History::load(run_dir, digest);
+    if mode == Mode::Warm {
+        if let Some(v) = choose::cold_is_faster(&history, entry.meta.cold_start_ms) {
+            return Ok(Err(Skip::ColdIsFaster(v)));
+        }
     }
     // Nothing of an entry is read (not even restore.json) before its shape
     // holds: no symlinks, fifos or devices, no extra or missing files.
@@ -305,7 +306,7 @@ pub fn plan(
     } else {
         Vec::new()
     };
-    let choice = choose_restore(manifest.restore_mode, &entry, run_dir);
+    let choice = choose_restore(manifest.restore_mode, &entry, &history);
     Ok(Ok(Plan {
         deadline: manifest.restore_timeout,
         integrity: Integrity::choose(cache.stamp_valid(&entry), !put_back.is_empty()),
@@ -321,15 +322,14 @@ pub fn plan(
 pub fn choose_restore(
     mode: crate::manifest::RestoreMode,
     entry: &Entry,
-    run_dir: &Path,
+    history: &choose::History,
 ) -> choose::Choice {
     let (memory, files) = choose::memory_files(entry);
-    let history = choose::History::load(run_dir, &entry.meta.digest);
     choose::choose(
         mode,
         memory,
         &mut || choose::resident_fraction(&files),
-        &history,
+        history,
     )
 }
 

@@ -126,58 +126,6 @@ impl Failures {
     }
 }
 
-/// A service whose restore is not faster than its cold start stays cold:
-/// the measurement (per boot, per digest) that decided it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PreferCold {
-    pub digest: String,
-    pub cold_ms: u64,
-    pub restore_ms: u64,
-}
-
-const PREFER_COLD: &str = "prefer-cold.json";
-
-impl PreferCold {
-    /// The decision for `digest`, if one was made.
-    pub fn load(run_dir: &Path, digest: &str) -> Option<Self> {
-        std::fs::read(run_dir.join(PREFER_COLD))
-            .ok()
-            .and_then(|b| serde_json::from_slice::<Self>(&b).ok())
-            .filter(|p| p.digest == digest)
-    }
-
-    /// Decides from one restore: `Some` (and remembered) if it was not
-    /// faster than the cold start it replaced.
-    pub fn judge(run_dir: &Path, digest: &str, cold_ms: u64, restore_ms: u64) -> Option<Self> {
-        if restore_ms < cold_ms {
-            return None;
-        }
-        let p = Self {
-            digest: digest.to_string(),
-            cold_ms,
-            restore_ms,
-        };
-        let _ = cache::fsutil::write_atomic(
-            run_dir,
-            PREFER_COLD,
-            &serde_json::to_vec(&p).expect("serializes"),
-            0o600,
-            cache::fsutil::Durability::Atomic,
-        );
-        Some(p)
-    }
-}
-
-impl std::fmt::Display for PreferCold {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "a cold start is faster ({} ms) than a restore ({} ms, measured this boot)",
-            self.cold_ms, self.restore_ms
-        )
-    }
-}
-
 /// Why a dump of the tree under `init` would not fit in the cache's
 /// filesystem, if it would not: its resident memory (what CRIU writes,
 /// roughly) against the free space, with a margin.

@@ -19,14 +19,21 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::supervisor::Checkpointed;
-
 pub const SOCKET: &str = "control.sock";
 
 /// What a client asks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Request {
     Checkpoint,
+}
+
+/// A checkpoint taken on request.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct Checkpointed {
+    pub key: String,
+    pub generation: u64,
+    /// How long the service was frozen (the dump, start to end).
+    pub frozen_ms: u64,
 }
 
 /// What the supervisor answers.

@@ -5,6 +5,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::process::service::StartKind;
+
 /// The phases of one `warmer run`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -36,17 +38,15 @@ impl ServiceState {
     }
 }
 
-/// How the last start happened.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum StartKind {
-    Cold,
-    Restored,
-}
+/// The format of `state.json`; records without one (version 0, before it
+/// was versioned) read the same. A record of a newer format is not read.
+pub const RECORD_VERSION: u32 = 1;
 
 /// The persisted record of a `warmer run`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RunRecord {
+    #[serde(default)]
+    pub format_version: u32,
     pub name: String,
     pub state: ServiceState,
     /// PID of the `warmer run` process.
@@ -87,6 +87,7 @@ pub struct RunRecord {
 impl RunRecord {
     pub fn new(name: &str) -> Self {
         Self {
+            format_version: RECORD_VERSION,
             name: name.to_string(),
             state: ServiceState::Starting,
             warmer_pid: std::process::id(),
@@ -113,12 +114,15 @@ impl RunRecord {
     /// Reads a record; `None` when there is none or it is unreadable.
     pub fn read(run_dir: &Path, name: &str) -> Option<Self> {
         let bytes = std::fs::read(Self::path(run_dir, name)).ok()?;
-        serde_json::from_slice(&bytes).ok()
+        serde_json::from_slice::<Self>(&bytes)
+            .ok()
+            .filter(|r| r.format_version <= RECORD_VERSION)
     }
 
     /// Writes the record (new file, then rename).
     pub fn write(&mut self, run_dir: &Path) -> std::io::Result<()> {
         self.updated = now();
+        self.format_version = RECORD_VERSION;
         // Runtime state in /run: atomic, no fsync needed.
         cache::fsutil::write_atomic(
             &run_dir.join(&self.name),

@@ -1,0 +1,140 @@
+//! The cold start: spawn the service under warmer-init, wait for its probe.
+
+use crate::digest::watch::InputWatch;
+use crate::errors::chain;
+use crate::manifest::Probe;
+use crate::process::init::{self, InitSpec};
+use crate::process::logs::Output;
+use crate::process::probe::{Prober, Readiness};
+use crate::process::service::StartKind;
+use crate::process::service::{service_env, Running};
+use crate::supervisor::record::ServiceState;
+
+use super::{ready::wait_ready, RunError, Supervisor};
+
+impl Supervisor {
+    pub(super) fn cold_start(&mut self) -> Result<Running, RunError> {
+        // Watch before the service reads its files, so a change while it
+        // starts is not missed.
+        self.start_watch(false);
+        self.set_state(ServiceState::Starting);
+        self.systemd.status("cold start");
+        let service = self.manifest.name.clone();
+        let prober = Prober::new(&self.manifest.ready.probe, &self.notify_socket());
+        let mut prober = prober.map_err(|source| RunError::NotifySocket {
+            service: service.clone(),
+            path: self.notify_socket(),
+            source,
+        })?;
+        let notify = prober.is_notify().then(|| self.notify_socket());
+        let env = service_env(&self.manifest, notify.as_deref());
+        let mut output = Output::new().map_err(|source| RunError::Pipes {
+            service: service.clone(),
+            source,
+        })?;
+        let pid = init::spawn(&InitSpec {
+            init: &self.exe,
+            service: &service,
+            home: &self.run_dir,
+            argv: &self.manifest.exec,
+            env: &env,
+            workdir: self.manifest.workdir.as_deref(),
+            stdout: output.stdout.write_fd(),
+            stderr: output.stderr.write_fd(),
+        })
+        .map_err(|source| RunError::Spawn {
+            service: service.clone(),
+            source,
+        })?;
+        output.close_write();
+        let mut running = Running::new(pid, output, StartKind::Cold);
+        self.record.service_pid = Some(pid.as_raw());
+        self.set_state(ServiceState::Starting);
+        tracing::info!("cold start: pid {pid}");
+        let err = match self.wait_ready(&mut running, &mut prober) {
+            Readiness::Ready | Readiness::Stopped => return Ok(running),
+            Readiness::Exited(code) | Readiness::ExitedAfterSignal(code) => {
+                running.finish();
+                self.record.exit_code = Some(code);
+                if self.foreign.is_none() {
+                    // Often the reason (EADDRINUSE): say who holds the port.
+                    self.foreign = self.port_holder();
+                }
+                RunError::ExitedBeforeReady {
+                    service,
+                    code,
+                    why: self
+                        .foreign
+                        .clone()
+                        .map(|f| format!(" ({f})"))
+                        .unwrap_or_default(),
+                }
+            }
+            Readiness::TimedOut(timeout) => {
+                running.stop(self.manifest.stop_timeout, &self.signals);
+                running.finish();
+                RunError::NotReady {
+                    service,
+                    timeout,
+                    why: self
+                        .foreign
+                        .clone()
+                        .map(|f| format!(" ({f})"))
+                        .unwrap_or_default(),
+                }
+            }
+        };
+        self.record.message = Some(chain(&err));
+        self.set_state(ServiceState::Failed);
+        Err(err)
+    }
+
+    /// Who else holds the probed local port, if someone does.
+    pub(super) fn port_holder(&self) -> Option<String> {
+        let port = match &self.manifest.ready.probe {
+            Probe::Http(u) if crate::process::ports::is_local(&u.host) => u.port,
+            Probe::Tcp(a) => a
+                .rsplit_once(':')
+                .filter(|(h, _)| crate::process::ports::is_local(h))
+                .and_then(|(_, p)| p.parse().ok())?,
+            _ => return None,
+        };
+        match crate::process::ports::holder(port, nix::unistd::Pid::from_raw(i32::MAX - 1)) {
+            crate::process::ports::Holder::Other(who) => {
+                Some(format!("port {port} is held by {who}"))
+            }
+            _ => None,
+        }
+    }
+
+    /// Polls the probe until ready, exit, stop request or timeout, watching
+    /// the digest inputs meanwhile.
+    pub(super) fn wait_ready(&mut self, running: &mut Running, prober: &mut Prober) -> Readiness {
+        let (timeout, systemd) = (self.manifest.ready.timeout, self.systemd);
+        let watch = self.watch.clone();
+        let mut changed = None;
+        let mut foreign = self.foreign.take();
+        let r = wait_ready(
+            running,
+            prober,
+            timeout,
+            &self.signals,
+            systemd,
+            &mut || {
+                if changed.is_none() {
+                    changed = watch
+                        .lock()
+                        .expect("watch slot")
+                        .as_ref()
+                        .and_then(InputWatch::changed);
+                }
+            },
+            Some(&mut foreign),
+        );
+        self.foreign = foreign;
+        if changed.is_some() {
+            self.check_inputs();
+        }
+        r
+    }
+}

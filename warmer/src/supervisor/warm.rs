@@ -1,0 +1,343 @@
+//! The warm start: plan, pull on a miss, restore (see [`crate::restore`] for
+//! the steps), and the background push of a restored local image.
+
+use std::time::{Duration, Instant};
+
+use cache::Cache;
+use nix::sys::signal::Signal;
+
+use crate::checkpoint::short;
+use crate::errors::chain;
+use crate::manifest::{Mode, Probe};
+use crate::process::probe::{Prober, Readiness};
+use crate::process::service::Running;
+use crate::restore::{self, Restore, Skip};
+use crate::supervisor::record::ServiceState;
+
+use super::backoff::{Failures, Kind};
+use super::{ready::wait_ready, Supervisor};
+use crate::image::RETIRED;
+
+impl Supervisor {
+    /// Restores from the cache if there is a usable image (see
+    /// [`crate::restore`] for the steps). Every failure is undone and
+    /// recorded, the image quarantined, and `None` returned: cold start next.
+    /// `Some(Err(status))`: the restored service was ended by a signal the
+    /// operator sent meanwhile (not the image's fault: kept).
+    pub(super) fn try_restore(&mut self) -> Option<Result<Running, i32>> {
+        let (criu, cache, digest) = match (&self.criu, &self.cache, &self.digest) {
+            (Some(c), Some(k), Some(d)) => (c.clone(), k.clone(), d.hex.clone()),
+            _ => return None,
+        };
+        // Held until the restore is done: gc and rm wait for it.
+        let lock = match cache.lock_service(&self.manifest.name, true) {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!("cannot lock the cache, cold start: {}", chain(&e));
+                return None;
+            }
+        };
+        let mut planned = restore::plan(&cache, &digest, &self.manifest, &self.run_dir);
+        if matches!(planned, Ok(Err(Skip::NoImage))) && self.pull_missing(&cache, &digest) {
+            planned = restore::plan(&cache, &digest, &self.manifest, &self.run_dir);
+        }
+        self.marks[2] = self.started.elapsed();
+        let plan = match planned {
+            Ok(Ok(plan)) => plan,
+            Ok(Err(skip @ Skip::StateChanged { .. })) => {
+                // The image is older than the data: never restored again.
+                // (Warm mode then takes a fresh one when the service is ready.)
+                if let Skip::StateChanged { key, why } = &skip {
+                    let reason = format!("state changed since checkpoint: {why}");
+                    if let Err(e) = cache.mark_stale(key, &reason) {
+                        tracing::warn!("cannot mark image {} stale: {}", short(key), chain(&e));
+                    }
+                }
+                tracing::info!(phase = "plan", "cold start: {skip}");
+                self.record.message = Some(format!("cold start: {skip}"));
+                return None;
+            }
+            Ok(Err(skip @ Skip::ColdIsFaster(_))) => {
+                tracing::info!(phase = "plan", "cold start: {skip}");
+                self.record.message = Some(format!("cold start: {skip}"));
+                return None;
+            }
+            Ok(Err(skip @ Skip::NotStopImage { .. })) => {
+                tracing::info!(phase = "plan", "cold start: {skip}");
+                return None;
+            }
+            Ok(Err(Skip::NoImage)) => {
+                tracing::info!(
+                    phase = "plan",
+                    "no image for digest {}: cold start",
+                    short(&digest)
+                );
+                return None;
+            }
+            Ok(Err(Skip::Stale(why))) => {
+                tracing::info!(
+                    phase = "plan",
+                    "image {} is stale ({why}): cold start",
+                    short(&digest)
+                );
+                return None;
+            }
+            Err(failure) => {
+                let failure = Restore {
+                    criu: &criu,
+                    cache: &cache,
+                    run_dir: &self.run_dir,
+                    signals: &self.signals,
+                }
+                .undo(failure.entry_key(), failure, None, None);
+                self.record.message = Some(format!("restore failed: {}", chain(&failure)));
+                return None;
+            }
+        };
+        self.set_state(ServiceState::Restoring);
+        self.systemd
+            .status(&format!("restoring {}", short(&digest)));
+        tracing::info!(
+            phase = "restore",
+            lazy = plan.choice.lazy,
+            "restoring from image {}: {}",
+            short(&digest),
+            plan.choice
+        );
+        self.record.restore_choice = Some(plan.choice.clone());
+        let restore = Restore {
+            criu: &criu,
+            cache: &cache,
+            run_dir: &self.run_dir,
+            signals: &self.signals,
+        };
+        let notify_probe = matches!(self.manifest.ready.probe, Probe::Notify);
+        let prober = if notify_probe {
+            None
+        } else {
+            Prober::new(&self.manifest.ready.probe, &self.notify_socket()).ok()
+        };
+        let mut prober = prober;
+        let (timeout, signals, systemd) =
+            (self.manifest.ready.timeout, &self.signals, self.systemd);
+        let mut probe = |running: &mut Running| -> Readiness {
+            // A notify-probed service said READY=1 before its checkpoint;
+            // the restored one is past that point.
+            if notify_probe {
+                return match running.poll_exit() {
+                    Some(code) => Readiness::Exited(code),
+                    None => Readiness::Ready,
+                };
+            }
+            match prober.as_mut() {
+                Some(p) => wait_ready(running, p, timeout, signals, systemd, &mut || {}, None),
+                None => Readiness::TimedOut(Duration::ZERO),
+            }
+        };
+        let result = restore.run(&plan, &mut probe);
+        drop(lock);
+        match result {
+            Ok(restored) => {
+                if self.manifest.mode == Mode::Persist {
+                    // Used once: from now on the service's memory and data
+                    // move on, so after a crash this image would roll them back.
+                    let why = RETIRED;
+                    if let Err(e) = cache.mark_stale(&restored.entry.key, why) {
+                        tracing::error!(
+                            "cannot retire the persist image {}; stopping the service rather than risking a rollback later: {}",
+                            short(&restored.entry.key),
+                            chain(&e)
+                        );
+                        let mut r = restored.running;
+                        r.kill(&self.signals);
+                        r.finish();
+                        return None;
+                    }
+                }
+                self.record.image = Some(restored.entry.key.clone());
+                self.image_taken = true;
+                if restored.entry.meta.origin.is_none() && self.manifest.mode == Mode::Warm {
+                    self.push_in_background(&restored.entry.key, true);
+                }
+                self.timings = Some(restored.timings.clone());
+                // What the image's cold start took, for the ready message and status.
+                self.record.cold_ready_ms = restored.entry.meta.cold_start_ms;
+                Some(Ok(restored.running))
+            }
+            Err(restore::Failure::Stopped) => {
+                // Asked to stop while CRIU ran: nothing runs; end the run.
+                Some(Err(128
+                    + self.signals.stop_signal().unwrap_or(Signal::SIGTERM)
+                        as i32))
+            }
+            Err(restore::Failure::EndedBySignal(code)) => {
+                tracing::info!("the restored service exited with status {code} after a signal warmer passed on; the image is kept");
+                Some(Err(code))
+            }
+            Err(failure) => {
+                self.record.message = Some(format!("restore failed: {}", chain(&failure)));
+                if plan.choice.lazy {
+                    // Auto does not try lazy again for this image this boot.
+                    crate::restore::choose::History::record_lazy_failure(
+                        &self.run_dir,
+                        &digest,
+                        &chain(&failure),
+                    );
+                }
+                // Learn from it: the same state is not checkpointed and
+                // failed again forever (see `backoff`); a damaged file says
+                // nothing about the state.
+                if super::policy::counts_against_state(&failure) {
+                    let restores = Failures::load_kind(&self.run_dir, Kind::Restore);
+                    if let Err(e) = restores.record(&self.run_dir, &digest, &chain(&failure)) {
+                        tracing::warn!("cannot record the failed restore: {e}");
+                    }
+                }
+                None
+            }
+        }
+    }
+
+    /// The cache has no image of `digest`: fetch it from the service's
+    /// registry, if it has one, within `remote.timeout` (a registry that is
+    /// down or slow costs a start no more). Returns whether an image came.
+    pub(super) fn pull_missing(&mut self, cache: &Cache, digest: &str) -> bool {
+        let Some(remote) = &self.manifest.remote else {
+            return false;
+        };
+        if self.manifest.mode != Mode::Warm {
+            return false;
+        }
+        self.systemd.status("pulling the image");
+        let t = Instant::now();
+        let result = crate::remote::pull(
+            cache,
+            &self.manifest,
+            digest,
+            &self.host.as_map(),
+            Some(remote.timeout),
+            &mut |p| tracing::info!(phase = "pull", "{p}"),
+        );
+        match result {
+            Ok(p) => {
+                self.pulled_ms = p.ms;
+                tracing::info!(
+                    phase = "pull",
+                    pull_ms = p.ms,
+                    "pulled image {} from {}: {} MB fetched in {} ms",
+                    short(&p.key),
+                    remote.repository,
+                    p.fetched_bytes / 1_000_000,
+                    p.ms
+                );
+                true
+            }
+            Err(e) => {
+                let why = chain(&e);
+                tracing::info!(
+                    phase = "pull",
+                    "no image from {} ({} ms): {why}",
+                    remote.repository,
+                    t.elapsed().as_millis()
+                );
+                self.record.message = Some(format!("cold start: pull failed: {why}"));
+                false
+            }
+        }
+    }
+
+    /// Where this restore's time went, from spawn (when known) to ready.
+    pub(super) fn breakdown(&self, t: &restore::Timings) -> Vec<(String, f64)> {
+        let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+        let total = ms(self.started.elapsed());
+        let mut out = Vec::new();
+        if let Some(us) = self.record.ready_from_spawn_us {
+            #[allow(clippy::cast_precision_loss)]
+            let from_spawn = us as f64 / 1000.0;
+            out.push((
+                "exec and start-up".to_string(),
+                (from_spawn - total).max(0.0),
+            ));
+        }
+        let [setup, digest, planned] = self.marks;
+        let pull = Duration::from_millis(self.pulled_ms);
+        out.push(("set-up (manifest, cache, CRIU)".into(), ms(setup)));
+        out.push(("digest".into(), ms(digest.saturating_sub(setup))));
+        out.push((
+            "plan (lock, image shape, state, mode)".into(),
+            ms(planned.saturating_sub(digest).saturating_sub(pull)),
+        ));
+        if self.pulled_ms > 0 {
+            out.push(("pull".into(), ms(pull)));
+        }
+        out.extend(t.phases());
+        let counted: f64 = out
+            .iter()
+            .skip(usize::from(self.record.ready_from_spawn_us.is_some()))
+            .map(|(_, v)| v)
+            .sum();
+        out.push(("other".into(), (total - counted).max(0.0)));
+        out
+    }
+
+    pub(super) fn pull_note(&self) -> String {
+        if self.pulled_ms > 0 {
+            format!(", of which {} ms pulling the image", self.pulled_ms)
+        } else {
+            String::new()
+        }
+    }
+
+    /// Uploads an image to the service's registry (`remote.push`) on a
+    /// thread of its own: never delays the service; a failure is logged.
+    /// `if_missing`: only if the registry has no image of its digest yet (a
+    /// start that restored a local image: its first push may have been cut
+    /// short by a stop).
+    pub(super) fn push_in_background(&self, key: &str, if_missing: bool) {
+        let Some(remote) = self.manifest.remote.as_ref().filter(|r| r.push) else {
+            return;
+        };
+        let Some(cache) = self.cache.clone() else {
+            return;
+        };
+        let manifest = self.manifest.clone();
+        let key = key.to_string();
+        let repository = remote.repository.clone();
+        let spawned = std::thread::Builder::new()
+            .name("push".into())
+            .spawn(move || {
+                let entry = match cache.lookup_key(&key) {
+                    Ok(Some(e)) => e,
+                    _ => return,
+                };
+                let mut progress = |p: &str| tracing::debug!(phase = "push", "{p}");
+                let pushed = if if_missing {
+                    crate::remote::push_if_missing(&cache, &manifest, &entry, &mut progress)
+                } else {
+                    crate::remote::push(&cache, &manifest, &entry, &mut progress).map(Some)
+                };
+                match pushed {
+                    Ok(None) => tracing::debug!(phase = "push", "the registry has image {}", short(&key)),
+                    Ok(Some(p)) => tracing::info!(
+                        phase = "push",
+                        push_ms = p.ms,
+                        "pushed image {} to {repository}: {} MB sent ({} of {} blobs already there) in {} ms",
+                        short(&key),
+                        p.sent_bytes / 1_000_000,
+                        p.blobs_present,
+                        p.blobs,
+                        p.ms
+                    ),
+                    Err(e) => tracing::warn!(
+                        phase = "push",
+                        "cannot push image {} to {repository}: {}",
+                        short(&key),
+                        chain(&e)
+                    ),
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::warn!("cannot start the push: {e}");
+        }
+    }
+}
