@@ -9,7 +9,7 @@
 //!
 //! ```text
 //! <root>/                         0700 root
-//!   VERSION                       "warmer-cache 1\n"
+//!   VERSION                       "warmer-cache 2\n"
 //!   tmp/                          staging; anything here at open() is a crash leftover
 //!     stage-<pid>-<nanos>/
 //!       data/ ...                 payload being written
@@ -56,15 +56,19 @@ mod error;
 pub mod fsutil;
 mod gc;
 mod lock;
+mod marks;
 mod meta;
+mod select;
 mod stamp;
 mod store;
+mod verify;
 
 pub use checksum::{hash_file, hash_file_with, Cores, FileSum, HASH_ALGORITHM};
 pub use error::{Error, Problem};
 pub use gc::{GcPolicy, GcReport, Removed};
 pub use lock::ServiceLock;
 pub use meta::{Meta, NewEntry, FORMAT_VERSION};
+pub use select::{SelectError, Target, MIN_PREFIX};
 pub use store::{make_key, split_key, Cache, Entry, Listed, Staging, Verification};
 
 /// Crash-injection points for tests (`failpoints` feature): when the

@@ -1,30 +1,28 @@
-use std::collections::BTreeSet;
-use std::fs::{self, DirBuilder, File, OpenOptions};
+use std::fs::{self, DirBuilder, File};
 use std::io;
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use crate::checksum::{hash_file, hash_file_with, Cores, FileSum, HASH_ALGORITHM};
+use crate::checksum::{hash_file, FileSum, HASH_ALGORITHM};
 use crate::error::{Error, Problem};
 use crate::fsutil::{self, Durability};
 use crate::lock::ServiceLock;
 use crate::meta::{Meta, NewEntry, FORMAT_VERSION};
-use crate::stamp::{self, Stamp};
 
-const LAYOUT: &str = "warmer-cache 2";
+pub(crate) const LAYOUT: &str = "warmer-cache 2";
 /// Layout 1 named entries by digest alone (one generation per digest).
-const LAYOUT_1: &str = "warmer-cache 1";
-const META: &str = "meta.json";
-const DATA: &str = "data";
+pub(crate) const LAYOUT_1: &str = "warmer-cache 1";
+pub(crate) const META: &str = "meta.json";
+pub(crate) const DATA: &str = "data";
 /// Quarantined entries kept for inspection; older ones are deleted.
-const QUARANTINE_KEEP: usize = 8;
+pub(crate) const QUARANTINE_KEEP: usize = 8;
 
 /// A cache rooted at a directory. Cheap to clone; holds no open files.
 #[derive(Debug, Clone)]
 pub struct Cache {
-    root: PathBuf,
-    uid: u32,
+    pub(crate) root: PathBuf,
+    pub(crate) uid: u32,
 }
 
 /// A published entry: its directory and its metadata.
@@ -62,8 +60,8 @@ pub type Listed = Result<Entry, (String, Problem)>;
 /// An entry being written. Removed on drop unless published.
 #[derive(Debug)]
 pub struct Staging {
-    dir: PathBuf,
-    published: bool,
+    pub(crate) dir: PathBuf,
+    pub(crate) published: bool,
 }
 
 impl Staging {
@@ -81,7 +79,7 @@ impl Drop for Staging {
     }
 }
 
-fn mkdir_private(path: &Path) -> Result<(), Error> {
+pub(crate) fn mkdir_private(path: &Path) -> Result<(), Error> {
     match DirBuilder::new().mode(0o700).create(path) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
@@ -89,18 +87,18 @@ fn mkdir_private(path: &Path) -> Result<(), Error> {
     }
 }
 
-fn fsync_dir(path: &Path) -> Result<(), Error> {
+pub(crate) fn fsync_dir(path: &Path) -> Result<(), Error> {
     fsutil::fsync_dir(path).map_err(Error::io(path))
 }
 
-fn now_unix() -> u64 {
+pub(crate) fn now_unix() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
 }
 
-fn valid_digest(digest: &str) -> Result<(), Error> {
+pub(crate) fn valid_digest(digest: &str) -> Result<(), Error> {
     let ok = (16..=128).contains(&digest.len())
         && digest
             .bytes()
@@ -125,7 +123,7 @@ pub fn split_key(key: &str) -> Result<(&str, u64), Error> {
     Ok((digest, gen))
 }
 
-fn valid_key(key: &str) -> Result<(), Error> {
+pub(crate) fn valid_key(key: &str) -> Result<(), Error> {
     split_key(key).map(|_| ())
 }
 
@@ -245,7 +243,7 @@ impl Cache {
 
     /// Layout 1 -> 2: every entry becomes generation 1 of its digest.
     /// Renames only, under a lock; safe to repeat after a crash midway.
-    fn migrate_from_1(&self) -> Result<(), Error> {
+    pub(crate) fn migrate_from_1(&self) -> Result<(), Error> {
         let _lock = ServiceLock::acquire(&self.root.join("locks/.layout"), ".layout", true)?;
         if fs::read_to_string(self.root.join("VERSION")).is_ok_and(|v| v.trim() == LAYOUT) {
             return Ok(()); // another opener migrated it meanwhile
@@ -270,7 +268,7 @@ impl Cache {
         write_atomic(&self.root, "VERSION", format!("{LAYOUT}\n").as_bytes())
     }
 
-    fn entries_dir(&self) -> PathBuf {
+    pub(crate) fn entries_dir(&self) -> PathBuf {
         self.root.join("entries")
     }
 
@@ -281,7 +279,7 @@ impl Cache {
 
     /// Removes `tmp/stage-<pid>-*` directories whose process is gone: a crash
     /// between staging and rename leaves them, never a partial entry.
-    fn clean_staging(&self) -> Result<(), Error> {
+    pub(crate) fn clean_staging(&self) -> Result<(), Error> {
         let tmp = self.root.join("tmp");
         for dent in fs::read_dir(&tmp).map_err(Error::io(&tmp))? {
             let dent = dent.map_err(Error::io(&tmp))?;
@@ -405,23 +403,11 @@ impl Cache {
         Ok(entry)
     }
 
-    fn stamp_path(&self, key: &str) -> PathBuf {
-        self.root.join("verified").join(key)
-    }
-
-    fn stale_path(&self, key: &str) -> PathBuf {
-        self.root.join("stale").join(key)
-    }
-
-    fn pin_path(&self, digest: &str) -> PathBuf {
-        self.root.join("pins").join(digest)
-    }
-
     /// The next generation number of `service`: one more than any it ever
     /// had (remembered in `generations/<service>`, so a number is never
     /// reused after its entry was quarantined or removed). The caller holds
     /// the service lock.
-    fn next_generation(&self, service: &str) -> Result<u64, Error> {
+    pub(crate) fn next_generation(&self, service: &str) -> Result<u64, Error> {
         let dir = self.root.join("generations");
         let counted = fs::read_to_string(dir.join(service))
             .ok()
@@ -440,171 +426,8 @@ impl Cache {
         Ok(next)
     }
 
-    /// Makes `key` the generation its digest's next lookup returns (a
-    /// rollback), until a newer generation is published or [`Cache::unpin`].
-    pub fn pin(&self, key: &str) -> Result<(), Error> {
-        let (digest, _) = split_key(key)?;
-        if self.lookup_key(key)?.is_none() {
-            return Err(Error::io(self.entry_dir(key))(io::Error::from(
-                io::ErrorKind::NotFound,
-            )));
-        }
-        write_atomic(&self.root.join("pins"), digest, key.as_bytes())
-    }
-
-    /// Lifts a rollback pin: the digest's newest generation is current again.
-    pub fn unpin(&self, digest: &str) -> Result<(), Error> {
-        valid_digest(digest)?;
-        match fs::remove_file(self.pin_path(digest)) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => {
-                Err(Error::io(self.pin_path(digest))(e))
-            }
-            _ => Ok(()),
-        }
-    }
-
-    /// The key a rollback pinned for `digest`, if any.
-    pub fn pinned(&self, digest: &str) -> Option<String> {
-        fs::read_to_string(self.pin_path(digest))
-            .ok()
-            .map(|k| k.trim().to_string())
-            .filter(|k| split_key(k).is_ok_and(|(d, _)| d == digest))
-    }
-
-    fn write_stamp(&self, entry: &Entry) -> Result<(), Error> {
-        let files: Vec<String> = entry.meta.files.iter().map(|f| f.path.clone()).collect();
-        let Some(ids) = stamp::current(&entry.dir, &files) else {
-            return Ok(());
-        };
-        let stamp = Stamp {
-            boot_id: stamp::boot_id(),
-            files: ids,
-        };
-        let json = serde_json::to_vec(&stamp).expect("stamp serializes");
-        write_atomic(&self.root.join("verified"), &entry.key, &json)
-    }
-
-    /// The entry's shape, without reading any content: its directories are
-    /// private and ours, its payload holds exactly the recorded files, each
-    /// a regular file (no symlink, fifo or device) of the recorded size.
-    /// Cheap (a readdir and an lstat per file); checked before anything of an
-    /// entry is used, stamp or not.
-    pub fn check_shape(&self, entry: &Entry) -> Result<(), Problem> {
-        let dir_md = fs::symlink_metadata(&entry.dir).map_err(|e| Problem::Unreadable {
-            path: ".".into(),
-            error: e.to_string(),
-        })?;
-        self.check_private(&dir_md, ".")?;
-        let data = entry.data_dir();
-        let mut found = BTreeSet::new();
-        self.list_tree(&data, &data, &mut found)?;
-        let recorded: BTreeSet<&str> = entry.meta.files.iter().map(|f| f.path.as_str()).collect();
-        if let Some(extra) = found.iter().find(|f| !recorded.contains(f.as_str())) {
-            return Err(Problem::Unexpected {
-                path: extra.clone(),
-            });
-        }
-        for sum in &entry.meta.files {
-            let md = match fs::symlink_metadata(data.join(&sum.path)) {
-                Ok(md) => md,
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                    return Err(Problem::Missing {
-                        path: sum.path.clone(),
-                    })
-                }
-                Err(e) => {
-                    return Err(Problem::Unreadable {
-                        path: sum.path.clone(),
-                        error: e.to_string(),
-                    })
-                }
-            };
-            if !md.is_file() {
-                return Err(Problem::NotRegular {
-                    path: sum.path.clone(),
-                });
-            }
-            self.check_private(&md, &sum.path)?;
-            if md.len() != sum.size {
-                return Err(Problem::Size {
-                    path: sum.path.clone(),
-                    expected: sum.size,
-                    found: md.len(),
-                });
-            }
-        }
-        Ok(())
-    }
-
-    /// Whether a stamp from this boot matches every file of `entry` as it is
-    /// now (and the entry has its recorded shape: see [`Cache::check_shape`]).
-    pub fn stamp_valid(&self, entry: &Entry) -> bool {
-        if self.check_shape(entry).is_err() {
-            return false;
-        }
-        let Ok(bytes) = fs::read(self.stamp_path(&entry.key)) else {
-            return false;
-        };
-        let Ok(stamp) = serde_json::from_slice::<Stamp>(&bytes) else {
-            return false;
-        };
-        let files: Vec<String> = entry.meta.files.iter().map(|f| f.path.clone()).collect();
-        let boot = stamp::boot_id();
-        let dirs_private = [entry.dir.clone(), entry.data_dir()]
-            .iter()
-            .all(|d| fs::symlink_metadata(d).is_ok_and(|md| self.check_private(&md, ".").is_ok()));
-        !boot.is_empty()
-            && stamp.boot_id == boot
-            && dirs_private
-            && stamp::current(&entry.dir, &files).is_some_and(|now| now == stamp.files)
-    }
-
-    /// Makes sure `entry` is intact before it is used: free when a stamp from
-    /// this boot still matches every file, a full [`Cache::verify`] otherwise.
-    pub fn ensure_verified(
-        &self,
-        entry: &Entry,
-        progress: &mut dyn FnMut(u64, u64),
-    ) -> Result<Verification, Problem> {
-        if self.stamp_valid(entry) {
-            return Ok(Verification::Stamped);
-        }
-        self.verify(entry, progress)?;
-        Ok(Verification::Hashed)
-    }
-
-    /// Marks an entry stale: it is never restored again, and `gc` removes it
-    /// first. Used when a digest input changes under a running service.
-    pub fn mark_stale(&self, key: &str, reason: &str) -> Result<(), Error> {
-        valid_key(key)?;
-        write_atomic(
-            &self.root.join("stale"),
-            key,
-            format!("{reason}\n").as_bytes(),
-        )
-    }
-
-    /// Lifts a stale mark (an explicit rollback to this entry).
-    pub fn clear_stale(&self, key: &str) -> Result<(), Error> {
-        valid_key(key)?;
-        match fs::remove_file(self.stale_path(key)) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => {
-                Err(Error::io(self.stale_path(key))(e))
-            }
-            _ => Ok(()),
-        }
-    }
-
-    /// Marks every generation of `digest` stale (its inputs changed).
-    pub fn mark_digest_stale(&self, digest: &str, reason: &str) -> Result<(), Error> {
-        for key in self.keys_of(digest)? {
-            self.mark_stale(&key, reason)?;
-        }
-        Ok(())
-    }
-
     /// The names of every generation of `digest`, oldest first.
-    fn keys_of(&self, digest: &str) -> Result<Vec<String>, Error> {
+    pub(crate) fn keys_of(&self, digest: &str) -> Result<Vec<String>, Error> {
         valid_digest(digest)?;
         let dir = self.entries_dir();
         let mut keys: Vec<(u64, String)> = Vec::new();
@@ -646,7 +469,7 @@ impl Cache {
         }
     }
 
-    fn read_entry(&self, key: &str) -> Result<Entry, Error> {
+    pub(crate) fn read_entry(&self, key: &str) -> Result<Entry, Error> {
         let dir = self.entry_dir(key);
         let damaged = |problem| Error::Damaged {
             key: key.to_string(),
@@ -690,259 +513,6 @@ impl Cache {
         })
     }
 
-    fn check_private(&self, md: &fs::Metadata, rel: &str) -> Result<(), Problem> {
-        if !md.is_file() && !md.is_dir() {
-            return Err(Problem::NotRegular {
-                path: rel.to_string(),
-            });
-        }
-        if md.uid() != self.uid {
-            return Err(Problem::Owner {
-                path: rel.to_string(),
-                uid: md.uid(),
-                expected: self.uid,
-            });
-        }
-        if md.mode() & 0o077 != 0 {
-            return Err(Problem::Mode {
-                path: rel.to_string(),
-                mode: md.mode() & 0o7777,
-            });
-        }
-        Ok(())
-    }
-
-    /// Checks an entry completely: ownership and modes, no missing or extra
-    /// files, sizes, and the checksum of every file. `progress` is called with
-    /// the bytes hashed so far.
-    pub fn verify(&self, entry: &Entry, progress: &mut dyn FnMut(u64, u64)) -> Result<(), Problem> {
-        self.verify_with(entry, Cores::All, progress)
-    }
-
-    /// [`Cache::verify`] with a choice of cores.
-    pub fn verify_with(
-        &self,
-        entry: &Entry,
-        cores: Cores,
-        progress: &mut dyn FnMut(u64, u64),
-    ) -> Result<(), Problem> {
-        let dir_md = fs::symlink_metadata(&entry.dir).map_err(|e| Problem::Unreadable {
-            path: ".".into(),
-            error: e.to_string(),
-        })?;
-        self.check_private(&dir_md, ".")?;
-        let data = entry.data_dir();
-        let mut found = BTreeSet::new();
-        self.list_tree(&data, &data, &mut found)?;
-        let recorded: BTreeSet<String> = entry.meta.files.iter().map(|f| f.path.clone()).collect();
-        if let Some(extra) = found.difference(&recorded).next() {
-            return Err(Problem::Unexpected {
-                path: extra.clone(),
-            });
-        }
-        let total = entry.meta.bytes;
-        let mut done = 0u64;
-        for sum in &entry.meta.files {
-            let path = data.join(&sum.path);
-            let mut file = match OpenOptions::new()
-                .read(true)
-                .custom_flags(libc::O_NOFOLLOW)
-                .open(&path)
-            {
-                Ok(f) => f,
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                    return Err(Problem::Missing {
-                        path: sum.path.clone(),
-                    })
-                }
-                Err(e) => {
-                    return Err(Problem::Unreadable {
-                        path: sum.path.clone(),
-                        error: e.to_string(),
-                    })
-                }
-            };
-            let unreadable = |e: io::Error| Problem::Unreadable {
-                path: sum.path.clone(),
-                error: e.to_string(),
-            };
-            let md = file.metadata().map_err(unreadable)?;
-            if !md.is_file() {
-                return Err(Problem::NotRegular {
-                    path: sum.path.clone(),
-                });
-            }
-            self.check_private(&md, &sum.path)?;
-            if md.len() != sum.size {
-                return Err(Problem::Size {
-                    path: sum.path.clone(),
-                    expected: sum.size,
-                    found: md.len(),
-                });
-            }
-            let (hex, n) = hash_file_with(&mut file, cores).map_err(unreadable)?;
-            if n != sum.size || hex != sum.blake3 {
-                return Err(Problem::Checksum {
-                    path: sum.path.clone(),
-                });
-            }
-            done += n;
-            progress(done, total);
-        }
-        // Best effort: without a stamp the next use hashes again.
-        let _ = self.write_stamp(entry);
-        Ok(())
-    }
-
-    /// Every file under `dir`, as paths relative to `base`; directories are
-    /// checked for ownership and mode on the way.
-    fn list_tree(
-        &self,
-        base: &Path,
-        dir: &Path,
-        out: &mut BTreeSet<String>,
-    ) -> Result<(), Problem> {
-        let rel = |p: &Path| relative(base, p);
-        let unreadable = |p: &Path, e: io::Error| Problem::Unreadable {
-            path: rel(p),
-            error: e.to_string(),
-        };
-        let md = fs::symlink_metadata(dir).map_err(|e| unreadable(dir, e))?;
-        self.check_private(&md, &rel(dir))?;
-        for dent in fs::read_dir(dir).map_err(|e| unreadable(dir, e))? {
-            let dent = dent.map_err(|e| unreadable(dir, e))?;
-            let path = dent.path();
-            let ft = dent.file_type().map_err(|e| unreadable(&path, e))?;
-            if ft.is_dir() {
-                self.list_tree(base, &path, out)?;
-            } else {
-                out.insert(rel(&path));
-            }
-        }
-        Ok(())
-    }
-
-    /// A private directory for the blobs of an entry being downloaded from
-    /// another tier (`name`: lowercase hex), kept across failures so a
-    /// download that broke off continues with what it has. Removed by
-    /// [`Cache::drop_incoming`] once the entry is published, by `gc` when old.
-    pub fn incoming(&self, name: &str) -> Result<PathBuf, Error> {
-        valid_digest(name)?;
-        let dir = self.root.join("incoming").join(name);
-        mkdir_private(&dir)?;
-        let md = fs::symlink_metadata(&dir).map_err(Error::io(&dir))?;
-        self.check_private(&md, "incoming")
-            .map_err(|problem| Error::Damaged {
-                key: format!("incoming/{name}"),
-                problem,
-            })?;
-        Ok(dir)
-    }
-
-    /// Removes a download directory (see [`Cache::incoming`]).
-    pub fn drop_incoming(&self, name: &str) -> Result<(), Error> {
-        valid_digest(name)?;
-        let dir = self.root.join("incoming").join(name);
-        match fs::remove_dir_all(&dir) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(Error::io(&dir)(e)),
-            _ => Ok(()),
-        }
-    }
-
-    /// Removes download directories untouched for longer than `age`.
-    pub(crate) fn prune_incoming(&self, age: Duration) -> Result<u64, Error> {
-        let dir = self.root.join("incoming");
-        let mut bytes = 0;
-        for dent in fs::read_dir(&dir).map_err(Error::io(&dir))? {
-            let path = dent.map_err(Error::io(&dir))?.path();
-            let old = fs::symlink_metadata(&path)
-                .and_then(|md| md.modified())
-                .ok()
-                .and_then(|m| m.elapsed().ok())
-                .is_some_and(|e| e > age);
-            if old {
-                bytes += fs::read_dir(&path)
-                    .into_iter()
-                    .flatten()
-                    .flatten()
-                    .filter_map(|d| d.metadata().ok())
-                    .map(|md| md.len())
-                    .sum::<u64>();
-                fs::remove_dir_all(&path).map_err(Error::io(&path))?;
-            }
-        }
-        Ok(bytes)
-    }
-
-    /// Moves an entry aside (never restored again, kept for inspection) and
-    /// records why. Returns where it went.
-    pub fn quarantine(&self, key: &str, reason: &str) -> Result<PathBuf, Error> {
-        valid_key(key)?;
-        let qdir = self.root.join("quarantine");
-        // Unique even for two quarantines of one key in the same second.
-        let nanos = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.subsec_nanos())
-            .unwrap_or(0);
-        let target = qdir.join(format!("{key}.{}.{nanos:09}", now_unix()));
-        let src = self.entry_dir(key);
-        fs::rename(&src, &target).map_err(Error::io(&src))?;
-        fsync_dir(&self.entries_dir())?;
-        self.forget(key);
-        // The reason is best effort: the entry is already out of reach.
-        let _ = write_atomic(&target, "REASON", format!("{reason}\n").as_bytes());
-        self.trim_quarantine()?;
-        Ok(target)
-    }
-
-    fn trim_quarantine(&self) -> Result<(), Error> {
-        let qdir = self.root.join("quarantine");
-        // <key>.<secs>.<nanos>: oldest first.
-        let mut items: Vec<((u64, u64), PathBuf)> = fs::read_dir(&qdir)
-            .map_err(Error::io(&qdir))?
-            .filter_map(|d| d.ok())
-            .map(|d| {
-                let name = d.file_name().to_string_lossy().into_owned();
-                let mut parts = name.rsplit('.');
-                let nanos = parts.next().and_then(|s| s.parse().ok()).unwrap_or(0);
-                let secs = parts.next().and_then(|s| s.parse().ok()).unwrap_or(0);
-                ((secs, nanos), d.path())
-            })
-            .collect();
-        items.sort();
-        while items.len() > QUARANTINE_KEEP {
-            let (_, path) = items.remove(0);
-            fs::remove_dir_all(&path).map_err(Error::io(&path))?;
-        }
-        Ok(())
-    }
-
-    /// Deletes an entry. Renamed out of `entries/` first, so a crash midway
-    /// never leaves a half-deleted entry where a reader could find it.
-    pub fn remove(&self, key: &str) -> Result<(), Error> {
-        valid_key(key)?;
-        let src = self.entry_dir(key);
-        let doomed = self
-            .root
-            .join("tmp")
-            .join(format!("stage-{}-rm-{key}", std::process::id()));
-        fs::rename(&src, &doomed).map_err(Error::io(&src))?;
-        fsync_dir(&self.entries_dir())?;
-        self.forget(key);
-        fs::remove_dir_all(&doomed).map_err(Error::io(&doomed))
-    }
-
-    /// Drops the stamp, stale marker and pin of an entry that is gone.
-    fn forget(&self, key: &str) {
-        let _ = fs::remove_file(self.stamp_path(key));
-        let _ = fs::remove_file(self.stale_path(key));
-        if let Ok((digest, _)) = split_key(key) {
-            if self.pinned(digest).as_deref() == Some(key) {
-                let _ = fs::remove_file(self.pin_path(digest));
-            }
-        }
-    }
-
     /// All published entries, newest first. Entries whose metadata cannot be
     /// read come back as `(digest, problem)`.
     pub fn list(&self) -> Result<Vec<Listed>, Error> {
@@ -966,33 +536,9 @@ impl Cache {
         });
         Ok(out)
     }
-
-    /// Keeps the newest `keep` entries of `service` (never removing `protect`,
-    /// an entry's key) and deletes the rest. Returns the keys removed.
-    pub fn prune_service(
-        &self,
-        service: &str,
-        keep: usize,
-        protect: Option<&str>,
-    ) -> Result<Vec<String>, Error> {
-        let mut removed = Vec::new();
-        let mut kept = 0usize;
-        for entry in self.list()?.into_iter().flatten() {
-            if entry.meta.service != service {
-                continue;
-            }
-            if kept < keep || Some(entry.key.as_str()) == protect {
-                kept += 1;
-                continue;
-            }
-            self.remove(&entry.key)?;
-            removed.push(entry.key);
-        }
-        Ok(removed)
-    }
 }
 
-fn relative(base: &Path, path: &Path) -> String {
+pub(crate) fn relative(base: &Path, path: &Path) -> String {
     let rel = path.strip_prefix(base).unwrap_or(path).to_string_lossy();
     if rel.is_empty() {
         ".".to_string()
@@ -1003,7 +549,7 @@ fn relative(base: &Path, path: &Path) -> String {
 
 /// Makes every staged file private and durable and records its checksum.
 /// The staged files are exactly the expected ones (paths, sizes, hashes).
-fn check_expected(expected: &[FileSum], found: &[FileSum]) -> Result<(), Problem> {
+pub(crate) fn check_expected(expected: &[FileSum], found: &[FileSum]) -> Result<(), Problem> {
     let mut want: Vec<&FileSum> = expected.iter().collect();
     want.sort_by(|a, b| a.path.cmp(&b.path));
     for f in found {
@@ -1039,7 +585,12 @@ fn check_expected(expected: &[FileSum], found: &[FileSum]) -> Result<(), Problem
     Ok(())
 }
 
-fn seal_tree(base: &Path, dir: &Path, out: &mut Vec<FileSum>, sync: bool) -> Result<(), Error> {
+pub(crate) fn seal_tree(
+    base: &Path,
+    dir: &Path,
+    out: &mut Vec<FileSum>,
+    sync: bool,
+) -> Result<(), Error> {
     fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(Error::io(dir))?;
     for dent in fs::read_dir(dir).map_err(Error::io(dir))? {
         let dent = dent.map_err(Error::io(dir))?;
@@ -1077,7 +628,7 @@ fn seal_tree(base: &Path, dir: &Path, out: &mut Vec<FileSum>, sync: bool) -> Res
 }
 
 /// Writes `dir/name` durably (see [`crate::fsutil::write_atomic`]).
-fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), Error> {
+pub(crate) fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), Error> {
     fsutil::write_atomic(dir, name, bytes, 0o600, Durability::Fsync)
         .map_err(Error::io(dir.join(name)))
 }

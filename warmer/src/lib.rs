@@ -35,6 +35,7 @@ pub fn failpoint(_name: &str) {
 }
 
 pub mod checkpoint;
+pub mod cli;
 pub mod commands;
 pub mod criu;
 pub mod digest;

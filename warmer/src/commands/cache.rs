@@ -16,10 +16,8 @@ use crate::manifest::Manifest;
 pub enum CacheCmdError {
     #[error(transparent)]
     Cache(#[from] cache::Error),
-    #[error("no cache entry matches {0:?} (a service name or a digest prefix of 6+ hex digits)")]
-    NoMatch(String),
-    #[error("{target:?} matches {count} entries; give more digits")]
-    Ambiguous { target: String, count: usize },
+    #[error(transparent)]
+    Select(#[from] cache::SelectError),
 }
 
 /// One entry, as `cache ls --json` prints it.
@@ -30,9 +28,13 @@ pub struct EntryRow {
     pub digest: String,
     /// The service's image generation (1, 2, ... in the order made).
     pub generation: u64,
-    /// The generation a start of the service restores now (its digest's
-    /// newest, or the one a rollback pinned).
+    /// The next start of the service restores this entry: the same answer
+    /// as `warmer status` gives (same planning step).
     pub next_restore: bool,
+    /// For the entry of the current digest that is not restored next: why
+    /// the next start is cold.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next_cold: Option<String>,
     pub service: String,
     pub bytes: u64,
     pub created: String,
@@ -76,6 +78,24 @@ pub type Listing = (Vec<EntryRow>, Vec<(String, Problem)>);
 pub fn ls(dirs: &Dirs) -> Result<Listing, CacheCmdError> {
     let cache = Cache::open(&dirs.cache)?;
     let current = current_digests(dirs);
+    // What each service's next start does, asked as `status` asks it.
+    let next: BTreeMap<&String, Option<crate::commands::status::NextStart>> = current
+        .iter()
+        .map(|(name, digest)| {
+            let manifest = Manifest::find(&dirs.manifests, name).ok();
+            let alive = crate::supervisor::record::RunRecord::read(&dirs.run, name)
+                .is_some_and(|r| r.state.is_running() && r.warmer_alive());
+            let run_dir = dirs.service_run(name);
+            let n = crate::commands::status::next_start(
+                manifest.as_ref(),
+                Ok(&cache),
+                Ok(digest),
+                alive,
+                Some(&run_dir),
+            );
+            (name, n)
+        })
+        .collect();
     let mut rows = Vec::new();
     let mut bad = Vec::new();
     for item in cache.list()? {
@@ -83,11 +103,17 @@ pub fn ls(dirs: &Dirs) -> Result<Listing, CacheCmdError> {
             Ok(e) => rows.push(EntryRow {
                 current: current.get(&e.meta.service) == Some(&e.meta.digest),
                 verified_this_boot: cache.stamp_valid(&e),
-                next_restore: cache
-                    .lookup(&e.meta.digest)
-                    .ok()
-                    .flatten()
-                    .is_some_and(|c| c.key == e.key),
+                next_restore: next
+                    .get(&e.meta.service)
+                    .and_then(Option::as_ref)
+                    .is_some_and(|n| n.image.as_deref() == Some(e.key.as_str())),
+                next_cold: next
+                    .get(&e.meta.service)
+                    .and_then(Option::as_ref)
+                    .filter(|n| {
+                        n.action == "cold" && current.get(&e.meta.service) == Some(&e.meta.digest)
+                    })
+                    .map(|n| n.detail.clone()),
                 key: e.key,
                 generation: e.meta.generation,
                 digest: e.meta.digest,
@@ -114,6 +140,8 @@ pub fn render_ls(rows: &[EntryRow], bad: &[(String, Problem)]) -> String {
         let mut flags = Vec::new();
         if r.current && r.next_restore && r.stale.is_none() {
             flags.push("current (next start restores it)".to_string());
+        } else if let Some(why) = r.next_cold.as_ref().filter(|_| r.current) {
+            flags.push(format!("current digest (next start is cold: {why})"));
         } else if r.current {
             flags.push("current digest".to_string());
         }
@@ -145,31 +173,11 @@ pub fn render_ls(rows: &[EntryRow], bad: &[(String, Problem)]) -> String {
 
 /// The entries `target` names: a service's entries, or the one entry whose
 /// digest starts with it. `None`: all entries.
+/// Every entry, or those `target` names ([`cache::Target`]).
 fn select(cache: &Cache, target: Option<&str>) -> Result<Vec<Entry>, CacheCmdError> {
-    let all: Vec<Entry> = cache.list()?.into_iter().flatten().collect();
-    let Some(t) = target else {
-        return Ok(all);
-    };
-    let by_service: Vec<Entry> = all
-        .iter()
-        .filter(|e| e.meta.service == t)
-        .cloned()
-        .collect();
-    if !by_service.is_empty() {
-        return Ok(by_service);
-    }
-    let is_hex = t.len() >= 6 && t.bytes().all(|b| b.is_ascii_hexdigit());
-    let by_digest: Vec<Entry> = all
-        .into_iter()
-        .filter(|e| is_hex && (e.key == t || e.key.starts_with(&t.to_ascii_lowercase())))
-        .collect();
-    match by_digest.len() {
-        0 => Err(CacheCmdError::NoMatch(t.to_string())),
-        1 => Ok(by_digest),
-        count => Err(CacheCmdError::Ambiguous {
-            target: t.to_string(),
-            count,
-        }),
+    match target {
+        None => Ok(cache.list()?.into_iter().flatten().collect()),
+        Some(t) => Ok(cache.select(t)?),
     }
 }
 

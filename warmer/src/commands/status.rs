@@ -53,28 +53,63 @@ pub struct NextStart {
     pub action: &'static str,
     /// Which image, or why cold.
     pub detail: String,
+    /// The cache key of the image it restores.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
 }
 
 impl NextStart {
-    fn restore(detail: String) -> Option<Self> {
+    fn restore(detail: String, image: Option<String>) -> Option<Self> {
         Some(Self {
             action: "restore",
             detail,
+            image,
         })
     }
     fn cold(detail: impl Into<String>) -> Option<Self> {
         Some(Self {
             action: "cold",
             detail: detail.into(),
+            image: None,
         })
     }
 }
 
-/// The prediction, from the same planning step a start runs.
-fn next_start(
+/// The cache as `status` and `cache ls` could open it, or why not.
+pub type CacheView = Result<cache::Cache, String>;
+
+/// Opens the cache for reading only (opening creates a missing one), or says
+/// why there is none to read.
+pub fn open_cache(dirs: &Dirs) -> CacheView {
+    if !dirs.cache.join("VERSION").exists() {
+        return Err(match std::fs::metadata(&dirs.cache) {
+            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => format!(
+                "cannot read the image cache {} as uid {} (run as root)",
+                dirs.cache.display(),
+                nix::unistd::geteuid()
+            ),
+            _ => format!(
+                "no image cache at {} yet (none was ever taken)",
+                dirs.cache.display()
+            ),
+        });
+    }
+    cache::Cache::open(&dirs.cache).map_err(|e| {
+        format!(
+            "cannot open the image cache {}: {}",
+            dirs.cache.display(),
+            crate::errors::chain(&e)
+        )
+    })
+}
+
+/// What the next start of the service does, from the same planning step a
+/// start runs (`status` and `cache ls` both ask this). `digest`: the digest
+/// a start would use, or why there is none.
+pub fn next_start(
     manifest: Option<&Manifest>,
-    cache: Option<&cache::Cache>,
-    digest: Option<&str>,
+    cache: Result<&cache::Cache, &str>,
+    digest: Result<&str, &str>,
     alive: bool,
     run_dir: Option<&Path>,
 ) -> Option<NextStart> {
@@ -82,25 +117,32 @@ fn next_start(
     if !m.checkpoint.enabled {
         return NextStart::cold("checkpoint.enabled is false");
     }
-    let (Some(cache), Some(digest)) = (cache, digest) else {
-        return NextStart::cold(
-            "no image cache or digest here (is CRIU installed? see `warmer check`)",
-        );
+    let cache = match cache {
+        Ok(c) => c,
+        Err(why) => return NextStart::cold(why),
+    };
+    let digest = match digest {
+        Ok(d) => d,
+        Err(why) => return NextStart::cold(why),
     };
     if m.mode == Mode::Persist && alive {
         return NextStart::restore(
             "the state at stop, once the stop-time checkpoint completes; after a crash or kill: cold, on the current data".into(),
+            None,
         );
     }
     let run_dir = run_dir?;
     match crate::restore::plan(cache, digest, m, run_dir) {
-        Ok(Ok(plan)) => NextStart::restore(format!(
-            "image {} (generation {}, taken {}), {}",
-            crate::checkpoint::short(&plan.entry.key),
-            plan.entry.meta.generation,
-            plan.entry.meta.created,
-            plan.choice
-        )),
+        Ok(Ok(plan)) => NextStart::restore(
+            format!(
+                "image {} (generation {}, taken {}), {}",
+                crate::checkpoint::short(&plan.entry.key),
+                plan.entry.meta.generation,
+                plan.entry.meta.created,
+                plan.choice
+            ),
+            Some(plan.entry.key.clone()),
+        ),
         Ok(Err(crate::restore::Skip::NoImage)) => {
             let restores = crate::supervisor::backoff::Failures::load_kind(
                 run_dir,
@@ -149,14 +191,9 @@ pub fn collect(dirs: &Dirs, only: Option<&str>) -> Vec<ServiceStatus> {
         Some(n) => vec![n.to_string()],
         None => known_services(dirs).into_iter().collect(),
     };
-    // Opening the cache would create it; status only reads.
-    let cache = dirs
-        .cache
-        .join("VERSION")
-        .exists()
-        .then(|| cache::Cache::open(&dirs.cache).ok())
-        .flatten();
-    let mut digester = Digester::open(dirs).ok();
+    let cache = open_cache(dirs);
+    let mut digester = Digester::open(dirs)
+        .map_err(|e| format!("no digest, so no image: {}", crate::errors::chain(&e)));
     names
         .into_iter()
         .map(|name| one(dirs, &name, cache.as_ref(), digester.as_mut()))
@@ -166,8 +203,8 @@ pub fn collect(dirs: &Dirs, only: Option<&str>) -> Vec<ServiceStatus> {
 fn one(
     dirs: &Dirs,
     name: &str,
-    cache: Option<&cache::Cache>,
-    digester: Option<&mut Digester>,
+    cache: Result<&cache::Cache, &String>,
+    digester: Result<&mut Digester, &mut String>,
 ) -> ServiceStatus {
     let record = RunRecord::read(&dirs.run, name);
     let alive = record.as_ref().is_some_and(|r| r.warmer_alive());
@@ -179,22 +216,28 @@ fn one(
     let manifest = Manifest::find(&dirs.manifests, name).ok();
     // A running service runs on the digest it started with; otherwise the
     // digest a start would use now (so a changed binary shows no image).
-    let digest = match &record {
-        Some(r) if alive => r.digest.clone(),
-        _ => manifest
-            .as_ref()
-            .zip(digester)
-            .and_then(|(m, d)| d.digest(m).ok())
-            .map(|d| d.hex),
+    let digest: Result<String, String> = match (&record, manifest.as_ref(), digester) {
+        (Some(r), _, _) if alive => r
+            .digest
+            .clone()
+            .ok_or_else(|| "the running service has no digest (see its log)".to_string()),
+        (_, None, _) => Err("no manifest".to_string()),
+        (_, Some(_), Err(why)) => Err(why.clone()),
+        (_, Some(m), Ok(d)) => d
+            .digest(m)
+            .map(|d| d.hex)
+            .map_err(|e| format!("no digest, so no image: {}", crate::errors::chain(&e))),
     };
     let service_run = dirs.service_run(name);
     let next = next_start(
         manifest.as_ref(),
-        cache,
-        digest.as_deref(),
+        cache.map_err(String::as_str),
+        digest.as_deref().map_err(String::as_str),
         alive,
         Some(service_run.as_path()),
     );
+    let cache = cache.ok();
+    let digest = digest.ok();
     let entry = cache
         .zip(digest.as_deref())
         .and_then(|(c, d)| c.lookup(d).ok().flatten());

@@ -56,8 +56,9 @@ pub fn credentials(registry: &str) -> Result<RegistryAuth, RemoteError> {
         return Ok(RegistryAuth::Anonymous);
     }
     let uid = nix::unistd::geteuid().as_raw();
-    cache::fsutil::check_trusted(&path, uid).map_err(|why| {
-        RemoteError::Settings(format!("refusing the auth file {}: {why}", path.display()))
+    cache::fsutil::check_trusted(&path, uid).map_err(|why| RemoteError::UntrustedAuthFile {
+        path: path.clone(),
+        why,
     })?;
     let text = std::fs::read_to_string(&path).map_err(|source| RemoteError::Io {
         path: path.clone(),
@@ -67,7 +68,10 @@ pub fn credentials(registry: &str) -> Result<RegistryAuth, RemoteError> {
 }
 
 fn lookup(path: &Path, text: &str, registry: &str) -> Result<RegistryAuth, RemoteError> {
-    let bad = |what: String| RemoteError::Settings(format!("auth file {}: {what}", path.display()));
+    let bad = |what: String| RemoteError::AuthFile {
+        path: path.to_path_buf(),
+        what,
+    };
     let file: AuthFile = serde_json::from_str(text).map_err(|e| {
         bad(format!(
             "line {}, column {}: {e} (expected {{\"auths\": {{\"host:port\": {{\"auth\": \"...\"}}}}}})",

@@ -99,7 +99,7 @@ pub fn export(entry: &Entry, scratch: &Path, out: &Path) -> Result<Exported, Rem
     let index = serde_json::to_vec(&index).expect("index serializes");
     let name = out
         .file_name()
-        .ok_or_else(|| RemoteError::Settings(format!("{}: not a file name", out.display())))?;
+        .ok_or_else(|| RemoteError::NotAFileName(out.to_path_buf()))?;
     let tmp = out.with_file_name(format!(".{}.tmp", name.to_string_lossy()));
     let file = OpenOptions::new()
         .write(true)

@@ -26,8 +26,28 @@ use std::time::Duration;
 /// What can go wrong moving an image between here and elsewhere.
 #[derive(Debug, thiserror::Error)]
 pub enum RemoteError {
-    #[error("{0}")]
-    Settings(String),
+    #[error(transparent)]
+    Manifest(#[from] crate::manifest::ManifestError),
+    #[error(transparent)]
+    Digest(#[from] crate::digest::DigestError),
+    #[error(transparent)]
+    Select(#[from] cache::SelectError),
+    #[error("{}: no remote: section (remote: {{repository: host[:port]/path}})", .0.display())]
+    NoRemote(PathBuf),
+    #[error("no current image of {service} (digest {digest}) in the cache: start the service once to make one")]
+    NoCurrentImage { service: String, digest: String },
+    #[error("remote.repository {repository:?}: {why} (expected host[:port]/path, e.g. registry.example:5000/warmer/web)")]
+    Repository { repository: String, why: String },
+    #[error("refusing the auth file {}", path.display())]
+    UntrustedAuthFile {
+        path: PathBuf,
+        #[source]
+        why: cache::fsutil::Untrusted,
+    },
+    #[error("auth file {}: {what}", path.display())]
+    AuthFile { path: PathBuf, what: String },
+    #[error("{}: not a file name", .0.display())]
+    NotAFileName(PathBuf),
     #[error("registry {what}")]
     Registry {
         what: String,
@@ -92,12 +112,10 @@ pub fn check_config(
 }
 
 fn remote_of(manifest: &Manifest) -> Result<&Remote, RemoteError> {
-    manifest.remote.as_ref().ok_or_else(|| {
-        RemoteError::Settings(format!(
-            "{}: no remote: section (remote: {{repository: host[:port]/path}})",
-            manifest.path.display()
-        ))
-    })
+    manifest
+        .remote
+        .as_ref()
+        .ok_or_else(|| RemoteError::NoRemote(manifest.path.clone()))
 }
 
 /// Pulls the image of `digest` for `manifest`'s service into `cache`, within
@@ -163,11 +181,9 @@ pub fn push_service(
         .lookup(&digest)
         .map_err(RemoteError::Cache)?
         .filter(|e| e.stale.is_none())
-        .ok_or_else(|| {
-            RemoteError::Settings(format!(
-                "no current image of {service} (digest {}) in the cache: start the service once to make one",
-                &digest[..12]
-            ))
+        .ok_or_else(|| RemoteError::NoCurrentImage {
+            service: service.to_string(),
+            digest: digest[..12].to_string(),
         })?;
     verified(&cache, &entry)?;
     push(&cache, &manifest, &entry, progress)
@@ -220,13 +236,9 @@ fn service_digest(
     dirs: &Dirs,
     service: &str,
 ) -> Result<(Manifest, String, BTreeMap<String, String>), RemoteError> {
-    let manifest = Manifest::find(&dirs.manifests, service)
-        .map_err(|e| RemoteError::Settings(crate::errors::chain(&e)))?;
-    let mut digester = crate::digest::Digester::open(dirs)
-        .map_err(|e| RemoteError::Settings(crate::errors::chain(&e)))?;
-    let digest = digester
-        .digest(&manifest)
-        .map_err(|e| RemoteError::Settings(crate::errors::chain(&e)))?;
+    let manifest = Manifest::find(&dirs.manifests, service)?;
+    let mut digester = crate::digest::Digester::open(dirs)?;
+    let digest = digester.digest(&manifest)?;
     Ok((manifest, digest.hex, digester.host.as_map()))
 }
 
@@ -257,8 +269,7 @@ pub fn import(dirs: &Dirs, archive: &Path) -> Result<Imported, RemoteError> {
     let unpacked = layout::unpack(archive, &scratch.data_dir())?;
     let service = unpacked.config.entry.service.clone();
     crate::manifest::check_service_name(&service).map_err(RemoteError::NotOurs)?;
-    let digester = crate::digest::Digester::open(dirs)
-        .map_err(|e| RemoteError::Settings(crate::errors::chain(&e)))?;
+    let digester = crate::digest::Digester::open(dirs)?;
     check_config(&unpacked.config, None, &digester.host.as_map())?;
     let restores_here = match service_digest(dirs, &service) {
         Ok((_, d, _)) if d == unpacked.config.entry.digest => Ok(()),
@@ -280,56 +291,41 @@ pub fn import(dirs: &Dirs, archive: &Path) -> Result<Imported, RemoteError> {
     })
 }
 
-/// The entry `target` names: SVC (the generation its next start restores,
-/// else its newest) or a digest or key prefix naming one digest.
+/// The one entry `target` names (see [`cache::Target`]): for a service, the
+/// generation its next start restores (else its newest); for a digest
+/// prefix, that digest's current generation; for `DIGEST.GEN`, that one.
 pub fn pick(dirs: &Dirs, cache: &Cache, target: &str) -> Result<Entry, RemoteError> {
-    let all: Vec<Entry> = cache
-        .list()
-        .map_err(RemoteError::Cache)?
-        .into_iter()
-        .flatten()
-        .collect();
-    let of_service: Vec<&Entry> = all.iter().filter(|e| e.meta.service == target).collect();
-    let digest = if !of_service.is_empty() {
-        match service_digest(dirs, target) {
-            Ok((_, d, _)) if of_service.iter().any(|e| e.meta.digest == d) => d,
-            _ => of_service
-                .iter()
-                .max_by_key(|e| e.meta.generation)
-                .map(|e| e.meta.digest.clone())
-                .expect("not empty"),
+    let entries = cache.select(target)?;
+    let newest = |es: &[Entry]| es.iter().max_by_key(|e| e.meta.generation).cloned();
+    let named_one = matches!(
+        cache::Target::parse(target),
+        cache::Target::Image {
+            generation: Some(_),
+            ..
         }
-    } else {
-        let t = target.to_ascii_lowercase();
-        let hex = t.len() >= 6 && t.bytes().all(|b| b.is_ascii_hexdigit() || b == b'.');
-        let mut digests: Vec<&str> = all
-            .iter()
-            .filter(|e| hex && e.key.starts_with(&t))
-            .map(|e| e.meta.digest.as_str())
-            .collect();
-        digests.dedup();
-        match digests.as_slice() {
-            [] => {
-                return Err(RemoteError::Settings(format!(
-                    "no cache entry matches {target:?} (a service name or a digest prefix of 6+ hex digits)"
-                )))
-            }
-            [d] => {
-                if let Some(e) = all.iter().find(|e| e.key == t) {
-                    return Ok(e.clone());
-                }
-                d.to_string()
-            }
-            more => {
-                return Err(RemoteError::Settings(format!(
-                    "{target:?} matches {} digests; give more digits",
-                    more.len()
-                )))
-            }
-        }
+    );
+    if named_one || entries.len() == 1 {
+        return Ok(entries
+            .into_iter()
+            .next()
+            .expect("select never returns none"));
+    }
+    // One digest (a prefix) or a service's digests: the current one.
+    let digest = match entries.first().map(|e| e.meta.service.clone()) {
+        Some(service) if service == target => match service_digest(dirs, target) {
+            Ok((_, d, _)) if entries.iter().any(|e| e.meta.digest == d) => d,
+            _ => newest(&entries).expect("not empty").meta.digest,
+        },
+        _ => entries[0].meta.digest.clone(),
     };
-    cache
-        .lookup(&digest)
-        .map_err(RemoteError::Cache)?
-        .ok_or_else(|| RemoteError::Settings(format!("no entry for digest {digest}")))
+    match cache.lookup(&digest).map_err(RemoteError::Cache)? {
+        Some(e) => Ok(e),
+        None => Ok(newest(
+            &entries
+                .into_iter()
+                .filter(|e| e.meta.digest == digest)
+                .collect::<Vec<_>>(),
+        )
+        .expect("the digest has entries")),
+    }
 }

@@ -146,11 +146,12 @@ impl Registry {
     }
 
     fn parse_ref(repository: &str, tag: &str) -> Result<Reference, RemoteError> {
-        format!("{repository}:{tag}").parse::<Reference>().map_err(|e| {
-            RemoteError::Settings(format!(
-                "remote.repository {repository:?}: {e} (expected host[:port]/path, e.g. registry.example:5000/warmer/web)"
-            ))
-        })
+        format!("{repository}:{tag}")
+            .parse::<Reference>()
+            .map_err(|e| RemoteError::Repository {
+                repository: repository.to_string(),
+                why: e.to_string(),
+            })
     }
 
     /// The reference of `digest`'s image: the repository, tagged with it.

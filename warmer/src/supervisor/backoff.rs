@@ -126,6 +126,28 @@ impl Failures {
     }
 }
 
+/// `warmer reset SVC`: forgets every measurement and count that steers the
+/// service's next starts (this file's failure counts, the restore history).
+/// Returns what it removed, described.
+pub fn forget(run_dir: &Path) -> std::io::Result<Vec<&'static str>> {
+    let mut gone = Vec::new();
+    for (file, what) in [
+        (Kind::Checkpoint.file(), "failed checkpoints"),
+        (Kind::Restore.file(), "failed restores"),
+        (
+            crate::restore::choose::FILE,
+            "restore timings (eager/lazy, cold is faster)",
+        ),
+    ] {
+        match std::fs::remove_file(run_dir.join(file)) {
+            Ok(()) => gone.push(what),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(gone)
+}
+
 /// Why a dump of the tree under `init` would not fit in the cache's
 /// filesystem, if it would not: its resident memory (what CRIU writes,
 /// roughly) against the free space, with a margin.

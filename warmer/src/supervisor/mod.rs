@@ -15,6 +15,21 @@
 //!
 //! Whatever fails on the warm side (CRIU missing, damaged image, restore or
 //! checkpoint error) the service still runs: cold, logged, never down.
+//!
+//! One file per phase, all on the one [`Supervisor`] of a run:
+//! - this file: [`run`] (set-up: manifest trust, locks, leftovers, CRIU,
+//!   digest), the flow from start to ready, and the loop until the service
+//!   exits;
+//! - `warm.rs`: plan, pull on a miss, restore, background push;
+//! - `cold.rs`: spawn under warmer-init, probe;
+//! - `ready.rs`: the probe loop, what a ready start records and says;
+//! - `inputs.rs`: the digest inputs while the service runs;
+//! - `checkpointing.rs`: at ready, on request, at a persist stop;
+//! - [`policy`]: the decisions, pure; [`backoff`]: what keeps failing;
+//!   [`record`]: `state.json`; [`control`]: the `warmer checkpoint` socket.
+//!
+//! May call every part below it (restore, checkpoint, remote, process,
+//! image, digest, criu, manifest); only `commands` and `main.rs` call it.
 
 pub mod backoff;
 mod checkpointing;
