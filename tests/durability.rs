@@ -14,20 +14,31 @@ use nix::sys::signal::Signal;
 
 /// A ledger service named `name` in `mode`, its data under `state:`.
 fn ledger(env: &Env, name: &str, mode: &str) -> (u16, PathBuf) {
+    ledger_with(env, name, mode, true, &[])
+}
+
+/// A ledger; `declared`: its data directory under `state:`; `args`: more
+/// arguments for it (`--prealloc N`).
+fn ledger_with(env: &Env, name: &str, mode: &str, declared: bool, args: &[&str]) -> (u16, PathBuf) {
     let port = free_port();
     let data = env.path(&format!("data-{name}"));
     let script = repo().join("examples/ledger/ledger.py");
+    let extra: String = args.iter().map(|a| format!(", \"{a}\"")).collect();
+    let state = if declared {
+        format!("state: [\"{}\"]\n", data.display())
+    } else {
+        String::new()
+    };
     env.write_manifest(
         name,
         &format!(
-            "exec: [\"/usr/bin/python3\", \"{}\", \"--port\", \"{port}\", \"--data\", \"{}\", \"--warmup\", \"1.5\"]\n\
+            "exec: [\"/usr/bin/python3\", \"{}\", \"--port\", \"{port}\", \"--data\", \"{}\", \"--warmup\", \"1.5\"{extra}]\n\
              ready: {{http: \"http://127.0.0.1:{port}/health\", timeout: 60s}}\n\
              checkpoint: {{settle: 100ms}}\n\
-             state: [\"{}\"]\n\
+             {state}\
              mode: {mode}\n",
             script.display(),
             data.display(),
-            data.display()
         ),
     );
     (port, data)
@@ -40,7 +51,11 @@ fn write(port: u16, n: usize, tag: &str) {
 }
 
 fn lines_on_disk(data: &std::path::Path) -> usize {
+    // A preallocated ledger ends at its first zero byte.
     std::fs::read_to_string(data.join("ledger.log"))
+        .unwrap_or_default()
+        .split('\0')
+        .next()
         .unwrap_or_default()
         .lines()
         .count()
@@ -100,6 +115,84 @@ fn warm_mode_never_restores_an_image_older_than_the_data() {
     assert_eq!(s["last_start"], "cold", "{s}");
     assert_holds(port, &data, 7);
     w.stop();
+}
+
+/// Warm mode, the data directory NOT under `state:`: the file the image
+/// holds open for writing is state all the same. `args`: the ledger's shape.
+fn undeclared_data_survives(name: &str, args: &[&str], shape: &str) {
+    require_criu();
+    let env = Env::new();
+    let (port, data) = ledger_with(&env, name, "warm", false, args);
+    let mut w = env.run(name);
+    let s = env.wait_image(name, &mut w);
+    assert_eq!(s["last_start"], "cold");
+    let nonce = state(port)["nonce"].clone();
+    // validate names the file, as state warmer was not told about.
+    let out = env
+        .command()
+        .arg("validate")
+        .arg(env.path(&format!("manifests/{name}.yaml")))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("ledger.log open for writing") && err.contains("treats it as state"),
+        "{shape}: validate must warn about the ledger: {err}"
+    );
+    write(port, 5, "a");
+    // status knows before the stop that the next start is cold, and why.
+    let s = env.status(name);
+    assert_eq!(s["next_start"]["action"], "cold", "{shape}: {s}");
+    assert!(
+        s["next_start"]["detail"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("ledger.log"),
+        "{shape}: {s}"
+    );
+    w.stop();
+    let mut w = env.run(name);
+    let s = env.wait_ready(name, &mut w);
+    assert_eq!(
+        s["last_start"], "cold",
+        "{shape}: restoring would lose or hide the acknowledged writes: {s}"
+    );
+    let message = s["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("ledger.log") && message.contains("open for writing"),
+        "{shape}: the reason names the file: {s}"
+    );
+    assert_holds(port, &data, 5);
+    assert_ne!(state(port)["nonce"], nonce, "{shape}: a new process");
+    // A fresh image of this data; nothing written since: restored.
+    let s = env.wait_image(name, &mut w);
+    assert_eq!(s["image"]["generation"], 2, "{s}");
+    let nonce = state(port)["nonce"].clone();
+    w.stop();
+    let mut w = env.run(name);
+    let s = env.wait_ready(name, &mut w);
+    assert_eq!(s["last_start"], "restored", "{shape}: {s}\n{}", w.err());
+    assert_eq!(assert_holds(port, &data, 5)["nonce"], nonce);
+    // Written after that restore: cold again, nothing lost.
+    write(port, 3, "b");
+    w.stop();
+    let mut w = env.run(name);
+    let s = env.wait_ready(name, &mut w);
+    assert_eq!(s["last_start"], "cold", "{shape}: {s}");
+    assert_holds(port, &data, 8);
+    w.stop();
+}
+
+#[test]
+fn undeclared_preallocated_log_written_in_place_loses_nothing() {
+    // ZooKeeper's shape: the file's size never changes.
+    undeclared_data_survives("zk", &["--prealloc", "65536"], "preallocated");
+}
+
+#[test]
+fn undeclared_appended_log_loses_nothing() {
+    // Prometheus's WAL: opened for appending.
+    undeclared_data_survives("wal", &[], "appended");
 }
 
 #[test]

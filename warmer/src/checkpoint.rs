@@ -53,15 +53,13 @@ impl Checkpoint<'_> {
         let staging = self.cache.stage()?;
         // Publishing and pruning must not race a gc or rm of this service.
         let _lock = self.cache.lock_service(&self.manifest.name, true)?;
-        let state = !self.manifest.state.is_empty();
         // CRIU execs the action script without a shell or arguments: the
-        // script is warmer itself, told by the environment what to do.
-        let action_script = if state {
-            let exe = std::env::current_exe().map_err(CheckpointError::Exe)?;
-            Some(exe.to_string_lossy().into_owned())
-        } else {
-            None
-        };
+        // script is warmer itself, told by the environment what to do. It
+        // runs at every dump: `state:` paths are captured, and every file
+        // the tree holds open for writing is fingerprinted, while the tree
+        // is frozen (see `image::state`).
+        let exe = std::env::current_exe().map_err(CheckpointError::Exe)?;
+        let action_script = Some(exe.to_string_lossy().into_owned());
         let plan = DumpPlan {
             pid: running.pid.as_raw(),
             images_dir: staging.data_dir(),
@@ -73,11 +71,9 @@ impl Checkpoint<'_> {
         };
         let mut cmd = self.criu.command();
         cmd.args(criu::dump_args(&plan));
-        if state {
-            cmd.envs(crate::process::roles::action_script_env(
-                &self.manifest.state,
-            ));
-        }
+        cmd.envs(crate::process::roles::action_script_env(
+            &self.manifest.state,
+        ));
         // The connections this dump may lock (to clean up only theirs).
         let conns = if plan.tcp_established {
             crate::process::ports::established(running.pid)

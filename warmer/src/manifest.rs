@@ -17,6 +17,7 @@
 //! digest:
 //!   files: ["/srv/app/server.py"]
 //! state: ["/var/lib/app/data"]     # on-disk state captured with the image
+//! not_state: ["/srv/app/logs"]      # written, but not state (see image::state::written)
 //! mode: warm                         # or persist: checkpoint at every stop
 //! restore:
 //!   lazy: true                       # pages on demand (userfaultfd), for big images
@@ -120,6 +121,8 @@ struct RawManifest {
     cache: Option<RawCache>,
     #[serde(default)]
     state: Vec<Spanned<String>>,
+    #[serde(default)]
+    not_state: Vec<Spanned<String>>,
     #[serde(default)]
     restore: Option<RawRestore>,
     #[serde(default)]
@@ -318,6 +321,11 @@ pub struct Manifest {
     /// Paths kept on disk that must match memory (captured at checkpoint,
     /// put back before restore).
     pub state: Vec<PathBuf>,
+    /// Paths the service writes that its memory does not depend on (its
+    /// logs outside /var/log): not implicit state. Absent from the digest's
+    /// view when empty (manifests without it keep their digests).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub not_state: Vec<PathBuf>,
     /// Eager, lazy (userfaultfd: the service runs as soon as its tree is
     /// rebuilt, pages arrive on first touch) or auto. How an image is
     /// restored, not what it is: not part of the digest.
@@ -598,24 +606,29 @@ impl Manifest {
         })();
         let mode = keep(&mut errors, mode, Mode::Warm);
 
-        let state = (|| {
-            let mut state = Vec::new();
-            for p in &raw.state {
+        let absolute_paths = |key: &str, list: &[Spanned<String>]| {
+            let mut out = Vec::new();
+            for p in list {
                 let path = Path::new(&p.value);
                 if !path.is_absolute() || path.parent().is_none() {
                     return Err(at(
                         &p.referenced,
                         format!(
-                            "state: expected an absolute path below /, got {:?}",
+                            "{key}: expected an absolute path below /, got {:?}",
                             p.value
                         ),
                     ));
                 }
-                state.push(path.to_path_buf());
+                out.push(path.to_path_buf());
             }
-            Ok(state)
-        })();
-        let state = keep(&mut errors, state, Vec::new());
+            Ok(out)
+        };
+        let state = keep(&mut errors, absolute_paths("state", &raw.state), Vec::new());
+        let not_state = keep(
+            &mut errors,
+            absolute_paths("not_state", &raw.not_state),
+            Vec::new(),
+        );
 
         let remote = (|| {
             Ok(match raw.remote.as_ref() {
@@ -699,6 +712,7 @@ impl Manifest {
             stop_timeout,
             keep: generations,
             state,
+            not_state,
             restore_mode,
             restore_timeout,
             remote,

@@ -4,32 +4,18 @@
 use std::path::Path;
 
 use crate::image::criu::OpenFile;
+use crate::image::state::written::is_state;
 use crate::manifest::{Manifest, Mode};
 
-/// Places whose files are scratch or not data: a write there does not need
-/// `state:` (a tmpfs, devices, kernel files, logs).
-const NOT_DATA: &[&str] = &[
-    "/tmp/",
-    "/dev/",
-    "/proc/",
-    "/sys/",
-    "/run/",
-    "/var/log/",
-    "/var/tmp/",
-];
-
-/// Files the image holds open for writing in place (not appending) outside
-/// the manifest's `state:`: if the service writes them after the checkpoint,
-/// CRIU refuses the restore ("bad size"), or restores memory that no longer
-/// matches them. One warning per file.
+/// Files the image holds open for writing (in place or appending) that are
+/// neither under `state:` nor `not_state:`: warmer treats them as state
+/// (see [`crate::image::state::written`]), so a write after the checkpoint
+/// makes the next start cold. Said once per file, with what to do about it.
 pub fn unsaved_writes(m: &Manifest, files: &[OpenFile]) -> Vec<String> {
     let mut seen = std::collections::BTreeSet::new();
     files
         .iter()
-        .filter(|f| f.writes_in_place())
-        .filter(|f| !NOT_DATA.iter().any(|p| f.path.starts_with(p)))
-        .filter(|f| !f.path.ends_with(".log"))
-        .filter(|f| !m.state.iter().any(|s| Path::new(&f.path).starts_with(s)))
+        .filter(|f| is_state(Path::new(&f.path), f.flags, &m.state, &m.not_state))
         .filter(|f| seen.insert(f.path.clone()))
         .map(|f| {
             let dir = Path::new(&f.path)
@@ -38,10 +24,10 @@ pub fn unsaved_writes(m: &Manifest, files: &[OpenFile]) -> Vec<String> {
             let persist = if m.mode == Mode::Persist {
                 ""
             } else {
-                " and, if it must survive restarts as written, `mode: persist`"
+                "; for restores across restarts, `mode: persist`"
             };
             format!(
-                "the service's image holds {} open for writing, outside `state:`: a write after the checkpoint makes restores fail (CRIU: bad size) or roll it back; list {dir} under `state:`{persist}",
+                "the service's image holds {} open for writing, outside `state:`: warmer treats it as state, so once the service writes it after the checkpoint the next start is cold (list {dir} under `state:` to capture it{persist}; under `not_state:` if it is a log)",
                 f.path
             )
         })
@@ -57,15 +43,16 @@ mod tests {
             path: path.into(),
             flags: u64::try_from(flags).unwrap(),
             size: None,
+            pos: 0,
         }
     }
 
     #[test]
-    fn only_in_place_writes_of_data_outside_state_are_reported() {
+    fn every_written_file_outside_state_and_not_state_is_reported_once() {
         let m = Manifest::parse(
             "db",
             Path::new("db.yaml"),
-            "exec: [a]\nready: {tcp: \"h:1\"}\nstate: [\"/var/lib/db/wal\"]\n",
+            "exec: [a]\nready: {tcp: \"h:1\"}\nstate: [\"/var/lib/db/wal\"]\nnot_state: [\"/srv/app/logs\"]\n",
         )
         .unwrap();
         let files = [
@@ -73,12 +60,12 @@ mod tests {
             file("/var/lib/db/main.db", libc::O_RDWR),
             file("/var/lib/db/wal/0001", libc::O_RDWR),
             file("/var/lib/db/audit", libc::O_WRONLY | libc::O_APPEND),
-            file("/tmp/scratch", libc::O_RDWR),
-            file("/srv/app/app.log", libc::O_WRONLY),
+            file("/srv/app/logs/app.log", libc::O_WRONLY | libc::O_APPEND),
+            file("/var/log/db.log", libc::O_WRONLY | libc::O_APPEND),
             file("/usr/lib/libc.so.6", libc::O_RDONLY),
         ];
         let w = unsaved_writes(&m, &files);
-        assert_eq!(w.len(), 1, "{w:?}");
+        assert_eq!(w.len(), 2, "{w:?}");
         assert!(
             w[0].contains("/var/lib/db/main.db")
                 && w[0].contains("list /var/lib/db under `state:`"),
@@ -86,5 +73,10 @@ mod tests {
             w[0]
         );
         assert!(w[0].contains("mode: persist"));
+        assert!(
+            w[1].contains("/var/lib/db/audit"),
+            "appending is writing: {}",
+            w[1]
+        );
     }
 }

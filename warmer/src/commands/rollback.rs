@@ -140,15 +140,12 @@ pub fn rollback(dirs: &Dirs, service: &str, to: Option<u64>) -> Result<RolledBac
 fn check_allowed(manifest: &Manifest, target: &Entry) -> Result<(), RollbackError> {
     let data = target.data_dir();
     let gen = target.meta.generation;
-    if !crate::image::state::has_state(&data) {
-        return Ok(());
-    }
-    if manifest.mode == Mode::Warm {
+    if crate::image::state::has_state(&data) && manifest.mode == Mode::Warm {
         return Err(RollbackError::WarmState {
             service: manifest.name.clone(),
         });
     }
-    match crate::image::state::drift(&data)
+    match crate::image::state::drift_all(&data, &manifest.not_state)
         .map_err(|source| RollbackError::Drift { gen, source })?
     {
         Drift::Same | Drift::Vanished(_) => Ok(()),

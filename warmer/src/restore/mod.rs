@@ -292,8 +292,8 @@ pub fn plan(
             taken,
         }));
     }
-    let put_back = if crate::image::state::has_state(&data) {
-        match crate::image::state::drift(&data).map_err(Failure::Drift)? {
+    let put_back =
+        match crate::image::state::drift_all(&data, &manifest.not_state).map_err(Failure::Drift)? {
             Drift::Same => Vec::new(),
             Drift::Vanished(paths) => paths,
             Drift::Changed(why) => {
@@ -302,10 +302,7 @@ pub fn plan(
                     why,
                 }))
             }
-        }
-    } else {
-        Vec::new()
-    };
+        };
     let choice = choose_restore(manifest.restore_mode, &entry, &history);
     Ok(Ok(Plan {
         deadline: manifest.restore_timeout,

@@ -45,6 +45,8 @@ pub struct OpenFile {
     pub flags: u64,
     /// The file's size at the dump, when recorded.
     pub size: Option<u64>,
+    /// The descriptor's position at the dump.
+    pub pos: u64,
 }
 
 impl OpenFile {
@@ -115,6 +117,7 @@ pub fn open_files(images_dir: &Path) -> Result<Vec<OpenFile>, ImageError> {
             path: reg.name,
             flags: u64::from(reg.flags),
             size: reg.size,
+            pos: reg.pos,
         })
         .collect())
 }

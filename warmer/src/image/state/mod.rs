@@ -40,6 +40,8 @@ use nix::sys::time::TimeSpec;
 use nix::unistd::{fchownat, Gid, Uid};
 use serde::{Deserialize, Serialize};
 
+pub mod written;
+
 pub const STATE_DIR: &str = "state";
 const INDEX: &str = "index.json";
 
@@ -60,7 +62,7 @@ pub enum StateError {
     Pending { path: PathBuf },
 }
 
-fn io_err(path: &Path, what: &'static str) -> impl FnOnce(io::Error) -> StateError {
+pub(crate) fn io_err(path: &Path, what: &'static str) -> impl FnOnce(io::Error) -> StateError {
     let path = path.to_path_buf();
     move |source| StateError::Io { path, what, source }
 }
@@ -158,6 +160,25 @@ fn read_index(image_dir: &Path) -> Result<Vec<Captured>, StateError> {
         path: idx.clone(),
         reason: e.to_string(),
     })
+}
+
+/// Compares everything on disk the image depends on with the live data:
+/// the `state:` paths it captured ([`drift`]), then every other file it
+/// holds open for writing ([`written::drift`]; `not_state`: the manifest's
+/// exclusions). The first difference decides.
+pub fn drift_all(image_dir: &Path, not_state: &[PathBuf]) -> Result<Drift, StateError> {
+    let (declared, captured) = if has_state(image_dir) {
+        (drift(image_dir)?, captured_paths(image_dir)?)
+    } else {
+        (Drift::Same, Vec::new())
+    };
+    if let Drift::Changed(_) = declared {
+        return Ok(declared);
+    }
+    match written::drift(image_dir, &captured, not_state)? {
+        Some(why) => Ok(Drift::Changed(why)),
+        None => Ok(declared),
+    }
 }
 
 /// Whether `path` (or, if it does not exist, its nearest existing ancestor)
@@ -311,8 +332,10 @@ fn copy_out(
 }
 
 /// The CRIU action script's work: on `post-dump` (the service is still
-/// frozen) copy the requested paths into the images directory. Other action
-/// points: nothing. The request's contract is in [`crate::process::roles`].
+/// frozen) copy the requested paths into the images directory and
+/// fingerprint every file the tree holds open for writing
+/// ([`written::capture`]). Other action points: nothing. The request's
+/// contract is in [`crate::process::roles`].
 pub fn hook(req: &crate::process::roles::ActionRequest) -> Result<(), StateError> {
     if !req.captures_state() {
         return Ok(());
@@ -321,7 +344,10 @@ pub fn hook(req: &crate::process::roles::ActionRequest) -> Result<(), StateError
         path: PathBuf::from("$".to_string() + crate::process::roles::STATE_PATHS_ENV),
         reason: e.to_string(),
     })?;
-    capture(&paths, &dir)
+    if !paths.is_empty() {
+        capture(&paths, &dir)?;
+    }
+    written::capture(&dir)
 }
 
 /// The paths an image captured.
