@@ -369,26 +369,47 @@ fn a_service_that_cold_starts_faster_than_it_restores_stays_cold() {
     let mut w = env.run_with("quick", &fake);
     env.wait_image("quick", &mut w);
     w.stop();
-    // One restore, slower than the cold start: decided.
+    // One or two slow restores decide nothing (a boot storm could be why).
+    for _ in 0..2 {
+        let mut w = env.run_with("quick", &fake);
+        let s = env.wait_ready("quick", &mut w);
+        assert_eq!(s["last_start"], "restored", "{s}");
+        assert!(s["message"].is_null(), "{s}");
+        w.stop();
+    }
+    // The third: every restore measured was slower than cold. Decided.
     let mut w = env.run_with("quick", &fake);
     let s = env.wait_ready("quick", &mut w);
     assert_eq!(s["last_start"], "restored", "{s}");
+    let msg = s["message"].as_str().unwrap_or_default();
     assert!(
-        s["message"]
-            .as_str()
-            .unwrap_or_default()
-            .contains("a cold start is faster"),
+        msg.contains("a cold start is faster") && msg.contains("3 restores took"),
         "{s}"
     );
     w.stop();
     let st = env.status("quick");
     assert_eq!(st["next_start"]["action"], "cold", "{st}");
+    assert!(
+        st["next_start"]["detail"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("warmer reset"),
+        "{st}"
+    );
     // From now on: cold, and never slower than that.
     let mut w = env.run_with("quick", &fake);
     let s = env.wait_ready("quick", &mut w);
     assert_eq!(s["last_start"], "cold", "{s}");
     assert!(s["ready_ms"].as_u64().unwrap() < 1000, "{s}");
     w.stop();
+    // `warmer reset` forgets the measurements: restores are tried again.
+    let out = env.command().args(["reset", "quick"]).output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("restore timings"),
+        "{out:?}"
+    );
+    assert_eq!(env.status("quick")["next_start"]["action"], "restore");
 }
 
 #[test]

@@ -508,6 +508,12 @@ fn a_failed_checkpoint_leaves_the_service_running_and_says_why() {
     let s = env.wait_status("busy", &mut w, |s| !s["message"].is_null());
     let msg = s["message"].as_str().unwrap();
     assert!(msg.contains("checkpoint failed"), "{msg}");
+    // The peer is named, not only a hint that blames clients.
+    let client = held.local_addr().unwrap().to_string();
+    assert!(
+        msg.contains(&client) && msg.contains("ESTABLISHED"),
+        "{msg}"
+    );
     assert!(
         w.err().contains("hint:") && w.err().contains("tcp_established"),
         "{}",
@@ -638,7 +644,7 @@ fn auto_restores_a_small_image_eagerly_and_says_why() {
 }
 
 #[test]
-fn a_data_file_outside_state_is_named_by_validate_and_by_the_failed_restore() {
+fn a_data_file_outside_state_is_named_by_validate_and_kept_from_a_restore() {
     require_criu();
     let env = Env::new();
     let port = free_port();
@@ -676,16 +682,20 @@ fn a_data_file_outside_state_is_named_by_validate_and_by_the_failed_restore() {
             && err.contains("state:"),
         "{err}"
     );
-    // The file moves on: CRIU refuses, warmer falls back cold and says which
-    // file and what to do.
+    // The file moves on: it is state though undeclared, so the image is
+    // older than the data: no restore is tried; cold, naming the file.
     std::fs::write(&file, "written by someone since").unwrap();
     let mut w = env.run("outside");
     let s = env.wait_ready("outside", &mut w);
     assert_eq!(s["last_start"], "cold", "{s}");
     let msg = s["message"].as_str().unwrap_or_default();
     assert!(
-        msg.contains(&*file.display().to_string()) && msg.contains("state:"),
+        msg.contains(&*file.display().to_string()) && msg.contains("open for writing"),
         "{msg}"
+    );
+    assert!(
+        quarantine_reasons(&env).is_empty(),
+        "nothing failed: the image was never tried"
     );
     w.stop();
 }
@@ -781,4 +791,137 @@ fn files_a_service_writes_among_its_inputs_at_first_start_do_not_make_it_stale()
         "{s}"
     );
     w.stop();
+}
+
+/// A tcp probe leaves nothing behind in the service: ZooKeeper accepts a
+/// connection and waits for data on it; a probe that closed with a FIN left
+/// it in CLOSE_WAIT, and every checkpoint failed ("Connected TCP socket").
+#[test]
+fn a_tcp_probe_leaves_no_connection_a_checkpoint_trips_on() {
+    require_criu();
+    let env = Env::new();
+    let port = free_port();
+    let script = env.path("hold.py");
+    std::fs::write(
+        &script,
+        "import socket, sys, time\n\
+         time.sleep(0.3)\n\
+         s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
+         s.bind(('127.0.0.1', int(sys.argv[1]))); s.listen(16)\n\
+         held = []\n\
+         while True:\n    c, _ = s.accept(); held.append(c)\n",
+    )
+    .unwrap();
+    env.write_manifest(
+        "hold",
+        &format!(
+            "exec: [\"/usr/bin/python3\", \"{}\", \"{port}\"]\nready: {{tcp: \"127.0.0.1:{port}\"}}\ncheckpoint: {{settle: 300ms}}\n",
+            script.display()
+        ),
+    );
+    let mut w = env.run("hold");
+    let s = env.wait_status("hold", &mut w, |s| {
+        !s["image"].is_null()
+            || s["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("checkpoint"))
+    });
+    assert!(
+        !s["image"].is_null(),
+        "the probe's connection must not fail the checkpoint: {s}\n{}",
+        w.err()
+    );
+    w.stop();
+    let mut w = env.run("hold");
+    let s = env.wait_ready("hold", &mut w);
+    assert_eq!(s["last_start"], "restored", "{s}\n{}", w.err());
+    w.stop();
+}
+
+/// A persist-mode stop-time dump with `tcp_established` leaves CRIU's DROP
+/// rules for the restore to lift; an image that is never restored must not
+/// leave them behind (they drop the peer's packets for good).
+#[test]
+fn network_locks_of_an_image_never_restored_are_removed_at_the_next_start() {
+    require_criu();
+    let _iptables = iptables_lock();
+    let env = Env::new();
+    // The service's own peer (as epmd is RabbitMQ's), accepting and holding.
+    let peer = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let peer_port = peer.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for c in peer.incoming().flatten() {
+            held.push(c);
+        }
+    });
+    let port = free_port();
+    let script = env.path("peered.py");
+    std::fs::write(
+        &script,
+        "import socket, sys\n\
+         from http.server import BaseHTTPRequestHandler, HTTPServer\n\
+         peer = socket.create_connection(('127.0.0.1', int(sys.argv[2])))\n\
+         class H(BaseHTTPRequestHandler):\n    \
+             def do_GET(self):\n        \
+                 self.send_response(200); self.send_header('Content-Length', '2'); self.end_headers(); self.wfile.write(b'ok')\n    \
+             def log_message(self, *a): pass\n\
+         HTTPServer(('127.0.0.1', int(sys.argv[1])), H).serve_forever()\n",
+    )
+    .unwrap();
+    env.write_manifest(
+        "peered",
+        &format!(
+            "exec: [\"/usr/bin/python3\", \"{}\", \"{port}\", \"{peer_port}\"]\n\
+             ready: {{http: \"http://127.0.0.1:{port}/\"}}\n\
+             mode: persist\n\
+             checkpoint: {{tcp_established: true}}\n",
+            script.display()
+        ),
+    );
+    let locked = || {
+        let out = std::process::Command::new("iptables-save")
+            .args(["-t", "filter"])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| l.contains("0xc114") && l.contains(&format!("port {peer_port} ")))
+            .count()
+    };
+    let mut w = env.run("peered");
+    env.wait_ready("peered", &mut w);
+    w.stop();
+    assert!(
+        locked() > 0,
+        "the stop-time dump locked the peer connection: {}",
+        w.err()
+    );
+    // The image goes away unrestored: the next start is cold.
+    let out = env
+        .command()
+        .args(["cache", "rm", "peered"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let mut w = env.run("peered");
+    let s = env.wait_ready("peered", &mut w);
+    assert_eq!(s["last_start"], "cold", "{s}");
+    assert_eq!(
+        locked(),
+        0,
+        "rules of the unrestored image remain:\n{}",
+        w.err()
+    );
+    w.stop();
+    // The last stop's image restores (CRIU lifts its own rules).
+    let mut w = env.run("peered");
+    let s = env.wait_ready("peered", &mut w);
+    assert_eq!(s["last_start"], "restored", "{s}\n{}", w.err());
+    assert_eq!(locked(), 0);
+    w.stop();
+    // Leave no rules for other tests: what the next start would remove.
+    assert!(locked() > 0);
+    assert!(warmer::criu::locks::release(&env.path("run/peered")) > 0);
+    assert_eq!(locked(), 0);
 }

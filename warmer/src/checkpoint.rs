@@ -25,6 +25,12 @@ pub enum CheckpointError {
     Info(#[source] ImageFormatError),
     #[error("cannot locate warmer itself (CRIU's action script)")]
     Exe(#[source] std::io::Error),
+    #[error("the service's TCP connections: {peers}")]
+    Connected {
+        peers: String,
+        #[source]
+        source: CriuError,
+    },
 }
 
 pub struct Checkpoint<'a> {
@@ -89,7 +95,29 @@ impl Checkpoint<'_> {
                 tracing::warn!("removed {n} network-lock rules the failed dump left");
             }
         }
+        if let Err(CriuError::Failed { tail, .. }) = &dumped {
+            if tail.contains("Connected TCP socket") {
+                // Name the peers: the hint alone cannot tell whose they are.
+                let peers = crate::process::ports::connections(running.pid)
+                    .iter()
+                    .map(|(c, st)| format!("{} -> {} ({st})", c.a, c.b))
+                    .collect::<Vec<_>>();
+                return Err(CheckpointError::Connected {
+                    peers: if peers.is_empty() {
+                        "none left by now".into()
+                    } else {
+                        peers.join(", ")
+                    },
+                    source: dumped.expect_err("matched an error"),
+                });
+            }
+        }
         dumped?;
+        if plan.tcp_established && !plan.leave_running {
+            if let Err(e) = criu::locks::record(self.run_dir, &conns) {
+                tracing::warn!("cannot record the connections the dump locked: {e}");
+            }
+        }
         crate::failpoint("checkpoint-after-dump");
         let info = RestoreInfo {
             format_version: RESTORE_INFO_VERSION,

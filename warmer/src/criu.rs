@@ -316,7 +316,7 @@ pub fn version_at_least(version: &str, min: (u32, u32)) -> bool {
 /// What a manifest author can do about a CRIU failure, recognised from its log.
 pub fn hint(tail: &str) -> Option<String> {
     if tail.contains("Connected TCP socket") {
-        Some("the service had TCP connections open at the checkpoint: set `checkpoint: {tcp_established: true}` in its manifest, or checkpoint it before clients connect".into())
+        Some("the service had TCP connections open at the checkpoint (listed above): if they are the service's own (to a broker, a database, a coordinator such as epmd), set `checkpoint: {tcp_established: true}` in its manifest; if they are clients', checkpoint it before they connect".into())
     } else if tail.contains("External socket is used") {
         Some("the service is connected to a unix socket outside its tree (syslog, a database): such services cannot be checkpointed as they are".into())
     } else if tail.contains("bad build-ID") {
@@ -386,6 +386,62 @@ const LOCK_MARK: &str = "0xc114";
 pub struct Conn {
     pub a: std::net::SocketAddr,
     pub b: std::net::SocketAddr,
+}
+
+/// The connections a stop-time `--tcp-established` dump left locked: CRIU
+/// keeps their DROP rules for the restore to lift. An image that is never
+/// restored (removed, quarantined, superseded, or the start went cold)
+/// would leave its peers' packets dropped for good, so the connections are
+/// recorded here and their rules removed once the next start is ready
+/// (a successful restore has lifted them already).
+///
+/// ```text
+/// <run>/<svc>/network-locks.json   {format_version, conns: [[a, b], ...]}
+/// ```
+pub mod locks {
+    use std::path::Path;
+
+    use super::{clear_network_locks, Conn};
+
+    const FILE: &str = "network-locks.json";
+    const VERSION: u32 = 1;
+
+    #[derive(serde::Serialize, serde::Deserialize)]
+    struct Locks {
+        format_version: u32,
+        conns: Vec<(std::net::SocketAddr, std::net::SocketAddr)>,
+    }
+
+    /// Records `conns` as locked by a dump that ended the tree.
+    pub fn record(run_dir: &Path, conns: &[Conn]) -> std::io::Result<()> {
+        let doc = Locks {
+            format_version: VERSION,
+            conns: conns.iter().map(|c| (c.a, c.b)).collect(),
+        };
+        cache::fsutil::write_atomic(
+            run_dir,
+            FILE,
+            &serde_json::to_vec(&doc).expect("serializes"),
+            0o600,
+            cache::fsutil::Durability::Atomic,
+        )
+    }
+
+    /// Removes the rules of the recorded connections; returns how many.
+    pub fn release(run_dir: &Path) -> usize {
+        let path = run_dir.join(FILE);
+        let Ok(bytes) = std::fs::read(&path) else {
+            return 0;
+        };
+        let conns: Vec<Conn> = serde_json::from_slice::<Locks>(&bytes)
+            .map(|l| l.conns.into_iter().map(|(a, b)| Conn { a, b }).collect())
+            .unwrap_or_default();
+        let removed = clear_network_locks(&conns);
+        if let Err(e) = std::fs::remove_file(&path) {
+            tracing::warn!("cannot remove {}: {e}", path.display());
+        }
+        removed
+    }
 }
 
 impl Conn {
@@ -562,6 +618,12 @@ pub fn restore_args(plan: &RestorePlan) -> Vec<OsString> {
         a.push("--inherit-fd".into());
         a.push(format!("fd[{}]:{}", i.fd, i.resource).into());
     }
+    if !plan.tcp_established {
+        // Without --tcp-established a dump refuses every live connection,
+        // so any connected socket in such an image was already closed (a
+        // peer's reset, as a tcp probe ends): restore it closed, as it was.
+        a.push("--tcp-close".into());
+    }
     if plan.leave_stopped {
         a.push("--leave-stopped".into());
     }
@@ -644,6 +706,7 @@ mod tests {
         assert!(a.contains(&"--restore-detached".to_string()));
         assert!(a.contains(&"--restore-sibling".to_string()));
         assert!(a.contains(&"--tcp-established".to_string()));
+        assert!(!a.contains(&"--tcp-close".to_string()));
         assert!(a
             .windows(2)
             .any(|w| w == ["--inherit-fd", "fd[3]:pipe:[11]"]));

@@ -146,6 +146,16 @@ pub fn holder(port: u16, init: Pid) -> Holder {
 /// The established TCP connections of the service whose init is `init`
 /// (what a `--tcp-established` dump locks with iptables rules).
 pub fn established(init: Pid) -> Vec<crate::criu::Conn> {
+    connections(init)
+        .into_iter()
+        .filter(|(_, st)| *st == "ESTABLISHED")
+        .map(|(c, _)| c)
+        .collect()
+}
+
+/// Every TCP connection (not listening sockets) of the service whose init
+/// is `init`, with its state's name: what CRIU calls "Connected TCP socket".
+pub fn connections(init: Pid) -> Vec<(crate::criu::Conn, &'static str)> {
     let tree = namespace_of(init);
     let mut ours = BTreeSet::new();
     for pid in &tree {
@@ -177,15 +187,35 @@ pub fn established(init: Pid) -> Vec<crate::criu::Conn> {
             else {
                 continue;
             };
-            if *st != "01" || !ino.parse::<u64>().is_ok_and(|i| ours.contains(&i)) {
+            let state = u8::from_str_radix(st, 16).map_or("?", tcp_state_name);
+            if state == "LISTEN" || !ino.parse::<u64>().is_ok_and(|i| ours.contains(&i)) {
                 continue;
             }
             if let (Some(a), Some(b)) = (proc_addr(local), proc_addr(remote)) {
-                out.push(crate::criu::Conn { a, b });
+                out.push((crate::criu::Conn { a, b }, state));
             }
         }
     }
     out
+}
+
+/// The kernel's TCP states (include/net/tcp_states.h) by name.
+pub fn tcp_state_name(state: u8) -> &'static str {
+    match state {
+        1 => "ESTABLISHED",
+        2 => "SYN_SENT",
+        3 => "SYN_RECV",
+        4 => "FIN_WAIT1",
+        5 => "FIN_WAIT2",
+        6 => "TIME_WAIT",
+        7 => "CLOSE",
+        8 => "CLOSE_WAIT",
+        9 => "LAST_ACK",
+        10 => "LISTEN",
+        11 => "CLOSING",
+        12 => "NEW_SYN_RECV",
+        _ => "?",
+    }
 }
 
 /// `0100007F:1F90` (or the 32-hex-digit IPv6 form) as in /proc/net/tcp.

@@ -82,7 +82,7 @@ impl Prober {
         let limit = limit.clamp(Duration::from_millis(10), ATTEMPT_TIMEOUT);
         match self {
             Prober::Http(url) => http_ok(url, limit),
-            Prober::Tcp(addr) => connect(addr, Instant::now() + limit).is_some(),
+            Prober::Tcp(addr) => connect(addr, Instant::now() + limit).is_some_and(reset),
             Prober::Exec(argv) => exec_ok(argv, limit),
             Prober::Notify(sock) => sock.ready_seen(),
         }
@@ -112,6 +112,21 @@ impl Prober {
     pub fn is_notify(&self) -> bool {
         matches!(self, Prober::Notify(_))
     }
+}
+
+/// Closes a probe's connection with a reset (SO_LINGER 0) rather than a FIN:
+/// a service that accepted it and waits for data (ZooKeeper) then holds a
+/// closed socket, not one in CLOSE_WAIT that no checkpoint can dump.
+fn reset(s: TcpStream) -> bool {
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    if let Err(e) = nix::sys::socket::setsockopt(&s, nix::sys::socket::sockopt::Linger, &linger) {
+        tracing::debug!("probe: cannot set SO_LINGER: {e}");
+    }
+    drop(s);
+    true
 }
 
 /// Connects to the first address of `addr` that answers before `deadline`.

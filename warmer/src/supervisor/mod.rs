@@ -364,6 +364,14 @@ impl Supervisor {
         }
         self.set_state(ServiceState::Ready);
         self.systemd.ready(&status);
+        // Connections an earlier stop-time dump locked and no restore
+        // lifted (see `criu::locks`): their rules go now.
+        let released = crate::criu::locks::release(&self.run_dir);
+        if released > 0 {
+            tracing::info!(
+                "removed {released} network-lock rules of an image that was not restored"
+            );
+        }
 
         match self.signals.waker() {
             Ok(wake) => match ControlServer::start(&self.run_dir, wake) {
