@@ -70,3 +70,63 @@ fn bench_refuses_a_running_service() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("running under warmer"));
     w.stop();
 }
+
+/// A persist service's bench leaves its images and data exactly as it found
+/// them: the next real start restores the state at the last stop.
+#[test]
+fn bench_of_a_persist_service_leaves_images_and_data_as_they_were() {
+    require_criu();
+    let env = Env::new();
+    let port = free_port();
+    let data = env.path("ledger");
+    let script = repo().join("examples/ledger/ledger.py");
+    env.write_manifest(
+        "pb",
+        &format!(
+            "exec: [\"/usr/bin/python3\", \"{}\", \"--port\", \"{port}\", \"--data\", \"{}\", \"--warmup\", \"0.5\"]\n\
+             ready: {{http: \"http://127.0.0.1:{port}/health\"}}\n\
+             state: [\"{}\"]\nmode: persist\n",
+            script.display(),
+            data.display(),
+            data.display()
+        ),
+    );
+    let mut w = env.run("pb");
+    env.wait_ready("pb", &mut w);
+    for v in ["a", "b", "c"] {
+        get(port, &format!("/write?v={v}")).unwrap();
+    }
+    w.stop();
+    let ls = || {
+        let out = env
+            .command()
+            .args(["cache", "ls", "--json"])
+            .output()
+            .unwrap();
+        let rows: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        rows.as_array()
+            .unwrap()
+            .iter()
+            .map(|r| (r["key"].clone(), r["stale"].clone()))
+            .collect::<Vec<_>>()
+    };
+    let before = ls();
+    let ledger = std::fs::read(data.join("ledger.log")).unwrap();
+    let out = env
+        .command()
+        .args(["bench", "pb", "--runs", "2"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(ls(), before, "the images are as they were");
+    assert_eq!(std::fs::read(data.join("ledger.log")).unwrap(), ledger);
+    let mut w = env.run("pb");
+    let s = env.wait_ready("pb", &mut w);
+    assert_eq!(s["last_start"], "restored", "{s}\n{}", w.err());
+    assert_eq!(state(port)["count"], 3);
+    w.stop();
+}

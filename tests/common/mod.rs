@@ -147,10 +147,18 @@ impl Env {
 
     /// `warmer run NAME` with extra environment variables.
     pub fn run_with(&self, name: &str, env: &[(&str, &str)]) -> Warmer {
+        self.run_with_args(name, &[], env)
+    }
+
+    /// `warmer run ARGS... NAME` with extra environment variables.
+    #[allow(dead_code)]
+    pub fn run_with_args(&self, name: &str, args: &[&str], env: &[(&str, &str)]) -> Warmer {
         let child = self
             .command()
             .envs(env.iter().copied())
-            .args(["run", name])
+            .arg("run")
+            .args(args)
+            .arg(name)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

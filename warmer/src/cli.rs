@@ -77,6 +77,11 @@ pub enum Cmd {
         /// rule warmer out while debugging a service).
         #[arg(long)]
         cold: bool,
+        /// How `warmer bench` measures a restore: restore even where a cold
+        /// start was measured faster, and change nothing (no checkpoint, no
+        /// retired image, no push), so the next round restores the same.
+        #[arg(long, hide = true, conflicts_with = "cold")]
+        bench: bool,
     },
     /// Show services: state, last start (cold/restored), ready times, image.
     Status {

@@ -31,7 +31,11 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let dirs = Dirs::new(cli.manifest_dir, cli.cache_dir, cli.run_dir);
     match cli.cmd {
-        Cmd::Run { service, cold } => run(&dirs, &service, supervisor::RunOptions { cold }),
+        Cmd::Run {
+            service,
+            cold,
+            bench,
+        } => run(&dirs, &service, supervisor::RunOptions { cold, bench }),
         Cmd::Status { service, json } => status_cmd(&dirs, service.as_deref(), json),
         Cmd::Validate { files } => validate(&dirs, &files),
         Cmd::Check => check(),

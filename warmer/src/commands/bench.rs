@@ -154,24 +154,44 @@ pub struct Bencher {
     /// The service's live `state:` data, saved before the first run and put
     /// back when the bench ends: benchmarking never changes the data.
     saved_state: Option<PathBuf>,
-    /// The service's run record (what `warmer status` shows), put back too.
-    saved_record: Option<Vec<u8>>,
+    /// The service's run record (what `warmer status` shows) and the
+    /// measurements that steer its starts, as they were: put back too.
+    saved_files: Vec<(&'static str, Option<Vec<u8>>)>,
+    /// The service's images (key, stale mark) before the bench: images the
+    /// bench made go, marks it changed come back.
+    saved_entries: Vec<(String, Option<String>)>,
     /// The breakdown of each warmer restore run so far.
     breakdowns: std::cell::RefCell<Vec<Vec<(String, f64)>>>,
 }
 
 impl Drop for Bencher {
     fn drop(&mut self) {
-        if let Some(rec) = self.saved_record.take() {
-            let run = self.dirs.service_run(&self.manifest.name);
-            let _ = cache::fsutil::write_atomic(
-                &run,
-                "state.json",
-                &rec,
-                0o644,
-                cache::fsutil::Durability::Atomic,
-            );
+        let run = self.dirs.service_run(&self.manifest.name);
+        for (name, bytes) in std::mem::take(&mut self.saved_files) {
+            let back = match bytes {
+                Some(b) => cache::fsutil::write_atomic(
+                    &run,
+                    name,
+                    &b,
+                    0o644,
+                    cache::fsutil::Durability::Atomic,
+                ),
+                None => std::fs::remove_file(run.join(name)).or_else(|e| {
+                    if e.kind() == std::io::ErrorKind::NotFound {
+                        Ok(())
+                    } else {
+                        Err(e)
+                    }
+                }),
+            };
+            if let Err(e) = back {
+                tracing::error!(
+                    "cannot put {} back as it was before the bench: {e}",
+                    run.join(name).display()
+                );
+            }
         }
+        self.put_entries_back();
         let Some(saved) = self.saved_state.take() else {
             return;
         };
@@ -191,7 +211,52 @@ impl Drop for Bencher {
     }
 }
 
+/// The files of a service's run directory that a bench puts back as it
+/// found them: what `status` shows, and what steers the next starts.
+const BENCH_KEEPS: &[&str] = &[
+    "state.json",
+    crate::restore::choose::FILE,
+    "checkpoint-failures.json",
+    "restore-failures.json",
+];
+
 impl Bencher {
+    /// After the bench: persist images it made are removed, stale marks it changed
+    /// (a retired persist image it restored again) come back.
+    fn put_entries_back(&self) {
+        let Ok(cache) = cache::Cache::open(&self.dirs.cache) else {
+            return;
+        };
+        let Ok(_lock) = cache.lock_service(&self.manifest.name, true) else {
+            return;
+        };
+        let before: std::collections::BTreeMap<&str, &Option<String>> = self
+            .saved_entries
+            .iter()
+            .map(|(k, s)| (k.as_str(), s))
+            .collect();
+        for e in cache.select(&self.manifest.name).unwrap_or_default() {
+            let done = match before.get(e.key.as_str()) {
+                // A persist image the bench made holds the bench's data, not
+                // the operator's; a warm one is what a start would have made.
+                None if self.manifest.mode == crate::manifest::Mode::Persist => {
+                    cache.remove(&e.key)
+                }
+                None => Ok(()),
+                Some(s) if **s == e.stale => Ok(()),
+                Some(Some(why)) => cache.mark_stale(&e.key, why),
+                Some(None) => cache.clear_stale(&e.key),
+            };
+            if let Err(err) = done {
+                tracing::error!(
+                    "cannot leave image {} as it was before the bench: {}",
+                    short(&e.key),
+                    chain(&err)
+                );
+            }
+        }
+    }
+
     /// `warmer` is the binary that runs the service (usually this one).
     pub fn new(dirs: &Dirs, service: &str, warmer: &Path) -> Result<Self, BenchError> {
         let manifest = Manifest::find(&dirs.manifests, service)?;
@@ -230,9 +295,19 @@ impl Bencher {
             })?;
             Some(saved)
         };
-        let saved_record = std::fs::read(RunRecord::path(&dirs.run, service)).ok();
+        let saved_files = BENCH_KEEPS
+            .iter()
+            .map(|name| (*name, std::fs::read(run_dir.join(name)).ok()))
+            .collect();
+        let saved_entries = cache
+            .select(service)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|e| (e.key, e.stale))
+            .collect();
         Ok(Self {
-            saved_record,
+            saved_files,
+            saved_entries,
             breakdowns: Default::default(),
             saved_state,
             dirs: dirs.clone(),
@@ -462,7 +537,11 @@ fn is_tmpfs(path: &str) -> bool {
 }
 
 impl Bencher {
-    fn spawn_warmer(&self, cold: bool) -> Result<Child, BenchError> {
+    /// `warmer run`: `Some(true)` cold (a baseline), `Some(false)` a bench
+    /// restore (changes no image, so every round restores the same, and a
+    /// measured "cold is faster" does not stop it), `None` an ordinary run
+    /// (to make the image).
+    fn spawn_warmer(&self, cold: Option<bool>) -> Result<Child, BenchError> {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -476,9 +555,11 @@ impl Bencher {
             .arg("--run-dir")
             .arg(&self.dirs.run)
             .arg("run");
-        if cold {
-            cmd.arg("--cold");
-        }
+        match cold {
+            Some(true) => cmd.arg("--cold"),
+            Some(false) => cmd.arg("--bench"),
+            None => &mut cmd,
+        };
         cmd.arg(&self.manifest.name)
             .env_remove("NOTIFY_SOCKET")
             // The clock starts here, before warmer exists: what a user waits.
@@ -544,7 +625,7 @@ impl Bencher {
     }
 
     fn make_image(&self, cache: &cache::Cache, digest: &str) -> Result<(), BenchError> {
-        let mut child = self.spawn_warmer(false)?;
+        let mut child = self.spawn_warmer(None)?;
         let limit = self.manifest.ready.timeout + Duration::from_secs(300);
         self.wait_record(&mut child, &|r| r.state == ServiceState::Ready, limit)?;
         if self.manifest.mode == crate::manifest::Mode::Persist {
@@ -566,7 +647,7 @@ impl Bencher {
 
     /// One `warmer run`: its own ready_ms.
     fn warmer_run(&self, cold: bool) -> Result<f64, BenchError> {
-        let mut child = self.spawn_warmer(cold)?;
+        let mut child = self.spawn_warmer(Some(cold))?;
         let limit = self.manifest.ready.timeout + Duration::from_secs(30);
         let ready =
             |r: &RunRecord| matches!(r.state, ServiceState::Ready | ServiceState::Checkpointing);

@@ -132,7 +132,7 @@ pub fn next_start(
         );
     }
     let run_dir = run_dir?;
-    match crate::restore::plan(cache, digest, m, run_dir) {
+    match crate::restore::plan(cache, digest, m, run_dir, crate::restore::Purpose::Start) {
         Ok(Ok(plan)) => NextStart::restore(
             format!(
                 "image {} (generation {}, taken {}), {}",
@@ -276,7 +276,13 @@ fn one(
             .as_ref()
             .filter(|_| alive)
             .and_then(|r| r.stale.clone())
-            .or_else(|| entry.as_ref().and_then(|e| e.stale.clone())),
+            // A persist image retired by its one restore is not stale news.
+            .or_else(|| {
+                entry
+                    .as_ref()
+                    .and_then(|e| e.stale.clone())
+                    .filter(|s| !s.starts_with(crate::image::RETIRED))
+            }),
         message: record.and_then(|r| r.message),
         mode: manifest.map(|m| m.mode),
         next_start: next,

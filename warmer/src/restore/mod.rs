@@ -247,6 +247,16 @@ pub struct Restored {
     pub entry: Entry,
 }
 
+/// Why a restore is planned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Purpose {
+    /// A start: restore only where it beats a cold start.
+    Start,
+    /// `warmer bench`: restore whatever was measured before (measuring it
+    /// is how an operator checks that decision).
+    Measure,
+}
+
 /// Step 1: what to restore and how. The image must be current and not
 /// stale; in persist mode, taken at a stop (unless a rollback pinned it);
 /// and the service's `state:` data exactly as the image captured it. A warm
@@ -258,6 +268,7 @@ pub fn plan(
     digest: &str,
     manifest: &crate::manifest::Manifest,
     run_dir: &Path,
+    purpose: Purpose,
 ) -> Result<Result<Plan, Skip>, Failure> {
     let mode = manifest.mode;
     let entry = match cache.lookup(digest) {
@@ -269,7 +280,7 @@ pub fn plan(
         return Ok(Err(Skip::Stale(why.clone())));
     }
     let history = choose::History::load(run_dir, digest);
-    if mode == Mode::Warm {
+    if mode == Mode::Warm && purpose == Purpose::Start {
         if let Some(v) = choose::cold_is_faster(&history, entry.meta.cold_start_ms) {
             return Ok(Err(Skip::ColdIsFaster(v)));
         }
@@ -619,7 +630,13 @@ mod tests {
         let cache = Cache::open(dir.path().join("c")).unwrap();
         let digest = "ab".repeat(32);
         assert!(matches!(
-            plan(&cache, &digest, &manifest(Mode::Warm, false), dir.path()),
+            plan(
+                &cache,
+                &digest,
+                &manifest(Mode::Warm, false),
+                dir.path(),
+                Purpose::Start
+            ),
             Ok(Err(Skip::NoImage))
         ));
         let staging = cache.stage().unwrap();
@@ -645,14 +662,26 @@ mod tests {
                 },
             )
             .unwrap();
-        let p = plan(&cache, &digest, &manifest(Mode::Warm, true), dir.path())
-            .unwrap()
-            .unwrap();
+        let p = plan(
+            &cache,
+            &digest,
+            &manifest(Mode::Warm, true),
+            dir.path(),
+            Purpose::Start,
+        )
+        .unwrap()
+        .unwrap();
         assert_eq!(p.integrity, Integrity::Stamped, "just published: stamped");
         assert!(p.put_back.is_empty() && p.choice.lazy);
         assert!(
             matches!(
-                plan(&cache, &digest, &manifest(Mode::Persist, false), dir.path()),
+                plan(
+                    &cache,
+                    &digest,
+                    &manifest(Mode::Persist, false),
+                    dir.path(),
+                    Purpose::Start
+                ),
                 Ok(Err(Skip::NotStopImage {
                     taken: Taken::Ready,
                     ..
@@ -662,18 +691,30 @@ mod tests {
         );
         cache.pin(&p.entry.key).unwrap();
         assert!(
-            plan(&cache, &digest, &manifest(Mode::Persist, false), dir.path())
-                .unwrap()
-                .is_ok(),
+            plan(
+                &cache,
+                &digest,
+                &manifest(Mode::Persist, false),
+                dir.path(),
+                Purpose::Start
+            )
+            .unwrap()
+            .is_ok(),
             "unless a rollback chose it"
         );
         cache
             .mark_digest_stale(&digest, "server.py changed")
             .unwrap();
         assert_eq!(
-            plan(&cache, &digest, &manifest(Mode::Warm, false), dir.path())
-                .unwrap()
-                .unwrap_err(),
+            plan(
+                &cache,
+                &digest,
+                &manifest(Mode::Warm, false),
+                dir.path(),
+                Purpose::Start
+            )
+            .unwrap()
+            .unwrap_err(),
             Skip::Stale("server.py changed".into())
         );
     }

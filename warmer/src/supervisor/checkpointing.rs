@@ -40,7 +40,7 @@ impl Supervisor {
         let facts = policy::ReadyFacts {
             mode: self.manifest.mode,
             checkpoint_enabled: self.manifest.checkpoint.enabled,
-            cold_run: self.opts.cold,
+            cold_run: !self.opts.changes_images(),
             state: Some(self.record.state),
             // A stale image, or none: this ready service is the new generation.
             have_image: cache
@@ -144,18 +144,10 @@ impl Supervisor {
             entry.meta.bytes / 1_000_000,
             elapsed.as_millis()
         );
-        // An input that changed during the dump makes the new image stale too.
-        if let Some(reason) = self.input_change() {
-            self.record.stale = None;
-            if let Err(e) = cache.mark_digest_stale(&digest.hex, &reason) {
-                tracing::error!(
-                    "cannot mark image {} stale: {}",
-                    short(&digest.hex),
-                    chain(&e)
-                );
-            }
-            self.check_inputs();
-        }
+        // An input that changed during the dump makes the new image stale
+        // too: the digest is compared again (an event alone, such as the
+        // watch's own "recheck once watched", changes nothing).
+        self.check_inputs();
         self.record.image = Some(entry.key.clone());
         self.image_taken = true;
         if taken != Taken::Stop && self.record.stale.is_none() {
@@ -174,7 +166,7 @@ impl Supervisor {
     pub(super) fn stop_checkpoint(&mut self, running: &mut Running) -> Option<i32> {
         if self.manifest.mode != Mode::Persist
             || !self.manifest.checkpoint.enabled
-            || self.opts.cold
+            || !self.opts.changes_images()
         {
             return None;
         }

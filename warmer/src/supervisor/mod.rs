@@ -171,6 +171,16 @@ struct Supervisor {
 pub struct RunOptions {
     /// Ignore the cache: always cold-start, never checkpoint (baselines).
     pub cold: bool,
+    /// A bench's restore: restore even where a cold start is faster, and
+    /// leave images as they are (no checkpoint, no retiring, no push).
+    pub bench: bool,
+}
+
+impl RunOptions {
+    /// Whether this run may add, retire or push images.
+    pub fn changes_images(&self) -> bool {
+        !self.cold && !self.bench
+    }
 }
 
 pub fn run(dirs: &Dirs, name: &str, opts: RunOptions) -> Result<Outcome, RunError> {
@@ -386,7 +396,7 @@ impl Supervisor {
             self.start_watch(true);
             self.recheck_digest();
         }
-        if running.kind == StartKind::Cold && !self.opts.cold {
+        if running.kind == StartKind::Cold && self.opts.changes_images() {
             self.maybe_checkpoint(&running);
             self.systemd.status(&status);
         }

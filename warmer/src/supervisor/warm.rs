@@ -37,9 +37,14 @@ impl Supervisor {
                 return None;
             }
         };
-        let mut planned = restore::plan(&cache, &digest, &self.manifest, &self.run_dir);
+        let purpose = if self.opts.bench {
+            restore::Purpose::Measure
+        } else {
+            restore::Purpose::Start
+        };
+        let mut planned = restore::plan(&cache, &digest, &self.manifest, &self.run_dir, purpose);
         if matches!(planned, Ok(Err(Skip::NoImage))) && self.pull_missing(&cache, &digest) {
-            planned = restore::plan(&cache, &digest, &self.manifest, &self.run_dir);
+            planned = restore::plan(&cache, &digest, &self.manifest, &self.run_dir, purpose);
         }
         self.marks[2] = self.started.elapsed();
         let plan = match planned {
@@ -64,6 +69,7 @@ impl Supervisor {
             }
             Ok(Err(skip @ Skip::NotStopImage { .. })) => {
                 tracing::info!(phase = "plan", "cold start: {skip}");
+                self.record.message = Some(format!("cold start: {skip}"));
                 return None;
             }
             Ok(Err(Skip::NoImage)) => {
@@ -80,6 +86,7 @@ impl Supervisor {
                     "image {} is stale ({why}): cold start",
                     short(&digest)
                 );
+                self.record.message = Some(format!("cold start: the image is stale ({why})"));
                 return None;
             }
             Err(failure) => {
@@ -138,7 +145,7 @@ impl Supervisor {
         drop(lock);
         match result {
             Ok(restored) => {
-                if self.manifest.mode == Mode::Persist {
+                if self.manifest.mode == Mode::Persist && self.opts.changes_images() {
                     // Used once: from now on the service's memory and data
                     // move on, so after a crash this image would roll them back.
                     let why = RETIRED;
@@ -156,7 +163,10 @@ impl Supervisor {
                 }
                 self.record.image = Some(restored.entry.key.clone());
                 self.image_taken = true;
-                if restored.entry.meta.origin.is_none() && self.manifest.mode == Mode::Warm {
+                if restored.entry.meta.origin.is_none()
+                    && self.manifest.mode == Mode::Warm
+                    && self.opts.changes_images()
+                {
                     self.push_in_background(&restored.entry.key, true);
                 }
                 self.timings = Some(restored.timings.clone());
