@@ -931,9 +931,20 @@ fn saphyr_message(e: &serde_saphyr::Error) -> String {
     let first = text.lines().next().unwrap_or("").trim();
     let first = first.strip_prefix("error: ").unwrap_or(first);
     // "line 4 column 3: unknown field ..." -> "unknown field ..."
-    match first.strip_prefix("line ").and_then(|r| r.split_once(": ")) {
-        Some((pos, msg)) if pos.contains("column") => msg.to_string(),
-        _ => first.to_string(),
+    let msg = match first.strip_prefix("line ").and_then(|r| r.split_once(": ")) {
+        Some((pos, msg)) if pos.contains("column") => msg,
+        _ => first,
+    };
+    // "... at line 3, column 1": the position is printed once, in front.
+    match msg.rsplit_once(" at line ") {
+        Some((head, pos))
+            if pos.split_once(", column ").is_some_and(|(l, c)| {
+                l.bytes().all(|b| b.is_ascii_digit()) && c.bytes().all(|b| b.is_ascii_digit())
+            }) =>
+        {
+            head.to_string()
+        }
+        _ => msg.to_string(),
     }
 }
 
@@ -1035,6 +1046,7 @@ state: [\"/var/lib/app/data\"]
     fn unknown_key_is_positioned() {
         let e = err("exec: [a]\nready:\n  tcp: \"127.0.0.1:1\"\n  bogus: 1\n");
         assert!(e.starts_with("web.yaml:4:3: unknown field `bogus`"), "{e}");
+        assert!(!e.contains("at line"), "the position once, in front: {e}");
     }
 
     #[test]

@@ -303,8 +303,11 @@ fn socket(pid: u32, fd: u32, sk: &proto::InetSkEntry) -> Socket {
         img::TCP_ESTABLISHED => "established".to_string(),
         img::TCP_LISTEN => "listen".to_string(),
         7 if sk.proto == 17 => "open".to_string(),
-        7 => "closed".to_string(),
-        s => format!("state {s}"),
+        s => u8::try_from(s)
+            .map(crate::process::ports::tcp_state_name)
+            .unwrap_or("?")
+            .to_ascii_lowercase()
+            .replace('_', "-"),
     };
     let (local, remote) = match img::inet_addrs(sk) {
         Some((a, b)) => (

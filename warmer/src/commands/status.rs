@@ -266,7 +266,7 @@ fn one(
             .as_ref()
             .filter(|_| alive)
             .and_then(|r| r.service_pid)
-            .and_then(main_child),
+            .and_then(crate::process::service::main_pid),
         init_pid: record
             .as_ref()
             .filter(|_| alive)
@@ -287,16 +287,6 @@ fn one(
         mode: manifest.map(|m| m.mode),
         next_start: next,
     }
-}
-
-/// The service's main process: the init's first child.
-fn main_child(init: i32) -> Option<i32> {
-    std::fs::read_to_string(format!("/proc/{init}/task/{init}/children"))
-        .ok()?
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()
 }
 
 /// The human table.
@@ -349,14 +339,50 @@ pub fn render(rows: &[ServiceStatus]) -> String {
             image
         ));
         if let Some(n) = &r.next_start {
-            out.push_str(&format!(
-                "{:<20} next start: {}: {}\n",
-                "", n.action, n.detail
-            ));
+            out.push_str(&indented(&format!("next start: {}: ", n.action), &n.detail));
         }
         if let Some(m) = &r.message {
-            out.push_str(&format!("{:<20} last: {m}\n", ""));
+            out.push_str(&indented("last: ", m));
         }
     }
     out
+}
+
+/// `label` and `text` under the table's first column; a text of several
+/// lines (CRIU's log tail) keeps them, each indented under the first, and
+/// control characters (from a log, a file name in an image) are escaped.
+fn indented(label: &str, text: &str) -> String {
+    let pad = " ".repeat(21 + label.len());
+    let mut out = String::new();
+    for (i, line) in text.lines().enumerate() {
+        let safe: String = line.chars().flat_map(char::escape_debug).collect();
+        let safe = safe.replace("\\\"", "\"").replace("\\'", "'");
+        if i == 0 {
+            out.push_str(&format!("{:<20} {label}{safe}\n", ""));
+        } else {
+            out.push_str(&format!("{pad}{}\n", safe.trim_start()));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::indented;
+
+    #[test]
+    fn a_multi_line_message_stays_under_its_label_and_escapes_control_bytes() {
+        let text = indented(
+            "last: ",
+            "restore failed: criu\n  2: Error (x)\nhint: \u{1b}]0;pwned\u{7}",
+        );
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 3, "{text}");
+        assert!(lines[0].starts_with(&format!("{:<20} last: restore failed", "")));
+        assert!(lines[1].starts_with(&" ".repeat(27)) && lines[1].ends_with("2: Error (x)"));
+        assert!(
+            !text.contains('\u{1b}') && lines[2].contains("\\u{1b}"),
+            "{text}"
+        );
+    }
 }

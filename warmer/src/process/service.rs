@@ -14,6 +14,17 @@ use crate::manifest::Manifest;
 use crate::process::logs::Output;
 use crate::process::signals::Signals;
 
+/// The service's main process (host PID): the first child of its
+/// namespace's init, warmer-init, whose PID is `init`.
+pub fn main_pid(init: i32) -> Option<i32> {
+    std::fs::read_to_string(format!("/proc/{init}/task/{init}/children"))
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
 /// How the last start happened.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]

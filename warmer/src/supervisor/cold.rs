@@ -50,7 +50,7 @@ impl Supervisor {
         let mut running = Running::new(pid, output, StartKind::Cold);
         self.record.service_pid = Some(pid.as_raw());
         self.set_state(ServiceState::Starting);
-        tracing::info!("cold start: pid {pid}");
+        tracing::info!("cold start: warmer-init pid {pid} (the service is its child)");
         let err = match self.wait_ready(&mut running, &mut prober) {
             Readiness::Ready | Readiness::Stopped => return Ok(running),
             Readiness::Exited(code) | Readiness::ExitedAfterSignal(code) => {

@@ -97,7 +97,14 @@ impl Supervisor {
                 if let Some(d) = &digest {
                     choose::History::record_cold(&self.run_dir, d, ready_ms);
                 }
-                format!("ready: cold start in {ready_ms} ms")
+                match self
+                    .record
+                    .service_pid
+                    .and_then(crate::process::service::main_pid)
+                {
+                    Some(pid) => format!("ready: cold start in {ready_ms} ms, pid {pid}"),
+                    None => format!("ready: cold start in {ready_ms} ms"),
+                }
             }
             StartKind::Restored => {
                 if let (Some(d), Some(c)) = (&digest, &self.record.restore_choice) {
