@@ -925,3 +925,64 @@ fn network_locks_of_an_image_never_restored_are_removed_at_the_next_start() {
     assert!(warmer::criu::locks::release(&env.path("run/peered")) > 0);
     assert_eq!(locked(), 0);
 }
+
+/// A service's own PID file says its PID inside warmer's namespace (2); the
+/// manifest's `pid_file` gets the host's view of it, cold and restored, for
+/// the host's tools (pg_lsclusters), and goes when the service stops.
+#[test]
+fn pid_file_holds_the_host_pid_cold_and_restored() {
+    require_criu();
+    let env = Env::new();
+    let port = free_port();
+    let pid_path = env.path("run-svc/svc.pid");
+    std::fs::create_dir_all(pid_path.parent().unwrap()).unwrap();
+    let script = env.path("pidder.py");
+    std::fs::write(
+        &script,
+        "import os, sys, time\n\
+         from http.server import BaseHTTPRequestHandler, HTTPServer\n\
+         time.sleep(0.3)\n\
+         open(sys.argv[2], 'w').write(f'{os.getpid()}\\n')\n\
+         class H(BaseHTTPRequestHandler):\n    \
+             def do_GET(self):\n        \
+                 self.send_response(200); self.send_header('Content-Length', '2'); self.end_headers(); self.wfile.write(b'ok')\n    \
+             def log_message(self, *a): pass\n\
+         HTTPServer(('127.0.0.1', int(sys.argv[1])), H).serve_forever()\n",
+    )
+    .unwrap();
+    env.write_manifest(
+        "pidder",
+        &format!(
+            "exec: [\"/usr/bin/python3\", \"{}\", \"{port}\", \"{}\"]\n\
+             ready: {{http: \"http://127.0.0.1:{port}/\"}}\n\
+             pid_file: {}\ncheckpoint: {{settle: 100ms}}\n",
+            script.display(),
+            pid_path.display(),
+            pid_path.display()
+        ),
+    );
+    let host_pid_in_file = || -> i32 {
+        std::fs::read_to_string(&pid_path)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    let mut w = env.run("pidder");
+    let s = env.wait_image("pidder", &mut w);
+    assert_eq!(s["last_start"], "cold");
+    let pid = host_pid_in_file();
+    assert_ne!(pid, 2, "the namespace's PID was replaced");
+    assert_eq!(s["pid"], pid, "{s}");
+    let cmdline = std::fs::read_to_string(format!("/proc/{pid}/cmdline")).unwrap();
+    assert!(cmdline.contains("pidder.py"), "{cmdline}");
+    w.stop();
+    assert!(!pid_path.exists(), "removed with the service");
+    let mut w = env.run("pidder");
+    let s = env.wait_ready("pidder", &mut w);
+    assert_eq!(s["last_start"], "restored", "{s}\n{}", w.err());
+    let restored = host_pid_in_file();
+    assert_eq!(s["pid"], restored, "{s}");
+    assert_ne!(restored, pid);
+    w.stop();
+}

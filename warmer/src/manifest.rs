@@ -8,6 +8,7 @@
 //! ```yaml
 //! exec: ["/usr/bin/python3", "/srv/app/server.py", "--port", "8080"]
 //! workdir: /srv/app
+//! pid_file: /run/app/app.pid       # warmer writes the service's host PID here
 //! env: { APP_MODE: "prod" }
 //! ready:
 //!   http: "http://127.0.0.1:8080/health"   # or tcp / exec / notify
@@ -108,6 +109,8 @@ struct RawManifest {
     exec: Spanned<Vec<String>>,
     #[serde(default)]
     workdir: Option<Spanned<String>>,
+    #[serde(default)]
+    pid_file: Option<Spanned<String>>,
     #[serde(default)]
     env: Option<Spanned<BTreeMap<String, String>>>,
     ready: Spanned<RawReady>,
@@ -309,6 +312,12 @@ pub struct Manifest {
     pub mode: Mode,
     pub exec: Vec<String>,
     pub workdir: Option<PathBuf>,
+    /// A PID file the host's tools read (pg_lsclusters, init scripts):
+    /// warmer writes the service's main process's host PID there once it is
+    /// ready, cold or restored (the service itself can only write its PID
+    /// inside warmer's namespace). How it runs, not what: not in the digest.
+    #[serde(skip)]
+    pub pid_file: Option<PathBuf>,
     pub env: BTreeMap<String, String>,
     pub ready: Ready,
     pub checkpoint: Checkpoint,
@@ -490,6 +499,25 @@ impl Manifest {
             })
         })();
         let workdir = keep(&mut errors, workdir, None);
+        let pid_file = (|| {
+            Ok(match &raw.pid_file {
+                Some(p)
+                    if !Path::new(&p.value).is_absolute()
+                        || Path::new(&p.value).file_name().is_none() =>
+                {
+                    return Err(at(
+                        &p.referenced,
+                        format!(
+                            "pid_file: expected an absolute path of a file, got {:?}",
+                            p.value
+                        ),
+                    ))
+                }
+                Some(p) => Some(PathBuf::from(&p.value)),
+                None => None,
+            })
+        })();
+        let pid_file = keep(&mut errors, pid_file, None);
 
         let env = raw
             .env
@@ -705,6 +733,7 @@ impl Manifest {
             mode,
             exec,
             workdir,
+            pid_file,
             env,
             ready,
             checkpoint,

@@ -13,6 +13,7 @@ pub mod init_loop;
 pub mod leftovers;
 pub mod logs;
 pub mod notify;
+pub mod pidfile;
 pub mod ports;
 pub mod probe;
 pub mod roles;

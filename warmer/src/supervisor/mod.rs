@@ -160,6 +160,8 @@ struct Supervisor {
     foreign: Option<String>,
     /// This run restored an image or took one: its digest is settled.
     image_taken: bool,
+    /// The host PID written into the manifest's `pid_file`.
+    pid_written: Option<i32>,
     /// How long this start spent pulling its image from the registry: a
     /// one-time cost, not part of what a restore costs.
     pulled_ms: u64,
@@ -314,6 +316,7 @@ pub fn run(dirs: &Dirs, name: &str, opts: RunOptions) -> Result<Outcome, RunErro
         control: None,
         foreign: None,
         image_taken: false,
+        pid_written: None,
         pulled_ms: 0,
         opts,
     };
@@ -374,6 +377,7 @@ impl Supervisor {
         }
         self.set_state(ServiceState::Ready);
         self.systemd.ready(&status);
+        self.write_pid_file();
         // Connections an earlier stop-time dump locked and no restore
         // lifted (see `criu::locks`): their rules go now.
         let released = crate::criu::locks::release(&self.run_dir);
@@ -401,6 +405,29 @@ impl Supervisor {
             self.systemd.status(&status);
         }
         Ok(self.supervise(running))
+    }
+
+    /// The manifest's `pid_file`: the service's host PID, now that it is
+    /// ready (see [`crate::process::pidfile`]).
+    fn write_pid_file(&mut self) {
+        let Some(path) = self.manifest.pid_file.clone() else {
+            return;
+        };
+        let Some(pid) = self
+            .record
+            .service_pid
+            .and_then(crate::process::service::main_pid)
+        else {
+            tracing::warn!(
+                "pid_file {}: the service has no main process",
+                path.display()
+            );
+            return;
+        };
+        match crate::process::pidfile::write(&path, pid) {
+            Ok(()) => self.pid_written = Some(pid),
+            Err(e) => tracing::warn!("{}", chain(&e)),
+        }
     }
 
     fn notify_socket(&self) -> PathBuf {
@@ -432,6 +459,11 @@ impl Supervisor {
         };
         let lazy_failure = running.lazy_failure().map(str::to_string);
         running.finish();
+        if let (Some(path), Some(pid)) = (&self.manifest.pid_file, self.pid_written) {
+            if let Err(e) = crate::process::pidfile::remove_if(path, pid) {
+                tracing::warn!("{}", chain(&e));
+            }
+        }
         if let (Some(why), Some(d)) = (lazy_failure, &self.digest) {
             let why = why.as_str();
             crate::restore::choose::History::record_lazy_failure(&self.run_dir, &d.hex, why);
