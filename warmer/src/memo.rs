@@ -28,8 +28,13 @@ pub struct Memo {
     dirty: bool,
 }
 
+/// The memo file's format (absent: 0, read the same).
+const MEMO_VERSION: u32 = 1;
+
 #[derive(Serialize, Deserialize)]
 struct OnDisk {
+    #[serde(default)]
+    format_version: u32,
     boot_id: String,
     facts: BTreeMap<String, Fact>,
 }
@@ -47,7 +52,9 @@ impl Memo {
         let facts = std::fs::read(&path)
             .ok()
             .and_then(|b| serde_json::from_slice::<OnDisk>(&b).ok())
-            .filter(|d| !boot_id.is_empty() && d.boot_id == boot_id)
+            .filter(|d| {
+                !boot_id.is_empty() && d.boot_id == boot_id && d.format_version <= MEMO_VERSION
+            })
             .map(|d| d.facts)
             .unwrap_or_default();
         Self {
@@ -97,6 +104,7 @@ impl Memo {
             return;
         };
         let disk = OnDisk {
+            format_version: MEMO_VERSION,
             boot_id: self.boot_id.clone(),
             facts: std::mem::take(&mut self.facts),
         };

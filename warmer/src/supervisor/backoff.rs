@@ -9,8 +9,8 @@
 //!   changes, the next boot, or `warmer checkpoint`).
 //!
 //! ```text
-//! <run>/<svc>/checkpoint-failures.json   {digest, count, last}   (per boot: /run)
-//! <run>/<svc>/restore-failures.json      {digest, count, last}
+//! <run>/<svc>/checkpoint-failures.json   {format_version, digest, count, last}   (per boot: /run)
+//! <run>/<svc>/restore-failures.json      {format_version, digest, count, last}
 //! ```
 
 use std::path::Path;
@@ -44,8 +44,13 @@ impl Kind {
     }
 }
 
+/// The failure files' format (absent: 0, read the same).
+const FAILURES_VERSION: u32 = 1;
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Failures {
+    #[serde(default)]
+    format_version: u32,
     pub digest: String,
     pub count: u32,
     pub last: String,
@@ -66,6 +71,7 @@ impl Default for Failures {
 impl Failures {
     fn empty(kind: Kind) -> Self {
         Self {
+            format_version: FAILURES_VERSION,
             digest: String::new(),
             count: 0,
             last: String::new(),
@@ -81,7 +87,8 @@ impl Failures {
     pub fn load_kind(run_dir: &Path, kind: Kind) -> Self {
         let mut f: Self = std::fs::read(run_dir.join(kind.file()))
             .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok())
+            .and_then(|b| serde_json::from_slice::<Self>(&b).ok())
+            .filter(|f| f.format_version <= FAILURES_VERSION)
             .unwrap_or_else(|| Self::empty(kind));
         f.kind = kind;
         f
@@ -103,6 +110,7 @@ impl Failures {
 
     pub fn record(&self, run_dir: &Path, digest: &str, why: &str) -> std::io::Result<()> {
         let next = Failures {
+            format_version: FAILURES_VERSION,
             digest: digest.to_string(),
             count: if self.digest == digest {
                 self.count + 1
