@@ -55,9 +55,11 @@ mod checksum;
 mod error;
 pub mod fsutil;
 mod gc;
+mod key;
 mod lock;
 mod marks;
 mod meta;
+mod seal;
 mod select;
 mod stamp;
 mod store;
@@ -66,10 +68,11 @@ mod verify;
 pub use checksum::{hash_file, hash_file_with, Cores, FileSum, HASH_ALGORITHM};
 pub use error::{Error, Problem};
 pub use gc::{GcPolicy, GcReport, Removed};
+pub use key::{make_key, split_key};
 pub use lock::ServiceLock;
 pub use meta::{Meta, NewEntry, FORMAT_VERSION};
 pub use select::{SelectError, Target, MIN_PREFIX};
-pub use store::{make_key, split_key, Cache, Entry, Listed, Staging, Verification};
+pub use store::{Cache, Entry, Listed, Staging, Verification};
 
 /// Crash-injection points for tests (`failpoints` feature): when the
 /// environment variable `CACHE_FAILPOINT` names this point, the process aborts

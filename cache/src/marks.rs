@@ -9,6 +9,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::error::Error;
 
+use crate::key::*;
+use crate::seal::*;
 use crate::store::*;
 
 impl Cache {

@@ -9,7 +9,8 @@
 //!   (`0123456789ab.3`): that one entry.
 
 use crate::error::Error;
-use crate::store::{split_key, Cache, Entry};
+use crate::key::split_key;
+use crate::store::{Cache, Entry};
 
 /// What a command-line argument names.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -1,14 +1,16 @@
-use std::fs::{self, DirBuilder, File};
+use std::fs::{self, DirBuilder};
 use std::io;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use crate::checksum::{hash_file, FileSum, HASH_ALGORITHM};
+use crate::checksum::HASH_ALGORITHM;
 use crate::error::{Error, Problem};
-use crate::fsutil::{self, Durability};
+use crate::fsutil::{self};
+use crate::key::*;
 use crate::lock::ServiceLock;
 use crate::meta::{Meta, NewEntry, FORMAT_VERSION};
+use crate::seal::*;
 
 pub(crate) const LAYOUT: &str = "warmer-cache 2";
 /// Layout 1 named entries by digest alone (one generation per digest).
@@ -96,40 +98,6 @@ pub(crate) fn now_unix() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
-}
-
-pub(crate) fn valid_digest(digest: &str) -> Result<(), Error> {
-    let ok = (16..=128).contains(&digest.len())
-        && digest
-            .bytes()
-            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
-    if ok {
-        Ok(())
-    } else {
-        Err(Error::BadKey(digest.to_string()))
-    }
-}
-
-/// `<digest>.<generation>` -> (digest, generation).
-pub fn split_key(key: &str) -> Result<(&str, u64), Error> {
-    let bad = || Error::BadKey(key.to_string());
-    let (digest, gen) = key.rsplit_once('.').ok_or_else(bad)?;
-    valid_digest(digest)?;
-    let gen = gen
-        .parse::<u64>()
-        .ok()
-        .filter(|g| *g > 0 && gen.bytes().all(|b| b.is_ascii_digit()))
-        .ok_or_else(bad)?;
-    Ok((digest, gen))
-}
-
-pub(crate) fn valid_key(key: &str) -> Result<(), Error> {
-    split_key(key).map(|_| ())
-}
-
-/// The entry name of generation `gen` of `digest`.
-pub fn make_key(digest: &str, gen: u64) -> String {
-    format!("{digest}.{gen}")
 }
 
 impl Cache {
@@ -536,99 +504,4 @@ impl Cache {
         });
         Ok(out)
     }
-}
-
-pub(crate) fn relative(base: &Path, path: &Path) -> String {
-    let rel = path.strip_prefix(base).unwrap_or(path).to_string_lossy();
-    if rel.is_empty() {
-        ".".to_string()
-    } else {
-        rel.into_owned()
-    }
-}
-
-/// Makes every staged file private and durable and records its checksum.
-/// The staged files are exactly the expected ones (paths, sizes, hashes).
-pub(crate) fn check_expected(expected: &[FileSum], found: &[FileSum]) -> Result<(), Problem> {
-    let mut want: Vec<&FileSum> = expected.iter().collect();
-    want.sort_by(|a, b| a.path.cmp(&b.path));
-    for f in found {
-        match want.binary_search_by(|w| w.path.as_str().cmp(&f.path)) {
-            Err(_) => {
-                return Err(Problem::Unexpected {
-                    path: f.path.clone(),
-                })
-            }
-            Ok(i) if want[i].size != f.size => {
-                return Err(Problem::Size {
-                    path: f.path.clone(),
-                    expected: want[i].size,
-                    found: f.size,
-                })
-            }
-            Ok(i) if want[i].blake3 != f.blake3 => {
-                return Err(Problem::Checksum {
-                    path: f.path.clone(),
-                })
-            }
-            Ok(_) => {}
-        }
-    }
-    if let Some(missing) = want
-        .iter()
-        .find(|w| !found.iter().any(|f| f.path == w.path))
-    {
-        return Err(Problem::Missing {
-            path: missing.path.clone(),
-        });
-    }
-    Ok(())
-}
-
-pub(crate) fn seal_tree(
-    base: &Path,
-    dir: &Path,
-    out: &mut Vec<FileSum>,
-    sync: bool,
-) -> Result<(), Error> {
-    fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(Error::io(dir))?;
-    for dent in fs::read_dir(dir).map_err(Error::io(dir))? {
-        let dent = dent.map_err(Error::io(dir))?;
-        let path = dent.path();
-        let ft = dent.file_type().map_err(Error::io(&path))?;
-        if ft.is_dir() {
-            seal_tree(base, &path, out, sync)?;
-            if sync {
-                fsync_dir(&path)?;
-            }
-        } else if ft.is_file() {
-            fs::set_permissions(&path, fs::Permissions::from_mode(0o600))
-                .map_err(Error::io(&path))?;
-            let mut file = File::open(&path).map_err(Error::io(&path))?;
-            let (blake3, size) = hash_file(&mut file).map_err(Error::io(&path))?;
-            if sync {
-                file.sync_all().map_err(Error::io(&path))?;
-            }
-            out.push(FileSum {
-                path: relative(base, &path),
-                size,
-                blake3,
-            });
-        } else {
-            return Err(Error::Io {
-                path,
-                source: io::Error::new(
-                    io::ErrorKind::InvalidInput,
-                    "only regular files and directories can be stored",
-                ),
-            });
-        }
-    }
-    Ok(())
-}
-
-/// Writes `dir/name` durably (see [`crate::fsutil::write_atomic`]).
-pub(crate) fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), Error> {
-    fsutil::write_atomic(dir, name, bytes, 0o600, Durability::Fsync)
-        .map_err(Error::io(dir.join(name)))
 }

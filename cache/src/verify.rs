@@ -12,6 +12,7 @@ use crate::checksum::{hash_file_with, Cores};
 use crate::error::{Error, Problem};
 use crate::stamp::{self, Stamp};
 
+use crate::seal::*;
 use crate::store::*;
 
 impl Cache {

@@ -7,6 +7,7 @@
 //! May call: `manifest`, `criu` (locating CRIU for the network-lock rules),
 //! `digest` (hashing helpers). Never `restore`, `checkpoint` or `supervisor`.
 
+pub mod clock;
 pub mod init;
 #[path = "../../../init/src/init_loop.rs"]
 pub mod init_loop;

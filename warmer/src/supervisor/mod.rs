@@ -364,7 +364,7 @@ impl Supervisor {
         let ready_ms = ms(self.started.elapsed());
         self.record.last_start = Some(running.kind);
         self.record.ready_ms = Some(ready_ms);
-        self.record.ready_from_spawn_us = crate::commands::bench::since_spawn_us();
+        self.record.ready_from_spawn_us = crate::process::clock::since_spawn_us();
         if let (StartKind::Restored, Some(t)) = (running.kind, &self.timings) {
             self.record.breakdown = Some(self.breakdown(t));
         }

@@ -1,167 +1,35 @@
-//! `warmer bench SVC`: cold start vs warmer restore vs bare `criu restore` of
-//! the same image, interleaved, to ready.
-//!
-//! - cold: `warmer run --cold SVC`, from the moment the bench spawns it to
-//!   the first passing probe (the spawn moment travels in
-//!   `WARMER_SPAWNED_AT_NS`, CLOCK_MONOTONIC, so warmer's own exec and
-//!   start-up count);
-//! - restore: `warmer run SVC` restoring from the cache, timed the same way
-//!   (exec, digest, integrity check, CRIU, probe: everything);
-//! - criu_restore: the floor: `criu restore` of the same image with the same
-//!   options, then the same probe loop, timed from just before CRIU starts.
-//!   State files, if any, are put back before the clock starts.
-//!
-//! Runs are interleaved (cold, restore, criu, cold, ...) so that drift (page
-//! cache, CPU frequency, other load) hits all three alike; `--drop-caches`
-//! empties the page cache before every run, as after a reboot.
+//! One bench's runs: the image made if needed, cold starts, warmer restores and
+//! bare CRIU restores, each spawned and timed from outside; and everything
+//! the runs touch put back as it was.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
-
-use crate::checkpoint::short;
-use crate::criu::Criu;
-use crate::digest::Digester;
-use crate::dirs::Dirs;
-use crate::errors::chain;
-use crate::manifest::{Manifest, Probe};
-use crate::process::probe::{Backoff, Prober};
-use crate::process::service::StartKind;
-use crate::process::signals::Signals;
-use crate::supervisor::record::{RunRecord, ServiceState};
-
-#[derive(Debug, thiserror::Error)]
-pub enum BenchError {
-    #[error(transparent)]
-    Manifest(#[from] crate::manifest::ManifestError),
-    #[error(transparent)]
-    Criu(#[from] crate::criu::CriuError),
-    #[error(transparent)]
-    Digest(#[from] crate::digest::DigestError),
-    #[error(transparent)]
-    Cache(#[from] cache::Error),
-    #[error("service {0} is running under warmer: stop it first (its port would be taken)")]
-    Running(String),
-    #[error("{what}: {detail}")]
-    Run { what: String, detail: String },
-    #[error("{what}")]
-    Io {
-        what: String,
-        #[source]
-        source: std::io::Error,
-    },
-}
-
-fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> BenchError {
-    let what = what.into();
-    move |source| BenchError::Io { what, source }
-}
-
-#[derive(Debug, Clone)]
-pub struct BenchOptions {
-    pub runs: usize,
-    pub drop_caches: bool,
-    /// Print where warmer's restores spent their time.
-    pub breakdown: bool,
-}
-
-/// One phase of warmer's restores: its median over the counted runs.
-#[derive(Debug, Clone, Serialize)]
-pub struct Phase {
-    pub phase: String,
-    pub median_ms: f64,
-}
-
-#[derive(Debug, Clone, Copy, Serialize)]
-pub struct Stats {
-    pub median_ms: f64,
-    pub min_ms: f64,
-    pub max_ms: f64,
-}
-
-impl Stats {
-    pub fn of(samples: &[f64]) -> Self {
-        let mut s = samples.to_vec();
-        s.sort_by(f64::total_cmp);
-        let n = s.len();
-        let median = if n == 0 {
-            f64::NAN
-        } else if n % 2 == 1 {
-            s[n / 2]
-        } else {
-            (s[n / 2 - 1] + s[n / 2]) / 2.0
-        };
-        Self {
-            median_ms: median,
-            min_ms: s.first().copied().unwrap_or(f64::NAN),
-            max_ms: s.last().copied().unwrap_or(f64::NAN),
-        }
-    }
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct Samples {
-    pub cold: Vec<f64>,
-    pub restore: Vec<f64>,
-    pub criu_restore: Vec<f64>,
-}
-
-/// `--json` output.
-#[derive(Debug, Clone, Serialize)]
-pub struct BenchReport {
-    pub service: String,
-    pub runs: usize,
-    pub image_bytes: u64,
-    pub drop_caches: bool,
-    pub cold: Stats,
-    pub restore: Stats,
-    pub criu_restore: Stats,
-    /// cold median / restore median
-    pub ratio: f64,
-    /// What warmer adds to CRIU: the median over rounds of (warmer restore -
-    /// bare criu restore).
-    pub overhead_ms: f64,
-    pub samples: Samples,
-    pub machine: Machine,
-    /// Where warmer's restores spent their time, phase by phase (medians).
-    pub breakdown: Vec<Phase>,
-    /// Whether the Markdown shows the breakdown (`--breakdown`).
-    #[serde(skip)]
-    pub show_breakdown: bool,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct Machine {
-    pub kernel: String,
-    pub cpus: usize,
-    pub criu_version: String,
-    pub run_dir_tmpfs: bool,
-}
+use super::*;
+use crate::process::clock::{monotonic_ns, SPAWNED_AT};
 
 /// Measures one service: each method is one timed start to ready.
 pub struct Bencher {
-    dirs: Dirs,
-    manifest: Manifest,
-    exe: PathBuf,
-    criu: Criu,
-    signals: Signals,
-    log: PathBuf,
-    digester: Digester,
-    entry: Option<cache::Entry>,
+    pub(super) dirs: Dirs,
+    pub(super) manifest: Manifest,
+    pub(super) exe: PathBuf,
+    pub(super) criu: Criu,
+    pub(super) signals: Signals,
+    pub(super) log: PathBuf,
+    pub(super) digester: Digester,
+    pub(super) entry: Option<cache::Entry>,
     /// The service's live `state:` data, saved before the first run and put
     /// back when the bench ends: benchmarking never changes the data.
-    saved_state: Option<PathBuf>,
+    pub(super) saved_state: Option<PathBuf>,
     /// The service's run record (what `warmer status` shows) and the
     /// measurements that steer its starts, as they were: put back too.
-    saved_files: Vec<(&'static str, Option<Vec<u8>>)>,
+    pub(super) saved_files: Vec<(&'static str, Option<Vec<u8>>)>,
     /// The service's images (key, stale mark) before the bench: images the
     /// bench made go, marks it changed come back.
-    saved_entries: Vec<(String, Option<String>)>,
+    pub(super) saved_entries: Vec<(String, Option<String>)>,
     /// The breakdown of each warmer restore run so far.
-    breakdowns: std::cell::RefCell<Vec<Vec<(String, f64)>>>,
+    pub(super) breakdowns: std::cell::RefCell<Vec<Vec<(String, f64)>>>,
 }
 
 impl Drop for Bencher {
@@ -398,144 +266,6 @@ impl Bencher {
     }
 }
 
-pub fn bench(
-    dirs: &Dirs,
-    service: &str,
-    opts: &BenchOptions,
-    progress: &mut dyn FnMut(&str),
-) -> Result<BenchReport, BenchError> {
-    let exe = std::env::current_exe().map_err(io("locating warmer"))?;
-    let mut b = Bencher::new(dirs, service, &exe)?;
-    progress("looking for an image (or making one: cold start + checkpoint)");
-    if b.ensure_image()? {
-        progress("image made");
-    }
-    let entry = b.entry.clone().expect("ensure_image sets it");
-    let host = b.digester.host.clone();
-    // A just-written image is still being flushed to disk, and the first
-    // start of anything pays for cold caches of its own: settle both with one
-    // round that is not counted.
-    nix::unistd::sync();
-    progress("warm-up round (not counted)");
-    b.cold_ms()?;
-    b.restore_ms()?;
-    b.criu_restore_ms()?;
-    b.breakdowns.borrow_mut().clear();
-
-    let mut samples = Samples {
-        cold: Vec::new(),
-        restore: Vec::new(),
-        criu_restore: Vec::new(),
-    };
-    for i in 0..opts.runs {
-        if b.signals.stop_requested() {
-            break;
-        }
-        // Every round runs the three in another of the six orders, so
-        // whatever a run leaves behind (memory to reclaim, a busy page cache)
-        // falls on each kind alike, and each follows each other kind equally.
-        const ORDERS: [[usize; 3]; 6] = [
-            [0, 1, 2],
-            [1, 2, 0],
-            [2, 0, 1],
-            [0, 2, 1],
-            [2, 1, 0],
-            [1, 0, 2],
-        ];
-        let (mut cold, mut restore, mut bare) = (0.0, 0.0, 0.0);
-        for kind in ORDERS[i % 6] {
-            if opts.drop_caches {
-                drop_caches()?;
-            }
-            match kind {
-                0 => cold = b.cold_ms()?,
-                1 => restore = b.restore_ms()?,
-                _ => bare = b.criu_restore_ms()?,
-            }
-        }
-        progress(&format!(
-            "run {}/{}: cold {cold:.0} ms, warmer restore {restore:.1} ms, criu restore {bare:.1} ms",
-            i + 1,
-            opts.runs
-        ));
-        samples.cold.push(cold);
-        samples.restore.push(restore);
-        samples.criu_restore.push(bare);
-    }
-    let (cold, restore, criu_restore) = (
-        Stats::of(&samples.cold),
-        Stats::of(&samples.restore),
-        Stats::of(&samples.criu_restore),
-    );
-    Ok(BenchReport {
-        service: service.to_string(),
-        runs: samples.cold.len(),
-        image_bytes: entry.meta.bytes,
-        drop_caches: opts.drop_caches,
-        ratio: cold.median_ms / restore.median_ms,
-        // Paired by round (the two ran next to each other), which cancels
-        // most of the drift that separate medians would carry.
-        overhead_ms: Stats::of(
-            &samples
-                .restore
-                .iter()
-                .zip(&samples.criu_restore)
-                .map(|(w, c)| w - c)
-                .collect::<Vec<_>>(),
-        )
-        .median_ms,
-        cold,
-        restore,
-        criu_restore,
-        samples,
-        breakdown: phases(&b.breakdowns.take()),
-        show_breakdown: opts.breakdown,
-        machine: Machine {
-            kernel: host.kernel.clone(),
-            cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
-            criu_version: b.criu.version.clone(),
-            run_dir_tmpfs: is_tmpfs("/run"),
-        },
-    })
-}
-
-/// A persist image retired after its one restore (the bench restores it
-/// again on purpose, with the data as it captured it).
-fn is_retired(stale_reason: &str) -> bool {
-    stale_reason.starts_with(crate::image::RETIRED)
-}
-
-/// The environment variable through which the bench tells the `warmer run`
-/// it spawns when it spawned it (CLOCK_MONOTONIC, ns).
-pub const SPAWNED_AT: &str = "WARMER_SPAWNED_AT_NS";
-
-/// CLOCK_MONOTONIC now, in ns (one clock for every process of the machine).
-pub fn monotonic_ns() -> u128 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes into the timespec we own.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    u128::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u128::try_from(ts.tv_nsec).unwrap_or(0)
-}
-
-/// In a `warmer run` the bench spawned: µs since that spawn.
-pub fn since_spawn_us() -> Option<u64> {
-    let at: u128 = std::env::var(SPAWNED_AT).ok()?.parse().ok()?;
-    u64::try_from(monotonic_ns().checked_sub(at)? / 1000).ok()
-}
-
-fn drop_caches() -> Result<(), BenchError> {
-    nix::unistd::sync();
-    std::fs::write("/proc/sys/vm/drop_caches", "3").map_err(io("dropping the page cache"))
-}
-
-fn is_tmpfs(path: &str) -> bool {
-    nix::sys::statfs::statfs(path)
-        .is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::TMPFS_MAGIC)
-}
-
 impl Bencher {
     /// `warmer run`: `Some(true)` cold (a baseline), `Some(false)` a bench
     /// restore (changes no image, so every round restores the same, and a
@@ -751,157 +481,5 @@ impl Bencher {
             });
         }
         Ok(elapsed.as_secs_f64() * 1000.0)
-    }
-}
-
-/// The Markdown table for `--out`.
-/// Per-phase medians over runs (phases in the order they first appear).
-fn phases(runs: &[Vec<(String, f64)>]) -> Vec<Phase> {
-    let mut names: Vec<&str> = Vec::new();
-    for run in runs {
-        for (name, _) in run {
-            if !names.contains(&name.as_str()) {
-                names.push(name);
-            }
-        }
-    }
-    names
-        .into_iter()
-        .map(|name| {
-            let samples: Vec<f64> = runs
-                .iter()
-                .map(|run| run.iter().find(|(n, _)| n == name).map_or(0.0, |(_, v)| *v))
-                .collect();
-            Phase {
-                phase: name.to_string(),
-                median_ms: Stats::of(&samples).median_ms,
-            }
-        })
-        .collect()
-}
-
-pub fn markdown(r: &BenchReport) -> String {
-    let row = |name: &str, s: &Stats| {
-        format!(
-            "| {name} | {:.1} | {:.1} | {:.1} |\n",
-            s.median_ms, s.min_ms, s.max_ms
-        )
-    };
-    let mut out = format!(
-        "### {} ({} runs, image {:.0} MB, page cache {})\n\n",
-        r.service,
-        r.runs,
-        r.image_bytes as f64 / 1e6,
-        if r.drop_caches { "dropped" } else { "warm" }
-    );
-    out.push_str("| start to ready | median ms | min ms | max ms |\n|---|---|---|---|\n");
-    out.push_str(&row("cold start", &r.cold));
-    out.push_str(&row("warmer restore", &r.restore));
-    out.push_str(&row("bare criu restore", &r.criu_restore));
-    out.push_str(&format!(
-        "\ncold / warmer restore: **{:.1}x**; warmer adds {:.1} ms to bare CRIU (median of per-round differences).\n\
-         Machine: kernel {}, {} CPUs, CRIU {}, /run {}a tmpfs.\n",
-        r.ratio,
-        r.overhead_ms,
-        r.machine.kernel,
-        r.machine.cpus,
-        r.machine.criu_version,
-        if r.machine.run_dir_tmpfs { "" } else { "not " }
-    ));
-    if r.show_breakdown && !r.breakdown.is_empty() {
-        out.push_str("\nWhere a warmer restore's time goes (median per phase, from spawn to ready):\n\n| phase | ms |\n|---|---|\n");
-        for p in &r.breakdown {
-            out.push_str(&format!("| {} | {:.1} |\n", p.phase, p.median_ms));
-        }
-        let sum: f64 = r.breakdown.iter().map(|p| p.median_ms).sum();
-        out.push_str(&format!("| (sum of medians) | {sum:.1} |\n"));
-    }
-    out
-}
-
-/// A small SVG: one row per kind, every run as a dot, the median as a bar.
-pub fn svg(r: &BenchReport) -> String {
-    let rows = [
-        ("cold start", &r.samples.cold, "#c0392b"),
-        ("warmer restore", &r.samples.restore, "#2471a3"),
-        ("bare criu restore", &r.samples.criu_restore, "#7f8c8d"),
-    ];
-    let max = rows
-        .iter()
-        .flat_map(|(_, s, _)| s.iter().copied())
-        .fold(1.0_f64, f64::max);
-    let (left, width, row_h) = (150.0, 560.0, 44.0);
-    let x = |ms: f64| left + ms / max * width;
-    let mut out = format!(
-        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"760\" height=\"{}\" font-family=\"sans-serif\" font-size=\"13\">\n\
-         <text x=\"10\" y=\"20\" font-weight=\"bold\">{}: start to ready (ms), {} runs, image {:.0} MB, page cache {}</text>\n",
-        60.0 + row_h * 3.0 + 30.0,
-        r.service,
-        r.runs,
-        r.image_bytes as f64 / 1e6,
-        if r.drop_caches { "dropped" } else { "warm" }
-    );
-    for (i, (name, samples, color)) in rows.iter().enumerate() {
-        #[allow(clippy::cast_precision_loss)]
-        let y = 50.0 + row_h * i as f64;
-        let median = Stats::of(samples).median_ms;
-        out.push_str(&format!(
-            "<text x=\"10\" y=\"{:.0}\">{name}</text>\n<rect x=\"{left}\" y=\"{:.0}\" width=\"{:.1}\" height=\"18\" fill=\"{color}\" opacity=\"0.35\"/>\n<text x=\"{:.1}\" y=\"{:.0}\">{median:.1}</text>\n",
-            y + 14.0,
-            y,
-            (x(median) - left).max(1.0),
-            x(median) + 6.0,
-            y + 14.0
-        ));
-        for s in samples.iter() {
-            out.push_str(&format!(
-                "<circle cx=\"{:.1}\" cy=\"{:.0}\" r=\"3\" fill=\"{color}\"/>\n",
-                x(*s),
-                y + 9.0
-            ));
-        }
-    }
-    let axis_y = 50.0 + row_h * 3.0;
-    out.push_str(&format!(
-        "<line x1=\"{left}\" y1=\"{axis_y}\" x2=\"{}\" y2=\"{axis_y}\" stroke=\"black\"/>\n<text x=\"{left}\" y=\"{}\">0</text>\n<text x=\"{}\" y=\"{}\" text-anchor=\"end\">{max:.0} ms</text>\n</svg>\n",
-        left + width,
-        axis_y + 16.0,
-        left + width,
-        axis_y + 16.0
-    ));
-    out
-}
-
-/// Writes `bench-<svc>.{md,svg,json}` into `dir`.
-pub fn write_out(r: &BenchReport, dir: &Path) -> Result<Vec<PathBuf>, BenchError> {
-    std::fs::create_dir_all(dir).map_err(io(format!("creating {}", dir.display())))?;
-    let mut written = Vec::new();
-    for (ext, text) in [
-        ("md", markdown(r)),
-        ("svg", svg(r)),
-        (
-            "json",
-            serde_json::to_string_pretty(r).expect("report serializes"),
-        ),
-    ] {
-        let p = dir.join(format!("bench-{}.{ext}", r.service));
-        let mut f = std::fs::File::create(&p).map_err(io(format!("writing {}", p.display())))?;
-        f.write_all(text.as_bytes())
-            .map_err(io(format!("writing {}", p.display())))?;
-        written.push(p);
-    }
-    Ok(written)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn stats_median_min_max() {
-        let s = Stats::of(&[5.0, 1.0, 3.0]);
-        assert_eq!((s.median_ms, s.min_ms, s.max_ms), (3.0, 1.0, 5.0));
-        let s = Stats::of(&[4.0, 1.0, 3.0, 2.0]);
-        assert_eq!(s.median_ms, 2.5);
     }
 }

@@ -1,0 +1,274 @@
+//! `warmer bench SVC`: cold start vs warmer restore vs bare `criu restore` of
+//! the same image, interleaved, to ready.
+//!
+//! - cold: `warmer run --cold SVC`, from the moment the bench spawns it to
+//!   the first passing probe (the spawn moment travels in
+//!   `WARMER_SPAWNED_AT_NS`, CLOCK_MONOTONIC, so warmer's own exec and
+//!   start-up count);
+//! - restore: `warmer run SVC` restoring from the cache, timed the same way
+//!   (exec, digest, integrity check, CRIU, probe: everything);
+//! - criu_restore: the floor: `criu restore` of the same image with the same
+//!   options, then the same probe loop, timed from just before CRIU starts.
+//!   State files, if any, are put back before the clock starts.
+//!
+//! Runs are interleaved (cold, restore, criu, cold, ...) so that drift (page
+//! cache, CPU frequency, other load) hits all three alike; `--drop-caches`
+//! empties the page cache before every run, as after a reboot.
+
+mod bencher;
+mod report;
+
+pub use bencher::Bencher;
+use report::phases;
+pub use report::{markdown, svg, write_out};
+
+use serde::Serialize;
+
+use crate::checkpoint::short;
+use crate::criu::Criu;
+use crate::digest::Digester;
+use crate::dirs::Dirs;
+use crate::errors::chain;
+use crate::manifest::{Manifest, Probe};
+use crate::process::probe::{Backoff, Prober};
+use crate::process::service::StartKind;
+use crate::process::signals::Signals;
+use crate::supervisor::record::{RunRecord, ServiceState};
+
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    #[error(transparent)]
+    Manifest(#[from] crate::manifest::ManifestError),
+    #[error(transparent)]
+    Criu(#[from] crate::criu::CriuError),
+    #[error(transparent)]
+    Digest(#[from] crate::digest::DigestError),
+    #[error(transparent)]
+    Cache(#[from] cache::Error),
+    #[error("service {0} is running under warmer: stop it first (its port would be taken)")]
+    Running(String),
+    #[error("{what}: {detail}")]
+    Run { what: String, detail: String },
+    #[error("{what}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> BenchError {
+    let what = what.into();
+    move |source| BenchError::Io { what, source }
+}
+
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    pub runs: usize,
+    pub drop_caches: bool,
+    /// Print where warmer's restores spent their time.
+    pub breakdown: bool,
+}
+
+/// One phase of warmer's restores: its median over the counted runs.
+#[derive(Debug, Clone, Serialize)]
+pub struct Phase {
+    pub phase: String,
+    pub median_ms: f64,
+}
+
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Stats {
+    pub median_ms: f64,
+    pub min_ms: f64,
+    pub max_ms: f64,
+}
+
+impl Stats {
+    pub fn of(samples: &[f64]) -> Self {
+        let mut s = samples.to_vec();
+        s.sort_by(f64::total_cmp);
+        let n = s.len();
+        let median = if n == 0 {
+            f64::NAN
+        } else if n % 2 == 1 {
+            s[n / 2]
+        } else {
+            (s[n / 2 - 1] + s[n / 2]) / 2.0
+        };
+        Self {
+            median_ms: median,
+            min_ms: s.first().copied().unwrap_or(f64::NAN),
+            max_ms: s.last().copied().unwrap_or(f64::NAN),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Samples {
+    pub cold: Vec<f64>,
+    pub restore: Vec<f64>,
+    pub criu_restore: Vec<f64>,
+}
+
+/// `--json` output.
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchReport {
+    pub service: String,
+    pub runs: usize,
+    pub image_bytes: u64,
+    pub drop_caches: bool,
+    pub cold: Stats,
+    pub restore: Stats,
+    pub criu_restore: Stats,
+    /// cold median / restore median
+    pub ratio: f64,
+    /// What warmer adds to CRIU: the median over rounds of (warmer restore -
+    /// bare criu restore).
+    pub overhead_ms: f64,
+    pub samples: Samples,
+    pub machine: Machine,
+    /// Where warmer's restores spent their time, phase by phase (medians).
+    pub breakdown: Vec<Phase>,
+    /// Whether the Markdown shows the breakdown (`--breakdown`).
+    #[serde(skip)]
+    pub show_breakdown: bool,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Machine {
+    pub kernel: String,
+    pub cpus: usize,
+    pub criu_version: String,
+    pub run_dir_tmpfs: bool,
+}
+
+pub fn bench(
+    dirs: &Dirs,
+    service: &str,
+    opts: &BenchOptions,
+    progress: &mut dyn FnMut(&str),
+) -> Result<BenchReport, BenchError> {
+    let exe = std::env::current_exe().map_err(io("locating warmer"))?;
+    let mut b = Bencher::new(dirs, service, &exe)?;
+    progress("looking for an image (or making one: cold start + checkpoint)");
+    if b.ensure_image()? {
+        progress("image made");
+    }
+    let entry = b.entry.clone().expect("ensure_image sets it");
+    let host = b.digester.host.clone();
+    // A just-written image is still being flushed to disk, and the first
+    // start of anything pays for cold caches of its own: settle both with one
+    // round that is not counted.
+    nix::unistd::sync();
+    progress("warm-up round (not counted)");
+    b.cold_ms()?;
+    b.restore_ms()?;
+    b.criu_restore_ms()?;
+    b.breakdowns.borrow_mut().clear();
+
+    let mut samples = Samples {
+        cold: Vec::new(),
+        restore: Vec::new(),
+        criu_restore: Vec::new(),
+    };
+    for i in 0..opts.runs {
+        if b.signals.stop_requested() {
+            break;
+        }
+        // Every round runs the three in another of the six orders, so
+        // whatever a run leaves behind (memory to reclaim, a busy page cache)
+        // falls on each kind alike, and each follows each other kind equally.
+        const ORDERS: [[usize; 3]; 6] = [
+            [0, 1, 2],
+            [1, 2, 0],
+            [2, 0, 1],
+            [0, 2, 1],
+            [2, 1, 0],
+            [1, 0, 2],
+        ];
+        let (mut cold, mut restore, mut bare) = (0.0, 0.0, 0.0);
+        for kind in ORDERS[i % 6] {
+            if opts.drop_caches {
+                drop_caches()?;
+            }
+            match kind {
+                0 => cold = b.cold_ms()?,
+                1 => restore = b.restore_ms()?,
+                _ => bare = b.criu_restore_ms()?,
+            }
+        }
+        progress(&format!(
+            "run {}/{}: cold {cold:.0} ms, warmer restore {restore:.1} ms, criu restore {bare:.1} ms",
+            i + 1,
+            opts.runs
+        ));
+        samples.cold.push(cold);
+        samples.restore.push(restore);
+        samples.criu_restore.push(bare);
+    }
+    let (cold, restore, criu_restore) = (
+        Stats::of(&samples.cold),
+        Stats::of(&samples.restore),
+        Stats::of(&samples.criu_restore),
+    );
+    Ok(BenchReport {
+        service: service.to_string(),
+        runs: samples.cold.len(),
+        image_bytes: entry.meta.bytes,
+        drop_caches: opts.drop_caches,
+        ratio: cold.median_ms / restore.median_ms,
+        // Paired by round (the two ran next to each other), which cancels
+        // most of the drift that separate medians would carry.
+        overhead_ms: Stats::of(
+            &samples
+                .restore
+                .iter()
+                .zip(&samples.criu_restore)
+                .map(|(w, c)| w - c)
+                .collect::<Vec<_>>(),
+        )
+        .median_ms,
+        cold,
+        restore,
+        criu_restore,
+        samples,
+        breakdown: phases(&b.breakdowns.take()),
+        show_breakdown: opts.breakdown,
+        machine: Machine {
+            kernel: host.kernel.clone(),
+            cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            criu_version: b.criu.version.clone(),
+            run_dir_tmpfs: is_tmpfs("/run"),
+        },
+    })
+}
+
+/// A persist image retired after its one restore (the bench restores it
+/// again on purpose, with the data as it captured it).
+fn is_retired(stale_reason: &str) -> bool {
+    stale_reason.starts_with(crate::image::RETIRED)
+}
+
+fn drop_caches() -> Result<(), BenchError> {
+    nix::unistd::sync();
+    std::fs::write("/proc/sys/vm/drop_caches", "3").map_err(io("dropping the page cache"))
+}
+
+fn is_tmpfs(path: &str) -> bool {
+    nix::sys::statfs::statfs(path)
+        .is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::TMPFS_MAGIC)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stats_median_min_max() {
+        let s = Stats::of(&[5.0, 1.0, 3.0]);
+        assert_eq!((s.median_ms, s.min_ms, s.max_ms), (3.0, 1.0, 5.0));
+        let s = Stats::of(&[4.0, 1.0, 3.0, 2.0]);
+        assert_eq!(s.median_ms, 2.5);
+    }
+}
