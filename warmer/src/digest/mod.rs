@@ -305,7 +305,7 @@ fn absolute(manifest: &Manifest, p: &Path) -> PathBuf {
 }
 
 /// Computes the key of `manifest` on this host.
-pub fn compute(
+fn compute(
     manifest: &Manifest,
     host: &HostFacts,
     init_home: &Path,

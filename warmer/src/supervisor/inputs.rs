@@ -44,27 +44,6 @@ impl Supervisor {
         }
     }
 
-    /// After a restore: if an input changed between the digest at start and
-    /// the watcher's start, the restored service is already stale.
-    pub(super) fn recheck_digest(&mut self) {
-        let Some(d) = &self.digest else { return };
-        let mut memo = crate::memo::Memo::load(&self.run_root);
-        let now = crate::digest::compute(&self.manifest, &self.host, &self.run_dir, &mut memo);
-        memo.save();
-        if !now.is_ok_and(|n| n.hex == d.hex) {
-            let reason = "digest inputs changed during the restore".to_string();
-            tracing::warn!(
-                "{reason}: image marked stale; restart the service to run the new version"
-            );
-            if let Some(cache) = &self.cache {
-                if let Err(e) = cache.mark_digest_stale(&d.hex, &reason) {
-                    tracing::error!("cannot mark image {} stale: {}", short(&d.hex), chain(&e));
-                }
-            }
-            self.record.stale = Some(reason);
-        }
-    }
-
     pub(super) fn clear_watch(&self) {
         if let Some(w) = self.watch.lock().expect("watch slot").as_ref() {
             w.clear();
@@ -104,9 +83,10 @@ impl Supervisor {
         }
         let mut reason = event.unwrap_or_default();
         if let Some(old) = self.digest.clone() {
-            let mut memo = crate::memo::Memo::load(&self.run_root);
-            let now = crate::digest::compute(&self.manifest, &self.host, &self.run_dir, &mut memo);
-            memo.save();
+            let Some(digester) = self.digester.as_mut() else {
+                return false;
+            };
+            let now = digester.digest(&self.manifest);
             match now.as_ref().map(|n| crate::digest::change(&old, n)) {
                 Ok(crate::digest::Change::Same) => {
                     self.clear_watch();

@@ -146,6 +146,9 @@ struct Supervisor {
     cache: Option<Cache>,
     criu: Option<Criu>,
     host: HostFacts,
+    /// The one way this run computes the service's digest again (its
+    /// inputs moved): the same as at start.
+    digester: Option<Digester>,
     digest: Option<ServiceDigest>,
     /// Where the last restore spent its time, for the ready message.
     timings: Option<restore::Timings>,
@@ -274,22 +277,25 @@ pub fn run(dirs: &Dirs, name: &str, opts: RunOptions) -> Result<Outcome, RunErro
         source,
     })?;
     let criu_version = criu.as_ref().map_or("none", |c| c.version.as_str());
-    let (host, digest) = match Digester::new(dirs, criu_version, &exe.path) {
+    let (digester, digest) = match Digester::new(dirs, criu_version, &exe.path) {
         Ok(mut digester) => match digester.digest(&manifest) {
-            Ok(d) => (digester.host, Some(d)),
+            Ok(d) => (Some(digester), Some(d)),
             Err(e @ DigestError::ProgramNotFound { .. }) => return Err(RunError::Program(e)),
             Err(e) => {
                 tracing::warn!("no digest, so no cache for this run: {}", chain(&e));
-                (digester.host, None)
+                (Some(digester), None)
             }
         },
         // Without host facts there is no digest, so no cache: the service
         // still starts, cold.
         Err(e) => {
             tracing::warn!("no digest, so no cache for this run: {}", chain(&e));
-            (HostFacts::unknown(), None)
+            (None, None)
         }
     };
+    let host = digester
+        .as_ref()
+        .map_or_else(HostFacts::unknown, |d| d.host.clone());
     if let Some(d) = &digest {
         span.record("digest", d.hex.as_str());
     }
@@ -309,6 +315,7 @@ pub fn run(dirs: &Dirs, name: &str, opts: RunOptions) -> Result<Outcome, RunErro
         cache,
         criu,
         host,
+        digester,
         digest,
         timings: None,
         marks: [setup_done, digest_done, Duration::ZERO],
@@ -395,10 +402,10 @@ impl Supervisor {
             Err(e) => tracing::warn!("no control socket (warmer checkpoint): {e}"),
         }
         if running.kind == StartKind::Restored {
-            // Set up inotify only now (it would slow the restore down), then
-            // make sure nothing changed since the digest was taken.
+            // Set up inotify only now (it would slow the restore down); once
+            // in place it compares the digest again (a change made meanwhile
+            // raised no event).
             self.start_watch(true);
-            self.recheck_digest();
         }
         if running.kind == StartKind::Cold && self.opts.changes_images() {
             self.maybe_checkpoint(&running);
