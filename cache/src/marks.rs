@@ -218,10 +218,16 @@ impl Cache {
     ) -> Result<Vec<String>, Error> {
         let mut removed = Vec::new();
         let mut kept = 0usize;
-        for entry in self.list()?.into_iter().flatten() {
-            if entry.meta.service != service {
-                continue;
-            }
+        // Newest generation first: never by creation time, which has
+        // one-second resolution (four checkpoints in a second kept .5 .6 .8).
+        let mut mine: Vec<Entry> = self
+            .list()?
+            .into_iter()
+            .flatten()
+            .filter(|e| e.meta.service == service)
+            .collect();
+        mine.sort_by_key(|e| std::cmp::Reverse(e.meta.generation));
+        for entry in mine {
             if kept < keep || Some(entry.key.as_str()) == protect {
                 kept += 1;
                 continue;

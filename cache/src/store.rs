@@ -498,9 +498,11 @@ impl Cache {
                 Err(e) => return Err(e),
             }
         }
+        // Newest first: by creation time, and within a service by
+        // generation (several can be made in one second).
         out.sort_by_key(|r| match r {
-            Ok(e) => std::cmp::Reverse(e.meta.created_unix),
-            Err(_) => std::cmp::Reverse(0),
+            Ok(e) => std::cmp::Reverse((e.meta.created_unix, e.meta.generation)),
+            Err(_) => std::cmp::Reverse((0, 0)),
         });
         Ok(out)
     }

@@ -19,6 +19,17 @@ fn new_entry(digest: &str) -> NewEntry {
     }
 }
 
+/// `e` as made `ago` seconds ago (instead of sleeping past the one-second
+/// resolution of creation times).
+fn made_ago(mut e: NewEntry, ago: u64) -> NewEntry {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    e.created = Some((format!("{ago} s ago"), now - ago));
+    e
+}
+
 fn published(dir: &tempfile::TempDir) -> (Cache, cache::Entry) {
     let cache = Cache::open(dir.path().join("c")).unwrap();
     let staging = cache.stage().unwrap();
@@ -230,9 +241,8 @@ fn prune_keeps_the_newest_and_the_protected() {
     for d in &digests {
         let staging = cache.stage().unwrap();
         fs::write(staging.data_dir().join("x"), d.as_bytes()).unwrap();
+        // All in the same second: the order is the generations'.
         cache.publish(staging, new_entry(d)).unwrap();
-        // created_unix has one-second resolution: make the order unambiguous.
-        std::thread::sleep(std::time::Duration::from_millis(1100));
     }
     let key = |i: usize| format!("{}.{}", digests[i], i + 1);
     let removed = cache.prune_service("web", 1, Some(&key(0))).unwrap();
@@ -317,10 +327,9 @@ fn stale_entries_are_flagged_and_gc_removes_them_first() {
             vec![u8::try_from(i).unwrap(); size],
         )
         .unwrap();
-        let mut e = new_entry(&format!("{i:064x}"));
+        let mut e = made_ago(new_entry(&format!("{i:064x}")), 100 - u64::from(i));
         e.service = service.into();
         cache.publish(staging, e).unwrap();
-        std::thread::sleep(std::time::Duration::from_millis(1100));
     };
     mk(1, "a", 1000); // oldest, current
     mk(2, "b", 1000); // stale digest (not current)
@@ -353,8 +362,7 @@ fn stale_entries_are_flagged_and_gc_removes_them_first() {
     };
     let r = cache.gc(&policy, &current).unwrap();
     assert_eq!(r.removed[0].key, format!("{:064x}.1", 1));
-    // Age: everything is older than zero seconds... after a second.
-    std::thread::sleep(std::time::Duration::from_millis(1100));
+    // Age: everything is older than zero seconds (made 96+ s ago).
     let policy = cache::GcPolicy {
         max_bytes: None,
         max_age: Some(std::time::Duration::from_secs(0)),
@@ -402,10 +410,9 @@ fn gc_over_max_bytes_removes_the_next_entry_when_one_is_busy_and_counts_what_is_
     for (i, service) in [(1u8, "busy"), (2, "idle")] {
         let staging = cache.stage().unwrap();
         fs::write(staging.data_dir().join("img"), vec![i; 1000]).unwrap();
-        let mut e = new_entry(&format!("{i:064x}"));
+        let mut e = made_ago(new_entry(&format!("{i:064x}")), 100 - u64::from(i));
         e.service = service.into();
         cache.publish(staging, e).unwrap();
-        std::thread::sleep(std::time::Duration::from_millis(1100));
     }
     let _busy = cache.lock_service("busy", false).unwrap();
     let policy = cache::GcPolicy {
