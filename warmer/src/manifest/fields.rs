@@ -156,53 +156,33 @@ pub(super) fn check_host_port(s: &str) -> Result<u16, String> {
 
 /// `http://HOST[:PORT][/PATH]`; HTTPS is refused (probes are local and plain).
 pub fn parse_http_url(url: &str) -> Result<HttpUrl, String> {
-    let rest = match url.strip_prefix("http://") {
-        Some(r) => r,
-        None if url.starts_with("https://") => {
-            return Err(format!(
-                "ready.http: https is not supported, probe the plain-HTTP port instead: {url:?}"
-            ))
-        }
-        None => {
-            return Err(format!(
-                "ready.http: expected http://HOST:PORT/PATH, got {url:?}"
-            ))
-        }
-    };
-    let (authority, path) = match rest.find('/') {
-        Some(i) => (&rest[..i], &rest[i..]),
-        None => (rest, "/"),
-    };
-    let (host, port) = if authority.starts_with('[') {
-        // [::1]:8080
-        let end = authority
-            .find(']')
-            .ok_or_else(|| format!("ready.http: unclosed '[' in {url:?}"))?;
-        let host = &authority[..=end];
-        match authority[end + 1..].strip_prefix(':') {
-            Some(p) => (host, Some(p)),
-            None => (host, None),
-        }
-    } else {
-        match authority.rsplit_once(':') {
-            Some((h, p)) => (h, Some(p)),
-            None => (authority, None),
-        }
-    };
-    if host.is_empty() {
-        return Err(format!("ready.http: no host in {url:?}"));
+    if url.starts_with("https://") {
+        return Err(format!(
+            "ready.http: https is not supported, probe the plain-HTTP port instead: {url:?}"
+        ));
     }
-    let port = match port {
-        None => 80,
-        Some(p) => p
-            .parse::<u16>()
-            .ok()
-            .filter(|p| *p != 0)
-            .ok_or_else(|| format!("ready.http: bad port in {url:?}"))?,
+    let expected = || format!("ready.http: expected http://HOST:PORT/PATH, got {url:?}");
+    let parsed = url::Url::parse(url).map_err(|e| match e {
+        url::ParseError::InvalidPort => format!("ready.http: bad port in {url:?}"),
+        url::ParseError::EmptyHost => format!("ready.http: no host in {url:?}"),
+        _ => expected(),
+    })?;
+    if parsed.scheme() != "http" || !parsed.username().is_empty() || parsed.password().is_some() {
+        return Err(expected());
+    }
+    let host = match parsed.host() {
+        Some(url::Host::Ipv6(ip)) => format!("[{ip}]"),
+        Some(h) => h.to_string(),
+        None => return Err(format!("ready.http: no host in {url:?}")),
     };
-    Ok(HttpUrl {
-        host: host.to_string(),
-        port,
-        path: path.to_string(),
-    })
+    let port = parsed.port_or_known_default().unwrap_or(80);
+    if port == 0 {
+        return Err(format!("ready.http: bad port in {url:?}"));
+    }
+    let mut path = parsed.path().to_string();
+    if let Some(q) = parsed.query() {
+        path.push('?');
+        path.push_str(q);
+    }
+    Ok(HttpUrl { host, port, path })
 }

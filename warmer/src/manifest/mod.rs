@@ -436,6 +436,34 @@ state: [\"/var/lib/app/data\"]
     }
 
     #[test]
+    fn remote_repositories_use_the_registry_clients_grammar_with_an_explicit_host() {
+        let remote = |r: &str| {
+            parse(&format!(
+                "exec: [a]\nready: {{tcp: \"h:1\"}}\nremote: {{repository: \"{r}\"}}\n"
+            ))
+        };
+        for ok in [
+            "127.0.0.1:5000/warmer/web",
+            "registry.example/w",
+            "localhost/warmer/web",
+        ] {
+            assert!(remote(ok).is_ok(), "{ok}");
+        }
+        // No tag or digest (warmer tags with the digest), no scheme, and no
+        // host left for the client to read as docker.io.
+        for bad in [
+            "registry.example/w:latest",
+            "registry.example/w@sha256:0000000000000000000000000000000000000000000000000000000000000000",
+            "http://registry.example/w",
+            "myregistry/w",
+            "w",
+            "",
+        ] {
+            assert!(remote(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
     fn http_urls_split() {
         let u = parse_http_url("http://localhost/").unwrap();
         assert_eq!(

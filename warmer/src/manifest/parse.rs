@@ -325,11 +325,17 @@ impl Manifest {
                 None => None,
                 Some(r) => {
                     let repo = &r.value.repository;
-                    let ok = !repo.value.is_empty()
-                        && !repo.value.contains("://")
-                        && !repo.value.contains(['@', ' '])
-                        && repo.value.contains('/')
+                    // The registry client's own grammar; warmer adds the tag
+                    // (the digest), and the host must be written out (no
+                    // implied docker.io).
+                    // (The client reads a missing tag as "latest": a tag or
+                    // digest is refused by hand.)
+                    let untagged = !repo.value.contains('@')
                         && !repo.value.rsplit('/').next().unwrap_or("").contains(':');
+                    let ok = untagged
+                        && repo.value.contains('/')
+                        && oci_client::Reference::try_from(repo.value.as_str())
+                            .is_ok_and(|p| repo.value.split('/').next() == Some(p.registry()));
                     if !ok {
                         return Err(at(
                         &repo.referenced,
