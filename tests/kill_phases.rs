@@ -91,10 +91,7 @@ fn killed_right_after_criu_restored_then_restored_again() {
     let env = Env::new();
     let port = free_port();
     env.slowweb("kac", port, &["--warmup", "0.3"], "");
-    let mut w = env.run("kac");
-    env.wait_image("kac", &mut w);
-    let nonce = state(port)["nonce"].clone();
-    w.stop();
+    let nonce = env.make_image("kac", port);
     run_until_abort(&env, "kac", "restore-after-criu", false);
     nothing_left_and_cache_whole(&env, &format!("--port {port}"));
     let mut w = env.run("kac");

@@ -205,10 +205,7 @@ fn notify_probe_cold_and_restored() {
             script.display()
         ),
     );
-    let mut w = env.run("ntf");
-    env.wait_image("ntf", &mut w);
-    let nonce = state(port)["nonce"].clone();
-    w.stop();
+    let nonce = env.make_image("ntf", port);
     let mut w = env.run("ntf");
     let s = env.wait_ready("ntf", &mut w);
     assert_eq!(s["last_start"], "restored");
@@ -541,10 +538,7 @@ fn a_lazy_restore_serves_the_same_memory_and_leaves_nothing_behind() {
     let env = Env::new();
     let port = free_port();
     env.slowweb("lazy", port, &["--warmup", "1"], "restore: {lazy: true}\n");
-    let mut w = env.run("lazy");
-    env.wait_image("lazy", &mut w);
-    let nonce = state(port)["nonce"].clone();
-    w.stop();
+    let nonce = env.make_image("lazy", port);
     let mut w = env.run("lazy");
     let s = env.wait_ready("lazy", &mut w);
     assert_eq!(s["last_start"], "restored", "{}", w.err());
@@ -567,10 +561,7 @@ fn a_stale_lazy_socket_is_no_obstacle_and_a_killed_lazy_daemon_means_cold_then_e
     let env = Env::new();
     let port = free_port();
     env.slowweb("lz", port, &["--warmup", "1"], "restore: {mode: lazy}\n");
-    let mut w = env.run("lz");
-    env.wait_image("lz", &mut w);
-    let nonce = state(port)["nonce"].clone();
-    w.stop();
+    let nonce = env.make_image("lz", port);
 
     // A socket file left by a daemon that died with an earlier warmer.
     std::fs::write(env.run.join("lz/lazy-pages.socket"), b"").unwrap();

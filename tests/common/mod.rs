@@ -210,6 +210,17 @@ impl Env {
         }
     }
 
+    /// Runs `name` (a service answering `/state` on `port`) until its image
+    /// is published, then stops it; returns the memory nonce it had.
+    #[allow(dead_code)]
+    pub fn make_image(&self, name: &str, port: u16) -> serde_json::Value {
+        let mut w = self.run(name);
+        self.wait_image(name, &mut w);
+        let nonce = state(port)["nonce"].clone();
+        w.stop();
+        nonce
+    }
+
     /// Waits until the service's image is published.
     pub fn wait_image(&self, name: &str, w: &mut Warmer) -> serde_json::Value {
         self.wait_status(name, w, |s| {
