@@ -126,7 +126,39 @@ fn node_with_remote(reg: &Registry) -> Env {
 }
 
 fn remote(repo: &str, extra: &str) -> String {
-    format!("remote:\n  repository: {repo}\n  insecure: true\n{extra}")
+    let (key, public) = keys();
+    format!(
+        "remote:\n  repository: {repo}\n  insecure: true\n  sign: {}\n  verify: [{}]\n{extra}",
+        key.display(),
+        public.display()
+    )
+}
+
+/// The key pair every node of these tests signs with and trusts, made once
+/// with `warmer keygen` in a private directory.
+fn keys() -> &'static (PathBuf, PathBuf) {
+    static KEYS: std::sync::OnceLock<(PathBuf, PathBuf)> = std::sync::OnceLock::new();
+    KEYS.get_or_init(|| keygen("node"))
+}
+
+/// A new key pair named `name`, in a directory of its own.
+fn keygen(name: &str) -> (PathBuf, PathBuf) {
+    let dir = tempfile::Builder::new()
+        .prefix("warmer-keys-")
+        .tempdir()
+        .unwrap()
+        .keep();
+    let prefix = dir.join(name);
+    let out = Command::new(env!("CARGO_BIN_EXE_warmer"))
+        .arg("keygen")
+        .arg(&prefix)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    (
+        dir.join(format!("{name}.key")),
+        dir.join(format!("{name}.pub")),
+    )
 }
 
 fn warmer(env: &Env, args: &[&str], extra_env: &[(&str, &str)]) -> std::process::Output {
@@ -377,15 +409,48 @@ fn export_and_import_carry_an_image_and_refuse_another_host() {
     let a = Env::new();
     a.slowweb("web", free_port(), &["--warmup", "0.3"], "");
     let nonce = make_image(&a, "web");
+    // Keys for every service, from the trust file (no `remote:` here).
+    let (key, public) = keys();
+    let trust = key.with_file_name("trust.yaml");
+    if !trust.exists() {
+        std::fs::write(
+            &trust,
+            format!("sign: {}\nverify: [{}]\n", key.display(), public.display()),
+        )
+        .unwrap();
+    }
+    let trusted = [("WARMER_TRUST_FILE", trust.to_str().unwrap())];
+    let nobody = [("WARMER_TRUST_FILE", "/nonexistent")];
+    // Without a key the archive carries no signature: refused on import.
+    let unsigned = a.path("unsigned.tar");
+    let out = warmer(
+        &a,
+        &["export", "web", "-o", unsigned.to_str().unwrap()],
+        &nobody,
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let b = Env::node_like(&a);
+    let refused = warmer(&b, &["import", unsigned.to_str().unwrap()], &trusted);
+    assert!(
+        !refused.status.success()
+            && text(&refused).contains("image refused: the image is not signed"),
+        "{}",
+        text(&refused)
+    );
+    assert!(b.entries().is_empty(), "nothing of it entered the cache");
+
     let archive = a.path("web.tar");
-    let out = warmer(&a, &["export", "web", "-o", archive.to_str().unwrap()], &[]);
+    let out = warmer(
+        &a,
+        &["export", "web", "-o", archive.to_str().unwrap()],
+        &trusted,
+    );
     assert!(out.status.success(), "{}", text(&out));
     use std::os::unix::fs::PermissionsExt;
     let mode = std::fs::metadata(&archive).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600, "an image holds secrets");
 
-    let b = Env::node_like(&a);
-    let imported = warmer(&b, &["import", archive.to_str().unwrap()], &[]);
+    let imported = warmer(&b, &["import", archive.to_str().unwrap()], &trusted);
     assert!(imported.status.success(), "{}", text(&imported));
     assert!(
         text(&imported).contains("the next start of web restores it"),
@@ -440,7 +505,7 @@ fn export_and_import_carry_an_image_and_refuse_another_host() {
     let other = a.path("other.tar");
     rewrite_host(&archive, &other, "kernel", "5.10.0-other");
     let c = Env::new();
-    let refused = warmer(&c, &["import", other.to_str().unwrap()], &[]);
+    let refused = warmer(&c, &["import", other.to_str().unwrap()], &trusted);
     assert!(!refused.status.success(), "{}", text(&refused));
     assert!(
         text(&refused).contains("kernel: image 5.10.0-other, here"),
@@ -455,7 +520,7 @@ fn export_and_import_carry_an_image_and_refuse_another_host() {
     let at = bytes.len() / 2;
     bytes[at] ^= 0xff;
     std::fs::write(&damaged, bytes).unwrap();
-    let bad = warmer(&c, &["import", damaged.to_str().unwrap()], &[]);
+    let bad = warmer(&c, &["import", damaged.to_str().unwrap()], &trusted);
     assert!(!bad.status.success(), "{}", text(&bad));
     assert!(c.entries().is_empty());
 }
@@ -506,6 +571,22 @@ fn rewrite_host(src: &Path, dst: &Path, key: &str, value: &str) {
         format!("blobs/sha256/{}", sha(&manifest_bytes)),
         manifest_bytes,
     );
+    // Signed again (with the trusted key: this tests the host check, which
+    // only a signed image reaches).
+    let new_digest = format!("sha256:{}", sha(&files[mi].1));
+    let signer = warmer::remote::sign::Signer::load(&keys().0).unwrap();
+    let sig = warmer::remote::sign::Artifact::new(&signer, "warmer/web", &new_digest).unwrap();
+    for bytes in [&sig.manifest, &sig.config, &sig.payload] {
+        files.push((format!("blobs/sha256/{}", sha(bytes)), bytes.to_vec()));
+    }
+    index["manifests"][1] = serde_json::json!({
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "digest": format!("sha256:{}", sha(&sig.manifest)),
+        "size": sig.manifest.len(),
+        "annotations": {
+            "org.opencontainers.image.ref.name": warmer::remote::sign::signature_tag(&new_digest)
+        },
+    });
     let ii = find(&files, "index.json");
     files[ii].1 = serde_json::to_vec(&index).unwrap();
     let mut out = tar::Builder::new(std::fs::File::create(dst).unwrap());
@@ -582,4 +663,181 @@ fn a_pull_that_broke_off_resumes_and_a_bad_partial_is_refused_then_refetched() {
         "downloads are removed once the entry is in the cache"
     );
     assert_restores_nonce(&b, "web", &nonce);
+}
+
+/// A forged image: whoever can push to the repository serves an image that
+/// is self-consistent (its config lists its files' hashes) but not signed
+/// by a key the node trusts. It is refused before anything of it is used,
+/// and the service starts cold, saying why.
+#[test]
+fn a_forged_image_in_the_registry_is_refused_and_the_service_starts_cold() {
+    require_criu();
+    let reg = Registry::start(&[]);
+    // The attacker's node: the same service and program (so the same
+    // digest), its own key, pushing to the same repository.
+    let (evil_key, evil_pub) = keygen("attacker");
+    let attacker = Env::new();
+    let port = free_port();
+    attacker.slowweb(
+        "web",
+        port,
+        &["--warmup", "0.3"],
+        &format!(
+            "remote:\n  repository: {}\n  insecure: true\n  sign: {}\n  verify: [{}]\n",
+            reg.repository("web"),
+            evil_key.display(),
+            evil_pub.display()
+        ),
+    );
+    make_image(&attacker, "web");
+    let pushed = warmer(&attacker, &["push", "web"], &[]);
+    assert!(pushed.status.success(), "{}", text(&pushed));
+    // A node that trusts only the operator's key (`keys()`): the same
+    // installation (so the same digest), the operator's keys.
+    let b = Env::node_like(&attacker);
+    let manifest = b.path("manifests/web.yaml");
+    let text_of = std::fs::read_to_string(&manifest).unwrap();
+    let (key, public) = keys();
+    std::fs::write(
+        &manifest,
+        text_of
+            .replace(evil_key.to_str().unwrap(), key.to_str().unwrap())
+            .replace(evil_pub.to_str().unwrap(), public.to_str().unwrap()),
+    )
+    .unwrap();
+    let out = warmer(&b, &["pull", "web"], &[]);
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("image refused: no signature by a trusted key"),
+        "{}",
+        text(&out)
+    );
+    assert!(b.entries().is_empty(), "nothing of it entered the cache");
+    let mut w = b.run("web");
+    let s = b.wait_ready("web", &mut w);
+    assert_eq!(s["last_start"], "cold", "{s}");
+    assert!(
+        s["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("image refused"),
+        "{s}"
+    );
+    w.stop();
+    // Unsigned is refused too, and so is anything without a key to verify.
+    let c = Env::node_like(&attacker);
+    let manifest = c.path("manifests/web.yaml");
+    let without_keys: String = std::fs::read_to_string(&manifest)
+        .unwrap()
+        .lines()
+        .filter(|l| !l.contains("sign:") && !l.contains("verify:"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(&manifest, without_keys).unwrap();
+    let out = warmer(
+        &c,
+        &["pull", "web"],
+        &[("WARMER_TRUST_FILE", "/nonexistent")],
+    );
+    assert!(
+        text(&out).contains("no key to verify images with"),
+        "{}",
+        text(&out)
+    );
+}
+
+/// The signature is cosign's: a `sha256-<manifest>.sig` artifact whose
+/// payload names the image manifest, signed ECDSA P-256 over SHA-256 (DER,
+/// base64), checkable with the standard tools against `PREFIX.pub`.
+#[test]
+fn signatures_are_cosigns_and_verify_with_standard_tools() {
+    require_criu();
+    let reg = Registry::start(&[]);
+    let a = node_with_remote(&reg);
+    make_image(&a, "web");
+    let out = warmer(&a, &["push", "web", "--json"], &[]);
+    assert!(out.status.success(), "{}", text(&out));
+    let p: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(p["signed"], true, "{p}");
+    let manifest_digest = p["manifest_digest"].as_str().unwrap();
+    let tag = format!("{}.sig", manifest_digest.replacen(':', "-", 1));
+    assert!(reg.tags("web").contains(&tag), "{}", reg.tags("web"));
+    let sig_manifest: serde_json::Value = serde_json::from_str(&get_accept(
+        reg.port,
+        &format!("/v2/warmer/web/manifests/{tag}"),
+        "application/vnd.oci.image.manifest.v1+json",
+    ))
+    .unwrap();
+    let layer = &sig_manifest["layers"][0];
+    assert_eq!(
+        layer["mediaType"],
+        "application/vnd.dev.cosign.simplesigning.v1+json"
+    );
+    let payload = get_bytes(
+        reg.port,
+        &format!("/v2/warmer/web/blobs/{}", layer["digest"].as_str().unwrap()),
+    );
+    let claims: serde_json::Value = serde_json::from_slice(&payload).unwrap();
+    assert_eq!(
+        claims["critical"]["image"]["docker-manifest-digest"],
+        manifest_digest
+    );
+    assert_eq!(
+        claims["critical"]["type"],
+        "cosign container image signature"
+    );
+    assert_eq!(
+        claims["critical"]["identity"]["docker-reference"],
+        reg.repository("web")
+    );
+    use base64::Engine;
+    let sig = base64::engine::general_purpose::STANDARD
+        .decode(
+            layer["annotations"]["dev.cosignproject.cosign/signature"]
+                .as_str()
+                .unwrap(),
+        )
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("payload"), &payload).unwrap();
+    std::fs::write(dir.path().join("sig"), &sig).unwrap();
+    let verify = Command::new("openssl")
+        .args(["dgst", "-sha256", "-verify"])
+        .arg(&keys().1)
+        .arg("-signature")
+        .arg(dir.path().join("sig"))
+        .arg(dir.path().join("payload"))
+        .output()
+        .unwrap();
+    assert!(
+        verify.status.success() && String::from_utf8_lossy(&verify.stdout).contains("Verified OK"),
+        "{verify:?}"
+    );
+}
+
+/// GET on the registry with an Accept header; the body as text.
+fn get_accept(port: u16, path: &str, accept: &str) -> String {
+    String::from_utf8(http_get(port, path, Some(accept))).unwrap()
+}
+
+fn get_bytes(port: u16, path: &str) -> Vec<u8> {
+    http_get(port, path, None)
+}
+
+/// A plain HTTP/1.0 GET (no redirects; the registry serves blobs itself).
+fn http_get(port: u16, path: &str, accept: Option<&str>) -> Vec<u8> {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let accept = accept
+        .map(|a| format!("Accept: {a}\r\n"))
+        .unwrap_or_default();
+    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n{accept}\r\n").unwrap();
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).unwrap();
+    let at = buf.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+    let head = String::from_utf8_lossy(&buf[..at]).to_string();
+    assert!(
+        head.starts_with("HTTP/1.1 200") || head.starts_with("HTTP/1.0 200"),
+        "{head}"
+    );
+    buf[at..].to_vec()
 }

@@ -149,6 +149,9 @@ pub enum Cmd {
     /// Inspect and maintain the image cache.
     #[command(subcommand)]
     Cache(CacheCmd),
+    /// Make a key pair for signing images: PREFIX.key (private, 0600) and
+    /// PREFIX.pub (cosign's public key format). Never overwrites.
+    Keygen { prefix: PathBuf },
     /// Upload the image a start of SERVICE restores now to its manifest's
     /// `remote.repository`, tagged with its digest (blobs the registry has
     /// are not sent again).

@@ -52,6 +52,20 @@ fn main() -> ExitCode {
         Cmd::Reset { service } => reset_cmd(&dirs, &service),
         Cmd::Cache(c) => cache_cmd(&dirs, c),
         Cmd::Push { service, json } => push_cmd(&dirs, &service, json),
+        Cmd::Keygen { prefix } => match warmer::remote::sign::keygen(&prefix) {
+            Ok((key, public)) => {
+                emit(&format!(
+                    "wrote {} (private: keep it on the signing node) and {} (give it to the nodes that verify)\n",
+                    key.display(),
+                    public.display()
+                ));
+                ExitCode::from(exit::OK)
+            }
+            Err(e) => {
+                eprintln!("warmer keygen: {}", chain(&e));
+                ExitCode::from(exit::FAILURE)
+            }
+        },
         Cmd::Pull {
             service,
             timeout,
@@ -128,6 +142,9 @@ fn push_cmd(dirs: &Dirs, service: &str, json: bool) -> ExitCode {
                 p.blobs,
                 p.ms
             ));
+            if !p.signed {
+                eprintln!("warmer push: warning: the image is not signed (no remote.sign key): nodes that verify will refuse it");
+            }
             ExitCode::from(exit::OK)
         }
         Err(e) => {

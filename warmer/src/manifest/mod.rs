@@ -116,6 +116,12 @@ pub struct Remote {
     pub timeout: Duration,
     /// A CA certificate (PEM) trusted for this registry besides the system's.
     pub ca_file: Option<PathBuf>,
+    /// The private key this node signs what it pushes with
+    /// (`warmer keygen`); else the trust file's.
+    pub sign: Option<PathBuf>,
+    /// Public keys a pulled or imported image must be signed by one of;
+    /// else the trust file's. None at all: nothing is pulled.
+    pub verify: Vec<PathBuf>,
 }
 
 pub const DEFAULT_REMOTE_TIMEOUT: Duration = Duration::from_secs(5);

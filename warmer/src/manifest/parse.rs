@@ -55,6 +55,10 @@ pub(super) struct RawRemote {
     pub(super) timeout: Option<Spanned<String>>,
     #[serde(default)]
     pub(super) ca_file: Option<Spanned<String>>,
+    #[serde(default)]
+    pub(super) sign: Option<Spanned<String>>,
+    #[serde(default)]
+    pub(super) verify: Vec<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -363,6 +367,14 @@ impl Manifest {
                         }
                         c => c.as_ref().map(|c| PathBuf::from(&c.value)),
                     };
+                    let sign = r
+                        .value
+                        .sign
+                        .as_ref()
+                        .map(|s| absolute_paths("remote.sign", std::slice::from_ref(s)))
+                        .transpose()?
+                        .and_then(|mut v| v.pop());
+                    let verify = absolute_paths("remote.verify", &r.value.verify)?;
                     Some(Remote {
                         repository: repo.value.clone(),
                         push: r.value.push.unwrap_or(false),
@@ -374,6 +386,8 @@ impl Manifest {
                             &at,
                         )?,
                         ca_file,
+                        sign,
+                        verify,
                     })
                 }
             })

@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
 use super::artifact::{self, Config};
+use super::sign::{self, Signer};
 use super::RemoteError;
 
 const REF_NAME: &str = "org.opencontainers.image.ref.name";
@@ -79,22 +80,45 @@ fn append(
 
 /// Writes `entry` as an OCI layout tarball to `out` (atomically; mode 0600:
 /// an image holds the service's memory, secrets included).
-pub fn export(entry: &Entry, scratch: &Path, out: &Path) -> Result<Exported, RemoteError> {
+/// `signer`: the key and the identity (a repository) to sign the image with;
+/// the signature travels in the archive beside it, as cosign's artifact.
+pub fn export(
+    entry: &Entry,
+    scratch: &Path,
+    out: &Path,
+    signer: Option<(&Signer, &str)>,
+) -> Result<Exported, RemoteError> {
     let prepared = artifact::prepare(entry, scratch)?;
     let manifest_digest = artifact::sha256_digest(&prepared.manifest_bytes);
+    let signature = signer
+        .map(|(s, identity)| sign::Artifact::new(s, identity, &manifest_digest))
+        .transpose()?;
+    let mut manifests = vec![IndexEntry {
+        media_type: OCI_IMAGE_MEDIA_TYPE.into(),
+        digest: manifest_digest.clone(),
+        size: prepared.manifest_bytes.len() as i64,
+        artifact_type: Some(artifact::ARTIFACT_TYPE.into()),
+        annotations: Some(BTreeMap::from([(
+            REF_NAME.to_string(),
+            entry.meta.digest.clone(),
+        )])),
+    }];
+    if let Some(sig) = &signature {
+        manifests.push(IndexEntry {
+            media_type: OCI_IMAGE_MEDIA_TYPE.into(),
+            digest: artifact::sha256_digest(&sig.manifest),
+            size: sig.manifest.len() as i64,
+            artifact_type: None,
+            annotations: Some(BTreeMap::from([(
+                REF_NAME.to_string(),
+                sign::signature_tag(&manifest_digest),
+            )])),
+        });
+    }
     let index = Index {
         schema_version: 2,
         media_type: Some(OCI_IMAGE_INDEX_MEDIA_TYPE.into()),
-        manifests: vec![IndexEntry {
-            media_type: OCI_IMAGE_MEDIA_TYPE.into(),
-            digest: manifest_digest.clone(),
-            size: prepared.manifest_bytes.len() as i64,
-            artifact_type: Some(artifact::ARTIFACT_TYPE.into()),
-            annotations: Some(BTreeMap::from([(
-                REF_NAME.to_string(),
-                entry.meta.digest.clone(),
-            )])),
-        }],
+        manifests,
     };
     let index = serde_json::to_vec(&index).expect("index serializes");
     let name = out
@@ -147,6 +171,18 @@ pub fn export(entry: &Entry, scratch: &Path, out: &Path) -> Result<Exported, Rem
             &c[..],
             out,
         )?;
+        if let Some(sig) = &signature {
+            for bytes in [&sig.manifest, &sig.config, &sig.payload] {
+                append(
+                    &mut tar,
+                    &blob(&artifact::sha256_digest(bytes)),
+                    bytes.len() as u64,
+                    mtime,
+                    &bytes[..],
+                    out,
+                )?;
+            }
+        }
         let mut written = std::collections::BTreeSet::new();
         for layer in &prepared.layers {
             if !written.insert(layer.desc.digest.clone()) {
@@ -182,6 +218,8 @@ pub struct Unpacked {
     pub config: Config,
     pub manifest: oci_client::manifest::OciImageManifest,
     pub manifest_digest: String,
+    /// cosign signatures of the image that came with it: (payload, base64).
+    pub signatures: Vec<(Vec<u8>, String)>,
     blobs: PathBuf,
 }
 
@@ -295,10 +333,27 @@ pub fn unpack(archive: &Path, scratch: &Path) -> Result<Unpacked, RemoteError> {
     let manifest = artifact::parse_manifest(&manifest_bytes)?;
     let config_bytes = read_blob(&manifest.config.digest, artifact::MAX_CONFIG_BYTES as u64)?;
     let config = artifact::parse_config(&config_bytes)?;
+    let tag = sign::signature_tag(&chosen.digest);
+    let signatures = match index.manifests.iter().find(|m| {
+        m.annotations
+            .as_ref()
+            .and_then(|a| a.get(REF_NAME))
+            .is_some_and(|r| *r == tag)
+    }) {
+        None => Vec::new(),
+        Some(m) => {
+            let bytes = read_blob(&m.digest, artifact::MAX_MANIFEST_BYTES as u64)?;
+            let sig_manifest = sign::parse_manifest(&bytes)?;
+            sign::signatures_in(&sig_manifest, &mut |layer| {
+                read_blob(&layer.digest, sign::MAX_PAYLOAD).ok()
+            })
+        }
+    };
     Ok(Unpacked {
         config,
         manifest,
         manifest_digest: chosen.digest.clone(),
+        signatures,
         blobs,
     })
 }

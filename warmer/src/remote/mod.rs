@@ -19,6 +19,7 @@ pub mod artifact;
 pub mod auth;
 pub mod layout;
 pub mod registry;
+pub mod sign;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -76,6 +77,10 @@ pub enum RemoteError {
     },
     #[error("cache")]
     Cache(#[source] cache::Error),
+    #[error("image refused: {0}")]
+    Rejected(#[from] sign::Rejected),
+    #[error(transparent)]
+    Sign(#[from] sign::SignError),
 }
 
 /// One line per phase of a transfer, for a person watching (stderr).
@@ -128,11 +133,14 @@ pub fn pull(
     limit: Option<std::time::Duration>,
     progress: Progress,
 ) -> Result<registry::Pulled, RemoteError> {
-    let registry = registry::Registry::new(remote_of(manifest)?)?;
+    let remote = remote_of(manifest)?;
+    let keys = verifiers(Some(remote))?;
+    let registry = registry::Registry::new(remote)?;
     registry.pull(
         cache,
         digest,
         limit,
+        &keys,
         &|config| check_config(config, Some(digest), host),
         progress,
     )
@@ -145,9 +153,30 @@ pub fn push(
     entry: &Entry,
     progress: Progress,
 ) -> Result<registry::Pushed, RemoteError> {
-    let registry = registry::Registry::new(remote_of(manifest)?)?;
+    let remote = remote_of(manifest)?;
+    let signer = signer(Some(remote))?;
+    let registry = registry::Registry::new(remote)?;
     let scratch = cache.stage().map_err(RemoteError::Cache)?;
-    registry.push(entry, &scratch.data_dir(), progress)
+    registry.push(entry, &scratch.data_dir(), signer.as_ref(), progress)
+}
+
+/// The key a service with `remote` signs with, if it has one (its
+/// manifest's, else the trust file's).
+fn signer(remote: Option<&Remote>) -> Result<Option<sign::Signer>, RemoteError> {
+    Ok(sign::Trust::of(remote)?
+        .sign
+        .as_deref()
+        .map(sign::Signer::load)
+        .transpose()?)
+}
+
+/// The keys an image of a service with `remote` must be signed by one of.
+fn verifiers(remote: Option<&Remote>) -> Result<Vec<sign::Verifier>, RemoteError> {
+    Ok(sign::Trust::of(remote)?
+        .verify
+        .iter()
+        .map(|p| sign::Verifier::load(p))
+        .collect::<Result<_, _>>()?)
 }
 
 /// Pushes `entry` unless the registry already has an image of its digest
@@ -159,13 +188,15 @@ pub fn push_if_missing(
     entry: &Entry,
     progress: Progress,
 ) -> Result<Option<registry::Pushed>, RemoteError> {
-    let registry = registry::Registry::new(remote_of(manifest)?)?;
+    let remote = remote_of(manifest)?;
+    let signer = signer(Some(remote))?;
+    let registry = registry::Registry::new(remote)?;
     if registry.has(&entry.meta.digest)? {
         return Ok(None);
     }
     let scratch = cache.stage().map_err(RemoteError::Cache)?;
     registry
-        .push(entry, &scratch.data_dir(), progress)
+        .push(entry, &scratch.data_dir(), signer.as_ref(), progress)
         .map(Some)
 }
 
@@ -247,8 +278,22 @@ pub fn export(dirs: &Dirs, target: &str, out: &Path) -> Result<layout::Exported,
     let cache = Cache::open(&dirs.cache).map_err(RemoteError::Cache)?;
     let entry = pick(dirs, &cache, target)?;
     verified(&cache, &entry)?;
+    // Signed with the service's key (its manifest's, else the trust file's),
+    // naming its repository, or else warmer/<service>, as its identity.
+    let own = Manifest::find(&dirs.manifests, &entry.meta.service).ok();
+    let remote = own.as_ref().and_then(|m| m.remote.as_ref());
+    let signer = signer(remote)?;
+    let identity = remote.map_or_else(
+        || format!("warmer/{}", entry.meta.service),
+        |r| r.repository.clone(),
+    );
     let scratch = cache.stage().map_err(RemoteError::Cache)?;
-    layout::export(&entry, &scratch.data_dir(), out)
+    layout::export(
+        &entry,
+        &scratch.data_dir(),
+        out,
+        signer.as_ref().map(|s| (s, identity.as_str())),
+    )
 }
 
 /// What `warmer import` added.
@@ -268,7 +313,13 @@ pub fn import(dirs: &Dirs, archive: &Path) -> Result<Imported, RemoteError> {
     let scratch = cache.stage().map_err(RemoteError::Cache)?;
     let unpacked = layout::unpack(archive, &scratch.data_dir())?;
     let service = unpacked.config.entry.service.clone();
-    crate::manifest::check_service_name(&service).map_err(RemoteError::NotOurs)?;
+    crate::manifest::check_service_name(&service)
+        .map_err(|e| RemoteError::NotOurs(crate::errors::escape(&e)))?;
+    // Nothing of it is used before a trusted key's signature is found: the
+    // service's manifest's keys here, else the trust file's.
+    let own = Manifest::find(&dirs.manifests, &service).ok();
+    let keys = verifiers(own.as_ref().and_then(|m| m.remote.as_ref()))?;
+    sign::check(&keys, &unpacked.manifest_digest, &unpacked.signatures)?;
     let digester = crate::digest::Digester::open(dirs)?;
     check_config(&unpacked.config, None, &digester.host.as_map())?;
     let restores_here = match service_digest(dirs, &service) {

@@ -25,6 +25,7 @@ use oci_client::secrets::RegistryAuth;
 use oci_client::{Client, Reference};
 
 use super::artifact::{self, Config};
+use super::sign::{self, Signer, Verifier};
 use super::{auth, Progress, RemoteError};
 use crate::manifest::Remote;
 
@@ -55,6 +56,8 @@ pub struct Pushed {
     pub sent_bytes: u64,
     pub blobs: usize,
     pub blobs_present: usize,
+    /// A cosign signature was pushed with it.
+    pub signed: bool,
     pub ms: u64,
 }
 
@@ -159,12 +162,14 @@ impl Registry {
         Self::parse_ref(&self.repository, digest)
     }
 
-    /// Uploads `entry` as the image tagged with its digest. Blobs the
-    /// registry already has are not sent again.
+    /// Uploads `entry` as the image tagged with its digest, and with a
+    /// `signer`, its cosign signature. Blobs the registry already has are
+    /// not sent again.
     pub fn push(
         &self,
         entry: &Entry,
         scratch: &Path,
+        signer: Option<&Signer>,
         progress: Progress,
     ) -> Result<Pushed, RemoteError> {
         let t = Instant::now();
@@ -222,6 +227,12 @@ impl Registry {
                     .await
                     .map_err(registry_err("upload of the config"))?;
             }
+            // The signature first: once the image's tag appears, a node that
+            // pulls it finds its signature too.
+            if let Some(signer) = signer {
+                let digest = artifact::sha256_digest(&prepared.manifest_bytes);
+                self.push_signature(&digest, signer).await?;
+            }
             client
                 .push_manifest_raw(
                     &reference,
@@ -240,8 +251,83 @@ impl Registry {
             sent_bytes: sent,
             blobs: prepared.layers.len(),
             blobs_present: present,
+            signed: signer.is_some(),
             ms: u64::try_from(t.elapsed().as_millis()).unwrap_or(u64::MAX),
         })
+    }
+
+    /// Stores cosign's signature artifact of the image manifest
+    /// `manifest_digest` (see [`super::sign`]).
+    async fn push_signature(
+        &self,
+        manifest_digest: &str,
+        signer: &Signer,
+    ) -> Result<(), RemoteError> {
+        let reference = Self::parse_ref(&self.repository, &sign::signature_tag(manifest_digest))?;
+        let sig = sign::Artifact::new(signer, &self.repository, manifest_digest)?;
+        let (payload, payload_digest, config, config_digest, manifest) = (
+            sig.payload,
+            sig.payload_digest,
+            sig.config,
+            sig.config_digest,
+            sig.manifest,
+        );
+        let client = &self.client;
+        client
+            .push_blob(&reference, payload, &payload_digest)
+            .await
+            .map_err(registry_err("upload of the signature"))?;
+        client
+            .push_blob(&reference, config, &config_digest)
+            .await
+            .map_err(registry_err("upload of the signature's config"))?;
+        client
+            .push_manifest_raw(
+                &reference,
+                manifest,
+                OCI_IMAGE_MEDIA_TYPE.parse().expect("valid header value"),
+            )
+            .await
+            .map_err(registry_err("upload of the signature's manifest"))?;
+        Ok(())
+    }
+
+    /// The (payload, signature) pairs stored as cosign signatures of the
+    /// image manifest `manifest_digest`; none if it has none. Every document
+    /// read is bounded.
+    async fn signatures(
+        &self,
+        manifest_digest: &str,
+    ) -> Result<Vec<(Vec<u8>, String)>, RemoteError> {
+        let reference = Self::parse_ref(&self.repository, &sign::signature_tag(manifest_digest))?;
+        let client = &self.client;
+        let (bytes, _) = match client
+            .pull_manifest_raw(&reference, &self.auth, &[OCI_IMAGE_MEDIA_TYPE])
+            .await
+        {
+            Ok(m) => m,
+            Err(e) if not_found(&e) => return Ok(Vec::new()),
+            Err(e) => return Err(registry_err("lookup of the signature")(e)),
+        };
+        let manifest = sign::parse_manifest(&bytes)?;
+        let mut payloads = Vec::new();
+        for layer in manifest.layers.iter().take(sign::MAX_SIGNATURES) {
+            if u64::try_from(layer.size).unwrap_or(u64::MAX) > sign::MAX_PAYLOAD {
+                continue;
+            }
+            let mut payload = Vec::new();
+            client
+                .pull_blob(&reference, layer, &mut payload)
+                .await
+                .map_err(|e| blob_err(layer, e))?;
+            payloads.push((layer.digest.clone(), payload));
+        }
+        Ok(sign::signatures_in(&manifest, &mut |layer| {
+            payloads
+                .iter()
+                .find(|(d, _)| *d == layer.digest)
+                .map(|(_, p)| p.clone())
+        }))
     }
 
     /// Whether the registry has an image tagged with `digest` (a HEAD).
@@ -275,6 +361,7 @@ impl Registry {
         cache: &Cache,
         digest: &str,
         limit: Option<Duration>,
+        keys: &[Verifier],
         check: &dyn Fn(&Config) -> Result<(), RemoteError>,
         progress: Progress,
     ) -> Result<Pulled, RemoteError> {
@@ -303,6 +390,19 @@ impl Registry {
                 found: artifact::sha256_digest(&manifest_bytes),
             });
         }
+        // Nothing of the image is used before a trusted key's signature of
+        // exactly this manifest is found.
+        if keys.is_empty() {
+            return Err(RemoteError::Rejected(sign::Rejected::NoKeys));
+        }
+        let signatures = bounded(
+            &self.rt,
+            deadline,
+            "signature lookup",
+            self.signatures(&manifest_digest),
+        )?;
+        let signer = sign::check(keys, &manifest_digest, &signatures)?;
+        progress(&format!("signed by {}", signer.display()));
         let manifest = artifact::parse_manifest(&manifest_bytes)?;
         let mut config_bytes = Vec::new();
         bounded(&self.rt, deadline, "config download", async {
