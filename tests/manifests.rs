@@ -171,6 +171,52 @@ mod fuzz {
         }
     }
 
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 1000, ..ProptestConfig::default() })]
+
+        /// Every duration key with any number and unit: validated or
+        /// refused with its position, never a panic, and what passes is
+        /// within the bound and usable as a deadline.
+        #[test]
+        fn durations_of_any_size_are_bounded_or_refused(
+            key in prop::sample::select(vec!["ready.timeout", "checkpoint.settle", "checkpoint.timeout", "stop.timeout", "restore.timeout"]),
+            n in prop::num::u64::ANY,
+            unit in prop::sample::select(vec!["ns", "ms", "s", "m", "h", "d", "w", "M", "y", "years"]),
+        ) {
+            let (section, field) = key.split_once('.').unwrap();
+            let text = if section == "ready" {
+                format!("exec: [a]\nready: {{tcp: \"h:1\", {field}: {n}{unit}}}\n")
+            } else {
+                format!("exec: [a]\nready: {{tcp: \"h:1\"}}\n{section}: {{{field}: {n}{unit}}}\n")
+            };
+            check(&text);
+            if let Ok(m) = Manifest::parse("web", Path::new("web.yaml"), &text) {
+                for d in [m.ready.timeout, m.checkpoint.settle, m.checkpoint.timeout, m.stop_timeout, m.restore_timeout] {
+                    prop_assert!(d <= warmer::manifest::MAX_DURATION);
+                    let _ = warmer::process::clock::deadline(d + std::time::Duration::from_secs(5));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_overflowing_durations_an_attacker_tried_are_refused_with_their_position() {
+        for text in [
+            "exec: [a]\nready: {tcp: \"h:1\", timeout: 293000000000y}\n",
+            "exec: [a]\nready: {tcp: \"h:1\"}\ncheckpoint: {settle: 293000000000y}\n",
+            "exec: [a]\nready: {tcp: \"h:1\"}\nstop: {timeout: 8d}\n",
+        ] {
+            let e = Manifest::parse("web", Path::new("web.yaml"), text)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.starts_with("web.yaml:")
+                    && (e.contains("longest allowed") || e.contains("expected a duration")),
+                "{e}"
+            );
+        }
+    }
+
     #[test]
     fn a_huge_scalar_is_not_echoed() {
         let big = "x".repeat(5_000_000);

@@ -107,7 +107,7 @@ pub enum Cmd {
     Checkpoint {
         service: String,
         /// Give up waiting for the supervisor's answer after this long.
-        #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+        #[arg(long, default_value = "10m", value_parser = parse_duration)]
         timeout: std::time::Duration,
     },
     /// Make an earlier image generation of SERVICE the one its next start
@@ -165,7 +165,7 @@ pub enum Cmd {
     Pull {
         service: String,
         /// Give up after this long (the partial download is kept for the next try).
-        #[arg(long, value_parser = humantime::parse_duration)]
+        #[arg(long, value_parser = parse_duration)]
         timeout: Option<std::time::Duration>,
         #[arg(long)]
         json: bool,
@@ -217,6 +217,18 @@ pub enum CacheCmd {
     },
     /// Remove the entries of a service, or the entry with a digest (prefix).
     Rm { target: String },
+}
+
+/// A duration on the command line, bounded like a manifest's.
+pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| e.to_string())?;
+    if d > crate::manifest::MAX_DURATION {
+        return Err(format!(
+            "longer than the longest allowed, {}",
+            humantime::format_duration(crate::manifest::MAX_DURATION)
+        ));
+    }
+    Ok(d)
 }
 
 /// "10G", "500M", "64K", "1048576" -> bytes (powers of 1024).

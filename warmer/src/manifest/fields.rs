@@ -89,18 +89,29 @@ pub(super) fn duration(
     what: &str,
     at: &dyn Fn(&Location, String) -> ManifestError,
 ) -> Result<Duration, ManifestError> {
-    match raw {
-        None => Ok(default),
-        Some(s) => humantime::parse_duration(s.value.trim()).map_err(|e| {
-            at(
-                &s.referenced,
-                format!(
-                    "{what}: expected a duration like 500ms, 30s or 2m, got {:?} ({e})",
-                    s.value
-                ),
-            )
-        }),
+    let Some(s) = raw else {
+        return Ok(default);
+    };
+    let d = humantime::parse_duration(s.value.trim()).map_err(|e| {
+        at(
+            &s.referenced,
+            format!(
+                "{what}: expected a duration like 500ms, 30s or 2m, got {:?} ({e})",
+                s.value
+            ),
+        )
+    })?;
+    if d > MAX_DURATION {
+        return Err(at(
+            &s.referenced,
+            format!(
+                "{what}: {:?} is longer than the longest allowed, {}",
+                s.value,
+                humantime::format_duration(MAX_DURATION)
+            ),
+        ));
     }
+    Ok(d)
 }
 
 /// `restore.mode`, or the older `restore.lazy` (true: lazy, false: eager).

@@ -201,6 +201,10 @@ pub const DEFAULT_READY_TIMEOUT: Duration = Duration::from_secs(60);
 pub const DEFAULT_SETTLE: Duration = Duration::from_millis(500);
 pub const DEFAULT_STOP_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_KEEP: u32 = 2;
+/// No duration of a manifest (timeouts, settle) may be longer: a week is
+/// more than any start, dump or stop should take, and far from where adding
+/// it to a clock could overflow.
+pub const MAX_DURATION: Duration = Duration::from_secs(7 * 24 * 3600);
 /// Manifests are small; anything bigger is a mistake or an attack.
 pub const MAX_MANIFEST_BYTES: usize = 1 << 20;
 /// The most of a source line an error message shows.

@@ -21,3 +21,21 @@ pub fn since_spawn_us() -> Option<u64> {
     let at: u128 = std::env::var(SPAWNED_AT).ok()?.parse().ok()?;
     u64::try_from(monotonic_ns().checked_sub(at)? / 1000).ok()
 }
+
+/// `now + d`, saturating (a deadline a week or a century away is the same
+/// to anything that waits for it); never panics on a huge `d`.
+pub fn deadline(d: std::time::Duration) -> std::time::Instant {
+    let now = std::time::Instant::now();
+    now.checked_add(d)
+        .or_else(|| now.checked_add(std::time::Duration::from_secs(10 * 365 * 24 * 3600)))
+        .unwrap_or(now)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_huge_deadline_saturates_instead_of_panicking() {
+        let far = super::deadline(std::time::Duration::MAX);
+        assert!(far > std::time::Instant::now());
+    }
+}

@@ -82,7 +82,9 @@ impl Prober {
         let limit = limit.clamp(Duration::from_millis(10), ATTEMPT_TIMEOUT);
         match self {
             Prober::Http(url) => http_ok(url, limit),
-            Prober::Tcp(addr) => connect(addr, Instant::now() + limit).is_some_and(reset),
+            Prober::Tcp(addr) => {
+                connect(addr, crate::process::clock::deadline(limit)).is_some_and(reset)
+            }
             Prober::Exec(argv) => exec_ok(argv, limit),
             Prober::Notify(sock) => sock.ready_seen(),
         }
@@ -147,7 +149,7 @@ fn connect(addr: &str, deadline: Instant) -> Option<TcpStream> {
 /// GET the URL with HTTP/1.1 and `Connection: close`; any 2xx is ready.
 /// The whole attempt (connect, write, every read) ends by `limit`.
 fn http_ok(url: &HttpUrl, limit: Duration) -> bool {
-    let deadline = Instant::now() + limit;
+    let deadline = crate::process::clock::deadline(limit);
     let host = url.host.trim_start_matches('[').trim_end_matches(']');
     let Some(mut s) = connect(&format!("{}:{}", url.host, url.port), deadline)
         .or_else(|| connect(&format!("{host}:{}", url.port), deadline))
@@ -215,7 +217,7 @@ fn exec_ok(argv: &[String], limit: Duration) -> bool {
     else {
         return false;
     };
-    let deadline = Instant::now() + limit;
+    let deadline = crate::process::clock::deadline(limit);
     loop {
         match child.try_wait() {
             Ok(Some(status)) => return status.success(),

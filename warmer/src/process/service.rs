@@ -218,7 +218,7 @@ impl Running {
 
     /// Waits up to `timeout` for the init to exit.
     pub fn wait_exit(&mut self, timeout: Duration, signals: &Signals) -> Option<i32> {
-        let deadline = Instant::now() + timeout;
+        let deadline = crate::process::clock::deadline(timeout);
         loop {
             if let Some(code) = self.poll_exit() {
                 return Some(code);

@@ -336,7 +336,7 @@ impl Registry {
         let limit = STALL_TIMEOUT;
         bounded(
             &self.rt,
-            Some((Instant::now() + limit, limit)),
+            Some((crate::process::clock::deadline(limit), limit)),
             "lookup",
             async {
                 match self

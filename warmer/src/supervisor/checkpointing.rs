@@ -60,7 +60,7 @@ impl Supervisor {
         }
         // Let the service settle (lazy initialisation after the first probe);
         // a stop request or exit during the wait cancels the checkpoint.
-        let until = Instant::now() + self.manifest.checkpoint.settle;
+        let until = crate::process::clock::deadline(self.manifest.checkpoint.settle);
         while Instant::now() < until {
             if self.signals.stop_requested() {
                 return;

@@ -35,7 +35,7 @@ pub(super) fn wait_ready(
     tick: &mut dyn FnMut(),
     mut foreign: Option<&mut Option<String>>,
 ) -> Readiness {
-    let deadline = Instant::now() + timeout;
+    let deadline = crate::process::clock::deadline(timeout);
     systemd.extend_timeout(timeout + Duration::from_secs(5));
     let mut backoff = crate::process::probe::Backoff::default();
     let mut signalled = false;

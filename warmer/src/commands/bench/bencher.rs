@@ -307,7 +307,7 @@ impl Bencher {
         want: &dyn Fn(&RunRecord) -> bool,
         limit: Duration,
     ) -> Result<RunRecord, BenchError> {
-        let deadline = Instant::now() + limit;
+        let deadline = crate::process::clock::deadline(limit);
         loop {
             if let Some(r) = RunRecord::read(&self.dirs.run, &self.manifest.name) {
                 if r.warmer_pid == child.id() && want(&r) {
@@ -338,7 +338,8 @@ impl Bencher {
     fn stop(&self, mut child: Child) -> Result<(), BenchError> {
         let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap_or(i32::MAX));
         let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-        let deadline = Instant::now() + self.manifest.stop_timeout + Duration::from_secs(10);
+        let deadline =
+            crate::process::clock::deadline(self.manifest.stop_timeout + Duration::from_secs(10));
         while Instant::now() < deadline {
             if child
                 .try_wait()
