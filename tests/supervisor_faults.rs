@@ -433,3 +433,26 @@ fn a_missing_workdir_is_named_as_such() {
         "{err}"
     );
 }
+
+/// An `exec` probe's children die with it: a shell probe that started
+/// `sleep`s in the background and ran out of time left 5 of them with
+/// parent 1.
+#[test]
+fn an_exec_probe_leaves_no_process_behind() {
+    require_root();
+    let env = Env::new();
+    env.write_manifest(
+        "probed",
+        "exec: [\"/bin/sleep\", \"30\"]\n\
+         ready:\n  exec: [\"/bin/sh\", \"-c\", \"sleep 987.123 & sleep 987.124; exit 1\"]\n  timeout: 3s\n\
+         checkpoint: {enabled: false}\n",
+    );
+    let out = env.command().args(["run", "probed"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(69), "{out:?}");
+    // The group is killed at once; give the kernel a moment to reap.
+    let left = wait_for(Duration::from_secs(5), || {
+        let p = pids_with("987.12");
+        p.is_empty().then_some(p)
+    });
+    assert!(left.is_empty());
+}

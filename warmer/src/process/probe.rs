@@ -207,22 +207,35 @@ fn status_is_2xx(head: &[u8]) -> bool {
             .is_some_and(|code| code.len() == 3 && code.starts_with('2'))
 }
 
+/// Runs an `exec` probe in a process group of its own; whatever it leaves
+/// behind (a shell's background children) is killed with the group when it
+/// exits or runs out of time: a probe never leaves a process.
 fn exec_ok(argv: &[String], limit: Duration) -> bool {
+    use std::os::unix::process::CommandExt;
     let Ok(mut child) = Command::new(&argv[0])
         .args(&argv[1..])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
+        .process_group(0)
         .spawn()
     else {
         return false;
     };
+    let group = nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap_or(i32::MAX));
+    let end_group = || {
+        let _ = nix::sys::signal::killpg(group, nix::sys::signal::Signal::SIGKILL);
+    };
     let deadline = crate::process::clock::deadline(limit);
     loop {
         match child.try_wait() {
-            Ok(Some(status)) => return status.success(),
+            Ok(Some(status)) => {
+                end_group();
+                return status.success();
+            }
             Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(2)),
             _ => {
+                end_group();
                 let _ = child.kill();
                 let _ = child.wait();
                 return false;
