@@ -143,16 +143,93 @@ fn a_manifest_someone_else_could_write_is_refused() {
         err.contains("refusing manifest") && err.contains("writable by everyone"),
         "{err}"
     );
+    // validate applies the same checks (it said `ok` to what run refuses).
+    let out = env
+        .command()
+        .arg("validate")
+        .arg(dir.join("m.yaml"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(65), "{err}");
+    assert!(err.contains("refusing manifest"), "{err}");
     std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
-    // A manifest that is a symlink to a file nobody owns.
+    // A manifest that is a symlink to a file nobody owns: refused before a
+    // byte of it is read (its first line never shows in an error).
     let real = env.path("app/m.yaml");
     std::fs::rename(dir.join("m.yaml"), &real).unwrap();
     nix::unistd::chown(&real, Some(nix::unistd::Uid::from_raw(65534)), None).unwrap();
     std::os::unix::fs::symlink(&real, dir.join("m.yaml")).unwrap();
     let out = env.command().args(["run", "m"]).output().unwrap();
+    std::fs::write(&real, "secret-first-line: x\n").unwrap();
+    nix::unistd::chown(&real, Some(nix::unistd::Uid::from_raw(65534)), None).unwrap();
+    let out = env.command().args(["run", "m"]).output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(65), "{err}");
     assert!(err.contains("owned by uid 65534"), "{err}");
+    assert!(!err.contains("secret-first-line"), "{err}");
+}
+
+/// The run directory gets the cache's checks: with `WARMER_RUN_DIR` under a
+/// directory `nobody` owns, `nobody` could swap `run/svc` for a link to a
+/// directory of root's, and root would chmod it and create sockets, logs
+/// and state files there. Refused, and nothing is created through a link.
+#[test]
+fn a_run_directory_someone_else_controls_is_refused() {
+    require_criu();
+    let env = Env::new();
+    env.slowweb(
+        "rd",
+        free_port(),
+        &["--warmup", "0.1"],
+        "checkpoint: {enabled: false}\n",
+    );
+    let nobody = nix::unistd::Uid::from_raw(65534);
+    let theirs = env.path("theirs");
+    std::fs::create_dir(&theirs).unwrap();
+    nix::unistd::chown(&theirs, Some(nobody), None).unwrap();
+    let run = theirs.join("run");
+    let out = env
+        .command()
+        .env("WARMER_RUN_DIR", &run)
+        .args(["run", "rd"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("refusing the run directory") && err.contains("uid 65534"),
+        "{err}"
+    );
+    assert!(!run.join("rd").exists(), "nothing made in it");
+    // A trusted run root, but the service's directory is a symlink (to a
+    // directory of root's that must stay as it is).
+    let target = env.path("root-owned");
+    std::fs::create_dir(&target).unwrap();
+    std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let run = env.path("run2");
+    std::fs::create_dir(&run).unwrap();
+    std::os::unix::fs::symlink(&target, run.join("rd")).unwrap();
+    let out = env
+        .command()
+        .env("WARMER_RUN_DIR", &run)
+        .args(["run", "rd"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("not a directory of its own"), "{err}");
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(
+        std::fs::metadata(&target).unwrap().mode() & 0o777,
+        0o755,
+        "not chmodded"
+    );
+    assert_eq!(
+        std::fs::read_dir(&target).unwrap().count(),
+        0,
+        "nothing created in it"
+    );
 }
 
 // ------------------------------------------------------------ kill -9, deadlines

@@ -12,7 +12,7 @@
 //!     dump.log restore.log ...    CRIU's logs of the last operations
 //! ```
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 #[derive(Debug, Clone)]
 pub struct Dirs {
@@ -42,11 +42,73 @@ fn absolute(p: PathBuf) -> PathBuf {
     std::path::absolute(&p).unwrap_or(p)
 }
 
-/// Creates `path` (and parents) and makes it 0700.
-pub fn private_dir(path: &Path) -> std::io::Result<()> {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::create_dir_all(path)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700))
+/// Why a run directory is not used.
+#[derive(Debug, thiserror::Error)]
+pub enum RunDirError {
+    #[error("cannot create {}", path.display())]
+    Create {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("refusing the run directory {}", path.display())]
+    Untrusted {
+        path: PathBuf,
+        #[source]
+        why: cache::fsutil::Untrusted,
+    },
+    #[error("refusing {}: not a directory of its own (a symlink or another file is there)", .0.display())]
+    NotADirectory(PathBuf),
+}
+
+impl Dirs {
+    /// One service's run directory, made ready for root to write in:
+    /// created 0700 if missing, a real directory (never a symlink), owned by
+    /// warmer's user, and, like the cache and the manifests, with no one
+    /// else able to write it or any directory above it (sticky ones aside),
+    /// so nothing in it can be swapped under warmer after this check, and
+    /// paths inside it may be used as they are (openssh's `secure_path`
+    /// reasoning).
+    pub fn service_run_checked(&self, service: &str) -> Result<PathBuf, RunDirError> {
+        use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+        if !self.run.exists() {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o755)
+                .create(&self.run)
+                .map_err(|source| RunDirError::Create {
+                    path: self.run.clone(),
+                    source,
+                })?;
+        }
+        let uid = nix::unistd::geteuid().as_raw();
+        cache::fsutil::check_trusted(&self.run, uid).map_err(|why| RunDirError::Untrusted {
+            path: self.run.clone(),
+            why,
+        })?;
+        let path = self.service_run(service);
+        match std::fs::DirBuilder::new().mode(0o700).create(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(source) => return Err(RunDirError::Create { path, source }),
+        }
+        let md = std::fs::symlink_metadata(&path).map_err(|source| RunDirError::Create {
+            path: path.clone(),
+            source,
+        })?;
+        if !md.file_type().is_dir() || md.uid() != uid {
+            return Err(RunDirError::NotADirectory(path));
+        }
+        if md.mode() & 0o777 != 0o700 {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o700)).map_err(
+                |source| RunDirError::Create {
+                    path: path.clone(),
+                    source,
+                },
+            )?;
+        }
+        Ok(path)
+    }
 }
 
 #[cfg(test)]

@@ -363,7 +363,7 @@ fn run(dirs: &Dirs, service: &str, opts: supervisor::RunOptions) -> ExitCode {
                 }
             }
             ExitCode::from(match e {
-                RunError::Manifest(_) | RunError::UntrustedManifest { .. } => exit::DATAERR,
+                RunError::Manifest(_) => exit::DATAERR,
                 RunError::AlreadyRunning { .. } => exit::TEMPFAIL,
                 RunError::NotReady { .. }
                 | RunError::ExitedBeforeReady { .. }
@@ -482,7 +482,14 @@ fn reset_cmd(dirs: &Dirs, service: &str) -> ExitCode {
         eprintln!("warmer: {e}");
         return ExitCode::from(exit::USAGE);
     }
-    match warmer::supervisor::backoff::forget(&dirs.service_run(service)) {
+    let run_dir = match dirs.service_run_checked(service) {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("warmer: {}", chain(&e));
+            return ExitCode::from(exit::FAILURE);
+        }
+    };
+    match warmer::supervisor::backoff::forget(&run_dir) {
         Ok(forgotten) if forgotten.is_empty() => {
             emit(&format!("{service}: nothing to forget\n"));
             ExitCode::from(exit::OK)

@@ -32,6 +32,12 @@ pub enum ManifestError {
     Several(Vec<ManifestError>),
     #[error("no manifest for service {service:?} in {} (looked for {service}.yaml and {service}.yml)", dir.display())]
     NotFound { service: String, dir: PathBuf },
+    #[error("refusing manifest {}: someone other than root could have written it", path.display())]
+    Untrusted {
+        path: PathBuf,
+        #[source]
+        why: cache::fsutil::Untrusted,
+    },
 }
 
 /// A section's value, or (its error collected) a stand-in.

@@ -248,8 +248,18 @@ impl Manifest {
         })
     }
 
-    /// Loads a manifest file; the service name is the file stem.
+    /// Loads a manifest file; the service name is the file stem. A manifest
+    /// says what runs as root: before a byte of it is read, it (through any
+    /// symlink) and every directory above it must be owned by root (or
+    /// warmer's own user) and writable by no one else, for every command
+    /// alike (`run`, `validate`, `status`, ...).
     pub fn load(path: &Path) -> Result<Self, ManifestError> {
+        cache::fsutil::check_trusted(path, nix::unistd::geteuid().as_raw()).map_err(|why| {
+            ManifestError::Untrusted {
+                path: path.to_path_buf(),
+                why,
+            }
+        })?;
         let bytes = std::fs::read(path).map_err(|source| ManifestError::Read {
             path: path.to_path_buf(),
             source,

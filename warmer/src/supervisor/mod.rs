@@ -49,7 +49,7 @@ use nix::sys::signal::Signal;
 use crate::criu::Criu;
 use crate::digest::watch::InputWatch;
 use crate::digest::{DigestError, Digester, HostFacts, ServiceDigest};
-use crate::dirs::{private_dir, Dirs};
+use crate::dirs::Dirs;
 use crate::errors::chain;
 use crate::manifest::{Manifest, ManifestError};
 use crate::process::init::{self, SpawnError};
@@ -65,12 +65,6 @@ use crate::supervisor::record::{RunRecord, ServiceState};
 pub enum RunError {
     #[error(transparent)]
     Manifest(#[from] ManifestError),
-    #[error("refusing manifest {}: someone other than root could have written it", path.display())]
-    UntrustedManifest {
-        path: PathBuf,
-        #[source]
-        why: cache::fsutil::Untrusted,
-    },
     #[error("service {service} is already running (lock {})", lock.display())]
     AlreadyRunning { service: String, lock: PathBuf },
     #[error("cannot prepare {}", path.display())]
@@ -79,6 +73,8 @@ pub enum RunError {
         #[source]
         source: std::io::Error,
     },
+    #[error(transparent)]
+    RunDir(#[from] crate::dirs::RunDirError),
     #[error("cannot install signal handlers")]
     Signals(#[source] std::io::Error),
     #[error(transparent)]
@@ -190,15 +186,8 @@ impl RunOptions {
 
 pub fn run(dirs: &Dirs, name: &str, opts: RunOptions) -> Result<Outcome, RunError> {
     let started = Instant::now();
+    // Checked for trust before it is read (see `Manifest::load`).
     let manifest = Manifest::find(&dirs.manifests, name)?;
-    // A manifest says what runs as root: only root (or warmer's own user)
-    // may have written it, or any directory above it.
-    cache::fsutil::check_trusted(&manifest.path, nix::unistd::geteuid().as_raw()).map_err(
-        |why| RunError::UntrustedManifest {
-            path: manifest.path.clone(),
-            why,
-        },
-    )?;
     let span = tracing::info_span!("run", service = name, digest = tracing::field::Empty);
     let _span = span.enter();
     // Anything the service tree orphans (CRIU's restored root among them,
@@ -209,11 +198,7 @@ pub fn run(dirs: &Dirs, name: &str, opts: RunOptions) -> Result<Outcome, RunErro
     }
     tracing::debug!("t+{} us: manifest", started.elapsed().as_micros());
     let signals = Signals::install().map_err(RunError::Signals)?;
-    let run_dir = dirs.service_run(name);
-    private_dir(&run_dir).map_err(|source| RunError::Dir {
-        path: run_dir.clone(),
-        source,
-    })?;
+    let run_dir = dirs.service_run_checked(name)?;
 
     let cache = match Cache::open(&dirs.cache) {
         Ok(c) => Some(c),

@@ -136,8 +136,7 @@ impl Bencher {
             Err(cache::Error::Locked { .. }) => return Err(BenchError::Running(service.into())),
             Err(e) => return Err(e.into()),
         }
-        let run_dir = dirs.run.join(service);
-        std::fs::create_dir_all(&run_dir).map_err(io(format!("creating {}", run_dir.display())))?;
+        let run_dir = dirs.service_run_checked(service)?;
         // The init `warmer run` will use (it looks for it the same way).
         let beside = warmer.with_file_name(crate::process::init::INIT_BIN);
         let init = if beside.is_file() {

@@ -38,6 +38,8 @@ use crate::supervisor::record::{RunRecord, ServiceState};
 #[derive(Debug, thiserror::Error)]
 pub enum BenchError {
     #[error(transparent)]
+    RunDir(#[from] crate::dirs::RunDirError),
+    #[error(transparent)]
     Manifest(#[from] crate::manifest::ManifestError),
     #[error(transparent)]
     Criu(#[from] crate::criu::CriuError),
