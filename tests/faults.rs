@@ -160,7 +160,6 @@ fn a_manifest_someone_else_could_write_is_refused() {
     std::fs::rename(dir.join("m.yaml"), &real).unwrap();
     nix::unistd::chown(&real, Some(nix::unistd::Uid::from_raw(65534)), None).unwrap();
     std::os::unix::fs::symlink(&real, dir.join("m.yaml")).unwrap();
-    let out = env.command().args(["run", "m"]).output().unwrap();
     std::fs::write(&real, "secret-first-line: x\n").unwrap();
     nix::unistd::chown(&real, Some(nix::unistd::Uid::from_raw(65534)), None).unwrap();
     let out = env.command().args(["run", "m"]).output().unwrap();
@@ -229,6 +228,43 @@ fn a_run_directory_someone_else_controls_is_refused() {
         std::fs::read_dir(&target).unwrap().count(),
         0,
         "nothing created in it"
+    );
+}
+
+/// A warmer-init anyone could have written is never executed: root would
+/// run it in every service's namespace.
+#[test]
+fn a_world_writable_warmer_init_is_refused() {
+    require_criu();
+    let env = Env::new();
+    env.slowweb(
+        "wi",
+        free_port(),
+        &["--warmup", "0.1"],
+        "checkpoint: {enabled: false}\n",
+    );
+    // A copy of warmer with a warmer-init beside it that is world-writable.
+    let bin = env.path("bin");
+    std::fs::create_dir(&bin).unwrap();
+    std::fs::copy(WARMER, bin.join("warmer")).unwrap();
+    std::fs::copy(init_bin(), bin.join("warmer-init")).unwrap();
+    std::fs::set_permissions(
+        bin.join("warmer-init"),
+        std::fs::Permissions::from_mode(0o777),
+    )
+    .unwrap();
+    let out = std::process::Command::new(bin.join("warmer"))
+        .env("WARMER_MANIFEST_DIR", env.path("manifests"))
+        .env("WARMER_CACHE_DIR", env.path("cache"))
+        .env("WARMER_RUN_DIR", &env.run)
+        .args(["run", "wi"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("refusing to run") && err.contains("warmer-init") && err.contains("writable"),
+        "{err}"
     );
 }
 

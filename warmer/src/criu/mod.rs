@@ -34,6 +34,12 @@ pub enum CriuError {
         after: std::time::Duration,
         log: PathBuf,
     },
+    #[error("refusing to run {}", bin.display())]
+    Untrusted {
+        bin: PathBuf,
+        #[source]
+        why: cache::fsutil::Untrusted,
+    },
     #[error("could not run {}", bin.display())]
     Spawn {
         bin: PathBuf,
@@ -73,6 +79,14 @@ impl Criu {
     /// [`Criu::locate`], remembering the binary's version while it is unchanged.
     pub fn locate_memo(memo: &mut crate::memo::Memo) -> Result<Self, CriuError> {
         let bin = find_bin().ok_or(CriuError::NotFound)?;
+        // Root runs it on every service: only a binary no one but root could
+        // have written, up to `/`.
+        cache::fsutil::check_trusted(&bin, nix::unistd::geteuid().as_raw()).map_err(|why| {
+            CriuError::Untrusted {
+                bin: bin.clone(),
+                why,
+            }
+        })?;
         let version = memo.get("criu-version", &bin, |bin| {
             let out = Command::new(bin)
                 .arg("--version")

@@ -47,6 +47,19 @@ pub struct InitExe {
 /// (`cargo run` builds only `warmer`), `warmer __init` serves instead: it
 /// works the same, but its images then depend on the whole `warmer` binary.
 pub fn locate() -> io::Result<InitExe> {
+    let found = find()?;
+    // Root executes it in every service's namespace: only a binary no one
+    // but root (or warmer's user) could have written, up to `/`.
+    cache::fsutil::check_trusted(&found.path, nix::unistd::geteuid().as_raw()).map_err(|why| {
+        io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!("refusing to run {}: {why}", found.path.display()),
+        )
+    })?;
+    Ok(found)
+}
+
+fn find() -> io::Result<InitExe> {
     let exe = std::env::current_exe()?;
     let beside = exe.with_file_name(INIT_BIN);
     let on_path = || {
