@@ -268,6 +268,26 @@ fn a_world_writable_warmer_init_is_refused() {
     );
 }
 
+/// `status` as a user who cannot read root's cache says so, instead of
+/// "no image cache" (or "is CRIU installed?") for a service that has one.
+#[test]
+fn status_as_another_user_says_it_cannot_read_the_cache() {
+    require_criu();
+    let (env, _, _) = warmed("st");
+    std::fs::set_permissions(env.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let out = std::os::unix::process::CommandExt::uid(&mut env.command(), 65534)
+        .args(["status", "st", "--json"])
+        .output()
+        .unwrap();
+    let s: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|_| panic!("{out:?}"));
+    let detail = s[0]["next_start"]["detail"].as_str().unwrap_or_default();
+    assert!(
+        detail.contains("cannot read the image cache") && detail.contains("uid 65534"),
+        "{s}"
+    );
+}
+
 // ------------------------------------------------------------ kill -9, deadlines
 
 fn fake_env(name: &str) -> (Env, String, u16) {

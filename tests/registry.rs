@@ -394,6 +394,16 @@ fn a_registry_with_auth_works_with_the_auth_file_and_fails_clearly_without() {
     )
     .unwrap();
     let auth_env = [("REGISTRY_AUTH_FILE", auth.to_str().unwrap())];
+    // Passwords others can read are refused, as ssh refuses such keys.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&auth, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let refused = warmer(&a, &["push", "web"], &auth_env);
+    assert!(
+        !refused.status.success() && text(&refused).contains("readable by others"),
+        "{}",
+        text(&refused)
+    );
+    std::fs::set_permissions(&auth, std::fs::Permissions::from_mode(0o600)).unwrap();
     let pushed = warmer(&a, &["push", "web"], &auth_env);
     assert!(pushed.status.success(), "{}", text(&pushed));
 

@@ -81,18 +81,22 @@ pub type CacheView = Result<cache::Cache, String>;
 /// Opens the cache for reading only (opening creates a missing one), or says
 /// why there is none to read.
 pub fn open_cache(dirs: &Dirs) -> CacheView {
-    if !dirs.cache.join("VERSION").exists() {
-        return Err(match std::fs::metadata(&dirs.cache) {
-            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => format!(
-                "cannot read the image cache {} as uid {} (run as root)",
+    match std::fs::metadata(dirs.cache.join("VERSION")) {
+        Ok(_) => {}
+        // The cache is root's and 0700: a user can see it is there, not in it.
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+            return Err(format!(
+                "cannot read the image cache {} as uid {} (it is root's: run as root)",
                 dirs.cache.display(),
                 nix::unistd::geteuid()
-            ),
-            _ => format!(
+            ))
+        }
+        Err(_) => {
+            return Err(format!(
                 "no image cache at {} yet (none was ever taken)",
                 dirs.cache.display()
-            ),
-        });
+            ))
+        }
     }
     cache::Cache::open(&dirs.cache).map_err(|e| {
         format!(

@@ -285,8 +285,11 @@ pub fn title(layer: &OciDescriptor) -> Result<&str, RemoteError> {
         .as_ref()
         .and_then(|a| a.get(TITLE))
         .ok_or_else(|| RemoteError::NotOurs(format!("layer {} has no title", layer.digest)))?;
+    // A plain file name (CRIU's images, restore.json), or one under
+    // `state/` (captured state paths): nothing else is an image file.
     let path = Path::new(t);
-    let plain = !t.is_empty() && path.components().all(|c| matches!(c, Component::Normal(_)));
+    let normal = !t.is_empty() && path.components().all(|c| matches!(c, Component::Normal(_)));
+    let plain = normal && (path.components().count() == 1 || t.starts_with("state/"));
     if !plain {
         return Err(RemoteError::NotOurs(format!("layer title {t:?}")));
     }
@@ -355,7 +358,17 @@ fn unpack(layer: &OciDescriptor, blob: &Path, dest: &Path, limit: u64) -> Result
     } else {
         io::copy(&mut input.take(limit + 1), &mut out)
     }
-    .map_err(|e| RemoteError::Damaged(format!("layer {}: {e}", layer.digest)))?;
+    .map_err(|e| {
+        // A full disk is the disk's, not the image's.
+        if e.kind() == io::ErrorKind::StorageFull || e.raw_os_error() == Some(libc::ENOSPC) {
+            RemoteError::Io {
+                path: dest.to_path_buf(),
+                source: e,
+            }
+        } else {
+            RemoteError::Damaged(format!("layer {}: {e}", layer.digest))
+        }
+    })?;
     if copied > limit {
         return Err(RemoteError::Damaged(format!(
             "layer {} unpacks to more than the {limit} bytes recorded",
@@ -449,7 +462,7 @@ mod tests {
         };
         assert_eq!(title(&desc("pages-1.img")).unwrap(), "pages-1.img");
         assert_eq!(title(&desc("state/0/db")).unwrap(), "state/0/db");
-        for bad in ["", "/etc/passwd", "../x", "a/../../x", "./a"] {
+        for bad in ["", "/etc/passwd", "../x", "a/../../x", "./a", "sub/x.img", "state/../x"] {
             assert!(title(&desc(bad)).is_err(), "{bad:?}");
         }
     }

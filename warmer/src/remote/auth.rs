@@ -60,7 +60,34 @@ pub fn credentials(registry: &str) -> Result<RegistryAuth, RemoteError> {
         path: path.clone(),
         why,
     })?;
-    let text = std::fs::read_to_string(&path).map_err(|source| RemoteError::Io {
+    // Passwords: readable by its owner only, as ssh insists for keys.
+    let mode = std::os::unix::fs::MetadataExt::mode(&std::fs::metadata(&path).map_err(
+        |source| RemoteError::Io {
+            path: path.clone(),
+            source,
+        },
+    )?);
+    if mode & 0o077 != 0 {
+        return Err(RemoteError::AuthFile {
+            path,
+            what: format!(
+                "readable by others (mode {:o}): it holds passwords; make it 0600",
+                mode & 0o7777
+            ),
+        });
+    }
+    let mut text = String::new();
+    std::io::Read::read_to_string(
+        &mut std::io::Read::take(
+            std::fs::File::open(&path).map_err(|source| RemoteError::Io {
+                path: path.clone(),
+                source,
+            })?,
+            1 << 20,
+        ),
+        &mut text,
+    )
+    .map_err(|source| RemoteError::Io {
         path: path.clone(),
         source,
     })?;

@@ -61,9 +61,11 @@ pub enum RemoteError {
     Timeout { what: String, limit: Duration },
     #[error("blob {expected}: content has digest {found} (tampered or corrupted), refused")]
     Tampered { expected: String, found: String },
-    #[error("not a warmer image: {0}")]
+    /// The text may quote an archive's or a registry's own names: shown
+    /// escaped.
+    #[error("not a warmer image: {}", crate::errors::escape(.0))]
     NotOurs(String),
-    #[error("image is damaged: {0}")]
+    #[error("image is damaged: {}", crate::errors::escape(.0))]
     Damaged(String),
     #[error("the image is for digest {found}, expected {expected}")]
     WrongDigest { expected: String, found: String },

@@ -552,7 +552,13 @@ impl Restore<'_> {
         }
         let why = chain(&failure);
         let label = key.as_deref().map_or_else(|| "?".to_string(), short);
-        tracing::warn!("image {label} unusable, cold start instead: {why}");
+        let evidence = !matches!(failure, Failure::EndedBySignal(_) | Failure::Stopped);
+        if evidence {
+            tracing::warn!("image {label} unusable, cold start instead: {why}");
+        } else {
+            // Not the image's doing, and no cold start follows: warmer ends.
+            tracing::info!("restore of image {label} ended: {why}; the image is kept");
+        }
         if let Some(pb) = state {
             if let Err(e) = pb.undo() {
                 tracing::error!(
@@ -561,7 +567,6 @@ impl Restore<'_> {
                 );
             }
         }
-        let evidence = !matches!(failure, Failure::EndedBySignal(_) | Failure::Stopped);
         let Some(key) = key.filter(|_| evidence) else {
             return failure;
         };
