@@ -279,8 +279,8 @@ fn status_as_another_user_says_it_cannot_read_the_cache() {
         .args(["status", "st", "--json"])
         .output()
         .unwrap();
-    let s: serde_json::Value = serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|_| panic!("{out:?}"));
+    let s: serde_json::Value =
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|_| panic!("{out:?}"));
     let detail = s[0]["next_start"]["detail"].as_str().unwrap_or_default();
     assert!(
         detail.contains("cannot read the image cache") && detail.contains("uid 65534"),

@@ -977,3 +977,55 @@ fn pid_file_holds_the_host_pid_cold_and_restored() {
     assert_ne!(restored, pid);
     w.stop();
 }
+
+/// Connections waiting in a listening socket's queue at the dump (clients
+/// connecting while a stop or a ready-time checkpoint freezes the service)
+/// made the dump fail ("In-flight connection") and the next start cold.
+/// They are left out of the image (their clients reconnect).
+#[test]
+fn connections_waiting_to_be_accepted_do_not_fail_a_checkpoint() {
+    require_criu();
+    let env = Env::new();
+    let (port, queue) = (free_port(), free_port());
+    let script = env.path("slow-accept.py");
+    std::fs::write(
+        &script,
+        "import socket, sys, threading\n\
+         from http.server import BaseHTTPRequestHandler, HTTPServer\n\
+         q = socket.socket(); q.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
+         q.bind(('127.0.0.1', int(sys.argv[2]))); q.listen(16)  # never accepted\n\
+         class H(BaseHTTPRequestHandler):\n    \
+             def do_GET(self):\n        \
+                 self.send_response(200); self.send_header('Content-Length', '2'); self.end_headers(); self.wfile.write(b'ok')\n    \
+             def log_message(self, *a): pass\n\
+         HTTPServer(('127.0.0.1', int(sys.argv[1])), H).serve_forever()\n",
+    )
+    .unwrap();
+    env.write_manifest(
+        "inflight",
+        &format!(
+            "exec: [\"/usr/bin/python3\", \"{}\", \"{port}\", \"{queue}\"]\n\
+             ready: {{http: \"http://127.0.0.1:{port}/\"}}\ncheckpoint: {{settle: 1s}}\n",
+            script.display()
+        ),
+    );
+    let mut w = env.run("inflight");
+    env.wait_ready("inflight", &mut w);
+    // Clients queue up while the service settles, never accepted.
+    let clients: Vec<_> = (0..3)
+        .map(|_| std::net::TcpStream::connect(("127.0.0.1", queue)).unwrap())
+        .collect();
+    let s = env.wait_status("inflight", &mut w, |s| {
+        !s["image"].is_null()
+            || s["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("checkpoint"))
+    });
+    assert!(!s["image"].is_null(), "{s}\n{}", w.err());
+    drop(clients);
+    w.stop();
+    let mut w = env.run("inflight");
+    let s = env.wait_ready("inflight", &mut w);
+    assert_eq!(s["last_start"], "restored", "{s}\n{}", w.err());
+    w.stop();
+}

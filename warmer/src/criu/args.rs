@@ -60,6 +60,13 @@ pub fn dump_args(plan: &DumpPlan) -> Vec<OsString> {
         a.push("--action-script".into());
         a.push(script.into());
     }
+    // A connection still in a listening socket's queue (handshake done or
+    // under way, not yet accept()ed) is left out of the image: after a
+    // restore its client sees a reset and connects again, as after any
+    // restart. Without this a dump taken while clients connect fails
+    // ("In-flight connection") and the next start is cold. The running
+    // service (a ready-time dump) keeps and accepts it as usual.
+    a.push("--skip-in-flight".into());
     a
 }
 
@@ -170,6 +177,7 @@ mod tests {
         let w = a.iter().position(|x| x == "--work-dir").unwrap();
         assert_eq!(a[w + 1], "/run/warmer/web");
         assert!(!a.contains(&"--tcp-established".to_string()));
+        assert!(a.contains(&"--skip-in-flight".to_string()));
     }
 
     #[test]

@@ -462,7 +462,15 @@ mod tests {
         };
         assert_eq!(title(&desc("pages-1.img")).unwrap(), "pages-1.img");
         assert_eq!(title(&desc("state/0/db")).unwrap(), "state/0/db");
-        for bad in ["", "/etc/passwd", "../x", "a/../../x", "./a", "sub/x.img", "state/../x"] {
+        for bad in [
+            "",
+            "/etc/passwd",
+            "../x",
+            "a/../../x",
+            "./a",
+            "sub/x.img",
+            "state/../x",
+        ] {
             assert!(title(&desc(bad)).is_err(), "{bad:?}");
         }
     }

@@ -61,12 +61,13 @@ pub fn credentials(registry: &str) -> Result<RegistryAuth, RemoteError> {
         why,
     })?;
     // Passwords: readable by its owner only, as ssh insists for keys.
-    let mode = std::os::unix::fs::MetadataExt::mode(&std::fs::metadata(&path).map_err(
-        |source| RemoteError::Io {
-            path: path.clone(),
-            source,
-        },
-    )?);
+    let mode =
+        std::os::unix::fs::MetadataExt::mode(&std::fs::metadata(&path).map_err(|source| {
+            RemoteError::Io {
+                path: path.clone(),
+                source,
+            }
+        })?);
     if mode & 0o077 != 0 {
         return Err(RemoteError::AuthFile {
             path,
