@@ -70,6 +70,32 @@ fn a_same_size_corruption_without_a_stamp_stops_criu_and_never_runs() {
     let _ = port;
 }
 
+/// Damaged files are the disk's fault, not the state's: two corrupt images
+/// in a row are quarantined and retaken, and the service does not switch to
+/// "stays cold" as if CRIU could not restore it.
+#[test]
+fn corruption_does_not_count_as_criu_failing_to_restore() {
+    let (env, _, _) = warmed("flip");
+    for round in 0..2 {
+        let entry = env.entries().pop().expect("an entry");
+        drop_stamps(&env);
+        flip_bit_in_pages(&entry, 0x10);
+        let mut w = env.run("flip");
+        let s = env.wait_image("flip", &mut w);
+        assert_eq!(s["last_start"], "cold", "round {round}: {s}");
+        assert!(
+            !s["message"].as_str().unwrap_or_default().contains("checkpoint skipped"),
+            "round {round}: {s}"
+        );
+        w.stop();
+    }
+    assert_eq!(quarantine_reasons(&env).len(), 2);
+    let mut w = env.run("flip");
+    let s = env.wait_ready("flip", &mut w);
+    assert_eq!(s["last_start"], "restored", "{s}\n{}", w.err());
+    w.stop();
+}
+
 #[test]
 fn a_pages_file_replaced_by_a_symlink_is_refused_even_with_a_stamp() {
     let (env, _, entry) = warmed("link");
