@@ -84,7 +84,10 @@ fn corruption_does_not_count_as_criu_failing_to_restore() {
         let s = env.wait_image("flip", &mut w);
         assert_eq!(s["last_start"], "cold", "round {round}: {s}");
         assert!(
-            !s["message"].as_str().unwrap_or_default().contains("checkpoint skipped"),
+            !s["message"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("checkpoint skipped"),
             "round {round}: {s}"
         );
         w.stop();

@@ -200,3 +200,39 @@ fn persist_killed_around_the_stop_time_checkpoint_loses_no_write() {
     assert_eq!(lines(), 6);
     w.stop();
 }
+
+/// A persist image is restored at most once whatever happens: killed right
+/// after CRIU restored it (the tree may run on a moment, unsupervised, its
+/// data moving on), the next start never restores that image again.
+#[test]
+fn a_persist_image_killed_mid_restore_is_never_restored_twice() {
+    require_criu();
+    let env = Env::new();
+    let port = free_port();
+    let shm = PathBuf::from(format!(
+        "/dev/shm/warmer-kill-{}-pers",
+        env.dir.path().file_name().unwrap().to_string_lossy()
+    ));
+    env.slowweb(
+        "pers",
+        port,
+        &["--warmup", "0.3", "--statefile", &shm.display().to_string()],
+        &format!("state: [\"{}\"]\nmode: persist\n", shm.display()),
+    );
+    let mut w = env.run("pers");
+    env.wait_ready("pers", &mut w);
+    w.stop();
+    std::fs::remove_file(&shm).unwrap(); // a reboot
+    run_until_abort(&env, "pers", "restore-after-criu", false);
+    nothing_left_and_cache_whole(&env, "--statefile");
+    let mut w = env.run("pers");
+    let s = env.wait_ready("pers", &mut w);
+    assert_eq!(s["last_start"], "cold", "used once: {s}\n{}", w.err());
+    assert!(
+        w.err().contains("restored once"),
+        "the image was retired before its restore: {}",
+        w.err()
+    );
+    w.stop();
+    let _ = std::fs::remove_file(&shm);
+}

@@ -240,9 +240,15 @@ pub fn run(dirs: &Dirs, name: &str, opts: RunOptions) -> Result<Outcome, RunErro
             service: name.to_string(),
             source,
         })?;
-    for p in recovered {
+    for p in recovered.put_back_undone {
         tracing::warn!(
             "{}: put the data back that an interrupted restore had set aside",
+            p.display()
+        );
+    }
+    for p in recovered.kept_newer {
+        tracing::warn!(
+            "{}: kept the data a restored service wrote after an interrupted restore (the newest data); dropped what was set aside",
             p.display()
         );
     }

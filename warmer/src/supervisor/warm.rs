@@ -141,26 +141,36 @@ impl Supervisor {
                 None => Readiness::TimedOut(Duration::ZERO),
             }
         };
+        // A persist image is used once, whatever happens: retired before its
+        // restore starts, so that even a warmer killed mid-restore (the tree
+        // running on, unsupervised, its data moving on) never has it restored
+        // again over newer data.
+        let retire = self.manifest.mode == Mode::Persist && self.opts.changes_images();
+        if retire {
+            if let Err(e) = cache.mark_stale(plan.key(), RETIRED) {
+                tracing::error!(
+                    "cannot retire the persist image {} before its restore; cold start rather than risking a second restore later: {}",
+                    short(plan.key()),
+                    chain(&e)
+                );
+                return None;
+            }
+        }
+        crate::failpoint("restore-after-retire");
         let result = restore.run(&plan, &mut probe);
+        if retire && matches!(result, Err(restore::Failure::Stopped)) {
+            // Stopped before the tree ever ran: the image is as good as it was.
+            if let Err(e) = cache.clear_stale(plan.key()) {
+                tracing::warn!(
+                    "cannot un-retire image {}: {}",
+                    short(plan.key()),
+                    chain(&e)
+                );
+            }
+        }
         drop(lock);
         match result {
             Ok(restored) => {
-                if self.manifest.mode == Mode::Persist && self.opts.changes_images() {
-                    // Used once: from now on the service's memory and data
-                    // move on, so after a crash this image would roll them back.
-                    let why = RETIRED;
-                    if let Err(e) = cache.mark_stale(&restored.entry.key, why) {
-                        tracing::error!(
-                            "cannot retire the persist image {}; stopping the service rather than risking a rollback later: {}",
-                            short(&restored.entry.key),
-                            chain(&e)
-                        );
-                        let mut r = restored.running;
-                        r.kill(&self.signals);
-                        r.finish();
-                        return None;
-                    }
-                }
                 self.record.image = Some(restored.entry.key.clone());
                 self.image_taken = true;
                 if restored.entry.meta.origin.is_none()

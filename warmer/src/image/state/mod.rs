@@ -389,12 +389,7 @@ pub struct PutBack {
 impl PutBack {
     /// The restore succeeded: drop the data that was live before.
     pub fn commit(self) -> Result<(), StateError> {
-        for path in &self.paths {
-            let (_, old, absent) = aside(path);
-            remove_any(&old)?;
-            remove_any(&absent)?;
-        }
-        Ok(())
+        commit_paths(&self.paths)
     }
 
     /// The restore failed: put the data that was live before back, exactly.
@@ -405,7 +400,7 @@ impl PutBack {
 
 /// Brings back the live data of put-backs that were neither committed nor
 /// undone (warmer was killed during a restore). Returns the paths recovered.
-pub fn recover(paths: &[PathBuf]) -> Result<Vec<PathBuf>, StateError> {
+pub fn recover(paths: &[PathBuf]) -> Result<Recovered, StateError> {
     let pending: Vec<PathBuf> = paths
         .iter()
         .filter(|p| {
@@ -414,12 +409,90 @@ pub fn recover(paths: &[PathBuf]) -> Result<Vec<PathBuf>, StateError> {
         })
         .cloned()
         .collect();
-    undo_paths(&pending)?;
+    // Data a restored service wrote after the put-back (it ran, even if no
+    // warmer supervised it any more) is the newest data: it stays, and what
+    // was set aside goes. Data as it was put back: the put-back is undone.
+    let (written, untouched): (Vec<PathBuf>, Vec<PathBuf>) =
+        pending.into_iter().partition(|p| written_since_put_back(p));
+    commit_paths(&written)?;
+    undo_paths(&untouched)?;
     // A copy that was being built when warmer died.
     for p in paths {
         remove_any(&aside(p).0)?;
     }
-    Ok(pending)
+    Ok(Recovered {
+        put_back_undone: untouched,
+        kept_newer: written,
+    })
+}
+
+/// What [`recover`] did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Recovered {
+    /// Paths whose interrupted put-back was undone (the data set aside is
+    /// live again).
+    pub put_back_undone: Vec<PathBuf>,
+    /// Paths a restored service wrote after the put-back: kept as they are.
+    pub kept_newer: Vec<PathBuf>,
+}
+
+/// The listing of a put-back path right after it was put back.
+fn put_marker(path: &Path) -> PathBuf {
+    let name = path
+        .file_name()
+        .map(|f| f.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    path.with_file_name(format!(".{name}.warmer-put"))
+}
+
+/// Records `path` as it is once put back.
+fn mark_put(path: &Path) -> Result<(), StateError> {
+    let mut nodes = Vec::new();
+    if fs::symlink_metadata(path).is_ok() {
+        copy_out(path, None, "", &mut nodes)?;
+    }
+    let marker = put_marker(path);
+    fs::write(
+        &marker,
+        serde_json::to_vec(&nodes).expect("nodes serialize"),
+    )
+    .map_err(io_err(&marker, "write"))
+}
+
+/// Whether `path` changed since it was put back (no marker: the put-back
+/// never finished, so nothing ran on it).
+fn written_since_put_back(path: &Path) -> bool {
+    let Ok(bytes) = fs::read(put_marker(path)) else {
+        return false;
+    };
+    let Ok(then) = serde_json::from_slice::<Vec<Node>>(&bytes) else {
+        return false;
+    };
+    let mut now = Vec::new();
+    if fs::symlink_metadata(path).is_ok() && copy_out(path, None, "", &mut now).is_err() {
+        return true;
+    }
+    // Access times move with reads alone.
+    let strip = |v: &[Node]| -> Vec<Node> {
+        v.iter()
+            .cloned()
+            .map(|mut n| {
+                n.atime = (0, 0);
+                n
+            })
+            .collect()
+    };
+    strip(&now) != strip(&then)
+}
+
+fn commit_paths(paths: &[PathBuf]) -> Result<(), StateError> {
+    for path in paths {
+        let (_, old, absent) = aside(path);
+        remove_any(&old)?;
+        remove_any(&absent)?;
+        remove_any(&put_marker(path))?;
+    }
+    Ok(())
 }
 
 fn undo_paths(paths: &[PathBuf]) -> Result<(), StateError> {
@@ -432,6 +505,7 @@ fn undo_paths(paths: &[PathBuf]) -> Result<(), StateError> {
             remove_any(path)?;
             remove_any(&absent)?;
         }
+        remove_any(&put_marker(path))?;
     }
     Ok(())
 }
@@ -450,7 +524,9 @@ pub fn put_back(image_dir: &Path, only: &[PathBuf]) -> Result<PutBack, StateErro
         if !only.contains(&c.path) {
             continue;
         }
-        if let Err(e) = put_back_one(&root.join(n.to_string()), c, &mut done) {
+        let one =
+            put_back_one(&root.join(n.to_string()), c, &mut done).and_then(|()| mark_put(&c.path));
+        if let Err(e) = one {
             if let Err(undo) = undo_paths(&done.paths) {
                 tracing::error!(
                     "undoing a failed put-back failed too: {}",
@@ -649,14 +725,39 @@ mod undo_tests {
         // warmer dies after the put-back: neither commit nor undo runs.
         std::mem::forget(put_back(&image, &captured_paths(&image).unwrap()).unwrap());
         let got = recover(&[live.clone(), absent.clone()]).unwrap();
-        assert_eq!(got.len(), 2);
+        assert_eq!(got.put_back_undone.len(), 2);
+        assert!(got.kept_newer.is_empty());
         assert_eq!(fs::read(live.join("ledger")).unwrap(), b"1\n2\n3\n");
         assert_eq!(fs::read(&absent).unwrap(), b"made after the checkpoint");
         assert!(leftovers(t.path()).is_empty());
-        assert!(
-            recover(std::slice::from_ref(&live)).unwrap().is_empty(),
+        assert_eq!(
+            recover(std::slice::from_ref(&live)).unwrap(),
+            Recovered::default(),
             "nothing pending"
         );
+    }
+
+    #[test]
+    fn data_a_restored_service_wrote_after_an_interrupted_put_back_is_kept() {
+        let t = tempfile::tempdir().unwrap();
+        let (live, absent, image) = setup(t.path());
+        std::mem::forget(put_back(&image, &captured_paths(&image).unwrap()).unwrap());
+        // The restored tree ran on (no warmer left) and acknowledged writes.
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        let mut f = fs::OpenOptions::new()
+            .append(true)
+            .open(live.join("ledger"))
+            .unwrap();
+        std::io::Write::write_all(&mut f, b"acked-after-restore\n").unwrap();
+        let got = recover(&[live.clone(), absent.clone()]).unwrap();
+        assert_eq!(got.kept_newer, vec![live.clone()]);
+        assert_eq!(got.put_back_undone, vec![absent.clone()]);
+        assert_eq!(
+            fs::read(live.join("ledger")).unwrap(),
+            b"1\nacked-after-restore\n",
+            "the newest data stays"
+        );
+        assert!(leftovers(t.path()).is_empty(), "{:?}", leftovers(t.path()));
     }
 
     #[test]
