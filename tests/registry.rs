@@ -851,3 +851,76 @@ fn http_get(port: u16, path: &str, accept: Option<&str>) -> Vec<u8> {
     );
     buf[at..].to_vec()
 }
+
+/// A "registry" that answers a manifest request with gigabytes (declared,
+/// or streamed without a length): a pull reads a few MiB at most, fails
+/// saying why, and ends promptly, its memory bounded.
+#[test]
+fn a_huge_manifest_from_a_registry_is_cut_off_at_its_bound() {
+    require_criu();
+    for declared in [true, false] {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            for conn in listener.incoming().flatten() {
+                std::thread::spawn(move || {
+                    let mut conn = conn;
+                    let mut req = [0u8; 4096];
+                    let n = conn.read(&mut req).unwrap_or(0);
+                    let head = String::from_utf8_lossy(&req[..n]).to_string();
+                    if !head.contains("/manifests/") {
+                        let _ = conn.write_all(
+                            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}",
+                        );
+                        return;
+                    }
+                    let len = if declared {
+                        "Content-Length: 2000000000\r\n"
+                    } else {
+                        ""
+                    };
+                    let _ = write!(
+                        conn,
+                        "HTTP/1.0 200 OK\r\nContent-Type: application/vnd.oci.image.manifest.v1+json\r\n{len}\r\n"
+                    );
+                    let zeros = vec![b' '; 1 << 20];
+                    for _ in 0..2000 {
+                        if conn.write_all(&zeros).is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        let env = Env::new();
+        env.slowweb(
+            "web",
+            free_port(),
+            &["--warmup", "0.1"],
+            &remote(&format!("127.0.0.1:{port}/warmer/web"), ""),
+        );
+        let t = Instant::now();
+        let child = env
+            .command()
+            .args(["pull", "web"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        let err = text(&out);
+        assert!(!out.status.success(), "{err}");
+        assert!(err.contains("a manifest of"), "declared {declared}: {err}");
+        assert!(t.elapsed() < Duration::from_secs(15), "{:?}", t.elapsed());
+        // The largest child this test process reaped: bounded.
+        // SAFETY: rusage is plain integers; all-zero is a valid value.
+        let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+        // SAFETY: getrusage writes into the struct we own.
+        unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut usage) };
+        assert!(
+            usage.ru_maxrss < 400 * 1024,
+            "max RSS {} KiB",
+            usage.ru_maxrss
+        );
+    }
+}

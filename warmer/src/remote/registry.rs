@@ -39,6 +39,10 @@ const PUSH_CHUNK: usize = 8 << 20;
 pub struct Registry {
     rt: tokio::runtime::Runtime,
     client: Client,
+    /// For the documents read with a size bound (manifests): the registry
+    /// client reads a manifest whole, whatever its size.
+    http: reqwest::Client,
+    insecure: bool,
     auth: RegistryAuth,
     repository: String,
 }
@@ -134,6 +138,22 @@ impl Registry {
             user_agent: concat!("warmer/", env!("CARGO_PKG_VERSION")),
             ..ClientConfig::default()
         };
+        let mut http = reqwest::Client::builder()
+            .connect_timeout(CONNECT_TIMEOUT)
+            .read_timeout(STALL_TIMEOUT)
+            .user_agent(concat!("warmer/", env!("CARGO_PKG_VERSION")))
+            .redirect(reqwest::redirect::Policy::limited(3));
+        for c in &config.extra_root_certificates {
+            let cert = reqwest::Certificate::from_pem(&c.data).map_err(|e| RemoteError::Io {
+                path: remote.ca_file.clone().unwrap_or_default(),
+                source: std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()),
+            })?;
+            http = http.add_root_certificate(cert);
+        }
+        let http = http.build().map_err(|e| RemoteError::Io {
+            path: PathBuf::from("http client"),
+            source: std::io::Error::other(e.to_string()),
+        })?;
         let client = Client::try_from(config).map_err(registry_err("client setup"))?;
         let auth = auth::credentials(&host)?;
         let rt = tokio::runtime::Builder::new_current_thread()
@@ -143,6 +163,8 @@ impl Registry {
         Ok(Self {
             rt,
             client,
+            http,
+            insecure: remote.insecure,
             auth,
             repository: remote.repository.clone(),
         })
@@ -155,6 +177,82 @@ impl Registry {
                 repository: repository.to_string(),
                 why: e.to_string(),
             })
+    }
+
+    /// GETs the manifest `reference` names, reading at most
+    /// [`artifact::MAX_MANIFEST_BYTES`] of it (a registry that answers with
+    /// gigabytes is cut off there). `None`: there is none. Returns the bytes
+    /// and their sha256 digest (the caller compares it with what it expects).
+    async fn manifest_bounded(
+        &self,
+        reference: &Reference,
+    ) -> Result<Option<(Vec<u8>, String)>, RemoteError> {
+        let what = format!("lookup of {}", reference.whole());
+        let token = self
+            .client
+            .auth(reference, &self.auth, oci_client::RegistryOperation::Pull)
+            .await
+            .map_err(registry_err(what.clone()))?;
+        let registry = reference.resolve_registry();
+        let scheme = if self.insecure { "http" } else { "https" };
+        let url = format!(
+            "{scheme}://{registry}/v2/{}/manifests/{}",
+            reference.repository(),
+            reference.tag().unwrap_or("latest")
+        );
+        let mut req = self
+            .http
+            .get(&url)
+            .header(reqwest::header::ACCEPT, OCI_IMAGE_MEDIA_TYPE);
+        req = match (&token, &self.auth) {
+            (Some(t), _) => req.bearer_auth(t),
+            (None, RegistryAuth::Basic(u, p)) => req.basic_auth(u, Some(p)),
+            _ => req,
+        };
+        let transport = |e: reqwest::Error| RemoteError::Io {
+            path: PathBuf::from(&url),
+            source: std::io::Error::other(e.to_string()),
+        };
+        let mut res = req.send().await.map_err(transport)?;
+        if res.status() == reqwest::StatusCode::NOT_FOUND {
+            return Ok(None);
+        }
+        if !res.status().is_success() {
+            return Err(RemoteError::Io {
+                path: PathBuf::from(&url),
+                source: std::io::Error::other(format!("the registry answered {}", res.status())),
+            });
+        }
+        let limit = artifact::MAX_MANIFEST_BYTES;
+        if res.content_length().is_some_and(|n| n > limit as u64) {
+            return Err(RemoteError::NotOurs(format!(
+                "a manifest of {} bytes (at most {limit} are read)",
+                res.content_length().unwrap_or(0)
+            )));
+        }
+        let mut body = Vec::new();
+        while let Some(chunk) = res.chunk().await.map_err(transport)? {
+            if body.len() + chunk.len() > limit {
+                return Err(RemoteError::NotOurs(format!(
+                    "a manifest of more than {limit} bytes"
+                )));
+            }
+            body.extend_from_slice(&chunk);
+        }
+        let digest = artifact::sha256_digest(&body);
+        if let Some(said) = res
+            .headers()
+            .get("docker-content-digest")
+            .and_then(|v| v.to_str().ok())
+        {
+            if said != digest {
+                return Err(RemoteError::Tampered {
+                    expected: said.to_string(),
+                    found: digest,
+                });
+            }
+        }
+        Ok(Some((body, digest)))
     }
 
     /// The reference of `digest`'s image: the repository, tagged with it.
@@ -301,13 +399,8 @@ impl Registry {
     ) -> Result<Vec<(Vec<u8>, String)>, RemoteError> {
         let reference = Self::parse_ref(&self.repository, &sign::signature_tag(manifest_digest))?;
         let client = &self.client;
-        let (bytes, _) = match client
-            .pull_manifest_raw(&reference, &self.auth, &[OCI_IMAGE_MEDIA_TYPE])
-            .await
-        {
-            Ok(m) => m,
-            Err(e) if not_found(&e) => return Ok(Vec::new()),
-            Err(e) => return Err(registry_err("lookup of the signature")(e)),
+        let Some((bytes, _)) = self.manifest_bounded(&reference).await? else {
+            return Ok(Vec::new());
         };
         let manifest = sign::parse_manifest(&bytes)?;
         let mut payloads = Vec::new();
@@ -373,23 +466,10 @@ impl Registry {
             client
                 .store_auth_if_needed(reference.resolve_registry(), &self.auth)
                 .await;
-            client
-                .pull_manifest_raw(&reference, &self.auth, &[OCI_IMAGE_MEDIA_TYPE])
-                .await
-                .map_err(|e| {
-                    if not_found(&e) {
-                        RemoteError::NotFound(reference.whole())
-                    } else {
-                        registry_err(format!("lookup of {}", reference.whole()))(e)
-                    }
-                })
+            self.manifest_bounded(&reference)
+                .await?
+                .ok_or_else(|| RemoteError::NotFound(reference.whole()))
         })?;
-        if artifact::sha256_digest(&manifest_bytes) != manifest_digest {
-            return Err(RemoteError::Tampered {
-                expected: manifest_digest,
-                found: artifact::sha256_digest(&manifest_bytes),
-            });
-        }
         // Nothing of the image is used before a trusted key's signature of
         // exactly this manifest is found.
         if keys.is_empty() {
