@@ -346,15 +346,6 @@ fn leftovers_of_a_warmer_killed_mid_restore_are_ended_before_the_next_start() {
         Path::new(&init).exists(),
         "build warmer-init first (scripts/test.sh does)"
     );
-    let mut w = env.run_with(
-        "orphan",
-        &[
-            ("WARMER_CRIU", &criu),
-            ("FAKE_CRIU_RESTORE", "orphan"),
-            ("FAKE_CRIU_INIT", &init),
-        ],
-    );
-    env.wait_status("orphan", &mut w, |s| s["state"] == "restoring");
     let home = env.path("run/orphan").display().to_string();
     let left = || {
         pids_with(&format!("orphan\0{home}\0--"))
@@ -362,26 +353,52 @@ fn leftovers_of_a_warmer_killed_mid_restore_are_ended_before_the_next_start() {
             .chain(pids_with(&format!("orphan {home} --")))
             .collect::<Vec<_>>()
     };
-    wait_for(Duration::from_secs(10), || {
-        (!left().is_empty()).then_some(())
-    });
-    w.signal(Signal::SIGKILL);
-    w.wait(Duration::from_secs(10));
-    let before = left();
-    assert!(!before.is_empty(), "the killed run left its tree behind");
-    // The next start ends it before anything else (its own, new init is
-    // another process).
-    let mut w = env.run_with(
-        "orphan",
-        &[("WARMER_CRIU", &criu), ("FAKE_CRIU_RESTORE", "fail")],
-    );
-    env.wait_ready("orphan", &mut w);
     let alive = |pid: &i32| {
         std::fs::read_to_string(format!("/proc/{pid}/status")).is_ok_and(|s| {
             !s.lines()
                 .any(|l| l.starts_with("State:") && l.contains('Z'))
         })
     };
+    let restoring = |env: &Env| {
+        let mut w = env.run_with(
+            "orphan",
+            &[
+                ("WARMER_CRIU", &criu),
+                ("FAKE_CRIU_RESTORE", "orphan"),
+                ("FAKE_CRIU_INIT", &init),
+            ],
+        );
+        env.wait_status("orphan", &mut w, |s| s["state"] == "restoring");
+        wait_for(Duration::from_secs(10), || {
+            (!left().is_empty()).then_some(())
+        });
+        w
+    };
+    // 1. warmer killed while CRIU runs: its restore guard ends the tree at
+    //    once; nothing waits for a next start.
+    let mut w = restoring(&env);
+    let tree = left();
+    w.signal(Signal::SIGKILL);
+    w.wait(Duration::from_secs(10));
+    wait_for(Duration::from_secs(10), || {
+        (!tree.iter().any(alive)).then_some(())
+    });
+    // 2. warmer and its guard both killed (kill -9 of everything): the next
+    //    start ends the tree before anything else (its own, new init is
+    //    another process).
+    let mut w = restoring(&env);
+    for g in pids_with(&format!("__guard orphan {home}")) {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(g), Signal::SIGKILL);
+    }
+    w.signal(Signal::SIGKILL);
+    w.wait(Duration::from_secs(10));
+    let before = left();
+    assert!(!before.is_empty(), "the killed run left its tree behind");
+    let mut w = env.run_with(
+        "orphan",
+        &[("WARMER_CRIU", &criu), ("FAKE_CRIU_RESTORE", "fail")],
+    );
+    env.wait_ready("orphan", &mut w);
     assert!(!before.iter().any(alive), "leftovers ended: {before:?}");
     assert!(w.err().contains("from an earlier run"), "{}", w.err());
     assert!(get(port, "/health").is_some());

@@ -25,6 +25,7 @@ fn main() -> ExitCode {
                 }
             };
         }
+        Role::Guard { service, home } => return warmer::process::guard::run(&service, &home),
         Role::Cli => {}
     }
     logging::init();

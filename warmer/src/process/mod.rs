@@ -8,6 +8,7 @@
 //! `digest` (hashing helpers). Never `restore`, `checkpoint` or `supervisor`.
 
 pub mod clock;
+pub mod guard;
 pub mod init;
 #[path = "../../../init/src/init_loop.rs"]
 pub mod init_loop;

@@ -21,6 +21,11 @@
 //!    (criu/action-scripts.c). Only `post-dump` does anything: the tree is
 //!    still frozen, so the state paths are captured at the dump's instant.
 //!
+//! 4. **Restore guard** (`warmer __guard SERVICE HOME`): spawned for the
+//!    length of a restore; if the `warmer run` that spawned it dies before it
+//!    says the restore is over, the guard ends what that run left (CRIU, a
+//!    half-restored tree): see [`crate::process::guard`].
+//!
 //! [`detect`] decides the role from the arguments and environment alone.
 
 use std::ffi::{OsStr, OsString};
@@ -28,6 +33,8 @@ use std::path::{Path, PathBuf};
 
 /// `warmer __init ...`: the init role of the `warmer` binary itself.
 pub const INIT_ARG: &str = "__init";
+/// `warmer __guard SERVICE HOME`: the restore guard.
+pub const GUARD_ARG: &str = "__guard";
 /// Set to `1` in CRIU's environment by a dump that captures state.
 pub const STATE_HOOK_ENV: &str = "WARMER_STATE_HOOK";
 /// The state paths to capture, a JSON array of absolute paths.
@@ -47,6 +54,11 @@ pub enum Role {
     Init(Vec<OsString>),
     /// CRIU runs us as its action script.
     ActionScript(ActionRequest),
+    /// Guard a restore of SERVICE (run directory HOME).
+    Guard {
+        service: String,
+        home: PathBuf,
+    },
 }
 
 /// What CRIU asks of its action script.
@@ -90,6 +102,14 @@ impl ActionRequest {
 pub fn detect(args: &[OsString], env: &dyn Fn(&str) -> Option<OsString>) -> Role {
     if args.first().is_some_and(|a| a == INIT_ARG) {
         return Role::Init(args[1..].to_vec());
+    }
+    if let [flag, service, home] = args {
+        if flag == GUARD_ARG {
+            return Role::Guard {
+                service: service.to_string_lossy().into_owned(),
+                home: PathBuf::from(home),
+            };
+        }
     }
     let hook = env(STATE_HOOK_ENV).is_some_and(|v| v == "1");
     match (hook, env(CRIU_ACTION_ENV)) {

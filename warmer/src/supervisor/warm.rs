@@ -157,7 +157,12 @@ impl Supervisor {
             }
         }
         crate::failpoint("restore-after-retire");
+        // Nothing of this restore outlives warmer, whenever it dies.
+        let guard = crate::process::guard::Guard::arm(&self.manifest.name, &self.run_dir);
         let result = restore.run(&plan, &mut probe);
+        if let Some(g) = guard {
+            g.disarm();
+        }
         if retire && matches!(result, Err(restore::Failure::Stopped)) {
             // Stopped before the tree ever ran: the image is as good as it was.
             if let Err(e) = cache.clear_stale(plan.key()) {
