@@ -451,6 +451,11 @@ fn sigterm_during_a_restore_stops_promptly_and_keeps_the_image() {
     );
     assert!(quarantine_reasons(&env).is_empty(), "a stop is no evidence");
     assert_eq!(env.entries().len(), 1);
+    assert!(
+        !w.err().contains("cold start instead"),
+        "no cold start follows a stop: {}",
+        w.err()
+    );
 }
 
 #[test]

@@ -924,3 +924,29 @@ fn a_huge_manifest_from_a_registry_is_cut_off_at_its_bound() {
         );
     }
 }
+
+/// An archive whose names carry terminal escape sequences: refused, and the
+/// names are shown escaped (a crafted archive once retitled the terminal).
+#[test]
+fn names_in_a_crafted_archive_are_shown_escaped() {
+    let env = Env::new();
+    let archive = env.path("evil.tar");
+    let mut out = tar::Builder::new(std::fs::File::create(&archive).unwrap());
+    let mut h = tar::Header::new_gnu();
+    let data = b"x";
+    h.set_size(data.len() as u64);
+    h.set_mode(0o644);
+    h.set_entry_type(tar::EntryType::Regular);
+    out.append_data(&mut h, "\u{1b}]0;pwned\u{7}", &data[..])
+        .unwrap();
+    out.finish().unwrap();
+    drop(out);
+    let o = warmer(&env, &["import", archive.to_str().unwrap()], &[]);
+    let t = text(&o);
+    assert!(!o.status.success(), "{t}");
+    assert!(
+        !t.contains('\u{1b}') && !t.contains('\u{7}'),
+        "raw control bytes: {t:?}"
+    );
+    assert!(t.contains("\\u{1b}"), "{t}");
+}
