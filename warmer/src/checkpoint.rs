@@ -144,17 +144,8 @@ impl Checkpoint<'_> {
             Some(&entry.key),
         )?;
         for d in removed {
-            tracing::info!("removed old image {}", short(&d));
+            tracing::info!("removed old image {}", crate::digest::short(&d));
         }
         Ok(entry)
-    }
-}
-
-/// The first 12 hex digits of a digest, or of a cache key's digest with its
-/// generation (`0123456789ab.3`), for messages.
-pub fn short(digest_or_key: &str) -> String {
-    match digest_or_key.rsplit_once('.') {
-        Some((d, gen)) => format!("{}.{gen}", &d[..d.len().min(12)]),
-        None => digest_or_key[..digest_or_key.len().min(12)].to_string(),
     }
 }

@@ -328,7 +328,7 @@ fn cache_cmd(dirs: &Dirs, cmd: CacheCmd) -> ExitCode {
                     .map(|e| {
                         format!(
                             "removed {} {}\n",
-                            warmer::checkpoint::short(&e.key),
+                            warmer::digest::short(&e.key),
                             e.meta.service
                         )
                     })
@@ -458,7 +458,7 @@ fn checkpoint_cmd(dirs: &Dirs, service: &str, timeout: std::time::Duration) -> E
             emit(&format!(
                 "checkpoint of {service}: generation {} (image {}), service frozen for {} ms\n",
                 c.generation,
-                warmer::checkpoint::short(&c.key),
+                warmer::digest::short(&c.key),
                 c.frozen_ms
             ));
             ExitCode::from(exit::OK)
@@ -514,7 +514,7 @@ fn rollback_cmd(dirs: &Dirs, service: &str, to: Option<u64>) -> ExitCode {
             let mut text = format!(
                 "{service}: the next start restores generation {} (image {}, taken {})",
                 r.generation,
-                warmer::checkpoint::short(&r.key),
+                warmer::digest::short(&r.key),
                 r.created
             );
             if let Some(prev) = r.previous {

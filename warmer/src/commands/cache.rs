@@ -7,7 +7,7 @@ use std::time::Duration;
 use cache::{Cache, Entry, GcPolicy, GcReport, Problem};
 use serde::Serialize;
 
-use crate::checkpoint::short;
+use crate::digest::short;
 use crate::digest::Digester;
 use crate::dirs::Dirs;
 use crate::manifest::Manifest;

@@ -12,7 +12,7 @@
 
 use cache::{Cache, Entry};
 
-use crate::checkpoint::short;
+use crate::digest::short;
 use crate::digest::{DigestError, Digester};
 use crate::dirs::Dirs;
 use crate::image::state::Drift;

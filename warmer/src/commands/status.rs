@@ -140,7 +140,7 @@ pub fn next_start(
         Ok(Ok(plan)) => NextStart::restore(
             format!(
                 "image {} (generation {}, taken {}), {}",
-                crate::checkpoint::short(&plan.entry.key),
+                crate::digest::short(&plan.entry.key),
                 plan.entry.meta.generation,
                 plan.entry.meta.created,
                 plan.choice
@@ -321,7 +321,7 @@ pub fn render(rows: &[ServiceStatus]) -> String {
             .map(|i| {
                 format!(
                     "{} ({} MB, {})",
-                    crate::checkpoint::short(&i.key),
+                    crate::digest::short(&i.key),
                     i.bytes / 1_000_000,
                     i.created
                 )

@@ -455,6 +455,15 @@ pub fn sha256_file(path: &Path) -> io::Result<String> {
     Ok(hex::encode(hasher.finalize()))
 }
 
+/// The first 12 hex digits of a digest, or of a cache key's digest with its
+/// generation (`0123456789ab.3`), for messages.
+pub fn short(digest_or_key: &str) -> String {
+    match digest_or_key.rsplit_once('.') {
+        Some((d, gen)) => format!("{}.{gen}", &d[..d.len().min(12)]),
+        None => digest_or_key[..digest_or_key.len().min(12)].to_string(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -33,8 +33,8 @@ use std::time::{Duration, Instant};
 use cache::{Cache, Entry};
 
 pub use self::criu::{restore as criu_restore, CriuRestoreError, CriuTimes, RestoreOptions, Watch};
-use crate::checkpoint::short;
 use crate::criu::Criu;
+use crate::digest::short;
 use crate::errors::chain;
 use crate::image::state::Drift;
 use crate::image::state::{PutBack, StateError};

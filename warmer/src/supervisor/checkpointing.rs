@@ -3,7 +3,8 @@
 
 use std::time::{Duration, Instant};
 
-use crate::checkpoint::{short, Checkpoint};
+use crate::checkpoint::Checkpoint;
+use crate::digest::short;
 use crate::errors::chain;
 use crate::image::Taken;
 use crate::manifest::Mode;

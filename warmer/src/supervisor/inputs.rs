@@ -2,7 +2,7 @@
 //! means (same digest: nothing; files the service made among its inputs while
 //! starting: the key follows; anything else: the image is stale).
 
-use crate::checkpoint::short;
+use crate::digest::short;
 use crate::digest::watch::InputWatch;
 use crate::errors::chain;
 

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use cache::Cache;
 use nix::sys::signal::Signal;
 
-use crate::checkpoint::short;
+use crate::digest::short;
 use crate::errors::chain;
 use crate::manifest::{Mode, Probe};
 use crate::process::probe::{Prober, Readiness};

@@ -24,8 +24,8 @@ pub use report::{markdown, svg, write_out};
 
 use serde::Serialize;
 
-use crate::checkpoint::short;
 use crate::criu::Criu;
+use crate::digest::short;
 use crate::digest::Digester;
 use crate::dirs::Dirs;
 use crate::errors::chain;
