@@ -9,6 +9,14 @@ and indexes its data before serving. Only then does it listen.
   GET /state   JSON: nonce (random per cold start), hits (requests served so
                far), index size, warm-up time, pid
   GET /hit     increments and returns the hit counter
+  GET /random  a draw from Python's `random` module (seeded once at start:
+               every restore of one image draws the same, unless reseeded)
+  GET /restored  the restore-info file warmer wrote (WARMER_RESTORE_INFO)
+  GET /drop-secret  zero the secret read with --secret-file (what a
+               before_checkpoint hook asks before a checkpoint)
+
+SIGUSR2 reseeds `random` from the kernel: with `restore: {signal: SIGUSR2}`
+every restore draws differently (see README, "Uniqueness").
 
 Every request is logged to stdout, so a supervisor can see the service's
 output before and after a restore.
@@ -17,7 +25,9 @@ import argparse
 import hashlib
 import json
 import os
+import random
 import secrets
+import signal
 import sys
 import time
 from http.server import BaseHTTPRequestHandler, HTTPServer
@@ -45,7 +55,18 @@ def main():
     ap.add_argument("--child", help="also run `sleep CHILD` as a child process (a process tree)")
     ap.add_argument("--notify", action="store_true", help="send READY=1 to $NOTIFY_SOCKET when ready")
     ap.add_argument("--statefile", help="write the nonce to this file and keep it open for writing")
+    ap.add_argument("--secret-file", help="read a secret from this file into memory (only there)")
     args = ap.parse_args()
+    # `random` seeded itself from the kernel at import, once, as libraries
+    # that seed at start do: cold starts draw differently; restores of one
+    # image repeat the same draws. Restored: the same memory, the same generator state. A new seed from
+    # the kernel makes this restore's draws its own.
+    signal.signal(signal.SIGUSR2, lambda *_: random.seed(os.urandom(32)))
+    secret = bytearray(256)
+    secret_len = 0
+    if args.secret_file:
+        with open(args.secret_file, "rb", buffering=0) as f:
+            secret_len = f.readinto(secret)
     if args.child:
         import subprocess
         subprocess.Popen(["sleep", args.child])
@@ -74,6 +95,19 @@ def main():
                 self.reply(200, "ok", "text/plain")
             elif self.path == "/state":
                 self.reply(200, json.dumps(dict(state, pid=os.getpid())))
+            elif self.path == "/random":
+                self.reply(200, json.dumps({"random": random.getrandbits(64)}))
+            elif self.path == "/restored":
+                path = os.environ.get("WARMER_RESTORE_INFO", "")
+                try:
+                    with open(path) as f:
+                        self.reply(200, f.read())
+                except OSError:
+                    self.reply(404, "not restored", "text/plain")
+            elif self.path == "/drop-secret":
+                for i in range(len(secret)):
+                    secret[i] = 0
+                self.reply(200, json.dumps({"dropped": secret_len}))
             elif self.path == "/hit":
                 state["hits"] += 1
                 print(f"slowweb: hit {state['hits']} (nonce {nonce})", flush=True)

@@ -31,7 +31,9 @@ pub const RETIRED: &str = "restored once (persist mode): the next stop's checkpo
 /// The layout above, and what warmer gives every service that its image
 /// depends on, as a whole. Part of the digest. 2: JVMs keep their perf
 /// counters in memory (`JAVA_TOOL_OPTIONS`, see `service::java_tool_options`).
-pub const IMAGE_FORMAT: u32 = 2;
+/// 3: every service has `WARMER_RESTORE_INFO` in its environment (see
+/// `process::hooks`), and images carry `state/written.json`.
+pub const IMAGE_FORMAT: u32 = 3;
 
 /// The file name of [`RestoreInfo`] in the payload.
 pub const RESTORE_INFO: &str = "restore.json";

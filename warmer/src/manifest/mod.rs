@@ -88,7 +88,31 @@ pub struct Checkpoint {
     /// A dump taking longer is killed (the service keeps running).
     #[serde(skip)]
     pub timeout: Duration,
+    /// No checkpoint while a process of the service has an environment
+    /// variable matching one of these (`*` matches any run of characters).
+    #[serde(skip)]
+    pub forbid_env: Vec<String>,
 }
+
+/// Commands warmer runs around checkpoints and restores, inside the
+/// service's namespaces, with its credentials and environment.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Hooks {
+    /// Before every checkpoint (ready-time, on request, at a persist stop):
+    /// close connections, drop secrets. Failing: no checkpoint.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub before_checkpoint: Option<Vec<String>>,
+    /// After CRIU restored the tree, before the readiness probe: reseed,
+    /// reconnect, re-read credentials. Failing: the restore is undone, cold
+    /// start.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub after_restore: Option<Vec<String>>,
+    /// Each hook must end within this.
+    #[serde(with = "millis")]
+    pub timeout: Duration,
+}
+
+pub const DEFAULT_HOOK_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// How an image's memory is restored (see [`crate::restore::choose`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -173,6 +197,15 @@ pub struct Manifest {
     /// view when empty (manifests without it keep their digests).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub not_state: Vec<PathBuf>,
+    /// What runs around checkpoints and restores. Part of the digest (a
+    /// hook that drops a secret changes what an image holds), absent from
+    /// it when there are none (older manifests keep their digests).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hooks: Option<Hooks>,
+    /// Sent to the service's main process after each restore, before the
+    /// probe (`restore.signal`): how a service learns it was restored.
+    #[serde(skip)]
+    pub restore_signal: Option<nix::sys::signal::Signal>,
     /// Eager, lazy (userfaultfd: the service runs as soon as its tree is
     /// rebuilt, pages arrive on first touch) or auto. How an image is
     /// restored, not what it is: not part of the digest.

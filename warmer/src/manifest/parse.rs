@@ -36,6 +36,8 @@ pub(super) struct RawManifest {
     #[serde(default)]
     pub(super) not_state: Vec<Spanned<String>>,
     #[serde(default)]
+    pub(super) hooks: Option<Spanned<RawHooks>>,
+    #[serde(default)]
     pub(super) restore: Option<RawRestore>,
     #[serde(default)]
     pub(super) mode: Option<Spanned<String>>,
@@ -70,6 +72,8 @@ pub(super) struct RawRestore {
     pub(super) lazy: Option<Spanned<bool>>,
     #[serde(default)]
     pub(super) timeout: Option<Spanned<String>>,
+    #[serde(default)]
+    pub(super) signal: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -96,6 +100,19 @@ pub(super) struct RawCheckpoint {
     pub(super) enabled: Option<bool>,
     #[serde(default)]
     pub(super) tcp_established: Option<bool>,
+    #[serde(default)]
+    pub(super) timeout: Option<Spanned<String>>,
+    #[serde(default)]
+    pub(super) forbid_env: Vec<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawHooks {
+    #[serde(default)]
+    pub(super) before_checkpoint: Option<Spanned<Vec<String>>>,
+    #[serde(default)]
+    pub(super) after_restore: Option<Spanned<Vec<String>>>,
     #[serde(default)]
     pub(super) timeout: Option<Spanned<String>>,
 }
@@ -220,6 +237,7 @@ impl Manifest {
             settle: DEFAULT_SETTLE,
             tcp_established: false,
             timeout: DEFAULT_CHECKPOINT_TIMEOUT,
+            forbid_env: Vec::new(),
         };
         let checkpoint = (|| {
             Ok(match &raw.checkpoint {
@@ -233,6 +251,23 @@ impl Manifest {
                         "checkpoint.timeout",
                         &at,
                     )?,
+                    forbid_env: {
+                        let mut names = Vec::new();
+                        for n in &c.forbid_env {
+                            let ok = !n.value.is_empty()
+                                && n.value
+                                    .chars()
+                                    .all(|ch| ch.is_ascii_alphanumeric() || ch == '_' || ch == '*');
+                            if !ok {
+                                return Err(at(
+                                    &n.referenced,
+                                    format!("checkpoint.forbid_env: expected a variable name (letters, digits, _ and * as a wildcard), got {:?}", n.value),
+                                ));
+                            }
+                            names.push(n.value.clone());
+                        }
+                        names
+                    },
                 },
                 None => default_checkpoint.clone(),
             })
@@ -405,6 +440,61 @@ impl Manifest {
             &at,
         );
         let restore_timeout = keep(&mut errors, restore_timeout, DEFAULT_RESTORE_TIMEOUT);
+        let restore_signal = (|| {
+            let Some(s) = raw.restore.as_ref().and_then(|r| r.signal.as_ref()) else {
+                return Ok(None);
+            };
+            let name = s.value.trim().to_ascii_uppercase();
+            let name = if name.starts_with("SIG") {
+                name
+            } else {
+                format!("SIG{name}")
+            };
+            match name.parse::<nix::sys::signal::Signal>() {
+                Ok(sig)
+                    if !matches!(
+                        sig,
+                        nix::sys::signal::Signal::SIGKILL | nix::sys::signal::Signal::SIGSTOP
+                    ) =>
+                {
+                    Ok(Some(sig))
+                }
+                _ => Err(at(
+                    &s.referenced,
+                    format!(
+                        "restore.signal: expected a signal name like SIGUSR2 or HUP, got {:?}",
+                        s.value
+                    ),
+                )),
+            }
+        })();
+        let restore_signal = keep(&mut errors, restore_signal, None);
+        let hooks = (|| {
+            let Some(h) = raw.hooks.as_ref() else {
+                return Ok(None);
+            };
+            let argv = |name: &str, v: &Option<Spanned<Vec<String>>>| {
+                match v {
+                Some(a) if a.value.is_empty() || a.value[0].is_empty() => Err(at(
+                    &a.referenced,
+                    format!("hooks.{name}: expected a non-empty argv, e.g. [\"/usr/bin/curl\", \"-fsS\", \"http://127.0.0.1:8080/reseed\"]"),
+                )),
+                Some(a) => Ok(Some(a.value.clone())),
+                None => Ok(None),
+            }
+            };
+            Ok(Some(Hooks {
+                before_checkpoint: argv("before_checkpoint", &h.value.before_checkpoint)?,
+                after_restore: argv("after_restore", &h.value.after_restore)?,
+                timeout: duration(
+                    h.value.timeout.as_ref(),
+                    DEFAULT_HOOK_TIMEOUT,
+                    "hooks.timeout",
+                    &at,
+                )?,
+            }))
+        })();
+        let hooks = keep(&mut errors, hooks, None);
         if !errors.is_empty() {
             return Err(ManifestError::all(errors));
         }
@@ -424,6 +514,8 @@ impl Manifest {
             keep: generations,
             state,
             not_state,
+            hooks,
+            restore_signal,
             restore_mode,
             restore_timeout,
             remote,

@@ -9,6 +9,7 @@
 
 pub mod clock;
 pub mod guard;
+pub mod hooks;
 pub mod init;
 #[path = "../../../init/src/init_loop.rs"]
 pub mod init_loop;

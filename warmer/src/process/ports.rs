@@ -109,6 +109,11 @@ fn tree_of(init: Pid) -> BTreeSet<i32> {
 }
 
 /// The processes in the PID namespace whose init is `init`.
+/// The processes (host PIDs) in the PID namespace of `init`.
+pub fn namespace_pids(init: Pid) -> BTreeSet<i32> {
+    namespace_of(init)
+}
+
 fn namespace_of(init: Pid) -> BTreeSet<i32> {
     let ns = |pid: i32| std::fs::read_link(format!("/proc/{pid}/ns/pid")).ok();
     let Some(want) = ns(init.as_raw()) else {

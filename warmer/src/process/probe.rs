@@ -33,7 +33,7 @@ impl Backoff {
 }
 
 /// How waiting for readiness ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Readiness {
     Ready,
     /// The service exited first, with this status.
@@ -44,6 +44,8 @@ pub enum Readiness {
     Stopped,
     /// Not ready within this time.
     TimedOut(Duration),
+    /// Before the probe: the service's `after_restore` hook failed (why).
+    HookFailed(String),
 }
 
 /// The outcome of one attempt.
@@ -211,37 +213,15 @@ fn status_is_2xx(head: &[u8]) -> bool {
 /// behind (a shell's background children) is killed with the group when it
 /// exits or runs out of time: a probe never leaves a process.
 fn exec_ok(argv: &[String], limit: Duration) -> bool {
-    use std::os::unix::process::CommandExt;
-    let Ok(mut child) = Command::new(&argv[0])
-        .args(&argv[1..])
+    let mut cmd = Command::new(&argv[0]);
+    cmd.args(&argv[1..])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .process_group(0)
-        .spawn()
-    else {
-        return false;
-    };
-    let group = nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap_or(i32::MAX));
-    let end_group = || {
-        let _ = nix::sys::signal::killpg(group, nix::sys::signal::Signal::SIGKILL);
-    };
-    let deadline = crate::process::clock::deadline(limit);
-    loop {
-        match child.try_wait() {
-            Ok(Some(status)) => {
-                end_group();
-                return status.success();
-            }
-            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(2)),
-            _ => {
-                end_group();
-                let _ = child.kill();
-                let _ = child.wait();
-                return false;
-            }
-        }
-    }
+        .stderr(Stdio::null());
+    matches!(
+        crate::process::hooks::run_in_group(&mut cmd, limit),
+        Ok(Some(status)) if status.success()
+    )
 }
 
 /// The `$NOTIFY_SOCKET` a notify-probed service talks to.

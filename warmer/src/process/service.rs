@@ -47,7 +47,11 @@ const PRIVATE_ENV: &[&str] = &[
 /// The service's environment: warmer's own minus what belongs to warmer
 /// (systemd's notify socket, warmer's settings), plus the manifest's `env`,
 /// plus `NOTIFY_SOCKET` when the service reports readiness itself.
-pub fn service_env(manifest: &Manifest, notify_socket: Option<&Path>) -> Vec<(OsString, OsString)> {
+pub fn service_env(
+    manifest: &Manifest,
+    notify_socket: Option<&Path>,
+    run_dir: &Path,
+) -> Vec<(OsString, OsString)> {
     let mut env: BTreeMap<OsString, OsString> = std::env::vars_os()
         .filter(|(k, _)| {
             let k = k.to_string_lossy();
@@ -60,6 +64,12 @@ pub fn service_env(manifest: &Manifest, notify_socket: Option<&Path>) -> Vec<(Os
     if let Some(p) = notify_socket {
         env.insert("NOTIFY_SOCKET".into(), p.into());
     }
+    // The contract of every service: this names the file rewritten before
+    // each restore (see `process::hooks`).
+    env.insert(
+        crate::process::hooks::RESTORE_INFO_ENV.into(),
+        crate::process::hooks::restore_info_path(run_dir).into(),
+    );
     let java = env
         .get(std::ffi::OsStr::new(JAVA_TOOL_OPTIONS))
         .map(|v| v.to_string_lossy().into_owned());

@@ -174,6 +174,9 @@ pub enum Failure {
     Stopped,
     #[error("restored service not ready within {}", humantime::format_duration(*.0))]
     NotReady(Duration),
+    /// The service's `after_restore` hook failed.
+    #[error("{0}")]
+    AfterRestore(String),
 }
 
 impl Failure {
@@ -197,8 +200,11 @@ pub struct Timings {
     pub criu_times: CriuTimes,
     /// Time after CRIU returned, waiting for the hashes.
     pub hash_wait: Duration,
-    /// From the tree's resumption to the probe's success.
+    /// From the tree's resumption to the probe's success (the hooks'
+    /// time apart).
     pub probe: Duration,
+    /// The `after_restore` hook, before the probe.
+    pub hooks: Duration,
 }
 
 impl Timings {
@@ -223,6 +229,9 @@ impl Timings {
         }
         out.push(("criu: rest (exec, checks, exit)".into(), criu_rest.max(0.0)));
         out.push(("integrity wait".into(), ms(self.hash_wait)));
+        if !self.hooks.is_zero() {
+            out.push(("after_restore hook".into(), ms(self.hooks)));
+        }
         out.push(("probe".into(), ms(self.probe)));
         out
     }
@@ -393,6 +402,7 @@ impl Restore<'_> {
             Readiness::Exited(code) => Some(Failure::Exited(code)),
             Readiness::ExitedAfterSignal(code) => Some(Failure::EndedBySignal(code)),
             Readiness::TimedOut(t) => Some(Failure::NotReady(t)),
+            Readiness::HookFailed(why) => Some(Failure::AfterRestore(why)),
         };
         if let Some(f) = failure {
             return Err(self.undo(Some(plan.key().into()), f, Some(running), state));
@@ -506,6 +516,7 @@ impl Restore<'_> {
             criu_times,
             hash_wait: t0.elapsed().saturating_sub(t_criu),
             probe: Duration::ZERO,
+            hooks: Duration::ZERO,
         };
         let restored = match restored {
             // CRIU was stopped because the hash failed: that is the cause.

@@ -110,6 +110,34 @@ impl Supervisor {
                 "no CRIU, cache or digest for this run (see the start's warnings)",
             ));
         };
+        // Secrets the manifest says must never be in an image.
+        let forbidden =
+            crate::process::hooks::forbidden_env(running.pid, &self.manifest.checkpoint.forbid_env);
+        if !forbidden.is_empty() {
+            return Err(CheckpointNowError::ForbiddenEnv(forbidden));
+        }
+        if let Some(hooks) = &self.manifest.hooks {
+            if let Some(argv) = &hooks.before_checkpoint {
+                let cwd = self
+                    .manifest
+                    .workdir
+                    .clone()
+                    .unwrap_or_else(|| self.run_dir.clone());
+                let took = crate::process::hooks::run(
+                    "before_checkpoint",
+                    argv,
+                    running.pid,
+                    &self.hook_env(),
+                    &cwd,
+                    hooks.timeout,
+                )?;
+                tracing::info!(
+                    phase = "checkpoint",
+                    "before_checkpoint hook took {} ms",
+                    took.as_millis()
+                );
+            }
+        }
         let previous = self.record.state;
         self.set_state(ServiceState::Checkpointing);
         self.systemd.status("checkpointing");
@@ -243,4 +271,8 @@ pub enum CheckpointNowError {
     Unavailable(&'static str),
     #[error(transparent)]
     Checkpoint(crate::checkpoint::CheckpointError),
+    #[error(transparent)]
+    Hook(#[from] crate::process::hooks::HookError),
+    #[error("refused: the service's environment has {} (checkpoint.forbid_env): it would be in the image", .0.join(", "))]
+    ForbiddenEnv(Vec<String>),
 }

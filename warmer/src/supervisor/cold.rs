@@ -27,7 +27,7 @@ impl Supervisor {
             source,
         })?;
         let notify = prober.is_notify().then(|| self.notify_socket());
-        let env = service_env(&self.manifest, notify.as_deref());
+        let env = service_env(&self.manifest, notify.as_deref(), &self.run_dir);
         let mut output = Output::new().map_err(|source| RunError::Pipes {
             service: service.clone(),
             source,
@@ -51,7 +51,8 @@ impl Supervisor {
         self.record.service_pid = Some(pid.as_raw());
         self.set_state(ServiceState::Starting);
         tracing::info!("cold start: warmer-init pid {pid} (the service is its child)");
-        let err = match self.wait_ready(&mut running, &mut prober) {
+        let r = self.wait_ready(&mut running, &mut prober);
+        let err = match r.clone() {
             Readiness::Ready | Readiness::Stopped => return Ok(running),
             Readiness::Exited(code) | Readiness::ExitedAfterSignal(code) => {
                 running.finish();
@@ -70,7 +71,13 @@ impl Supervisor {
                         .unwrap_or_default(),
                 }
             }
-            Readiness::TimedOut(timeout) => {
+            // (Hooks run only around restores; a cold start's probe never
+            // says this, and it would mean: not ready.)
+            Readiness::TimedOut(_) | Readiness::HookFailed(_) => {
+                let timeout = match r {
+                    Readiness::TimedOut(t) => t,
+                    _ => std::time::Duration::ZERO,
+                };
                 running.stop(self.manifest.stop_timeout, &self.signals);
                 running.finish();
                 RunError::NotReady {

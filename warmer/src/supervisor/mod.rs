@@ -428,6 +428,13 @@ impl Supervisor {
         }
     }
 
+    /// The environment hooks run with: the service's own.
+    fn hook_env(&self) -> Vec<(std::ffi::OsString, std::ffi::OsString)> {
+        let notify = matches!(self.manifest.ready.probe, crate::manifest::Probe::Notify)
+            .then(|| self.notify_socket());
+        crate::process::service::service_env(&self.manifest, notify.as_deref(), &self.run_dir)
+    }
+
     fn notify_socket(&self) -> PathBuf {
         self.run_dir.join("notify.sock")
     }

@@ -127,7 +127,56 @@ impl Supervisor {
         let mut prober = prober;
         let (timeout, signals, systemd) =
             (self.manifest.ready.timeout, &self.signals, self.systemd);
+        // Before the probe, the service learns it was restored (see
+        // `process::hooks`): the restore-info file, its hook, its signal.
+        let (run_dir, hooks, restore_signal) = (
+            self.run_dir.clone(),
+            self.manifest.hooks.clone(),
+            self.manifest.restore_signal,
+        );
+        let hook_env = self.hook_env();
+        let cwd = self
+            .manifest
+            .workdir
+            .clone()
+            .unwrap_or_else(|| self.run_dir.clone());
+        let entry = plan.entry.clone();
+        let mut hook_time = Duration::ZERO;
+        let mut told = |running: &mut Running| -> Result<(), String> {
+            if let Err(e) = crate::process::hooks::write_restore_info(&run_dir, &entry) {
+                tracing::warn!("cannot write the restore-info file: {e}");
+            }
+            if let Some(argv) = hooks.as_ref().and_then(|h| h.after_restore.as_ref()) {
+                let limit = hooks.as_ref().map_or(Duration::ZERO, |h| h.timeout);
+                let took = crate::process::hooks::run(
+                    "after_restore",
+                    argv,
+                    running.pid,
+                    &hook_env,
+                    &cwd,
+                    limit,
+                )
+                .map_err(|e| chain(&e))?;
+                hook_time += took;
+            }
+            if let Some(sig) = restore_signal {
+                match crate::process::service::main_pid(running.pid.as_raw()) {
+                    Some(main) => {
+                        if let Err(e) =
+                            nix::sys::signal::kill(nix::unistd::Pid::from_raw(main), sig)
+                        {
+                            tracing::warn!("cannot send {sig} to the restored service: {e}");
+                        }
+                    }
+                    None => tracing::warn!("no main process to send {sig} to"),
+                }
+            }
+            Ok(())
+        };
         let mut probe = |running: &mut Running| -> Readiness {
+            if let Err(why) = told(running) {
+                return Readiness::HookFailed(why);
+            }
             // A notify-probed service said READY=1 before its checkpoint;
             // the restored one is past that point.
             if notify_probe {
@@ -159,7 +208,11 @@ impl Supervisor {
         crate::failpoint("restore-after-retire");
         // Nothing of this restore outlives warmer, whenever it dies.
         let guard = crate::process::guard::Guard::arm(&self.manifest.name, &self.run_dir);
-        let result = restore.run(&plan, &mut probe);
+        let mut result = restore.run(&plan, &mut probe);
+        if let Ok(r) = result.as_mut() {
+            r.timings.probe = r.timings.probe.saturating_sub(hook_time);
+            r.timings.hooks = hook_time;
+        }
         if let Some(g) = guard {
             g.disarm();
         }
