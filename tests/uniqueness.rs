@@ -198,3 +198,85 @@ fn a_before_checkpoint_hook_runs_at_a_persist_stop_inside_the_service() {
     );
     assert_eq!(env.entries().len(), 1, "the stop's image");
 }
+
+/// An image holds the service's environment: `inspect` names the variables
+/// that look like secrets (never their values), `validate` warns when such
+/// an image would be pushed, and `checkpoint.forbid_env` refuses to take it.
+#[test]
+fn secrets_in_the_environment_are_named_warned_about_and_can_be_refused() {
+    require_criu();
+    let env = Env::new();
+    let port = free_port();
+    env.slowweb(
+        "envy",
+        port,
+        &["--warmup", "0.2"],
+        "env: {API_TOKEN: \"tok-9f8e7d\", PLAIN_SETTING: \"x\"}\nremote: {repository: \"127.0.0.1:1/warmer/envy\", push: true}\n",
+    );
+    let mut w = env.run("envy");
+    env.wait_image("envy", &mut w);
+    w.stop();
+    let out = env
+        .command()
+        .args(["inspect", "envy", "--json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let i: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let service = i["processes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["cmdline"][0] == "/usr/bin/python3")
+        .unwrap();
+    let names: Vec<&str> = service["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|v| v.as_str())
+        .collect();
+    assert!(
+        names.contains(&"API_TOKEN") && names.contains(&"PLAIN_SETTING"),
+        "{service}"
+    );
+    assert_eq!(
+        service["secret_env"],
+        serde_json::json!(["API_TOKEN"]),
+        "{service}"
+    );
+    assert!(
+        !String::from_utf8_lossy(&out.stdout).contains("tok-9f8e7d"),
+        "never the value"
+    );
+    let table = env.command().args(["inspect", "envy"]).output().unwrap();
+    assert!(String::from_utf8_lossy(&table.stdout)
+        .contains("holds secrets in its environment: API_TOKEN"));
+    let out = env
+        .command()
+        .arg("validate")
+        .arg(env.path("manifests/envy.yaml"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("remote.push") && err.contains("API_TOKEN"),
+        "{err}"
+    );
+    // Refused at the checkpoint.
+    let port = free_port();
+    env.slowweb(
+        "forbid",
+        port,
+        &["--warmup", "0.2"],
+        "env: {API_TOKEN: \"tok\"}\ncheckpoint: {forbid_env: [\"*TOKEN*\"]}\n",
+    );
+    let mut w = env.run("forbid");
+    let s = env.wait_status("forbid", &mut w, |s| !s["message"].is_null());
+    let msg = s["message"].as_str().unwrap();
+    assert!(
+        msg.contains("forbid_env") && msg.contains("API_TOKEN"),
+        "{msg}"
+    );
+    assert!(s["image"].is_null());
+    w.stop();
+}

@@ -425,10 +425,28 @@ fn validate(dirs: &Dirs, files: &[PathBuf]) -> ExitCode {
                             .flatten(),
                     )
                     .and_then(|(d, c)| c.lookup(&d.hex).ok().flatten());
+                for w in warmer::commands::lint::pushed_secrets(&m) {
+                    eprintln!("{}: warning: {w}", f.display());
+                }
                 if let Some(e) = entry {
                     if let Ok(open) = warmer::image::criu::open_files(&e.data_dir()) {
                         for w in warmer::commands::lint::unsaved_writes(&m, &open) {
                             eprintln!("{}: warning: {w}", f.display());
+                        }
+                    }
+                    if m.remote.as_ref().is_some_and(|r| r.push) {
+                        if let Ok(i) = warmer::commands::inspect::inspect(dirs, &e.key) {
+                            let names: std::collections::BTreeSet<&String> =
+                                i.processes.iter().flat_map(|p| &p.secret_env).collect();
+                            if !names.is_empty() {
+                                eprintln!(
+                                    "{}: warning: remote.push sends the service's memory to the registry, and its image holds environment variables that look like secrets: {} (keep them out: checkpoint.forbid_env, a before_checkpoint hook, or remote: {{push: false}})",
+                                    f.display(),
+                                    warmer::errors::escape(
+                                        &names.into_iter().cloned().collect::<Vec<_>>().join(", ")
+                                    )
+                                );
+                            }
                         }
                     }
                 }

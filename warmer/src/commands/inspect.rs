@@ -68,6 +68,12 @@ pub struct Process {
     pub comm: String,
     /// argv, read from the image's memory pages (`None` if not there).
     pub cmdline: Option<Vec<String>>,
+    /// The names (never the values) of its environment variables, read from
+    /// the image's pages: the image holds their values.
+    pub env: Vec<String>,
+    /// Of those, the ones whose names look like secrets (`*TOKEN*`,
+    /// `*PASSWORD*`, `*SECRET*`, `*KEY*`, ...).
+    pub secret_env: Vec<String>,
     /// Bytes of memory pages the image holds for the process.
     pub image_bytes: u64,
     /// Of those, pages a lazy restore may fetch on first touch.
@@ -138,6 +144,20 @@ pub fn describe(entry: &Entry) -> Result<Inspection, InspectError> {
             (Some(mm), Some(m)) => m.cmdline(&dir, mm.mm_arg_start, mm.mm_arg_end),
             _ => None,
         };
+        let env: Vec<String> = match (&mm, &memory) {
+            (Some(mm), Some(m)) => m
+                .cmdline(&dir, mm.mm_env_start, mm.mm_env_end)
+                .unwrap_or_default()
+                .into_iter()
+                .filter_map(|kv| kv.split_once('=').map(|(k, _)| k.to_string()))
+                .collect(),
+            _ => Vec::new(),
+        };
+        let secret_env = env
+            .iter()
+            .filter(|n| crate::process::hooks::looks_secret(n))
+            .cloned()
+            .collect();
         let mut fds = Vec::new();
         if let Some(ids) = &ids {
             let fdinfo = dir.join(format!("fdinfo-{}.img", ids.files_id));
@@ -167,6 +187,8 @@ pub fn describe(entry: &Entry) -> Result<Inspection, InspectError> {
                 .map(|tc| tc.comm.clone())
                 .unwrap_or_default(),
             cmdline,
+            env,
+            secret_env,
             image_bytes: memory.as_ref().map_or(0, |m| m.present_pages * page),
             lazy_bytes: memory.as_ref().map_or(0, |m| m.lazy_pages * page),
             mappings: mm.as_ref().map_or(0, |m| m.vmas.len()),
@@ -457,12 +479,20 @@ pub fn render(i: &Inspection) -> String {
             _ => format!("[{}]", p.comm),
         };
         out.push_str(&format!(
-            "{:>6} {:>6} {:>7} {:>10}  {cmd}\n",
+            "{:>6} {:>6} {:>7} {:>10}  {}\n",
             p.pid,
             p.ppid,
             p.threads,
-            mb(p.image_bytes)
+            mb(p.image_bytes),
+            crate::errors::escape(&cmd)
         ));
+        if !p.secret_env.is_empty() {
+            out.push_str(&format!(
+                "{:>33}  holds secrets in its environment: {}\n",
+                "",
+                crate::errors::escape(&p.secret_env.join(", "))
+            ));
+        }
     }
     if !i.sockets.is_empty() {
         out.push_str("\nSOCKETS\n");

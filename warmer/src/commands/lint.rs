@@ -34,6 +34,27 @@ pub fn unsaved_writes(m: &Manifest, files: &[OpenFile]) -> Vec<String> {
         .collect()
 }
 
+/// A manifest that pushes its images while giving the service environment
+/// variables that look like secrets: the values travel in the image.
+pub fn pushed_secrets(m: &Manifest) -> Vec<String> {
+    if !m.remote.as_ref().is_some_and(|r| r.push) {
+        return Vec::new();
+    }
+    let names: Vec<&str> = m
+        .env
+        .keys()
+        .map(String::as_str)
+        .filter(|n| crate::process::hooks::looks_secret(n))
+        .collect();
+    if names.is_empty() {
+        return Vec::new();
+    }
+    vec![format!(
+        "remote.push sends the service's memory to the registry, and env gives it {}: their values travel in every pushed image (checkpoint.forbid_env refuses such a checkpoint; or remote: {{push: false}})",
+        names.join(", ")
+    )]
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
