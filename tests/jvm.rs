@@ -42,3 +42,55 @@ fn a_jvm_service_restores_as_installed() {
     assert_eq!(get(port, "/").unwrap(), nonce, "the same JVM, restored");
     w.stop();
 }
+
+/// A JVM reacting through its hook: `after_restore` asks it to reseed its
+/// java.util.Random, so two restores of one image draw differently (without
+/// the hook they repeat).
+#[test]
+fn a_jvm_reseeds_through_its_after_restore_hook() {
+    require_criu();
+    let env = Env::new();
+    let classes = env.path("classes");
+    let javac = Command::new("javac")
+        .arg("-d")
+        .arg(&classes)
+        .arg(repo().join("examples/jvm/Hello.java"))
+        .output()
+        .expect("javac (scripts/deps.sh installs default-jdk-headless)");
+    assert!(
+        javac.status.success(),
+        "{}",
+        String::from_utf8_lossy(&javac.stderr)
+    );
+    let draws = |name: &str, hook: bool| -> (String, String) {
+        let port = free_port();
+        let hooks = if hook {
+            format!("hooks: {{after_restore: [\"/usr/bin/python3\", \"-c\", \"import urllib.request; urllib.request.urlopen('http://127.0.0.1:{port}/reseed').read()\"]}}\n")
+        } else {
+            String::new()
+        };
+        env.write_manifest(
+            name,
+            &format!(
+                "exec: [\"java\", \"-cp\", \"{}\", \"Hello\", \"{port}\"]\nready: {{http: \"http://127.0.0.1:{port}/\", timeout: 60s}}\ncheckpoint: {{settle: 300ms}}\n{hooks}",
+                classes.display()
+            ),
+        );
+        let mut w = env.run(name);
+        env.wait_image(name, &mut w);
+        w.stop();
+        let mut draw = || {
+            let mut w = env.run(name);
+            let s = env.wait_ready(name, &mut w);
+            assert_eq!(s["last_start"], "restored", "{s}\n{}", w.err());
+            let d = get(port, "/random").unwrap();
+            w.stop();
+            d
+        };
+        (draw(), draw())
+    };
+    let (a, b) = draws("jvm-same", false);
+    assert_eq!(a, b, "restores repeat the image's generator");
+    let (c, d) = draws("jvm-hook", true);
+    assert_ne!(c, d, "the hook reseeds each restore");
+}
