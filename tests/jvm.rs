@@ -8,10 +8,8 @@ use std::process::Command;
 
 use common::*;
 
-#[test]
-fn a_jvm_service_restores_as_installed() {
-    require_criu();
-    let env = Env::new();
+/// `examples/jvm/Hello.java`, compiled into the env; its classes directory.
+fn hello_classes(env: &Env) -> std::path::PathBuf {
     let classes = env.path("classes");
     let javac = Command::new("javac")
         .arg("-d")
@@ -24,6 +22,14 @@ fn a_jvm_service_restores_as_installed() {
         "{}",
         String::from_utf8_lossy(&javac.stderr)
     );
+    classes
+}
+
+#[test]
+fn a_jvm_service_restores_as_installed() {
+    require_criu();
+    let env = Env::new();
+    let classes = hello_classes(&env);
     let port = free_port();
     env.write_manifest(
         "jvm",
@@ -50,18 +56,7 @@ fn a_jvm_service_restores_as_installed() {
 fn a_jvm_reseeds_through_its_after_restore_hook() {
     require_criu();
     let env = Env::new();
-    let classes = env.path("classes");
-    let javac = Command::new("javac")
-        .arg("-d")
-        .arg(&classes)
-        .arg(repo().join("examples/jvm/Hello.java"))
-        .output()
-        .expect("javac (scripts/deps.sh installs default-jdk-headless)");
-    assert!(
-        javac.status.success(),
-        "{}",
-        String::from_utf8_lossy(&javac.stderr)
-    );
+    let classes = hello_classes(&env);
     let draws = |name: &str, hook: bool| -> (String, String) {
         let port = free_port();
         let hooks = if hook {
@@ -79,7 +74,7 @@ fn a_jvm_reseeds_through_its_after_restore_hook() {
         let mut w = env.run(name);
         env.wait_image(name, &mut w);
         w.stop();
-        let mut draw = || {
+        let draw = || {
             let mut w = env.run(name);
             let s = env.wait_ready(name, &mut w);
             assert_eq!(s["last_start"], "restored", "{s}\n{}", w.err());

@@ -849,28 +849,12 @@ fn network_locks_of_an_image_never_restored_are_removed_at_the_next_start() {
         }
     });
     let port = free_port();
-    let script = env.path("peered.py");
-    std::fs::write(
-        &script,
-        "import socket, sys\n\
-         from http.server import BaseHTTPRequestHandler, HTTPServer\n\
-         peer = socket.create_connection(('127.0.0.1', int(sys.argv[2])))\n\
-         class H(BaseHTTPRequestHandler):\n    \
-             def do_GET(self):\n        \
-                 self.send_response(200); self.send_header('Content-Length', '2'); self.end_headers(); self.wfile.write(b'ok')\n    \
-             def log_message(self, *a): pass\n\
-         HTTPServer(('127.0.0.1', int(sys.argv[1])), H).serve_forever()\n",
-    )
-    .unwrap();
-    env.write_manifest(
+    env.http_service(
         "peered",
-        &format!(
-            "exec: [\"/usr/bin/python3\", \"{}\", \"{port}\", \"{peer_port}\"]\n\
-             ready: {{http: \"http://127.0.0.1:{port}/\"}}\n\
-             mode: persist\n\
-             checkpoint: {{tcp_established: true}}\n",
-            script.display()
-        ),
+        port,
+        &peer_port.to_string(),
+        "peer = socket.create_connection(('127.0.0.1', int(sys.argv[2])))",
+        "mode: persist\ncheckpoint: {tcp_established: true}\n",
     );
     let locked = || {
         let out = std::process::Command::new("iptables-save")
@@ -929,28 +913,13 @@ fn pid_file_holds_the_host_pid_cold_and_restored() {
     let port = free_port();
     let pid_path = env.path("run-svc/svc.pid");
     std::fs::create_dir_all(pid_path.parent().unwrap()).unwrap();
-    let script = env.path("pidder.py");
-    std::fs::write(
-        &script,
-        "import os, sys, time\n\
-         from http.server import BaseHTTPRequestHandler, HTTPServer\n\
-         time.sleep(0.3)\n\
-         open(sys.argv[2], 'w').write(f'{os.getpid()}\\n')\n\
-         class H(BaseHTTPRequestHandler):\n    \
-             def do_GET(self):\n        \
-                 self.send_response(200); self.send_header('Content-Length', '2'); self.end_headers(); self.wfile.write(b'ok')\n    \
-             def log_message(self, *a): pass\n\
-         HTTPServer(('127.0.0.1', int(sys.argv[1])), H).serve_forever()\n",
-    )
-    .unwrap();
-    env.write_manifest(
+    env.http_service(
         "pidder",
+        port,
+        pid_path.to_str().unwrap(),
+        "time.sleep(0.3)\nopen(sys.argv[2], 'w').write(f'{os.getpid()}\\n')",
         &format!(
-            "exec: [\"/usr/bin/python3\", \"{}\", \"{port}\", \"{}\"]\n\
-             ready: {{http: \"http://127.0.0.1:{port}/\"}}\n\
-             pid_file: {}\ncheckpoint: {{settle: 100ms}}\n",
-            script.display(),
-            pid_path.display(),
+            "pid_file: {}\ncheckpoint: {{settle: 100ms}}\n",
             pid_path.display()
         ),
     );
@@ -989,27 +958,12 @@ fn connections_waiting_to_be_accepted_do_not_fail_a_checkpoint() {
     require_criu();
     let env = Env::new();
     let (port, queue) = (free_port(), free_port());
-    let script = env.path("slow-accept.py");
-    std::fs::write(
-        &script,
-        "import socket, sys, threading\n\
-         from http.server import BaseHTTPRequestHandler, HTTPServer\n\
-         q = socket.socket(); q.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
-         q.bind(('127.0.0.1', int(sys.argv[2]))); q.listen(16)  # never accepted\n\
-         class H(BaseHTTPRequestHandler):\n    \
-             def do_GET(self):\n        \
-                 self.send_response(200); self.send_header('Content-Length', '2'); self.end_headers(); self.wfile.write(b'ok')\n    \
-             def log_message(self, *a): pass\n\
-         HTTPServer(('127.0.0.1', int(sys.argv[1])), H).serve_forever()\n",
-    )
-    .unwrap();
-    env.write_manifest(
+    env.http_service(
         "inflight",
-        &format!(
-            "exec: [\"/usr/bin/python3\", \"{}\", \"{port}\", \"{queue}\"]\n\
-             ready: {{http: \"http://127.0.0.1:{port}/\"}}\ncheckpoint: {{settle: 1s}}\n",
-            script.display()
-        ),
+        port,
+        &queue.to_string(),
+        "q = socket.socket(); q.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\nq.bind(('127.0.0.1', int(sys.argv[2]))); q.listen(16)  # never accepted",
+        "checkpoint: {settle: 1s}\n",
     );
     let mut w = env.run("inflight");
     env.wait_ready("inflight", &mut w);

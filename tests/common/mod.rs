@@ -118,6 +118,35 @@ impl Env {
         self.write_manifest(name, &text);
     }
 
+    /// A tiny HTTP service `name` (answers 200 "ok" on `port`) whose script
+    /// first runs `prelude` (Python; its second argument is `arg`), with
+    /// `extra` manifest lines.
+    #[allow(dead_code)]
+    pub fn http_service(&self, name: &str, port: u16, arg: &str, prelude: &str, extra: &str) {
+        let script = self.path(&format!("{name}.py"));
+        std::fs::write(
+            &script,
+            format!(
+                "import os, socket, sys, time\n\
+                 from http.server import BaseHTTPRequestHandler, HTTPServer\n\
+                 {prelude}\n\
+                 class H(BaseHTTPRequestHandler):\n    \
+                     def do_GET(self):\n        \
+                         self.send_response(200); self.send_header('Content-Length', '2'); self.end_headers(); self.wfile.write(b'ok')\n    \
+                     def log_message(self, *a): pass\n\
+                 HTTPServer(('127.0.0.1', int(sys.argv[1])), H).serve_forever()\n"
+            ),
+        )
+        .unwrap();
+        self.write_manifest(
+            name,
+            &format!(
+                "exec: [\"/usr/bin/python3\", \"{}\", \"{port}\", \"{arg}\"]\nready: {{http: \"http://127.0.0.1:{port}/\"}}\n{extra}",
+                script.display()
+            ),
+        );
+    }
+
     /// A quick slowweb that never checkpoints, started and ready.
     pub fn start_plain(&self, name: &str) -> (u16, Warmer) {
         let port = free_port();
