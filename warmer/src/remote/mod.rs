@@ -20,6 +20,7 @@ pub mod auth;
 pub mod layout;
 pub mod registry;
 pub mod sign;
+mod transfer;
 
 use std::path::PathBuf;
 use std::time::Duration;
