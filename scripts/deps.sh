@@ -29,6 +29,14 @@ if [ ${#need[@]} -gt 0 ]; then
   apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
 
+# PostgreSQL 15 (Debian's) for tests/postgres.rs (the pid_file a host tool reads).
+if ! dpkg -s postgresql-15 >/dev/null 2>&1; then
+  log "installing postgresql-15"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends postgresql-15 >/dev/null
+fi
+
 # A JDK for the JVM test (tests/jvm.rs compiles examples/jvm/Hello.java).
 if ! command -v javac >/dev/null; then
   log "installing default-jdk-headless"
