@@ -22,7 +22,7 @@ use oci_client::{Client, Reference};
 
 use super::artifact::{self, Config};
 use super::sign::{self, Signer, Verifier};
-use super::transfer::{download, file_chunks};
+use super::transfer::{download, file_chunks, Capped};
 use super::{auth, Progress, RemoteError};
 use crate::manifest::Remote;
 
@@ -338,14 +338,15 @@ impl Registry {
         let signer = sign::check(keys, &manifest_digest, &signatures)?;
         progress(&format!("signed by {}", signer.display()));
         let manifest = artifact::parse_manifest(&manifest_bytes)?;
-        let mut config_bytes = Vec::new();
+        let mut config_bytes =
+            Capped::new(usize::try_from(artifact::MAX_CONFIG_BYTES).unwrap_or(usize::MAX));
         bounded(&self.rt, deadline, "config download", async {
             client
                 .pull_blob(&reference, &manifest.config, &mut config_bytes)
                 .await
                 .map_err(|e| blob_err(&manifest.config, e))
         })?;
-        let config = artifact::parse_config(&config_bytes)?;
+        let config = artifact::parse_config(&config_bytes.buf)?;
         if config.entry.digest != digest {
             return Err(RemoteError::WrongDigest {
                 expected: digest.to_string(),

@@ -150,12 +150,12 @@ impl Registry {
             if u64::try_from(layer.size).unwrap_or(u64::MAX) > sign::MAX_PAYLOAD {
                 continue;
             }
-            let mut payload = Vec::new();
+            let mut payload = Capped::new(usize::try_from(sign::MAX_PAYLOAD).unwrap_or(usize::MAX));
             client
                 .pull_blob(&reference, layer, &mut payload)
                 .await
                 .map_err(|e| blob_err(layer, e))?;
-            payloads.push((layer.digest.clone(), payload));
+            payloads.push((layer.digest.clone(), payload.buf));
         }
         Ok(sign::signatures_in(&manifest, &mut |layer| {
             payloads
@@ -294,4 +294,72 @@ pub(super) async fn download(
     }
     fs::rename(&part, &done).map_err(io_err(&done))?;
     Ok((done, len - start))
+}
+
+/// A buffer a blob is read into that refuses to grow past `limit`: a
+/// registry that sends more than a small document may hold ends the read
+/// there, whatever it declared.
+pub(super) struct Capped {
+    pub(super) buf: Vec<u8>,
+    limit: usize,
+}
+
+impl Capped {
+    pub(super) fn new(limit: usize) -> Self {
+        Self {
+            buf: Vec::new(),
+            limit,
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for Capped {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+        data: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        if self.buf.len() + data.len() > self.limit {
+            return std::task::Poll::Ready(Err(std::io::Error::other(format!(
+                "more than the {} bytes such a document may have",
+                self.limit
+            ))));
+        }
+        self.buf.extend_from_slice(data);
+        std::task::Poll::Ready(Ok(data.len()))
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncWrite;
+
+    #[test]
+    fn a_capped_buffer_refuses_to_grow_past_its_limit() {
+        let mut c = Capped::new(8);
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        let mut write =
+            |c: &mut Capped, data: &[u8]| match std::pin::Pin::new(c).poll_write(&mut cx, data) {
+                std::task::Poll::Ready(r) => r,
+                std::task::Poll::Pending => unreachable!("never pending"),
+            };
+        assert_eq!(write(&mut c, b"12345").unwrap(), 5);
+        assert!(write(&mut c, b"6789").is_err(), "9 bytes > 8");
+        assert_eq!(c.buf, b"12345");
+    }
 }
