@@ -140,7 +140,23 @@ fn undeclared_data_survives(name: &str, args: &[&str], shape: &str) {
         "{shape}: validate must warn about the ledger: {err}"
     );
     write(port, 5, "a");
-    // status knows before the stop that the next start is cold, and why.
+    // status and cache ls know before the stop that the next start is cold,
+    // and why: the same answer.
+    let ls = env
+        .command()
+        .args(["cache", "ls", "--json"])
+        .output()
+        .unwrap();
+    let rows: serde_json::Value = serde_json::from_slice(&ls.stdout).unwrap();
+    let row = &rows[0];
+    assert_eq!(row["next_restore"], false, "{shape}: {row}");
+    assert!(
+        row["next_cold"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("ledger.log"),
+        "{shape}: {row}"
+    );
     let s = env.status(name);
     assert_eq!(s["next_start"]["action"], "cold", "{shape}: {s}");
     assert!(

@@ -183,4 +183,26 @@ mod tests {
             "this test process is a warmer test binary"
         );
     }
+
+    #[test]
+    fn records_without_a_version_read_and_newer_ones_do_not() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("web")).unwrap();
+        let mut r = RunRecord::new("web");
+        r.write(dir.path()).unwrap();
+        let text = std::fs::read_to_string(RunRecord::path(dir.path(), "web")).unwrap();
+        assert!(text.contains("\"format_version\": 1"), "{text}");
+        let old = text.replace("\"format_version\": 1,", "");
+        std::fs::write(RunRecord::path(dir.path(), "web"), &old).unwrap();
+        assert!(
+            RunRecord::read(dir.path(), "web").is_some(),
+            "version 0 reads"
+        );
+        let newer = text.replace("\"format_version\": 1", "\"format_version\": 9");
+        std::fs::write(RunRecord::path(dir.path(), "web"), newer).unwrap();
+        assert!(
+            RunRecord::read(dir.path(), "web").is_none(),
+            "a newer format is not guessed at"
+        );
+    }
 }
