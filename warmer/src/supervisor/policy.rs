@@ -56,13 +56,15 @@ pub fn checkpoint_at_ready(f: &ReadyFacts) -> AtReady {
 }
 
 /// Whether a failed restore counts toward holding the digest's checkpoints
-/// back. Only what says CRIU cannot bring this state back counts: a damaged
-/// file (the disk's fault, not the state's), an operator's signal or a stop
-/// request say nothing about the next checkpoint.
+/// back. Only what says this state cannot be brought back counts (CRIU
+/// failing, the restored service failing or never ready, its
+/// `after_restore` hook failing: each would fail the same way with the next
+/// image of it); a damaged file (the disk's fault, not the state's), an
+/// operator's signal or a stop request say nothing about the next checkpoint.
 pub fn counts_against_state(failure: &Failure) -> bool {
     matches!(
         failure,
-        Failure::Criu(_) | Failure::Exited(_) | Failure::NotReady(_)
+        Failure::Criu(_) | Failure::Exited(_) | Failure::NotReady(_) | Failure::AfterRestore(_)
     )
 }
 
@@ -133,6 +135,7 @@ mod tests {
         assert!(!counts_against_state(&Failure::Stopped));
         assert!(!counts_against_state(&Failure::EndedBySignal(143)));
         assert!(counts_against_state(&Failure::Exited(1)));
+        assert!(counts_against_state(&Failure::AfterRestore("hook".into())));
         assert!(counts_against_state(&Failure::NotReady(
             std::time::Duration::from_secs(1)
         )));
