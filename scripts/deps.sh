@@ -19,7 +19,7 @@ fi
 # The example services run on Debian's python3 (/usr/bin/python3); curl for the
 # demo; docker-registry: the real OCI registry of tests/registry.rs.
 need=()
-for pkg in python3 curl iptables make systemd systemd-container debootstrap docker-registry; do
+for pkg in python3 curl iptables make systemd systemd-container debootstrap docker-registry man-db; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
 if [ ${#need[@]} -gt 0 ]; then

@@ -126,6 +126,60 @@ fn every_shipped_manifest_is_valid() {
     );
 }
 
+/// The README's manifest example names every key the parser knows (the
+/// table `warmer.yaml(5)` is written from), and nothing else: README, man
+/// page and parser cannot drift apart.
+#[test]
+fn the_readme_manifest_example_and_the_key_table_agree() {
+    let readme = std::fs::read_to_string(repo().join("README.md")).unwrap();
+    let section = readme.split("## Manifests").nth(1).unwrap();
+    let block = section
+        .split("```yaml")
+        .nth(1)
+        .unwrap()
+        .split("```")
+        .next()
+        .unwrap();
+    let mut seen = std::collections::BTreeSet::new();
+    let mut top = String::new();
+    for line in block.lines() {
+        let indent = line.len() - line.trim_start().len();
+        let body = line.trim_start().trim_start_matches("# ");
+        let Some((key, _)) = body.split_once(':') else {
+            continue;
+        };
+        if key.is_empty() || !key.bytes().all(|b| b.is_ascii_lowercase() || b == b'_') {
+            continue;
+        }
+        if indent == 0 {
+            top = key.to_string();
+            seen.insert(top.clone());
+        } else if indent == 2 {
+            seen.insert(format!("{top}.{key}"));
+        }
+    }
+    let table: std::collections::BTreeSet<String> = warmer::manifest::keys::KEYS
+        .iter()
+        .map(|k| k.path.to_string())
+        .collect();
+    let sections: std::collections::BTreeSet<String> = table
+        .iter()
+        .filter_map(|p| p.split_once('.').map(|(s, _)| s.to_string()))
+        .collect();
+    let seen_keys: std::collections::BTreeSet<String> =
+        seen.into_iter().filter(|k| !sections.contains(k)).collect();
+    assert_eq!(
+        seen_keys.difference(&table).collect::<Vec<_>>(),
+        Vec::<&String>::new(),
+        "in the README, not in the key table"
+    );
+    assert_eq!(
+        table.difference(&seen_keys).collect::<Vec<_>>(),
+        Vec::<&String>::new(),
+        "in the key table, not in the README"
+    );
+}
+
 mod fuzz {
     //! The manifest parser on hostile input: it never panics, every
     //! rejection is positioned, and what it prints is bounded.

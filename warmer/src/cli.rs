@@ -149,6 +149,13 @@ pub enum Cmd {
     /// Inspect and maintain the image cache.
     #[command(subcommand)]
     Cache(CacheCmd),
+    /// Print a completion script for SHELL (bash, zsh or fish); service
+    /// names complete from the manifest directory.
+    Completions { shell: clap_complete::Shell },
+    /// Write the man pages (warmer.1, warmer-SUBCOMMAND.1, warmer.yaml.5)
+    /// into DIR: for packaging.
+    #[command(hide = true)]
+    Man { dir: PathBuf },
     /// Make a key pair for signing images: PREFIX.key (private, 0600) and
     /// PREFIX.pub (cosign's public key format). Never overwrites.
     Keygen { prefix: PathBuf },

@@ -53,6 +53,30 @@ fn main() -> ExitCode {
         Cmd::Reset { service } => reset_cmd(&dirs, &service),
         Cmd::Cache(c) => cache_cmd(&dirs, c),
         Cmd::Push { service, json } => push_cmd(&dirs, &service, json),
+        Cmd::Completions { shell } => {
+            match warmer::commands::docs::completions(shell, &mut std::io::stdout().lock()) {
+                Ok(()) => ExitCode::from(exit::OK),
+                Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::from(exit::OK),
+                Err(e) => {
+                    eprintln!("warmer completions: {e}");
+                    ExitCode::from(exit::FAILURE)
+                }
+            }
+        }
+        Cmd::Man { dir } => match warmer::commands::docs::write_man_pages(&dir) {
+            Ok(pages) => {
+                emit(&format!(
+                    "wrote {} man pages into {}\n",
+                    pages.len(),
+                    dir.display()
+                ));
+                ExitCode::from(exit::OK)
+            }
+            Err(e) => {
+                eprintln!("warmer man: {}: {e}", dir.display());
+                ExitCode::from(exit::FAILURE)
+            }
+        },
         Cmd::Keygen { prefix } => match warmer::remote::sign::keygen(&prefix) {
             Ok((key, public)) => {
                 emit(&format!(

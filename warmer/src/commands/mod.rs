@@ -7,6 +7,7 @@
 
 pub mod bench;
 pub mod cache;
+pub mod docs;
 pub mod inspect;
 pub mod lint;
 pub mod rollback;

@@ -26,6 +26,7 @@
 
 mod error;
 mod fields;
+pub mod keys;
 mod parse;
 
 pub use error::ManifestError;
