@@ -373,9 +373,11 @@ impl Supervisor {
             }
             _ => tracing::info!(phase = "ready", ready_ms, restored = false, "{status}"),
         }
+        // The PID file is there by the time anyone is told the service is
+        // ready (as systemd expects of a PIDFile=).
+        self.write_pid_file();
         self.set_state(ServiceState::Ready);
         self.systemd.ready(&status);
-        self.write_pid_file();
         // Connections an earlier stop-time dump locked and no restore
         // lifted (see `criu::locks`): their rules go now.
         let released = crate::criu::locks::release(&self.run_dir);
