@@ -30,7 +30,7 @@
 
 use std::fs;
 use std::io::Read;
-use std::os::unix::fs::{FileExt, MetadataExt};
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -148,13 +148,28 @@ fn fingerprint(path: &Path, pos: u64, append: bool) -> Result<Fingerprint, State
         at_pos: String::new(),
         append,
     };
-    let file = match fs::File::open(path) {
+    // Only a regular file is read, never through a link, and never one
+    // swapped in between the look and the open: the service's user may own
+    // the directory, and an open of a FIFO or a device (a watchdog) is not
+    // harmless. Anything else counts as the file being gone.
+    let seen = match fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_file() => m,
+        Ok(_) => return Ok(absent(path)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(absent(path)),
+        Err(e) => return Err(io_err(path, "stat")(e)),
+    };
+    let file = match fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_CLOEXEC)
+        .open(path)
+    {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(absent(path)),
+        Err(e) if e.raw_os_error() == Some(libc::ELOOP) => return Ok(absent(path)),
         Err(e) => return Err(io_err(path, "open")(e)),
     };
     let md = file.metadata().map_err(io_err(path, "stat"))?;
-    if !md.is_file() {
+    if !md.is_file() || (md.dev(), md.ino()) != (seen.dev(), seen.ino()) {
         // Replaced by something else since: never equal to a file.
         return Ok(absent(path));
     }
@@ -355,6 +370,18 @@ mod tests {
         let mut b = a.clone();
         b.absent = true;
         assert_eq!(differs(&a, &b), Some("is gone"));
+    }
+
+    #[test]
+    fn a_fifo_or_a_link_where_the_file_was_is_never_opened() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("log");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        // An open of a FIFO for reading would block forever here.
+        assert!(fingerprint(&fifo, 0, false).unwrap().absent);
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink("/etc/hostname", &link).unwrap();
+        assert!(fingerprint(&link, 0, false).unwrap().absent);
     }
 
     #[test]
