@@ -316,7 +316,7 @@ fn copy_out(
         }
     } else if ft.is_file() {
         if let Some(dst) = dst {
-            fs::copy(src, dst).map_err(io_err(src, "copy"))?;
+            copy_regular(src, dst, &md)?;
         }
         nodes.push(node(rel, Kind::File, &md));
     } else if ft.is_symlink() {
@@ -331,6 +331,28 @@ fn copy_out(
             path: src.to_path_buf(),
         });
     }
+    Ok(())
+}
+
+/// Copies the regular file `src` (as `seen` by lstat) to `dst`: never
+/// through a link, and never a FIFO or device swapped in after the look
+/// (root reads a directory the service's user may write; an open of a FIFO
+/// would block the dump, a device's could do anything).
+fn copy_regular(src: &Path, dst: &Path, seen: &fs::Metadata) -> Result<(), StateError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut from = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_CLOEXEC)
+        .open(src)
+        .map_err(io_err(src, "open"))?;
+    let md = from.metadata().map_err(io_err(src, "stat"))?;
+    if !md.is_file() || (md.dev(), md.ino()) != (seen.dev(), seen.ino()) {
+        return Err(StateError::Unsupported {
+            path: src.to_path_buf(),
+        });
+    }
+    let mut to = fs::File::create(dst).map_err(io_err(dst, "create"))?;
+    io::copy(&mut from, &mut to).map_err(io_err(src, "copy"))?;
     Ok(())
 }
 
