@@ -586,3 +586,51 @@ fn a_cache_without_room_is_not_filled_and_the_checkpoint_backs_off() {
     assert!(env.entries().is_empty());
     assert_eq!(std::fs::read_dir(cache.join("tmp")).unwrap().count(), 0);
 }
+
+/// The restore guard ends a dead warmer's leftovers only while it holds the
+/// service's run lock: a new `warmer run` that already took the service over
+/// (it ends leftovers itself) never has its own processes killed.
+#[test]
+fn the_restore_guard_never_touches_a_service_another_run_owns() {
+    require_criu();
+    let env = Env::new();
+    let home = env.path("run/owned");
+    std::fs::create_dir_all(&home).unwrap();
+    let cache = env.path("cache");
+    let leftover = || {
+        // What a restore leaves: the service's namespace init (a real one).
+        std::process::Command::new(init_bin())
+            .arg("owned")
+            .arg(&home)
+            .args(["--", "sleep", "1004"])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let guard_over = |held: bool| {
+        let c = cache::Cache::open(&cache).unwrap();
+        let _lock = held.then(|| c.lock_run("owned").unwrap());
+        let mut tree = leftover();
+        // The guard, then its warmer "dies": its pipe closes without a word.
+        let mut g = std::process::Command::new(WARMER)
+            .args(["__guard", "owned"])
+            .arg(&home)
+            .arg(&cache)
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        drop(g.stdin.take());
+        assert!(g.wait().unwrap().success());
+        let alive = tree.try_wait().unwrap().is_none();
+        let _ = tree.kill();
+        let _ = tree.wait();
+        alive
+    };
+    assert!(guard_over(true), "another run holds the lock: untouched");
+    assert!(!guard_over(false), "no one does: ended");
+    for p in pids_with("sleep 1004") {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(p), Signal::SIGKILL);
+    }
+}

@@ -25,7 +25,11 @@ fn main() -> ExitCode {
                 }
             };
         }
-        Role::Guard { service, home } => return warmer::process::guard::run(&service, &home),
+        Role::Guard {
+            service,
+            home,
+            cache,
+        } => return warmer::process::guard::run(&service, &home, &cache),
         Role::Cli => {}
     }
     logging::init();

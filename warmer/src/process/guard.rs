@@ -6,7 +6,7 @@
 //! unit's cgroup is killed anyway. The gap is CRIU's own run: a `kill -9` of
 //! warmer then left the tree serving unsupervised, or frozen and holding the
 //! service's port until the next start. So for the length of a restore a
-//! guard runs beside warmer (`warmer __guard SERVICE HOME`, in a process
+//! guard runs beside warmer (`warmer __guard SERVICE HOME CACHE`, in a process
 //! group of its own so a terminal's signals spare it), reading a pipe only
 //! warmer writes to: "over" disarms it; end of file without it means warmer
 //! died, and the guard ends CRIU and every leftover of the service (the
@@ -14,7 +14,7 @@
 //! none reappears.
 //!
 //! ```text
-//!  warmer run ──pipe──> warmer __guard SVC HOME     "over\n": exit
+//!  warmer run ──pipe──> warmer __guard SVC HOME CACHE   "over\n": exit
 //!      │                                            EOF: end CRIU, the tree
 //!      └── criu restore ... (the tree)
 //! ```
@@ -36,7 +36,7 @@ pub struct Guard {
 impl Guard {
     /// Spawns the guard of `service`'s restore. `None` (logged) if it
     /// cannot be started: the restore goes on, as it did before guards.
-    pub fn arm(service: &str, home: &Path) -> Option<Self> {
+    pub fn arm(service: &str, home: &Path, cache: &Path) -> Option<Self> {
         let spawn = || -> std::io::Result<Self> {
             use std::os::unix::process::CommandExt;
             let (read, write): (OwnedFd, OwnedFd) =
@@ -45,6 +45,7 @@ impl Guard {
                 .arg(crate::process::roles::GUARD_ARG)
                 .arg(service)
                 .arg(home)
+                .arg(cache)
                 .stdin(Stdio::from(read))
                 .stdout(Stdio::null())
                 .stderr(Stdio::inherit())
@@ -90,8 +91,11 @@ impl Drop for Guard {
     }
 }
 
-/// The guard role: waits for warmer's word; without it, ends the leftovers.
-pub fn run(service: &str, home: &Path) -> std::process::ExitCode {
+/// The guard role: waits for warmer's word; without it, ends the leftovers
+/// (only while it holds the service's run lock: a new `warmer run` that
+/// already took over the service ends them itself, and its own processes
+/// are never touched).
+pub fn run(service: &str, home: &Path, cache: &Path) -> std::process::ExitCode {
     // A hangup or a terminal's signals are not warmer's death.
     for sig in [
         nix::sys::signal::Signal::SIGHUP,
@@ -117,8 +121,22 @@ pub fn run(service: &str, home: &Path) -> std::process::ExitCode {
             Err(_) => break,
         }
     }
-    // warmer died mid-restore: end CRIU and the tree, until none reappears
-    // (CRIU may fork a task between two scans).
+    // warmer died mid-restore. Its run lock went with it; whoever holds it
+    // now is a new run, which ends leftovers before it starts anything.
+    let lock = match cache::Cache::open(cache).map(|c| c.lock_run(service)) {
+        Ok(Ok(l)) => l,
+        Ok(Err(cache::Error::Locked { .. })) => return std::process::ExitCode::SUCCESS,
+        Ok(Err(e)) => {
+            eprintln!("warmer guard [{service}]: cannot take the run lock: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+        Err(e) => {
+            eprintln!("warmer guard [{service}]: cannot open the cache: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    // End CRIU and the tree, until none reappears (CRIU may fork a task
+    // between two scans).
     let deadline = Instant::now() + Duration::from_secs(10);
     let mut quiet = 0;
     while quiet < 5 && Instant::now() < deadline {
@@ -132,5 +150,6 @@ pub fn run(service: &str, home: &Path) -> std::process::ExitCode {
         quiet = if ended.is_empty() { quiet + 1 } else { 0 };
         std::thread::sleep(Duration::from_millis(20));
     }
+    drop(lock);
     std::process::ExitCode::SUCCESS
 }

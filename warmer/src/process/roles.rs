@@ -21,7 +21,7 @@
 //!    (criu/action-scripts.c). Only `post-dump` does anything: the tree is
 //!    still frozen, so the state paths are captured at the dump's instant.
 //!
-//! 4. **Restore guard** (`warmer __guard SERVICE HOME`): spawned for the
+//! 4. **Restore guard** (`warmer __guard SERVICE HOME CACHE`): spawned for the
 //!    length of a restore; if the `warmer run` that spawned it dies before it
 //!    says the restore is over, the guard ends what that run left (CRIU, a
 //!    half-restored tree): see [`crate::process::guard`].
@@ -54,10 +54,11 @@ pub enum Role {
     Init(Vec<OsString>),
     /// CRIU runs us as its action script.
     ActionScript(ActionRequest),
-    /// Guard a restore of SERVICE (run directory HOME).
+    /// Guard a restore of SERVICE (run directory HOME, image cache CACHE).
     Guard {
         service: String,
         home: PathBuf,
+        cache: PathBuf,
     },
 }
 
@@ -103,11 +104,12 @@ pub fn detect(args: &[OsString], env: &dyn Fn(&str) -> Option<OsString>) -> Role
     if args.first().is_some_and(|a| a == INIT_ARG) {
         return Role::Init(args[1..].to_vec());
     }
-    if let [flag, service, home] = args {
+    if let [flag, service, home, cache] = args {
         if flag == GUARD_ARG {
             return Role::Guard {
                 service: service.to_string_lossy().into_owned(),
                 home: PathBuf::from(home),
+                cache: PathBuf::from(cache),
             };
         }
     }

@@ -207,7 +207,8 @@ impl Supervisor {
         }
         crate::failpoint("restore-after-retire");
         // Nothing of this restore outlives warmer, whenever it dies.
-        let guard = crate::process::guard::Guard::arm(&self.manifest.name, &self.run_dir);
+        let guard =
+            crate::process::guard::Guard::arm(&self.manifest.name, &self.run_dir, cache.root());
         let mut result = restore.run(&plan, &mut probe);
         if let Ok(r) = result.as_mut() {
             r.timings.probe = r.timings.probe.saturating_sub(hook_time);
