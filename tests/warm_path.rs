@@ -874,13 +874,29 @@ fn network_locks_of_an_image_never_restored_are_removed_at_the_next_start() {
         "the stop-time dump locked the peer connection: {}",
         w.err()
     );
-    // The image goes away unrestored: the next start is cold.
+    // An image that is there but is not restored (a cold start, as after a
+    // failed restore): its rules go at the next ready start.
+    let mut w = env.run_with_args("peered", &["--cold"], &[]);
+    env.wait_ready("peered", &mut w);
+    assert_eq!(
+        locked(),
+        0,
+        "rules of the unrestored image remain:\n{}",
+        w.err()
+    );
+    w.stop();
+    // The image is removed: it will never be restored, its rules go with it.
+    let mut w = env.run("peered");
+    env.wait_ready("peered", &mut w);
+    w.stop();
+    assert!(locked() > 0);
     let out = env
         .command()
         .args(["cache", "rm", "peered"])
         .output()
         .unwrap();
     assert!(out.status.success(), "{out:?}");
+    assert_eq!(locked(), 0, "rules of the removed image remain");
     let mut w = env.run("peered");
     let s = env.wait_ready("peered", &mut w);
     assert_eq!(s["last_start"], "cold", "{s}");
@@ -899,7 +915,7 @@ fn network_locks_of_an_image_never_restored_are_removed_at_the_next_start() {
     w.stop();
     // Leave no rules for other tests: what the next start would remove.
     assert!(locked() > 0);
-    assert!(warmer::criu::locks::release(&env.path("run/peered")) > 0);
+    assert!(warmer::criu::locks::release(&env.path("run/peered"), &[]) > 0);
     assert_eq!(locked(), 0);
 }
 

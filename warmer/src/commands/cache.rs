@@ -257,6 +257,21 @@ pub fn rm(dirs: &Dirs, target: &str) -> Result<Vec<Entry>, CacheCmdError> {
         let _lock = cache.lock_service(&e.meta.service, true)?;
         cache.remove(&e.key)?;
     }
+    // A service left without images will restore none: the connections its
+    // last stop's dump locked for a restore are released now (see
+    // `criu::locks`), not at its next start, which may never come.
+    let services: std::collections::BTreeSet<&String> =
+        entries.iter().map(|e| &e.meta.service).collect();
+    for service in services {
+        if cache.select(service).is_err() {
+            let released = crate::criu::locks::release(&dirs.service_run(service), &[]);
+            if released > 0 {
+                tracing::info!(
+                    "{service}: removed {released} network-lock rules its removed image held"
+                );
+            }
+        }
+    }
     Ok(entries)
 }
 

@@ -53,15 +53,25 @@ pub mod locks {
         )
     }
 
-    /// Removes the rules of the recorded connections; returns how many.
-    pub fn release(run_dir: &Path) -> usize {
+    /// Removes the rules of the recorded connections, except those in
+    /// `lifted` (a restore of the image they belong to lifted those itself);
+    /// returns how many rules went.
+    pub fn release(run_dir: &Path, lifted: &[Conn]) -> usize {
         let path = run_dir.join(FILE);
         let Ok(bytes) = std::fs::read(&path) else {
             return 0;
         };
         let conns: Vec<Conn> = serde_json::from_slice::<Locks>(&bytes)
-            .map(|l| l.conns.into_iter().map(|(a, b)| Conn { a, b }).collect())
-            .unwrap_or_default();
+            .map(|l| {
+                l.conns
+                    .into_iter()
+                    .map(|(a, b)| Conn { a, b })
+                    .collect::<Vec<Conn>>()
+            })
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|c| !lifted.contains(c))
+            .collect();
         let removed = clear_network_locks(&conns);
         if let Err(e) = std::fs::remove_file(&path) {
             tracing::warn!("cannot remove {}: {e}", path.display());

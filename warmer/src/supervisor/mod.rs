@@ -376,16 +376,26 @@ impl Supervisor {
         // The PID file is there by the time anyone is told the service is
         // ready (as systemd expects of a PIDFile=).
         self.write_pid_file();
-        self.set_state(ServiceState::Ready);
-        self.systemd.ready(&status);
-        // Connections an earlier stop-time dump locked and no restore
-        // lifted (see `criu::locks`): their rules go now.
-        let released = crate::criu::locks::release(&self.run_dir);
+        // Connections an earlier stop-time dump locked (see `criu::locks`):
+        // a restore lifted the rules of its own image's connections; the
+        // others go now, before ready is said.
+        let lifted = match (running.kind, &self.record.image, &self.cache) {
+            (StartKind::Restored, Some(key), Some(cache)) => cache
+                .lookup_key(key)
+                .ok()
+                .flatten()
+                .and_then(|e| crate::image::criu::tcp_connections(&e.data_dir()).ok())
+                .unwrap_or_default(),
+            _ => Vec::new(),
+        };
+        let released = crate::criu::locks::release(&self.run_dir, &lifted);
         if released > 0 {
             tracing::info!(
                 "removed {released} network-lock rules of an image that was not restored"
             );
         }
+        self.set_state(ServiceState::Ready);
+        self.systemd.ready(&status);
 
         match self.signals.waker() {
             Ok(wake) => match ControlServer::start(&self.run_dir, wake) {
