@@ -6,9 +6,9 @@ use std::collections::BTreeSet;
 use std::fs::{self, OpenOptions};
 use std::io;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
-use crate::checksum::{hash_file_with, Cores};
+use crate::checksum::{hash_file_with, Cores, FileSum};
 use crate::error::{Error, Problem};
 use crate::stamp::{self, Stamp};
 
@@ -35,6 +35,17 @@ impl Cache {
     /// Cheap (a readdir and an lstat per file); checked before anything of an
     /// entry is used, stamp or not.
     pub fn check_shape(&self, entry: &Entry) -> Result<(), Problem> {
+        let data = self.check_tree(entry)?;
+        for sum in &entry.meta.files {
+            let md = fs::symlink_metadata(data.join(&sum.path)).map_err(|e| not_opened(sum, e))?;
+            self.check_file(&md, sum)?;
+        }
+        Ok(())
+    }
+
+    /// The entry's directories are private and ours and its payload holds no
+    /// file it does not record; returns the payload directory.
+    fn check_tree(&self, entry: &Entry) -> Result<PathBuf, Problem> {
         let dir_md = fs::symlink_metadata(&entry.dir).map_err(|e| Problem::Unreadable {
             path: ".".into(),
             error: e.to_string(),
@@ -49,34 +60,23 @@ impl Cache {
                 path: extra.clone(),
             });
         }
-        for sum in &entry.meta.files {
-            let md = match fs::symlink_metadata(data.join(&sum.path)) {
-                Ok(md) => md,
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                    return Err(Problem::Missing {
-                        path: sum.path.clone(),
-                    })
-                }
-                Err(e) => {
-                    return Err(Problem::Unreadable {
-                        path: sum.path.clone(),
-                        error: e.to_string(),
-                    })
-                }
-            };
-            if !md.is_file() {
-                return Err(Problem::NotRegular {
-                    path: sum.path.clone(),
-                });
-            }
-            self.check_private(&md, &sum.path)?;
-            if md.len() != sum.size {
-                return Err(Problem::Size {
-                    path: sum.path.clone(),
-                    expected: sum.size,
-                    found: md.len(),
-                });
-            }
+        Ok(data)
+    }
+
+    /// One recorded file as found: a regular file, private, of its size.
+    fn check_file(&self, md: &fs::Metadata, sum: &FileSum) -> Result<(), Problem> {
+        if !md.is_file() {
+            return Err(Problem::NotRegular {
+                path: sum.path.clone(),
+            });
+        }
+        self.check_private(md, &sum.path)?;
+        if md.len() != sum.size {
+            return Err(Problem::Size {
+                path: sum.path.clone(),
+                expected: sum.size,
+                found: md.len(),
+            });
         }
         Ok(())
     }
@@ -154,60 +154,21 @@ impl Cache {
         cores: Cores,
         progress: &mut dyn FnMut(u64, u64),
     ) -> Result<(), Problem> {
-        let dir_md = fs::symlink_metadata(&entry.dir).map_err(|e| Problem::Unreadable {
-            path: ".".into(),
-            error: e.to_string(),
-        })?;
-        self.check_private(&dir_md, ".")?;
-        let data = entry.data_dir();
-        let mut found = BTreeSet::new();
-        self.list_tree(&data, &data, &mut found)?;
-        let recorded: BTreeSet<String> = entry.meta.files.iter().map(|f| f.path.clone()).collect();
-        if let Some(extra) = found.difference(&recorded).next() {
-            return Err(Problem::Unexpected {
-                path: extra.clone(),
-            });
-        }
+        let data = self.check_tree(entry)?;
         let total = entry.meta.bytes;
         let mut done = 0u64;
         for sum in &entry.meta.files {
-            let path = data.join(&sum.path);
-            let mut file = match OpenOptions::new()
+            let mut file = OpenOptions::new()
                 .read(true)
                 .custom_flags(libc::O_NOFOLLOW)
-                .open(&path)
-            {
-                Ok(f) => f,
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                    return Err(Problem::Missing {
-                        path: sum.path.clone(),
-                    })
-                }
-                Err(e) => {
-                    return Err(Problem::Unreadable {
-                        path: sum.path.clone(),
-                        error: e.to_string(),
-                    })
-                }
-            };
+                .open(data.join(&sum.path))
+                .map_err(|e| not_opened(sum, e))?;
             let unreadable = |e: io::Error| Problem::Unreadable {
                 path: sum.path.clone(),
                 error: e.to_string(),
             };
             let md = file.metadata().map_err(unreadable)?;
-            if !md.is_file() {
-                return Err(Problem::NotRegular {
-                    path: sum.path.clone(),
-                });
-            }
-            self.check_private(&md, &sum.path)?;
-            if md.len() != sum.size {
-                return Err(Problem::Size {
-                    path: sum.path.clone(),
-                    expected: sum.size,
-                    found: md.len(),
-                });
-            }
+            self.check_file(&md, sum)?;
             let (hex, n) = hash_file_with(&mut file, cores).map_err(unreadable)?;
             if n != sum.size || hex != sum.blake3 {
                 return Err(Problem::Checksum {
@@ -248,5 +209,19 @@ impl Cache {
             }
         }
         Ok(())
+    }
+}
+
+/// Why a recorded file could not be looked at: missing, or unreadable.
+fn not_opened(sum: &FileSum, e: io::Error) -> Problem {
+    if e.kind() == io::ErrorKind::NotFound {
+        Problem::Missing {
+            path: sum.path.clone(),
+        }
+    } else {
+        Problem::Unreadable {
+            path: sum.path.clone(),
+            error: e.to_string(),
+        }
     }
 }
