@@ -27,6 +27,9 @@ use std::time::{Duration, Instant};
 
 const DISARM: &[u8] = b"over\n";
 
+/// How long a dead warmer's run lock may outlive the end of its pipe.
+const LOCK_GRACE: Duration = Duration::from_secs(1);
+
 /// An armed guard; [`Guard::disarm`] (or dropping it) ends it.
 pub struct Guard {
     pipe: Option<std::fs::File>,
@@ -121,18 +124,29 @@ pub fn run(service: &str, home: &Path, cache: &Path) -> std::process::ExitCode {
             Err(_) => break,
         }
     }
-    // warmer died mid-restore. Its run lock went with it; whoever holds it
-    // now is a new run, which ends leftovers before it starts anything.
-    let lock = match cache::Cache::open(cache).map(|c| c.lock_run(service)) {
-        Ok(Ok(l)) => l,
-        Ok(Err(cache::Error::Locked { .. })) => return std::process::ExitCode::SUCCESS,
-        Ok(Err(e)) => {
-            eprintln!("warmer guard [{service}]: cannot take the run lock: {e}");
-            return std::process::ExitCode::FAILURE;
-        }
+    // warmer died mid-restore. Its run lock goes with it, but the kernel
+    // may close the pipe (waking us) a moment before the lock file: a lock
+    // still held after LOCK_GRACE is a new run's, which ends leftovers
+    // before it starts anything.
+    let cache = match cache::Cache::open(cache) {
+        Ok(c) => c,
         Err(e) => {
             eprintln!("warmer guard [{service}]: cannot open the cache: {e}");
             return std::process::ExitCode::FAILURE;
+        }
+    };
+    let grace = Instant::now() + LOCK_GRACE;
+    let lock = loop {
+        match cache.lock_run(service) {
+            Ok(l) => break l,
+            Err(cache::Error::Locked { .. }) if Instant::now() < grace => {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(cache::Error::Locked { .. }) => return std::process::ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("warmer guard [{service}]: cannot take the run lock: {e}");
+                return std::process::ExitCode::FAILURE;
+            }
         }
     };
     // End CRIU and the tree, until none reappears (CRIU may fork a task
