@@ -23,6 +23,8 @@ pub enum CheckpointError {
     Criu(#[from] CriuError),
     #[error("cannot write the image's restore information")]
     Info(#[source] ImageFormatError),
+    #[error("cannot list the sandbox's mounts")]
+    Sandbox(#[source] crate::sandbox::SandboxError),
     #[error("cannot locate warmer itself (CRIU's action script)")]
     Exe(#[source] std::io::Error),
     #[error("the service's TCP connections: {peers}")]
@@ -66,6 +68,11 @@ impl Checkpoint<'_> {
         // is frozen (see `image::state`).
         let exe = std::env::current_exe().map_err(CheckpointError::Exe)?;
         let action_script = Some(exe.to_string_lossy().into_owned());
+        let external_mounts = if self.manifest.sandbox.is_some() {
+            sandbox_externals(running.pid.as_raw()).map_err(CheckpointError::Sandbox)?
+        } else {
+            Vec::new()
+        };
         let plan = DumpPlan {
             pid: running.pid.as_raw(),
             images_dir: staging.data_dir(),
@@ -74,6 +81,7 @@ impl Checkpoint<'_> {
             tcp_established: self.manifest.checkpoint.tcp_established,
             leave_running: self.taken != Taken::Stop,
             action_script,
+            external_mounts,
         };
         let mut cmd = self.criu.command();
         cmd.args(criu::dump_args(&plan));
@@ -125,6 +133,11 @@ impl Checkpoint<'_> {
             stderr: running.output.stderr.resource().to_string(),
             tcp_established: plan.tcp_established,
             taken: self.taken,
+            external_mounts: self
+                .manifest
+                .sandbox
+                .is_some()
+                .then(|| plan.external_mounts.clone()),
         };
         crate::image::write(&staging.data_dir(), &info).map_err(CheckpointError::Info)?;
         let entry = self.cache.publish(
@@ -148,4 +161,18 @@ impl Checkpoint<'_> {
         }
         Ok(entry)
     }
+}
+
+/// The host mounts bound into the namespace of the tree rooted at `init`.
+fn sandbox_externals(init: i32) -> Result<Vec<std::path::PathBuf>, crate::sandbox::SandboxError> {
+    let path = std::path::PathBuf::from(format!("/proc/{init}/mountinfo"));
+    let text = std::fs::read_to_string(&path)
+        .map_err(|source| crate::sandbox::SandboxError::Read { path, source })?;
+    let ns = crate::sandbox::mounts::parse_mountinfo(&text);
+    let host = crate::sandbox::host_mounts()?;
+    let ext = crate::sandbox::mounts::externals(&ns, &host);
+    if let Some(bad) = ext.iter().find(|p| !crate::sandbox::mounts::usable_key(p)) {
+        return Err(crate::sandbox::SandboxError::Path(bad.clone()));
+    }
+    Ok(ext)
 }

@@ -48,4 +48,5 @@ pub mod memo;
 pub mod process;
 pub mod remote;
 pub mod restore;
+pub mod sandbox;
 pub mod supervisor;

@@ -20,6 +20,9 @@ pub struct DumpPlan {
     /// Run at CRIU's action points (`--action-script`), e.g. to capture state
     /// files at `post-dump` while the tree is still frozen.
     pub action_script: Option<String>,
+    /// Mounts of the tree's namespace bound from the host (see
+    /// `sandbox::mounts`): `--external mnt[PATH]:PATH` each.
+    pub external_mounts: Vec<PathBuf>,
 }
 
 /// Options used for both dump and restore, so the two always agree.
@@ -67,6 +70,14 @@ pub fn dump_args(plan: &DumpPlan) -> Vec<OsString> {
     // ("In-flight connection") and the next start is cold. The running
     // service (a ready-time dump) keeps and accepts it as usual.
     a.push("--skip-in-flight".into());
+    for m in &plan.external_mounts {
+        let mut e = OsString::from("mnt[");
+        e.push(m.as_os_str());
+        e.push("]:");
+        e.push(m.as_os_str());
+        a.push("--external".into());
+        a.push(e);
+    }
     a
 }
 
@@ -168,6 +179,7 @@ mod tests {
             tcp_established: false,
             leave_running: true,
             action_script: Some("/usr/bin/warmer".into()),
+            external_mounts: Vec::new(),
         }));
         assert!(a
             .windows(2)

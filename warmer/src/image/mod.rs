@@ -65,6 +65,11 @@ pub struct RestoreInfo {
     /// Dumped with `--tcp-established`: restore with it too.
     pub tcp_established: bool,
     pub taken: Taken,
+    /// A sandboxed service's image: the host mounts its namespace had
+    /// bound in (CRIU's external mounts), bound again at restore. `None`:
+    /// the tree shared the host's mounts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub external_mounts: Option<Vec<PathBuf>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -130,6 +135,7 @@ fn parse(path: &Path, bytes: &[u8]) -> Result<RestoreInfo, ImageFormatError> {
                 tcp_established: v1.tcp_established,
                 // Version 1 images were all taken when the service was ready.
                 taken: Taken::Ready,
+                external_mounts: None,
             })
         }
         RESTORE_INFO_VERSION => serde_json::from_slice(bytes).map_err(parse_err),
@@ -181,6 +187,7 @@ mod tests {
             stderr: "pipe:[2]".into(),
             tcp_established: true,
             taken: Taken::Stop,
+            external_mounts: Some(vec!["/dev".into()]),
         };
         write(dir.path(), &info).unwrap();
         assert_eq!(read(dir.path()).unwrap(), info);

@@ -28,9 +28,11 @@ mod error;
 mod fields;
 pub mod keys;
 mod parse;
+pub mod sandbox;
 
 pub use error::ManifestError;
 pub use fields::parse_http_url;
+pub use sandbox::{ExecStep, Limit, ProtectHome, ProtectSystem, Sandbox};
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -203,6 +205,16 @@ pub struct Manifest {
     /// it when there are none (older manifests keep their digests).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub hooks: Option<Hooks>,
+    /// Its user, group and sandbox (`user:`, `sandbox:`...): with one, the
+    /// service runs in namespaces of its own (see [`crate::sandbox`]). What
+    /// the image holds (credentials, mounts): part of the digest, absent
+    /// from it when unset.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sandbox: Option<Sandbox>,
+    /// Steps before a cold start (`ExecStartPre=`). Absent from the digest
+    /// when empty.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub exec_start_pre: Vec<ExecStep>,
     /// Sent to the service's main process after each restore, before the
     /// probe (`restore.signal`): how a service learns it was restored.
     #[serde(skip)]

@@ -43,6 +43,16 @@ pub(super) struct RawManifest {
     pub(super) mode: Option<Spanned<String>>,
     #[serde(default)]
     pub(super) remote: Option<Spanned<RawRemote>>,
+    #[serde(default)]
+    pub(super) user: Option<Spanned<String>>,
+    #[serde(default)]
+    pub(super) group: Option<Spanned<String>>,
+    #[serde(default)]
+    pub(super) supplementary_groups: Vec<Spanned<String>>,
+    #[serde(default)]
+    pub(super) sandbox: Option<Spanned<super::sandbox::RawSandbox>>,
+    #[serde(default)]
+    pub(super) exec_start_pre: Vec<Spanned<Vec<String>>>,
 }
 
 #[derive(Deserialize)]
@@ -495,6 +505,19 @@ impl Manifest {
             }))
         })();
         let hooks = keep(&mut errors, hooks, None);
+        let sandbox = super::sandbox::validate(
+            raw.user.as_ref(),
+            raw.group.as_ref(),
+            &raw.supplementary_groups,
+            raw.sandbox.as_ref(),
+            &at,
+        );
+        let sandbox = keep(&mut errors, sandbox, None);
+        let exec_start_pre = keep(
+            &mut errors,
+            super::sandbox::exec_steps(&raw.exec_start_pre, &at),
+            Vec::new(),
+        );
         if !errors.is_empty() {
             return Err(ManifestError::all(errors));
         }
@@ -515,6 +538,8 @@ impl Manifest {
             state,
             not_state,
             hooks,
+            sandbox,
+            exec_start_pre,
             restore_signal,
             restore_mode,
             restore_timeout,

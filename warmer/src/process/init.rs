@@ -108,15 +108,17 @@ pub enum SpawnError {
     },
     #[error("pipe")]
     Pipe(#[source] io::Error),
+    #[error("cannot map the service's user namespace")]
+    Map(#[source] io::Error),
     #[error("cannot enter the manifest's workdir {}", dir.display())]
     Workdir {
         dir: PathBuf,
         #[source]
         source: io::Error,
     },
-    #[error("cannot prepare the service's process (step {step})")]
+    #[error("cannot prepare the service's process ({step})")]
     Setup {
-        step: i32,
+        step: &'static str,
         #[source]
         source: io::Error,
     },
@@ -138,6 +140,8 @@ pub struct InitSpec<'a> {
     pub workdir: Option<&'a Path>,
     pub stdout: BorrowedFd<'a>,
     pub stderr: BorrowedFd<'a>,
+    /// Its user, credentials and namespaces (see [`crate::sandbox`]).
+    pub sandbox: Option<&'a crate::sandbox::Prepared>,
 }
 
 fn cstring(s: &OsStr) -> Result<CString, SpawnError> {
@@ -182,36 +186,84 @@ pub fn spawn(spec: &InitSpec<'_>) -> Result<Pid, SpawnError> {
         err_w.as_raw_fd(),
     );
 
-    // SAFETY: clone(2) without a new stack behaves like fork(2): the child gets
-    // a copy of this thread only. It runs `child_exec`, which makes only
-    // async-signal-safe calls on memory prepared above, and never returns.
-    let ret = unsafe {
-        libc::syscall(
-            libc::SYS_clone,
-            libc::CLONE_NEWPID | libc::SIGCHLD,
-            std::ptr::null_mut::<libc::c_void>(),
-            std::ptr::null_mut::<libc::c_void>(),
-            std::ptr::null_mut::<libc::c_void>(),
-            0usize,
-        )
-    };
-    if ret == 0 {
-        // SAFETY: see above; we are the child and exec or _exit.
-        unsafe {
-            child_exec(
-                &exe,
-                &argv,
-                &envp,
-                workdir.as_ref(),
-                [null_fd, out_fd, err_fd],
-                report_fd,
-            )
+    let pid = match spec.sandbox {
+        None => {
+            // SAFETY: clone(2) without a new stack behaves like fork(2): the
+            // child gets a copy of this thread only. It runs `child_exec`,
+            // which makes only async-signal-safe calls on memory prepared
+            // above, and never returns.
+            let ret = unsafe { fork_with(libc::CLONE_NEWPID) };
+            if ret == 0 {
+                // SAFETY: see above; we are the child and exec or _exit.
+                unsafe {
+                    child_exec(
+                        &exe,
+                        &argv,
+                        &envp,
+                        workdir.as_ref(),
+                        [null_fd, out_fd, err_fd],
+                        report_fd,
+                    )
+                }
+            }
+            if ret < 0 {
+                return Err(SpawnError::Clone(io::Error::last_os_error()));
+            }
+            Pid::from_raw(i32::try_from(ret).expect("pid fits in i32"))
         }
-    }
-    if ret < 0 {
-        return Err(SpawnError::Clone(io::Error::last_os_error()));
-    }
-    let pid = Pid::from_raw(i32::try_from(ret).expect("pid fits in i32"));
+        Some(sb) => {
+            let pipe = || {
+                nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+                    .map_err(|e| SpawnError::Pipe(e.into()))
+            };
+            let ((up_r, up_w), (down_r, down_w)) = (pipe()?, pipe()?);
+            let (up_raw, down_raw) = (up_w.as_raw_fd(), down_r.as_raw_fd());
+            // SAFETY: as above; stage 1 and 2 make only async-signal-safe
+            // calls on memory prepared before the clone.
+            let ret = unsafe { fork_with(libc::CLONE_NEWNS) };
+            if ret == 0 {
+                // SAFETY: see above. /dev/null is opened inside (-1): one
+                // of the host's mounts would not be in the image's.
+                unsafe {
+                    crate::sandbox::child::stage1(sb, up_raw, down_raw, report_fd);
+                    child_exec(
+                        &exe,
+                        &argv,
+                        &envp,
+                        workdir.as_ref(),
+                        [-1, out_fd, err_fd],
+                        report_fd,
+                    )
+                }
+            }
+            if ret < 0 {
+                return Err(SpawnError::Clone(io::Error::last_os_error()));
+            }
+            let stage1 = Pid::from_raw(i32::try_from(ret).expect("pid fits in i32"));
+            drop(up_w);
+            drop(down_r);
+            let mut byte = [0u8; 1];
+            let mut init = None;
+            if read_full(&up_r, &mut byte) == 1 {
+                if let Err(e) = map_user_namespace(stage1) {
+                    let _ = nix::sys::signal::kill(stage1, nix::sys::signal::Signal::SIGKILL);
+                    let _ = waitpid(stage1, None);
+                    return Err(SpawnError::Map(e));
+                }
+                let _ = nix::unistd::write(&down_w, &[1]);
+                let mut pid = [0u8; 4];
+                if read_full(&up_r, &mut pid) == 4 {
+                    init = Some(Pid::from_raw(i32::from_ne_bytes(pid)));
+                }
+            }
+            let _ = waitpid(stage1, None);
+            match init {
+                Some(pid) => pid,
+                // Stage 1 failed: its report says where.
+                None => stage1,
+            }
+        }
+    };
     drop(err_w);
     // The child reports an exec failure as an errno on the CLOEXEC pipe; EOF
     // means exec succeeded.
@@ -231,10 +283,42 @@ pub fn spawn(spec: &InitSpec<'_>) -> Result<Pid, SpawnError> {
                 exe: spec.init.path.display().to_string(),
                 source,
             },
-            _ => SpawnError::Setup { step, source },
+            _ => SpawnError::Setup {
+                step: crate::sandbox::child::step_name(step),
+                source,
+            },
         });
     }
     Ok(pid)
+}
+
+/// `clone(2)` without a new stack: fork(2) with namespace `flags`.
+///
+/// # Safety
+/// As fork(2) in a threaded program: the child may only make
+/// async-signal-safe calls until it execs or exits.
+unsafe fn fork_with(flags: libc::c_int) -> libc::c_long {
+    // SAFETY: the caller's contract.
+    unsafe {
+        libc::syscall(
+            libc::SYS_clone,
+            flags | libc::SIGCHLD,
+            std::ptr::null_mut::<libc::c_void>(),
+            std::ptr::null_mut::<libc::c_void>(),
+            std::ptr::null_mut::<libc::c_void>(),
+            0usize,
+        )
+    }
+}
+
+/// Maps every id of the user namespace of `pid` to itself, so files and
+/// owners look as on the host; root outside, who created it, holds every
+/// capability over it (see [`crate::sandbox`]).
+fn map_user_namespace(pid: Pid) -> io::Result<()> {
+    for map in ["uid_map", "gid_map"] {
+        std::fs::write(format!("/proc/{pid}/{map}"), "0 0 4294967295\n")?;
+    }
+    Ok(())
 }
 
 fn read_full(fd: &OwnedFd, buf: &mut [u8]) -> usize {
@@ -270,14 +354,7 @@ unsafe fn child_exec(
     unsafe {
         // Reports (step, errno) on the CLOEXEC pipe: which step failed
         // matters (a missing workdir is not a missing warmer-init).
-        let fail = |report: i32, step: i32| -> ! {
-            let errno = *libc::__errno_location();
-            let mut bytes = [0u8; 8];
-            bytes[..4].copy_from_slice(&step.to_ne_bytes());
-            bytes[4..].copy_from_slice(&errno.to_ne_bytes());
-            libc::write(report, bytes.as_ptr().cast(), 8);
-            libc::_exit(127)
-        };
+        let fail = |report: i32, step: i32| -> ! { crate::sandbox::child::fail(report, step) };
         if libc::setsid() < 0 {
             fail(report, 1);
         }
@@ -287,6 +364,13 @@ unsafe fn child_exec(
         // warmer's child too (--restore-sibling), so it holds after restore.
         if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) < 0 {
             fail(report, 2);
+        }
+        let mut stdio = stdio;
+        if stdio[0] < 0 {
+            stdio[0] = libc::open(c"/dev/null".as_ptr(), libc::O_RDWR);
+            if stdio[0] < 0 {
+                fail(report, 3);
+            }
         }
         for (target, fd) in stdio.iter().enumerate() {
             let target = i32::try_from(target).unwrap_or(0);

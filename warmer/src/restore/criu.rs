@@ -103,14 +103,36 @@ pub fn restore(
     } else {
         None
     };
+    // A sandboxed image: CRIU gets the host mounts it binds in, in a mount
+    // namespace of its own, and the tree is held stopped until its /proc
+    // is its own again (see `sandbox::restore`).
+    let sources =
+        match &info.external_mounts {
+            Some(ext) => Some(crate::sandbox::restore::Sources::new(run_dir, ext).map_err(
+                |e| CriuRestoreError::Setup(std::io::Error::other(crate::errors::chain(&e))),
+            )?),
+            None => None,
+        };
+    let plan = RestorePlan {
+        leave_stopped: plan.leave_stopped || sources.is_some(),
+        ..plan
+    };
     let out_w = high(output.stdout.write_fd()).map_err(CriuRestoreError::Setup)?;
     let err_w = high(output.stderr.write_fd()).map_err(CriuRestoreError::Setup)?;
     let (out_raw, err_raw) = (out_w.as_fd().as_raw_fd(), err_w.as_fd().as_raw_fd());
 
     let mut cmd = criu.command();
     cmd.args(criu::restore_args(&plan))
+        .args(sources.iter().flat_map(|s| s.args.iter()))
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
+    if let Some(sources) = sources {
+        // SAFETY: `enter` makes only async-signal-safe calls on memory
+        // prepared above.
+        unsafe {
+            cmd.pre_exec(move || sources.enter());
+        }
+    }
     // SAFETY: dup2 is async-signal-safe; the fds are open in the parent and
     // copied into the child by fork.
     unsafe {
@@ -185,7 +207,22 @@ pub fn restore(
             path: pidfile.clone(),
         })?;
     let _ = std::fs::remove_file(&pidfile);
+    if info.external_mounts.is_some() {
+        if let Err(e) = crate::sandbox::restore::remount_proc(pid) {
+            // Never resumed: the tree ends with its init.
+            let _ = nix::sys::signal::kill(Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+            let _ = nix::sys::wait::waitpid(Pid::from_raw(pid), None);
+            if let Some(mut daemon) = lazy.take() {
+                let _ = daemon.kill();
+                let _ = daemon.wait();
+            }
+            return Err(CriuRestoreError::Setup(e));
+        }
+    }
     let mut running = Running::new(Pid::from_raw(pid), output, StartKind::Restored);
+    if info.external_mounts.is_some() && !opts.leave_stopped {
+        running.resume();
+    }
     if let Some(daemon) = lazy {
         running.set_lazy_pages(daemon);
     }

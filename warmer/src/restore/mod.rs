@@ -665,6 +665,7 @@ mod tests {
                 stderr: "pipe:[2]".into(),
                 tcp_established: false,
                 taken: Taken::Ready,
+                external_mounts: None,
             },
         )
         .unwrap();

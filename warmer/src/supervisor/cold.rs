@@ -32,15 +32,41 @@ impl Supervisor {
             service: service.clone(),
             source,
         })?;
+        let sandbox =
+            match &self.manifest.sandbox {
+                None => None,
+                Some(s) => Some(crate::sandbox::Prepared::new(s, &self.run_dir).map_err(
+                    |source| RunError::Sandbox {
+                        service: service.clone(),
+                        source,
+                    },
+                )?),
+            };
+        // In the sandbox, the init's cwd is its own root: the run directory
+        // is root's.
+        let home = if sandbox.is_some() {
+            std::path::Path::new("/")
+        } else {
+            &self.run_dir
+        };
+        for step in &self.manifest.exec_start_pre {
+            self.exec_start_pre(step, &env, &output, sandbox.as_ref())
+                .map_err(|why| RunError::StartPre {
+                    service: service.clone(),
+                    argv: step.argv.join(" "),
+                    why,
+                })?;
+        }
         let pid = init::spawn(&InitSpec {
             init: &self.exe,
             service: &service,
-            home: &self.run_dir,
+            home,
             argv: &self.manifest.exec,
             env: &env,
             workdir: self.manifest.workdir.as_deref(),
             stdout: output.stdout.write_fd(),
             stderr: output.stderr.write_fd(),
+            sandbox: sandbox.as_ref(),
         })
         .map_err(|source| RunError::Spawn {
             service: service.clone(),
@@ -143,5 +169,95 @@ impl Supervisor {
             self.check_inputs();
         }
         r
+    }
+}
+
+impl Supervisor {
+    /// Runs one `exec_start_pre` step to its end (within the readiness
+    /// timeout), its output in the service's log: with `+` as root on the
+    /// host, as systemd does; else as the service runs, in a sandbox like
+    /// its own. A failure stops the start unless the step had `-`.
+    fn exec_start_pre(
+        &self,
+        step: &crate::manifest::ExecStep,
+        env: &[(std::ffi::OsString, std::ffi::OsString)],
+        output: &Output,
+        sandbox: Option<&crate::sandbox::Prepared>,
+    ) -> Result<(), String> {
+        let limit = self.manifest.ready.timeout;
+        let clone_fd = |fd: std::os::fd::BorrowedFd<'_>| {
+            fd.try_clone_to_owned()
+                .map(std::process::Stdio::from)
+                .map_err(|e| format!("cannot pass its output: {e}"))
+        };
+        let status = if step.privileged {
+            let mut cmd = std::process::Command::new(&step.argv[0]);
+            cmd.args(&step.argv[1..])
+                .env_clear()
+                .envs(env.iter().map(|(k, v)| (k, v)))
+                .stdin(std::process::Stdio::null())
+                .stdout(clone_fd(output.stdout.write_fd())?)
+                .stderr(clone_fd(output.stderr.write_fd())?);
+            if let Some(w) = &self.manifest.workdir {
+                cmd.current_dir(w);
+            }
+            match crate::process::hooks::run_in_group(&mut cmd, limit) {
+                Err(e) => return Err(format!("could not start: {e}")),
+                Ok(None) => {
+                    return Err(format!(
+                        "did not end within {}",
+                        humantime::format_duration(limit)
+                    ))
+                }
+                Ok(Some(st)) => st.code().unwrap_or(
+                    128 + std::os::unix::process::ExitStatusExt::signal(&st).unwrap_or(0),
+                ),
+            }
+        } else {
+            let pid = init::spawn(&InitSpec {
+                init: &self.exe,
+                service: &self.manifest.name,
+                home: std::path::Path::new("/"),
+                argv: &step.argv,
+                env,
+                workdir: self.manifest.workdir.as_deref(),
+                stdout: output.stdout.write_fd(),
+                stderr: output.stderr.write_fd(),
+                sandbox,
+            })
+            .map_err(|e| format!("could not start: {}", chain(&e)))?;
+            let deadline = std::time::Instant::now() + limit;
+            loop {
+                use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+                match waitpid(pid, Some(WaitPidFlag::WNOHANG)) {
+                    Ok(WaitStatus::Exited(_, code)) => break code,
+                    Ok(WaitStatus::Signaled(_, sig, _)) => break 128 + sig as i32,
+                    Ok(_) if std::time::Instant::now() < deadline => {
+                        std::thread::sleep(std::time::Duration::from_millis(5))
+                    }
+                    Ok(_) => {
+                        // The init's end ends its namespace.
+                        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+                        let _ = waitpid(pid, None);
+                        return Err(format!(
+                            "did not end within {}",
+                            humantime::format_duration(limit)
+                        ));
+                    }
+                    Err(e) => return Err(format!("could not be waited for: {e}")),
+                }
+            }
+        };
+        match status {
+            0 => Ok(()),
+            code if step.ignore_failure => {
+                tracing::warn!(
+                    "exec_start_pre {:?} exited with {code} (ignored: -)",
+                    step.argv.join(" ")
+                );
+                Ok(())
+            }
+            code => Err(format!("exited with status {code}")),
+        }
     }
 }

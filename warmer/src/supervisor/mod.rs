@@ -85,6 +85,18 @@ pub enum RunError {
         #[source]
         source: SpawnError,
     },
+    #[error("service {service}: cannot prepare its user and sandbox")]
+    Sandbox {
+        service: String,
+        #[source]
+        source: crate::sandbox::SandboxError,
+    },
+    #[error("service {service}: exec_start_pre step {argv:?} {why}")]
+    StartPre {
+        service: String,
+        argv: String,
+        why: String,
+    },
     #[error("service {service}: output pipes")]
     Pipes {
         service: String,
