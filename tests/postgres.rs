@@ -1,8 +1,7 @@
 //! Debian's PostgreSQL 15 under warmer: the PID file the host's tools read
-//! (`pg_lsclusters`) names the server as the host sees it. (PostgreSQL runs
-//! as `postgres`; CRIU cannot dump another user's process where root lacks
-//! CAP_SYS_RESOURCE, as here, so this run does not checkpoint: the
-//! credentials-and-sandbox work restores it.)
+//! (`pg_lsclusters`) names the server as the host sees it. (Here through a
+//! `setpriv` wrapper without checkpoints; `tests/sandbox.rs` runs it with
+//! `user: postgres` and restores it.)
 
 mod common;
 

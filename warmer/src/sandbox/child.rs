@@ -42,7 +42,7 @@ pub fn step_name(step: i32) -> &'static str {
         STEP_PIVOT => "entering the sandbox's root (pivot_root)",
         STEP_USERNS => "creating the user namespace",
         STEP_MAPPED => "waiting for the user namespace's id maps",
-        STEP_NAMESPACES => "creating the mount and PID namespaces",
+        STEP_NAMESPACES => "creating the mount, PID and IPC namespaces",
         STEP_FORK => "starting the namespace's init",
         STEP_PROC => "mounting the namespace's /proc",
         STEP_BOUNDING => "dropping capabilities from the bounding set",
@@ -200,7 +200,9 @@ pub unsafe fn stage1(p: &Prepared, to_parent: i32, from_parent: i32, report: i32
         {
             fail(report, STEP_MAPPED);
         }
-        if libc::unshare(libc::CLONE_NEWNS | libc::CLONE_NEWPID) != 0 {
+        // Its own IPC namespace too: SysV shared memory (PostgreSQL has
+        // some) is dumped only from a namespace of the tree's own.
+        if libc::unshare(libc::CLONE_NEWNS | libc::CLONE_NEWPID | libc::CLONE_NEWIPC) != 0 {
             fail(report, STEP_NAMESPACES);
         }
         let pid = libc::syscall(

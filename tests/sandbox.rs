@@ -1,0 +1,293 @@
+//! A service run as its unit runs it: its own user, its sandbox, its own
+//! /proc and /tmp, cold and restored, with real CRIU, on a machine whose
+//! root lacks CAP_SYS_RESOURCE (this VM: a dump of another user's process
+//! fails there without warmer's user namespace). Real PostgreSQL 15 as
+//! `postgres` in persist mode.
+
+mod common;
+
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::process::Command;
+
+use common::*;
+
+/// What the service reports about itself, from inside.
+const SERVICE: &str = r#"
+import ctypes, http.server, json, os, sys
+port, data = int(sys.argv[1]), sys.argv[2]
+open("/tmp/mine", "w").write("kept in the image")
+def attempt(f):
+    try:
+        f(); return "ok"
+    except OSError as e:
+        return e.strerror
+libc = ctypes.CDLL(None, use_errno=True)
+def setuid0():
+    if libc.setuid(0) != 0:
+        raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        status = {}
+        for l in open("/proc/self/status"):
+            k, _, v = l.partition(":")
+            if k in ("Uid", "Gid", "Groups", "CapInh", "CapPrm", "CapEff", "CapBnd",
+                     "CapAmb", "NoNewPrivs", "Seccomp", "Umask"):
+                status[k] = v.strip()
+        limits = [l for l in open("/proc/self/limits") if l.startswith("Max open files")]
+        mounts = sorted(" ".join(l.split()[4:6]) for l in open("/proc/self/mountinfo"))
+        body = json.dumps({
+            "status": status, "limits": limits, "mounts": mounts,
+            "pid": os.getpid(), "proc_self": os.readlink("/proc/self"),
+            "proc_pids": sorted(int(p) for p in os.listdir("/proc") if p.isdigit()),
+            "tmp": sorted(os.listdir("/tmp")),
+            "write_etc": attempt(lambda: open("/etc/warmer-sandbox-test", "w")),
+            "write_data": attempt(lambda: open(os.path.join(data, "written"), "w")),
+            "setuid0": attempt(setuid0),
+        }).encode()
+        self.send_response(200); self.end_headers(); self.wfile.write(body)
+    def log_message(self, *a): pass
+http.server.HTTPServer(("127.0.0.1", port), H).serve_forever()
+"#;
+
+/// A directory removed at the end.
+struct Srv(std::path::PathBuf);
+
+impl Drop for Srv {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn info(port: u16) -> serde_json::Value {
+    serde_json::from_str(&get(port, "/").expect("the service answers")).unwrap()
+}
+
+/// Host mounts whose path contains `needle` (none may be left behind).
+fn host_mounts_with(needle: &str) -> Vec<String> {
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .filter(|l| l.contains(needle))
+        .map(String::from)
+        .collect()
+}
+
+#[test]
+fn another_users_service_runs_sandboxed_and_restores_with_the_same_credentials_and_mounts() {
+    require_criu();
+    let env = Env::new();
+    // Outside /tmp (the service gets its own) and reachable by its user.
+    let srv = Srv(std::path::PathBuf::from(format!(
+        "/srv/warmer-test-{}",
+        std::process::id()
+    )));
+    std::fs::create_dir_all(&srv.0).unwrap();
+    std::fs::set_permissions(&srv.0, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let script = srv.0.join("who.py");
+    std::fs::write(&script, SERVICE).unwrap();
+    let data = srv.0.join("data");
+    std::fs::create_dir(&data).unwrap();
+    std::os::unix::fs::chown(&data, Some(65534), Some(65534)).unwrap();
+    // A host file in /tmp the service must not see.
+    let marker = format!("/tmp/warmer-host-only-{}", std::process::id());
+    std::fs::write(&marker, "host").unwrap();
+    let port = free_port();
+    let runtime = format!("warmer-test-{}", std::process::id());
+    env.write_manifest(
+        "who",
+        &format!(
+            "exec: [\"/usr/bin/python3\", \"{script}\", \"{port}\", \"{data}\"]\n\
+             user: nobody\n\
+             exec_start_pre:\n\
+             \x20 - [\"+/bin/sh\", \"-c\", \"id -u > {data}/pre-root\"]\n\
+             \x20 - [\"/bin/sh\", \"-c\", \"id -u > {data}/pre-user\"]\n\
+             ready: {{http: \"http://127.0.0.1:{port}/\", timeout: 30s}}\n\
+             checkpoint: {{settle: 100ms}}\n\
+             sandbox:\n\
+             \x20 private_tmp: true\n\
+             \x20 protect_system: strict\n\
+             \x20 read_write_paths: [\"{data}\"]\n\
+             \x20 no_new_privileges: true\n\
+             \x20 capability_bounding_set: [CAP_CHOWN]\n\
+             \x20 umask: \"0027\"\n\
+             \x20 runtime_directory: [\"{runtime}\"]\n\
+             \x20 limit_nofile: \"512:1024\"\n",
+            script = script.display(),
+            data = data.display(),
+        ),
+    );
+    let mut w = env.run("who");
+    env.wait_image("who", &mut w);
+    let cold = info(port);
+    let st = &cold["status"];
+    assert_eq!(st["Uid"], "65534\t65534\t65534\t65534", "{cold}");
+    assert_eq!(st["NoNewPrivs"], "1");
+    assert_eq!(st["CapBnd"], "0000000000000001", "only CAP_CHOWN");
+    assert_eq!(st["CapEff"], "0000000000000000");
+    assert_eq!(st["Umask"], "0027");
+    assert!(
+        cold["limits"][0].as_str().unwrap().contains("512"),
+        "{cold}"
+    );
+    // Its own /proc: it is PID 2 of its namespace and sees only that.
+    assert_eq!(cold["pid"], 2);
+    assert_eq!(cold["proc_self"], "2");
+    assert!(cold["proc_pids"].as_array().unwrap().len() <= 3, "{cold}");
+    // Its own /tmp; the host's is not there.
+    assert_eq!(cold["tmp"], serde_json::json!(["mine"]), "{cold}");
+    assert_eq!(cold["write_etc"], "Read-only file system");
+    assert_eq!(cold["write_data"], "ok");
+    assert_eq!(cold["setuid0"], "Operation not permitted");
+    // The steps before it: `+` as root, the other as the service.
+    assert_eq!(
+        std::fs::read_to_string(data.join("pre-root"))
+            .unwrap()
+            .trim(),
+        "0"
+    );
+    assert_eq!(
+        std::fs::read_to_string(data.join("pre-user"))
+            .unwrap()
+            .trim(),
+        "65534"
+    );
+    // The runtime directory, the user's.
+    let rt = std::path::Path::new("/run").join(&runtime);
+    assert_eq!(std::fs::metadata(&rt).unwrap().uid(), 65534);
+    w.stop();
+
+    let mut w = env.run("who");
+    let s = env.wait_ready("who", &mut w);
+    assert_eq!(s["last_start"], "restored", "{s}\n{}", w.err());
+    let restored = info(port);
+    assert_eq!(restored["status"], cold["status"], "the same credentials");
+    assert_eq!(restored["limits"], cold["limits"]);
+    assert_eq!(restored["mounts"], cold["mounts"], "the same mounts");
+    assert_eq!(
+        restored["proc_self"], "2",
+        "its own /proc again: {restored}"
+    );
+    assert!(
+        restored["proc_pids"].as_array().unwrap().len() <= 3,
+        "{restored}"
+    );
+    assert_eq!(
+        restored["tmp"],
+        serde_json::json!(["mine"]),
+        "the private /tmp came back"
+    );
+    assert_eq!(restored["write_etc"], "Read-only file system");
+    assert_eq!(restored["setuid0"], "Operation not permitted");
+    w.stop();
+    // Nothing of the namespaces is left on the host.
+    assert_eq!(
+        host_mounts_with(&env.run.display().to_string()),
+        Vec::<String>::new()
+    );
+    let _ = std::fs::remove_file(&marker);
+    let _ = std::fs::remove_dir(&rt);
+}
+
+/// A cluster of its own, dropped at the end.
+struct Cluster {
+    name: String,
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let _ = Command::new("pg_dropcluster")
+            .args(["--stop", "15", &self.name])
+            .output();
+    }
+}
+
+fn psql(port: u16, sql: &str) -> String {
+    let out = Command::new("runuser")
+        .args([
+            "-u",
+            "postgres",
+            "--",
+            "psql",
+            "-h",
+            "/var/run/postgresql",
+            "-p",
+        ])
+        .arg(port.to_string())
+        .args(["-XAtc", sql])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "psql {sql}: {out:?}");
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+#[test]
+fn postgresql_as_postgres_in_persist_mode_keeps_committed_rows_across_restores() {
+    require_criu();
+    assert!(
+        std::path::Path::new("/usr/lib/postgresql/15/bin/postgres").exists(),
+        "PostgreSQL 15 is needed (scripts/deps.sh installs postgresql-15)"
+    );
+    let env = Env::new();
+    let port = free_port();
+    let name = format!("sbx{}", std::process::id());
+    let created = Command::new("pg_createcluster")
+        .args(["15", &name, "-p", &port.to_string()])
+        .output()
+        .unwrap();
+    assert!(created.status.success(), "{created:?}");
+    let _cluster = Cluster { name: name.clone() };
+    let data = format!("/var/lib/postgresql/15/{name}");
+    env.write_manifest(
+        "pg",
+        &format!(
+            "exec: [\"/usr/lib/postgresql/15/bin/postgres\", \"-D\", \"{data}\", \
+             \"-c\", \"config_file=/etc/postgresql/15/{name}/postgresql.conf\"]\n\
+             user: postgres\n\
+             mode: persist\n\
+             state: [\"{data}\"]\n\
+             ready: {{exec: [\"/usr/bin/pg_isready\", \"-q\", \"-h\", \"127.0.0.1\", \"-p\", \"{port}\"], timeout: 60s}}\n\
+             sandbox:\n\
+             \x20 private_tmp: true\n\
+             \x20 protect_system: full\n\
+             \x20 runtime_directory: [postgresql]\n"
+        ),
+    );
+    let mut w = env.run("pg");
+    env.wait_ready("pg", &mut w);
+    psql(port, "CREATE TABLE t (v int); INSERT INTO t VALUES (1);");
+    w.stop();
+    let mut w = env.run("pg");
+    let s = env.wait_ready("pg", &mut w);
+    assert_eq!(s["last_start"], "restored", "{s}\n{}", w.err());
+    assert_eq!(psql(port, "SELECT sum(v) FROM t"), "1");
+    psql(port, "INSERT INTO t VALUES (2);");
+    let pid = s["pid"].as_i64().unwrap();
+    let uid = std::fs::metadata(format!("/proc/{pid}")).unwrap().uid();
+    assert_eq!(
+        Some(uid),
+        nix::unistd::User::from_name("postgres")
+            .unwrap()
+            .map(|u| u.uid.as_raw()),
+        "restored as postgres"
+    );
+    w.stop();
+    let mut w = env.run("pg");
+    let s = env.wait_ready("pg", &mut w);
+    assert_eq!(s["last_start"], "restored", "{s}\n{}", w.err());
+    assert_eq!(
+        psql(port, "SELECT sum(v) FROM t"),
+        "3",
+        "the row committed after the restore"
+    );
+    w.stop();
+    // Nothing root-owned left in the package's data directory.
+    let out = Command::new("find")
+        .args([&data, "-user", "root"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "",
+        "root-owned files"
+    );
+}
