@@ -323,7 +323,12 @@ pub fn plan(
                 }))
             }
         };
-    let choice = choose_restore(manifest.restore_mode, &entry, &history);
+    let choice = choose_restore(
+        manifest.restore_mode,
+        &entry,
+        &history,
+        info.external_mounts.is_some(),
+    );
     Ok(Ok(Plan {
         deadline: manifest.restore_timeout,
         integrity: Integrity::choose(cache.stamp_valid(&entry), !put_back.is_empty()),
@@ -340,7 +345,17 @@ pub fn choose_restore(
     mode: crate::manifest::RestoreMode,
     entry: &Entry,
     history: &choose::History,
+    sandboxed: bool,
 ) -> choose::Choice {
+    if sandboxed {
+        // The restored tree opens its userfaultfd from inside its user
+        // namespace, which the kernel refuses (vm.unprivileged_userfaultfd=0
+        // asks for CAP_SYS_PTRACE in the initial one).
+        return choose::Choice {
+            lazy: false,
+            reason: "sandboxed: no userfaultfd inside its user namespace".into(),
+        };
+    }
     let (memory, files) = choose::memory_files(entry);
     choose::choose(
         mode,

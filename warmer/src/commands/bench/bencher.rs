@@ -440,6 +440,7 @@ impl Bencher {
                                     &self.dirs.service_run(&self.manifest.name),
                                     &entry.meta.digest,
                                 ),
+                                info.external_mounts.is_some(),
                             )
                             .lazy
                         },
