@@ -37,6 +37,19 @@ if ! dpkg -s postgresql-15 >/dev/null 2>&1; then
   apt-get install -y -qq --no-install-recommends postgresql-15 >/dev/null
 fi
 
+# Debian's tomcat10 and prometheus, run as their units run them by
+# tests/sandbox.rs (manifests/tomcat10.yaml, manifests/prometheus.yaml).
+need=()
+for pkg in tomcat10 prometheus; do
+  dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
+done
+if [ ${#need[@]} -gt 0 ]; then
+  log "installing ${need[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+
 # A JDK for the JVM test (tests/jvm.rs compiles examples/jvm/Hello.java).
 if ! command -v javac >/dev/null; then
   log "installing default-jdk-headless"

@@ -291,3 +291,119 @@ fn postgresql_as_postgres_in_persist_mode_keeps_committed_rows_across_restores()
         "root-owned files"
     );
 }
+
+/// The status lines a restore must give back, of the process whose command
+/// line contains `needle`.
+fn credentials_of(needle: &str) -> String {
+    let pid = *pids_with(needle).first().expect("the process runs");
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .filter(|l| {
+            ["Uid:", "Gid:", "Groups:", "Cap", "NoNewPrivs:", "Seccomp:"]
+                .iter()
+                .any(|p| l.starts_with(p))
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// A manifest of `manifests/` installed into `env` as is.
+fn installed_manifest(env: &Env, name: &str) {
+    let text = std::fs::read_to_string(repo().join(format!("manifests/{name}.yaml"))).unwrap();
+    env.write_manifest(name, &text);
+}
+
+#[test]
+fn debians_tomcat10_runs_as_tomcat_under_its_units_sandbox_and_restores_so() {
+    require_criu();
+    assert!(
+        std::path::Path::new("/usr/libexec/tomcat10/tomcat-start.sh").exists(),
+        "Debian's tomcat10 is needed (scripts/deps.sh installs it)"
+    );
+    let env = Env::new();
+    installed_manifest(&env, "tomcat10");
+    let mut w = env.run("tomcat10");
+    env.wait_image("tomcat10", &mut w);
+    let cold = credentials_of("org.apache.catalina");
+    let tomcat = nix::unistd::User::from_name("tomcat").unwrap().unwrap();
+    assert!(cold.contains(&format!("Uid:\t{}", tomcat.uid)), "{cold}");
+    assert!(
+        cold.contains("CapAmb:\t0000000000000400"),
+        "CAP_NET_BIND_SERVICE: {cold}"
+    );
+    assert!(cold.contains("NoNewPrivs:\t1"), "{cold}");
+    w.stop();
+    let mut w = env.run("tomcat10");
+    let s = env.wait_ready("tomcat10", &mut w);
+    assert_eq!(s["last_start"], "restored", "{s}\n{}", w.err());
+    assert_eq!(
+        credentials_of("org.apache.catalina"),
+        cold,
+        "the same credentials"
+    );
+    assert!(get(8080, "/").is_some(), "tomcat answers after the restore");
+    w.stop();
+}
+
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in\n{text}"))
+}
+
+#[test]
+fn debians_prometheus_restored_as_prometheus_reports_its_own_process() {
+    require_criu();
+    assert!(
+        std::path::Path::new("/usr/bin/prometheus").exists(),
+        "Debian's prometheus is needed (scripts/deps.sh installs it)"
+    );
+    let env = Env::new();
+    installed_manifest(&env, "prometheus");
+    // Persist mode: the image is taken at the stop.
+    let mut w = env.run("prometheus");
+    env.wait_ready("prometheus", &mut w);
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    w.stop();
+    let mut w = env.run("prometheus");
+    let s = env.wait_ready("prometheus", &mut w);
+    assert_eq!(s["last_start"], "restored", "{s}\n{}", w.err());
+    let pid = s["pid"].as_i64().unwrap();
+    let metrics = get(9090, "/metrics").unwrap();
+    // Its own /proc: the process it describes is the one running now.
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let ticks: f64 = stat
+        .rsplit(')')
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .nth(19)
+        .unwrap()
+        .parse()
+        .unwrap();
+    let boot: f64 = std::fs::read_to_string("/proc/stat")
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("btime ")?.trim().parse().ok())
+        .unwrap();
+    let started = boot + ticks / 100.0;
+    let reported = metric(&metrics, "process_start_time_seconds");
+    assert!(
+        (reported - started).abs() < 2.0,
+        "reported {reported}, its process {started}"
+    );
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count() as f64;
+    let open = metric(&metrics, "process_open_fds");
+    assert!(
+        open > 0.0 && (open - fds).abs() <= 4.0,
+        "open_fds {open}, /proc says {fds}"
+    );
+    assert!(metric(&metrics, "process_resident_memory_bytes") > 1e6);
+    let uid = std::fs::metadata(format!("/proc/{pid}")).unwrap().uid();
+    let prometheus = nix::unistd::User::from_name("prometheus").unwrap().unwrap();
+    assert_eq!(uid, prometheus.uid.as_raw());
+    w.stop();
+}

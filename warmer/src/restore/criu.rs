@@ -115,6 +115,11 @@ pub fn restore(
         };
     let plan = RestorePlan {
         leave_stopped: plan.leave_stopped || sources.is_some(),
+        // TCP repair needs CAP_NET_ADMIN over the host's network namespace,
+        // which the restored tree's user namespace does not have: its
+        // connections come back closed (as after a peer's reset), and the
+        // dump's network locks are lifted below.
+        tcp_established: plan.tcp_established && sources.is_none(),
         ..plan
     };
     let out_w = high(output.stdout.write_fd()).map_err(CriuRestoreError::Setup)?;
@@ -218,6 +223,9 @@ pub fn restore(
             }
             return Err(CriuRestoreError::Setup(e));
         }
+    }
+    if info.external_mounts.is_some() && info.tcp_established {
+        criu::clear_network_locks(&image_conns(data_dir));
     }
     let mut running = Running::new(Pid::from_raw(pid), output, StartKind::Restored);
     if info.external_mounts.is_some() && !opts.leave_stopped {

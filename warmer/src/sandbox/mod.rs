@@ -66,6 +66,8 @@ pub enum SandboxError {
         #[source]
         source: std::io::Error,
     },
+    #[error("the image binds host path {} into the service's namespace, and it is not there now", .0.display())]
+    Missing(PathBuf),
     #[error("path {} cannot be used in the service's namespace (CRIU's external mounts cannot name it)", .0.display())]
     Path(PathBuf),
 }

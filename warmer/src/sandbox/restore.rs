@@ -49,6 +49,9 @@ impl Sources {
             if !super::mounts::usable_key(key) {
                 return Err(SandboxError::Path(key.clone()));
             }
+            if key.symlink_metadata().is_err() {
+                return Err(SandboxError::Missing(key.clone()));
+            }
             let at = base.join(i.to_string());
             // A file is bound on a file, a directory on a directory.
             if key.is_dir() {

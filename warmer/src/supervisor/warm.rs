@@ -101,6 +101,17 @@ impl Supervisor {
                 return None;
             }
         };
+        // A sandboxed service's directories are bound into its namespace:
+        // after a reboot (/run is empty) they are made again, as at a cold
+        // start, before CRIU looks for them.
+        if let Some(sandbox) = &self.manifest.sandbox {
+            let made = crate::sandbox::Credentials::resolve(sandbox)
+                .and_then(|c| crate::sandbox::make_directories(sandbox, &c));
+            if let Err(e) = made {
+                tracing::warn!("cold start: the sandbox cannot be prepared: {}", chain(&e));
+                return None;
+            }
+        }
         self.set_state(ServiceState::Restoring);
         self.systemd
             .status(&format!("restoring {}", short(&digest)));
