@@ -43,6 +43,7 @@ class H(http.server.BaseHTTPRequestHandler):
             "write_etc": attempt(lambda: open("/etc/warmer-sandbox-test", "w")),
             "write_data": attempt(lambda: open(os.path.join(data, "written"), "w")),
             "setuid0": attempt(setuid0),
+            "restore_info": attempt(lambda: open(os.environ["WARMER_RESTORE_INFO"]).read()),
         }).encode()
         self.send_response(200); self.end_headers(); self.wfile.write(body)
     def log_message(self, *a): pass
@@ -75,8 +76,15 @@ fn host_mounts_with(needle: &str) -> Vec<String> {
 #[test]
 fn another_users_service_runs_sandboxed_and_restores_with_the_same_credentials_and_mounts() {
     require_criu();
-    let env = Env::new();
-    // Outside /tmp (the service gets its own) and reachable by its user.
+    let mut env = Env::new();
+    // Outside /tmp (the service gets its own) and reachable by its user, as
+    // /run/warmer and /srv are.
+    let run = Srv(std::path::PathBuf::from(format!(
+        "/run/warmer-run-test-{}",
+        std::process::id()
+    )));
+    std::fs::create_dir_all(&run.0).unwrap();
+    env.run = run.0.clone();
     let srv = Srv(std::path::PathBuf::from(format!(
         "/srv/warmer-test-{}",
         std::process::id()
@@ -103,6 +111,7 @@ fn another_users_service_runs_sandboxed_and_restores_with_the_same_credentials_a
              \x20 - [\"/bin/sh\", \"-c\", \"id -u > {data}/pre-user\"]\n\
              ready: {{http: \"http://127.0.0.1:{port}/\", timeout: 30s}}\n\
              checkpoint: {{settle: 100ms}}\n\
+             hooks: {{after_restore: [\"/bin/sh\", \"-c\", \"id -u > {data}/hook-uid\"]}}\n\
              sandbox:\n\
              \x20 private_tmp: true\n\
              \x20 protect_system: strict\n\
@@ -178,6 +187,17 @@ fn another_users_service_runs_sandboxed_and_restores_with_the_same_credentials_a
     );
     assert_eq!(restored["write_etc"], "Read-only file system");
     assert_eq!(restored["setuid0"], "Operation not permitted");
+    assert_eq!(
+        restored["restore_info"], "ok",
+        "the restore-info file is readable by its user"
+    );
+    assert_eq!(
+        std::fs::read_to_string(data.join("hook-uid"))
+            .unwrap()
+            .trim(),
+        "65534",
+        "its hook ran as it runs"
+    );
     w.stop();
     // Nothing of the namespaces is left on the host.
     assert_eq!(

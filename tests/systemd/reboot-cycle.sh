@@ -150,7 +150,15 @@ install -m 0644 manifests/slowweb.yaml "$ROOT/etc/warmer/manifests/slowweb.yaml"
 install -D -m 0755 examples/ledger/ledger.py "$ROOT/opt/warmer/examples/ledger/ledger.py"
 install -m 0644 manifests/ledger.yaml "$ROOT/etc/warmer/manifests/ledger.yaml"
 rm -rf "$ROOT/var/lib/ledger"
-systemctl --root="$ROOT" enable "$SVC" warmer@ledger.service warmer-verify.service >/dev/null 2>&1
+# A service as its unit would run it: another user, its own /tmp, a read-only system.
+cat >"$ROOT/etc/warmer/manifests/boxed.yaml" <<'YAML'
+exec: ["/usr/bin/python3", "/opt/warmer/examples/slowweb/server.py", "--port", "8092", "--warmup", "0.5"]
+user: nobody
+ready: {http: "http://127.0.0.1:8092/health", timeout: 60s}
+checkpoint: {settle: 200ms}
+sandbox: {private_tmp: true, protect_system: strict, no_new_privileges: true, runtime_directory: [boxed]}
+YAML
+systemctl --root="$ROOT" enable "$SVC" warmer@ledger.service warmer@boxed.service warmer-verify.service >/dev/null 2>&1
 
 # ---------------------------------------------------------------- boot 1
 boot
@@ -173,6 +181,17 @@ dropin_mounts() {
     [ "$(in_ct systemctl show -p TimeoutStopUSec --value "$LEDGER")" = 50s ]
 }
 check "persist: generated drop-in (RequiresMountsFor state, TimeoutStopSec)" dropin_mounts
+
+BOXED=warmer@boxed.service
+boxed_active() { [ "$(in_ct systemctl is-active "$BOXED" 2>/dev/null)" = active ]; }
+boxed_nonce() { in_ct curl -fs http://127.0.0.1:8092/state | python3 -c "import json,sys; print(json.load(sys.stdin)['nonce'])"; }
+boxed_has_image() { [ -n "$(status_of boxed "['image']")" ] && [ "$(status_of boxed "['state']")" = ready ]; }
+boxed_uid() { in_ct stat -c %u "/proc/$(status_of boxed "['pid']")"; }
+wait_until 60 boxed_active || fatal "$BOXED not active after boot"
+check "sandbox: cold start at first boot" test "$(status_of boxed "['last_start']")" = cold
+check "sandbox: checkpoint stored" wait_until 60 boxed_has_image
+check "sandbox: runs as nobody" test "$(boxed_uid)" = 65534
+boxed_before=$(boxed_nonce)
 
 # ---------------------------------------------------------------- boot 2
 reboot_ct
@@ -201,6 +220,14 @@ verified_at_boot() {
 check "warmer-verify checked the image at boot" wait_until 30 verified_at_boot
 check "systemctl status says restored" \
   bash -c "nsenter -t $LEADER -a -- systemctl status $SVC --no-pager | grep -q 'restored in'"
+
+# ---------------------------------------------------------------- sandbox across the reboot
+wait_until 60 boxed_active || fatal "$BOXED not active after reboot"
+boxed_ready() { [ "$(status_of boxed "['state']")" = ready ]; }
+wait_until 60 boxed_ready
+check "sandbox: restored after the reboot" test "$(status_of boxed "['last_start']")" = restored
+check "sandbox: memory from before the reboot" test "$(boxed_nonce)" = "$boxed_before"
+check "sandbox: restored as nobody" test "$(boxed_uid)" = 65534
 
 # ---------------------------------------------------------------- persist across the reboot
 wait_until 60 ledger_active || fatal "$LEDGER not active after reboot"

@@ -95,6 +95,7 @@ pub fn run(
     kind: &'static str,
     argv: &[String],
     init: nix::unistd::Pid,
+    as_user: Option<(u32, u32)>,
     env: &[(std::ffi::OsString, std::ffi::OsString)],
     cwd: &Path,
     limit: Duration,
@@ -102,8 +103,15 @@ pub fn run(
     let t = Instant::now();
     let shown = argv.join(" ");
     let mut cmd = Command::new("nsenter");
-    cmd.arg(format!("--target={}", init.as_raw()))
-        .args(["--pid", "--mount", "--"])
+    cmd.arg(format!("--target={}", init.as_raw()));
+    // A sandboxed service's hooks run as it does: in its user namespace,
+    // as its user and group (without supplementary groups).
+    if let Some((uid, gid)) = as_user {
+        cmd.arg("--user")
+            .arg(format!("--setuid={uid}"))
+            .arg(format!("--setgid={gid}"));
+    }
+    cmd.args(["--pid", "--mount", "--"])
         .args(argv)
         .env_clear()
         .envs(env.iter().map(|(k, v)| (k, v)))
@@ -147,14 +155,50 @@ pub struct RestoreInfo {
 }
 
 /// The restore-info file of a service's run directory.
-pub fn restore_info_path(run_dir: &Path) -> PathBuf {
-    run_dir.join(RESTORE_INFO_FILE)
+///
+/// A sandboxed service may run as another user, who cannot enter the run
+/// directory (root's, 0700): its file lives in `<service>.info/` beside it,
+/// a directory of root's that anyone may read.
+pub fn restore_info_path(run_dir: &Path, sandboxed: bool) -> PathBuf {
+    restore_info_dir(run_dir, sandboxed).join(RESTORE_INFO_FILE)
+}
+
+fn restore_info_dir(run_dir: &Path, sandboxed: bool) -> PathBuf {
+    match (sandboxed, run_dir.file_name()) {
+        (true, Some(name)) => {
+            let mut dir = name.to_os_string();
+            dir.push(".info");
+            run_dir.with_file_name(dir)
+        }
+        _ => run_dir.to_path_buf(),
+    }
 }
 
 /// Rewrites the restore-info file for a restore of `entry` (atomically:
 /// the service never reads half of it). Readable by the service.
-pub fn write_restore_info(run_dir: &Path, entry: &cache::Entry) -> std::io::Result<RestoreInfo> {
-    let path = restore_info_path(run_dir);
+pub fn write_restore_info(
+    run_dir: &Path,
+    sandboxed: bool,
+    entry: &cache::Entry,
+) -> std::io::Result<RestoreInfo> {
+    let dir = restore_info_dir(run_dir, sandboxed);
+    if sandboxed {
+        use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+        match std::fs::DirBuilder::new().mode(0o755).create(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(e),
+        }
+        // Root writes into it: only a directory of root's, never a link.
+        let md = std::fs::symlink_metadata(&dir)?;
+        if !md.is_dir() || md.uid() != 0 || md.mode() & 0o022 != 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::PermissionDenied,
+                format!("{} is not a directory only root can write", dir.display()),
+            ));
+        }
+    }
+    let path = dir.join(RESTORE_INFO_FILE);
     let before: Option<RestoreInfo> = std::fs::read(&path)
         .ok()
         .and_then(|b| serde_json::from_slice(&b).ok());
@@ -178,7 +222,7 @@ pub fn write_restore_info(run_dir: &Path, entry: &cache::Entry) -> std::io::Resu
         random: hex::encode(random),
     };
     cache::fsutil::write_atomic(
-        run_dir,
+        &dir,
         RESTORE_INFO_FILE,
         &serde_json::to_vec_pretty(&info).expect("serializes"),
         0o644,

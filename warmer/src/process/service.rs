@@ -68,7 +68,7 @@ pub fn service_env(
     // each restore (see `process::hooks`).
     env.insert(
         crate::process::hooks::RESTORE_INFO_ENV.into(),
-        crate::process::hooks::restore_info_path(run_dir).into(),
+        crate::process::hooks::restore_info_path(run_dir, manifest.sandbox.is_some()).into(),
     );
     let java = env
         .get(std::ffi::OsStr::new(JAVA_TOOL_OPTIONS))

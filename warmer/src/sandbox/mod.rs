@@ -179,12 +179,23 @@ impl Credentials {
 /// owned by its user and group, as systemd does; existing ones are handed
 /// to them too (only the directory itself, as systemd's `chown` of a
 /// directory it did not create would not recurse either).
-pub fn make_directories(s: &Sandbox, creds: &Credentials) -> Result<(), SandboxError> {
+pub fn make_directories(
+    s: &Sandbox,
+    creds: &Credentials,
+    run_dir: &Path,
+) -> Result<(), SandboxError> {
     for dir in s.directories() {
         let fail = |source| SandboxError::Directory {
             path: dir.clone(),
             source,
         };
+        // Never hand warmer's own directory (or one above it) to the service.
+        if run_dir.starts_with(&dir) {
+            return Err(fail(std::io::Error::new(
+                std::io::ErrorKind::PermissionDenied,
+                "it holds warmer's run directory",
+            )));
+        }
         match std::fs::symlink_metadata(&dir) {
             // Never follow a link someone put there: root would chown its target.
             Ok(m) if !m.is_dir() => {
@@ -249,7 +260,7 @@ impl Prepared {
     /// Resolves credentials, creates the directories and plans the mounts.
     pub fn new(s: &Sandbox, run_dir: &Path) -> Result<Self, SandboxError> {
         let creds = Credentials::resolve(s)?;
-        make_directories(s, &creds)?;
+        make_directories(s, &creds, run_dir)?;
         let root = root_dir(run_dir);
         std::fs::create_dir_all(&root).map_err(|source| SandboxError::Directory {
             path: root.clone(),

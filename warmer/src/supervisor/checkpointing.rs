@@ -127,6 +127,7 @@ impl Supervisor {
                     "before_checkpoint",
                     argv,
                     running.pid,
+                    self.hook_user(),
                     &self.hook_env(),
                     &cwd,
                     hooks.timeout,
@@ -275,4 +276,19 @@ pub enum CheckpointNowError {
     Hook(#[from] crate::process::hooks::HookError),
     #[error("refused: the service's environment has {} (checkpoint.forbid_env): it would be in the image", .0.join(", "))]
     ForbiddenEnv(Vec<String>),
+}
+
+impl Supervisor {
+    /// Whom hooks run as: a sandboxed service's user and group (resolved
+    /// now); else root, in the service's namespaces.
+    pub(super) fn hook_user(&self) -> Option<(u32, u32)> {
+        let sandbox = self.manifest.sandbox.as_ref()?;
+        match crate::sandbox::Credentials::resolve(sandbox) {
+            Ok(c) => Some((c.uid, c.gid)),
+            Err(e) => {
+                tracing::warn!("hooks run as root: {}", chain(&e));
+                None
+            }
+        }
+    }
 }

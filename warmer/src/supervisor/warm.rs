@@ -106,7 +106,7 @@ impl Supervisor {
         // start, before CRIU looks for them.
         if let Some(sandbox) = &self.manifest.sandbox {
             let made = crate::sandbox::Credentials::resolve(sandbox)
-                .and_then(|c| crate::sandbox::make_directories(sandbox, &c));
+                .and_then(|c| crate::sandbox::make_directories(sandbox, &c, &self.run_dir));
             if let Err(e) = made {
                 tracing::warn!("cold start: the sandbox cannot be prepared: {}", chain(&e));
                 return None;
@@ -152,9 +152,11 @@ impl Supervisor {
             .clone()
             .unwrap_or_else(|| self.run_dir.clone());
         let entry = plan.entry.clone();
+        let sandboxed = self.manifest.sandbox.is_some();
+        let as_user = self.hook_user();
         let mut hook_time = Duration::ZERO;
         let mut told = |running: &mut Running| -> Result<(), String> {
-            if let Err(e) = crate::process::hooks::write_restore_info(&run_dir, &entry) {
+            if let Err(e) = crate::process::hooks::write_restore_info(&run_dir, sandboxed, &entry) {
                 tracing::warn!("cannot write the restore-info file: {e}");
             }
             if let Some(argv) = hooks.as_ref().and_then(|h| h.after_restore.as_ref()) {
@@ -163,6 +165,7 @@ impl Supervisor {
                     "after_restore",
                     argv,
                     running.pid,
+                    as_user,
                     &hook_env,
                     &cwd,
                     limit,
