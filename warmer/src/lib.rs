@@ -15,6 +15,7 @@
 //!     │          │          │              images that travel
 //!  process/   image/    digest/   criu    the parts: the service's processes,
 //!     │          │          │       │      the image on disk, the cache key, CRIU
+//!  sandbox/                                its user, credentials and namespaces
 //!  manifest/  memo  dirs  errors  logging  formats and plumbing
 //! ```
 //!
@@ -24,6 +25,7 @@
 //! - "what is on disk": [`image`] (warmer's files in an image, state
 //!   captures, CRIU's own files) and the `cache` crate (the store)
 //! - "what decides restore or cold, checkpoint or not": [`supervisor::policy`]
+//! - "how does a service run as its unit's user, in its sandbox": [`sandbox`]
 /// Crash-injection points (`failpoints` feature): when `WARMER_FAILPOINT`
 /// names this point the process aborts here, as a `kill -9` would stop it.
 #[inline]

@@ -34,6 +34,12 @@ use crate::memo::Memo;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DigestError {
+    #[error("service {service}: its user and groups")]
+    Credentials {
+        service: String,
+        #[source]
+        source: crate::sandbox::SandboxError,
+    },
     #[error("service {service}: exec[0] {program:?} not found (searched {searched})")]
     ProgramNotFound {
         service: String,
@@ -152,6 +158,11 @@ pub struct Inputs {
     pub program: PathBuf,
     pub files: Vec<FileInput>,
     pub host: HostFacts,
+    /// A sandboxed service's uid, gid and groups as resolved here: an image
+    /// holds numbers, and a user made again with another uid must not get
+    /// the old one's image. Absent without a sandbox.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub credentials: Option<(u32, u32, Vec<u32>)>,
 }
 
 #[derive(Debug, Clone)]
@@ -334,12 +345,25 @@ fn compute(
     files.sort_by(|a, b| a.path.cmp(&b.path));
     files.dedup_by(|a, b| a.path == b.path);
 
+    let credentials = match &manifest.sandbox {
+        None => None,
+        Some(s) => {
+            let c = crate::sandbox::Credentials::resolve(s).map_err(|source| {
+                DigestError::Credentials {
+                    service: manifest.name.clone(),
+                    source,
+                }
+            })?;
+            Some((c.uid, c.gid, c.groups))
+        }
+    };
     let inputs = Inputs {
         manifest: serde_json::from_str(&manifest.canonical()).expect("canonical form is JSON"),
         init_home: init_home.to_path_buf(),
         program,
         files,
         host: host.clone(),
+        credentials,
     };
     let doc = serde_json::to_vec(&inputs).expect("inputs serialize");
     let hex = hex::encode(Sha256::digest(&doc));

@@ -569,3 +569,91 @@ pub(super) fn exec_steps(
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::manifest::Manifest;
+
+    fn parse(extra: &str) -> Result<Manifest, String> {
+        Manifest::parse(
+            "web",
+            Path::new("web.yaml"),
+            &format!("exec: [\"/bin/app\"]\nready: {{tcp: \"h:1\"}}\n{extra}"),
+        )
+        .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn systemd_settings_parse_into_what_the_sandbox_applies() {
+        let m = parse(
+            "user: tomcat\nexec_start_pre: [[\"+-/usr/libexec/x\", \"a\"], [\"/bin/true\"]]\n\
+             sandbox:\n  protect_system: strict\n  protect_home: read-only\n  private_tmp: true\n\
+             \x20 ambient_capabilities: [CAP_NET_BIND_SERVICE]\n  capability_bounding_set: [\"~CAP_SYS_ADMIN\"]\n\
+             \x20 umask: \"0027\"\n  limit_nofile: \"1024:4096\"\n  limit_core: infinity\n",
+        )
+        .unwrap();
+        let s = m.sandbox.unwrap();
+        assert_eq!(s.user.as_deref(), Some("tomcat"));
+        assert_eq!(s.protect_system, ProtectSystem::Strict);
+        assert_eq!(s.protect_home, ProtectHome::ReadOnly);
+        assert_eq!(s.ambient_capabilities, vec![10]);
+        let b = s.capability_bounding_set.unwrap();
+        assert!(
+            !b.contains(&21) && b.contains(&10),
+            "~: all but CAP_SYS_ADMIN"
+        );
+        assert_eq!(s.umask, Some(0o27));
+        assert_eq!(s.limits[0].soft, 1024);
+        assert_eq!(s.limits[0].hard, 4096);
+        assert_eq!(s.limits[1].hard, libc::RLIM_INFINITY);
+        assert_eq!(m.exec_start_pre.len(), 2);
+        assert!(m.exec_start_pre[0].privileged && m.exec_start_pre[0].ignore_failure);
+        assert_eq!(m.exec_start_pre[0].argv, ["/usr/libexec/x", "a"]);
+        assert!(!m.exec_start_pre[1].privileged);
+        assert!(parse("").unwrap().sandbox.is_none(), "no keys, no sandbox");
+        assert_eq!(
+            parse("sandbox: {protect_system: true}\n")
+                .unwrap()
+                .sandbox
+                .unwrap()
+                .protect_system,
+            ProtectSystem::Yes
+        );
+    }
+
+    #[test]
+    fn bad_values_are_positioned_errors() {
+        for (extra, want) in [
+            ("sandbox: {umask: \"999\"}\n", "3:18: sandbox.umask"),
+            ("sandbox: {ambient_capabilities: [CAP_FLY]}\n", "unknown capability \"CAP_FLY\""),
+            ("sandbox: {limit_nofile: \"10:5\"}\n", "sandbox.limit_nofile"),
+            ("sandbox: {protect_system: sometimes}\n", "expected true, false, full or strict"),
+            ("sandbox: {read_write_paths: [rel]}\n", "sandbox.read_write_paths"),
+            ("sandbox: {runtime_directory: [\"../etc\"]}\n", "relative directory name"),
+            ("user: \"bad user\"\n", "3:7: user:"),
+            ("exec_start_pre: [[\"relative\"]]\n", "exec_start_pre"),
+            (
+                "sandbox: {ambient_capabilities: [CAP_KILL], capability_bounding_set: [CAP_CHOWN]}\n",
+                "CAP_KILL is not in capability_bounding_set",
+            ),
+            ("sandbox: {private_devices: true}\n", "unknown field `private_devices`"),
+        ] {
+            let e = parse(extra).unwrap_err();
+            assert!(e.contains(want), "{extra}: {e}");
+        }
+    }
+
+    #[test]
+    fn credentials_and_sandbox_are_part_of_the_key() {
+        let plain = parse("").unwrap();
+        let user = parse("user: nobody\n").unwrap();
+        let strict = parse("user: nobody\nsandbox: {protect_system: strict}\n").unwrap();
+        assert_ne!(plain.canonical(), user.canonical());
+        assert_ne!(user.canonical(), strict.canonical());
+        assert!(
+            !plain.canonical().contains("sandbox"),
+            "older manifests keep their keys"
+        );
+    }
+}
