@@ -15,6 +15,8 @@
 #     writes, reboot -> restored with the same memory and every write; the
 #     generated drop-in orders it before its data's mount goes away;
 #     systemctl kill -s KILL -> restarted cold, on the current data
+#   a sandboxed service (as nobody, private /tmp, read-only system):
+#     restored after the reboot with its memory, as nobody
 #
 # Needs root, systemd-nspawn and debootstrap (scripts/deps.sh installs them).
 # It never skips: if the container cannot boot, it fails and says why.
@@ -134,7 +136,7 @@ is_active() { [ "$(in_ct systemctl is-active "$SVC" 2>/dev/null)" = active ]; }
 is_inactive() { [ "$(in_ct systemctl is-active "$SVC" 2>/dev/null)" != active ]; }
 has_image() { [ -n "$(status_field "['image']")" ] && [ "$(status_field "['state']")" = ready ]; }
 nonce() { in_ct curl -fs http://127.0.0.1:8080/state | python3 -c "import json,sys; print(json.load(sys.stdin)['nonce'])"; }
-nothing_left() { ! in_ct pgrep -f slowweb/server.py >/dev/null; }
+nothing_left() { ! in_ct pgrep -f 'slowweb/server.py --port 8080' >/dev/null; }
 started_as() { [ "$(status_field "['last_start']")" = "$1" ]; }
 
 # ---------------------------------------------------------------- setup
