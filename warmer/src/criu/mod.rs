@@ -349,7 +349,7 @@ pub fn hint(tail: &str) -> Option<String> {
             "{file} was written since the checkpoint: if it is the service's data, list its directory under `state:` (warmer then never restores an image older than it) and consider `mode: persist`; if it is a log, open it for appending"
         ))
     } else if tail.contains("Can't get rlimit") || tail.contains("Can't dump creds") {
-        Some("the service runs as another user, and root here lacks CAP_SYS_RESOURCE, which CRIU needs to dump it: run the service as root (drop privileges inside it later), or run warmer where root has its full capabilities".into())
+        Some("the service runs as another user, and root here lacks CAP_SYS_RESOURCE, which CRIU needs to dump it: name that user in the manifest (`user:`), so warmer starts it in a user namespace where root may dump it, instead of letting the service switch users itself".into())
     } else {
         None
     }
