@@ -337,6 +337,14 @@ fn compute(
         }
     }
     paths.extend(manifest.digest_files.iter().cloned());
+    // What the service's environment is made of (their hashes only).
+    paths.extend(
+        manifest
+            .env_files
+            .iter()
+            .filter(|f| !f.optional || f.path.exists())
+            .map(|f| f.path.clone()),
+    );
 
     let mut files = Vec::new();
     for p in paths {

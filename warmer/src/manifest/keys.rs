@@ -24,6 +24,7 @@ pub const KEYS: &[Key] = &[
     Key { path: "workdir", kind: "absolute path", default: "warmer's run directory", doc: "The service's working directory.", example: "/srv/app" },
     Key { path: "pid_file", kind: "absolute path", default: "none", doc: "warmer writes the service's host PID here once it is ready, cold or restored, for the host's tools; removed at stop.", example: "/run/app/app.pid" },
     Key { path: "env", kind: "map of strings", default: "none", doc: "Added to warmer's environment for the service.", example: "{APP_MODE: prod}" },
+    Key { path: "env_file", kind: "list of absolute paths (- in front: may be missing)", default: "none", doc: "KEY=VALUE files read into the service's environment at every start, after env (EnvironmentFile=); their values stay out of the manifest and the image's metadata, their hashes are digest inputs. Owned by root and writable by no one else.", example: "[\"-/etc/default/app\"]" },
     Key { path: "ready.http", kind: "http URL", default: "one probe required", doc: "Ready when a GET answers 2xx.", example: "\"http://127.0.0.1:8080/health\"" },
     Key { path: "ready.tcp", kind: "host:port", default: "one probe required", doc: "Ready when a connection succeeds (closed with a reset).", example: "\"127.0.0.1:8080\"" },
     Key { path: "ready.exec", kind: "list of strings", default: "one probe required", doc: "Ready when the command exits 0 (run in a process group of its own).", example: "[\"/bin/true\"]" },

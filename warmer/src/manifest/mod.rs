@@ -130,6 +130,55 @@ pub enum RestoreMode {
     Lazy,
 }
 
+/// An `env_file:` entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct EnvFile {
+    pub path: PathBuf,
+    /// `-` in front: a missing file is no error.
+    pub optional: bool,
+}
+
+/// Parses an environment file as systemd does: `KEY=VALUE` lines, `#` and
+/// `;` comments, values optionally in single or double quotes (`\` escapes
+/// in double quotes).
+pub fn parse_env_file(text: &str) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for line in text.lines() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') || line.starts_with(';') {
+            continue;
+        }
+        let Some((k, v)) = line.split_once('=') else {
+            continue;
+        };
+        let k = k.trim();
+        if k.is_empty() || !k.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+            continue;
+        }
+        let v = v.trim();
+        let value = if v.len() >= 2 && v.starts_with('\'') && v.ends_with('\'') {
+            v[1..v.len() - 1].to_string()
+        } else if v.len() >= 2 && v.starts_with('"') && v.ends_with('"') {
+            let mut s = String::new();
+            let mut chars = v[1..v.len() - 1].chars();
+            while let Some(c) = chars.next() {
+                if c == '\\' {
+                    if let Some(n) = chars.next() {
+                        s.push(n);
+                    }
+                } else {
+                    s.push(c);
+                }
+            }
+            s
+        } else {
+            v.to_string()
+        };
+        out.push((k.to_string(), value));
+    }
+    out
+}
+
 /// The registry tier of a service's images (see [`crate::remote`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Remote {
@@ -211,6 +260,12 @@ pub struct Manifest {
     /// from it when unset.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sandbox: Option<Sandbox>,
+    /// Files of `KEY=VALUE` lines read into the service's environment at
+    /// every start (`EnvironmentFile=`), after `env`: their values never
+    /// enter the manifest, the digest's record or an image's metadata (only
+    /// the files' hashes do). Absent from the digest's view when empty.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub env_files: Vec<EnvFile>,
     /// Steps before a cold start (`ExecStartPre=`). Absent from the digest
     /// when empty.
     #[serde(skip_serializing_if = "Vec::is_empty")]

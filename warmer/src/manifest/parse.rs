@@ -53,6 +53,8 @@ pub(super) struct RawManifest {
     pub(super) sandbox: Option<Spanned<super::sandbox::RawSandbox>>,
     #[serde(default)]
     pub(super) exec_start_pre: Vec<Spanned<Vec<String>>>,
+    #[serde(default)]
+    pub(super) env_file: Vec<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -513,6 +515,27 @@ impl Manifest {
             &at,
         );
         let sandbox = keep(&mut errors, sandbox, None);
+        let env_files = (|| {
+            let mut out = Vec::new();
+            for f in &raw.env_file {
+                let (optional, p) = match f.value.strip_prefix('-') {
+                    Some(rest) => (true, rest),
+                    None => (false, f.value.as_str()),
+                };
+                if !Path::new(p).is_absolute() || p.contains('\0') {
+                    return Err(at(
+                        &f.referenced,
+                        format!("env_file: expected an absolute path (\"-\" in front: may be missing), got {:?}", f.value),
+                    ));
+                }
+                out.push(EnvFile {
+                    path: PathBuf::from(p),
+                    optional,
+                });
+            }
+            Ok(out)
+        })();
+        let env_files = keep(&mut errors, env_files, Vec::new());
         let exec_start_pre = keep(
             &mut errors,
             super::sandbox::exec_steps(&raw.exec_start_pre, &at),
@@ -540,6 +563,7 @@ impl Manifest {
             hooks,
             sandbox,
             exec_start_pre,
+            env_files,
             restore_signal,
             restore_mode,
             restore_timeout,

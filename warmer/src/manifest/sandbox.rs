@@ -657,3 +657,25 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+mod env_file_tests {
+    use crate::manifest::parse_env_file;
+
+    #[test]
+    fn environment_files_read_as_systemd_reads_them() {
+        let vars = parse_env_file(
+            "# comment\n; also\nARGS=\"--web.listen-address=:9090 --x\"\nA='single $x'\nB=plain value\nC=\"esc \\\" q\"\nnot a line\n=novalue\n",
+        );
+        assert_eq!(
+            vars,
+            [
+                ("ARGS", "--web.listen-address=:9090 --x"),
+                ("A", "single $x"),
+                ("B", "plain value"),
+                ("C", "esc \" q"),
+            ]
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+        );
+    }
+}

@@ -51,7 +51,7 @@ pub fn service_env(
     manifest: &Manifest,
     notify_socket: Option<&Path>,
     run_dir: &Path,
-) -> Vec<(OsString, OsString)> {
+) -> Result<Vec<(OsString, OsString)>, String> {
     let mut env: BTreeMap<OsString, OsString> = std::env::vars_os()
         .filter(|(k, _)| {
             let k = k.to_string_lossy();
@@ -59,6 +59,9 @@ pub fn service_env(
         })
         .collect();
     for (k, v) in &manifest.env {
+        env.insert(k.into(), v.into());
+    }
+    for (k, v) in env_file_vars(manifest)? {
         env.insert(k.into(), v.into());
     }
     if let Some(p) = notify_socket {
@@ -77,7 +80,25 @@ pub fn service_env(
         JAVA_TOOL_OPTIONS.into(),
         java_tool_options(java.as_deref()).into(),
     );
-    env.into_iter().collect()
+    Ok(env.into_iter().collect())
+}
+
+/// The variables of the manifest's `env_file:` files, in order (a later
+/// file wins). Root reads them and hands their values to the service: only
+/// files no one but root could have written.
+pub fn env_file_vars(manifest: &Manifest) -> Result<Vec<(String, String)>, String> {
+    let mut out = Vec::new();
+    for f in &manifest.env_files {
+        if f.optional && f.path.symlink_metadata().is_err() {
+            continue;
+        }
+        cache::fsutil::check_trusted(&f.path, nix::unistd::geteuid().as_raw())
+            .map_err(|why| format!("refusing env_file {}: {why}", f.path.display()))?;
+        let text = std::fs::read_to_string(&f.path)
+            .map_err(|e| format!("cannot read env_file {}: {e}", f.path.display()))?;
+        out.extend(crate::manifest::parse_env_file(&text));
+    }
+    Ok(out)
 }
 
 const JAVA_TOOL_OPTIONS: &str = "JAVA_TOOL_OPTIONS";

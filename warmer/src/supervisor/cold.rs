@@ -27,7 +27,13 @@ impl Supervisor {
             source,
         })?;
         let notify = prober.is_notify().then(|| self.notify_socket());
-        let env = service_env(&self.manifest, notify.as_deref(), &self.run_dir);
+        let env = service_env(&self.manifest, notify.as_deref(), &self.run_dir).map_err(|why| {
+            RunError::StartPre {
+                service: service.clone(),
+                argv: "env_file".into(),
+                why,
+            }
+        })?;
         let mut output = Output::new().map_err(|source| RunError::Pipes {
             service: service.clone(),
             source,

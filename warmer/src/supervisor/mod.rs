@@ -457,6 +457,10 @@ impl Supervisor {
         let notify = matches!(self.manifest.ready.probe, crate::manifest::Probe::Notify)
             .then(|| self.notify_socket());
         crate::process::service::service_env(&self.manifest, notify.as_deref(), &self.run_dir)
+            .unwrap_or_else(|why| {
+                tracing::warn!("hooks run with an empty environment: {why}");
+                Vec::new()
+            })
     }
 
     fn notify_socket(&self) -> PathBuf {
