@@ -52,6 +52,7 @@ fn man_pages_render_and_say_what_help_says() {
         "keygen",
         "reset",
         "completions",
+        "adopt",
     ] {
         let page = render(&dir.path().join(format!("warmer-{sub}.1")));
         let help = Command::new(WARMER).args([sub, "--help"]).output().unwrap();

@@ -123,6 +123,32 @@ pub enum Cmd {
     /// restore timings behind eager/lazy and "a cold start is faster". Its
     /// images and data are left alone.
     Reset { service: String },
+    /// Turn an installed systemd unit into a manifest: its command line,
+    /// environment, user, sandbox, directories, limits and ExecStartPre=
+    /// steps (unit file and drop-ins from systemd's search path, or
+    /// WARMER_UNIT_PATH); settings it cannot carry are listed at the top.
+    /// With --enable, a drop-in makes `systemctl start UNIT` run it through
+    /// warmer, under its own name
+    Adopt {
+        /// The unit, e.g. tomcat10 or tomcat10.service.
+        unit: String,
+        /// Readiness: http://HOST:PORT/PATH, tcp:HOST:PORT, exec:COMMAND or
+        /// notify (default: notify for Type=notify units; else required).
+        #[arg(long)]
+        ready: Option<String>,
+        /// warm (default) or persist.
+        #[arg(long)]
+        mode: Option<String>,
+        /// Replace an existing manifest.
+        #[arg(long)]
+        force: bool,
+        /// Also install the drop-in that runs the unit through warmer.
+        #[arg(long)]
+        enable: bool,
+    },
+    /// Remove the drop-in `adopt --enable` installed: the unit is again as
+    /// its package shipped it (the manifest stays).
+    Unadopt { unit: String },
     /// Cold start vs warmer restore vs bare `criu restore` of the same image,
     /// interleaved; median, min, max and the ratio (makes the image first if
     /// there is none). Stop the service first: the runs need its port.

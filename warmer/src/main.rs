@@ -101,6 +101,57 @@ fn main() -> ExitCode {
             json,
         } => pull_cmd(&dirs, &service, timeout, json),
         Cmd::Export { target, output } => export_cmd(&dirs, &target, &output),
+        Cmd::Adopt {
+            unit,
+            ready,
+            mode,
+            force,
+            enable,
+        } => {
+            let req = warmer::commands::adopt::Request {
+                unit,
+                ready,
+                mode,
+                force,
+                enable,
+            };
+            match warmer::commands::adopt::adopt(&dirs.manifests, &req) {
+                Ok(a) => {
+                    println!("wrote {} (service {})", a.manifest.display(), a.service);
+                    for (k, why) in &a.not_carried {
+                        println!("  not carried over: {k}: {why}");
+                    }
+                    for n in &a.notes {
+                        println!("  note: {n}");
+                    }
+                    if let Some(d) = &a.dropin {
+                        println!(
+                            "installed {}: `systemctl restart {}` now runs it through warmer",
+                            d.display(),
+                            req.unit
+                        );
+                    }
+                    ExitCode::from(exit::OK)
+                }
+                Err(e) => {
+                    eprintln!("warmer adopt: {}", chain(&e));
+                    ExitCode::from(exit::FAILURE)
+                }
+            }
+        }
+        Cmd::Unadopt { unit } => match warmer::commands::adopt::unadopt(&unit) {
+            Ok(p) => {
+                println!(
+                    "removed {}: {unit} runs as its package shipped it",
+                    p.display()
+                );
+                ExitCode::from(exit::OK)
+            }
+            Err(e) => {
+                eprintln!("warmer unadopt: {}", chain(&e));
+                ExitCode::from(exit::FAILURE)
+            }
+        },
         Cmd::Import { file } => import_cmd(&dirs, &file),
         Cmd::Inspect { target, json } => match warmer::commands::inspect::inspect(&dirs, &target) {
             Ok(i) => {

@@ -5,6 +5,7 @@
 //! May call anything below it; nothing calls into it but `main.rs` (and the
 //! tests).
 
+pub mod adopt;
 pub mod bench;
 pub mod cache;
 pub mod docs;

@@ -1,0 +1,216 @@
+//! `warmer adopt`: a unit written for the test (a Python service as
+//! `nobody` with systemd's sandbox, Environment= and EnvironmentFile=)
+//! becomes a manifest that validates, runs cold and restores with the same
+//! credentials; `--enable` installs a drop-in that `unadopt` removes,
+//! leaving the unit's files exactly as they were. Debian's own units
+//! (tomcat10, prometheus) adopt as installed.
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use common::*;
+
+const SERVICE: &str = r#"
+import http.server, json, os, sys
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        status = {l.split(":")[0]: l.split(":", 1)[1].strip() for l in open("/proc/self/status")
+                  if l.split(":")[0] in ("Uid", "Gid", "CapEff", "CapBnd", "NoNewPrivs")}
+        body = json.dumps({"status": status, "greeting": os.environ.get("GREETING"),
+                           "argv": sys.argv[1:], "tmp": os.listdir("/tmp")}).encode()
+        self.send_response(200); self.end_headers(); self.wfile.write(body)
+    def log_message(self, *a): pass
+http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
+"#;
+
+/// A directory removed at the end.
+struct Dir(PathBuf);
+
+impl Drop for Dir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Every file under `dir` with its contents, sorted.
+fn snapshot(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                out.push((p.clone(), Vec::new()));
+                todo.push(p);
+            } else {
+                out.push((p.clone(), std::fs::read(&p).unwrap()));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+fn adopt(env: &Env, units: &Path, args: &[&str]) -> std::process::Output {
+    env.command()
+        .arg("adopt")
+        .args(args)
+        .env("WARMER_UNIT_PATH", units)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn a_sandboxed_unit_is_adopted_run_restored_enabled_and_unadopted() {
+    require_criu();
+    let env = Env::new();
+    let srv = Dir(PathBuf::from(format!(
+        "/srv/warmer-adopt-test-{}",
+        std::process::id()
+    )));
+    std::fs::create_dir_all(srv.0.join("data")).unwrap();
+    std::fs::set_permissions(&srv.0, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::write(srv.0.join("svc.py"), SERVICE).unwrap();
+    let port = free_port();
+    std::fs::write(srv.0.join("env"), format!("PORT={port}\n")).unwrap();
+    let units = env.path("units");
+    std::fs::create_dir(&units).unwrap();
+    let unit = format!(
+        "[Unit]\nDescription=a test service\n\n[Service]\nType=simple\nUser=nobody\n\
+         Environment=\"GREETING=hello world\"\n\
+         EnvironmentFile={srv}/env\n\
+         ExecStart=/usr/bin/python3 {srv}/svc.py $PORT\n\
+         PrivateTmp=yes\nProtectSystem=strict\nReadWritePaths={srv}/data\nNoNewPrivileges=yes\n\
+         MemoryDenyWriteExecute=yes\nRestart=on-failure\n\n[Install]\nWantedBy=multi-user.target\n",
+        srv = srv.0.display()
+    );
+    std::fs::write(units.join("adoptee.service"), &unit).unwrap();
+    let before = snapshot(&units);
+
+    let no_ready = adopt(&env, &units, &["adoptee"]);
+    assert!(!no_ready.status.success());
+    assert!(
+        String::from_utf8_lossy(&no_ready.stderr).contains("--ready"),
+        "{no_ready:?}"
+    );
+    let ready = format!("http://127.0.0.1:{port}/");
+    let out = adopt(&env, &units, &["adoptee", "--ready", &ready]);
+    assert!(out.status.success(), "{out:?}");
+    let manifest = std::fs::read_to_string(env.path("manifests/adoptee.yaml")).unwrap();
+    assert!(
+        manifest.contains("MemoryDenyWriteExecute"),
+        "listed as not carried:\n{manifest}"
+    );
+    assert!(
+        manifest.contains(&format!("\"{}\"", port)),
+        "$PORT expanded from the file:\n{manifest}"
+    );
+    assert!(
+        !manifest.contains(&format!("PORT={port}")),
+        "the file's values stay in the file"
+    );
+    let validate = env
+        .command()
+        .args(["validate"])
+        .arg(env.path("manifests/adoptee.yaml"))
+        .output()
+        .unwrap();
+    assert!(validate.status.success(), "{validate:?}");
+    let again = adopt(&env, &units, &["adoptee", "--ready", &ready]);
+    assert!(
+        String::from_utf8_lossy(&again.stderr).contains("--force"),
+        "{again:?}"
+    );
+
+    let mut w = env.run("adoptee");
+    env.wait_image("adoptee", &mut w);
+    let cold: serde_json::Value = serde_json::from_str(&get(port, "/").unwrap()).unwrap();
+    assert_eq!(
+        cold["status"]["Uid"], "65534\t65534\t65534\t65534",
+        "{cold}"
+    );
+    assert_eq!(cold["status"]["NoNewPrivs"], "1");
+    assert_eq!(cold["greeting"], "hello world");
+    assert_eq!(cold["argv"], serde_json::json!([port.to_string()]));
+    w.stop();
+    let mut w = env.run("adoptee");
+    let s = env.wait_ready("adoptee", &mut w);
+    assert_eq!(s["last_start"], "restored", "{s}\n{}", w.err());
+    let restored: serde_json::Value = serde_json::from_str(&get(port, "/").unwrap()).unwrap();
+    assert_eq!(restored["status"], cold["status"], "the same credentials");
+    w.stop();
+
+    // Under its own name: the drop-in, and back.
+    let out = adopt(
+        &env,
+        &units,
+        &["adoptee", "--ready", &ready, "--force", "--enable"],
+    );
+    assert!(out.status.success(), "{out:?}");
+    let dropin =
+        std::fs::read_to_string(units.join("adoptee.service.d/warmer-adopt.conf")).unwrap();
+    assert!(
+        dropin.contains("ExecStart=\nExecStart=") && dropin.contains(" run adoptee\n"),
+        "{dropin}"
+    );
+    assert!(
+        dropin.contains("Type=notify") && dropin.contains("User=\n"),
+        "{dropin}"
+    );
+    let out = env
+        .command()
+        .args(["unadopt", "adoptee"])
+        .env("WARMER_UNIT_PATH", &units)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(snapshot(&units), before, "the unit's files as they were");
+}
+
+#[test]
+fn debians_units_adopt_as_installed() {
+    let env = Env::new();
+    for (unit, args) in [
+        ("tomcat10", vec!["--ready", "http://127.0.0.1:8080/"]),
+        (
+            "prometheus",
+            vec![
+                "--ready",
+                "http://127.0.0.1:9090/-/ready",
+                "--mode",
+                "persist",
+            ],
+        ),
+    ] {
+        assert!(
+            Path::new(&format!("/lib/systemd/system/{unit}.service")).exists(),
+            "Debian's {unit} is needed (scripts/deps.sh installs it)"
+        );
+        let out = env
+            .command()
+            .arg("adopt")
+            .arg(unit)
+            .args(&args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{unit}: {out:?}");
+        let path = env.path(&format!("manifests/{unit}.yaml"));
+        let m = std::fs::read_to_string(&path).unwrap();
+        assert!(m.contains("user: "), "{unit}: {m}");
+        let validate = env.command().arg("validate").arg(&path).output().unwrap();
+        assert!(validate.status.success(), "{unit}: {validate:?}");
+    }
+    // A forking unit is refused with the reason.
+    let pg = env
+        .command()
+        .args(["adopt", "postgresql@15-main"])
+        .output()
+        .unwrap();
+    assert!(!pg.status.success());
+    assert!(
+        String::from_utf8_lossy(&pg.stderr).contains("Type=forking"),
+        "{pg:?}"
+    );
+}
