@@ -17,6 +17,9 @@
 #     systemctl kill -s KILL -> restarted cold, on the current data
 #   a sandboxed service (as nobody, private /tmp, read-only system):
 #     restored after the reboot with its memory, as nobody
+#   warmer adopt UNIT --enable on an installed unit: systemctl start/restart
+#     run it through warmer (cold, then restored), a reboot restores it,
+#     warmer unadopt leaves `systemctl cat UNIT` as it was
 #
 # Needs root, systemd-nspawn and debootstrap (scripts/deps.sh installs them).
 # It never skips: if the container cannot boot, it fails and says why.
@@ -160,6 +163,24 @@ ready: {http: "http://127.0.0.1:8092/health", timeout: 60s}
 checkpoint: {settle: 200ms}
 sandbox: {private_tmp: true, protect_system: strict, no_new_privileges: true, runtime_directory: [boxed]}
 YAML
+# An installed service of the operator's own, adopted under its own name.
+rm -f "$ROOT/etc/warmer/manifests/adoptee.yaml"
+rm -rf "$ROOT/etc/systemd/system/adoptee.service.d"
+cat >"$ROOT/etc/systemd/system/adoptee.service" <<'UNIT'
+[Unit]
+Description=a service installed before warmer
+
+[Service]
+User=nobody
+Environment="WARMUP=0.5"
+ExecStart=/usr/bin/python3 /opt/warmer/examples/slowweb/server.py --port 8093 --warmup ${WARMUP}
+PrivateTmp=yes
+ProtectSystem=strict
+NoNewPrivileges=yes
+
+[Install]
+WantedBy=multi-user.target
+UNIT
 systemctl --root="$ROOT" enable "$SVC" warmer@ledger.service warmer@boxed.service warmer-verify.service >/dev/null 2>&1
 
 # ---------------------------------------------------------------- boot 1
@@ -194,6 +215,21 @@ check "sandbox: cold start at first boot" test "$(status_of boxed "['last_start'
 check "sandbox: checkpoint stored" wait_until 60 boxed_has_image
 check "sandbox: runs as nobody" test "$(boxed_uid)" = 65534
 boxed_before=$(boxed_nonce)
+
+ADOPTEE=adoptee.service
+adoptee_active() { [ "$(in_ct systemctl is-active "$ADOPTEE" 2>/dev/null)" = active ]; }
+adoptee_nonce() { in_ct curl -fs http://127.0.0.1:8093/state | python3 -c "import json,sys; print(json.load(sys.stdin)['nonce'])"; }
+adoptee_ready() { [ "$(status_of adoptee "['state']")" = ready ] && [ -n "$(status_of adoptee "['image']")" ]; }
+unit_as_shipped=$(in_ct systemctl cat "$ADOPTEE")
+check "adopt: --enable" in_ct /usr/local/bin/warmer adopt adoptee --ready http://127.0.0.1:8093/health --enable
+in_ct systemctl enable "$ADOPTEE" >/dev/null 2>&1
+in_ct systemctl start "$ADOPTEE"
+check "adopt: systemctl start runs it through warmer (cold, checkpoint)" wait_until 60 adoptee_ready
+check "adopt: cold first" test "$(status_of adoptee "['last_start']")" = cold
+in_ct systemctl restart "$ADOPTEE"
+wait_until 60 adoptee_active
+check "adopt: systemctl restart restores" test "$(status_of adoptee "['last_start']")" = restored
+adoptee_before=$(adoptee_nonce)
 
 # ---------------------------------------------------------------- boot 2
 reboot_ct
@@ -230,6 +266,16 @@ wait_until 60 boxed_ready
 check "sandbox: restored after the reboot" test "$(status_of boxed "['last_start']")" = restored
 check "sandbox: memory from before the reboot" test "$(boxed_nonce)" = "$boxed_before"
 check "sandbox: restored as nobody" test "$(boxed_uid)" = 65534
+
+# ---------------------------------------------------------------- adopted unit across the reboot
+wait_until 60 adoptee_active || fatal "$ADOPTEE not active after reboot"
+adoptee_restored() { [ "$(status_of adoptee "['state']")" = ready ]; }
+wait_until 60 adoptee_restored
+check "adopt: restored under its own name after the reboot" test "$(status_of adoptee "['last_start']")" = restored
+check "adopt: memory from before the reboot" test "$(adoptee_nonce)" = "$adoptee_before"
+in_ct systemctl stop "$ADOPTEE"
+check "unadopt" in_ct /usr/local/bin/warmer unadopt adoptee
+check "unadopt: the unit as shipped (systemctl cat)" test "$(in_ct systemctl cat "$ADOPTEE")" = "$unit_as_shipped"
 
 # ---------------------------------------------------------------- persist across the reboot
 wait_until 60 ledger_active || fatal "$LEDGER not active after reboot"
