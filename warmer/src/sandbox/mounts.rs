@@ -84,6 +84,21 @@ fn under(path: &Path, dir: &Path) -> bool {
 /// API file systems: writable even under `protect_system: strict`.
 const API: &[&str] = &["/dev", "/proc", "/sys"];
 
+/// Which host mounts enter the namespace: all but the kernel's own below
+/// `/proc` and `/sys` (tracing, debugfs, bpf, pstore, configfs...: what
+/// systemd's ProtectKernel* settings take away; the cgroup tree stays, JVMs
+/// read their limits there) and `/dev/mqueue` (it belongs to the host's IPC
+/// namespace, and the service has its own). Each mount costs a bind at
+/// every restore.
+fn wanted(p: &Path) -> bool {
+    let sys_kept = p == Path::new("/sys") || under(p, Path::new("/sys/fs/cgroup"));
+    let proc_kept = p == Path::new("/proc");
+    (sys_kept || !under(p, Path::new("/sys")))
+        && (proc_kept || !under(p, Path::new("/proc")))
+        && !under(p, Path::new("/dev/mqueue"))
+        && !under(p, Path::new("/dev/hugepages"))
+}
+
 /// Plans the namespace's mounts, parents before children. `exists` says
 /// whether a host path exists (paths the manifest names must; the usual
 /// `/usr`, `/boot`, `/efi` only when there). `skip` is a host directory
@@ -110,10 +125,7 @@ pub fn plan(
     put(&mut m, Path::new("/"), Source::Bind("/".into()), strict);
     for h in host {
         let p = &h.path;
-        if p == Path::new("/")
-            || under(p, skip)
-            || (under(p, Path::new("/proc")) && p != Path::new("/proc"))
-        {
+        if p == Path::new("/") || under(p, skip) || !wanted(p) {
             continue;
         }
         put(&mut m, p, Source::Bind(p.clone()), strict && !api(p));
@@ -229,7 +241,10 @@ mod tests {
              27 26 0:31 / /tmp/inner rw - tmpfs tmpfs rw\n\
              28 22 0:40 / /proc/sys/fs/binfmt_misc rw - binfmt_misc b rw\n\
              29 1 0:41 / /run/warmer/web/root rw - ext4 x rw\n\
-             30 1 254:1 / /srv/my\\040data rw - ext4 y rw\n",
+             30 1 254:1 / /srv/my\\040data rw - ext4 y rw\n\
+             31 23 0:50 / /sys/kernel/debug rw - debugfs d rw\n\
+             32 23 0:51 / /sys/fs/cgroup rw - cgroup2 c rw\n\
+             33 24 0:52 / /dev/mqueue rw - mqueue m rw\n",
         )
     }
 
@@ -242,7 +257,7 @@ mod tests {
     }
 
     #[test]
-    fn every_host_mount_once_parents_first_without_procs_children_or_our_own() {
+    fn every_host_mount_once_parents_first_without_the_kernels_own_or_ours() {
         let m = plan(&sb(), &host(), Path::new("/run/warmer"), &|_| true).unwrap();
         assert_eq!(
             paths(&m),
@@ -253,6 +268,7 @@ mod tests {
                 "/proc",
                 "/srv/my data",
                 "/sys",
+                "/sys/fs/cgroup",
                 "/tmp",
                 "/tmp/inner"
             ]
@@ -283,6 +299,7 @@ mod tests {
                 ("/proc", false),
                 ("/srv/my data", true),
                 ("/sys", false),
+                ("/sys/fs/cgroup", false),
                 ("/tmp", false),
                 ("/var/lib/app", false),
                 ("/var/lib/app2", false),
