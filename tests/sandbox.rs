@@ -95,6 +95,10 @@ fn another_users_service_runs_sandboxed_and_restores_with_the_same_credentials_a
     std::fs::write(&script, SERVICE).unwrap();
     let data = srv.0.join("data");
     std::fs::create_dir(&data).unwrap();
+    // A read-only bind of a writable host directory (CRIU binds it again
+    // writable: warmer makes it read-only again).
+    let ro = srv.0.join("ro");
+    std::fs::create_dir(&ro).unwrap();
     std::os::unix::fs::chown(&data, Some(65534), Some(65534)).unwrap();
     // A host file in /tmp the service must not see.
     let marker = format!("/tmp/warmer-host-only-{}", std::process::id());
@@ -116,6 +120,7 @@ fn another_users_service_runs_sandboxed_and_restores_with_the_same_credentials_a
              \x20 private_tmp: true\n\
              \x20 protect_system: strict\n\
              \x20 read_write_paths: [\"{data}\"]\n\
+             \x20 read_only_paths: [\"{ro}\"]\n\
              \x20 no_new_privileges: true\n\
              \x20 capability_bounding_set: [CAP_CHOWN]\n\
              \x20 umask: \"0027\"\n\
@@ -123,6 +128,7 @@ fn another_users_service_runs_sandboxed_and_restores_with_the_same_credentials_a
              \x20 limit_nofile: \"512:1024\"\n",
             script = script.display(),
             data = data.display(),
+            ro = ro.display(),
         ),
     );
     let mut w = env.run("who");
@@ -142,8 +148,14 @@ fn another_users_service_runs_sandboxed_and_restores_with_the_same_credentials_a
     assert_eq!(cold["pid"], 2);
     assert_eq!(cold["proc_self"], "2");
     assert!(cold["proc_pids"].as_array().unwrap().len() <= 3, "{cold}");
-    // Its own /tmp; the host's is not there.
-    assert_eq!(cold["tmp"], serde_json::json!(["mine"]), "{cold}");
+    // Its own /tmp; the host's is not there (but for the build tree that
+    // holds warmer-init, when it is below /tmp: bound in, read-only).
+    let mut own_tmp = vec!["mine".to_string()];
+    if let Ok(build) = std::path::Path::new(env!("CARGO_BIN_EXE_warmer")).strip_prefix("/tmp") {
+        own_tmp.push(build.iter().next().unwrap().to_string_lossy().into_owned());
+        own_tmp.sort();
+    }
+    assert_eq!(cold["tmp"], serde_json::json!(own_tmp), "{cold}");
     assert_eq!(cold["write_etc"], "Read-only file system");
     assert_eq!(cold["write_data"], "ok");
     assert_eq!(cold["setuid0"], "Operation not permitted");
@@ -172,6 +184,15 @@ fn another_users_service_runs_sandboxed_and_restores_with_the_same_credentials_a
     assert_eq!(restored["status"], cold["status"], "the same credentials");
     assert_eq!(restored["limits"], cold["limits"]);
     assert_eq!(restored["mounts"], cold["mounts"], "the same mounts");
+    let ro_line = format!("{} ro,relatime", ro.display());
+    assert!(
+        restored["mounts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m == &serde_json::json!(ro_line)),
+        "read_only_paths stay read-only: {restored}"
+    );
     assert_eq!(
         restored["proc_self"], "2",
         "its own /proc again: {restored}"
@@ -182,7 +203,7 @@ fn another_users_service_runs_sandboxed_and_restores_with_the_same_credentials_a
     );
     assert_eq!(
         restored["tmp"],
-        serde_json::json!(["mine"]),
+        serde_json::json!(own_tmp),
         "the private /tmp came back"
     );
     assert_eq!(restored["write_etc"], "Read-only file system");

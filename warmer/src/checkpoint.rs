@@ -68,10 +68,10 @@ impl Checkpoint<'_> {
         // is frozen (see `image::state`).
         let exe = std::env::current_exe().map_err(CheckpointError::Exe)?;
         let action_script = Some(exe.to_string_lossy().into_owned());
-        let external_mounts = if self.manifest.sandbox.is_some() {
+        let (external_mounts, read_only_mounts) = if self.manifest.sandbox.is_some() {
             sandbox_externals(running.pid.as_raw()).map_err(CheckpointError::Sandbox)?
         } else {
-            Vec::new()
+            (Vec::new(), Vec::new())
         };
         let plan = DumpPlan {
             pid: running.pid.as_raw(),
@@ -138,6 +138,7 @@ impl Checkpoint<'_> {
                 .sandbox
                 .is_some()
                 .then(|| plan.external_mounts.clone()),
+            read_only_mounts,
         };
         crate::image::write(&staging.data_dir(), &info).map_err(CheckpointError::Info)?;
         let entry = self.cache.publish(
@@ -163,8 +164,12 @@ impl Checkpoint<'_> {
     }
 }
 
-/// The host mounts bound into the namespace of the tree rooted at `init`.
-fn sandbox_externals(init: i32) -> Result<Vec<std::path::PathBuf>, crate::sandbox::SandboxError> {
+/// The host mounts bound into the namespace of the tree rooted at `init`,
+/// and its read-only mount points.
+#[allow(clippy::type_complexity)]
+fn sandbox_externals(
+    init: i32,
+) -> Result<(Vec<std::path::PathBuf>, Vec<std::path::PathBuf>), crate::sandbox::SandboxError> {
     let path = std::path::PathBuf::from(format!("/proc/{init}/mountinfo"));
     let text = std::fs::read_to_string(&path)
         .map_err(|source| crate::sandbox::SandboxError::Read { path, source })?;
@@ -174,5 +179,5 @@ fn sandbox_externals(init: i32) -> Result<Vec<std::path::PathBuf>, crate::sandbo
     if let Some(bad) = ext.iter().find(|p| !crate::sandbox::mounts::usable_key(p)) {
         return Err(crate::sandbox::SandboxError::Path(bad.clone()));
     }
-    Ok(ext)
+    Ok((ext, crate::sandbox::mounts::read_only(&ns)))
 }

@@ -70,6 +70,10 @@ pub struct RestoreInfo {
     /// the tree shared the host's mounts.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub external_mounts: Option<Vec<PathBuf>>,
+    /// A sandboxed service's read-only mount points, made read-only again
+    /// after CRIU (it binds external mounts with their source's flags).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub read_only_mounts: Vec<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -136,6 +140,7 @@ fn parse(path: &Path, bytes: &[u8]) -> Result<RestoreInfo, ImageFormatError> {
                 // Version 1 images were all taken when the service was ready.
                 taken: Taken::Ready,
                 external_mounts: None,
+                read_only_mounts: Vec::new(),
             })
         }
         RESTORE_INFO_VERSION => serde_json::from_slice(bytes).map_err(parse_err),
@@ -188,6 +193,7 @@ mod tests {
             tcp_established: true,
             taken: Taken::Stop,
             external_mounts: Some(vec!["/dev".into()]),
+            read_only_mounts: vec!["/".into()],
         };
         write(dir.path(), &info).unwrap();
         assert_eq!(read(dir.path()).unwrap(), info);

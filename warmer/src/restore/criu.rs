@@ -213,7 +213,7 @@ pub fn restore(
         })?;
     let _ = std::fs::remove_file(&pidfile);
     if info.external_mounts.is_some() {
-        if let Err(e) = crate::sandbox::restore::remount_proc(pid) {
+        if let Err(e) = crate::sandbox::restore::remount_proc(pid, &info.read_only_mounts) {
             // Never resumed: the tree ends with its init.
             let _ = nix::sys::signal::kill(Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
             let _ = nix::sys::wait::waitpid(Pid::from_raw(pid), None);

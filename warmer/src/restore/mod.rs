@@ -681,6 +681,7 @@ mod tests {
                 tcp_established: false,
                 taken: Taken::Ready,
                 external_mounts: None,
+                read_only_mounts: Vec::new(),
             },
         )
         .unwrap();

@@ -73,7 +73,7 @@ pub unsafe fn fail(report: i32, step: i32) -> ! {
 
 /// Flags a read-only remount must keep (a bind remount drops what it does
 /// not repeat, and the kernel refuses to drop a locked one).
-fn kept_flags(st: &libc::statvfs) -> libc::c_ulong {
+pub(super) fn kept_flags(st: &libc::statvfs) -> libc::c_ulong {
     let f = st.f_flag as libc::c_ulong;
     let mut out = 0;
     for (st_flag, ms_flag) in [
@@ -96,6 +96,20 @@ fn kept_flags(st: &libc::statvfs) -> libc::c_ulong {
 unsafe fn mount_one(m: &CMount, report: i32) {
     // SAFETY: mount/statfs on NUL-terminated strings prepared by the parent.
     unsafe {
+        for d in &m.mkdirs {
+            // Most exist already (outside the tmpfs); those inside are made.
+            libc::mkdir(d.as_ptr(), 0o755);
+        }
+        if m.touch {
+            let fd = libc::open(
+                m.target.as_ptr(),
+                libc::O_CREAT | libc::O_WRONLY | libc::O_CLOEXEC,
+                0o644,
+            );
+            if fd >= 0 {
+                libc::close(fd);
+            }
+        }
         let ok = match &m.source {
             Some(src) => {
                 libc::mount(

@@ -228,6 +228,10 @@ pub struct CMount {
     /// A bind of a host mount that may fail (a mount point no one can bind,
     /// such as an automounter's): skipped, as if it were not there.
     pub optional: bool,
+    /// Directories to make before the mount (inside a tmpfs), parents first.
+    pub mkdirs: Vec<CString>,
+    /// The mount point is a file to make.
+    pub touch: bool,
 }
 
 /// Everything the sandboxed spawn needs, prepared before the clone.
@@ -257,8 +261,9 @@ pub fn root_dir(run_dir: &Path) -> PathBuf {
 }
 
 impl Prepared {
-    /// Resolves credentials, creates the directories and plans the mounts.
-    pub fn new(s: &Sandbox, run_dir: &Path) -> Result<Self, SandboxError> {
+    /// Resolves credentials, creates the directories and plans the mounts;
+    /// `visible` (warmer-init's binary) must stay reachable inside.
+    pub fn new(s: &Sandbox, run_dir: &Path, visible: &[&Path]) -> Result<Self, SandboxError> {
         let creds = Credentials::resolve(s)?;
         make_directories(s, &creds, run_dir)?;
         let root = root_dir(run_dir);
@@ -268,8 +273,11 @@ impl Prepared {
         })?;
         let host = host_mounts()?;
         let skip = run_dir.parent().unwrap_or(run_dir);
-        let plan = mounts::plan(s, &host, skip, &|p| p.symlink_metadata().is_ok())
+        let mut plan = mounts::plan(s, &host, skip, &|p| p.symlink_metadata().is_ok())
             .map_err(SandboxError::Mounts)?;
+        for v in visible {
+            mounts::keep_visible(&mut plan, v);
+        }
         let host_points: Vec<&Path> = host.iter().map(|h| h.path.as_path()).collect();
         let mut out = Vec::new();
         for m in plan {
@@ -289,7 +297,20 @@ impl Prepared {
                     CString::new(format!("mode={mode:o}")).expect("no NUL"),
                 ),
             };
+            let mut mkdirs = Vec::new();
+            if m.create {
+                let mut up: Vec<&Path> = m.path.ancestors().skip(1).collect();
+                up.reverse();
+                for a in up {
+                    let rel = a.strip_prefix("/").unwrap_or(a);
+                    if !rel.as_os_str().is_empty() {
+                        mkdirs.push(cstr(&root.join(rel))?);
+                    }
+                }
+            }
             out.push(CMount {
+                mkdirs,
+                touch: m.create && !m.path.is_dir(),
                 optional: m.path != Path::new("/")
                     && host_points.contains(&m.path.as_path())
                     && source.is_some(),

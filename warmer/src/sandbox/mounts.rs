@@ -31,6 +31,8 @@ pub struct Mount {
     pub path: PathBuf,
     pub source: Source,
     pub read_only: bool,
+    /// Its mount point is made first (inside a tmpfs of the plan).
+    pub create: bool,
 }
 
 /// A host mount point, from `/proc/self/mountinfo`.
@@ -39,6 +41,8 @@ pub struct HostMount {
     pub path: PathBuf,
     /// `major:minor`.
     pub dev: String,
+    /// Mounted read-only (the per-mount `ro` option).
+    pub read_only: bool,
 }
 
 /// Parses mountinfo (`/proc/PID/mountinfo`): mount points and devices, in
@@ -47,11 +51,18 @@ pub fn parse_mountinfo(text: &str) -> Vec<HostMount> {
     text.lines()
         .filter_map(|l| {
             let mut f = l.split(' ');
-            let (_id, _parent, dev, _root, point) =
-                (f.next()?, f.next()?, f.next()?, f.next()?, f.next()?);
+            let (_id, _parent, dev, _root, point, options) = (
+                f.next()?,
+                f.next()?,
+                f.next()?,
+                f.next()?,
+                f.next()?,
+                f.next()?,
+            );
             Some(HostMount {
                 path: PathBuf::from(unescape(point)),
                 dev: dev.to_string(),
+                read_only: options.split(',').any(|o| o == "ro"),
             })
         })
         .collect()
@@ -119,6 +130,7 @@ pub fn plan(
                 path: path.to_path_buf(),
                 source,
                 read_only,
+                create: false,
             },
         );
     }
@@ -201,6 +213,31 @@ pub fn plan(
     Ok(m.into_values().collect())
 }
 
+/// Keeps host path `p` (warmer-init's binary) visible where the plan
+/// would hide it under one of its tmpfs (a build tree below a private
+/// /tmp): a read-only bind of it, its mount point made in the tmpfs.
+pub fn keep_visible(plan: &mut Vec<Mount>, p: &Path) {
+    let covering = plan
+        .iter()
+        .filter(|m| under(p, &m.path))
+        .max_by_key(|m| m.path.components().count());
+    if matches!(
+        covering,
+        Some(Mount {
+            source: Source::Tmpfs(_),
+            ..
+        })
+    ) {
+        plan.push(Mount {
+            path: p.to_path_buf(),
+            source: Source::Bind(p.to_path_buf()),
+            read_only: true,
+            create: true,
+        });
+        plan.sort_by(|a, b| a.path.cmp(&b.path));
+    }
+}
+
 /// The mounts of a namespace (its init's mountinfo) that CRIU must treat
 /// as external: binds of host mounts, recognised by a device the host has.
 /// Their keys are their mount points; at restore each is bound again from
@@ -215,6 +252,20 @@ pub fn externals(ns: &[HostMount], host: &[HostMount]) -> Vec<PathBuf> {
     out.sort();
     out.dedup();
     out
+}
+
+/// The mount points whose top-most mount is read-only: CRIU binds an
+/// external mount again with its source's flags, so these are made
+/// read-only again after a restore.
+pub fn read_only(ns: &[HostMount]) -> Vec<PathBuf> {
+    let mut top: BTreeMap<&Path, bool> = BTreeMap::new();
+    for n in ns {
+        top.insert(&n.path, n.read_only);
+    }
+    top.into_iter()
+        .filter(|(_, ro)| *ro)
+        .map(|(p, _)| p.to_path_buf())
+        .collect()
 }
 
 /// CRIU's `--external mnt[KEY]:VALUE` cannot carry these.
@@ -344,6 +395,30 @@ mod tests {
     }
 
     #[test]
+    fn warmer_init_under_a_private_tmp_stays_visible() {
+        let s = Sandbox {
+            private_tmp: true,
+            ..sb()
+        };
+        let mut m = plan(&s, &host(), Path::new("/run/warmer"), &|_| true).unwrap();
+        keep_visible(&mut m, Path::new("/tmp/build/warmer-init"));
+        let bind = m
+            .iter()
+            .find(|m| m.path == Path::new("/tmp/build/warmer-init"))
+            .unwrap();
+        assert!(bind.create && bind.read_only);
+        let tmp = m.iter().position(|m| m.path == Path::new("/tmp")).unwrap();
+        let at = m
+            .iter()
+            .position(|m| m.path == Path::new("/tmp/build/warmer-init"))
+            .unwrap();
+        assert!(tmp < at, "the tmpfs first");
+        let before = m.len();
+        keep_visible(&mut m, Path::new("/usr/bin/warmer-init"));
+        assert_eq!(m.len(), before, "nothing to do where it is visible");
+    }
+
+    #[test]
     fn externals_are_the_host_devices_but_not_the_root() {
         let ns = parse_mountinfo(
             "40 39 254:0 / / ro - ext4 /dev/vda ro\n\
@@ -357,6 +432,7 @@ mod tests {
             externals(&ns, &host()),
             ["/dev", "/proc", "/usr"].map(PathBuf::from)
         );
+        assert_eq!(read_only(&ns), ["/", "/usr"].map(PathBuf::from));
         assert!(usable_key(Path::new("/srv/my data")));
         assert!(!usable_key(Path::new("/srv/a:b")));
     }

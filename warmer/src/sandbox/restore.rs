@@ -120,11 +120,16 @@ impl Sources {
     }
 }
 
-/// Mounts the restored tree's /proc again, from inside its namespaces: a
+/// Mounts the restored tree's /proc again, and makes its read-only mount
+/// points read-only again, from inside its namespaces: a
 /// child joins its user and mount namespaces and forks into its PID
 /// namespace, where the grandchild mounts a /proc of that namespace over
 /// the one CRIU made. The tree stays stopped meanwhile.
-pub fn remount_proc(init: i32) -> std::io::Result<()> {
+pub fn remount_proc(init: i32, read_only: &[PathBuf]) -> std::io::Result<()> {
+    let ro: Vec<CString> = read_only
+        .iter()
+        .map(|p| cstr(p).map_err(|e| std::io::Error::other(e.to_string())))
+        .collect::<Result<_, _>>()?;
     let open = |ns: &str| -> std::io::Result<OwnedFd> {
         Ok(std::fs::File::open(format!("/proc/{init}/ns/{ns}"))?.into())
     };
@@ -155,7 +160,35 @@ pub fn remount_proc(init: i32) -> std::io::Result<()> {
                         libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
                         std::ptr::null(),
                     ) == 0;
-                libc::_exit(if ok { 0 } else { 2 });
+                if !ok {
+                    libc::_exit(2);
+                }
+                // Read-only again where the image's namespace was, with
+                // the flags each mount has.
+                for p in &ro {
+                    let mut st: libc::statvfs = std::mem::zeroed();
+                    if libc::statvfs(p.as_ptr(), &mut st) != 0 {
+                        libc::_exit(5);
+                    }
+                    if st.f_flag & libc::ST_RDONLY != 0 {
+                        continue;
+                    }
+                    let flags = libc::MS_REMOUNT
+                        | libc::MS_BIND
+                        | libc::MS_RDONLY
+                        | super::child::kept_flags(&st);
+                    if libc::mount(
+                        std::ptr::null(),
+                        p.as_ptr(),
+                        std::ptr::null(),
+                        flags,
+                        std::ptr::null(),
+                    ) != 0
+                    {
+                        libc::_exit(6);
+                    }
+                }
+                libc::_exit(0);
             }
             let mut status = 0;
             if inner < 0 || libc::waitpid(inner, &mut status, 0) != inner {

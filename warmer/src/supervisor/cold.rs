@@ -38,16 +38,16 @@ impl Supervisor {
             service: service.clone(),
             source,
         })?;
-        let sandbox =
-            match &self.manifest.sandbox {
-                None => None,
-                Some(s) => Some(crate::sandbox::Prepared::new(s, &self.run_dir).map_err(
-                    |source| RunError::Sandbox {
+        let sandbox = match &self.manifest.sandbox {
+            None => None,
+            Some(s) => Some(
+                crate::sandbox::Prepared::new(s, &self.run_dir, &[self.exe.path.as_path()])
+                    .map_err(|source| RunError::Sandbox {
                         service: service.clone(),
                         source,
-                    },
-                )?),
-            };
+                    })?,
+            ),
+        };
         // In the sandbox, the init's cwd is its own root: the run directory
         // is root's.
         let home = if sandbox.is_some() {
