@@ -504,7 +504,10 @@ fn validate(dirs: &Dirs, files: &[PathBuf]) -> ExitCode {
                             .flatten(),
                     )
                     .and_then(|(d, c)| c.lookup(&d.hex).ok().flatten());
-                for w in warmer::commands::lint::pushed_secrets(&m) {
+                for w in warmer::commands::lint::pushed_secrets(&m)
+                    .into_iter()
+                    .chain(warmer::commands::lint::sandbox_limits(&m))
+                {
                     eprintln!("{}: warning: {w}", f.display());
                 }
                 if let Some(e) = entry {
