@@ -164,8 +164,10 @@ checkpoint: {settle: 200ms}
 sandbox: {private_tmp: true, protect_system: strict, no_new_privileges: true, runtime_directory: [boxed]}
 YAML
 # An installed service of the operator's own, adopted under its own name.
+# (A rootfs reused from an earlier run: the unit as never enabled or adopted.)
 rm -f "$ROOT/etc/warmer/manifests/adoptee.yaml"
 rm -rf "$ROOT/etc/systemd/system/adoptee.service.d"
+rm -f "$ROOT/etc/systemd/system/multi-user.target.wants/adoptee.service"
 cat >"$ROOT/etc/systemd/system/adoptee.service" <<'UNIT'
 [Unit]
 Description=a service installed before warmer
@@ -223,7 +225,7 @@ adoptee_ready() { [ "$(status_of adoptee "['state']")" = ready ] && [ -n "$(stat
 unit_as_shipped=$(in_ct systemctl cat "$ADOPTEE")
 check "adopt: --enable" in_ct /usr/local/bin/warmer adopt adoptee --ready http://127.0.0.1:8093/health --enable
 in_ct systemctl enable "$ADOPTEE" >/dev/null 2>&1
-in_ct systemctl start "$ADOPTEE"
+in_ct systemctl restart "$ADOPTEE"
 check "adopt: systemctl start runs it through warmer (cold, checkpoint)" wait_until 60 adoptee_ready
 check "adopt: cold first" test "$(status_of adoptee "['last_start']")" = cold
 in_ct systemctl restart "$ADOPTEE"
