@@ -138,6 +138,28 @@ pub struct EnvFile {
     pub optional: bool,
 }
 
+/// Reads a unit, drop-in or environment file root will act on: only one no
+/// one but root could have written (through any link, up to `/`), and at
+/// most 1 MiB (checked on what is read, not on a size looked at first).
+pub fn read_trusted(p: &Path) -> Result<String, String> {
+    cache::fsutil::check_trusted(p, nix::unistd::geteuid().as_raw())
+        .map_err(|why| format!("refusing {}: {why}", p.display()))?;
+    let f = std::fs::File::open(p).map_err(|e| format!("{}: {e}", p.display()))?;
+    let mut bytes = Vec::new();
+    std::io::Read::read_to_end(
+        &mut std::io::Read::take(f, MAX_MANIFEST_BYTES as u64 + 1),
+        &mut bytes,
+    )
+    .map_err(|e| format!("{}: {e}", p.display()))?;
+    if bytes.len() > MAX_MANIFEST_BYTES {
+        return Err(format!(
+            "{}: larger than {MAX_MANIFEST_BYTES} bytes",
+            p.display()
+        ));
+    }
+    String::from_utf8(bytes).map_err(|_| format!("{}: not UTF-8 text", p.display()))
+}
+
 /// Parses an environment file as systemd does: `KEY=VALUE` lines, `#` and
 /// `;` comments, values optionally in single or double quotes (`\` escapes
 /// in double quotes).

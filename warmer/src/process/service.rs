@@ -92,10 +92,8 @@ pub fn env_file_vars(manifest: &Manifest) -> Result<Vec<(String, String)>, Strin
         if f.optional && f.path.symlink_metadata().is_err() {
             continue;
         }
-        cache::fsutil::check_trusted(&f.path, nix::unistd::geteuid().as_raw())
-            .map_err(|why| format!("refusing env_file {}: {why}", f.path.display()))?;
-        let text = std::fs::read_to_string(&f.path)
-            .map_err(|e| format!("cannot read env_file {}: {e}", f.path.display()))?;
+        let text =
+            crate::manifest::read_trusted(&f.path).map_err(|why| format!("env_file: {why}"))?;
         out.extend(crate::manifest::parse_env_file(&text));
     }
     Ok(out)

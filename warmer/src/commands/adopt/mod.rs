@@ -120,9 +120,11 @@ fn ready_yaml(r: &str) -> Result<String, AdoptError> {
 fn file_env(u: &unit::Unit) -> BTreeMap<String, String> {
     let mut env = BTreeMap::new();
     for f in u.list("Service", "EnvironmentFile") {
-        let p = f.trim_start_matches('-');
-        if let Ok(t) = std::fs::read_to_string(p) {
-            env.extend(crate::manifest::parse_env_file(&t));
+        let p = Path::new(f.trim_start_matches('-'));
+        match crate::manifest::read_trusted(p) {
+            Ok(t) => env.extend(crate::manifest::parse_env_file(&t)),
+            Err(why) if p.exists() => tracing::warn!("{why}: its variables are not expanded"),
+            Err(_) => {}
         }
     }
     env

@@ -3,7 +3,7 @@
 //! comments, specifiers (`%i`, `%n`, ...), and lists an empty assignment
 //! resets.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 /// The system unit search path, highest priority first (systemd.unit(5)).
 pub const SEARCH_PATH: &[&str] = &[
@@ -160,7 +160,7 @@ impl Unit {
                         .join(", ")
                 )
             })?;
-        let mut texts = vec![(main.clone(), read(&main)?)];
+        let mut texts = vec![(main.clone(), crate::manifest::read_trusted(&main)?)];
         // Drop-ins: every NAME.d/*.conf on the path; the same file name in
         // a higher-priority directory wins; applied in file-name order.
         let mut dropins: std::collections::BTreeMap<String, PathBuf> = Default::default();
@@ -176,7 +176,7 @@ impl Unit {
             }
         }
         for p in dropins.into_values() {
-            let t = read(&p)?;
+            let t = crate::manifest::read_trusted(&p)?;
             texts.push((p, t));
         }
         Ok(Self::from_texts(&name, &texts))
@@ -217,17 +217,6 @@ impl Unit {
         }
         out
     }
-}
-
-fn read(p: &Path) -> Result<String, String> {
-    let md = std::fs::metadata(p).map_err(|e| format!("{}: {e}", p.display()))?;
-    if md.len() > 1 << 20 {
-        return Err(format!(
-            "{}: larger than 1 MiB, not a unit file",
-            p.display()
-        ));
-    }
-    std::fs::read_to_string(p).map_err(|e| format!("{}: {e}", p.display()))
 }
 
 #[cfg(test)]
