@@ -17,9 +17,11 @@ if ! command -v cargo >/dev/null; then
 fi
 
 # The example services run on Debian's python3 (/usr/bin/python3); curl for the
-# demo; docker-registry: the real OCI registry of tests/registry.rs.
+# demo; docker-registry: the real OCI registry of tests/registry.rs; Debian's
+# tomcat10 and prometheus, run as their units run them by tests/sandbox.rs and
+# adopted by tests/adopt.rs.
 need=()
-for pkg in python3 curl iptables make systemd systemd-container debootstrap docker-registry man-db; do
+for pkg in python3 curl iptables make systemd systemd-container debootstrap docker-registry man-db tomcat10 prometheus; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
 if [ ${#need[@]} -gt 0 ]; then
@@ -35,19 +37,6 @@ if ! dpkg -s postgresql-15 >/dev/null 2>&1; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends postgresql-15 >/dev/null
-fi
-
-# Debian's tomcat10 and prometheus, run as their units run them by
-# tests/sandbox.rs (manifests/tomcat10.yaml, manifests/prometheus.yaml).
-need=()
-for pkg in tomcat10 prometheus; do
-  dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
-done
-if [ ${#need[@]} -gt 0 ]; then
-  log "installing ${need[*]}"
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq
-  apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
 
 # A JDK for the JVM test (tests/jvm.rs compiles examples/jvm/Hello.java).
