@@ -9,19 +9,6 @@ use std::process::Command;
 
 use common::*;
 
-/// A cluster of its own, dropped at the end.
-struct Cluster {
-    name: String,
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        let _ = Command::new("pg_dropcluster")
-            .args(["--stop", "15", &self.name])
-            .output();
-    }
-}
-
 fn lsclusters(name: &str) -> String {
     let out = Command::new("pg_lsclusters").output().unwrap();
     String::from_utf8_lossy(&out.stdout)

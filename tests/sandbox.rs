@@ -229,19 +229,6 @@ fn another_users_service_runs_sandboxed_and_restores_with_the_same_credentials_a
     let _ = std::fs::remove_dir(&rt);
 }
 
-/// A cluster of its own, dropped at the end.
-struct Cluster {
-    name: String,
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        let _ = Command::new("pg_dropcluster")
-            .args(["--stop", "15", &self.name])
-            .output();
-    }
-}
-
 fn psql(port: u16, sql: &str) -> String {
     let out = Command::new("runuser")
         .args([

@@ -545,3 +545,17 @@ fn pump(mut from: Box<dyn Read + Send>, to: Arc<Mutex<String>>) -> std::thread::
         }
     })
 }
+
+/// A PostgreSQL 15 cluster of a test's own, dropped (and stopped) at the end.
+#[allow(dead_code)]
+pub struct Cluster {
+    pub name: String,
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("pg_dropcluster")
+            .args(["--stop", "15", &self.name])
+            .output();
+    }
+}
