@@ -69,6 +69,8 @@ fn man_pages_render_and_say_what_help_says() {
             );
         }
     }
+    let init = render(&dir.path().join("warmer-init.8"));
+    assert!(init.contains("PID 1 of a service"), "{init}");
     let yaml = render(&dir.path().join("warmer.yaml.5"));
     for key in warmer::manifest::keys::KEYS {
         assert!(
@@ -123,4 +125,25 @@ fn bash_completes_subcommands_and_service_names() {
             "{shell}: {text}"
         );
     }
+}
+
+/// The Debian package's version is the workspace's, and `--version` names
+/// the formats its postinst compares across an upgrade.
+#[test]
+fn the_package_version_is_the_release_and_version_names_the_formats() {
+    let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let changelog = std::fs::read_to_string(repo.join("debian/changelog")).unwrap();
+    let first = changelog.lines().next().unwrap();
+    assert!(
+        first.starts_with(&format!("warmer ({}) ", env!("CARGO_PKG_VERSION"))),
+        "debian/changelog says {first:?}, Cargo.toml {}",
+        env!("CARGO_PKG_VERSION")
+    );
+    let out = Command::new(WARMER).arg("--version").output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(&format!("image format {}", warmer::image::IMAGE_FORMAT))
+            && text.contains(&format!("cache format {}", cache::FORMAT_VERSION)),
+        "{text}"
+    );
 }

@@ -99,6 +99,21 @@ fn corruption_does_not_count_as_criu_failing_to_restore() {
     w.stop();
 }
 
+/// An upgrade (or a downgrade) of warmer that changes the image format: the
+/// first start after it is a cold start, never a failed restore, and the
+/// old image is set aside with the reason.
+#[test]
+fn an_image_of_another_format_is_set_aside_and_the_start_is_cold() {
+    let (env, _, entry) = warmed("format");
+    let meta_path = entry.join("meta.json");
+    let mut meta: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&meta_path).unwrap()).unwrap();
+    let other = cache::FORMAT_VERSION + 1;
+    meta["format_version"] = other.into();
+    std::fs::write(&meta_path, serde_json::to_vec(&meta).unwrap()).unwrap();
+    cold_and_quarantined(&env, "format", &format!("unknown format_version {other}"));
+}
+
 #[test]
 fn a_pages_file_replaced_by_a_symlink_is_refused_even_with_a_stamp() {
     let (env, _, entry) = warmed("link");

@@ -4,7 +4,7 @@
 
 use std::path::PathBuf;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 /// Exit codes (sysexits.h), also shown in `--help`.
 pub mod exit {
@@ -285,4 +285,26 @@ pub fn parse_bytes(s: &str) -> Result<u64, String> {
         .ok()
         .and_then(|n| n.checked_mul(mult))
         .ok_or_else(|| format!("expected a size like 10G, 500M or 1048576, got {s:?}"))
+}
+
+/// What `warmer --version` prints: the release, the format of warmer's
+/// files in an image (a digest input: a new one means new digests, so cold
+/// starts) and of the cache's entries (an entry of another one is set aside).
+/// The Debian package's postinst compares them across an upgrade.
+pub fn long_version() -> String {
+    format!(
+        "{}\nimage format {}\ncache format {}",
+        env!("CARGO_PKG_VERSION"),
+        crate::image::IMAGE_FORMAT,
+        cache::FORMAT_VERSION
+    )
+}
+
+/// The command line of this process, parsed (exits on `--help`, `--version`
+/// and usage errors, as `Cli::parse` does).
+pub fn parse() -> Cli {
+    // Once per process: clap keeps &'static strs.
+    let version: &'static str = Box::leak(long_version().into_boxed_str());
+    let matches = Cli::command().long_version(version).get_matches();
+    Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
 }

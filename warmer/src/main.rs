@@ -4,8 +4,7 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::Parser;
-use warmer::cli::{exit, CacheCmd, Cli, Cmd};
+use warmer::cli::{exit, CacheCmd, Cmd};
 use warmer::commands::status;
 use warmer::dirs::Dirs;
 use warmer::errors::chain;
@@ -33,7 +32,7 @@ fn main() -> ExitCode {
         Role::Cli => {}
     }
     logging::init();
-    let cli = Cli::parse();
+    let cli = warmer::cli::parse();
     let dirs = Dirs::new(cli.manifest_dir, cli.cache_dir, cli.run_dir);
     match cli.cmd {
         Cmd::Run {

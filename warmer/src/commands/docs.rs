@@ -22,7 +22,8 @@ const TAKES_SERVICE: &[&str] = &[
     "inspect",
 ];
 
-/// Writes warmer(1), one page per subcommand and warmer.yaml(5) into `dir`.
+/// Writes warmer(1), one page per subcommand, warmer-init(8) and
+/// warmer.yaml(5) into `dir`.
 pub fn write_man_pages(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     std::fs::create_dir_all(dir)?;
     let mut written = Vec::new();
@@ -43,6 +44,9 @@ pub fn write_man_pages(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
         std::fs::write(&path, page)?;
         written.push(path);
     }
+    let init = dir.join("warmer-init.8");
+    std::fs::write(&init, init_man_page(env!("CARGO_PKG_VERSION")))?;
+    written.push(init);
     let yaml = dir.join("warmer.yaml.5");
     std::fs::write(
         &yaml,
@@ -50,6 +54,29 @@ pub fn write_man_pages(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     )?;
     written.push(yaml);
     Ok(written)
+}
+
+/// warmer-init(8): not a command anyone runs by hand, but installed in
+/// /usr/bin, so it says what it is.
+fn init_man_page(version: &str) -> String {
+    format!(
+        r#".TH WARMER-INIT 8 "" "warmer {version}" "warmer"
+.SH NAME
+warmer-init \- PID 1 of a service's PID namespace under warmer
+.SH SYNOPSIS
+\fBwarmer-init\fR \fISERVICE\fR \fIHOME\fR \fB--\fR \fIPROGRAM\fR [\fIARGS\fR...]
+.SH DESCRIPTION
+\fBwarmer\fR(1) starts every service it warms as a child of \fBwarmer-init\fR,
+the first process of a PID namespace of its own: it reaps orphans, passes
+signals on to the service, and ends when the service does, with its status.
+CRIU checkpoints and restores it with the service, so its bytes are part of
+every image's digest; a new release of warmer keeps it byte-identical.
+.PP
+It is started by \fBwarmer run\fR only; there is nothing to configure.
+.SH SEE ALSO
+\fBwarmer\fR(1), \fBwarmer.yaml\fR(5), \fBcriu\fR(8)
+"#
+    )
 }
 
 /// The completion script for `shell`: clap's, plus service names.
