@@ -20,6 +20,10 @@
 #   warmer adopt UNIT --enable on an installed unit: systemctl start/restart
 #     run it through warmer (cold, then restored), a reboot restores it,
 #     warmer unadopt leaves `systemctl cat UNIT` as it was
+#   all of it on warmer and CRIU as installed by apt from their .debs
+#     (scripts/package.sh); man pages, completion of service names; apt purge
+#     leaves no file of either, no image, no dangling unit symlink, and gives
+#     an adopted unit back as shipped
 #
 # Needs root, systemd-nspawn and debootstrap (scripts/deps.sh installs them).
 # It never skips: if the container cannot boot, it fails and says why.
@@ -118,7 +122,7 @@ reboot_ct() {
 }
 
 status_of() {
-  in_ct /usr/local/bin/warmer status "$1" --json 2>/dev/null |
+  in_ct /usr/bin/warmer status "$1" --json 2>/dev/null |
     python3 -c "import json,sys; v=json.load(sys.stdin)[0]; r=eval('v'+sys.argv[1]); print('' if r is None else r)" "$2"
 }
 status_field() { status_of slowweb "$1"; }
@@ -144,9 +148,22 @@ started_as() { [ "$(status_field "['last_start']")" = "$1" ]; }
 
 # ---------------------------------------------------------------- setup
 tests/systemd/rootfs.sh "$ROOT"
-cargo build --release --locked -q
-make -s install DESTDIR="$ROOT" >/dev/null
-install -D -m 0755 "$(command -v criu)" "$ROOT/usr/local/sbin/criu"
+# warmer as an operator installs it: its Debian packages (scripts/package.sh,
+# lintian-clean), with apt, which fetches their dependencies from the archive.
+scripts/package.sh >/dev/null
+in_rootfs() { SYSTEMD_SECCOMP=0 systemd-nspawn -q -D "$ROOT" --register=no --keep-unit --bind-ro="$PWD/target/debian:/mnt/debs" "$@"; }
+in_rootfs dpkg --purge warmer >/dev/null 2>&1 || true # left by an earlier, failed run
+in_rootfs apt-get update -qq >/dev/null
+# As if an earlier warmer with other image and cache formats had been installed.
+mkdir -p "$ROOT/var/lib/warmer"
+echo "image format 0 cache format 0" >"$ROOT/var/lib/warmer/image-format"
+in_rootfs env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+  "/mnt/debs/$(basename target/debian/criu_*.deb)" "/mnt/debs/$(basename target/debian/warmer_*.deb)" \
+  >"$LOG/apt-install.log" 2>&1 ||
+  { tail -n 20 "$LOG/apt-install.log" >&2; fatal "apt could not install the packages"; }
+check "package: an upgrade across image formats says images are retaken" \
+  grep -q "image format 0 cache format 0 -> image format .*not restored by this version" "$LOG/apt-install.log"
+mkdir -p "$ROOT/opt/warmer/examples/slowweb" "$ROOT/etc/warmer/manifests"
 # Every run starts from a clean slate: no images, no journal, pristine service.
 rm -rf "$ROOT/var/cache/warmer" "$ROOT/var/log/journal"
 mkdir -p "$ROOT/var/log/journal"
@@ -223,7 +240,7 @@ adoptee_active() { [ "$(in_ct systemctl is-active "$ADOPTEE" 2>/dev/null)" = act
 adoptee_nonce() { in_ct curl -fs http://127.0.0.1:8093/state | python3 -c "import json,sys; print(json.load(sys.stdin)['nonce'])"; }
 adoptee_ready() { [ "$(status_of adoptee "['state']")" = ready ] && [ -n "$(status_of adoptee "['image']")" ]; }
 unit_as_shipped=$(in_ct systemctl cat "$ADOPTEE")
-check "adopt: --enable" in_ct /usr/local/bin/warmer adopt adoptee --ready http://127.0.0.1:8093/health --enable
+check "adopt: --enable" in_ct /usr/bin/warmer adopt adoptee --ready http://127.0.0.1:8093/health --enable
 in_ct systemctl enable "$ADOPTEE" >/dev/null 2>&1
 in_ct systemctl restart "$ADOPTEE"
 check "adopt: systemctl start runs it through warmer (cold, checkpoint)" wait_until 60 adoptee_ready
@@ -276,7 +293,7 @@ wait_until 60 adoptee_restored
 check "adopt: restored under its own name after the reboot" test "$(status_of adoptee "['last_start']")" = restored
 check "adopt: memory from before the reboot" test "$(adoptee_nonce)" = "$adoptee_before"
 in_ct systemctl stop "$ADOPTEE"
-check "unadopt" in_ct /usr/local/bin/warmer unadopt adoptee
+check "unadopt" in_ct /usr/bin/warmer unadopt adoptee
 check "unadopt: the unit as shipped (systemctl cat)" test "$(in_ct systemctl cat "$ADOPTEE")" = "$unit_as_shipped"
 
 # ---------------------------------------------------------------- persist across the reboot
@@ -321,6 +338,41 @@ reboot_ct
 wait_until 60 is_active || fatal "$SVC not active after the third boot"
 check "changed program: cold start after reboot" started_as cold
 check "changed program: fresh memory" test "$(nonce)" != "$before"
+
+# ---------------------------------------------------------------- the package, then purge
+check "package: /usr/sbin/criu belongs to dpkg's criu" bash -c "nsenter -t $LEADER -a -- dpkg -S /usr/sbin/criu | grep -q '^criu:'"
+man_page() { in_ct env MANPAGER=cat COLUMNS=100 man "$1" 2>/dev/null | grep -q "$2"; }
+check "package: man warmer" man_page warmer "warmer-adopt"
+check "package: man warmer.yaml" man_page warmer.yaml "protect_system"
+completes_services() {
+  local words
+  words=$(in_ct bash -c 'source /usr/share/bash-completion/bash_completion
+    source /usr/share/bash-completion/completions/warmer
+    COMP_WORDS=(warmer status ""); COMP_CWORD=2; COMP_LINE="warmer status "; COMP_POINT=${#COMP_LINE}
+    _warmer_with_services warmer "" status; echo "${COMPREPLY[*]}"')
+  for w in slowweb ledger boxed adoptee; do [[ " $words " == *" $w "* ]] || return 1; done
+}
+check "package: warmer status <TAB> completes the services" completes_services
+# Adopted again, so the removal has a unit to give back.
+in_ct /usr/bin/warmer adopt adoptee --ready http://127.0.0.1:8093/health --enable --force >/dev/null
+package_files=$(in_ct dpkg -L warmer)
+in_ct env DEBIAN_FRONTEND=noninteractive apt-get purge -y -qq warmer criu >"$LOG/apt-purge.log" 2>&1 ||
+  { tail -n 20 "$LOG/apt-purge.log" >&2; fatal "apt purge failed"; }
+no_package_file_left() {
+  local f left=0
+  while read -r f; do
+    [ -n "$f" ] && [ ! -d "$ROOT$f" ] && [ -e "$ROOT$f" ] && { say "left: $f"; left=1; }
+  done <<<"$package_files"
+  for f in /usr/share/doc/warmer /var/cache/warmer /var/lib/warmer /run/warmer /usr/sbin/criu; do
+    [ -e "$ROOT$f" ] && { say "left: $f"; left=1; }
+  done
+  [ "$left" = 0 ]
+}
+check "purge: no file of warmer or criu left, nor the image cache" no_package_file_left
+no_dangling_links() { ! in_ct find /etc/systemd/system -xtype l | grep .; }
+check "purge: no enablement symlink left behind" no_dangling_links
+check "purge: nothing of warmer still running" bash -c "! nsenter -t $LEADER -a -- pgrep -x warmer >/dev/null"
+check "purge: the adopted unit as shipped again" test "$(in_ct systemctl cat "$ADOPTEE")" = "$unit_as_shipped"
 
 shutdown_ct
 say "logs: $LOG"

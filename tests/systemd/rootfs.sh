@@ -1,18 +1,19 @@
 #!/usr/bin/env bash
 # Builds (once) a minimal Debian bookworm root filesystem that boots systemd
-# in systemd-nspawn, with python3 for the example service and CRIU's runtime
-# libraries. Usage: rootfs.sh DIR. A finished tree is marked DIR/.warmer-rootfs-1.
+# in systemd-nspawn, with python3 for the example service, man-db and
+# bash-completion (warmer's man pages and completions are checked there).
+# warmer and CRIU are not in it: the test installs their packages with apt,
+# which brings their dependencies. Usage: rootfs.sh DIR. A finished tree is
+# marked DIR/.warmer-rootfs-2.
 set -euo pipefail
 ROOT=$1
 HERE=$(cd "$(dirname "$0")" && pwd)
-MARK=$ROOT/.warmer-rootfs-1
+MARK=$ROOT/.warmer-rootfs-2
 [ -e "$MARK" ] && exit 0
 rm -rf "$ROOT" "$ROOT.tmp"
 mkdir -p "$(dirname "$ROOT")"
 URI=$("$HERE/../../scripts/debian-uri.sh")
-PKGS=systemd,systemd-sysv,dbus,python3,procps,iproute2,curl,iptables
-# CRIU 4.2.1's shared libraries (it is copied in from the host).
-PKGS=$PKGS,libprotobuf-c1,libnl-3-200,libnet1,libnftables1,libbsd0,libgnutls30,libuuid1
+PKGS=systemd,systemd-sysv,dbus,python3,procps,iproute2,curl,man-db,bash-completion
 echo "rootfs: debootstrap bookworm into $ROOT (a minute or two)" >&2
 debootstrap --variant=minbase --include="$PKGS" bookworm "$ROOT.tmp" "$URI" >"$ROOT.log" 2>&1 || {
   tail -n 30 "$ROOT.log" >&2
