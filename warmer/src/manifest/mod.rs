@@ -142,7 +142,14 @@ pub struct EnvFile {
 /// one but root could have written (through any link, up to `/`), and at
 /// most 1 MiB (checked on what is read, not on a size looked at first).
 pub fn read_trusted(p: &Path) -> Result<String, String> {
-    cache::fsutil::check_trusted(p, nix::unistd::geteuid().as_raw())
+    read_trusted_as(p, nix::unistd::geteuid().as_raw())
+}
+
+/// [`read_trusted`], with `uid` trusted besides root: for a daemon's own
+/// configuration that its packaging gives to its user (PostgreSQL's is
+/// `postgres`'s), read to start that daemon as that user.
+pub fn read_trusted_as(p: &Path, uid: u32) -> Result<String, String> {
+    cache::fsutil::check_trusted(p, uid)
         .map_err(|why| format!("refusing {}: {why}", p.display()))?;
     let f = std::fs::File::open(p).map_err(|e| format!("{}: {e}", p.display()))?;
     let mut bytes = Vec::new();
