@@ -133,9 +133,15 @@ pub enum Cmd {
         /// The unit, e.g. tomcat10 or tomcat10.service.
         unit: String,
         /// Readiness: http://HOST:PORT/PATH, tcp:HOST:PORT, exec:COMMAND or
-        /// notify (default: notify for Type=notify units; else required).
+        /// notify (default: notify for Type=notify units, the launcher's for
+        /// a known launcher such as pg_ctlcluster; else required).
         #[arg(long)]
         ready: Option<String>,
+        /// The daemon's foreground command line (systemd syntax), instead of
+        /// ExecStart=: for Type=forking units whose launcher warmer does not
+        /// know, e.g. --exec "/usr/sbin/nginx -g 'daemon off;'".
+        #[arg(long, value_name = "COMMAND")]
+        exec: Option<String>,
         /// warm (default) or persist.
         #[arg(long)]
         mode: Option<String>,

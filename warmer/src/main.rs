@@ -102,6 +102,7 @@ fn main() -> ExitCode {
         Cmd::Export { target, output } => export_cmd(&dirs, &target, &output),
         Cmd::Adopt {
             unit,
+            exec,
             ready,
             mode,
             force,
@@ -109,6 +110,7 @@ fn main() -> ExitCode {
         } => {
             let req = warmer::commands::adopt::Request {
                 unit,
+                exec,
                 ready,
                 mode,
                 force,
@@ -116,20 +118,7 @@ fn main() -> ExitCode {
             };
             match warmer::commands::adopt::adopt(&dirs.manifests, &req) {
                 Ok(a) => {
-                    println!("wrote {} (service {})", a.manifest.display(), a.service);
-                    for (k, why) in &a.not_carried {
-                        println!("  not carried over: {k}: {why}");
-                    }
-                    for n in &a.notes {
-                        println!("  note: {n}");
-                    }
-                    if let Some(d) = &a.dropin {
-                        println!(
-                            "installed {}: `systemctl restart {}` now runs it through warmer",
-                            d.display(),
-                            req.unit
-                        );
-                    }
+                    print!("{}", warmer::commands::adopt::render(&a, &req.unit));
                     ExitCode::from(exit::OK)
                 }
                 Err(e) => {

@@ -4,11 +4,14 @@
 //! drop-in; `warmer unadopt UNIT` removes the drop-in again.
 //!
 //! [`unit`] reads unit files as systemd does, [`cmdline`] splits and
-//! expands their command lines, [`translate`] maps settings to manifest
-//! keys (pure, tested on Debian's units); this file does the I/O: the
+//! expands their command lines, [`launchers`] follows a `Type=forking`
+//! unit's launcher to the daemon it starts (Debian's `pg_ctlcluster`),
+//! [`translate`] maps settings to manifest keys (pure, tested on Debian's
+//! units); this file does the I/O: the
 //! search path, the package database, writing the manifest and the drop-in.
 
 pub mod cmdline;
+pub mod launchers;
 pub mod translate;
 pub mod unit;
 
@@ -35,6 +38,8 @@ pub enum AdoptError {
     Ready(String),
     #[error("--mode {0:?}: expected warm or persist")]
     Mode(String),
+    #[error("--exec {0:?}: {1}")]
+    Exec(String, String),
     #[error("cannot write {}", path.display())]
     Write {
         path: PathBuf,
@@ -51,6 +56,8 @@ pub enum AdoptError {
 #[derive(Debug, Clone, Default)]
 pub struct Request {
     pub unit: String,
+    /// `--exec`: the foreground command line instead of `ExecStart=`.
+    pub exec: Option<String>,
     pub ready: Option<String>,
     pub mode: Option<String>,
     pub force: bool,
@@ -65,6 +72,24 @@ pub struct Adopted {
     pub dropin: Option<PathBuf>,
     pub not_carried: Vec<(String, String)>,
     pub notes: Vec<String>,
+}
+
+/// What `warmer adopt` prints.
+pub fn render(a: &Adopted, unit: &str) -> String {
+    let mut out = format!("wrote {} (service {})\n", a.manifest.display(), a.service);
+    for (k, why) in &a.not_carried {
+        out.push_str(&format!("  not carried over: {k}: {why}\n"));
+    }
+    for n in &a.notes {
+        out.push_str(&format!("  note: {n}\n"));
+    }
+    if let Some(d) = &a.dropin {
+        out.push_str(&format!(
+            "installed {}: `systemctl restart {unit}` now runs it through warmer\n",
+            d.display()
+        ));
+    }
+    out
 }
 
 /// The unit search path: `WARMER_UNIT_PATH` (colon-separated, for tests and
@@ -237,20 +262,49 @@ pub fn adopt(manifest_dir: &Path, req: &Request) -> Result<Adopted, AdoptError> 
         mode: req.mode.clone(),
     };
     let env = file_env(&u);
-    // The program's argv first, for the package lookup.
-    let start = u.list("Service", "ExecStart");
-    let argv = start
+    let translate_err = |why| AdoptError::Translate {
+        unit: name.clone(),
+        why,
+    };
+    // What runs: --exec, or what the unit's ExecStart (or its launcher)
+    // starts; its argv first, for the package lookup.
+    let mut unit_env = cmdline::assignments(&u.list("Service", "Environment"));
+    unit_env.extend(env.clone());
+    let start_argv = u
+        .list("Service", "ExecStart")
         .first()
-        .and_then(|s| cmdline::exec(s, &env).ok())
+        .and_then(|s| cmdline::exec(s, &unit_env).ok())
         .map(|e| e.argv)
         .unwrap_or_default();
-    let (files, pkg) = package_files(&argv);
-    let t = translate::translate(&u, &env, &choices, &files, &|p| p.exists()).map_err(|why| {
-        AdoptError::Translate {
-            unit: name.clone(),
-            why,
+    let start_with = match &req.exec {
+        Some(cmd) => {
+            let e =
+                cmdline::exec(cmd, &unit_env).map_err(|why| AdoptError::Exec(cmd.clone(), why))?;
+            if e.argv.first().is_none_or(|p| !p.starts_with('/')) {
+                return Err(AdoptError::Exec(
+                    cmd.clone(),
+                    "expected an absolute program path".into(),
+                ));
+            }
+            translate::Start::Given(e.argv)
         }
-    })?;
+        None => match launchers::foreground(&start_argv, &launchers::Real) {
+            Some(Ok(f)) => translate::Start::Launcher(Box::new(f)),
+            Some(Err(why)) => return Err(translate_err(why)),
+            None => translate::Start::Unit,
+        },
+    };
+    let argv = match &start_with {
+        translate::Start::Unit => start_argv,
+        translate::Start::Given(a) => a.clone(),
+        translate::Start::Launcher(f) => f.argv.clone(),
+    };
+    let (mut files, pkg) = package_files(&argv);
+    if let translate::Start::Launcher(f) = &start_with {
+        files.extend(f.digest_files.iter().cloned());
+    }
+    let t = translate::translate(&u, &env, &choices, &start_with, &files, &|p| p.exists())
+        .map_err(translate_err)?;
     let mut text = format!(
         "# Adopted from {name} by `warmer adopt` ({}).\n",
         u.files
@@ -312,7 +366,7 @@ pub fn adopt(manifest_dir: &Path, req: &Request) -> Result<Adopted, AdoptError> 
             unit: name.clone(),
             why: crate::errors::chain(&e),
         })?;
-        Some(enable(&search, &name, &service, &m)?)
+        Some(enable(&search, &name, &service, &m, &t.dropin)?)
     } else {
         None
     };
@@ -327,9 +381,21 @@ pub fn adopt(manifest_dir: &Path, req: &Request) -> Result<Adopted, AdoptError> 
 
 /// The drop-in's text: the unit runs `warmer run SERVICE`, its sandbox
 /// moved into the manifest (systemd must not apply it to warmer and CRIU).
-pub fn dropin_text(warmer: &Path, service: &str, m: &crate::manifest::Manifest) -> String {
+/// `ExecStop=` is reset: warmer stops the service itself (in order, and a
+/// persist-mode service with its stop-time checkpoint). `extra`: a
+/// launcher's lines (its stop signal, its reload).
+pub fn dropin_text(
+    warmer: &Path,
+    service: &str,
+    m: &crate::manifest::Manifest,
+    extra: &[String],
+) -> String {
     let start = m.ready.timeout + m.restore_timeout + std::time::Duration::from_secs(30);
     let stop = m.stop_timeout + std::time::Duration::from_secs(30);
+    let mut extra = extra.join("\n");
+    if !extra.is_empty() {
+        extra = format!("# How the service stops and reloads under warmer:\n{extra}\n");
+    }
     format!(
         "# Written by `warmer adopt --enable`; `warmer unadopt` removes it.\n\
          [Service]\n\
@@ -338,6 +404,7 @@ pub fn dropin_text(warmer: &Path, service: &str, m: &crate::manifest::Manifest) 
          ExecStartPre=\n\
          ExecStart=\n\
          ExecStart={} run {service}\n\
+         ExecStop=\n\
          KillMode=mixed\n\
          TimeoutStartSec={}\n\
          TimeoutStopSec={}\n\
@@ -369,7 +436,8 @@ pub fn dropin_text(warmer: &Path, service: &str, m: &crate::manifest::Manifest) 
          RestrictAddressFamilies=\n\
          DevicePolicy=auto\n\
          DeviceAllow=\n\
-         RemoveIPC=no\n",
+         RemoveIPC=no\n\
+         {extra}",
         warmer.display(),
         humantime::format_duration(start),
         humantime::format_duration(stop),
@@ -396,6 +464,7 @@ fn enable(
     unit: &str,
     service: &str,
     m: &crate::manifest::Manifest,
+    extra: &[String],
 ) -> Result<PathBuf, AdoptError> {
     let path = dropin_path(search, unit);
     let dir = path.parent().expect("a drop-in has a directory");
@@ -410,7 +479,7 @@ fn enable(
     cache::fsutil::write_atomic(
         dir,
         DROPIN,
-        dropin_text(&warmer, service, m).as_bytes(),
+        dropin_text(&warmer, service, m, extra).as_bytes(),
         0o644,
         cache::fsutil::Durability::Atomic,
     )

@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use super::cmdline;
+use super::launchers::Foreground;
 use super::unit::Unit;
 
 /// What the operator chose on the command line.
@@ -16,12 +17,27 @@ pub struct Choices {
     pub mode: Option<String>,
 }
 
+/// What the service runs.
+#[derive(Debug, Clone, Default)]
+pub enum Start {
+    /// The unit's `ExecStart=`.
+    #[default]
+    Unit,
+    /// `--exec`: the operator's foreground command line instead.
+    Given(Vec<String>),
+    /// What a launcher in `ExecStart=` would have started
+    /// ([`super::launchers`]).
+    Launcher(Box<Foreground>),
+}
+
 /// The manifest's text, and the settings left behind.
 #[derive(Debug, Clone)]
 pub struct Translated {
     pub yaml: String,
     pub not_carried: Vec<(String, String)>,
     pub notes: Vec<String>,
+    /// Lines `--enable` adds to the drop-in (a launcher's stop and reload).
+    pub dropin: Vec<String>,
 }
 
 /// Settings the manifest carries, or that need nothing there.
@@ -130,16 +146,16 @@ fn yes(v: &str) -> Option<bool> {
     }
 }
 
-/// A systemd time span (`90`, `20s`, `1min 30s`, `infinity`) as a manifest
-/// duration.
+/// A systemd time span (`90`, `20s`, `1min 30s`) as a manifest duration;
+/// `None` for `0` and `infinity` (no limit: systemd's, not warmer's).
 fn span(v: &str) -> Option<String> {
     let v = v.trim();
-    if v.bytes().all(|b| b.is_ascii_digit()) && !v.is_empty() {
-        return Some(format!("{v}s"));
-    }
-    humantime::parse_duration(v)
-        .ok()
-        .map(|d| humantime::format_duration(d).to_string())
+    let d = if v.bytes().all(|b| b.is_ascii_digit()) && !v.is_empty() {
+        std::time::Duration::from_secs(v.parse().ok()?)
+    } else {
+        humantime::parse_duration(v).ok()?
+    };
+    (!d.is_zero()).then(|| humantime::format_duration(d).to_string())
 }
 
 /// Translates `unit` (with the environment its `EnvironmentFile=`s give at
@@ -148,6 +164,7 @@ pub fn translate(
     unit: &Unit,
     file_env: &BTreeMap<String, String>,
     choices: &Choices,
+    start_with: &Start,
     digest_files: &[String],
     exists: &dyn Fn(&Path) -> bool,
 ) -> Result<Translated, String> {
@@ -160,26 +177,48 @@ pub fn translate(
     let mut expand_env = env.clone();
     expand_env.extend(file_env.clone());
     let ty = unit.get(S, "Type").unwrap_or_else(|| "simple".into());
-    if ty == "forking" || ty == "oneshot" {
-        return Err(format!(
-            "Type={ty}: warmer supervises a service that stays in the foreground (simple, exec or notify); run its daemon in the foreground in a manifest by hand"
-        ));
-    }
     let starts = unit.list(S, "ExecStart");
-    let [start] = starts.as_slice() else {
-        return Err(format!("expected one ExecStart=, found {}", starts.len()));
+    let fg = match start_with {
+        Start::Launcher(f) => Some(f.as_ref()),
+        _ => None,
     };
-    let exec = cmdline::exec(start, &expand_env)?;
-    if exec.privileged {
-        not_carried.push((
-            "ExecStart prefix + or !".into(),
-            "the service runs with the unit's user and sandbox".into(),
-        ));
-    }
-    y.push_str(&format!("exec: {}\n", list(&exec.argv)));
-    if start.contains('$') && !file_env.is_empty() {
-        notes.push("ExecStart's variables were expanded from the unit's EnvironmentFile= now: adopt again after changing them".into());
-    }
+    let argv = match start_with {
+        Start::Unit => {
+            if ty == "forking" || ty == "oneshot" {
+                return Err(format!(
+                    "Type={ty}: warmer supervises a service that stays in the foreground (the parent of what it checkpoints); pass --exec 'COMMAND' that runs its daemon in the foreground (nginx: --exec \"/usr/sbin/nginx -g 'daemon off;'\"); the rest of the unit is carried over as usual"
+                ));
+            }
+            let [start] = starts.as_slice() else {
+                return Err(format!("expected one ExecStart=, found {}", starts.len()));
+            };
+            let exec = cmdline::exec(start, &expand_env)?;
+            if exec.privileged {
+                not_carried.push((
+                    "ExecStart prefix + or !".into(),
+                    "the service runs with the unit's user and sandbox".into(),
+                ));
+            }
+            if start.contains('$') && !file_env.is_empty() {
+                notes.push("ExecStart's variables were expanded from the unit's EnvironmentFile= now: adopt again after changing them".into());
+            }
+            exec.argv
+        }
+        Start::Given(argv) => {
+            notes.push(format!("ExecStart={} replaced by --exec", starts.join(" ")));
+            argv.clone()
+        }
+        Start::Launcher(f) => {
+            notes.push(format!(
+                "ExecStart={}: {} in the foreground",
+                starts.join(" "),
+                f.launcher
+            ));
+            notes.extend(f.notes.iter().cloned());
+            f.argv.clone()
+        }
+    };
+    y.push_str(&format!("exec: {}\n", list(&argv)));
     if let Some(w) = unit.get(S, "WorkingDirectory") {
         let w = w.trim_start_matches('-');
         if w.starts_with('/') {
@@ -192,7 +231,12 @@ pub fn translate(
         }
     }
     for (key, manifest_key) in [("User", "user"), ("Group", "group")] {
-        if let Some(v) = unit.get(S, key).filter(|v| !v.is_empty()) {
+        let from_launcher = fg.map(|f| if key == "User" { &f.user } else { &f.group });
+        if let Some(v) = unit
+            .get(S, key)
+            .filter(|v| !v.is_empty())
+            .or(from_launcher.cloned())
+        {
             y.push_str(&format!("{manifest_key}: {}\n", q(&v)));
         }
     }
@@ -200,7 +244,10 @@ pub fn translate(
     if !groups.is_empty() {
         y.push_str(&format!("supplementary_groups: {}\n", list(&groups)));
     }
-    // The manifest's env: Environment= only; files stay files.
+    // The manifest's env: Environment= (and a launcher's) only; files stay files.
+    if let Some(f) = fg {
+        env.extend(f.env.clone());
+    }
     env.retain(|k, _| !k.is_empty());
     if !env.is_empty() {
         y.push_str("env:\n");
@@ -316,7 +363,14 @@ pub fn translate(
         ("CacheDirectory", "cache_directory", "/var/cache"),
         ("LogsDirectory", "logs_directory", "/var/log"),
     ] {
-        let names = words(&unit.list(S, key));
+        let mut names = words(&unit.list(S, key));
+        if let (Some(f), "RuntimeDirectory") = (fg, key) {
+            for n in &f.runtime_directory {
+                if !names.contains(n) {
+                    names.push(n.clone());
+                }
+            }
+        }
         if !names.is_empty() {
             sb.push_str(&format!("  {manifest_key}: {}\n", list(&names)));
             if key == "StateDirectory" {
@@ -355,6 +409,7 @@ pub fn translate(
     // Readiness.
     let ready = match (&choices.ready, ty.as_str()) {
         (Some(r), _) => r.clone(),
+        (None, _) if fg.is_some() => fg.map(|f| f.ready.clone()).unwrap_or_default(),
         (None, "notify") => "notify: true".into(),
         (None, _) => {
             return Err(format!(
@@ -363,19 +418,24 @@ pub fn translate(
         }
     };
     y.push_str(&format!("ready:\n  {ready}\n"));
-    if let Some(t) = unit
-        .get(S, "TimeoutStartSec")
-        .or_else(|| unit.get(S, "TimeoutSec"))
-        .and_then(|t| span(&t))
-    {
+    let mut timeout = |key: &str| {
+        let v = unit.get(S, key).or_else(|| unit.get(S, "TimeoutSec"))?;
+        let t = span(&v);
+        if t.is_none() {
+            notes.push(format!(
+                "{key}={v} (no limit): warmer's default applies; set it in the manifest to change it"
+            ));
+        }
+        t
+    };
+    if let Some(t) = timeout("TimeoutStartSec") {
         y.push_str(&format!("  timeout: {t}\n"));
     }
-    if let Some(t) = unit
-        .get(S, "TimeoutStopSec")
-        .or_else(|| unit.get(S, "TimeoutSec"))
-        .and_then(|t| span(&t))
-    {
+    if let Some(t) = timeout("TimeoutStopSec") {
         y.push_str(&format!("stop:\n  timeout: {t}\n"));
+    }
+    if let Some(p) = fg.and_then(|f| f.pid_file.as_ref()) {
+        y.push_str(&format!("pid_file: {}\n", q(p)));
     }
     if let Some(m) = &choices.mode {
         y.push_str(&format!("mode: {m}\n"));
@@ -390,6 +450,9 @@ pub fn translate(
         {
             state.push(p);
         }
+    }
+    if let Some(f) = fg {
+        state.extend(f.state.iter().cloned());
     }
     state.sort();
     state.dedup();
@@ -412,6 +475,7 @@ pub fn translate(
         yaml: y,
         not_carried,
         notes,
+        dropin: fg.map(|f| f.dropin.clone()).unwrap_or_default(),
     })
 }
 
@@ -442,6 +506,7 @@ mod tests {
                 ready: Some("http: \"http://127.0.0.1:8080/\"".into()),
                 mode: None,
             },
+            &Start::Unit,
             &["/usr/share/tomcat10/lib".into()],
             &|_| true,
         )
@@ -471,8 +536,15 @@ mod tests {
             "{:?}",
             t.not_carried
         );
-        let no_ready =
-            translate(&u, &BTreeMap::new(), &Choices::default(), &[], &|_| true).unwrap_err();
+        let no_ready = translate(
+            &u,
+            &BTreeMap::new(),
+            &Choices::default(),
+            &Start::Unit,
+            &[],
+            &|_| true,
+        )
+        .unwrap_err();
         assert!(no_ready.contains("--ready"), "{no_ready}");
     }
 
@@ -487,7 +559,7 @@ mod tests {
             )],
         );
         let env: BTreeMap<String, String> = [("ARGS".to_string(), "--a --b".to_string())].into();
-        let t = translate(&u, &env, &Choices::default(), &[], &|_| true).unwrap();
+        let t = translate(&u, &env, &Choices::default(), &Start::Unit, &[], &|_| true).unwrap();
         let m = crate::manifest::Manifest::parse("p", Path::new("p.yaml"), &t.yaml)
             .unwrap_or_else(|e| panic!("{e}\n{}", t.yaml));
         assert_eq!(m.exec, ["/usr/bin/prometheus", "--a", "--b"]);
@@ -503,10 +575,15 @@ mod tests {
                 "[Service]\nType=forking\nExecStart=/bin/x\n".into(),
             )],
         );
-        assert!(
-            translate(&forking, &env, &Choices::default(), &[], &|_| true)
-                .unwrap_err()
-                .contains("forking")
-        );
+        assert!(translate(
+            &forking,
+            &env,
+            &Choices::default(),
+            &Start::Unit,
+            &[],
+            &|_| true
+        )
+        .unwrap_err()
+        .contains("forking"));
     }
 }
