@@ -3,11 +3,12 @@
 //! becomes a manifest that validates, runs cold and restores with the same
 //! credentials; `--enable` installs a drop-in that `unadopt` removes,
 //! leaving the unit's files exactly as they were. Debian's own units
-//! (tomcat10, prometheus) adopt as installed.
+//! (tomcat10, prometheus, postgresql@) adopt as installed, and a PostgreSQL
+//! cluster adopted through its forking unit restores with its rows.
 
 mod common;
 
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use common::*;
@@ -202,15 +203,123 @@ fn debians_units_adopt_as_installed() {
         let validate = env.command().arg("validate").arg(&path).output().unwrap();
         assert!(validate.status.success(), "{unit}: {validate:?}");
     }
-    // A forking unit is refused with the reason.
-    let pg = env
+    // Debian's PostgreSQL unit (Type=forking, pg_ctlcluster) adopts as
+    // installed: the cluster's postgres in the foreground, as its owner.
+    let out = env
         .command()
         .args(["adopt", "postgresql@15-main"])
         .output()
         .unwrap();
-    assert!(!pg.status.success());
+    assert!(out.status.success(), "{out:?}");
+    let path = env.path("manifests/postgresql-15-main.yaml");
+    let m = std::fs::read_to_string(&path).unwrap();
     assert!(
-        String::from_utf8_lossy(&pg.stderr).contains("Type=forking"),
-        "{pg:?}"
+        m.contains("\"/usr/lib/postgresql/15/bin/postgres\", \"-D\"")
+            && m.contains("user: \"postgres\""),
+        "{m}"
     );
+    let validate = env.command().arg("validate").arg(&path).output().unwrap();
+    assert!(validate.status.success(), "{validate:?}");
+}
+
+/// A forking unit whose launcher warmer does not know is refused with what
+/// to pass; with `--exec` it adopts, and the rest of the unit carries over.
+#[test]
+fn a_forking_unit_needs_its_foreground_command() {
+    let env = Env::new();
+    let units = env.path("units");
+    std::fs::create_dir(&units).unwrap();
+    std::fs::write(
+        units.join("legacy.service"),
+        "[Service]\nType=forking\nUser=nobody\nPIDFile=/run/legacy.pid\n\
+         ExecStart=/usr/sbin/legacyd --daemon\nExecStop=/usr/sbin/legacyd --stop\nPrivateTmp=yes\n",
+    )
+    .unwrap();
+    let refused = adopt(&env, &units, &["legacy", "--ready", "tcp:127.0.0.1:9"]);
+    assert!(!refused.status.success());
+    let why = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        why.contains("Type=forking") && why.contains("--exec"),
+        "{why}"
+    );
+    let out = adopt(
+        &env,
+        &units,
+        &[
+            "legacy",
+            "--ready",
+            "tcp:127.0.0.1:9",
+            "--exec",
+            "/usr/bin/python3 -m http.server 'a b'",
+            "--enable",
+        ],
+    );
+    assert!(out.status.success(), "{out:?}");
+    let m = std::fs::read_to_string(env.path("manifests/legacy.yaml")).unwrap();
+    assert!(
+        m.contains("exec: [\"/usr/bin/python3\", \"-m\", \"http.server\", \"a b\"]")
+            && m.contains("user: \"nobody\"")
+            && m.contains("private_tmp: true"),
+        "{m}"
+    );
+    // The unit's ExecStop would stop the daemon its own way: warmer does.
+    let dropin = std::fs::read_to_string(units.join("legacy.service.d/warmer-adopt.conf")).unwrap();
+    assert!(dropin.contains("\nExecStop=\n"), "{dropin}");
+    let relative = adopt(&env, &units, &["legacy", "--force", "--exec", "legacyd -f"]);
+    assert!(!relative.status.success());
+}
+
+/// Debian's `postgresql@.service` for a cluster of the test's own, adopted
+/// as installed, in persist mode: postgres runs as postgres, restores, and
+/// keeps every committed row; the PID file pg_ctlcluster's tools read names
+/// its host PID.
+#[test]
+fn a_debian_postgresql_cluster_adopted_restores_with_its_rows() {
+    require_criu();
+    let env = Env::new();
+    let port = free_port();
+    let name = format!("adopt{}", std::process::id());
+    let created = std::process::Command::new("pg_createcluster")
+        .args(["15", &name, "-p", &port.to_string()])
+        .output()
+        .unwrap();
+    assert!(created.status.success(), "{created:?}");
+    let _cluster = Cluster { name: name.clone() };
+    let out = env
+        .command()
+        .args([
+            "adopt",
+            &format!("postgresql@15-{name}"),
+            "--mode",
+            "persist",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let service = format!("postgresql-15-{name}");
+    // Persist mode: the image is taken at the stop.
+    let mut w = env.run(&service);
+    env.wait_ready(&service, &mut w);
+    psql(port, "CREATE TABLE t (v int); INSERT INTO t VALUES (1);");
+    w.stop();
+    let mut w = env.run(&service);
+    let s = env.wait_ready(&service, &mut w);
+    assert_eq!(s["last_start"], "restored", "{s}\n{}", w.err());
+    assert_eq!(psql(port, "SELECT sum(v) FROM t"), "1");
+    let pid = s["pid"].as_i64().unwrap();
+    let owner = std::fs::metadata(format!("/proc/{pid}")).unwrap().uid();
+    assert_eq!(
+        Some(owner),
+        nix::unistd::User::from_name("postgres")
+            .unwrap()
+            .map(|u| u.uid.as_raw()),
+        "restored as postgres"
+    );
+    let pid_file = std::fs::read_to_string(format!("/var/run/postgresql/15-{name}.pid")).unwrap();
+    assert_eq!(
+        pid_file.trim(),
+        pid.to_string(),
+        "the host PID for pg_lsclusters"
+    );
+    w.stop();
 }

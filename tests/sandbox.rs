@@ -229,25 +229,6 @@ fn another_users_service_runs_sandboxed_and_restores_with_the_same_credentials_a
     let _ = std::fs::remove_dir(&rt);
 }
 
-fn psql(port: u16, sql: &str) -> String {
-    let out = Command::new("runuser")
-        .args([
-            "-u",
-            "postgres",
-            "--",
-            "psql",
-            "-h",
-            "/var/run/postgresql",
-            "-p",
-        ])
-        .arg(port.to_string())
-        .args(["-XAtc", sql])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "psql {sql}: {out:?}");
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
-
 #[test]
 fn postgresql_as_postgres_in_persist_mode_keeps_committed_rows_across_restores() {
     require_criu();

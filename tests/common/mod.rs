@@ -559,3 +559,23 @@ impl Drop for Cluster {
             .output();
     }
 }
+
+/// `psql` as postgres over the unix socket in /var/run/postgresql.
+pub fn psql(port: u16, sql: &str) -> String {
+    let out = Command::new("runuser")
+        .args([
+            "-u",
+            "postgres",
+            "--",
+            "psql",
+            "-h",
+            "/var/run/postgresql",
+            "-p",
+        ])
+        .arg(port.to_string())
+        .args(["-XAtc", sql])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "psql {sql}: {out:?}");
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
