@@ -46,7 +46,7 @@ pub fn step_name(step: i32) -> &'static str {
         STEP_FORK => "starting the namespace's init",
         STEP_PROC => "mounting the namespace's /proc",
         STEP_BOUNDING => "dropping capabilities from the bounding set",
-        STEP_LIMITS => "setting resource limits (raising a hard limit needs CAP_SYS_RESOURCE)",
+        STEP_LIMITS => "setting resource limits",
         STEP_GROUPS => "setting the groups",
         STEP_USER => "setting the user",
         STEP_CAPS => "setting the capabilities",
@@ -288,7 +288,26 @@ pub unsafe fn credentials(c: &Credentials, report: i32) {
                 rlim_max: l.hard,
             };
             if libc::setrlimit(l.resource as _, &lim) != 0 {
-                fail(report, STEP_LIMITS);
+                // As systemd's setrlimit_closest(): a hard limit it may not
+                // raise is set as high as it may (Credentials::resolve said
+                // so in the log).
+                let mut now = libc::rlimit {
+                    rlim_cur: 0,
+                    rlim_max: 0,
+                };
+                if *libc::__errno_location() != libc::EPERM
+                    || libc::getrlimit(l.resource as _, &mut now) != 0
+                    || now.rlim_max == libc::RLIM_INFINITY
+                {
+                    fail(report, STEP_LIMITS);
+                }
+                let closest = libc::rlimit {
+                    rlim_cur: l.soft.min(now.rlim_max),
+                    rlim_max: l.hard.min(now.rlim_max),
+                };
+                if libc::setrlimit(l.resource as _, &closest) != 0 {
+                    fail(report, STEP_LIMITS);
+                }
             }
         }
         if let Some(m) = c.umask {

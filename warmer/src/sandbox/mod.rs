@@ -173,6 +173,44 @@ impl Credentials {
             limits: s.limits.clone(),
         })
     }
+
+    /// The limits that will be lowered to warmer's own hard limit, as
+    /// systemd lowers them, because raising a hard limit needs
+    /// CAP_SYS_RESOURCE (which root here may lack): `(key, asked, hard)`.
+    pub fn limits_lowered(&self) -> Vec<(&'static str, u64, u64)> {
+        const CAP_SYS_RESOURCE: u32 = 24;
+        let effective = std::fs::read_to_string("/proc/self/status")
+            .ok()
+            .and_then(|st| {
+                st.lines()
+                    .find_map(|l| l.strip_prefix("CapEff:"))
+                    .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+            })
+            .unwrap_or(0);
+        if effective & (1 << CAP_SYS_RESOURCE) != 0 {
+            return Vec::new();
+        }
+        let mut out = Vec::new();
+        for l in &self.limits {
+            let mut now = libc::rlimit {
+                rlim_cur: 0,
+                rlim_max: 0,
+            };
+            // SAFETY: getrlimit writes the struct it is given.
+            if unsafe { libc::getrlimit(l.resource as _, &mut now) } != 0 {
+                continue;
+            }
+            let hard = now.rlim_max;
+            if hard != libc::RLIM_INFINITY && l.hard > hard {
+                let key = crate::manifest::sandbox::LIMITS
+                    .iter()
+                    .find(|(_, r)| *r == l.resource)
+                    .map_or("limit", |(k, _)| *k);
+                out.push((key, l.hard, hard));
+            }
+        }
+        out
+    }
 }
 
 /// Creates the service's directories (`runtime_directory` and the others)
@@ -265,6 +303,11 @@ impl Prepared {
     /// `visible` (warmer-init's binary) must stay reachable inside.
     pub fn new(s: &Sandbox, run_dir: &Path, visible: &[&Path]) -> Result<Self, SandboxError> {
         let creds = Credentials::resolve(s)?;
+        for (key, asked, hard) in creds.limits_lowered() {
+            tracing::warn!(
+                "{key}: {asked} is above warmer's own hard limit {hard}, and raising it needs CAP_SYS_RESOURCE: the service gets {hard}, as systemd does"
+            );
+        }
         make_directories(s, &creds, run_dir)?;
         let root = root_dir(run_dir);
         std::fs::create_dir_all(&root).map_err(|source| SandboxError::Directory {
