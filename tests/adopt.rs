@@ -90,16 +90,21 @@ fn a_sandboxed_unit_is_adopted_run_restored_enabled_and_unadopted() {
     std::fs::write(units.join("adoptee.service"), &unit).unwrap();
     let before = snapshot(&units);
 
-    let no_ready = adopt(&env, &units, &["adoptee"]);
-    assert!(!no_ready.status.success());
-    assert!(
-        String::from_utf8_lossy(&no_ready.stderr).contains("--ready"),
-        "{no_ready:?}"
-    );
-    let ready = format!("http://127.0.0.1:{port}/");
-    let out = adopt(&env, &units, &["adoptee", "--ready", &ready]);
+    // No --ready: a trial start finds the one port it listens on, and
+    // leaves nothing running.
+    let out = adopt(&env, &units, &["adoptee"]);
     assert!(out.status.success(), "{out:?}");
     let manifest = std::fs::read_to_string(env.path("manifests/adoptee.yaml")).unwrap();
+    assert!(
+        manifest.contains(&format!("tcp: \"127.0.0.1:{port}\""))
+            && manifest.contains("trial start"),
+        "{manifest}"
+    );
+    assert!(
+        std::net::TcpListener::bind(("127.0.0.1", port)).is_ok(),
+        "the trial's service was stopped"
+    );
+    let ready = format!("http://127.0.0.1:{port}/");
     assert!(
         manifest.contains("MemoryDenyWriteExecute"),
         "listed as not carried:\n{manifest}"
@@ -315,6 +320,22 @@ fn a_debian_postgresql_cluster_adopted_restores_with_its_rows() {
             .map(|u| u.uid.as_raw()),
         "restored as postgres"
     );
+    // Its dynamic shared memory is in its own /dev/shm (saved in the
+    // image), not the host's, which a reboot empties.
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
+    let segment = maps
+        .lines()
+        .find_map(|l| {
+            l.split_whitespace()
+                .last()
+                .filter(|p| p.starts_with("/dev/shm/PostgreSQL."))
+        })
+        .expect("a dynamic shared memory segment")
+        .to_string();
+    assert!(
+        !std::path::Path::new(&segment).exists(),
+        "{segment} is on the host"
+    );
     let pid_file = std::fs::read_to_string(format!("/var/run/postgresql/15-{name}.pid")).unwrap();
     assert_eq!(
         pid_file.trim(),
@@ -322,4 +343,34 @@ fn a_debian_postgresql_cluster_adopted_restores_with_its_rows() {
         "the host PID for pg_lsclusters"
     );
     w.stop();
+}
+
+/// A service that listens on two ports: the trial cannot choose its probe
+/// and says which ports it saw; nothing is left running.
+#[test]
+fn a_trial_start_that_listens_twice_asks_for_ready() {
+    require_criu();
+    let env = Env::new();
+    let units = env.path("units");
+    std::fs::create_dir(&units).unwrap();
+    let (a, b) = (free_port(), free_port());
+    std::fs::write(
+        units.join("twice.service"),
+        format!(
+            "[Service]\nUser=nobody\nExecStart=/usr/bin/python3 -c \"import socket,time; \
+             ss=[socket.create_server(('127.0.0.1',p)) for p in ({a},{b})]; time.sleep(600)\"\n"
+        ),
+    )
+    .unwrap();
+    let out = adopt(&env, &units, &["twice"]);
+    assert!(!out.status.success());
+    let why = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        why.contains(&format!("127.0.0.1:{a}"))
+            && why.contains(&format!("127.0.0.1:{b}"))
+            && why.contains("--ready"),
+        "{why}"
+    );
+    assert!(!env.path("manifests/twice.yaml").exists());
+    assert!(std::net::TcpListener::bind(("127.0.0.1", a)).is_ok());
 }

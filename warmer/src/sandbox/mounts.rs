@@ -6,8 +6,8 @@
 //! (non-recursive) bind of the host's `/`, and on it one non-recursive bind
 //! per host mount, so that each is a mount of its own with no children
 //! (CRIU restores a bind only from a source without locked children). On
-//! top come the sandbox's mounts: tmpfs for `private_tmp` and inaccessible
-//! paths, binds of `read_write_paths` and the service's directories, and
+//! top come the sandbox's mounts: tmpfs for `/dev/shm` (always),
+//! `private_tmp` and inaccessible paths, binds of `read_write_paths` and the service's directories, and
 //! read-only flags. `/proc` is mounted by the namespace's init (see
 //! [`super::child`]).
 
@@ -198,6 +198,14 @@ pub fn plan(
         }
         tmpfs.push((p.clone(), 0, true));
     }
+    // Its own POSIX shared memory, as its IPC namespace gives it its own
+    // System V IPC: the host's /dev/shm is emptied by a reboot, and a
+    // segment the service maps there (PostgreSQL's dynamic shared memory)
+    // must come back with its image; CRIU keeps a tmpfs of the namespace
+    // in the image.
+    if exists(Path::new("/dev/shm")) {
+        tmpfs.push(("/dev/shm".into(), 0o1777, false));
+    }
     if sandbox.private_tmp {
         for t in ["/tmp", "/var/tmp"] {
             if exists(Path::new(t)) {
@@ -363,6 +371,12 @@ mod tests {
             tmp.source,
             Source::Tmpfs(0o1777),
             "the host's /tmp and what is below it stay out"
+        );
+        let shm = m.iter().find(|m| m.path == Path::new("/dev/shm")).unwrap();
+        assert_eq!(
+            shm.source,
+            Source::Tmpfs(0o1777),
+            "its own /dev/shm, saved in its image"
         );
     }
 

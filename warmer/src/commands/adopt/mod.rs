@@ -7,12 +7,14 @@
 //! expands their command lines, [`launchers`] follows a `Type=forking`
 //! unit's launcher to the daemon it starts (Debian's `pg_ctlcluster`),
 //! [`translate`] maps settings to manifest keys (pure, tested on Debian's
-//! units); this file does the I/O: the
+//! units), [`trial`] starts a service once to see the port it listens on;
+//! this file does the I/O: the
 //! search path, the package database, writing the manifest and the drop-in.
 
 pub mod cmdline;
 pub mod launchers;
 pub mod translate;
+pub mod trial;
 pub mod unit;
 
 use std::collections::BTreeMap;
@@ -303,8 +305,53 @@ pub fn adopt(manifest_dir: &Path, req: &Request) -> Result<Adopted, AdoptError> 
     if let translate::Start::Launcher(f) = &start_with {
         files.extend(f.digest_files.iter().cloned());
     }
-    let t = translate::translate(&u, &env, &choices, &start_with, &files, &|p| p.exists())
+    let exists = |p: &Path| p.exists();
+    let mut choices = choices;
+    let mut trial_note = None;
+    let has_probe = choices.ready.is_some()
+        || matches!(&start_with, translate::Start::Launcher(_))
+        || u.get("Service", "Type").as_deref() == Some("notify");
+    if !has_probe {
+        // Started once as the manifest would start it, to see its port.
+        let trial_choices = Choices {
+            ready: Some(trial::NEVER_READY.into()),
+            mode: None,
+        };
+        let t = translate::translate(&u, &env, &trial_choices, &start_with, &files, &exists)
+            .map_err(translate_err)?;
+        let yaml = format!("{}checkpoint:\n  enabled: false\n", t.yaml);
+        tracing::info!(
+            "{name} has no readiness probe: starting it once to see the port it listens on"
+        );
+        let ask = "pass --ready http://HOST:PORT/PATH, tcp:HOST:PORT, exec:COMMAND or notify";
+        let ports = trial::listening_ports(&service, &yaml, trial::WINDOW)
+            .map_err(|why| translate_err(format!("{why}\n{ask}")))?;
+        match ports.as_slice() {
+            [one] => {
+                let target = trial::probe_target(one);
+                choices.ready = Some(format!("tcp: {}", serde_json::to_string(&target).expect("strings serialize")));
+                trial_note = Some(format!(
+                    "readiness: tcp {target}, the one port it listened on in a trial start; pass --ready for another probe (an HTTP path is a stronger one)"
+                ));
+            }
+            [] => {
+                return Err(translate_err(format!(
+                    "in a trial start it listened on no TCP port within {}s (is {name} running already?); {ask}",
+                    trial::WINDOW.as_secs()
+                )))
+            }
+            many => {
+                let list: Vec<String> = many.iter().map(trial::probe_target).collect();
+                return Err(translate_err(format!(
+                    "in a trial start it listened on {}; {ask}",
+                    list.join(", ")
+                )));
+            }
+        }
+    }
+    let mut t = translate::translate(&u, &env, &choices, &start_with, &files, &exists)
         .map_err(translate_err)?;
+    t.notes.extend(trial_note);
     let mut text = format!(
         "# Adopted from {name} by `warmer adopt` ({}).\n",
         u.files
