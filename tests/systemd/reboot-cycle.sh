@@ -20,6 +20,10 @@
 #   warmer adopt UNIT --enable on an installed unit: systemctl start/restart
 #     run it through warmer (cold, then restored), a reboot restores it,
 #     warmer unadopt leaves `systemctl cat UNIT` as it was
+#   Debian's tomcat10, prometheus and postgresql@15-main adopted --enable as
+#     installed: systemctl restart runs them through warmer, then restores
+#     them; a reboot restores them (postgres with its committed row);
+#     unadopt leaves each unit as its package shipped it
 #   all of it on warmer and CRIU as installed by apt from their .debs
 #     (scripts/package.sh); man pages, completion of service names; apt purge
 #     leaves no file of either, no image, no dangling unit symlink, and gives
@@ -185,6 +189,12 @@ YAML
 rm -f "$ROOT/etc/warmer/manifests/adoptee.yaml"
 rm -rf "$ROOT/etc/systemd/system/adoptee.service.d"
 rm -f "$ROOT/etc/systemd/system/multi-user.target.wants/adoptee.service"
+# Debian's own services (in the rootfs as their packages installed them), as
+# never adopted.
+for u in tomcat10 prometheus postgresql@15-main; do
+  rm -rf "$ROOT/etc/systemd/system/$u.service.d"
+  rm -f "$ROOT/etc/warmer/manifests/${u//@/-}.yaml"
+done
 cat >"$ROOT/etc/systemd/system/adoptee.service" <<'UNIT'
 [Unit]
 Description=a service installed before warmer
@@ -250,6 +260,48 @@ wait_until 60 adoptee_active
 check "adopt: systemctl restart restores" test "$(status_of adoptee "['last_start']")" = restored
 adoptee_before=$(adoptee_nonce)
 
+# Debian's tomcat10, prometheus and postgresql@15-main as their packages
+# installed them, adopted under their own names.
+DEBIAN_UNITS=(tomcat10 prometheus postgresql@15-main)
+declare -A ADOPT_ARGS=(
+  [tomcat10]="--ready http://127.0.0.1:8095/"
+  [prometheus]="--ready http://127.0.0.1:9090/-/ready --mode persist"
+  [postgresql@15-main]="--mode persist"
+)
+declare -A SHIPPED
+deb_svc() { echo "${1//@/-}"; }
+deb_ready() {
+  [ "$(in_ct systemctl is-active "$1.service" 2>/dev/null)" = active ] &&
+    [ "$(status_of "$(deb_svc "$1")" "['state']")" = ready ]
+}
+deb_started() { status_of "$(deb_svc "$1")" "['last_start']"; }
+pg() { in_ct runuser -u postgres -- psql -XAtc "$1"; }
+for u in "${DEBIAN_UNITS[@]}"; do
+  SHIPPED[$u]=$(in_ct systemctl cat "$u.service")
+  # shellcheck disable=SC2086 # the arguments are words
+  check "debian: warmer adopt $u --enable" in_ct /usr/bin/warmer adopt "$u" ${ADOPT_ARGS[$u]} --enable
+  in_ct systemctl restart "$u.service" || true
+done
+deb_journal() { in_ct journalctl -u "$1.service" -b --no-pager -o cat | tail -n 25 >&2 || true; }
+for u in "${DEBIAN_UNITS[@]}"; do
+  check "debian: systemctl restart $u runs it through warmer" wait_until 180 deb_ready "$u" || deb_journal "$u"
+done
+tomcat_image() { [ -n "$(status_of tomcat10 "['image']")" ]; }
+check "debian: tomcat10 checkpointed" wait_until 120 tomcat_image
+check "debian: a row committed in postgresql" \
+  pg "DROP TABLE IF EXISTS warmer_test; CREATE TABLE warmer_test (v text); INSERT INTO warmer_test VALUES ('boot1');"
+for u in "${DEBIAN_UNITS[@]}"; do
+  in_ct systemctl restart "$u.service" || true
+  wait_until 180 deb_ready "$u" || deb_journal "$u"
+  check "debian: systemctl restart $u restores" test "$(deb_started "$u")" = restored
+done
+status_agrees() {
+  in_ct systemctl show -p StatusText --value tomcat10.service | grep -q "restored in" &&
+    [ "$(in_ct systemctl show -p MainPID --value tomcat10.service)" = \
+      "$(in_ct pgrep -o -f '/usr/bin/warmer run tomcat10')" ]
+}
+check "debian: systemctl status tomcat10 and warmer status agree (restored, warmer the main PID)" status_agrees
+
 # ---------------------------------------------------------------- boot 2
 reboot_ct
 wait_until 60 is_active || fatal "$SVC not active after reboot"
@@ -295,6 +347,22 @@ check "adopt: memory from before the reboot" test "$(adoptee_nonce)" = "$adoptee
 in_ct systemctl stop "$ADOPTEE"
 check "unadopt" in_ct /usr/bin/warmer unadopt adoptee
 check "unadopt: the unit as shipped (systemctl cat)" test "$(in_ct systemctl cat "$ADOPTEE")" = "$unit_as_shipped"
+
+# ---------------------------------------------------------------- Debian's services across the reboot
+for u in "${DEBIAN_UNITS[@]}"; do
+  wait_until 180 deb_ready "$u" || { say "$u not ready after the reboot"; deb_journal "$u"; }
+  check "debian: $u restored under its own name after the reboot" test "$(deb_started "$u")" = restored
+done
+check "debian: postgresql's committed row across the reboot" test "$(pg "SELECT v FROM warmer_test")" = boot1
+for u in "${DEBIAN_UNITS[@]}"; do
+  in_ct systemctl stop "$u.service" || true
+  check "debian: warmer unadopt $u" in_ct /usr/bin/warmer unadopt "$u"
+  check "debian: $u as its package shipped it (systemctl cat)" test "$(in_ct systemctl cat "$u.service")" = "${SHIPPED[$u]}"
+done
+in_ct systemctl start postgresql@15-main.service || true
+check "debian: postgresql runs as its package runs it again, with the row" \
+  wait_until 60 bash -c "nsenter -t $LEADER -a -- runuser -u postgres -- psql -XAtc 'SELECT v FROM warmer_test' 2>/dev/null | grep -qx boot1"
+in_ct systemctl stop postgresql@15-main.service || true
 
 # ---------------------------------------------------------------- persist across the reboot
 wait_until 60 ledger_active || fatal "$LEDGER not active after reboot"
