@@ -158,12 +158,10 @@ pub fn established(init: Pid) -> Vec<crate::criu::Conn> {
         .collect()
 }
 
-/// Every TCP connection (not listening sockets) of the service whose init
-/// is `init`, with its state's name: what CRIU calls "Connected TCP socket".
-pub fn connections(init: Pid) -> Vec<(crate::criu::Conn, &'static str)> {
-    let tree = namespace_of(init);
+/// The inodes of the sockets the processes hold open.
+fn socket_inodes<'a>(pids: impl IntoIterator<Item = &'a i32>) -> BTreeSet<u64> {
     let mut ours = BTreeSet::new();
-    for pid in &tree {
+    for pid in pids {
         let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
             continue;
         };
@@ -180,6 +178,42 @@ pub fn connections(init: Pid) -> Vec<(crate::criu::Conn, &'static str)> {
             }
         }
     }
+    ours
+}
+
+/// The local addresses of the TCP sockets the tree under `root` listens
+/// on (what `warmer adopt` takes a probe from), by port.
+pub fn listening(root: Pid) -> Vec<std::net::SocketAddr> {
+    let ours = socket_inodes(&tree_of(root));
+    let mut out = Vec::new();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let Ok(text) = std::fs::read_to_string(table) else {
+            continue;
+        };
+        out.extend(listeners_in(&text, &ours));
+    }
+    out.sort_by_key(|a| (a.port(), a.ip()));
+    out.dedup_by_key(|a| a.port());
+    out
+}
+
+/// The LISTEN sockets of one /proc/net/tcp table whose inode is in `ours`.
+fn listeners_in(table: &str, ours: &BTreeSet<u64>) -> Vec<std::net::SocketAddr> {
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let ino = f.get(9)?.parse::<u64>().ok()?;
+            (*f.get(3)? == "0A" && ours.contains(&ino)).then(|| proc_addr(f.get(1)?))?
+        })
+        .collect()
+}
+
+/// Every TCP connection (not listening sockets) of the service whose init
+/// is `init`, with its state's name: what CRIU calls "Connected TCP socket".
+pub fn connections(init: Pid) -> Vec<(crate::criu::Conn, &'static str)> {
+    let ours = socket_inodes(&namespace_of(init));
     let mut out = Vec::new();
     for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
         let Ok(text) = std::fs::read_to_string(table) else {
@@ -265,6 +299,11 @@ mod tests {
             "the established one is not a listener"
         );
         assert_eq!(parse_listeners(table, 22), vec![99]);
+        assert_eq!(
+            listeners_in(table, &BTreeSet::from([4242, 4343])),
+            vec!["127.0.0.1:8080".parse().unwrap()],
+            "ours, and listening"
+        );
         assert!(parse_listeners(table, 9).is_empty());
         assert_eq!(
             proc_addr("0100007F:1F90"),
