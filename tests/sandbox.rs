@@ -133,6 +133,30 @@ fn another_users_service_runs_sandboxed_and_restores_with_the_same_credentials_a
     );
     let mut w = env.run("who");
     env.wait_image("who", &mut w);
+    // Its own tmpfs that were empty at the dump (/var/tmp, /dev/shm) are
+    // made afresh at restore; /tmp, which it wrote, travels in the image.
+    let entry = env.entries().pop().expect("an image");
+    let restore_json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(entry.join("data/restore.json")).unwrap()).unwrap();
+    let empty: Vec<&str> = restore_json["empty_tmpfs"]
+        .as_array()
+        .expect("empty_tmpfs")
+        .iter()
+        .map(|t| t["path"].as_str().unwrap())
+        .collect();
+    assert!(
+        empty.contains(&"/var/tmp") && empty.contains(&"/dev/shm") && !empty.contains(&"/tmp"),
+        "{restore_json}"
+    );
+    assert!(
+        std::fs::read_dir(entry.join("data"))
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with("tmpfs-"))
+            .count()
+            == 1,
+        "only /tmp's contents packed"
+    );
     let cold = info(port);
     let st = &cold["status"];
     assert_eq!(st["Uid"], "65534\t65534\t65534\t65534", "{cold}");

@@ -5,7 +5,7 @@
 //! atomically. A failed dump leaves the service running untouched (CRIU
 //! resumes it) and the staging directory is removed.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use cache::{Cache, Entry, NewEntry};
 
@@ -68,41 +68,70 @@ impl Checkpoint<'_> {
         // is frozen (see `image::state`).
         let exe = std::env::current_exe().map_err(CheckpointError::Exe)?;
         let action_script = Some(exe.to_string_lossy().into_owned());
-        let (external_mounts, read_only_mounts) = if self.manifest.sandbox.is_some() {
+        let mut mounts = if self.manifest.sandbox.is_some() {
             sandbox_externals(running.pid.as_raw()).map_err(CheckpointError::Sandbox)?
         } else {
-            (Vec::new(), Vec::new())
+            NamespaceMounts::default()
         };
-        let plan = DumpPlan {
-            pid: running.pid.as_raw(),
-            images_dir: staging.data_dir(),
-            work_dir: self.run_dir.to_path_buf(),
-            log_name: "dump.log".into(),
-            tcp_established: self.manifest.checkpoint.tcp_established,
-            leave_running: self.taken != Taken::Stop,
-            action_script,
-            external_mounts,
-        };
-        let mut cmd = self.criu.command();
-        cmd.args(criu::dump_args(&plan));
-        cmd.envs(crate::process::roles::action_script_env(
-            &self.manifest.state,
-        ));
+        // Only where a failed dump can be taken again (the service keeps
+        // running): a stop-time dump packs every tmpfs.
+        if self.taken == Taken::Stop {
+            mounts.empty_tmpfs.clear();
+        }
         // The connections this dump may lock (to clean up only theirs).
-        let conns = if plan.tcp_established {
+        let conns = if self.manifest.checkpoint.tcp_established {
             crate::process::ports::established(running.pid)
         } else {
             Vec::new()
         };
-        let dumped = self
-            .criu
-            .run_command("dump", cmd, &self.run_dir.join("dump.log"), deadline);
-        if dumped.is_err() && plan.tcp_established {
-            let n = criu::clear_network_locks(&conns);
-            if n > 0 {
-                tracing::warn!("removed {n} network-lock rules the failed dump left");
+        let (plan, dumped) = loop {
+            let mut external_mounts = mounts.binds.clone();
+            external_mounts.extend(mounts.empty_tmpfs.iter().map(|t| t.path.clone()));
+            let plan = DumpPlan {
+                pid: running.pid.as_raw(),
+                images_dir: staging.data_dir(),
+                work_dir: self.run_dir.to_path_buf(),
+                log_name: "dump.log".into(),
+                tcp_established: self.manifest.checkpoint.tcp_established,
+                leave_running: self.taken != Taken::Stop,
+                action_script: action_script.clone(),
+                external_mounts,
+            };
+            let mut cmd = self.criu.command();
+            cmd.args(criu::dump_args(&plan));
+            cmd.envs(crate::process::roles::action_script_env(
+                &self.manifest.state,
+            ));
+            let root = format!("/proc/{}/root", running.pid.as_raw());
+            cmd.envs(crate::process::roles::empty_tmpfs_env(
+                &mounts
+                    .empty_tmpfs
+                    .iter()
+                    .map(|t| Path::new(&root).join(t.path.strip_prefix("/").unwrap_or(&t.path)))
+                    .collect::<Vec<_>>(),
+            ));
+            let dumped =
+                self.criu
+                    .run_command("dump", cmd, &self.run_dir.join("dump.log"), deadline);
+            if dumped.is_err() && plan.tcp_established {
+                let n = criu::clear_network_locks(&conns);
+                if n > 0 {
+                    tracing::warn!("removed {n} network-lock rules the failed dump left");
+                }
             }
-        }
+            // A tmpfs written between the look and the freeze fails the
+            // dump (the action script checks it frozen): once more, with
+            // every tmpfs's content in the image.
+            if dumped.is_err() && !mounts.empty_tmpfs.is_empty() {
+                tracing::warn!(
+                    "checkpoint failed with the empty tmpfs made external: once more with their contents in the image"
+                );
+                mounts.empty_tmpfs.clear();
+                clear_dir(&staging.data_dir());
+                continue;
+            }
+            break (plan, dumped);
+        };
         if let Err(CriuError::Failed { tail, .. }) = &dumped {
             if tail.contains("Connected TCP socket") {
                 // Name the peers: the hint alone cannot tell whose they are.
@@ -138,7 +167,8 @@ impl Checkpoint<'_> {
                 .sandbox
                 .is_some()
                 .then(|| plan.external_mounts.clone()),
-            read_only_mounts,
+            read_only_mounts: mounts.read_only,
+            empty_tmpfs: mounts.empty_tmpfs,
         };
         crate::image::write(&staging.data_dir(), &info).map_err(CheckpointError::Info)?;
         let entry = self.cache.publish(
@@ -164,13 +194,21 @@ impl Checkpoint<'_> {
     }
 }
 
-/// The host mounts bound into the namespace of the tree rooted at `init`,
-/// and its read-only mount points.
-#[allow(clippy::type_complexity)]
-fn sandbox_externals(
-    init: i32,
-) -> Result<(Vec<std::path::PathBuf>, Vec<std::path::PathBuf>), crate::sandbox::SandboxError> {
-    let path = std::path::PathBuf::from(format!("/proc/{init}/mountinfo"));
+/// What a dump needs to know of a sandboxed tree's mount namespace.
+#[derive(Debug, Default)]
+struct NamespaceMounts {
+    /// The host mounts bound in (CRIU's external mounts).
+    binds: Vec<PathBuf>,
+    /// Its read-only mount points.
+    read_only: Vec<PathBuf>,
+    /// Its own tmpfs that are empty now (checked again, frozen, by the
+    /// action script).
+    empty_tmpfs: Vec<crate::image::EmptyTmpfs>,
+}
+
+/// The mounts of the namespace of the tree rooted at `init`.
+fn sandbox_externals(init: i32) -> Result<NamespaceMounts, crate::sandbox::SandboxError> {
+    let path = PathBuf::from(format!("/proc/{init}/mountinfo"));
     let text = std::fs::read_to_string(&path)
         .map_err(|source| crate::sandbox::SandboxError::Read { path, source })?;
     let ns = crate::sandbox::mounts::parse_mountinfo(&text);
@@ -179,5 +217,37 @@ fn sandbox_externals(
     if let Some(bad) = ext.iter().find(|p| !crate::sandbox::mounts::usable_key(p)) {
         return Err(crate::sandbox::SandboxError::Path(bad.clone()));
     }
-    Ok((ext, crate::sandbox::mounts::read_only(&ns)))
+    let root = PathBuf::from(format!("/proc/{init}/root"));
+    let mut empty_tmpfs = Vec::new();
+    for p in crate::sandbox::mounts::own_tmpfs(&text, &host) {
+        if !crate::sandbox::mounts::usable_key(&p) {
+            continue;
+        }
+        let inside = root.join(p.strip_prefix("/").unwrap_or(&p));
+        let empty = std::fs::read_dir(&inside).is_ok_and(|mut d| d.next().is_none());
+        if let (true, Ok(md)) = (empty, std::fs::metadata(&inside)) {
+            use std::os::unix::fs::PermissionsExt;
+            empty_tmpfs.push(crate::image::EmptyTmpfs {
+                path: p,
+                mode: md.permissions().mode() & 0o7777,
+            });
+        }
+    }
+    Ok(NamespaceMounts {
+        binds: ext,
+        read_only: crate::sandbox::mounts::read_only(&ns),
+        empty_tmpfs,
+    })
+}
+
+/// Removes what a failed dump left in the images directory.
+fn clear_dir(dir: &Path) {
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        let _ = if p.is_dir() {
+            std::fs::remove_dir_all(&p)
+        } else {
+            std::fs::remove_file(&p)
+        };
+    }
 }

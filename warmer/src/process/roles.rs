@@ -45,6 +45,9 @@ pub const CRIU_ACTION_ENV: &str = "CRTOOLS_SCRIPT_ACTION";
 pub const CRIU_IMAGE_DIR_ENV: &str = "CRTOOLS_IMAGE_DIR";
 /// The action point at which the tree is dumped and still frozen.
 pub const POST_DUMP: &str = "post-dump";
+/// A JSON array of directories (the frozen tree's empty tmpfs, through
+/// /proc/PID/root) the action script checks are still empty.
+pub const EMPTY_TMPFS_ENV: &str = "WARMER_EMPTY_TMPFS";
 
 /// What this process is.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -70,6 +73,9 @@ pub struct ActionRequest {
     pub image_dir: Option<PathBuf>,
     /// The raw `WARMER_STATE_PATHS` value.
     pub state_paths: Option<String>,
+    /// The raw `WARMER_EMPTY_TMPFS` value: directories that must still be
+    /// empty at `post-dump`.
+    pub empty_tmpfs: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -119,6 +125,7 @@ pub fn detect(args: &[OsString], env: &dyn Fn(&str) -> Option<OsString>) -> Role
             action: action.to_string_lossy().into_owned(),
             image_dir: env(CRIU_IMAGE_DIR_ENV).map(PathBuf::from),
             state_paths: env(STATE_PATHS_ENV).map(|v| v.to_string_lossy().into_owned()),
+            empty_tmpfs: env(EMPTY_TMPFS_ENV).map(|v| v.to_string_lossy().into_owned()),
         }),
         _ => Role::Cli,
     }
@@ -140,6 +147,27 @@ pub fn action_script_env(paths: &[PathBuf]) -> Vec<(&'static str, String)> {
             serde_json::to_string(paths).expect("paths serialize"),
         ),
     ]
+}
+
+/// The environment that has the action script check, frozen, that the
+/// tmpfs a dump treats as empty external mounts are still empty.
+pub fn empty_tmpfs_env(dirs: &[PathBuf]) -> Vec<(&'static str, String)> {
+    vec![(
+        EMPTY_TMPFS_ENV,
+        serde_json::to_string(dirs).expect("paths serialize"),
+    )]
+}
+
+impl ActionRequest {
+    /// The directories that must be empty at `post-dump`.
+    pub fn empty_dirs(&self) -> Result<Vec<PathBuf>, ActionError> {
+        match self.empty_tmpfs.as_deref() {
+            None | Some("") => Ok(Vec::new()),
+            Some(raw) => {
+                serde_json::from_str(raw).map_err(|e| ActionError::BadPaths(e.to_string()))
+            }
+        }
+    }
 }
 
 /// The init's arguments after argv\[0\]: `[prefix...] SERVICE HOME -- ARGV...`.
@@ -218,6 +246,7 @@ mod tests {
             action: "pre-dump".into(),
             image_dir: None,
             state_paths: None,
+            empty_tmpfs: None,
         };
         assert!(!req.captures_state());
         assert_eq!(req.capture_plan(), Err(ActionError::NoImageDir));
@@ -225,7 +254,12 @@ mod tests {
             action: POST_DUMP.into(),
             image_dir: Some("/x".into()),
             state_paths: Some("{not json".into()),
+            empty_tmpfs: Some("[\"/proc/7/root/tmp\"]".into()),
         };
         assert!(matches!(req.capture_plan(), Err(ActionError::BadPaths(_))));
+        assert_eq!(
+            req.empty_dirs(),
+            Ok(vec![std::path::PathBuf::from("/proc/7/root/tmp")])
+        );
     }
 }

@@ -106,13 +106,14 @@ pub fn restore(
     // A sandboxed image: CRIU gets the host mounts it binds in, in a mount
     // namespace of its own, and the tree is held stopped until its /proc
     // is its own again (see `sandbox::restore`).
-    let sources =
-        match &info.external_mounts {
-            Some(ext) => Some(crate::sandbox::restore::Sources::new(run_dir, ext).map_err(
+    let sources = match &info.external_mounts {
+        Some(ext) => Some(
+            crate::sandbox::restore::Sources::new(run_dir, ext, &info.empty_tmpfs).map_err(
                 |e| CriuRestoreError::Setup(std::io::Error::other(crate::errors::chain(&e))),
-            )?),
-            None => None,
-        };
+            )?,
+        ),
+        None => None,
+    };
     let plan = RestorePlan {
         leave_stopped: plan.leave_stopped || sources.is_some(),
         // TCP repair needs CAP_NET_ADMIN over the host's network namespace,

@@ -682,6 +682,7 @@ mod tests {
                 taken: Taken::Ready,
                 external_mounts: None,
                 read_only_mounts: Vec::new(),
+                empty_tmpfs: Vec::new(),
             },
         )
         .unwrap();

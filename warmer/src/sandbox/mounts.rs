@@ -262,6 +262,26 @@ pub fn externals(ns: &[HostMount], host: &[HostMount]) -> Vec<PathBuf> {
     out
 }
 
+/// The namespace's own tmpfs mounts (its `/dev/shm`, a private `/tmp`, the
+/// tmpfs that hide paths), from its init's mountinfo: tmpfs whose device
+/// the host does not have. Top-most mounts only.
+pub fn own_tmpfs(mountinfo: &str, host: &[HostMount]) -> Vec<PathBuf> {
+    let mut top: BTreeMap<PathBuf, bool> = BTreeMap::new();
+    for l in mountinfo.lines() {
+        let f: Vec<&str> = l.split(' ').collect();
+        let (Some(dev), Some(point)) = (f.get(2), f.get(4)) else {
+            continue;
+        };
+        let fstype = f.iter().position(|w| *w == "-").and_then(|i| f.get(i + 1));
+        let own = fstype == Some(&"tmpfs") && !host.iter().any(|h| h.dev == *dev);
+        top.insert(PathBuf::from(unescape(point)), own);
+    }
+    top.into_iter()
+        .filter(|(p, own)| *own && p != Path::new("/"))
+        .map(|(p, _)| p)
+        .collect()
+}
+
 /// The mount points whose top-most mount is read-only: CRIU binds an
 /// external mount again with its source's flags, so these are made
 /// read-only again after a restore.
@@ -430,6 +450,30 @@ mod tests {
         let before = m.len();
         keep_visible(&mut m, Path::new("/usr/bin/warmer-init"));
         assert_eq!(m.len(), before, "nothing to do where it is visible");
+    }
+
+    #[test]
+    fn own_tmpfs_are_the_namespaces_tmpfs_not_the_hosts() {
+        let ns = "40 1 0:50 / / ro - ext4 /dev/vda rw\n\
+             41 40 0:6 / /dev rw - devtmpfs udev rw\n\
+             42 41 0:77 / /dev/shm rw - tmpfs tmpfs rw\n\
+             43 40 0:78 / /tmp rw - tmpfs tmpfs rw\n\
+             44 40 0:30 / /run rw - tmpfs tmpfs rw\n\
+             45 40 0:79 / /srv/hidden ro - tmpfs tmpfs ro\n";
+        let host = vec![HostMount {
+            path: "/run".into(),
+            dev: "0:30".into(),
+            read_only: false,
+        }];
+        assert_eq!(
+            own_tmpfs(ns, &host),
+            [
+                PathBuf::from("/dev/shm"),
+                PathBuf::from("/srv/hidden"),
+                PathBuf::from("/tmp")
+            ],
+            "the host's /run is bound in, not the namespace's own"
+        );
     }
 
     #[test]

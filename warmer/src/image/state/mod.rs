@@ -369,6 +369,21 @@ pub fn hook(req: &crate::process::roles::ActionRequest) -> Result<(), StateError
         path: PathBuf::from("$".to_string() + crate::process::roles::STATE_PATHS_ENV),
         reason: e.to_string(),
     })?;
+    // The tmpfs this dump leaves out as empty must be so, frozen.
+    let empty = req.empty_dirs().map_err(|e| StateError::Index {
+        path: PathBuf::from("$".to_string() + crate::process::roles::EMPTY_TMPFS_ENV),
+        reason: e.to_string(),
+    })?;
+    for d in &empty {
+        let has_entries = fs::read_dir(d).map_err(io_err(d, "list"))?.next().is_some();
+        if has_entries {
+            return Err(StateError::Index {
+                path: d.clone(),
+                reason: "a tmpfs left out of the image as empty was written before the freeze"
+                    .into(),
+            });
+        }
+    }
     if !paths.is_empty() {
         capture(&paths, &dir)?;
     }
@@ -388,6 +403,26 @@ pub fn has_state(image_dir: &Path) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_tmpfs_left_out_as_empty_must_still_be_empty_when_frozen() {
+        let t = tempfile::tempdir().unwrap();
+        let (empty, written) = (t.path().join("var-tmp"), t.path().join("shm"));
+        fs::create_dir(&empty).unwrap();
+        fs::create_dir(&written).unwrap();
+        let image = t.path().join("image");
+        fs::create_dir(&image).unwrap();
+        let req = |dirs: &[&Path]| crate::process::roles::ActionRequest {
+            action: crate::process::roles::POST_DUMP.into(),
+            image_dir: Some(image.clone()),
+            state_paths: Some("[]".into()),
+            empty_tmpfs: Some(serde_json::to_string(dirs).unwrap()),
+        };
+        hook(&req(&[&empty, &written])).unwrap();
+        fs::write(written.join("PostgreSQL.1"), b"x").unwrap();
+        let e = hook(&req(&[&empty, &written])).unwrap_err();
+        assert!(e.to_string().contains("written before the freeze"), "{e}");
+    }
 
     #[test]
     fn capture_and_put_back_restore_contents_modes_and_times() {
