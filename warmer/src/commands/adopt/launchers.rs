@@ -52,10 +52,40 @@ pub trait Host {
 /// The real host.
 pub struct Real;
 
+/// Whether `user` may read `path` by its permission bits (owner, group or
+/// its supplementary groups, others).
+fn readable_by(path: &Path, user: &nix::unistd::User) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(md) = std::fs::metadata(path) else {
+        return false;
+    };
+    let mode = md.mode();
+    if md.uid() == user.uid.as_raw() {
+        return mode & 0o400 != 0;
+    }
+    let groups = std::ffi::CString::new(user.name.as_bytes())
+        .ok()
+        .and_then(|n| nix::unistd::getgrouplist(&n, user.gid).ok())
+        .unwrap_or_else(|| vec![user.gid]);
+    if groups.iter().any(|g| g.as_raw() == md.gid()) {
+        return mode & 0o040 != 0;
+    }
+    mode & 0o004 != 0
+}
+
 impl Host for Real {
     fn read(&self, path: &Path, user: &str) -> Option<String> {
-        let uid = nix::unistd::User::from_name(user).ok()??.uid.as_raw();
-        match crate::manifest::read_trusted_as(path, uid) {
+        let u = nix::unistd::User::from_name(user).ok()??;
+        // Only what the daemon itself could read: root reading, say,
+        // /etc/shadow because a postgres-owned file `include`s it would put
+        // a root-only file into a world-readable manifest's digest.
+        if !readable_by(path, &u) {
+            if path.exists() {
+                tracing::warn!("{} is not readable by {user}: not followed", path.display());
+            }
+            return None;
+        }
+        match crate::manifest::read_trusted_as(path, u.uid.as_raw()) {
             Ok(t) => Some(t),
             Err(why) => {
                 if path.exists() {
@@ -601,6 +631,14 @@ mod tests {
         assert!(foreground(&argv("pg_ctlcluster 15-main start"), &d)
             .unwrap()
             .is_err());
+    }
+
+    #[test]
+    fn root_follows_only_what_the_daemon_could_read() {
+        let nobody = nix::unistd::User::from_name("nobody").unwrap().unwrap();
+        assert!(!readable_by(Path::new("/etc/shadow"), &nobody));
+        assert!(readable_by(Path::new("/etc/passwd"), &nobody));
+        assert_eq!(Real.read(Path::new("/etc/shadow"), "nobody"), None);
     }
 
     #[test]
