@@ -71,14 +71,19 @@ pub fn dump_args(plan: &DumpPlan) -> Vec<OsString> {
     // service (a ready-time dump) keeps and accepts it as usual.
     a.push("--skip-in-flight".into());
     for m in &plan.external_mounts {
-        let mut e = OsString::from("mnt[");
-        e.push(m.as_os_str());
-        e.push("]:");
-        e.push(m.as_os_str());
-        a.push("--external".into());
-        a.push(e);
+        a.extend(external_mount(m, m));
     }
     a
+}
+
+/// `--external mnt[KEY]:SOURCE`: at dump the mount at KEY is external
+/// (SOURCE names it in the image); at restore it is bound from SOURCE.
+pub fn external_mount(key: &Path, source: &Path) -> [OsString; 2] {
+    let mut e = OsString::from("mnt[");
+    e.push(key.as_os_str());
+    e.push("]:");
+    e.push(source.as_os_str());
+    ["--external".into(), e]
 }
 
 /// One pipe of the image to be replaced by a live fd passed to CRIU.

@@ -7,7 +7,9 @@
 mod args;
 mod netlock;
 
-pub use args::{dump_args, lazy_pages_args, restore_args, DumpPlan, Inherit, RestorePlan};
+pub use args::{
+    dump_args, external_mount, lazy_pages_args, restore_args, DumpPlan, Inherit, RestorePlan,
+};
 pub use netlock::{clear_network_locks, lock_rule_deletions, locks, Conn};
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};

@@ -61,12 +61,7 @@ impl Sources {
             if let Some(t) = empty_tmpfs.iter().find(|t| &t.path == key) {
                 let at = base.join(i.to_string());
                 dir(&at)?;
-                let mut a = OsString::from("mnt[");
-                a.push(key.as_os_str());
-                a.push("]:");
-                a.push(at.as_os_str());
-                args.push("--external".into());
-                args.push(a);
+                args.extend(crate::criu::external_mount(key, &at));
                 let data = CString::new(format!("mode={:o}", t.mode & 0o7777))
                     .expect("no NUL in a number");
                 tmpfs.push((cstr(&at)?, data));
@@ -85,12 +80,7 @@ impl Sources {
                     source,
                 })?;
             }
-            let mut a = OsString::from("mnt[");
-            a.push(key.as_os_str());
-            a.push("]:");
-            a.push(at.as_os_str());
-            args.push("--external".into());
-            args.push(a);
+            args.extend(crate::criu::external_mount(key, &at));
             binds.push((cstr(key)?, cstr(&at)?));
         }
         Ok(Sources {
