@@ -35,6 +35,9 @@
 //!   pins/
 //!     <digest>                    the key a rollback chose for the digest's next
 //!                                 restore (else its newest generation is current)
+//!   notes/
+//!     <key>/<name>                what was learned about an entry after it was
+//!                                 published (warmer: its restores' working set)
 //!   generations/
 //!     <service>                   the last generation number given (never reused)
 //! ```

@@ -1,11 +1,13 @@
 //! What is said about entries without changing them: stale marks, rollback
-//! pins, downloads under way (`incoming/`), quarantine, removal and pruning
-//! of old generations.
+//! pins, notes, downloads under way (`incoming/`), quarantine, removal and
+//! pruning of old generations.
 
 use std::fs;
 use std::io;
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use std::os::unix::fs::OpenOptionsExt;
 
 use crate::error::Error;
 
@@ -55,6 +57,55 @@ impl Cache {
             .ok()
             .map(|k| k.trim().to_string())
             .filter(|k| split_key(k).is_ok_and(|(d, _)| d == digest))
+    }
+
+    fn notes_dir(&self, key: &str) -> PathBuf {
+        self.root.join("notes").join(key)
+    }
+
+    /// Keeps `bytes` beside an entry under `name` (lowercase letters and
+    /// `-`): something learned about it after it was published (what its
+    /// restores touched first), which changes nothing of the entry itself.
+    /// Replaced whole; goes with the entry.
+    pub fn set_note(&self, key: &str, name: &str, bytes: &[u8]) -> Result<(), Error> {
+        valid_key(key)?;
+        valid_note(name)?;
+        if bytes.len() > NOTE_MAX {
+            return Err(Error::io(self.notes_dir(key).join(name))(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("a note holds at most {NOTE_MAX} bytes"),
+            )));
+        }
+        if self.lookup_key(key)?.is_none() {
+            return Err(Error::io(self.entry_dir(key))(io::Error::from(
+                io::ErrorKind::NotFound,
+            )));
+        }
+        let dir = self.notes_dir(key);
+        mkdir_private(&dir)?;
+        write_atomic(&dir, name, bytes)
+    }
+
+    /// The note `name` of an entry, if there is one (read only when it is a
+    /// regular file of the store's owner, private, and not oversized).
+    pub fn note(&self, key: &str, name: &str) -> Option<Vec<u8>> {
+        use std::io::Read;
+        use std::os::unix::fs::MetadataExt;
+        valid_key(key).ok()?;
+        valid_note(name).ok()?;
+        let file = fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(self.notes_dir(key).join(name))
+            .ok()?;
+        let md = file.metadata().ok()?;
+        let private = md.is_file() && md.uid() == self.uid && md.mode() & 0o077 == 0;
+        if !private || md.len() > NOTE_MAX as u64 {
+            return None;
+        }
+        let mut bytes = Vec::new();
+        file.take(NOTE_MAX as u64).read_to_end(&mut bytes).ok()?;
+        Some(bytes)
     }
 
     /// Marks an entry stale: it is never restored again, and `gc` removes it
@@ -201,6 +252,7 @@ impl Cache {
     pub(crate) fn forget(&self, key: &str) {
         let _ = fs::remove_file(self.stamp_path(key));
         let _ = fs::remove_file(self.stale_path(key));
+        let _ = fs::remove_dir_all(self.notes_dir(key));
         if let Ok((digest, _)) = split_key(key) {
             if self.pinned(digest).as_deref() == Some(key) {
                 let _ = fs::remove_file(self.pin_path(digest));
@@ -236,5 +288,22 @@ impl Cache {
             removed.push(entry.key);
         }
         Ok(removed)
+    }
+}
+
+/// The largest note an entry keeps.
+const NOTE_MAX: usize = 16 << 20;
+
+fn valid_note(name: &str) -> Result<(), Error> {
+    if !name.is_empty()
+        && name.len() <= 64
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b == b'-')
+    {
+        Ok(())
+    } else {
+        Err(Error::io(name)(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "a note's name is lowercase letters and '-'",
+        )))
     }
 }

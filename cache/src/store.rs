@@ -158,6 +158,7 @@ impl Cache {
             "pins",
             "generations",
             "incoming",
+            "notes",
         ] {
             mkdir_private(&root.join(sub))?;
         }
@@ -170,6 +171,7 @@ impl Cache {
             "stale",
             "pins",
             "incoming",
+            "notes",
         ] {
             let path = root.join(sub);
             let md = fs::symlink_metadata(&path).map_err(Error::io(&path))?;

@@ -493,3 +493,30 @@ fn incoming_downloads_are_private_and_removable() {
     cache.drop_incoming("abcdef0123456789").unwrap();
     assert!(!d.exists());
 }
+
+#[test]
+fn a_note_lives_beside_its_entry_changes_nothing_of_it_and_goes_with_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cache, entry) = published(&dir);
+    assert_eq!(cache.note(&entry.key, "working-set"), None);
+    cache.set_note(&entry.key, "working-set", b"{}").unwrap();
+    assert_eq!(cache.note(&entry.key, "working-set").unwrap(), b"{}");
+    // The entry still has exactly its files and verifies.
+    cache.check_shape(&entry).unwrap();
+    verify(&cache, DIGEST).unwrap();
+    // Names are plain; a note of an entry that is not there is refused.
+    assert!(cache.set_note(&entry.key, "../x", b"1").is_err());
+    assert!(cache
+        .set_note(&format!("{DIGEST}.9"), "working-set", b"1")
+        .is_err());
+    // A note someone else could have written is not read.
+    let path = dir
+        .path()
+        .join("c/notes")
+        .join(&entry.key)
+        .join("working-set");
+    fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).unwrap();
+    assert_eq!(cache.note(&entry.key, "working-set"), None);
+    cache.remove(&entry.key).unwrap();
+    assert!(!path.exists());
+}
