@@ -65,7 +65,7 @@ fn restore_vs_cold(c: &mut Criterion) {
         bn.iter_custom(|n| (0..n).map(|_| ms(b.restore_ms().unwrap())).sum())
     });
     g.bench_function("criu_restore", |bn| {
-        bn.iter_custom(|n| (0..n).map(|_| ms(b.criu_restore_ms().unwrap())).sum())
+        bn.iter_custom(|n| (0..n).map(|_| ms(b.criu_restore_ms(None).unwrap())).sum())
     });
     g.finish();
 }

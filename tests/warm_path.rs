@@ -609,6 +609,87 @@ fn a_stale_lazy_socket_is_no_obstacle_and_a_killed_lazy_daemon_means_cold_then_e
     );
 }
 
+/// The working set a cache entry has learned: (restores, pages).
+fn working_set(env: &Env) -> Option<(u64, u64)> {
+    let notes = std::fs::read_dir(env.path("cache/notes")).ok()?;
+    let dir = notes.filter_map(|d| d.ok()).next()?.path();
+    let ws: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("working-set")).ok()?).ok()?;
+    let pages = ws["pids"]
+        .as_object()?
+        .values()
+        .flat_map(|runs| runs.as_array().unwrap().iter())
+        .map(|run| run[1].as_u64().unwrap())
+        .sum();
+    Some((ws["restores"].as_u64()?, pages))
+}
+
+#[test]
+fn auto_learns_what_a_restore_touches_and_the_next_restore_brings_it_first() {
+    require_criu();
+    let env = Env::new();
+    let port = free_port();
+    // A fixed amount of memory, well above the 64 MiB where auto goes lazy.
+    env.slowweb("ws", port, &["--records", "700000"], "");
+    let nonce = env.make_image("ws", port);
+    assert_eq!(working_set(&env), None);
+
+    // First restore: lazy, nothing known; what it faults on is learned.
+    let mut w = env.run("ws");
+    let s = env.wait_ready("ws", &mut w);
+    assert_eq!(s["last_start"], "restored", "{}", w.err());
+    assert!(w.err().contains("lazy (auto:"), "{}", w.err());
+    assert_eq!(state(port)["nonce"], nonce);
+    w.stop();
+    let (restores, pages) = working_set(&env).expect("a working set was learned");
+    assert_eq!(restores, 1);
+    assert!(pages > 0);
+    let image_pages = 700_000 * 100 / 4096;
+    assert!(pages < image_pages, "{pages} pages: only what was touched");
+
+    // Second: the working set first, the rest on demand: the same memory.
+    let mut w = env.run("ws");
+    let s = env.wait_ready("ws", &mut w);
+    assert_eq!(s["last_start"], "restored", "{}", w.err());
+    assert!(w.err().contains("working set first (auto:"), "{}", w.err());
+    assert!(w.err().contains("restored first"), "{}", w.err());
+    let st = state(port);
+    assert_eq!(st["nonce"], nonce);
+    assert_eq!(st["index"], 700_000);
+    assert!(get(port, "/hit").is_some());
+    let rec: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(env.run.join("ws/state.json")).unwrap()).unwrap();
+    assert_eq!(rec["restore_choice"]["working_set"], true, "{rec}");
+    // The view: the entry's files, but its own pagemaps.
+    let view = env.run.join("ws/image-view");
+    let pagemaps: Vec<_> = std::fs::read_dir(&view)
+        .unwrap()
+        .filter_map(|d| d.ok())
+        .filter(|d| d.file_name().to_string_lossy().starts_with("pagemap-"))
+        .collect();
+    assert!(pagemaps.iter().any(|d| d.file_type().unwrap().is_file()));
+    let pages_img = view.join("pages-1.img");
+    assert!(std::fs::symlink_metadata(&pages_img)
+        .unwrap()
+        .file_type()
+        .is_symlink());
+    w.stop();
+    assert!(working_set(&env).unwrap().0 >= 1);
+    let marker = env.dir.path().display().to_string();
+    assert!(pids_with(&marker).is_empty(), "service left running");
+
+    // A working set that is not one (garbage in the note) is no obstacle.
+    let notes = std::fs::read_dir(env.path("cache/notes")).unwrap();
+    let note = notes.filter_map(|d| d.ok()).next().unwrap().path();
+    std::fs::write(note.join("working-set"), b"{garbage").unwrap();
+    let mut w = env.run("ws");
+    let s = env.wait_ready("ws", &mut w);
+    assert_eq!(s["last_start"], "restored", "{}", w.err());
+    assert!(w.err().contains("lazy (auto:"), "{}", w.err());
+    assert_eq!(state(port)["nonce"], nonce);
+    w.stop();
+}
+
 #[test]
 fn auto_restores_a_small_image_eagerly_and_says_why() {
     require_criu();

@@ -152,6 +152,9 @@ pub fn restore_args(plan: &RestorePlan) -> Vec<OsString> {
 /// `criu lazy-pages`: serves the image's pages to a `--lazy-pages` restore
 /// over `lazy-pages.socket` in the work dir, reporting on `status_fd` once it
 /// listens.
+/// The lazy-pages daemon's log, in its work directory.
+pub const LAZY_PAGES_LOG: &str = "lazy-pages.log";
+
 pub fn lazy_pages_args(images_dir: &Path, work_dir: &Path, status_fd: i32) -> Vec<OsString> {
     vec![
         "lazy-pages".into(),
@@ -160,7 +163,7 @@ pub fn lazy_pages_args(images_dir: &Path, work_dir: &Path, status_fd: i32) -> Ve
         "--work-dir".into(),
         work_dir.into(),
         "--log-file".into(),
-        "lazy-pages.log".into(),
+        LAZY_PAGES_LOG.into(),
         "--status-fd".into(),
         status_fd.to_string().into(),
     ]

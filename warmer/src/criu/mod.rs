@@ -9,6 +9,7 @@ mod netlock;
 
 pub use args::{
     dump_args, external_mount, lazy_pages_args, restore_args, DumpPlan, Inherit, RestorePlan,
+    LAZY_PAGES_LOG,
 };
 pub use netlock::{clear_network_locks, lock_rule_deletions, locks, Conn};
 use std::ffi::OsString;

@@ -132,6 +132,11 @@ pub struct Running {
     lazy_pages: Option<std::process::Child>,
     /// Why the lazy-pages daemon ended before delivering every page.
     lazy_failed: Option<String>,
+    /// Run once when the lazy-pages daemon is done: every page delivered,
+    /// or the tree gone (see [`Running::on_lazy_end`]).
+    lazy_end: Option<Box<dyn FnOnce() + Send>>,
+    /// `lazy_end` running on its thread (joined by [`Running::finish`]).
+    lazy_ending: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Running {
@@ -143,6 +148,8 @@ impl Running {
             exit: None,
             lazy_pages: None,
             lazy_failed: None,
+            lazy_end: None,
+            lazy_ending: None,
         }
     }
 
@@ -163,6 +170,7 @@ impl Running {
         );
         self.lazy_failed = Some(format!("criu lazy-pages {why}"));
         self.lazy_pages = None;
+        self.lazy_end = None;
         let _ = kill(self.pid, Signal::SIGKILL);
     }
 
@@ -170,6 +178,13 @@ impl Running {
     /// the tree is gone.
     pub fn set_lazy_pages(&mut self, daemon: std::process::Child) {
         self.lazy_pages = Some(daemon);
+    }
+
+    /// `f` runs once the lazy-pages daemon has delivered every page (on a
+    /// thread of its own: the service runs meanwhile), or when the tree is
+    /// finished with the daemon still serving it; not when the daemon died.
+    pub fn on_lazy_end(&mut self, f: Box<dyn FnOnce() + Send>) {
+        self.lazy_end = Some(f);
     }
 
     fn lazy_pid(&self) -> Option<Pid> {
@@ -199,6 +214,9 @@ impl Running {
                 Ok(WaitStatus::Exited(pid, code)) if Some(pid) == self.lazy_pid() => {
                     if code == 0 {
                         self.lazy_pages = None;
+                        if let Some(f) = self.lazy_end.take() {
+                            self.lazy_ending = Some(std::thread::spawn(f));
+                        }
                     } else {
                         self.lazy_died(format!("exited with status {code}"));
                     }
@@ -288,7 +306,13 @@ impl Running {
     /// Drains the output pumps (after exit) and stops a lazy-pages daemon
     /// that has nobody left to serve.
     pub fn finish(mut self) {
+        if let Some(t) = self.lazy_ending.take() {
+            let _ = t.join();
+        }
         if let Some(mut daemon) = self.lazy_pages.take() {
+            if let Some(f) = self.lazy_end.take() {
+                f();
+            }
             let _ = daemon.kill();
             let _ = daemon.wait();
         }

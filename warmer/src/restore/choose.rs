@@ -8,14 +8,19 @@
 //! answers); it loses for small ones (a daemon to start, a fault per page)
 //! and for some services that touch most of their memory at once.
 //!
-//! `auto` (the default) decides per image from what warmer measured:
+//! A third kind builds on lazy: **working set first** ([`super::working_set`]).
+//! What earlier restores of the image touched first is copied before the tree
+//! runs, in bulk and in address order, and only the rest is served on demand.
+//!
+//! `auto` (the default) decides per image from what is known, never by trying
+//! a slower kind on a start (that is `warmer bench`'s job):
 //! 1. memory under [`LAZY_MIN_BYTES`]: eager;
 //! 2. a lazy restore of this image failed this boot: eager;
-//! 3. both kinds measured for this image this boot: the faster (median);
-//!    one kind measured: the other, once, to compare; nothing measured: lazy;
-//! 4. if that says eager but most of the image is not in the page cache
-//!    (the first start after a boot): lazy after all (only then is the
-//!    page cache looked at: a mincore walk of the image).
+//! 3. a working set is known: working set first, unless eager was measured
+//!    faster than it this boot;
+//! 4. none yet: lazy (which learns one), unless eager was measured faster than
+//!    lazy this boot and most of the image is in the page cache (only then is
+//!    the page cache looked at: a mincore walk of the image).
 //!
 //! The decision and its reason go to the log and `warmer status`.
 //!
@@ -25,7 +30,7 @@
 //!
 //! ```text
 //! <run>/<svc>/restore-history.json   {format_version, digest, eager_ms, lazy_ms,
-//!                                     cold_ms, lazy_failed}   (per boot)
+//!                                     ws_ms, cold_ms, lazy_failed}   (per boot)
 //! ```
 //! `warmer reset SVC` forgets it (and the failure counts of `backoff`).
 
@@ -61,6 +66,9 @@ pub struct History {
     /// Start to ready, ms, newest last.
     pub eager_ms: Vec<u64>,
     pub lazy_ms: Vec<u64>,
+    /// Working set first, start to ready, ms, newest last.
+    #[serde(default)]
+    pub ws_ms: Vec<u64>,
     /// Why a lazy restore failed, if one did.
     pub lazy_failed: Option<String>,
 }
@@ -95,14 +103,14 @@ impl History {
         }
     }
 
-    /// Remembers how long a restore of the image took to ready.
-    pub fn record(run_dir: &Path, digest: &str, lazy: bool, ms: u64) {
+    /// Remembers how long a restore of the image (of `kind`) took to ready.
+    pub fn record(run_dir: &Path, digest: &str, kind: Kind, ms: u64) {
         let mut h = Self::load(run_dir, digest);
         push_sample(
-            if lazy {
-                &mut h.lazy_ms
-            } else {
-                &mut h.eager_ms
+            match kind {
+                Kind::Eager => &mut h.eager_ms,
+                Kind::Lazy => &mut h.lazy_ms,
+                Kind::WorkingSet => &mut h.ws_ms,
             },
             ms,
         );
@@ -159,7 +167,13 @@ impl std::fmt::Display for ColdIsFaster {
 /// dropped page cache) decides nothing. `image_cold_ms`: the cold start the
 /// image was taken after, when this boot measured none.
 pub fn cold_is_faster(h: &History, image_cold_ms: Option<u64>) -> Option<ColdIsFaster> {
-    let restores: Vec<u64> = h.eager_ms.iter().chain(&h.lazy_ms).copied().collect();
+    let restores: Vec<u64> = h
+        .eager_ms
+        .iter()
+        .chain(&h.lazy_ms)
+        .chain(&h.ws_ms)
+        .copied()
+        .collect();
     if restores.len() < MIN_RESTORE_SAMPLES {
         return None;
     }
@@ -178,16 +192,46 @@ fn median(v: &[u64]) -> Option<u64> {
     v.get(v.len() / 2).copied()
 }
 
+/// How a restore brings the memory back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Kind {
+    /// All of it before the tree runs.
+    Eager,
+    /// Each page on first touch (and the rest in the background).
+    Lazy,
+    /// The working set before the tree runs, the rest as lazy.
+    WorkingSet,
+}
+
 /// What was decided, and why (for the log and `status`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Choice {
+    /// A lazy-pages daemon serves (some of) the memory.
     pub lazy: bool,
+    /// The working set goes first (with `lazy`).
+    #[serde(default)]
+    pub working_set: bool,
     pub reason: String,
+}
+
+impl Choice {
+    pub fn kind(&self) -> Kind {
+        match (self.lazy, self.working_set) {
+            (false, _) => Kind::Eager,
+            (true, false) => Kind::Lazy,
+            (true, true) => Kind::WorkingSet,
+        }
+    }
 }
 
 impl std::fmt::Display for Choice {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let kind = if self.lazy { "lazy" } else { "eager" };
+        let kind = match self.kind() {
+            Kind::Eager => "eager",
+            Kind::Lazy => "lazy",
+            Kind::WorkingSet => "working set first",
+        };
         write!(f, "{kind} ({})", self.reason)
     }
 }
@@ -196,25 +240,38 @@ fn mb(b: u64) -> u64 {
     b / 1_000_000
 }
 
-/// The restore for an image with `memory` bytes of pages, given `history`;
-/// `resident` tells the fraction of them in the page cache (`None`:
-/// unknown), asked only when it can change the answer (it costs a mincore
-/// walk of the image).
+/// A working set known for the image: its size and how many restores it
+/// was learned from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Known {
+    pub bytes: u64,
+    pub restores: u32,
+}
+
+/// The restore for an image with `memory` bytes of pages, given `history`
+/// and the working set learned for it (`ws`); `resident` tells the fraction
+/// of the image in the page cache (`None`: unknown), asked only when it can
+/// change the answer (it costs a mincore walk of the image).
 pub fn choose(
     mode: RestoreMode,
     memory: u64,
+    ws: Option<Known>,
     resident: &mut dyn FnMut() -> Option<f64>,
     h: &History,
 ) -> Choice {
-    let choice = |lazy: bool, reason: String| Choice { lazy, reason };
+    let choice = |kind: Kind, reason: String| Choice {
+        lazy: kind != Kind::Eager,
+        working_set: kind == Kind::WorkingSet,
+        reason,
+    };
     match mode {
-        RestoreMode::Eager => return choice(false, "restore.mode: eager".into()),
-        RestoreMode::Lazy => return choice(true, "restore.mode: lazy".into()),
+        RestoreMode::Eager => return choice(Kind::Eager, "restore.mode: eager".into()),
+        RestoreMode::Lazy => return choice(Kind::Lazy, "restore.mode: lazy".into()),
         RestoreMode::Auto => {}
     }
     if memory < LAZY_MIN_BYTES {
         return choice(
-            false,
+            Kind::Eager,
             format!(
                 "auto: {} MB of memory, under {} MiB",
                 mb(memory),
@@ -224,38 +281,51 @@ pub fn choose(
     }
     if let Some(why) = &h.lazy_failed {
         return choice(
-            false,
+            Kind::Eager,
             format!("auto: a lazy restore failed this boot ({why})"),
         );
     }
-    let measured = match (median(&h.eager_ms), median(&h.lazy_ms)) {
-        (Some(e), Some(l)) => choice(
-            l < e,
-            format!("auto: measured this boot: lazy {l} ms, eager {e} ms"),
-        ),
-        (Some(e), None) => choice(
-            true,
-            format!("auto: eager took {e} ms; trying lazy once to compare"),
-        ),
-        (None, Some(l)) => choice(
-            false,
-            format!("auto: lazy took {l} ms; trying eager once to compare"),
-        ),
-        (None, None) => choice(true, format!("auto: {} MB of memory", mb(memory))),
-    };
-    if measured.lazy {
-        return measured;
-    }
-    match resident().filter(|r| *r < COLD_CACHE) {
-        Some(r) => choice(
-            true,
-            format!(
-                "auto: {} MB of memory, {:.0}% in the page cache: lazy reads only what the service touches",
-                mb(memory),
-                r * 100.0
+    let eager = median(&h.eager_ms);
+    if let Some(ws) = ws {
+        return match (eager, median(&h.ws_ms)) {
+            (Some(e), Some(w)) if e < w => choice(
+                Kind::Eager,
+                format!("auto: measured this boot: eager {e} ms, working set first {w} ms"),
             ),
+            _ => choice(
+                Kind::WorkingSet,
+                format!(
+                    "auto: {} MB of memory, {} MB of it touched first (learned from {} restores)",
+                    mb(memory),
+                    mb(ws.bytes),
+                    ws.restores
+                ),
+            ),
+        };
+    }
+    let lazy = choice(
+        Kind::Lazy,
+        format!(
+            "auto: {} MB of memory, no working set learned yet",
+            mb(memory)
         ),
-        None => measured,
+    );
+    match (eager, median(&h.lazy_ms)) {
+        (Some(e), Some(l)) if e < l => match resident() {
+            Some(r) if r < COLD_CACHE => choice(
+                Kind::Lazy,
+                format!(
+                    "auto: {} MB of memory, {:.0}% in the page cache: lazy reads only what the service touches",
+                    mb(memory),
+                    r * 100.0
+                ),
+            ),
+            _ => choice(
+                Kind::Eager,
+                format!("auto: measured this boot: lazy {l} ms, eager {e} ms"),
+            ),
+        },
+        _ => lazy,
     }
 }
 
@@ -378,8 +448,13 @@ mod tests {
 
     #[test]
     fn explicit_modes_are_obeyed() {
-        assert!(!choose(RestoreMode::Eager, BIG, &mut || Some(0.0), &h(&[], &[])).lazy);
-        assert!(choose(RestoreMode::Lazy, 1, &mut || Some(1.0), &h(&[], &[])).lazy);
+        let ws = Some(Known {
+            bytes: 1 << 20,
+            restores: 1,
+        });
+        assert!(!choose(RestoreMode::Eager, BIG, ws, &mut || Some(0.0), &h(&[], &[])).lazy);
+        let lazy = choose(RestoreMode::Lazy, 1, ws, &mut || Some(1.0), &h(&[], &[]));
+        assert_eq!(lazy.kind(), Kind::Lazy);
     }
 
     #[test]
@@ -387,6 +462,7 @@ mod tests {
         let c = choose(
             RestoreMode::Auto,
             30 << 20,
+            None,
             &mut || Some(0.0),
             &h(&[900], &[100]),
         );
@@ -395,15 +471,32 @@ mod tests {
     }
 
     #[test]
-    fn auto_explores_once_then_keeps_the_faster() {
-        let none = choose(RestoreMode::Auto, BIG, &mut || Some(1.0), &h(&[], &[]));
-        assert!(none.lazy, "{none}");
-        let after_lazy = choose(RestoreMode::Auto, BIG, &mut || Some(1.0), &h(&[], &[210]));
-        assert!(!after_lazy.lazy, "{after_lazy}");
-        // ActiveMQ-like: eager faster.
+    fn auto_never_tries_a_slower_kind_on_a_start() {
+        let mut asked = false;
+        // Nothing known: lazy, which learns the working set.
+        let none = choose(
+            RestoreMode::Auto,
+            BIG,
+            None,
+            &mut || {
+                asked = true;
+                Some(1.0)
+            },
+            &h(&[], &[]),
+        );
+        assert_eq!(none.kind(), Kind::Lazy, "{none}");
+        // Lazy measured: lazy again (no "eager once to compare").
+        let again = choose(RestoreMode::Auto, BIG, None, &mut || None, &h(&[], &[210]));
+        assert_eq!(again.kind(), Kind::Lazy, "{again}");
+        assert!(
+            !asked,
+            "the page cache is looked at only when it can matter"
+        );
+        // Both measured (a bench did), eager faster, image in the page cache.
         let c = choose(
             RestoreMode::Auto,
             BIG,
+            None,
             &mut || Some(1.0),
             &h(&[130], &[210]),
         );
@@ -412,15 +505,32 @@ mod tests {
             "{c}"
         );
         // Redis-like: lazy faster.
-        assert!(
-            choose(
-                RestoreMode::Auto,
-                BIG,
-                &mut || Some(1.0),
-                &h(&[911, 905], &[109])
-            )
-            .lazy
+        let c = choose(
+            RestoreMode::Auto,
+            BIG,
+            None,
+            &mut || Some(1.0),
+            &h(&[911, 905], &[109]),
         );
+        assert_eq!(c.kind(), Kind::Lazy);
+    }
+
+    #[test]
+    fn a_known_working_set_goes_first_unless_eager_was_measured_faster() {
+        let ws = Some(Known {
+            bytes: 30_000_000,
+            restores: 2,
+        });
+        let c = choose(RestoreMode::Auto, BIG, ws, &mut || None, &h(&[300], &[210]));
+        assert_eq!(c.kind(), Kind::WorkingSet, "{c}");
+        assert!(c.reason.contains("30 MB of it touched first"), "{c}");
+        let mut measured = h(&[90], &[210]);
+        measured.ws_ms = vec![120];
+        let c = choose(RestoreMode::Auto, BIG, ws, &mut || None, &measured);
+        assert_eq!(c.kind(), Kind::Eager, "{c}");
+        measured.ws_ms = vec![60];
+        let c = choose(RestoreMode::Auto, BIG, ws, &mut || None, &measured);
+        assert_eq!(c.kind(), Kind::WorkingSet, "{c}");
     }
 
     #[test]
@@ -428,25 +538,28 @@ mod tests {
         let c = choose(
             RestoreMode::Auto,
             BIG,
+            None,
             &mut || Some(0.1),
             &h(&[130], &[210]),
         );
         assert!(c.lazy && c.reason.contains("10% in the page cache"), "{c}");
         let mut failed = h(&[], &[100]);
         failed.lazy_failed = Some("daemon died".into());
-        assert!(!choose(RestoreMode::Auto, BIG, &mut || Some(0.1), &failed).lazy);
+        assert!(!choose(RestoreMode::Auto, BIG, None, &mut || Some(0.1), &failed).lazy);
     }
 
     #[test]
     fn history_is_per_digest_and_bounded() {
         let dir = tempfile::tempdir().unwrap();
         for ms in [5, 6, 7, 8] {
-            History::record(dir.path(), "a", false, ms);
+            History::record(dir.path(), "a", Kind::Eager, ms);
         }
-        History::record(dir.path(), "a", true, 3);
+        History::record(dir.path(), "a", Kind::Lazy, 3);
+        History::record(dir.path(), "a", Kind::WorkingSet, 2);
         let got = History::load(dir.path(), "a");
         assert_eq!(got.eager_ms, vec![6, 7, 8]);
         assert_eq!(got.lazy_ms, vec![3]);
+        assert_eq!(got.ws_ms, vec![2]);
         assert_eq!(History::load(dir.path(), "b"), h(&[], &[]).with_digest("b"));
     }
 

@@ -50,6 +50,9 @@ pub struct RestoreOptions {
     pub leave_stopped: bool,
     /// Serve memory on demand from a `criu lazy-pages` daemon.
     pub lazy: bool,
+    /// The daemon logs every page fault (verbosity 4) to learn the working
+    /// set from ([`super::working_set`]).
+    pub learn: bool,
 }
 
 /// The fds CRIU receives the new pipes on.
@@ -97,7 +100,7 @@ pub fn restore(
     let _ = std::fs::remove_file(run_dir.join(STATS_FILE));
     let mut lazy = if opts.lazy {
         let t = std::time::Instant::now();
-        let daemon = start_lazy_pages(criu, data_dir, run_dir, watch.deadline)?;
+        let daemon = start_lazy_pages(criu, data_dir, run_dir, opts.learn, watch.deadline)?;
         times.lazy_start = Some(t.elapsed());
         Some(daemon)
     } else {
@@ -281,6 +284,7 @@ fn start_lazy_pages(
     criu: &Criu,
     data_dir: &Path,
     run_dir: &Path,
+    learn: bool,
     limit: std::time::Duration,
 ) -> Result<std::process::Child, CriuRestoreError> {
     // A socket left by an earlier daemon makes the next restore fail.
@@ -289,9 +293,10 @@ fn start_lazy_pages(
         .map_err(|e| CriuRestoreError::Setup(e.into()))?;
     let w = high(w.as_fd()).map_err(CriuRestoreError::Setup)?;
     let w_raw = w.as_raw_fd();
-    let log = run_dir.join("lazy-pages.log");
+    let log = run_dir.join(criu::LAZY_PAGES_LOG);
     let mut cmd = criu.command();
     cmd.args(criu::lazy_pages_args(data_dir, run_dir, STATUS_FD))
+        .args(learn.then_some("-v4"))
         .stdout(Stdio::null())
         .stderr(Stdio::null());
     // SAFETY: dup2 is async-signal-safe; the fd is open in the parent.

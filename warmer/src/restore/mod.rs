@@ -26,6 +26,7 @@
 
 pub mod choose;
 pub mod criu;
+pub mod working_set;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -89,6 +90,8 @@ pub struct Plan {
     pub choice: choose::Choice,
     /// The image's `restore.json`, read once here.
     pub info: crate::image::RestoreInfo,
+    /// What earlier restores of this entry touched first, if learned.
+    pub working_set: Option<working_set::WorkingSet>,
 }
 
 impl Plan {
@@ -323,13 +326,16 @@ pub fn plan(
                 }))
             }
         };
+    let ws = working_set::WorkingSet::load(cache, &entry.key);
     let choice = choose_restore(
         manifest.restore_mode,
         &entry,
         &history,
         info.external_mounts.is_some(),
+        ws.as_ref(),
     );
     Ok(Ok(Plan {
+        working_set: ws.filter(|_| choice.working_set),
         deadline: manifest.restore_timeout,
         integrity: Integrity::choose(cache.stamp_valid(&entry), !put_back.is_empty()),
         put_back,
@@ -346,6 +352,7 @@ pub fn choose_restore(
     entry: &Entry,
     history: &choose::History,
     sandboxed: bool,
+    ws: Option<&working_set::WorkingSet>,
 ) -> choose::Choice {
     if sandboxed {
         // The restored tree opens its userfaultfd from inside its user
@@ -353,13 +360,19 @@ pub fn choose_restore(
         // asks for CAP_SYS_PTRACE in the initial one).
         return choose::Choice {
             lazy: false,
+            working_set: false,
             reason: "sandboxed: no userfaultfd inside its user namespace".into(),
         };
     }
     let (memory, files) = choose::memory_files(entry);
+    let known = ws.map(|w| choose::Known {
+        bytes: w.bytes(),
+        restores: w.restores,
+    });
     choose::choose(
         mode,
         memory,
+        known,
         &mut || choose::resident_fraction(&files),
         history,
     )
@@ -474,12 +487,32 @@ impl Restore<'_> {
                 .stop_requested()
                 .then(|| "warmer was asked to stop".to_string())
         };
+        let data = plan.entry.data_dir();
+        let images = match &plan.working_set {
+            Some(ws) => match working_set::write_view(&data, self.run_dir, ws) {
+                Ok(view) => {
+                    tracing::info!(
+                        phase = "working set",
+                        "{} MB restored first, {} MB on demand",
+                        view.eager_pages * working_set::page_size() / 1_000_000,
+                        view.lazy_pages * working_set::page_size() / 1_000_000
+                    );
+                    view.dir
+                }
+                Err(e) => {
+                    tracing::warn!("cannot prepare the working set first, restoring lazily: {e}");
+                    data
+                }
+            },
+            None => data,
+        };
         let restored = Output::new()
             .map_err(CriuRestoreError::Setup)
             .and_then(|out| {
                 let opts = RestoreOptions {
                     leave_stopped: held,
                     lazy: plan.choice.lazy,
+                    learn: plan.choice.lazy,
                 };
                 let watch = Watch {
                     deadline: plan.deadline,
@@ -487,7 +520,7 @@ impl Restore<'_> {
                 };
                 criu_restore(
                     self.criu,
-                    &plan.entry.data_dir(),
+                    &images,
                     &plan.info,
                     self.run_dir,
                     opts,
@@ -521,7 +554,15 @@ impl Restore<'_> {
             },
         };
         let (restored, criu_times) = match restored {
-            Ok((r, t)) => (Ok(r), t),
+            Ok((mut r, t)) => {
+                if plan.choice.lazy {
+                    // What the service faults on from now on is its working set.
+                    let (cache, key) = (self.cache.clone(), plan.key().to_string());
+                    let log = self.run_dir.join(crate::criu::LAZY_PAGES_LOG);
+                    r.on_lazy_end(Box::new(move || working_set::learn(&cache, &key, &log)));
+                }
+                (Ok(r), t)
+            }
             Err(e) => (Err(e), CriuTimes::default()),
         };
         let timings = Timings {

@@ -108,7 +108,7 @@ impl Supervisor {
             }
             StartKind::Restored => {
                 if let (Some(d), Some(c)) = (&digest, &self.record.restore_choice) {
-                    choose::History::record(&self.run_dir, d, c.lazy, measured);
+                    choose::History::record(&self.run_dir, d, c.kind(), measured);
                     let history = choose::History::load(&self.run_dir, d);
                     let verdict = choose::cold_is_faster(&history, self.record.cold_ready_ms);
                     if let Some(v) = verdict.filter(|_| self.manifest.mode == Mode::Warm) {

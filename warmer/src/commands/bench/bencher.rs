@@ -258,10 +258,37 @@ impl Bencher {
         })
     }
 
-    /// One bare `criu restore` of the image to ready, in ms.
-    pub fn criu_restore_ms(&self) -> Result<f64, BenchError> {
+    /// One bare `criu restore` of the image to ready, in ms: restoring the
+    /// way warmer's own run of the round did (`None`), or eagerly or lazily.
+    pub fn criu_restore_ms(&self, kind: Option<Kind>) -> Result<f64, BenchError> {
         let entry = self.prepare_restore()?;
-        self.criu_restore(&entry)
+        self.criu_restore(&entry, kind)
+    }
+
+    /// How warmer's last run restored (else how it would now).
+    fn warmer_choice(
+        &self,
+        entry: &cache::Entry,
+        sandboxed: bool,
+    ) -> crate::restore::choose::Choice {
+        RunRecord::read(&self.dirs.run, &self.manifest.name)
+            .and_then(|r| r.restore_choice)
+            .unwrap_or_else(|| {
+                let cache = cache::Cache::open(&self.dirs.cache).ok();
+                let ws = cache
+                    .as_ref()
+                    .and_then(|c| crate::restore::working_set::WorkingSet::load(c, &entry.key));
+                crate::restore::choose_restore(
+                    self.manifest.restore_mode,
+                    entry,
+                    &crate::restore::choose::History::load(
+                        &self.dirs.service_run(&self.manifest.name),
+                        &entry.meta.digest,
+                    ),
+                    sandboxed,
+                    ws.as_ref(),
+                )
+            })
     }
 }
 
@@ -409,7 +436,7 @@ impl Bencher {
     }
 
     /// One bare `criu restore` of the image plus the probe loop.
-    fn criu_restore(&self, entry: &cache::Entry) -> Result<f64, BenchError> {
+    fn criu_restore(&self, entry: &cache::Entry, kind: Option<Kind>) -> Result<f64, BenchError> {
         let data = entry.data_dir();
         let work = self.dirs.run.join(format!("{}.bench", self.manifest.name));
         std::fs::create_dir_all(&work).map_err(io("bench work dir"))?;
@@ -421,31 +448,30 @@ impl Bencher {
             what: "criu restore".into(),
             detail: chain(&e),
         })?;
+        let kind = kind.unwrap_or_else(|| {
+            self.warmer_choice(entry, info.external_mounts.is_some())
+                .kind()
+        });
+        // Working set first is CRIU restoring the view warmer builds.
+        let images = match kind {
+            Kind::WorkingSet => cache::Cache::open(&self.dirs.cache)
+                .ok()
+                .and_then(|c| crate::restore::working_set::WorkingSet::load(&c, &entry.key))
+                .map(|ws| crate::restore::working_set::write_view(&data, &work, &ws))
+                .transpose()
+                .map_err(io("the working set's view of the image"))?
+                .map_or(data.clone(), |v| v.dir),
+            _ => data.clone(),
+        };
         let (mut running, _) = crate::restore::criu_restore(
             &self.criu,
-            &data,
+            &images,
             &info,
             &work,
             crate::restore::RestoreOptions {
                 leave_stopped: false,
-                // What warmer's own restore in this round chose.
-                lazy: RunRecord::read(&self.dirs.run, &self.manifest.name)
-                    .and_then(|r| r.restore_choice)
-                    .map_or_else(
-                        || {
-                            crate::restore::choose_restore(
-                                self.manifest.restore_mode,
-                                entry,
-                                &crate::restore::choose::History::load(
-                                    &self.dirs.service_run(&self.manifest.name),
-                                    &entry.meta.digest,
-                                ),
-                                info.external_mounts.is_some(),
-                            )
-                            .lazy
-                        },
-                        |c| c.lazy,
-                    ),
+                lazy: kind != Kind::Eager,
+                learn: false,
             },
             output,
             crate::restore::Watch {

@@ -8,11 +8,15 @@
 //! - restore: `warmer run SVC` restoring from the cache, timed the same way
 //!   (exec, digest, integrity check, CRIU, probe: everything);
 //! - criu_restore: the floor: `criu restore` of the same image with the same
-//!   options, then the same probe loop, timed from just before CRIU starts.
-//!   State files, if any, are put back before the clock starts.
+//!   options (eager, lazy, or the working set's view of it), then the same
+//!   probe loop, timed from just before CRIU starts. State files, if any,
+//!   are put back before the clock starts;
+//! - criu_eager, criu_lazy: for an image big enough for `auto` to restore
+//!   lazily, bare CRIU both ways as well: the raw baselines of what warmer's
+//!   choice (and its working set) is worth.
 //!
 //! Runs are interleaved (cold, restore, criu, cold, ...) so that drift (page
-//! cache, CPU frequency, other load) hits all three alike; `--drop-caches`
+//! cache, CPU frequency, other load) hits every kind alike; `--drop-caches`
 //! empties the page cache before every run, as after a reboot.
 
 mod bencher;
@@ -33,6 +37,8 @@ use crate::manifest::{Manifest, Probe};
 use crate::process::probe::{Backoff, Prober};
 use crate::process::service::StartKind;
 use crate::process::signals::Signals;
+use crate::restore::choose;
+use crate::restore::choose::Kind;
 use crate::supervisor::record::{RunRecord, ServiceState};
 
 #[derive(Debug, thiserror::Error)]
@@ -111,6 +117,11 @@ pub struct Samples {
     pub cold: Vec<f64>,
     pub restore: Vec<f64>,
     pub criu_restore: Vec<f64>,
+    /// Bare CRIU, eager and lazy (empty for an image `auto` restores eagerly).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub criu_eager: Vec<f64>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub criu_lazy: Vec<f64>,
 }
 
 /// `--json` output.
@@ -123,6 +134,12 @@ pub struct BenchReport {
     pub cold: Stats,
     pub restore: Stats,
     pub criu_restore: Stats,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub criu_eager: Option<Stats>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub criu_lazy: Option<Stats>,
+    /// How warmer's last restore of the bench restored, and why.
+    pub restore_kind: String,
     /// cold median / restore median
     pub ratio: f64,
     /// What warmer adds to CRIU: the median over rounds of (warmer restore -
@@ -166,48 +183,68 @@ pub fn bench(
     progress("warm-up round (not counted)");
     b.cold_ms()?;
     b.restore_ms()?;
-    b.criu_restore_ms()?;
+    b.criu_restore_ms(None)?;
     b.breakdowns.borrow_mut().clear();
+    // Both raw baselines where lazy is in question at all.
+    let baselines = choose::memory_files(&entry).0 >= choose::LAZY_MIN_BYTES;
 
     let mut samples = Samples {
         cold: Vec::new(),
         restore: Vec::new(),
         criu_restore: Vec::new(),
+        criu_eager: Vec::new(),
+        criu_lazy: Vec::new(),
+    };
+    let mut kinds: Vec<usize> = if baselines {
+        vec![0, 1, 2, 3, 4]
+    } else {
+        vec![0, 1, 2]
     };
     for i in 0..opts.runs {
         if b.signals.stop_requested() {
             break;
         }
-        // Every round runs the three in another of the six orders, so
-        // whatever a run leaves behind (memory to reclaim, a busy page cache)
-        // falls on each kind alike, and each follows each other kind equally.
-        const ORDERS: [[usize; 3]; 6] = [
-            [0, 1, 2],
-            [1, 2, 0],
-            [2, 0, 1],
-            [0, 2, 1],
-            [2, 1, 0],
-            [1, 0, 2],
-        ];
-        let (mut cold, mut restore, mut bare) = (0.0, 0.0, 0.0);
-        for kind in ORDERS[i % 6] {
+        // Every round runs the kinds in another order (rotated, and reversed
+        // every other round), so whatever a run leaves behind (memory to
+        // reclaim, a busy page cache) falls on each kind alike, and each
+        // follows each other kind.
+        kinds.rotate_left(1);
+        let order: Vec<usize> = if i % 2 == 1 {
+            kinds.iter().rev().copied().collect()
+        } else {
+            kinds.clone()
+        };
+        let mut took = [0.0f64; 5];
+        for kind in order {
             if opts.drop_caches {
                 drop_caches()?;
             }
-            match kind {
-                0 => cold = b.cold_ms()?,
-                1 => restore = b.restore_ms()?,
-                _ => bare = b.criu_restore_ms()?,
-            }
+            took[kind] = match kind {
+                0 => b.cold_ms()?,
+                1 => b.restore_ms()?,
+                2 => b.criu_restore_ms(None)?,
+                3 => b.criu_restore_ms(Some(Kind::Eager))?,
+                _ => b.criu_restore_ms(Some(Kind::Lazy))?,
+            };
         }
+        let [cold, restore, bare, eager, lazy] = took;
+        let extra = if baselines {
+            format!(", criu eager {eager:.1} ms, criu lazy {lazy:.1} ms")
+        } else {
+            String::new()
+        };
         progress(&format!(
-            "run {}/{}: cold {cold:.0} ms, warmer restore {restore:.1} ms, criu restore {bare:.1} ms",
+            "run {}/{}: cold {cold:.0} ms, warmer restore {restore:.1} ms, criu restore {bare:.1} ms{extra}",
             i + 1,
             opts.runs
         ));
         samples.cold.push(cold);
         samples.restore.push(restore);
         samples.criu_restore.push(bare);
+        if baselines {
+            samples.criu_eager.push(eager);
+            samples.criu_lazy.push(lazy);
+        }
     }
     let (cold, restore, criu_restore) = (
         Stats::of(&samples.cold),
@@ -234,6 +271,12 @@ pub fn bench(
         cold,
         restore,
         criu_restore,
+        criu_eager: baselines.then(|| Stats::of(&samples.criu_eager)),
+        criu_lazy: baselines.then(|| Stats::of(&samples.criu_lazy)),
+        restore_kind: RunRecord::read(&dirs.run, service)
+            .and_then(|r| r.restore_choice)
+            .map(|c| c.to_string())
+            .unwrap_or_default(),
         samples,
         breakdown: phases(&b.breakdowns.take()),
         show_breakdown: opts.breakdown,

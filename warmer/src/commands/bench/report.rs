@@ -48,7 +48,16 @@ pub fn markdown(r: &BenchReport) -> String {
     out.push_str("| start to ready | median ms | min ms | max ms |\n|---|---|---|---|\n");
     out.push_str(&row("cold start", &r.cold));
     out.push_str(&row("warmer restore", &r.restore));
-    out.push_str(&row("bare criu restore", &r.criu_restore));
+    out.push_str(&row("bare criu restore (as warmer)", &r.criu_restore));
+    if let Some(s) = &r.criu_eager {
+        out.push_str(&row("bare criu restore, eager", s));
+    }
+    if let Some(s) = &r.criu_lazy {
+        out.push_str(&row("bare criu restore, lazy", s));
+    }
+    if !r.restore_kind.is_empty() {
+        out.push_str(&format!("\nwarmer restored: {}.\n", r.restore_kind));
+    }
     out.push_str(&format!(
         "\ncold / warmer restore: **{:.1}x**; warmer adds {:.1} ms to bare CRIU (median of per-round differences).\n\
          Machine: kernel {}, {} CPUs, CRIU {}, /run {}a tmpfs.\n",
@@ -72,11 +81,16 @@ pub fn markdown(r: &BenchReport) -> String {
 
 /// A small SVG: one row per kind, every run as a dot, the median as a bar.
 pub fn svg(r: &BenchReport) -> String {
-    let rows = [
+    let rows: Vec<(&str, &Vec<f64>, &str)> = [
         ("cold start", &r.samples.cold, "#c0392b"),
         ("warmer restore", &r.samples.restore, "#2471a3"),
         ("bare criu restore", &r.samples.criu_restore, "#7f8c8d"),
-    ];
+        ("bare criu, eager", &r.samples.criu_eager, "#a569bd"),
+        ("bare criu, lazy", &r.samples.criu_lazy, "#52be80"),
+    ]
+    .into_iter()
+    .filter(|(_, s, _)| !s.is_empty())
+    .collect();
     let max = rows
         .iter()
         .flat_map(|(_, s, _)| s.iter().copied())
@@ -86,7 +100,7 @@ pub fn svg(r: &BenchReport) -> String {
     let mut out = format!(
         "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"760\" height=\"{}\" font-family=\"sans-serif\" font-size=\"13\">\n\
          <text x=\"10\" y=\"20\" font-weight=\"bold\">{}: start to ready (ms), {} runs, image {:.0} MB, page cache {}</text>\n",
-        60.0 + row_h * 3.0 + 30.0,
+        60.0 + row_h * rows.len() as f64 + 30.0,
         r.service,
         r.runs,
         r.image_bytes as f64 / 1e6,
@@ -112,7 +126,8 @@ pub fn svg(r: &BenchReport) -> String {
             ));
         }
     }
-    let axis_y = 50.0 + row_h * 3.0;
+    #[allow(clippy::cast_precision_loss)]
+    let axis_y = 50.0 + row_h * rows.len() as f64;
     out.push_str(&format!(
         "<line x1=\"{left}\" y1=\"{axis_y}\" x2=\"{}\" y2=\"{axis_y}\" stroke=\"black\"/>\n<text x=\"{left}\" y=\"{}\">0</text>\n<text x=\"{}\" y=\"{}\" text-anchor=\"end\">{max:.0} ms</text>\n</svg>\n",
         left + width,

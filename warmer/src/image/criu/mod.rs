@@ -74,24 +74,40 @@ pub fn read<M: Message + Default>(path: &Path) -> Result<Vec<M>, ImageError> {
         path: path.to_path_buf(),
         source,
     })?;
+    let (mut at, bodies) = frames(&bytes).map_err(|(at, what)| malformed(path, at, what))?;
+    let mut out = Vec::with_capacity(bodies.len());
+    for body in bodies {
+        out.push(M::decode(body).map_err(|e| malformed(path, at, e.to_string()))?);
+        at += 4 + body.len();
+    }
+    Ok(out)
+}
+
+/// The length of an image file's magic(s), and its entries' bytes.
+pub type Framed<'a> = (usize, Vec<&'a [u8]>);
+
+/// An image file's framing: the length of its magic(s), and each entry's
+/// bytes. A malformed file gives the byte offset and what is wrong there.
+pub fn frames(bytes: &[u8]) -> Result<Framed<'_>, (usize, String)> {
     let u32_at = |at: usize| -> Option<u32> {
         bytes
             .get(at..at + 4)
             .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
     };
-    let first = u32_at(0).ok_or_else(|| malformed(path, 0, "no magic"))?;
-    let mut at = if COMMON_MAGICS.contains(&first) { 8 } else { 4 };
+    let first = u32_at(0).ok_or((0, "no magic".to_string()))?;
+    let header = if COMMON_MAGICS.contains(&first) { 8 } else { 4 };
+    let mut at = header;
     let mut out = Vec::new();
     while at < bytes.len() {
-        let len = u32_at(at).ok_or_else(|| malformed(path, at, "truncated entry length"))?;
-        let len = usize::try_from(len).map_err(|_| malformed(path, at, "entry too long"))?;
+        let len = u32_at(at).ok_or((at, "truncated entry length".to_string()))?;
+        let len = usize::try_from(len).map_err(|_| (at, "entry too long".to_string()))?;
         let body = bytes
             .get(at + 4..at + 4 + len)
-            .ok_or_else(|| malformed(path, at, "truncated entry"))?;
-        out.push(M::decode(body).map_err(|e| malformed(path, at, e.to_string()))?);
+            .ok_or((at, "truncated entry".to_string()))?;
+        out.push(body);
         at += 4 + len;
     }
-    Ok(out)
+    Ok((header, out))
 }
 
 /// The single entry of an image file that holds one (inventory, core, mm).

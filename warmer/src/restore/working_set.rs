@@ -1,0 +1,459 @@
+//! The pages a restored service touches first (its working set): learned
+//! from lazy restores, restored first by the next ones.
+//!
+//! **Learn.** A lazy restore's `criu lazy-pages` daemon logs every page the
+//! service faults on (`#PF at ADDR`, at verbosity 4). When the daemon ends
+//! (every page delivered) or the service stops, those pages join the image's
+//! working set, kept beside its cache entry as the note `working-set`
+//! ([`cache::Cache::set_note`]: the entry itself never changes, and its
+//! hashes still hold). The daemon delivers the pages nobody asked for in the
+//! background, in address order, from the moment the tree runs: a page it
+//! delivered before the service touched it is not seen, so each later restore
+//! adds the faults that remain (the set grows towards what the service
+//! touches until every page is in).
+//!
+//! **Use.** A restore of an image with a working set restores a *view* of it:
+//! a directory in the service's run directory whose files are symlinks into
+//! the entry, except the pagemaps, rewritten so that the working set's pages
+//! are no longer marked lazy (CRIU's `PE_LAZY`). `criu restore --lazy-pages`
+//! copies those pages before the tree runs, in address order, as an eager
+//! restore would; the daemon serves the rest on demand and in the background.
+//! Only flags change: every page keeps its place in `pages-*.img`, so the view
+//! restores exactly the memory of the image.
+//!
+//! ```text
+//! <cache>/notes/<key>/working-set   {format_version, restores, pids: {PID: [[ADDR, PAGES], ..]}}
+//! <run>/<svc>/image-view/           the view of the last restore
+//! ```
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+use prost::Message;
+use serde::{Deserialize, Serialize};
+
+use crate::image::criu::proto::{PagemapEntry, PagemapHead};
+
+/// The cache note a working set is kept in.
+pub const NOTE: &str = "working-set";
+/// The view's directory in the service's run directory.
+pub const VIEW_DIR: &str = "image-view";
+pub const FORMAT_VERSION: u32 = 1;
+/// CRIU's pagemap flags (criu/include/pagemap.h).
+const PE_LAZY: u32 = 1 << 1;
+const PE_PRESENT: u32 = 1 << 2;
+/// The most of a lazy-pages log read when learning (a fault is ~60 bytes).
+const LOG_MAX: u64 = 256 << 20;
+
+/// Which pages, per process of the image (its PID in the image).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkingSet {
+    pub format_version: u32,
+    /// How many restores it was learned from.
+    pub restores: u32,
+    /// Image PID -> sorted, disjoint, non-adjacent `[address, pages]` runs.
+    pub pids: BTreeMap<i32, Vec<(u64, u64)>>,
+}
+
+impl WorkingSet {
+    /// The entry's working set, if one was learned (and is readable).
+    pub fn load(cache: &cache::Cache, key: &str) -> Option<Self> {
+        let bytes = cache.note(key, NOTE)?;
+        serde_json::from_slice::<Self>(&bytes)
+            .ok()
+            .filter(|w| w.format_version == FORMAT_VERSION && w.pages() > 0)
+    }
+
+    pub fn save(&self, cache: &cache::Cache, key: &str) -> Result<(), cache::Error> {
+        cache.set_note(key, NOTE, &serde_json::to_vec(self).expect("serializes"))
+    }
+
+    pub fn pages(&self) -> u64 {
+        self.pids.values().flatten().map(|(_, n)| n).sum()
+    }
+
+    pub fn bytes(&self) -> u64 {
+        self.pages() * page_size()
+    }
+
+    /// Adds `faults` (page addresses per image PID); returns how many pages
+    /// were new.
+    pub fn merge(&mut self, faults: &BTreeMap<i32, BTreeSet<u64>>) -> u64 {
+        let page = page_size();
+        let before = self.pages();
+        for (pid, addrs) in faults {
+            let mut all: BTreeSet<u64> = addrs.clone();
+            for (start, n) in self.pids.get(pid).into_iter().flatten() {
+                all.extend((0..*n).map(|i| start + i * page));
+            }
+            self.pids.insert(*pid, runs(&all, page));
+        }
+        self.format_version = FORMAT_VERSION;
+        self.pages() - before
+    }
+}
+
+/// Consecutive pages as `[start, pages]` runs.
+fn runs(addrs: &BTreeSet<u64>, page: u64) -> Vec<(u64, u64)> {
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for &a in addrs {
+        match out.last_mut() {
+            Some((s, n)) if *s + *n * page == a => *n += 1,
+            _ => out.push((a, 1)),
+        }
+    }
+    out
+}
+
+pub fn page_size() -> u64 {
+    // SAFETY: sysconf has no memory-safety preconditions.
+    u64::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096)
+}
+
+/// The pages a `criu lazy-pages` log (verbosity 4) says were faulted on,
+/// per image PID: its lines `(TIME) PID-FD: #PF at 0xADDR`.
+pub fn faults_in_log(log: &Path) -> std::io::Result<BTreeMap<i32, BTreeSet<u64>>> {
+    use std::io::{BufRead, Read};
+    let file = std::fs::File::open(log)?;
+    let mut out: BTreeMap<i32, BTreeSet<u64>> = BTreeMap::new();
+    for line in std::io::BufReader::new(file.take(LOG_MAX)).lines() {
+        let line = line?;
+        if let Some((pid, addr)) = fault_of(&line) {
+            out.entry(pid).or_default().insert(addr);
+        }
+    }
+    Ok(out)
+}
+
+fn fault_of(line: &str) -> Option<(i32, u64)> {
+    let (before, after) = line.split_once(": #PF at 0x")?;
+    let who = before.rsplit(' ').next()?;
+    let pid = who.split_once('-')?.0.parse().ok()?;
+    let addr = u64::from_str_radix(after.trim(), 16).ok()?;
+    Some((pid, addr & !(page_size() - 1)))
+}
+
+/// Learns from the lazy-pages log of a restore of entry `key`: its faults
+/// join the entry's working set. Logged; a failure costs only the lesson.
+pub fn learn(cache: &cache::Cache, key: &str, log: &Path) {
+    let faults = match faults_in_log(log) {
+        Ok(f) => f,
+        Err(e) => {
+            tracing::debug!("no working set learned from {}: {e}", log.display());
+            return;
+        }
+    };
+    let n: usize = faults.values().map(BTreeSet::len).sum();
+    if n == 0 {
+        return;
+    }
+    let mut ws = WorkingSet::load(cache, key).unwrap_or_default();
+    let new = ws.merge(&faults);
+    ws.restores += 1;
+    match ws.save(cache, key) {
+        Ok(()) => tracing::info!(
+            phase = "working set",
+            "the restore faulted on {n} pages ({new} not in the working set yet): working set {} MB, learned from {} restores",
+            ws.bytes() / 1_000_000,
+            ws.restores
+        ),
+        Err(e) => tracing::debug!("working set not kept: {}", crate::errors::chain(&e)),
+    }
+}
+
+/// What a view restores first.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct View {
+    pub dir: PathBuf,
+    /// Pages the view restores before the tree runs (the working set's
+    /// pages that the image holds lazily).
+    pub eager_pages: u64,
+    /// Pages still served on demand.
+    pub lazy_pages: u64,
+}
+
+/// The pagemap of `pid` with the working set's pages no longer lazy, and
+/// how many pages became eager and stayed lazy.
+pub fn rewrite(entries: &[PagemapEntry], ws: &[(u64, u64)]) -> (Vec<PagemapEntry>, u64, u64) {
+    let page = page_size();
+    let (mut out, mut eager, mut lazy) = (Vec::with_capacity(entries.len()), 0, 0);
+    let piece = |e: &PagemapEntry, start: u64, end: u64, keep_lazy: bool| {
+        let n = (end - start) / page;
+        PagemapEntry {
+            vaddr: start,
+            compat_nr_pages: u32::try_from(n).unwrap_or(0),
+            in_parent: None,
+            flags: Some(if keep_lazy {
+                e.flags.unwrap_or(0)
+            } else {
+                e.flags.unwrap_or(0) & !PE_LAZY
+            }),
+            nr_pages: Some(n),
+        }
+    };
+    for e in entries {
+        let n = e.nr_pages.unwrap_or(u64::from(e.compat_nr_pages));
+        if e.flags.unwrap_or(0) & PE_LAZY == 0 {
+            out.push(*e);
+            continue;
+        }
+        let end = e.vaddr + n * page;
+        let mut pos = e.vaddr;
+        // The runs overlapping [vaddr, end) (sorted, disjoint).
+        let first = ws.partition_point(|(s, k)| s + k * page <= e.vaddr);
+        for (s, k) in ws[first..].iter().take_while(|(s, _)| *s < end) {
+            let (a, b) = ((*s).max(pos), (s + k * page).min(end));
+            if a >= b {
+                continue;
+            }
+            if a > pos {
+                out.push(piece(e, pos, a, true));
+                lazy += (a - pos) / page;
+            }
+            out.push(piece(e, a, b, false));
+            eager += (b - a) / page;
+            pos = b;
+        }
+        if pos < end {
+            out.push(piece(e, pos, end, true));
+            lazy += (end - pos) / page;
+        }
+    }
+    (out, eager, lazy)
+}
+
+/// Builds the view of the image in `data` that restores `ws` first, in
+/// `run_dir`/[`VIEW_DIR`] (replacing an older one).
+pub fn write_view(data: &Path, run_dir: &Path, ws: &WorkingSet) -> std::io::Result<View> {
+    use std::os::unix::fs::DirBuilderExt;
+    let dir = run_dir.join(VIEW_DIR);
+    match std::fs::remove_dir_all(&dir) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    std::fs::DirBuilder::new().mode(0o700).create(&dir)?;
+    let mut view = View {
+        dir: dir.clone(),
+        ..View::default()
+    };
+    for dent in std::fs::read_dir(data)? {
+        let name = dent?.file_name();
+        let pid = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("pagemap-"))
+            .and_then(|n| n.strip_suffix(".img"))
+            .and_then(|n| n.parse::<i32>().ok());
+        match pid.and_then(|p| ws.pids.get(&p)) {
+            Some(runs) => {
+                let (bytes, eager, lazy) = rewrite_file(&data.join(&name), runs)?;
+                std::fs::write(dir.join(&name), bytes)?;
+                view.eager_pages += eager;
+                view.lazy_pages += lazy;
+            }
+            None => std::os::unix::fs::symlink(data.join(&name), dir.join(&name))?,
+        }
+    }
+    Ok(view)
+}
+
+/// A pagemap file rewritten for `runs`: its framing kept, its entries split.
+fn rewrite_file(path: &Path, runs: &[(u64, u64)]) -> std::io::Result<(Vec<u8>, u64, u64)> {
+    let bytes = std::fs::read(path)?;
+    let bad = |what: String| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("{}: {what}", path.display()),
+        )
+    };
+    let (header, bodies) = crate::image::criu::frames(&bytes).map_err(|(_, what)| bad(what))?;
+    let (head, rest) = bodies
+        .split_first()
+        .ok_or_else(|| bad("no pagemap head".into()))?;
+    PagemapHead::decode(*head).map_err(|e| bad(e.to_string()))?;
+    let entries = rest
+        .iter()
+        .map(|b| PagemapEntry::decode(*b))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| bad(e.to_string()))?;
+    let (entries, eager, lazy) = rewrite(&entries, runs);
+    let mut out = bytes[..header].to_vec();
+    let mut frame = |body: &[u8]| {
+        out.extend_from_slice(&u32::try_from(body.len()).unwrap_or(0).to_le_bytes());
+        out.extend_from_slice(body);
+    };
+    frame(head);
+    for e in entries {
+        frame(&e.encode_to_vec());
+    }
+    Ok((out, eager, lazy))
+}
+
+/// The parts of the image's `pages-*.img` files that hold the working set
+/// (file, offset, length), in file order: what to read first after a boot.
+pub fn file_ranges(data: &Path, ws: &WorkingSet) -> Vec<(PathBuf, u64, u64)> {
+    let page = page_size();
+    let mut out = Vec::new();
+    for (pid, runs) in &ws.pids {
+        let path = data.join(format!("pagemap-{pid}.img"));
+        let Ok(bytes) = std::fs::read(&path) else {
+            continue;
+        };
+        let Ok((_, bodies)) = crate::image::criu::frames(&bytes) else {
+            continue;
+        };
+        let Some(Ok(head)) = bodies.first().map(|b| PagemapHead::decode(*b)) else {
+            continue;
+        };
+        let pages = data.join(format!("pages-{}.img", head.pages_id));
+        let mut off = 0u64;
+        for e in bodies[1..]
+            .iter()
+            .filter_map(|b| PagemapEntry::decode(*b).ok())
+        {
+            let n = e.nr_pages.unwrap_or(u64::from(e.compat_nr_pages));
+            if e.flags.unwrap_or(0) & PE_PRESENT == 0 {
+                continue;
+            }
+            let end = e.vaddr + n * page;
+            let first = runs.partition_point(|(s, k)| s + k * page <= e.vaddr);
+            for (s, k) in runs[first..].iter().take_while(|(s, _)| *s < end) {
+                let (a, b) = ((*s).max(e.vaddr), (s + k * page).min(end));
+                if a < b {
+                    out.push((pages.clone(), off + (a - e.vaddr), b - a));
+                }
+            }
+            off += n * page;
+        }
+    }
+    out
+}
+
+/// Reads into the page cache what a restore of `entry` reads before its
+/// tree runs: every CRIU image but the memory pages, and of those the
+/// working set's, in file order. Returns the bytes read. Nothing is checked
+/// here (the caller checked the entry's shape; hashing comes after).
+pub fn read_first(cache: &cache::Cache, entry: &cache::Entry) -> u64 {
+    let data = entry.data_dir();
+    let mut ranges: Vec<(PathBuf, u64, u64)> = entry
+        .meta
+        .files
+        .iter()
+        .filter(|f| !f.path.starts_with("pages-"))
+        .map(|f| (data.join(&f.path), 0, f.size))
+        .collect();
+    if let Some(ws) = WorkingSet::load(cache, &entry.key) {
+        ranges.extend(file_ranges(&data, &ws));
+    }
+    let mut buf = vec![0u8; 1 << 20];
+    let mut read = 0u64;
+    let mut open: Option<(PathBuf, std::fs::File)> = None;
+    for (path, mut off, len) in ranges {
+        use std::os::unix::fs::FileExt;
+        if open.as_ref().is_none_or(|(p, _)| *p != path) {
+            let Ok(f) = std::fs::File::open(&path) else {
+                continue;
+            };
+            open = Some((path.clone(), f));
+        }
+        let Some((_, file)) = &open else { continue };
+        let end = off + len;
+        while off < end {
+            let want = usize::try_from((end - off).min(buf.len() as u64)).unwrap_or(buf.len());
+            match file.read_at(&mut buf[..want], off) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    off += n as u64;
+                    read += n as u64;
+                }
+            }
+        }
+    }
+    read
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const P: u64 = 4096;
+
+    fn pe(vaddr: u64, n: u64, flags: u32) -> PagemapEntry {
+        PagemapEntry {
+            vaddr,
+            compat_nr_pages: 0,
+            in_parent: None,
+            flags: Some(flags),
+            nr_pages: Some(n),
+        }
+    }
+
+    fn span(e: &PagemapEntry) -> (u64, u64, bool) {
+        (
+            e.vaddr,
+            e.nr_pages.unwrap(),
+            e.flags.unwrap() & PE_LAZY != 0,
+        )
+    }
+
+    #[test]
+    fn faults_are_read_from_criu_debug_lines_only() {
+        assert_eq!(
+            fault_of("(00.012345) 17-5: #PF at 0x7f0000001000"),
+            Some((17, 0x7f00_0000_1000))
+        );
+        assert_eq!(
+            fault_of("(00.1) 17-5: #PF at 0x7f0000001234").unwrap().1,
+            0x7f00_0000_1000
+        );
+        assert_eq!(fault_of("(00.1) 17-5: uffd_copy: 0x7f00/4096"), None);
+        assert_eq!(fault_of("(00.1) nonsense: #PF at 0xzz"), None);
+    }
+
+    #[test]
+    fn merging_keeps_runs_sorted_disjoint_and_counts_new_pages() {
+        let mut ws = WorkingSet::default();
+        let f = |addrs: &[u64]| BTreeMap::from([(1, addrs.iter().map(|a| a * P).collect())]);
+        assert_eq!(ws.merge(&f(&[10, 11, 12, 20])), 4);
+        assert_eq!(ws.pids[&1], vec![(10 * P, 3), (20 * P, 1)]);
+        assert_eq!(ws.merge(&f(&[13, 12, 19])), 2);
+        assert_eq!(ws.pids[&1], vec![(10 * P, 4), (19 * P, 2)]);
+        assert_eq!(ws.pages(), 6);
+    }
+
+    #[test]
+    fn rewriting_splits_lazy_entries_around_the_working_set_and_keeps_every_page() {
+        let entries = vec![
+            pe(0, 4, PE_PRESENT),                  // eager already: untouched
+            pe(100 * P, 10, PE_PRESENT | PE_LAZY), // 100..110
+            pe(200 * P, 2, PE_PRESENT | PE_LAZY),  // 200..202
+        ];
+        // Runs: one inside the first lazy entry, one across its end and into
+        // nothing, one covering the second lazy entry whole, one outside.
+        let ws = vec![
+            (0, 2),
+            (102 * P, 2),
+            (108 * P, 5),
+            (199 * P, 4),
+            (500 * P, 1),
+        ];
+        let (out, eager, lazy) = rewrite(&entries, &ws);
+        let spans: Vec<_> = out.iter().map(span).collect();
+        assert_eq!(
+            spans,
+            vec![
+                (0, 4, false),
+                (100 * P, 2, true),
+                (102 * P, 2, false),
+                (104 * P, 4, true),
+                (108 * P, 2, false),
+                (200 * P, 2, false),
+            ]
+        );
+        assert_eq!((eager, lazy), (6, 6));
+        // Every page of the image is still there, in the same order.
+        let total = |v: &[PagemapEntry]| v.iter().map(|e| e.nr_pages.unwrap()).sum::<u64>();
+        assert_eq!(total(&out), total(&entries));
+        assert!(out.windows(2).all(|w| w[0].vaddr < w[1].vaddr));
+        assert!(out.iter().all(|e| e.flags.unwrap() & PE_PRESENT != 0));
+    }
+}
