@@ -246,6 +246,39 @@ fn a_fresh_node_restores_the_image_another_node_pushed() {
 }
 
 #[test]
+fn a_working_set_learned_on_one_node_travels_with_its_push() {
+    require_criu();
+    let reg = Registry::start(&[]);
+    let a = Env::new();
+    // Memory enough for auto to go lazy (and so to learn).
+    a.slowweb(
+        "web",
+        free_port(),
+        &["--records", "700000"],
+        &remote(&reg.repository("web"), ""),
+    );
+    let nonce = make_image(&a, "web");
+    assert_restores_nonce(&a, "web", &nonce);
+    let pushed = warmer(&a, &["push", "web"], &[]);
+    assert!(pushed.status.success(), "{}", text(&pushed));
+
+    let b = Env::node_like(&a);
+    let err = assert_restores_nonce(&b, "web", &nonce);
+    assert!(err.contains("pulled image"), "{err}");
+    assert!(err.contains("working set first (auto:"), "{err}");
+    let note = std::fs::read_dir(b.path("cache/notes"))
+        .unwrap()
+        .filter_map(|d| d.ok())
+        .next()
+        .unwrap()
+        .path()
+        .join("working-set");
+    let mode =
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&note).unwrap().permissions());
+    assert_eq!(mode & 0o077, 0, "private like the image");
+}
+
+#[test]
 fn an_image_whose_push_failed_travels_after_a_later_start() {
     require_criu();
     let port = free_port();

@@ -12,6 +12,11 @@
 //!   when that saves at least a tenth, else raw ([`FILE_TYPE`]). Identical
 //!   files (across generations, across services) are identical blobs: a
 //!   registry stores and sends them once.
+//! - When the image's working set was learned ([`crate::restore::working_set`]),
+//!   one more layer ([`WORKING_SET_TYPE`], titled `working-set`) carries it,
+//!   so a node that pulls the image restores what its service touches first
+//!   from the first restore on. It is not a payload file: it becomes the
+//!   entry's note, and an unreadable one is dropped, never the image.
 //!
 //! Reading one back trusts nothing: every blob is checked against its sha256
 //! as it arrives, a layer never decompresses past the size the config
@@ -37,7 +42,12 @@ pub const ARTIFACT_TYPE: &str = "application/vnd.warmer.image.v1";
 pub const CONFIG_TYPE: &str = "application/vnd.warmer.image.config.v1+json";
 pub const FILE_TYPE: &str = "application/vnd.warmer.image.file.v1";
 pub const FILE_ZSTD_TYPE: &str = "application/vnd.warmer.image.file.v1+zstd";
+pub const WORKING_SET_TYPE: &str = "application/vnd.warmer.working-set.v1+json";
 pub const TITLE: &str = "org.opencontainers.image.title";
+/// The title of the working set's layer.
+const WORKING_SET_TITLE: &str = "working-set";
+/// A working set is a few KiB to a few MiB of JSON.
+const MAX_WORKING_SET_BYTES: i64 = 16 << 20;
 /// The artifact version this code writes and reads.
 pub const ARTIFACT_VERSION: u32 = 1;
 /// A config is a few KiB of JSON; anything much bigger is not ours.
@@ -118,9 +128,14 @@ impl<W: Write> Write for Hashing<W> {
     }
 }
 
-/// Builds the artifact of `entry`; compressed layers are written under
-/// `scratch` (which must outlive the result), raw ones point into the entry.
-pub fn prepare(entry: &Entry, scratch: &Path) -> Result<Prepared, RemoteError> {
+/// Builds the artifact of `entry` (with its working set, if one was learned);
+/// compressed layers are written under `scratch` (which must outlive the
+/// result), raw ones point into the entry.
+pub fn prepare(
+    entry: &Entry,
+    working_set: Option<&[u8]>,
+    scratch: &Path,
+) -> Result<Prepared, RemoteError> {
     let data = entry.data_dir();
     let mut layers = Vec::new();
     for (i, file) in entry.meta.files.iter().enumerate() {
@@ -176,6 +191,24 @@ pub fn prepare(entry: &Entry, scratch: &Path) -> Result<Prepared, RemoteError> {
                 urls: None,
                 artifact_type: None,
                 annotations: Some(BTreeMap::from([(TITLE.to_string(), file.path.clone())])),
+            },
+            path,
+        });
+    }
+    if let Some(ws) = working_set {
+        let path = scratch.join(WORKING_SET_TITLE);
+        fs::write(&path, ws).map_err(io_err(&path))?;
+        layers.push(Blob {
+            desc: OciDescriptor {
+                media_type: WORKING_SET_TYPE.into(),
+                digest: sha256_digest(ws),
+                size: i64::try_from(ws.len()).unwrap_or(i64::MAX),
+                urls: None,
+                artifact_type: None,
+                annotations: Some(BTreeMap::from([(
+                    TITLE.to_string(),
+                    WORKING_SET_TITLE.to_string(),
+                )])),
             },
             path,
         });
@@ -254,6 +287,15 @@ pub fn check_manifest(manifest: &OciImageManifest) -> Result<(), RemoteError> {
         )));
     }
     for layer in &manifest.layers {
+        if layer.media_type == WORKING_SET_TYPE {
+            if !(0..=MAX_WORKING_SET_BYTES).contains(&layer.size) {
+                return Err(RemoteError::NotOurs(format!(
+                    "working set of {} bytes",
+                    layer.size
+                )));
+            }
+            continue;
+        }
         if layer.media_type != FILE_TYPE && layer.media_type != FILE_ZSTD_TYPE {
             return Err(RemoteError::NotOurs(format!(
                 "layer media type {:?}",
@@ -391,7 +433,18 @@ pub fn install(
     let meta = &config.entry;
     let staging = cache.stage().map_err(RemoteError::Cache)?;
     let data = staging.data_dir();
+    let mut working_set = None;
     for layer in &manifest.layers {
+        if layer.media_type == WORKING_SET_TYPE {
+            let blob = fetch(layer)?;
+            let limit = u64::try_from(MAX_WORKING_SET_BYTES).unwrap_or(0);
+            let mut bytes = Vec::new();
+            File::open(&blob)
+                .and_then(|f| f.take(limit).read_to_end(&mut bytes))
+                .map_err(io_err(&blob))?;
+            working_set = Some(bytes);
+            continue;
+        }
         let path = title(layer)?;
         let recorded =
             meta.files.iter().find(|f| f.path == path).ok_or_else(|| {
@@ -417,6 +470,21 @@ pub fn install(
             },
         )
         .map_err(RemoteError::Cache)?;
+    if let Some(bytes) = working_set {
+        // Only flags of the image's own pages follow from it; still, only a
+        // well-formed one is kept.
+        match serde_json::from_slice::<crate::restore::working_set::WorkingSet>(&bytes) {
+            Ok(ws) => {
+                if let Err(e) = ws.save(cache, &entry.key) {
+                    tracing::warn!(
+                        "the image's working set is not kept: {}",
+                        crate::errors::chain(&e)
+                    );
+                }
+            }
+            Err(e) => tracing::warn!("the image's working set is unreadable, dropped: {e}"),
+        }
+    }
     Ok(entry)
 }
 

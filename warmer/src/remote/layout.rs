@@ -84,11 +84,12 @@ fn append(
 /// the signature travels in the archive beside it, as cosign's artifact.
 pub fn export(
     entry: &Entry,
+    working_set: Option<&[u8]>,
     scratch: &Path,
     out: &Path,
     signer: Option<(&Signer, &str)>,
 ) -> Result<Exported, RemoteError> {
-    let prepared = artifact::prepare(entry, scratch)?;
+    let prepared = artifact::prepare(entry, working_set, scratch)?;
     let manifest_digest = artifact::sha256_digest(&prepared.manifest_bytes);
     let signature = signer
         .map(|(s, identity)| sign::Artifact::new(s, identity, &manifest_digest))

@@ -160,7 +160,14 @@ pub fn push(
     let signer = signer(Some(remote))?;
     let registry = registry::Registry::new(remote)?;
     let scratch = cache.stage().map_err(RemoteError::Cache)?;
-    registry.push(entry, &scratch.data_dir(), signer.as_ref(), progress)
+    let ws = cache.note(&entry.key, crate::restore::working_set::NOTE);
+    registry.push(
+        entry,
+        ws.as_deref(),
+        &scratch.data_dir(),
+        signer.as_ref(),
+        progress,
+    )
 }
 
 /// The key a service with `remote` signs with, if it has one (its
@@ -198,8 +205,15 @@ pub fn push_if_missing(
         return Ok(None);
     }
     let scratch = cache.stage().map_err(RemoteError::Cache)?;
+    let ws = cache.note(&entry.key, crate::restore::working_set::NOTE);
     registry
-        .push(entry, &scratch.data_dir(), signer.as_ref(), progress)
+        .push(
+            entry,
+            ws.as_deref(),
+            &scratch.data_dir(),
+            signer.as_ref(),
+            progress,
+        )
         .map(Some)
 }
 
@@ -293,6 +307,9 @@ pub fn export(dirs: &Dirs, target: &str, out: &Path) -> Result<layout::Exported,
     let scratch = cache.stage().map_err(RemoteError::Cache)?;
     layout::export(
         &entry,
+        cache
+            .note(&entry.key, crate::restore::working_set::NOTE)
+            .as_deref(),
         &scratch.data_dir(),
         out,
         signer.as_ref().map(|s| (s, identity.as_str())),

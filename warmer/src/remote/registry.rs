@@ -189,6 +189,7 @@ impl Registry {
     pub fn push(
         &self,
         entry: &Entry,
+        working_set: Option<&[u8]>,
         scratch: &Path,
         signer: Option<&Signer>,
         progress: Progress,
@@ -201,7 +202,7 @@ impl Registry {
             entry.meta.bytes / 1_000_000,
             entry.meta.files.len()
         ));
-        let prepared = artifact::prepare(entry, scratch)?;
+        let prepared = artifact::prepare(entry, working_set, scratch)?;
         let mut sent = 0u64;
         let mut present = 0usize;
         let client = &self.client;
