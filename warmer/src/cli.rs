@@ -160,7 +160,8 @@ pub enum Cmd {
     /// there is none). Stop the service first: the runs need its port.
     Bench {
         service: String,
-        /// Rounds (each: one cold start, one warmer restore, one bare CRIU restore).
+        /// Rounds (each: one cold start, one warmer restore, one bare CRIU restore as warmer
+        /// did; for an image of 64 MiB or more also bare CRIU eager and lazy).
         #[arg(long, default_value_t = 5)]
         runs: usize,
         /// One JSON object on stdout instead of the table.

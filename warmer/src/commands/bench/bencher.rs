@@ -30,6 +30,8 @@ pub struct Bencher {
     pub(super) saved_entries: Vec<(String, Option<String>)>,
     /// The breakdown of each warmer restore run so far.
     pub(super) breakdowns: std::cell::RefCell<Vec<Vec<(String, f64)>>>,
+    /// How the last warmer restore run restored, and why.
+    pub(super) last_choice: std::cell::RefCell<Option<crate::restore::choose::Choice>>,
 }
 
 impl Drop for Bencher {
@@ -176,6 +178,7 @@ impl Bencher {
             saved_files,
             saved_entries,
             breakdowns: Default::default(),
+            last_choice: Default::default(),
             saved_state,
             dirs: dirs.clone(),
             manifest,
@@ -414,6 +417,9 @@ impl Bencher {
         stopped?;
         if let (false, Some(b)) = (cold, &rec.breakdown) {
             self.breakdowns.borrow_mut().push(b.clone());
+        }
+        if !cold {
+            self.last_choice.replace(rec.restore_choice.clone());
         }
         if !cold && rec.last_start != Some(StartKind::Restored) {
             return Err(BenchError::Run {

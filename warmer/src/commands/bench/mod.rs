@@ -246,6 +246,11 @@ pub fn bench(
             samples.criu_lazy.push(lazy);
         }
     }
+    let restore_kind = b
+        .last_choice
+        .take()
+        .map(|c| c.to_string())
+        .unwrap_or_default();
     let (cold, restore, criu_restore) = (
         Stats::of(&samples.cold),
         Stats::of(&samples.restore),
@@ -273,10 +278,7 @@ pub fn bench(
         criu_restore,
         criu_eager: baselines.then(|| Stats::of(&samples.criu_eager)),
         criu_lazy: baselines.then(|| Stats::of(&samples.criu_lazy)),
-        restore_kind: RunRecord::read(&dirs.run, service)
-            .and_then(|r| r.restore_choice)
-            .map(|c| c.to_string())
-            .unwrap_or_default(),
+        restore_kind,
         samples,
         breakdown: phases(&b.breakdowns.take()),
         show_breakdown: opts.breakdown,
