@@ -488,6 +488,9 @@ impl Restore<'_> {
                 .then(|| "warmer was asked to stop".to_string())
         };
         let data = plan.entry.data_dir();
+        // What a lazy restore faults on teaches the working set, until it
+        // has settled.
+        let learn = plan.choice.lazy && plan.working_set.as_ref().is_none_or(|w| w.learning());
         let images = match &plan.working_set {
             Some(ws) => match working_set::write_view(&data, self.run_dir, ws) {
                 Ok(view) => {
@@ -512,7 +515,7 @@ impl Restore<'_> {
                 let opts = RestoreOptions {
                     leave_stopped: held,
                     lazy: plan.choice.lazy,
-                    learn: plan.choice.lazy,
+                    learn,
                 };
                 let watch = Watch {
                     deadline: plan.deadline,
@@ -555,7 +558,7 @@ impl Restore<'_> {
         };
         let (restored, criu_times) = match restored {
             Ok((mut r, t)) => {
-                if plan.choice.lazy {
+                if learn {
                     // What the service faults on from now on is its working set.
                     let (cache, key) = (self.cache.clone(), plan.key().to_string());
                     let log = self.run_dir.join(crate::criu::LAZY_PAGES_LOG);

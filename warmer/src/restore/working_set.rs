@@ -10,7 +10,9 @@
 //! background, in address order, from the moment the tree runs: a page it
 //! delivered before the service touched it is not seen, so each later restore
 //! adds the faults that remain (the set grows towards what the service
-//! touches until every page is in).
+//! touches until every page is in). Once a restore adds less than 1% (after
+//! [`LEARN_RESTORES`]), the set is settled and restores stop logging faults
+//! (at verbosity 4 the daemon's log costs the restore several ms).
 //!
 //! **Use.** A restore of an image with a working set restores a *view* of it:
 //! a directory in the service's run directory whose files are symlinks into
@@ -42,6 +44,8 @@ pub const FORMAT_VERSION: u32 = 1;
 /// CRIU's pagemap flags (criu/include/pagemap.h).
 const PE_LAZY: u32 = 1 << 1;
 const PE_PRESENT: u32 = 1 << 2;
+/// Restores a working set is learned from before it can be settled.
+pub const LEARN_RESTORES: u32 = 2;
 /// The most of a lazy-pages log read when learning (a fault is ~60 bytes).
 const LOG_MAX: u64 = 256 << 20;
 
@@ -51,6 +55,9 @@ pub struct WorkingSet {
     pub format_version: u32,
     /// How many restores it was learned from.
     pub restores: u32,
+    /// Pages the last of them added.
+    #[serde(default)]
+    pub last_new: u64,
     /// Image PID -> sorted, disjoint, non-adjacent `[address, pages]` runs.
     pub pids: BTreeMap<i32, Vec<(u64, u64)>>,
 }
@@ -66,6 +73,13 @@ impl WorkingSet {
 
     pub fn save(&self, cache: &cache::Cache, key: &str) -> Result<(), cache::Error> {
         cache.set_note(key, NOTE, &serde_json::to_vec(self).expect("serializes"))
+    }
+
+    /// Whether restores still teach it something: the first
+    /// [`LEARN_RESTORES`], and any after one that added at least 1% of its
+    /// pages. A settled set costs nothing (the daemon logs no faults).
+    pub fn learning(&self) -> bool {
+        self.restores < LEARN_RESTORES || self.last_new * 100 >= self.pages()
     }
 
     pub fn pages(&self) -> u64 {
@@ -144,18 +158,20 @@ pub fn learn(cache: &cache::Cache, key: &str, log: &Path) {
         }
     };
     let n: usize = faults.values().map(BTreeSet::len).sum();
-    if n == 0 {
+    let mut ws = WorkingSet::load(cache, key).unwrap_or_default();
+    if n == 0 && ws.pages() == 0 {
         return;
     }
-    let mut ws = WorkingSet::load(cache, key).unwrap_or_default();
     let new = ws.merge(&faults);
     ws.restores += 1;
+    ws.last_new = new;
     match ws.save(cache, key) {
         Ok(()) => tracing::info!(
             phase = "working set",
-            "the restore faulted on {n} pages ({new} not in the working set yet): working set {} MB, learned from {} restores",
+            "the restore faulted on {n} pages ({new} not in the working set yet): working set {} MB, learned from {} restores{}",
             ws.bytes() / 1_000_000,
-            ws.restores
+            ws.restores,
+            if ws.learning() { "" } else { ", settled" }
         ),
         Err(e) => tracing::debug!("working set not kept: {}", crate::errors::chain(&e)),
     }
@@ -418,6 +434,20 @@ mod tests {
         assert_eq!(ws.merge(&f(&[13, 12, 19])), 2);
         assert_eq!(ws.pids[&1], vec![(10 * P, 4), (19 * P, 2)]);
         assert_eq!(ws.pages(), 6);
+    }
+
+    #[test]
+    fn learning_goes_on_until_a_restore_adds_under_one_percent() {
+        let mut ws = WorkingSet::default();
+        let f = |range: std::ops::Range<u64>| BTreeMap::from([(1, range.map(|a| a * P).collect())]);
+        ws.merge(&f(0..1000));
+        ws.restores = 1;
+        assert!(ws.learning(), "one restore is not enough");
+        ws.last_new = ws.merge(&f(1000..1005));
+        ws.restores = 2;
+        assert!(!ws.learning(), "5 new pages of 1005: settled");
+        ws.last_new = ws.merge(&f(2000..2100));
+        assert!(ws.learning(), "100 new: still learning");
     }
 
     #[test]
