@@ -26,6 +26,7 @@
 
 pub mod choose;
 pub mod criu;
+pub mod readahead;
 pub mod working_set;
 
 use std::path::{Path, PathBuf};
@@ -488,6 +489,28 @@ impl Restore<'_> {
                 .then(|| "warmer was asked to stop".to_string())
         };
         let data = plan.entry.data_dir();
+        // After a boot: everything this restore will read, asked of the disk
+        // at once.
+        let (_, pages) = choose::memory_files(&plan.entry);
+        if let Some(r) = choose::resident_fraction(&pages).filter(|r| *r < 0.5) {
+            // An eager restore reads every page; a lazy one those never
+            // restored lazily, and the working set.
+            let pages = if plan.choice.lazy {
+                working_set::file_ranges(&data, plan.working_set.as_ref())
+            } else {
+                pages
+                    .iter()
+                    .filter_map(|p| Some((p.clone(), 0, std::fs::metadata(p).ok()?.len())))
+                    .collect()
+            };
+            let ranges = readahead::ranges(&data, pages);
+            tracing::debug!(
+                "{:.0}% of the image in the page cache: asking the disk for {} ranges at once",
+                r * 100.0,
+                ranges.len()
+            );
+            readahead::start(ranges);
+        }
         // What a lazy restore faults on teaches the working set, until it
         // has settled.
         let learn = plan.choice.lazy && plan.working_set.as_ref().is_none_or(|w| w.learning());

@@ -304,14 +304,36 @@ fn rewrite_file(path: &Path, runs: &[(u64, u64)]) -> std::io::Result<(Vec<u8>, u
     Ok((out, eager, lazy))
 }
 
-/// The parts of the image's `pages-*.img` files that hold the working set
-/// (file, offset, length), in file order: what to read first after a boot.
-pub fn file_ranges(data: &Path, ws: &WorkingSet) -> Vec<(PathBuf, u64, u64)> {
+/// The parts of the image's `pages-*.img` files a restore that is not eager
+/// reads before the tree runs (file, offset, length), in file order: the
+/// pages CRIU never restores lazily (all but private anonymous memory:
+/// a library's relocated data, for one), and the working set's.
+pub fn file_ranges(data: &Path, ws: Option<&WorkingSet>) -> Vec<(PathBuf, u64, u64)> {
     let page = page_size();
-    let mut out = Vec::new();
-    for (pid, runs) in &ws.pids {
-        let path = data.join(format!("pagemap-{pid}.img"));
-        let Ok(bytes) = std::fs::read(&path) else {
+    let mut out: Vec<(PathBuf, u64, u64)> = Vec::new();
+    let mut push = |pages: &PathBuf, off: u64, len: u64| match out.last_mut() {
+        Some((p, o, l)) if p == pages && *o + *l == off => *l += len,
+        _ => out.push((pages.clone(), off, len)),
+    };
+    let Ok(dir) = std::fs::read_dir(data) else {
+        return out;
+    };
+    let mut pids: Vec<i32> = dir
+        .filter_map(|d| d.ok())
+        .filter_map(|d| {
+            d.file_name()
+                .to_str()?
+                .strip_prefix("pagemap-")?
+                .strip_suffix(".img")?
+                .parse()
+                .ok()
+        })
+        .collect();
+    pids.sort_unstable();
+    let none = Vec::new();
+    for pid in pids {
+        let runs = ws.and_then(|w| w.pids.get(&pid)).unwrap_or(&none);
+        let Ok(bytes) = std::fs::read(data.join(format!("pagemap-{pid}.img"))) else {
             continue;
         };
         let Ok((_, bodies)) = crate::image::criu::frames(&bytes) else {
@@ -322,20 +344,22 @@ pub fn file_ranges(data: &Path, ws: &WorkingSet) -> Vec<(PathBuf, u64, u64)> {
         };
         let pages = data.join(format!("pages-{}.img", head.pages_id));
         let mut off = 0u64;
-        for e in bodies[1..]
-            .iter()
-            .filter_map(|b| PagemapEntry::decode(*b).ok())
-        {
+        for e in bodies[1..].iter().filter_map(|b| PagemapEntry::decode(*b).ok()) {
             let n = e.nr_pages.unwrap_or(u64::from(e.compat_nr_pages));
-            if e.flags.unwrap_or(0) & PE_PRESENT == 0 {
+            let flags = e.flags.unwrap_or(0);
+            if flags & PE_PRESENT == 0 {
                 continue;
             }
             let end = e.vaddr + n * page;
-            let first = runs.partition_point(|(s, k)| s + k * page <= e.vaddr);
-            for (s, k) in runs[first..].iter().take_while(|(s, _)| *s < end) {
-                let (a, b) = ((*s).max(e.vaddr), (s + k * page).min(end));
-                if a < b {
-                    out.push((pages.clone(), off + (a - e.vaddr), b - a));
+            if flags & PE_LAZY == 0 {
+                push(&pages, off, n * page);
+            } else {
+                let first = runs.partition_point(|(s, k)| s + k * page <= e.vaddr);
+                for (s, k) in runs[first..].iter().take_while(|(s, _)| *s < end) {
+                    let (a, b) = ((*s).max(e.vaddr), (s + k * page).min(end));
+                    if a < b {
+                        push(&pages, off + (a - e.vaddr), b - a);
+                    }
                 }
             }
             off += n * page;
@@ -345,8 +369,8 @@ pub fn file_ranges(data: &Path, ws: &WorkingSet) -> Vec<(PathBuf, u64, u64)> {
 }
 
 /// Reads into the page cache what a restore of `entry` reads before its
-/// tree runs: every CRIU image but the memory pages, and of those the
-/// working set's, in file order. Returns the bytes read. Nothing is checked
+/// tree runs: every CRIU image but the memory pages, and of those the ones
+/// never restored lazily and the working set's, in file order. Returns the bytes read. Nothing is checked
 /// here (the caller checked the entry's shape; hashing comes after).
 pub fn read_first(cache: &cache::Cache, entry: &cache::Entry) -> u64 {
     let data = entry.data_dir();
@@ -357,9 +381,10 @@ pub fn read_first(cache: &cache::Cache, entry: &cache::Entry) -> u64 {
         .filter(|f| !f.path.starts_with("pages-"))
         .map(|f| (data.join(&f.path), 0, f.size))
         .collect();
-    if let Some(ws) = WorkingSet::load(cache, &entry.key) {
-        ranges.extend(file_ranges(&data, &ws));
-    }
+    ranges.extend(file_ranges(
+        &data,
+        WorkingSet::load(cache, &entry.key).as_ref(),
+    ));
     let mut buf = vec![0u8; 1 << 20];
     let mut read = 0u64;
     let mut open: Option<(PathBuf, std::fs::File)> = None;

@@ -1,0 +1,187 @@
+//! After a boot (the page cache empty), asking the disk for everything a
+//! restore will read at once, instead of as CRIU and the service come to it.
+//!
+//! CRIU opens every file the image's processes map or hold open (a Python
+//! with scipy: 230 shared objects), checks each one's ELF build-id, and the
+//! restored service then faults in the pages of them it runs; one after
+//! another, each is a wait on the disk. [`start`] hands all of it to the disk
+//! together, from threads of its own, the moment the restore is planned:
+//! every such file's first [`HEAD`] bytes (its headers, its first text
+//! pages), and the working set's pages in `pages-*.img`. Nothing read is
+//! looked at (`readahead(2)` fills the page cache, no more), files are
+//! opened non-blocking and only regular ones are read, so a path in an image
+//! can make root read nothing but a regular file's pages into the cache.
+//! Skipped when most of the image is in the page cache already (the common
+//! case: then it would only cost CPU the restore needs).
+
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+/// How much of each file the image refers to is asked for.
+pub const HEAD: u64 = 64 << 10;
+/// Files asked for at most (an image with more is not a service).
+const MAX_FILES: usize = 4096;
+/// The longest single request.
+const CHUNK: u64 = 4 << 20;
+/// Threads asking at once (the disk takes requests in parallel).
+const THREADS: usize = 8;
+
+/// One read to ask for: (file, offset, length).
+pub type Range = (PathBuf, u64, u64);
+
+/// What a restore of the image in `data` reads from the disk: `pages` (the
+/// image's pages it reads before the tree runs: CRIU reads them first), the
+/// file pages under those of them that land in a private file mapping (a
+/// library's relocated data: CRIU's write into the mapping copies the page
+/// on write, which first reads it from the file), then the head of every
+/// regular file the image refers to.
+pub fn ranges(data: &Path, pages: Vec<Range>) -> Vec<Range> {
+    let mut out = pages;
+    out.extend(copied_on_write(data));
+    out.extend(crate::image::criu::files(data)
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|f| f.reg)
+        .map(|r| r.name)
+        .filter(|n| n.starts_with('/'))
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .take(MAX_FILES)
+        .map(|n| (PathBuf::from(n), 0, HEAD)));
+    out
+}
+
+/// CRIU's `VMA_FILE_PRIVATE` (criu/include/image.h).
+const VMA_FILE_PRIVATE: u32 = 1 << 6;
+/// CRIU's pagemap flags.
+const PE_LAZY: u32 = 1 << 1;
+const PE_PRESENT: u32 = 1 << 2;
+
+/// The file pages under the image's pages that a restore writes into
+/// private file mappings (always eagerly: CRIU restores only anonymous
+/// memory lazily).
+fn copied_on_write(data: &Path) -> Vec<Range> {
+    use crate::image::criu::proto::{MmEntry, PagemapEntry};
+    let files: std::collections::BTreeMap<u64, String> = crate::image::criu::files(data)
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|f| Some((u64::from(f.id), f.reg?.name)))
+        .filter(|(_, n)| n.starts_with('/'))
+        .collect();
+    let page = crate::restore::working_set::page_size();
+    let mut out: Vec<Range> = Vec::new();
+    let Ok(dir) = std::fs::read_dir(data) else {
+        return out;
+    };
+    for name in dir.filter_map(|d| d.ok()).map(|d| d.file_name()) {
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("mm-"))
+            .and_then(|n| n.strip_suffix(".img"))
+        else {
+            continue;
+        };
+        let Ok(mm) = crate::image::criu::read_one::<MmEntry>(&data.join(&name)) else {
+            continue;
+        };
+        let Ok(entries) =
+            crate::image::criu::read::<PagemapEntry>(&data.join(format!("pagemap-{pid}.img")))
+        else {
+            continue;
+        };
+        // The first entry is the pagemap's head: it decodes as an entry
+        // of vaddr = pages_id, no flags, and is skipped as not present.
+        let mut vmas = mm
+            .vmas
+            .iter()
+            .filter(|v| v.status & VMA_FILE_PRIVATE != 0)
+            .peekable();
+        for e in entries.iter().skip(1) {
+            let flags = e.flags.unwrap_or(0);
+            if flags & PE_PRESENT == 0 || flags & PE_LAZY != 0 {
+                continue;
+            }
+            let n = e.nr_pages.unwrap_or(u64::from(e.compat_nr_pages));
+            let end = e.vaddr + n * page;
+            while vmas.peek().is_some_and(|v| v.end <= e.vaddr) {
+                vmas.next();
+            }
+            let mut ahead = vmas.clone();
+            while let Some(v) = ahead.next().filter(|v| v.start < end) {
+                let Some(file) = files.get(&v.shmid) else {
+                    continue;
+                };
+                let (a, b) = (e.vaddr.max(v.start), end.min(v.end));
+                if a < b {
+                    out.push((PathBuf::from(file), v.pgoff + (a - v.start), b - a));
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Asks for `ranges` from [`THREADS`] threads, returning at once (a long
+/// range in pieces of [`CHUNK`], so they go to the disk side by side).
+pub fn start(ranges: Vec<Range>) {
+    let ranges: Vec<Range> = ranges
+        .into_iter()
+        .flat_map(|(path, off, len)| {
+            (0..len.div_ceil(CHUNK))
+                .map(move |i| (path.clone(), off + i * CHUNK, (len - i * CHUNK).min(CHUNK)))
+        })
+        .collect();
+    let ranges = std::sync::Arc::new(ranges);
+    let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    for _ in 0..THREADS.min(ranges.len()) {
+        let (ranges, next) = (ranges.clone(), next.clone());
+        std::thread::spawn(move || loop {
+            let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let Some((path, off, len)) = ranges.get(i) else {
+                break;
+            };
+            ask(path, *off, *len);
+        });
+    }
+}
+
+/// `readahead(2)` of one range of a regular file (anything else: nothing).
+fn ask(path: &Path, off: u64, len: u64) {
+    let Ok(file) = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_CLOEXEC)
+        .open(path)
+    else {
+        return;
+    };
+    if !file.metadata().is_ok_and(|m| m.is_file()) {
+        return;
+    }
+    let (Ok(off), Ok(len)) = (i64::try_from(off), usize::try_from(len)) else {
+        return;
+    };
+    // SAFETY: readahead reads nothing into our memory; the fd is open.
+    unsafe {
+        libc::readahead(file.as_raw_fd(), off, len);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_regular_files_are_asked_for_and_a_fifo_does_not_block() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("fifo");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        let file = dir.path().join("f");
+        std::fs::write(&file, vec![1u8; 4096]).unwrap();
+        // Would hang forever on a blocking open of a fifo with no writer.
+        ask(&fifo, 0, HEAD);
+        ask(&file, 0, HEAD);
+        ask(Path::new("/nonexistent/x"), 0, HEAD);
+        start(vec![(fifo, 0, HEAD), (file, 0, HEAD)]);
+    }
+}
