@@ -121,6 +121,9 @@ pub fn java_tool_options(given: Option<&str>) -> String {
 /// reaped by warmer.
 pub const UNKNOWN_EXIT: i32 = 255;
 
+/// Runs with the PIDs of a tree (see [`Running::at_or_before_stop`]).
+pub type Sampler = Box<dyn FnOnce(Vec<i32>) + Send>;
+
 /// A live service tree, rooted at its namespace init (our child).
 pub struct Running {
     pub pid: Pid,
@@ -137,6 +140,10 @@ pub struct Running {
     lazy_end: Option<Box<dyn FnOnce() + Send>>,
     /// `lazy_end` running on its thread (joined by [`Running::finish`]).
     lazy_ending: Option<std::thread::JoinHandle<()>>,
+    /// Run once, with the tree's PIDs, at a time or at the stop, whichever
+    /// comes first (see [`Running::at_or_before_stop`]).
+    sample: Option<(Instant, Sampler)>,
+    sampling: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Running {
@@ -150,6 +157,8 @@ impl Running {
             lazy_failed: None,
             lazy_end: None,
             lazy_ending: None,
+            sample: None,
+            sampling: None,
         }
     }
 
@@ -185,6 +194,51 @@ impl Running {
     /// finished with the daemon still serving it; not when the daemon died.
     pub fn on_lazy_end(&mut self, f: Box<dyn FnOnce() + Send>) {
         self.lazy_end = Some(f);
+    }
+
+    /// `f` runs once with the PIDs of the tree, `after` from now (on a
+    /// thread of its own) or when the tree is asked to stop, whichever
+    /// comes first; never once the tree is gone.
+    pub fn at_or_before_stop(&mut self, after: Duration, f: Sampler) {
+        self.sample = Some((Instant::now() + after, f));
+    }
+
+    fn run_sample(&mut self, on_thread: bool) {
+        if self.exit.is_some() {
+            self.sample = None;
+            return;
+        }
+        if let Some((_, f)) = self.sample.take() {
+            let pids = self.pids();
+            if on_thread {
+                self.sampling = Some(std::thread::spawn(move || f(pids)));
+            } else {
+                f(pids);
+            }
+        }
+    }
+
+    /// Every process of the tree, its init first.
+    pub fn pids(&self) -> Vec<i32> {
+        let mut out = Vec::new();
+        let mut todo = vec![self.pid.as_raw()];
+        while let Some(pid) = todo.pop() {
+            out.push(pid);
+            for task in std::fs::read_dir(format!("/proc/{pid}/task"))
+                .into_iter()
+                .flatten()
+                .filter_map(|t| t.ok())
+            {
+                let children = std::fs::read_to_string(task.path().join("children"));
+                todo.extend(
+                    children
+                        .unwrap_or_default()
+                        .split_whitespace()
+                        .filter_map(|c| c.parse::<i32>().ok()),
+                );
+            }
+        }
+        out
     }
 
     fn lazy_pid(&self) -> Option<Pid> {
@@ -228,6 +282,13 @@ impl Running {
                 Ok(_) => continue,
             }
         }
+        if self
+            .sample
+            .as_ref()
+            .is_some_and(|(at, _)| Instant::now() >= *at)
+        {
+            self.run_sample(true);
+        }
         // Gone without us reaping it (someone else did: it was never quite
         // ours): it exited, status unknown. Waiting for it would never end.
         if self.exit.is_none() && kill(self.pid, None) == Err(nix::errno::Errno::ESRCH) {
@@ -247,19 +308,8 @@ impl Running {
     /// The tree is walked through /proc/PID/task/TID/children (stable while
     /// everything is stopped).
     pub fn resume(&self) {
-        let mut todo = vec![self.pid.as_raw()];
-        while let Some(pid) = todo.pop() {
+        for pid in self.pids() {
             let _ = kill(Pid::from_raw(pid), Signal::SIGCONT);
-            let tasks = std::fs::read_dir(format!("/proc/{pid}/task"));
-            for task in tasks.into_iter().flatten().filter_map(|t| t.ok()) {
-                let children = std::fs::read_to_string(task.path().join("children"));
-                todo.extend(
-                    children
-                        .unwrap_or_default()
-                        .split_whitespace()
-                        .filter_map(|c| c.parse::<i32>().ok()),
-                );
-            }
         }
     }
 
@@ -282,6 +332,7 @@ impl Running {
     /// the init forwards it), then SIGKILL after `timeout`. Killing the init
     /// kills its whole PID namespace.
     pub fn stop(&mut self, timeout: Duration, signals: &Signals) -> i32 {
+        self.run_sample(false);
         self.signal(signals.stop_signal().unwrap_or(Signal::SIGTERM));
         if let Some(code) = self.wait_exit(timeout, signals) {
             return code;
@@ -306,7 +357,10 @@ impl Running {
     /// Drains the output pumps (after exit) and stops a lazy-pages daemon
     /// that has nobody left to serve.
     pub fn finish(mut self) {
-        if let Some(t) = self.lazy_ending.take() {
+        for t in [self.lazy_ending.take(), self.sampling.take()]
+            .into_iter()
+            .flatten()
+        {
             let _ = t.join();
         }
         if let Some(mut daemon) = self.lazy_pages.take() {

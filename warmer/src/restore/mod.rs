@@ -489,13 +489,18 @@ impl Restore<'_> {
                 .then(|| "warmer was asked to stop".to_string())
         };
         let data = plan.entry.data_dir();
+        // What a restore touches teaches the working set, until it has
+        // settled: a lazy one's faults, and any one's file pages.
+        let known = working_set::WorkingSet::load(self.cache, plan.key());
+        let learning = known.as_ref().is_none_or(working_set::WorkingSet::learning);
+        let learn = plan.choice.lazy && learning;
         // After a boot: everything this restore will read, asked of the disk
         // at once.
         let (_, pages) = choose::memory_files(&plan.entry);
         if let Some(r) = choose::resident_fraction(&pages).filter(|r| *r < 0.5) {
             // An eager restore reads every page; a lazy one those never
             // restored lazily, and the working set.
-            let pages = if plan.choice.lazy {
+            let mut pages = if plan.choice.lazy {
                 working_set::file_ranges(&data, plan.working_set.as_ref())
             } else {
                 pages
@@ -503,6 +508,11 @@ impl Restore<'_> {
                     .filter_map(|p| Some((p.clone(), 0, std::fs::metadata(p).ok()?.len())))
                     .collect()
             };
+            pages.extend(
+                known
+                    .iter()
+                    .flat_map(working_set::WorkingSet::file_ranges_touched),
+            );
             let ranges = readahead::ranges(&data, pages);
             tracing::debug!(
                 "{:.0}% of the image in the page cache: asking the disk for {} ranges at once",
@@ -511,9 +521,6 @@ impl Restore<'_> {
             );
             readahead::start(ranges);
         }
-        // What a lazy restore faults on teaches the working set, until it
-        // has settled.
-        let learn = plan.choice.lazy && plan.working_set.as_ref().is_none_or(|w| w.learning());
         let images = match &plan.working_set {
             Some(ws) => match working_set::write_view(&data, self.run_dir, ws) {
                 Ok(view) => {
@@ -586,6 +593,13 @@ impl Restore<'_> {
                     let (cache, key) = (self.cache.clone(), plan.key().to_string());
                     let log = self.run_dir.join(crate::criu::LAZY_PAGES_LOG);
                     r.on_lazy_end(Box::new(move || working_set::learn(&cache, &key, &log)));
+                }
+                if learning {
+                    let (cache, key) = (self.cache.clone(), plan.key().to_string());
+                    r.at_or_before_stop(
+                        working_set::FILE_WINDOW,
+                        Box::new(move |pids| working_set::learn_files(&cache, &key, &pids)),
+                    );
                 }
                 (Ok(r), t)
             }

@@ -7,10 +7,12 @@
 //! another, each is a wait on the disk. [`start`] hands all of it to the disk
 //! together, from threads of its own, the moment the restore is planned:
 //! every such file's first [`HEAD`] bytes (its headers, its first text
-//! pages), and the working set's pages in `pages-*.img`. Nothing read is
-//! looked at (`readahead(2)` fills the page cache, no more), files are
-//! opened non-blocking and only regular ones are read, so a path in an image
-//! can make root read nothing but a regular file's pages into the cache.
+//! pages), the pages the service touched of them after earlier restores,
+//! and the working set's pages in `pages-*.img`. Nothing read is looked at
+//! (`readahead(2)` fills the page cache, no more), files are opened
+//! non-blocking, never through a final symlink, and only regular ones are
+//! read, so a path in an image can make root read nothing but a regular
+//! file's pages into the cache.
 //! Skipped when most of the image is in the page cache already (the common
 //! case: then it would only cost CPU the restore needs).
 
@@ -39,16 +41,18 @@ pub type Range = (PathBuf, u64, u64);
 pub fn ranges(data: &Path, pages: Vec<Range>) -> Vec<Range> {
     let mut out = pages;
     out.extend(copied_on_write(data));
-    out.extend(crate::image::criu::files(data)
-        .unwrap_or_default()
-        .into_iter()
-        .filter_map(|f| f.reg)
-        .map(|r| r.name)
-        .filter(|n| n.starts_with('/'))
-        .collect::<std::collections::BTreeSet<_>>()
-        .into_iter()
-        .take(MAX_FILES)
-        .map(|n| (PathBuf::from(n), 0, HEAD)));
+    out.extend(
+        crate::image::criu::files(data)
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|f| f.reg)
+            .map(|r| r.name)
+            .filter(|n| n.starts_with('/'))
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .take(MAX_FILES)
+            .map(|n| (PathBuf::from(n), 0, HEAD)),
+    );
     out
 }
 
@@ -150,7 +154,7 @@ pub fn start(ranges: Vec<Range>) {
 fn ask(path: &Path, off: u64, len: u64) {
     let Ok(file) = std::fs::OpenOptions::new()
         .read(true)
-        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_CLOEXEC)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_NOFOLLOW | libc::O_CLOEXEC)
         .open(path)
     else {
         return;

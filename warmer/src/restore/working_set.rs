@@ -60,6 +60,15 @@ pub struct WorkingSet {
     pub last_new: u64,
     /// Image PID -> sorted, disjoint, non-adjacent `[address, pages]` runs.
     pub pids: BTreeMap<i32, Vec<(u64, u64)>>,
+    /// The pages of files the service mapped and touched after the restore
+    /// (its code, above all): file -> `[page index, pages]` runs. Not in the
+    /// image: after a boot they come from the disk, and are asked for with
+    /// the image's ([`super::readahead`]).
+    #[serde(default)]
+    pub files: BTreeMap<String, Vec<(u64, u64)>>,
+    /// File pages the last lesson added.
+    #[serde(default)]
+    pub last_new_files: u64,
 }
 
 impl WorkingSet {
@@ -68,7 +77,7 @@ impl WorkingSet {
         let bytes = cache.note(key, NOTE)?;
         serde_json::from_slice::<Self>(&bytes)
             .ok()
-            .filter(|w| w.format_version == FORMAT_VERSION && w.pages() > 0)
+            .filter(|w| w.format_version == FORMAT_VERSION && w.pages() + w.file_pages() > 0)
     }
 
     pub fn save(&self, cache: &cache::Cache, key: &str) -> Result<(), cache::Error> {
@@ -79,7 +88,25 @@ impl WorkingSet {
     /// [`LEARN_RESTORES`], and any after one that added at least 1% of its
     /// pages. A settled set costs nothing (the daemon logs no faults).
     pub fn learning(&self) -> bool {
-        self.restores < LEARN_RESTORES || self.last_new * 100 >= self.pages()
+        self.restores < LEARN_RESTORES
+            || self.last_new * 100 >= self.pages().max(1)
+            || self.last_new_files * 100 >= self.file_pages().max(1)
+    }
+
+    /// The file pages the service touched, as (file, offset, length).
+    pub fn file_ranges_touched(&self) -> Vec<(PathBuf, u64, u64)> {
+        let page = page_size();
+        self.files
+            .iter()
+            .flat_map(|(f, runs)| {
+                runs.iter()
+                    .map(move |(s, n)| (PathBuf::from(f), s * page, n * page))
+            })
+            .collect()
+    }
+
+    pub fn file_pages(&self) -> u64 {
+        self.files.values().flatten().map(|(_, n)| n).sum()
     }
 
     pub fn pages(&self) -> u64 {
@@ -104,6 +131,106 @@ impl WorkingSet {
         }
         self.format_version = FORMAT_VERSION;
         self.pages() - before
+    }
+
+    /// Adds file pages (page indexes per file); returns how many were new.
+    pub fn merge_files(&mut self, touched: &BTreeMap<String, BTreeSet<u64>>) -> u64 {
+        let before = self.file_pages();
+        for (file, pages) in touched.iter().take(MAX_FILES) {
+            let mut all = pages.clone();
+            for (start, n) in self.files.get(file).into_iter().flatten() {
+                all.extend(*start..start + n);
+            }
+            self.files.insert(file.clone(), runs(&all, 1));
+        }
+        self.format_version = FORMAT_VERSION;
+        self.file_pages() - before
+    }
+}
+
+/// How long after a restore the file pages its service touched are taken
+/// (or at its stop, if that comes first): start-up and its first requests.
+pub const FILE_WINDOW: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Files a working set keeps pages of, at most.
+const MAX_FILES: usize = 4096;
+
+/// The pages of files mapped by `pids` that are in their page tables (bit
+/// 63 of /proc/PID/pagemap: present; bit 61: a file page, not a private
+/// copy): after a restore, only what they touched since.
+pub fn touched_file_pages(pids: &[i32]) -> BTreeMap<String, BTreeSet<u64>> {
+    use std::os::unix::fs::FileExt;
+    let page = page_size();
+    let mut out: BTreeMap<String, BTreeSet<u64>> = BTreeMap::new();
+    for pid in pids {
+        let (Ok(maps), Ok(pagemap)) = (
+            std::fs::read_to_string(format!("/proc/{pid}/maps")),
+            std::fs::File::open(format!("/proc/{pid}/pagemap")),
+        ) else {
+            continue;
+        };
+        for line in maps.lines() {
+            let mut f = line.split_whitespace();
+            let (Some(range), _, Some(off), _, Some(inode), Some(path)) =
+                (f.next(), f.next(), f.next(), f.next(), f.next(), f.next())
+            else {
+                continue;
+            };
+            if inode == "0" || !path.starts_with('/') || f.next().is_some() {
+                continue; // anonymous, special, or "(deleted)"
+            }
+            let Some((a, b)) = range.split_once('-') else {
+                continue;
+            };
+            let (Ok(a), Ok(b), Ok(off)) = (
+                u64::from_str_radix(a, 16),
+                u64::from_str_radix(b, 16),
+                u64::from_str_radix(off, 16),
+            ) else {
+                continue;
+            };
+            let n = usize::try_from((b - a) / page).unwrap_or(0);
+            let mut buf = vec![0u8; n * 8];
+            if pagemap.read_exact_at(&mut buf, a / page * 8).is_err() {
+                continue;
+            }
+            let pages = out.entry(path.to_string()).or_default();
+            for (i, e) in buf.chunks_exact(8).enumerate() {
+                let e = u64::from_le_bytes(e.try_into().expect("8 bytes"));
+                if e >> 63 & 1 == 1 && e >> 61 & 1 == 1 {
+                    pages.insert(off / page + i as u64);
+                }
+            }
+        }
+    }
+    out.retain(|_, p| !p.is_empty());
+    out
+}
+
+/// Serializes the lessons of one process (a lazy restore's daemon ending
+/// and its file sample can come together).
+static LESSON: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Learns from the tree `pids` restored from entry `key`: the file pages
+/// they touched since the restore join the working set. A lesson, as
+/// [`learn`]: one per restore.
+pub fn learn_files(cache: &cache::Cache, key: &str, pids: &[i32]) {
+    let touched = touched_file_pages(pids);
+    let _one = LESSON.lock();
+    let mut ws = WorkingSet::load(cache, key).unwrap_or_default();
+    let new = ws.merge_files(&touched);
+    ws.restores += 1;
+    ws.last_new_files = new;
+    match ws.save(cache, key) {
+        Ok(()) => tracing::info!(
+            phase = "working set",
+            "the restored service touched {} pages of {} files ({new} new): {} MB of files in the working set{}",
+            touched.values().map(BTreeSet::len).sum::<usize>(),
+            touched.len(),
+            ws.file_pages() * page_size() / 1_000_000,
+            if ws.learning() { "" } else { ", settled" }
+        ),
+        Err(e) => tracing::debug!("working set not kept: {}", crate::errors::chain(&e)),
     }
 }
 
@@ -158,20 +285,18 @@ pub fn learn(cache: &cache::Cache, key: &str, log: &Path) {
         }
     };
     let n: usize = faults.values().map(BTreeSet::len).sum();
+    let _one = LESSON.lock();
     let mut ws = WorkingSet::load(cache, key).unwrap_or_default();
     if n == 0 && ws.pages() == 0 {
         return;
     }
     let new = ws.merge(&faults);
-    ws.restores += 1;
     ws.last_new = new;
     match ws.save(cache, key) {
         Ok(()) => tracing::info!(
             phase = "working set",
-            "the restore faulted on {n} pages ({new} not in the working set yet): working set {} MB, learned from {} restores{}",
+            "the restore faulted on {n} pages ({new} not in the working set yet): working set {} MB of memory",
             ws.bytes() / 1_000_000,
-            ws.restores,
-            if ws.learning() { "" } else { ", settled" }
         ),
         Err(e) => tracing::debug!("working set not kept: {}", crate::errors::chain(&e)),
     }
@@ -344,7 +469,10 @@ pub fn file_ranges(data: &Path, ws: Option<&WorkingSet>) -> Vec<(PathBuf, u64, u
         };
         let pages = data.join(format!("pages-{}.img", head.pages_id));
         let mut off = 0u64;
-        for e in bodies[1..].iter().filter_map(|b| PagemapEntry::decode(*b).ok()) {
+        for e in bodies[1..]
+            .iter()
+            .filter_map(|b| PagemapEntry::decode(*b).ok())
+        {
             let n = e.nr_pages.unwrap_or(u64::from(e.compat_nr_pages));
             let flags = e.flags.unwrap_or(0);
             if flags & PE_PRESENT == 0 {
@@ -381,10 +509,12 @@ pub fn read_first(cache: &cache::Cache, entry: &cache::Entry) -> u64 {
         .filter(|f| !f.path.starts_with("pages-"))
         .map(|f| (data.join(&f.path), 0, f.size))
         .collect();
-    ranges.extend(file_ranges(
-        &data,
-        WorkingSet::load(cache, &entry.key).as_ref(),
-    ));
+    let ws = WorkingSet::load(cache, &entry.key);
+    ranges.extend(file_ranges(&data, ws.as_ref()));
+    // The files the service touched are not the cache's: asked for, not read.
+    if let Some(ws) = &ws {
+        super::readahead::start(ws.file_ranges_touched());
+    }
     let mut buf = vec![0u8; 1 << 20];
     let mut read = 0u64;
     let mut open: Option<(PathBuf, std::fs::File)> = None;
@@ -459,6 +589,47 @@ mod tests {
         assert_eq!(ws.merge(&f(&[13, 12, 19])), 2);
         assert_eq!(ws.pids[&1], vec![(10 * P, 4), (19 * P, 2)]);
         assert_eq!(ws.pages(), 6);
+    }
+
+    #[test]
+    fn the_file_pages_a_process_touched_are_the_ones_in_its_page_tables() {
+        use std::os::fd::AsRawFd;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("lib.so");
+        let len = 16 * 4096;
+        std::fs::write(&path, vec![7u8; len]).unwrap();
+        let file = std::fs::File::open(&path).unwrap();
+        // SAFETY: a fresh private read-only mapping of a file we hold open.
+        let addr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ,
+                libc::MAP_PRIVATE,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        assert_ne!(addr, libc::MAP_FAILED);
+        // Fault-around maps neighbours too: touch one page, then take
+        // whatever the kernel mapped; it must include that page and no page
+        // of another file.
+        // SAFETY: reading inside the mapping.
+        let byte = unsafe { std::ptr::read_volatile(addr.cast::<u8>().add(5 * 4096)) };
+        assert_eq!(byte, 7);
+        let touched = touched_file_pages(&[i32::try_from(std::process::id()).unwrap()]);
+        let canon = std::fs::canonicalize(&path).unwrap();
+        let pages = &touched[canon.to_str().unwrap()];
+        assert!(pages.contains(&5), "{pages:?}");
+        assert!(pages.iter().all(|p| *p < 16), "{pages:?}");
+        // SAFETY: unmapping exactly the mapping made above.
+        unsafe { libc::munmap(addr, len) };
+        let mut ws = WorkingSet::default();
+        assert_eq!(ws.merge_files(&touched), ws.file_pages());
+        assert!(ws
+            .file_ranges_touched()
+            .iter()
+            .any(|(f, off, _)| *f == canon && *off <= 5 * P));
     }
 
     #[test]
