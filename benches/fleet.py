@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""The fleet workflow, measured: node A makes SVC's image and pushes it to a
+"""The fleet workflow, measured: node A makes SVC's image, restores it once
+(learning its working set) and pushes both to a
 real registry (Debian's docker-registry on a free local port, its own
 storage); node B (empty cache, same manifest, same run directory path as
 every machine's /run/warmer) starts SVC: pull + restore. Beside it, in the
@@ -90,7 +91,9 @@ def fresh_node(node):
     shutil.rmtree(os.path.join(RUN, SVC), ignore_errors=True)
 
 try:
-    # Node A: make the image (cold start, checkpoint at ready), then push.
+    # Node A: make the image (cold start, checkpoint at ready), restore it
+    # once (what that restore touches first becomes the image's working set),
+    # then push: image and working set travel together.
     fresh_node("a")
     p, _, _ = start("a")
     while True:
@@ -99,6 +102,9 @@ try:
             break
         time.sleep(0.05)
     stop(p)
+    p, _, kind = start("a")
+    stop(p)
+    assert kind == "restored", kind
     t = time.monotonic()
     pushed = warmer_json("a", "push", SVC)
     push_wall = (time.monotonic() - t) * 1000
@@ -107,6 +113,7 @@ try:
     again_wall = (time.monotonic() - t) * 1000
 
     pull_restore, local_restore, cold = [], [], []
+    kinds = set()
     for _ in range(args.rounds):
         fresh_node("b")
         p, ms, kind = start("b")
@@ -114,6 +121,8 @@ try:
         if kind != "restored":
             sys.exit(f"node B did not restore the pulled image ({kind})")
         pull_restore.append(ms)
+        c = json.load(open(os.path.join(RUN, SVC, "state.json"))).get("restore_choice") or {}
+        kinds.add("eager" if not c.get("lazy") else "working set first" if c.get("working_set") else "lazy")
         p, ms, kind = start("b")
         stop(p)
         assert kind == "restored", kind
@@ -128,7 +137,7 @@ try:
         "push_ms": round(push_wall), "push_again_ms": round(again_wall),
         "push_again_sent_bytes": again["sent_bytes"],
         "pull_restore_ms": round(med(pull_restore)), "local_restore_ms": round(med(local_restore)),
-        "cold_ms": round(med(cold)),
+        "cold_ms": round(med(cold)), "fresh_node_kinds": sorted(kinds),
         "samples": {"pull_restore": pull_restore, "local_restore": local_restore, "cold": cold},
     }
     if args.json:
@@ -138,7 +147,7 @@ try:
         print("| service | image | on the wire (zstd) | push | push again | fresh node: pull + restore | restore (local) | cold start | cold / pull+restore |")
         print("|---|---|---|---|---|---|---|---|---|")
         print(f"| {SVC} | {mb(result['image_bytes'])} | {mb(result['wire_bytes'])} | {result['push_ms']} ms | "
-              f"{result['push_again_ms']} ms ({result['push_again_sent_bytes']} B sent) | {result['pull_restore_ms']} ms | "
+              f"{result['push_again_ms']} ms ({result['push_again_sent_bytes']} B sent) | {result['pull_restore_ms']} ms ({', '.join(sorted(kinds))}) | "
               f"{result['local_restore_ms']} ms | {result['cold_ms']} ms | "
               f"{result['cold_ms'] / result['pull_restore_ms']:.1f}x |")
 finally:

@@ -56,6 +56,17 @@ pub struct Inspection {
     pub sockets: Vec<Socket>,
     /// Namespace images the dump holds (the tree's own namespaces).
     pub namespaces: Vec<String>,
+    /// What its restores touched first, if learned.
+    pub working_set: Option<WorkingSetSummary>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct WorkingSetSummary {
+    pub memory_bytes: u64,
+    pub file_bytes: u64,
+    pub files: usize,
+    pub restores: u32,
+    pub settled: bool,
 }
 
 #[derive(Debug, Serialize)]
@@ -117,7 +128,18 @@ pub fn inspect(dirs: &Dirs, target: &str) -> Result<Inspection, InspectError> {
     cache
         .check_shape(&entry)
         .map_err(|p| crate::remote::RemoteError::Damaged(p.to_string()))?;
-    describe(&entry)
+    let mut i = describe(&entry)?;
+    i.working_set = crate::restore::working_set::WorkingSet::load(&cache, &entry.key).map(|w| {
+        let page = crate::restore::working_set::page_size();
+        WorkingSetSummary {
+            memory_bytes: w.bytes(),
+            file_bytes: w.file_pages() * page,
+            files: w.files.len(),
+            restores: w.restores,
+            settled: !w.learning(),
+        }
+    });
+    Ok(i)
 }
 
 /// Reads everything [`Inspection`] shows from one entry's files.
@@ -248,6 +270,7 @@ pub fn describe(entry: &Entry) -> Result<Inspection, InspectError> {
         criu_image_version: inventory.img_version,
         processes,
         sockets,
+        working_set: None,
         namespaces,
     })
 }
@@ -460,6 +483,16 @@ pub fn render(i: &Inspection) -> String {
     ));
     if !i.state.is_empty() {
         out.push_str(&format!("  state    {}\n", i.state.join(", ")));
+    }
+    if let Some(w) = &i.working_set {
+        out.push_str(&format!(
+            "  working set {} of memory first, {} of {} files asked for after a boot; learned from {} restores{}\n",
+            mb(w.memory_bytes),
+            mb(w.file_bytes),
+            w.files,
+            w.restores,
+            if w.settled { ", settled" } else { "" }
+        ));
     }
     out.push_str(&format!(
         "  namespaces of its own: {}\n",

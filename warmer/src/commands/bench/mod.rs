@@ -185,8 +185,11 @@ pub fn bench(
     b.restore_ms()?;
     b.criu_restore_ms(None)?;
     b.breakdowns.borrow_mut().clear();
-    // Both raw baselines where lazy is in question at all.
-    let baselines = choose::memory_files(&entry).0 >= choose::LAZY_MIN_BYTES;
+    // Both raw baselines where lazy is in question at all (a sandboxed
+    // image restores only eagerly: see `restore::choose_restore`).
+    let sandboxed = crate::image::read(&entry.data_dir())
+        .is_ok_and(|i| i.external_mounts.is_some());
+    let baselines = !sandboxed && choose::memory_files(&entry).0 >= choose::LAZY_MIN_BYTES;
 
     let mut samples = Samples {
         cold: Vec::new(),
