@@ -43,9 +43,14 @@ for _ in range(200):
 
 mdir = os.path.join(tmp, "manifests")
 os.makedirs(mdir)
+# Nodes pull only images signed by a key they trust: one pair for the fleet.
+keys = os.path.join(tmp, "keys")
+os.makedirs(keys, mode=0o700)
+subprocess.run([W, "keygen", os.path.join(keys, "fleet")], check=True, capture_output=True)
 src = open(os.path.join(args.manifests, f"{SVC}.yaml")).read()
 with open(os.path.join(mdir, f"{SVC}.yaml"), "w") as f:
-    f.write(src + f"\nremote:\n  repository: 127.0.0.1:{port}/warmer/{SVC}\n  insecure: true\n  timeout: 120s\n")
+    f.write(src + f"\nremote:\n  repository: 127.0.0.1:{port}/warmer/{SVC}\n  insecure: true\n  timeout: 120s\n"
+            f"  sign: {keys}/fleet.key\n  verify: [{keys}/fleet.pub]\n")
 RUN = "/run/warmer-fleet"
 
 def env(node):
