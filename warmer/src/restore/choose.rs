@@ -344,6 +344,66 @@ pub fn memory_files(entry: &cache::Entry) -> (u64, Vec<std::path::PathBuf>) {
     )
 }
 
+/// The fraction of [`SAMPLES`] pages spread evenly over `files` that are in
+/// the page cache: what [`resident_fraction`] tells, in microseconds instead
+/// of milliseconds (a whole 200 MB image is a 2-3 ms mincore walk), for a
+/// decision on the start path. `None` if it cannot be told.
+pub fn resident_sample(files: &[std::path::PathBuf]) -> Option<f64> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).ok()?;
+    let sizes: Vec<(std::fs::File, usize)> = files
+        .iter()
+        .filter_map(|p| {
+            let f = std::fs::File::open(p).ok()?;
+            let len = usize::try_from(f.metadata().ok()?.len()).ok()?;
+            (len > 0).then_some((f, len))
+        })
+        .collect();
+    let total: usize = sizes.iter().map(|(_, l)| l).sum();
+    if total == 0 {
+        return None;
+    }
+    let (mut asked, mut resident) = (0usize, 0usize);
+    for (file, len) in &sizes {
+        // This file's share of the samples, at least one.
+        let n = (SAMPLES * len / total).max(1);
+        // SAFETY: a fresh read-only shared mapping of a file we hold open;
+        // it is only passed to mincore and unmapped below, never accessed.
+        let addr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                *len,
+                libc::PROT_READ,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        if addr == libc::MAP_FAILED {
+            return None;
+        }
+        let pages = len.div_ceil(page);
+        for i in 0..n {
+            let at = (pages * i / n) * page;
+            let mut v = 0u8;
+            // SAFETY: one page inside the mapping; `v` holds its one byte.
+            let rc = unsafe { libc::mincore(addr.cast::<u8>().add(at).cast(), page, &raw mut v) };
+            if rc == 0 {
+                asked += 1;
+                resident += usize::from(v & 1);
+            }
+        }
+        // SAFETY: unmapping exactly the mapping made above.
+        unsafe { libc::munmap(addr, *len) };
+    }
+    #[allow(clippy::cast_precision_loss)]
+    (asked > 0).then(|| resident as f64 / asked as f64)
+}
+
+/// Pages [`resident_sample`] looks at.
+const SAMPLES: usize = 64;
+
 /// The fraction of `files` in the page cache (mincore(2) on a mapping of
 /// each; nothing is read). `None` if it cannot be told.
 pub fn resident_fraction(files: &[std::path::PathBuf]) -> Option<f64> {
@@ -575,7 +635,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("pages-1.img");
         std::fs::write(&p, vec![1u8; 1 << 20]).unwrap();
-        let r = resident_fraction(&[p]).unwrap();
+        let r = resident_fraction(std::slice::from_ref(&p)).unwrap();
+        assert!(r > 0.9, "{r}");
+        let r = resident_sample(&[p]).unwrap();
         assert!(r > 0.9, "{r}");
     }
 }

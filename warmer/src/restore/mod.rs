@@ -209,6 +209,9 @@ pub struct Timings {
     pub probe: Duration,
     /// The `after_restore` hook, before the probe.
     pub hooks: Duration,
+    /// Before CRIU: the working set's view of the image, what to ask the
+    /// disk for.
+    pub prepare: Duration,
 }
 
 impl Timings {
@@ -216,7 +219,10 @@ impl Timings {
     /// reports them (the supervisor adds what came before).
     pub fn phases(&self) -> Vec<(String, f64)> {
         let ms = |d: Duration| d.as_secs_f64() * 1000.0;
-        let mut out = vec![("state".to_string(), ms(self.state))];
+        let mut out = vec![
+            ("state".to_string(), ms(self.state)),
+            ("working set view, read-ahead".to_string(), ms(self.prepare)),
+        ];
         let mut criu_rest = ms(self.criu);
         if let Some(l) = self.criu_times.lazy_start {
             out.push(("lazy daemon start".into(), ms(l)));
@@ -497,7 +503,7 @@ impl Restore<'_> {
         // After a boot: everything this restore will read, asked of the disk
         // at once.
         let (_, pages) = choose::memory_files(&plan.entry);
-        if let Some(r) = choose::resident_fraction(&pages).filter(|r| *r < 0.5) {
+        if let Some(r) = choose::resident_sample(&pages).filter(|r| *r < 0.5) {
             // An eager restore reads every page; a lazy one those never
             // restored lazily, and the working set.
             let mut pages = if plan.choice.lazy {
@@ -539,6 +545,8 @@ impl Restore<'_> {
             },
             None => data,
         };
+        let prepared = t0.elapsed();
+        let t0 = Instant::now();
         let restored = Output::new()
             .map_err(CriuRestoreError::Setup)
             .and_then(|out| {
@@ -613,6 +621,7 @@ impl Restore<'_> {
             hash_wait: t0.elapsed().saturating_sub(t_criu),
             probe: Duration::ZERO,
             hooks: Duration::ZERO,
+            prepare: prepared,
         };
         let restored = match restored {
             // CRIU was stopped because the hash failed: that is the cause.

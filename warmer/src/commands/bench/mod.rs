@@ -198,7 +198,7 @@ pub fn bench(
         criu_eager: Vec::new(),
         criu_lazy: Vec::new(),
     };
-    let mut kinds: Vec<usize> = if baselines {
+    let kinds: Vec<usize> = if baselines {
         vec![0, 1, 2, 3, 4]
     } else {
         vec![0, 1, 2]
@@ -207,16 +207,13 @@ pub fn bench(
         if b.signals.stop_requested() {
             break;
         }
-        // Every round runs the kinds in another order (rotated, and reversed
-        // every other round), so whatever a run leaves behind (memory to
-        // reclaim, a busy page cache) falls on each kind alike, and each
-        // follows each other kind.
-        kinds.rotate_left(1);
-        let order: Vec<usize> = if i % 2 == 1 {
-            kinds.iter().rev().copied().collect()
-        } else {
-            kinds.clone()
-        };
+        // Every round runs the kinds in another order, shuffled (a fixed
+        // sequence: the same bench orders its rounds the same), so whatever
+        // a run leaves behind (memory to reclaim, a busy page cache, warm
+        // dentries) falls on each kind alike and no kind always follows
+        // another (a bare CRIU run right after warmer's own would restore
+        // from what warmer's run just warmed).
+        let order = shuffled(&kinds, i);
         let mut took = [0.0f64; 5];
         for kind in order {
             if opts.drop_caches {
@@ -294,6 +291,25 @@ pub fn bench(
     })
 }
 
+/// `kinds` in the order of round `round`: a Fisher-Yates shuffle driven by
+/// a SplitMix64 sequence seeded with the round.
+fn shuffled(kinds: &[usize], round: usize) -> Vec<usize> {
+    let mut state = (round as u64).wrapping_add(0x9E37_79B9_7F4A_7C15);
+    let mut next = move || {
+        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    };
+    let mut out = kinds.to_vec();
+    for i in (1..out.len()).rev() {
+        let j = usize::try_from(next() % (i as u64 + 1)).unwrap_or(0);
+        out.swap(i, j);
+    }
+    out
+}
+
 /// A persist image retired after its one restore (the bench restores it
 /// again on purpose, with the data as it captured it).
 fn is_retired(stale_reason: &str) -> bool {
@@ -313,6 +329,24 @@ fn is_tmpfs(path: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rounds_run_every_kind_once_and_no_kind_always_follows_another() {
+        let kinds = [0, 1, 2, 3, 4];
+        let mut follows = std::collections::BTreeMap::new();
+        for round in 0..60 {
+            let order = shuffled(&kinds, round);
+            let mut sorted = order.clone();
+            sorted.sort_unstable();
+            assert_eq!(sorted, kinds);
+            for w in order.windows(2) {
+                *follows.entry((w[0], w[1])).or_insert(0) += 1;
+            }
+        }
+        // 60 rounds, 4 pairs each, 20 ordered pairs: ~12 each; none always.
+        assert_eq!(follows.len(), 20, "{follows:?}");
+        assert!(follows.values().all(|n| (4..=24).contains(n)), "{follows:?}");
+    }
 
     #[test]
     fn stats_median_min_max() {
