@@ -646,6 +646,12 @@ fn auto_learns_what_a_restore_touches_and_the_next_restore_brings_it_first() {
     assert!(pages > 0);
     let image_pages = 700_000 * 100 / 4096;
     assert!(pages < image_pages, "{pages} pages: only what was touched");
+    let out = env.command().args(["inspect", "ws"]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("working set") && text.contains("learned from 1 restores"),
+        "{text}"
+    );
 
     // Second: the working set first, the rest on demand: the same memory.
     let mut w = env.run("ws");
