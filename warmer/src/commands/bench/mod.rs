@@ -187,8 +187,8 @@ pub fn bench(
     b.breakdowns.borrow_mut().clear();
     // Both raw baselines where lazy is in question at all (a sandboxed
     // image restores only eagerly: see `restore::choose_restore`).
-    let sandboxed = crate::image::read(&entry.data_dir())
-        .is_ok_and(|i| i.external_mounts.is_some());
+    let sandboxed =
+        crate::image::read(&entry.data_dir()).is_ok_and(|i| i.external_mounts.is_some());
     let baselines = !sandboxed && choose::memory_files(&entry).0 >= choose::LAZY_MIN_BYTES;
 
     let mut samples = Samples {
@@ -345,7 +345,10 @@ mod tests {
         }
         // 60 rounds, 4 pairs each, 20 ordered pairs: ~12 each; none always.
         assert_eq!(follows.len(), 20, "{follows:?}");
-        assert!(follows.values().all(|n| (4..=24).contains(n)), "{follows:?}");
+        assert!(
+            follows.values().all(|n| (4..=24).contains(n)),
+            "{follows:?}"
+        );
     }
 
     #[test]
