@@ -237,10 +237,20 @@ fn a_fresh_node_restores_the_image_another_node_pushed() {
     assert!(origin.contains(&reg.repository("web")), "{rows}");
     assert!(rows[0]["verified_this_boot"].as_bool().unwrap(), "{rows}");
 
-    // A push of the same image again sends nothing new.
+    // A push of the same image from B sends no image file again: only
+    // what B's restore learned (its working set, a small layer of its own).
     let again = warmer(&b, &["push", "web", "--json"], &[]);
     assert!(again.status.success(), "{}", text(&again));
     let p: serde_json::Value = serde_json::from_slice(&again.stdout).unwrap();
+    let (blobs, present) = (
+        p["blobs"].as_u64().unwrap(),
+        p["blobs_present"].as_u64().unwrap(),
+    );
+    assert!(blobs - present <= 1, "{p}");
+    assert!(p["sent_bytes"].as_u64().unwrap() < 1 << 20, "{p}");
+    // And once more: nothing new at all.
+    let third = warmer(&b, &["push", "web", "--json"], &[]);
+    let p: serde_json::Value = serde_json::from_slice(&third.stdout).unwrap();
     assert_eq!(p["sent_bytes"], 0, "{p}");
     assert_eq!(p["blobs_present"], p["blobs"], "{p}");
 }
