@@ -20,7 +20,7 @@
 //!    faster than it this boot;
 //! 4. none yet: lazy (which learns one), unless eager was measured faster than
 //!    lazy this boot and most of the image is in the page cache (only then is
-//!    the page cache looked at: a mincore walk of the image).
+//!    the page cache looked at: a sampled mincore of the image).
 //!
 //! The decision and its reason go to the log and `warmer status`.
 //!
@@ -251,7 +251,7 @@ pub struct Known {
 /// The restore for an image with `memory` bytes of pages, given `history`
 /// and the working set learned for it (`ws`); `resident` tells the fraction
 /// of the image in the page cache (`None`: unknown), asked only when it can
-/// change the answer (it costs a mincore walk of the image).
+/// change the answer (it costs a sampled mincore of the image).
 pub fn choose(
     mode: RestoreMode,
     memory: u64,
@@ -344,10 +344,10 @@ pub fn memory_files(entry: &cache::Entry) -> (u64, Vec<std::path::PathBuf>) {
     )
 }
 
-/// The fraction of [`SAMPLES`] pages spread evenly over `files` that are in
-/// the page cache: what [`resident_fraction`] tells, in microseconds instead
-/// of milliseconds (a whole 200 MB image is a 2-3 ms mincore walk), for a
-/// decision on the start path. `None` if it cannot be told.
+/// The fraction of `files` in the page cache, estimated from [`SAMPLES`]
+/// pages spread evenly over them (mincore(2) on a mapping of each; nothing
+/// is read): microseconds, where a walk of every page of a 200 MB image
+/// takes 2-3 ms of a restore. `None` if it cannot be told.
 pub fn resident_sample(files: &[std::path::PathBuf]) -> Option<f64> {
     use std::os::fd::AsRawFd;
     // SAFETY: sysconf has no memory-safety preconditions.
@@ -403,53 +403,6 @@ pub fn resident_sample(files: &[std::path::PathBuf]) -> Option<f64> {
 
 /// Pages [`resident_sample`] looks at.
 const SAMPLES: usize = 64;
-
-/// The fraction of `files` in the page cache (mincore(2) on a mapping of
-/// each; nothing is read). `None` if it cannot be told.
-pub fn resident_fraction(files: &[std::path::PathBuf]) -> Option<f64> {
-    use std::os::fd::AsRawFd;
-    // SAFETY: sysconf has no memory-safety preconditions.
-    let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).ok()?;
-    let (mut total, mut resident) = (0usize, 0usize);
-    for path in files {
-        let file = std::fs::File::open(path).ok()?;
-        let len = usize::try_from(file.metadata().ok()?.len()).ok()?;
-        if len == 0 {
-            continue;
-        }
-        // SAFETY: a fresh read-only shared mapping of a file we hold open;
-        // it is only passed to mincore and unmapped below, never accessed.
-        let addr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ,
-                libc::MAP_SHARED,
-                file.as_raw_fd(),
-                0,
-            )
-        };
-        if addr == libc::MAP_FAILED {
-            return None;
-        }
-        let pages = len.div_ceil(page);
-        let mut vec = vec![0u8; pages];
-        // SAFETY: `addr` is a mapping of `len` bytes; `vec` has one byte per page.
-        let rc = unsafe { libc::mincore(addr, len, vec.as_mut_ptr()) };
-        // SAFETY: unmapping exactly the mapping made above.
-        unsafe { libc::munmap(addr, len) };
-        if rc != 0 {
-            return None;
-        }
-        total += pages;
-        resident += vec.iter().filter(|b| **b & 1 != 0).count();
-    }
-    if total == 0 {
-        return None;
-    }
-    #[allow(clippy::cast_precision_loss)]
-    Some(resident as f64 / total as f64)
-}
 
 #[cfg(test)]
 mod tests {
@@ -635,8 +588,6 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("pages-1.img");
         std::fs::write(&p, vec![1u8; 1 << 20]).unwrap();
-        let r = resident_fraction(std::slice::from_ref(&p)).unwrap();
-        assert!(r > 0.9, "{r}");
         let r = resident_sample(&[p]).unwrap();
         assert!(r > 0.9, "{r}");
     }

@@ -91,7 +91,8 @@ pub struct Plan {
     pub choice: choose::Choice,
     /// The image's `restore.json`, read once here.
     pub info: crate::image::RestoreInfo,
-    /// What earlier restores of this entry touched first, if learned.
+    /// What earlier restores of this entry touched first, if learned
+    /// (restored first only when `choice.working_set` says so).
     pub working_set: Option<working_set::WorkingSet>,
 }
 
@@ -342,7 +343,7 @@ pub fn plan(
         ws.as_ref(),
     );
     Ok(Ok(Plan {
-        working_set: ws.filter(|_| choice.working_set),
+        working_set: ws,
         deadline: manifest.restore_timeout,
         integrity: Integrity::choose(cache.stamp_valid(&entry), !put_back.is_empty()),
         put_back,
@@ -380,7 +381,7 @@ pub fn choose_restore(
         mode,
         memory,
         known,
-        &mut || choose::resident_fraction(&files),
+        &mut || choose::resident_sample(&files),
         history,
     )
 }
@@ -497,37 +498,12 @@ impl Restore<'_> {
         let data = plan.entry.data_dir();
         // What a restore touches teaches the working set, until it has
         // settled: a lazy one's faults, and any one's file pages.
-        let known = working_set::WorkingSet::load(self.cache, plan.key());
-        let learning = known.as_ref().is_none_or(working_set::WorkingSet::learning);
+        let known = plan.working_set.as_ref();
+        let first = known.filter(|_| plan.choice.working_set);
+        let learning = known.is_none_or(working_set::WorkingSet::learning);
         let learn = plan.choice.lazy && learning;
-        // After a boot: everything this restore will read, asked of the disk
-        // at once.
-        let (_, pages) = choose::memory_files(&plan.entry);
-        if let Some(r) = choose::resident_sample(&pages).filter(|r| *r < 0.5) {
-            // An eager restore reads every page; a lazy one those never
-            // restored lazily, and the working set.
-            let mut pages = if plan.choice.lazy {
-                working_set::file_ranges(&data, plan.working_set.as_ref())
-            } else {
-                pages
-                    .iter()
-                    .filter_map(|p| Some((p.clone(), 0, std::fs::metadata(p).ok()?.len())))
-                    .collect()
-            };
-            pages.extend(
-                known
-                    .iter()
-                    .flat_map(working_set::WorkingSet::file_ranges_touched),
-            );
-            let ranges = readahead::ranges(&data, pages);
-            tracing::debug!(
-                "{:.0}% of the image in the page cache: asking the disk for {} ranges at once",
-                r * 100.0,
-                ranges.len()
-            );
-            readahead::start(ranges);
-        }
-        let images = match &plan.working_set {
+        readahead::before_restore(&plan.entry, plan.choice.lazy, first, known);
+        let images = match first {
             Some(ws) => match working_set::write_view(&data, self.run_dir, ws) {
                 Ok(view) => {
                     tracing::info!(

@@ -20,6 +20,8 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
+use crate::restore::working_set::{self, WorkingSet};
+
 /// How much of each file the image refers to is asked for.
 pub const HEAD: u64 = 64 << 10;
 /// Files asked for at most (an image with more is not a service).
@@ -28,6 +30,40 @@ const MAX_FILES: usize = 4096;
 const CHUNK: u64 = 4 << 20;
 /// Threads asking at once (the disk takes requests in parallel).
 const THREADS: usize = 8;
+
+/// After a boot (less than half of the image in the page cache, sampled):
+/// asks the disk for everything a restore of `entry` will read. `lazy`: the
+/// restore reads only the pages never restored lazily and those of `first`
+/// (the working set it restores first), else every page; and the file
+/// pages `known` (the working set learned) says the service touches.
+pub fn before_restore(
+    entry: &cache::Entry,
+    lazy: bool,
+    first: Option<&WorkingSet>,
+    known: Option<&WorkingSet>,
+) {
+    let data = entry.data_dir();
+    let (_, pages) = crate::restore::choose::memory_files(entry);
+    let Some(r) = crate::restore::choose::resident_sample(&pages).filter(|r| *r < 0.5) else {
+        return;
+    };
+    let mut pages: Vec<Range> = if lazy {
+        working_set::file_ranges(&data, first)
+    } else {
+        pages
+            .iter()
+            .filter_map(|p| Some((p.clone(), 0, std::fs::metadata(p).ok()?.len())))
+            .collect()
+    };
+    pages.extend(known.iter().flat_map(|w| w.file_ranges_touched()));
+    let ranges = ranges(&data, pages);
+    tracing::debug!(
+        "{:.0}% of the image in the page cache: asking the disk for {} ranges at once",
+        r * 100.0,
+        ranges.len()
+    );
+    start(ranges);
+}
 
 /// One read to ask for: (file, offset, length).
 pub type Range = (PathBuf, u64, u64);

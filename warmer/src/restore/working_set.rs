@@ -313,6 +313,22 @@ pub struct View {
     pub lazy_pages: u64,
 }
 
+/// The parts of `runs` (sorted, disjoint `[address, pages]`) inside
+/// `[start, end)`, as `[from, to)` address pairs, in order.
+fn overlaps(
+    runs: &[(u64, u64)],
+    start: u64,
+    end: u64,
+    page: u64,
+) -> impl Iterator<Item = (u64, u64)> + '_ {
+    let first = runs.partition_point(|(s, k)| s + k * page <= start);
+    runs[first..]
+        .iter()
+        .take_while(move |(s, _)| *s < end)
+        .map(move |(s, k)| ((*s).max(start), (s + k * page).min(end)))
+        .filter(|(a, b)| a < b)
+}
+
 /// The pagemap of `pid` with the working set's pages no longer lazy, and
 /// how many pages became eager and stayed lazy.
 pub fn rewrite(entries: &[PagemapEntry], ws: &[(u64, u64)]) -> (Vec<PagemapEntry>, u64, u64) {
@@ -340,13 +356,7 @@ pub fn rewrite(entries: &[PagemapEntry], ws: &[(u64, u64)]) -> (Vec<PagemapEntry
         }
         let end = e.vaddr + n * page;
         let mut pos = e.vaddr;
-        // The runs overlapping [vaddr, end) (sorted, disjoint).
-        let first = ws.partition_point(|(s, k)| s + k * page <= e.vaddr);
-        for (s, k) in ws[first..].iter().take_while(|(s, _)| *s < end) {
-            let (a, b) = ((*s).max(pos), (s + k * page).min(end));
-            if a >= b {
-                continue;
-            }
+        for (a, b) in overlaps(ws, e.vaddr, end, page) {
             if a > pos {
                 out.push(piece(e, pos, a, true));
                 lazy += (a - pos) / page;
@@ -482,12 +492,8 @@ pub fn file_ranges(data: &Path, ws: Option<&WorkingSet>) -> Vec<(PathBuf, u64, u
             if flags & PE_LAZY == 0 {
                 push(&pages, off, n * page);
             } else {
-                let first = runs.partition_point(|(s, k)| s + k * page <= e.vaddr);
-                for (s, k) in runs[first..].iter().take_while(|(s, _)| *s < end) {
-                    let (a, b) = ((*s).max(e.vaddr), (s + k * page).min(end));
-                    if a < b {
-                        push(&pages, off + (a - e.vaddr), b - a);
-                    }
+                for (a, b) in overlaps(runs, e.vaddr, end, page) {
+                    push(&pages, off + (a - e.vaddr), b - a);
                 }
             }
             off += n * page;
