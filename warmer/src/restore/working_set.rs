@@ -96,8 +96,11 @@ impl WorkingSet {
     /// The file pages the service touched, as (file, offset, length).
     pub fn file_ranges_touched(&self) -> Vec<(PathBuf, u64, u64)> {
         let page = page_size();
+        // A set from elsewhere (a registry, an archive) may name more files
+        // than a lesson here keeps: only as many are asked for.
         self.files
             .iter()
+            .take(MAX_FILES)
             .flat_map(|(f, runs)| {
                 runs.iter()
                     .map(move |(s, n)| (PathBuf::from(f), s * page, n * page))
