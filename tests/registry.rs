@@ -385,18 +385,21 @@ fn a_tampered_blob_is_refused_and_the_service_starts_cold() {
     let pushed = warmer(&a, &["push", "web"], &[]);
     assert!(pushed.status.success(), "{}", text(&pushed));
 
-    // Same size, one byte changed: only a digest check can tell.
+    // Same size, one byte changed in the middle (a frame that is
+    // decompressed while it downloads): only a digest check can tell.
     let blob = reg.biggest_blob();
     let mut f = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .open(&blob)
         .unwrap();
-    let mut first = [0u8; 1];
-    f.read_exact(&mut first).unwrap();
     use std::io::Seek;
-    f.seek(std::io::SeekFrom::Start(0)).unwrap();
-    f.write_all(&[first[0] ^ 0xff]).unwrap();
+    let middle = f.metadata().unwrap().len() / 2;
+    let mut byte = [0u8; 1];
+    f.seek(std::io::SeekFrom::Start(middle)).unwrap();
+    f.read_exact(&mut byte).unwrap();
+    f.seek(std::io::SeekFrom::Start(middle)).unwrap();
+    f.write_all(&[byte[0] ^ 0xff]).unwrap();
     drop(f);
 
     let b = Env::node_like(&a);

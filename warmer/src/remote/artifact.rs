@@ -8,8 +8,10 @@
 //!   `meta.json` (service, digest, generation, host facts, when it was made,
 //!   and the BLAKE3 of every payload file).
 //! - One layer per payload file, titled with its path
-//!   (`org.opencontainers.image.title`), zstd-compressed ([`FILE_ZSTD_TYPE`])
-//!   when that saves at least a tenth, else raw ([`FILE_TYPE`]). Identical
+//!   (`org.opencontainers.image.title`), zstd-compressed ([`FILE_ZSTD_TYPE`],
+//!   in independent frames a puller decompresses on every core:
+//!   [`super::frames`]) when that saves at least a tenth, else raw
+//!   ([`FILE_TYPE`]). Identical
 //!   files (across generations, across services) are identical blobs: a
 //!   registry stores and sends them once.
 //! - When the image's working set was learned ([`crate::restore::working_set`]),
@@ -27,7 +29,7 @@
 
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, BufReader, Read, Write};
+use std::io::{self, Read, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Component, Path, PathBuf};
 
@@ -141,31 +143,21 @@ pub fn prepare(
     for (i, file) in entry.meta.files.iter().enumerate() {
         let src = data.join(&file.path);
         let packed = scratch.join(format!("{i}.zst"));
-        // One read: the raw file's sha256 and its compressed form together.
-        let mut input = BufReader::with_capacity(1 << 20, File::open(&src).map_err(io_err(&src))?);
+        // One read: the raw file's sha256 and its compressed form together,
+        // in frames a puller decompresses on every core (see `frames`).
+        let mut input = File::open(&src).map_err(io_err(&src))?;
         let out = File::create(&packed).map_err(io_err(&packed))?;
         let mut raw_hash = Sha256::new();
-        let mut enc = zstd::stream::write::Encoder::new(
-            Hashing {
-                inner: out,
-                hash: Sha256::new(),
-                len: 0,
-            },
-            ZSTD_LEVEL,
-        )
+        let mut hashing = Hashing {
+            inner: io::BufWriter::with_capacity(1 << 20, out),
+            hash: Sha256::new(),
+            len: 0,
+        };
+        let raw_len = super::frames::compress(&mut input, &mut hashing, ZSTD_LEVEL, &mut |c| {
+            raw_hash.update(c)
+        })
+        .and_then(|n| hashing.flush().map(|()| n))
         .map_err(io_err(&packed))?;
-        let mut buf = vec![0u8; 1 << 20];
-        let mut raw_len = 0u64;
-        loop {
-            let n = input.read(&mut buf).map_err(io_err(&src))?;
-            if n == 0 {
-                break;
-            }
-            raw_hash.update(&buf[..n]);
-            raw_len += n as u64;
-            enc.write_all(&buf[..n]).map_err(io_err(&packed))?;
-        }
-        let hashing = enc.finish().map_err(io_err(&packed))?;
         if raw_len != file.size {
             return Err(RemoteError::Damaged(format!(
                 "{}: size {raw_len}, recorded {}",
@@ -381,36 +373,60 @@ pub fn host_differences(
     out
 }
 
+/// Where a payload layer's file is written: new and empty, at most `limit`
+/// bytes (the size the config records).
+pub struct Target<'a> {
+    pub out: &'a File,
+    pub limit: u64,
+}
+
+/// What a fetch handed back.
+pub enum Fetched {
+    /// A local file holding the layer's blob, checked against its digest.
+    Blob(PathBuf),
+    /// The blob (checked against its digest) was decompressed into the
+    /// target as it arrived: this many bytes.
+    Unpacked(u64),
+}
+
+/// How [`install`] gets each layer.
+pub type Fetch<'f> =
+    dyn FnMut(&OciDescriptor, Option<Target<'_>>) -> Result<Fetched, RemoteError> + 'f;
+
 /// Writes a layer's payload file from its verified blob, never past `limit`
-/// bytes (the size the config records: a compressed bomb stops there).
-fn unpack(layer: &OciDescriptor, blob: &Path, dest: &Path, limit: u64) -> Result<(), RemoteError> {
-    if let Some(parent) = dest.parent() {
-        fs::create_dir_all(parent).map_err(io_err(parent))?;
-    }
-    let mut out = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(dest)
-        .map_err(io_err(dest))?;
-    let input = File::open(blob).map_err(io_err(blob))?;
+/// bytes (a compressed bomb stops there).
+fn unpack(
+    layer: &OciDescriptor,
+    blob: &Path,
+    dest: &Path,
+    out: &File,
+    limit: u64,
+) -> Result<(), RemoteError> {
     let copied = if layer.media_type == FILE_ZSTD_TYPE {
-        let dec = zstd::stream::read::Decoder::new(input).map_err(io_err(blob))?;
-        io::copy(&mut dec.take(limit + 1), &mut out)
+        let threads = std::thread::available_parallelism().map_or(1, usize::from);
+        super::frames::unpack(blob, out, limit, threads)
     } else {
-        io::copy(&mut input.take(limit + 1), &mut out)
+        let mut out = out;
+        File::open(blob).and_then(|input| io::copy(&mut input.take(limit + 1), &mut out))
     }
-    .map_err(|e| {
-        // A full disk is the disk's, not the image's.
-        if e.kind() == io::ErrorKind::StorageFull || e.raw_os_error() == Some(libc::ENOSPC) {
-            RemoteError::Io {
-                path: dest.to_path_buf(),
-                source: e,
-            }
-        } else {
-            RemoteError::Damaged(format!("layer {}: {e}", layer.digest))
+    .map_err(|e| unpack_err(layer, dest, e))?;
+    check_unpacked(layer, copied, limit)
+}
+
+/// A failure writing a payload file: a full disk is the disk's, anything
+/// else the image's.
+pub(super) fn unpack_err(layer: &OciDescriptor, dest: &Path, e: io::Error) -> RemoteError {
+    if e.kind() == io::ErrorKind::StorageFull || e.raw_os_error() == Some(libc::ENOSPC) {
+        RemoteError::Io {
+            path: dest.to_path_buf(),
+            source: e,
         }
-    })?;
+    } else {
+        RemoteError::Damaged(format!("layer {}: {e}", layer.digest))
+    }
+}
+
+fn check_unpacked(layer: &OciDescriptor, copied: u64, limit: u64) -> Result<(), RemoteError> {
     if copied > limit {
         return Err(RemoteError::Damaged(format!(
             "layer {} unpacks to more than the {limit} bytes recorded",
@@ -421,13 +437,14 @@ fn unpack(layer: &OciDescriptor, blob: &Path, dest: &Path, limit: u64) -> Result
 }
 
 /// Adds the artifact to the cache as a new generation of its digest.
-/// `fetch` hands back a local file holding a layer's blob, already checked
-/// against its digest. The caller holds the service's cache lock.
+/// `fetch` hands back a layer, checked against its digest: as a local blob,
+/// or (given a target) already decompressed into it. The caller holds the
+/// service's cache lock.
 pub fn install(
     cache: &Cache,
     config: &Config,
     manifest: &OciImageManifest,
-    fetch: &mut dyn FnMut(&OciDescriptor) -> Result<PathBuf, RemoteError>,
+    fetch: &mut Fetch<'_>,
     origin: String,
 ) -> Result<Entry, RemoteError> {
     let meta = &config.entry;
@@ -436,7 +453,11 @@ pub fn install(
     let mut working_set = None;
     for layer in &manifest.layers {
         if layer.media_type == WORKING_SET_TYPE {
-            let blob = fetch(layer)?;
+            let Fetched::Blob(blob) = fetch(layer, None)? else {
+                return Err(RemoteError::Damaged(
+                    "the working set layer was not fetched".into(),
+                ));
+            };
             let limit = u64::try_from(MAX_WORKING_SET_BYTES).unwrap_or(0);
             let mut bytes = Vec::new();
             File::open(&blob)
@@ -450,8 +471,25 @@ pub fn install(
             meta.files.iter().find(|f| f.path == path).ok_or_else(|| {
                 RemoteError::Damaged(format!("layer {path:?} is not in the config"))
             })?;
-        let blob = fetch(layer)?;
-        unpack(layer, &blob, &data.join(path), recorded.size)?;
+        let dest = data.join(path);
+        if let Some(parent) = dest.parent() {
+            fs::create_dir_all(parent).map_err(io_err(parent))?;
+        }
+        let out = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&dest)
+            .map_err(io_err(&dest))?;
+        let limit = recorded.size;
+        match fetch(layer, Some(Target { out: &out, limit }))? {
+            Fetched::Blob(blob) => {
+                // Whatever an attempt to unpack it on arrival left is gone.
+                out.set_len(0).map_err(io_err(&dest))?;
+                unpack(layer, &blob, &dest, &out, limit)?;
+            }
+            Fetched::Unpacked(n) => check_unpacked(layer, n, limit)?,
+        }
     }
     let entry = cache
         .publish(

@@ -366,7 +366,7 @@ pub fn install(cache: &Cache, unpacked: &Unpacked, origin: String) -> Result<Ent
         cache,
         &unpacked.config,
         &unpacked.manifest,
-        &mut |layer| unpacked.blob(layer),
+        &mut |layer, _| unpacked.blob(layer).map(artifact::Fetched::Blob),
         origin,
     )
 }

@@ -17,6 +17,7 @@
 
 pub mod artifact;
 pub mod auth;
+pub mod frames;
 pub mod layout;
 pub mod registry;
 pub mod sign;

@@ -191,15 +191,26 @@ pub(super) fn file_chunks(
     })))
 }
 
+/// One blob downloaded.
+pub(super) struct Downloaded {
+    pub path: PathBuf,
+    /// Bytes fetched now (a resumed download counts only the rest).
+    pub fetched: u64,
+    /// The sink saw the whole blob, from its first byte.
+    pub streamed: bool,
+}
+
 /// Downloads one blob into `dir` (named by its hex digest), continuing a
-/// partial download; returns its path and the bytes fetched now. The blob
-/// is renamed into place only after its sha256 matched.
+/// partial download. The blob is renamed into place only after its sha256
+/// matched. A download from the first byte also hands every chunk to
+/// `sink` as it arrives (to decompress it meanwhile).
 pub(super) async fn download(
     client: &Client,
     reference: &Reference,
     layer: &OciDescriptor,
     dir: &Path,
-) -> Result<(PathBuf, u64), RemoteError> {
+    mut sink: Option<&mut super::frames::Sink>,
+) -> Result<Downloaded, RemoteError> {
     let hex = layer
         .digest
         .strip_prefix("sha256:")
@@ -209,7 +220,11 @@ pub(super) async fn download(
         .map_err(|_| RemoteError::NotOurs(format!("blob size {}", layer.size)))?;
     let done = dir.join(hex);
     if fs::metadata(&done).is_ok_and(|m| m.len() == size) {
-        return Ok((done, 0));
+        return Ok(Downloaded {
+            path: done,
+            fetched: 0,
+            streamed: false,
+        });
     }
     let part = dir.join(format!("{hex}.part"));
     let have = fs::metadata(&part).map(|m| m.len()).unwrap_or(0);
@@ -240,6 +255,10 @@ pub(super) async fn download(
         .map_err(io_err(&part))?;
     let mut len = out.metadata().map_err(io_err(&part))?.len();
     let start = len;
+    if start > 0 {
+        sink = None;
+    }
+    let streamed = sink.is_some();
     // The digest of the whole blob, as it is written: what a resumed
     // download already has first.
     let mut hash = <sha2::Sha256 as sha2::Digest>::new();
@@ -282,6 +301,9 @@ pub(super) async fn download(
         }
         sha2::Digest::update(&mut hash, &chunk);
         out.write_all(&chunk).map_err(io_err(&part))?;
+        if let Some(sink) = sink.as_deref_mut() {
+            sink.push(&chunk).map_err(io_err(&part))?;
+        }
     }
     drop(out);
     let found = format!("sha256:{}", hex::encode(sha2::Digest::finalize(hash)));
@@ -293,7 +315,11 @@ pub(super) async fn download(
         });
     }
     fs::rename(&part, &done).map_err(io_err(&done))?;
-    Ok((done, len - start))
+    Ok(Downloaded {
+        path: done,
+        fetched: len - start,
+        streamed,
+    })
 }
 
 /// A buffer a blob is read into that refuses to grow past `limit`: a
