@@ -407,9 +407,19 @@ fn a_service_that_cold_starts_faster_than_it_restores_stays_cold() {
     let s = env.wait_ready("quick", &mut w);
     assert_eq!(s["last_start"], "restored", "{s}");
     w.stop();
+    // The timings are kept beside the image too (they outlive a reboot).
+    let kept = |env: &Env| {
+        std::fs::read_dir(env.dir.path().join("cache/notes"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|d| d.path().join("restore-history").exists())
+    };
+    assert!(kept(&env), "no restore-history note beside the image");
     // `warmer reset` forgets the measurements: restores are tried again.
     let out = env.command().args(["reset", "quick"]).output().unwrap();
     assert!(out.status.success(), "{out:?}");
+    assert!(!kept(&env), "reset left the timings kept beside the image");
     assert!(
         String::from_utf8_lossy(&out.stdout).contains("restore timings"),
         "{out:?}"

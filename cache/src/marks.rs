@@ -108,6 +108,18 @@ impl Cache {
         Some(bytes)
     }
 
+    /// Removes the note `name` of an entry; whether there was one.
+    pub fn remove_note(&self, key: &str, name: &str) -> Result<bool, Error> {
+        valid_key(key)?;
+        valid_note(name)?;
+        let path = self.notes_dir(key).join(name);
+        match fs::remove_file(&path) {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(Error::io(path)(e)),
+        }
+    }
+
     /// Marks an entry stale: it is never restored again, and `gc` removes it
     /// first. Used when a digest input changes under a running service.
     pub fn mark_stale(&self, key: &str, reason: &str) -> Result<(), Error> {

@@ -501,6 +501,12 @@ fn a_note_lives_beside_its_entry_changes_nothing_of_it_and_goes_with_it() {
     assert_eq!(cache.note(&entry.key, "working-set"), None);
     cache.set_note(&entry.key, "working-set", b"{}").unwrap();
     assert_eq!(cache.note(&entry.key, "working-set").unwrap(), b"{}");
+    cache
+        .set_note(&entry.key, "restore-history", b"[]")
+        .unwrap();
+    assert!(cache.remove_note(&entry.key, "restore-history").unwrap());
+    assert!(!cache.remove_note(&entry.key, "restore-history").unwrap());
+    assert_eq!(cache.note(&entry.key, "restore-history"), None);
     // The entry still has exactly its files and verifies.
     cache.check_shape(&entry).unwrap();
     verify(&cache, DIGEST).unwrap();

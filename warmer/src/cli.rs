@@ -118,10 +118,11 @@ pub enum Cmd {
         #[arg(long = "to", value_name = "GEN")]
         to: Option<u64>,
     },
-    /// Forget what warmer measured and counted for SERVICE this boot: failed
-    /// checkpoints and restores that hold its checkpoints back, and the
-    /// restore timings behind eager/lazy and "a cold start is faster". Its
-    /// images and data are left alone.
+    /// Forget what warmer measured and counted for SERVICE: failed
+    /// checkpoints and restores that hold its checkpoints back (this boot),
+    /// and the restore timings behind eager/lazy and "a cold start is
+    /// faster" (this boot's, and those kept beside its images). Its images
+    /// and data are left alone.
     Reset { service: String },
     /// Turn an installed systemd unit into a manifest: its command line,
     /// environment, user, sandbox, directories, limits and ExecStartPre=

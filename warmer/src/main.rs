@@ -566,6 +566,9 @@ fn checkpoint_cmd(dirs: &Dirs, service: &str, timeout: std::time::Duration) -> E
     }
 }
 
+/// What `warmer reset` calls the restore history it forgot.
+const RESTORE_TIMINGS: &str = warmer::supervisor::backoff::RESTORE_TIMINGS;
+
 fn reset_cmd(dirs: &Dirs, service: &str) -> ExitCode {
     if let Err(e) = manifest::check_service_name(service) {
         eprintln!("warmer: {e}");
@@ -578,7 +581,22 @@ fn reset_cmd(dirs: &Dirs, service: &str) -> ExitCode {
             return ExitCode::from(exit::FAILURE);
         }
     };
-    match warmer::supervisor::backoff::forget(&run_dir) {
+    let forgotten = warmer::supervisor::backoff::forget(&run_dir).and_then(|mut gone| {
+        // The timings kept beside the service's images (across boots).
+        let opened = dirs
+            .cache
+            .exists()
+            .then(|| cache::Cache::open(&dirs.cache).ok());
+        if let Some(cache) = opened.flatten() {
+            let kept = warmer::restore::choose::forget_kept(&cache, service)
+                .map_err(|e| std::io::Error::other(chain(&e)))?;
+            if kept > 0 && !gone.contains(&RESTORE_TIMINGS) {
+                gone.push(RESTORE_TIMINGS);
+            }
+        }
+        Ok(gone)
+    });
+    match forgotten {
         Ok(forgotten) if forgotten.is_empty() => {
             emit(&format!("{service}: nothing to forget\n"));
             ExitCode::from(exit::OK)

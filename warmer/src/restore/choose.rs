@@ -30,9 +30,17 @@
 //!
 //! ```text
 //! <run>/<svc>/restore-history.json   {format_version, digest, eager_ms, lazy_ms,
-//!                                     ws_ms, cold_ms, lazy_failed}   (per boot)
+//!                                     ws_ms, cold_ms, lazy_failed}   (this boot)
+//! <cache>/notes/<key>/restore-history {kernel, the same without lazy_failed}
 //! ```
-//! `warmer reset SVC` forgets it (and the failure counts of `backoff`).
+//! The timings outlive a reboot beside the image they were measured on (a
+//! cache note, [`NOTE`]): after a boot, `auto` starts from what the last
+//! boot measured (`warmer bench`'s alternatives included) instead of from
+//! nothing. They are dropped with the image, and ignored under another
+//! kernel (the page copy, userfaultfd and CRIU's own costs are the
+//! kernel's). A failed lazy restore counts this boot only: it may have
+//! been the machine's, not the image's. `warmer reset SVC` forgets both
+//! (and the failure counts of `backoff`).
 
 use std::path::Path;
 
@@ -54,6 +62,26 @@ pub const HISTORY_VERSION: u32 = 1;
 /// Restores measured before "a cold start is faster" can be concluded.
 pub const MIN_RESTORE_SAMPLES: usize = 3;
 
+/// The cache note that keeps an image's timings across boots.
+pub const NOTE: &str = "restore-history";
+
+/// Where the timings are kept beyond this boot: the cache and the key of
+/// the image they were measured on.
+pub type Kept<'a> = Option<(&'a cache::Cache, &'a str)>;
+
+/// The note's content: the timings, and the kernel they were measured under.
+#[derive(Debug, Serialize, Deserialize)]
+struct KeptHistory {
+    kernel: String,
+    history: History,
+}
+
+fn kernel_release() -> String {
+    nix::sys::utsname::uname()
+        .map(|u| u.release().to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
 /// How the restores of one image went (this boot).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct History {
@@ -74,21 +102,55 @@ pub struct History {
 }
 
 impl History {
+    /// This boot's measurements of `digest`.
     pub fn load(run_dir: &Path, digest: &str) -> Self {
-        std::fs::read(run_dir.join(FILE))
+        Self::load_kept(run_dir, digest, None)
+    }
+
+    /// This boot's measurements of `digest`; when this boot has none yet,
+    /// those kept beside the image `kept` names (under this kernel).
+    pub fn load_kept(run_dir: &Path, digest: &str, kept: Kept<'_>) -> Self {
+        let valid = |h: &Self| h.digest == digest && h.format_version <= HISTORY_VERSION;
+        let this_boot = std::fs::read(run_dir.join(FILE))
             .ok()
             .and_then(|b| serde_json::from_slice::<Self>(&b).ok())
-            .filter(|h| h.digest == digest && h.format_version <= HISTORY_VERSION)
+            .filter(valid);
+        this_boot
+            .or_else(|| {
+                let (cache, key) = kept?;
+                let k: KeptHistory = serde_json::from_slice(&cache.note(key, NOTE)?).ok()?;
+                (k.kernel == kernel_release())
+                    .then_some(History {
+                        lazy_failed: None,
+                        ..k.history
+                    })
+                    .filter(valid)
+            })
             .unwrap_or_else(|| History {
                 digest: digest.to_string(),
                 ..History::default()
             })
     }
 
-    /// Writes the history; a failure is logged (the next decision then has
-    /// fewer measurements, nothing worse).
-    fn save(mut self, run_dir: &Path) {
+    /// Writes the history (and its timings beside the image, if `kept`); a
+    /// failure is logged (the next decision then has fewer measurements,
+    /// nothing worse).
+    fn save(mut self, run_dir: &Path, kept: Kept<'_>) {
         self.format_version = HISTORY_VERSION;
+        if let Some((cache, key)) = kept {
+            let note = KeptHistory {
+                kernel: kernel_release(),
+                history: History {
+                    lazy_failed: None,
+                    ..self.clone()
+                },
+            };
+            if let Err(e) =
+                cache.set_note(key, NOTE, &serde_json::to_vec(&note).expect("serializes"))
+            {
+                tracing::warn!("cannot keep the restore timings beside image {key}: {e}");
+            }
+        }
         if let Err(e) = cache::fsutil::write_atomic(
             run_dir,
             FILE,
@@ -104,8 +166,8 @@ impl History {
     }
 
     /// Remembers how long a restore of the image (of `kind`) took to ready.
-    pub fn record(run_dir: &Path, digest: &str, kind: Kind, ms: u64) {
-        let mut h = Self::load(run_dir, digest);
+    pub fn record(run_dir: &Path, digest: &str, kind: Kind, ms: u64, kept: Kept<'_>) {
+        let mut h = Self::load_kept(run_dir, digest, kept);
         push_sample(
             match kind {
                 Kind::Eager => &mut h.eager_ms,
@@ -114,22 +176,34 @@ impl History {
             },
             ms,
         );
-        h.save(run_dir);
+        h.save(run_dir, kept);
     }
 
     /// Remembers how long a cold start of this digest took to ready.
-    pub fn record_cold(run_dir: &Path, digest: &str, ms: u64) {
-        let mut h = Self::load(run_dir, digest);
+    pub fn record_cold(run_dir: &Path, digest: &str, ms: u64, kept: Kept<'_>) {
+        let mut h = Self::load_kept(run_dir, digest, kept);
         push_sample(&mut h.cold_ms, ms);
-        h.save(run_dir);
+        h.save(run_dir, kept);
     }
 
-    /// Remembers that a lazy restore of the image failed.
+    /// Remembers that a lazy restore of the image failed (this boot only).
     pub fn record_lazy_failure(run_dir: &Path, digest: &str, why: &str) {
         let mut h = Self::load(run_dir, digest);
         h.lazy_failed = Some(why.chars().take(300).collect());
-        h.save(run_dir);
+        h.save(run_dir, None);
     }
+}
+
+/// `warmer reset SVC`: forgets the timings kept beside every image of
+/// `service`; returns how many images had some.
+pub fn forget_kept(cache: &cache::Cache, service: &str) -> Result<usize, cache::Error> {
+    let mut n = 0;
+    for entry in cache.list()?.into_iter().flatten() {
+        if entry.meta.service == service && cache.remove_note(&entry.key, NOTE)? {
+            n += 1;
+        }
+    }
+    Ok(n)
 }
 
 fn push_sample(list: &mut Vec<u64>, ms: u64) {
@@ -154,7 +228,7 @@ impl std::fmt::Display for ColdIsFaster {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "a cold start is faster: {} restores took {}-{} ms, a cold start {} ms (measured this boot; `warmer reset` forgets it)",
+            "a cold start is faster: {} restores took {}-{} ms, a cold start {} ms (kept with the image; `warmer reset` forgets it)",
             self.restores, self.restore_ms.0, self.restore_ms.1, self.cold_ms
         )
     }
@@ -446,7 +520,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(History::load(dir.path(), "d").eager_ms, vec![5]);
-        History::record_cold(dir.path(), "d", 7);
+        History::record_cold(dir.path(), "d", 7, None);
         let text = std::fs::read_to_string(dir.path().join(FILE)).unwrap();
         assert!(text.contains(r#""format_version":1"#), "{text}");
         std::fs::write(
@@ -565,15 +639,68 @@ mod tests {
     fn history_is_per_digest_and_bounded() {
         let dir = tempfile::tempdir().unwrap();
         for ms in [5, 6, 7, 8] {
-            History::record(dir.path(), "a", Kind::Eager, ms);
+            History::record(dir.path(), "a", Kind::Eager, ms, None);
         }
-        History::record(dir.path(), "a", Kind::Lazy, 3);
-        History::record(dir.path(), "a", Kind::WorkingSet, 2);
+        History::record(dir.path(), "a", Kind::Lazy, 3, None);
+        History::record(dir.path(), "a", Kind::WorkingSet, 2, None);
         let got = History::load(dir.path(), "a");
         assert_eq!(got.eager_ms, vec![6, 7, 8]);
         assert_eq!(got.lazy_ms, vec![3]);
         assert_eq!(got.ws_ms, vec![2]);
         assert_eq!(History::load(dir.path(), "b"), h(&[], &[]).with_digest("b"));
+    }
+
+    #[test]
+    fn timings_outlive_a_boot_beside_their_image_under_the_same_kernel() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = cache::Cache::open(dir.path().join("c")).unwrap();
+        let digest = "ab".repeat(32);
+        let staging = cache.stage().unwrap();
+        std::fs::write(staging.data_dir().join("core-1.img"), b"x").unwrap();
+        let entry = cache
+            .publish(
+                staging,
+                cache::NewEntry {
+                    service: "web".into(),
+                    digest: digest.clone(),
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+        let kept = Some((&cache, entry.key.as_str()));
+        let boot1 = dir.path().join("run1");
+        std::fs::create_dir(&boot1).unwrap();
+        History::record_cold(&boot1, &digest, 900, kept);
+        History::record(&boot1, &digest, Kind::Eager, 40, kept);
+        History::record_lazy_failure(&boot1, &digest, "daemon died");
+        assert!(History::load(&boot1, &digest).lazy_failed.is_some());
+        // A new boot: an empty run directory.
+        let boot2 = dir.path().join("run2");
+        std::fs::create_dir(&boot2).unwrap();
+        assert!(
+            History::load(&boot2, &digest).eager_ms.is_empty(),
+            "not without the image"
+        );
+        let after = History::load_kept(&boot2, &digest, kept);
+        assert_eq!((after.cold_ms, after.eager_ms), (vec![900], vec![40]));
+        assert_eq!(
+            after.lazy_failed, None,
+            "a failure counts the boot it happened in"
+        );
+        // Under another kernel, the timings say nothing.
+        let mut note: KeptHistory =
+            serde_json::from_slice(&cache.note(&entry.key, NOTE).unwrap()).unwrap();
+        note.kernel = "0.0.1-other".into();
+        cache
+            .set_note(&entry.key, NOTE, &serde_json::to_vec(&note).unwrap())
+            .unwrap();
+        assert!(History::load_kept(&boot2, &digest, kept)
+            .eager_ms
+            .is_empty());
+        // Nor for another digest (a note copied beside another image).
+        assert!(History::load_kept(&boot2, &"cd".repeat(32), kept)
+            .cold_ms
+            .is_empty());
     }
 
     impl History {

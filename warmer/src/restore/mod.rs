@@ -299,7 +299,7 @@ pub fn plan(
     if let Some(why) = &entry.stale {
         return Ok(Err(Skip::Stale(why.clone())));
     }
-    let history = choose::History::load(run_dir, digest);
+    let history = choose::History::load_kept(run_dir, digest, Some((cache, &entry.key)));
     if mode == Mode::Warm && purpose == Purpose::Start {
         if let Some(v) = choose::cold_is_faster(&history, entry.meta.cold_start_ms) {
             return Ok(Err(Skip::ColdIsFaster(v)));

@@ -134,6 +134,9 @@ impl Failures {
     }
 }
 
+/// How `warmer reset` names the restore history it forgot.
+pub const RESTORE_TIMINGS: &str = "restore timings (eager/lazy, cold is faster)";
+
 /// `warmer reset SVC`: forgets every measurement and count that steers the
 /// service's next starts (this file's failure counts, the restore history).
 /// Returns what it removed, described.
@@ -142,10 +145,7 @@ pub fn forget(run_dir: &Path) -> std::io::Result<Vec<&'static str>> {
     for (file, what) in [
         (Kind::Checkpoint.file(), "failed checkpoints"),
         (Kind::Restore.file(), "failed restores"),
-        (
-            crate::restore::choose::FILE,
-            "restore timings (eager/lazy, cold is faster)",
-        ),
+        (crate::restore::choose::FILE, RESTORE_TIMINGS),
     ] {
         match std::fs::remove_file(run_dir.join(file)) {
             Ok(()) => gone.push(what),

@@ -85,8 +85,8 @@ pub(super) fn wait_ready(
 impl Supervisor {
     /// Records how long this start took to ready and returns the message
     /// that says so. A warm service whose restores are measured no faster
-    /// than its cold starts is cold-started from now on (this boot, this
-    /// digest: [`choose::cold_is_faster`]).
+    /// than its cold starts is cold-started from now on (this image, kept
+    /// across boots: [`choose::cold_is_faster`]).
     pub(super) fn ready_status(&mut self, kind: StartKind, ready_ms: u64) -> String {
         // A pull is a one-time cost, not what a restore costs.
         let measured = ready_ms.saturating_sub(self.pulled_ms);
@@ -95,7 +95,13 @@ impl Supervisor {
             StartKind::Cold => {
                 self.record.cold_ready_ms = Some(ready_ms);
                 if let Some(d) = &digest {
-                    choose::History::record_cold(&self.run_dir, d, ready_ms);
+                    // Kept beside the image of this digest, when there is one.
+                    let current = self
+                        .cache
+                        .as_ref()
+                        .and_then(|c| c.lookup(d).ok().flatten().map(|e| (c, e.key)));
+                    let kept = current.as_ref().map(|(c, k)| (*c, k.as_str()));
+                    choose::History::record_cold(&self.run_dir, d, ready_ms, kept);
                 }
                 match self
                     .record
@@ -108,7 +114,8 @@ impl Supervisor {
             }
             StartKind::Restored => {
                 if let (Some(d), Some(c)) = (&digest, &self.record.restore_choice) {
-                    choose::History::record(&self.run_dir, d, c.kind(), measured);
+                    let kept = self.cache.as_ref().zip(self.record.image.as_deref());
+                    choose::History::record(&self.run_dir, d, c.kind(), measured, kept);
                     let history = choose::History::load(&self.run_dir, d);
                     let verdict = choose::cold_is_faster(&history, self.record.cold_ready_ms);
                     if let Some(v) = verdict.filter(|_| self.manifest.mode == Mode::Warm) {

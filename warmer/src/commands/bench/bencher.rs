@@ -284,9 +284,10 @@ impl Bencher {
                 crate::restore::choose_restore(
                     self.manifest.restore_mode,
                     entry,
-                    &crate::restore::choose::History::load(
+                    &crate::restore::choose::History::load_kept(
                         &self.dirs.service_run(&self.manifest.name),
                         &entry.meta.digest,
+                        cache.as_ref().map(|c| (c, entry.key.as_str())),
                     ),
                     sandboxed,
                     ws.as_ref(),
