@@ -403,8 +403,7 @@ fn unpack(
     limit: u64,
 ) -> Result<(), RemoteError> {
     let copied = if layer.media_type == FILE_ZSTD_TYPE {
-        let threads = std::thread::available_parallelism().map_or(1, usize::from);
-        super::frames::unpack(blob, out, limit, threads)
+        super::frames::unpack(blob, out, limit, super::frames::threads())
     } else {
         let mut out = out;
         File::open(blob).and_then(|input| io::copy(&mut input.take(limit + 1), &mut out))

@@ -29,6 +29,17 @@ use zstd::zstd_safe;
 /// Raw bytes per frame.
 pub const FRAME: usize = 1 << 20;
 
+/// Threads that decompress one file's frames: the machine's cores, at most
+/// this many (each holds a frame and a few queued: memory stays small).
+pub const MAX_THREADS: usize = 8;
+
+/// How many threads to decompress with on this machine.
+pub fn threads() -> usize {
+    std::thread::available_parallelism()
+        .map_or(1, usize::from)
+        .min(MAX_THREADS)
+}
+
 /// The largest frame a framed blob may declare (ours are [`FRAME`]); a
 /// bigger one is decompressed as a stream instead.
 const MAX_FRAME: u64 = 8 << 20;

@@ -388,7 +388,7 @@ impl Registry {
         })?;
         let count = manifest.layers.len();
         let mut done = 0usize;
-        let threads = std::thread::available_parallelism().map_or(1, usize::from);
+        let threads = frames::threads();
         let mut fetch = |layer: &OciDescriptor,
                          target: Option<artifact::Target<'_>>|
          -> Result<artifact::Fetched, RemoteError> {
