@@ -227,10 +227,17 @@ fn a_fresh_node_restores_the_image_another_node_pushed() {
     });
     w.stop();
 
-    // Node B: empty cache, only the manifest.
+    // Node B: empty cache, only the manifest. It restores before the pull
+    // ends (the image's small files and first frames, the rest served from
+    // the registry and fetched behind it), and keeps the whole image once it
+    // has arrived (before its run ends).
     let b = Env::node_like(&a);
     let err = assert_restores_nonce(&b, "web", &nonce);
-    assert!(err.contains("pulled image"), "{err}");
+    assert!(err.contains("restoring before the pull ends"), "{err}");
+    assert!(
+        err.contains("the rest of image") && err.contains("kept as"),
+        "{err}"
+    );
     let ls = warmer(&b, &["cache", "ls", "--json"], &[]);
     let rows: serde_json::Value = serde_json::from_slice(&ls.stdout).unwrap();
     let origin = rows[0]["origin"].as_str().unwrap_or("");
@@ -273,9 +280,14 @@ fn a_working_set_learned_on_one_node_travels_with_its_push() {
     assert!(pushed.status.success(), "{}", text(&pushed));
 
     let b = Env::node_like(&a);
+    // Node B restores it first, before the pull ends (the working set came
+    // with the image's first layers), and keeps it with the image.
     let err = assert_restores_nonce(&b, "web", &nonce);
-    assert!(err.contains("pulled image"), "{err}");
-    assert!(err.contains("working set first (auto:"), "{err}");
+    assert!(err.contains("restoring before the pull ends"), "{err}");
+    assert!(
+        err.contains("working set first (before the pull ends: its working set first"),
+        "{err}"
+    );
     let note = std::fs::read_dir(b.path("cache/notes"))
         .unwrap()
         .filter_map(|d| d.ok())
@@ -376,14 +388,97 @@ fn a_registry_that_is_down_or_silent_costs_a_start_at_most_its_timeout() {
     drop(silent);
 }
 
+/// Nothing in `env`'s cache came from a registry (a cold start's own image
+/// may be there).
+fn assert_nothing_pulled(env: &Env) {
+    let ls = warmer(env, &["cache", "ls", "--json"], &[]);
+    let rows: serde_json::Value = serde_json::from_slice(&ls.stdout).unwrap();
+    assert!(
+        rows.as_array()
+            .unwrap()
+            .iter()
+            .all(|r| r["origin"].as_str().is_none()),
+        "{rows}"
+    );
+}
+
+/// A node that made the image of "web" and pushed it to `reg`.
+fn node_that_pushed(reg: &Registry) -> Env {
+    let a = node_with_remote(reg);
+    make_image(&a, "web");
+    let pushed = warmer(&a, &["push", "web"], &[]);
+    assert!(pushed.status.success(), "{}", text(&pushed));
+    a
+}
+
+/// Waits until the run is ready after a cold start (`true`) or has ended
+/// (`false`: its restored service was killed).
+fn cold_or_ended(env: &Env, w: &mut Warmer) -> bool {
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        if w.try_wait().is_some() {
+            return false;
+        }
+        let s = env.status("web");
+        if s["state"] == "ready" && s["last_start"] == "cold" {
+            return true;
+        }
+        assert!(std::time::Instant::now() < deadline, "{s}\n{}", w.err());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A registry lost once a restore from it has begun: the pages it can no
+/// longer serve are never served as anything else. The tree is killed
+/// before the lazy-pages daemon is answered; the service then starts cold
+/// (or, already ready, ends: its unit starts it again), never running on
+/// memory that is not its own. (The loss is a failpoint: every frame
+/// fetched after the restore began fails, as when the registry is gone.)
+#[test]
+fn a_registry_lost_mid_restore_never_leaves_the_service_on_missing_pages() {
+    require_criu();
+    let reg = Registry::start(&[]);
+    let a = node_that_pushed(&reg);
+
+    let b = Env::node_like(&a);
+    let mut w = b.run_with("web", &[("WARMER_FAILPOINT", "stream-frame-after-restore")]);
+    let outcome = if cold_or_ended(&b, &mut w) {
+        "cold".to_string()
+    } else {
+        "warmer exited".to_string()
+    };
+    let err = w.err();
+    assert!(
+        err.contains("restoring before the pull ends"),
+        "{outcome}\n{err}"
+    );
+    assert!(
+        err.contains("the image's pages cannot be had") && err.contains("failpoint"),
+        "{outcome}\n{err}"
+    );
+    if outcome == "cold" {
+        // The restore failed; nothing of it runs beside the cold service.
+        assert!(
+            err.contains("restore failed") || err.contains("cold start"),
+            "{err}"
+        );
+        w.stop();
+    } else {
+        // Ready, then killed: the run ends with the service.
+        assert!(err.contains("killed"), "{outcome}\n{err}");
+    }
+    // The registry's image was not kept (a cold start may have made B's
+    // own), and the next start does not stream it again.
+    assert_nothing_pulled(&b);
+    let history = std::fs::read_to_string(b.run.join("web/restore-history.json")).unwrap();
+    assert!(history.contains("cannot be had"), "{history}");
+}
+
 #[test]
 fn a_tampered_blob_is_refused_and_the_service_starts_cold() {
     require_criu();
     let reg = Registry::start(&[]);
-    let a = node_with_remote(&reg);
-    make_image(&a, "web");
-    let pushed = warmer(&a, &["push", "web"], &[]);
-    assert!(pushed.status.success(), "{}", text(&pushed));
+    let a = node_that_pushed(&reg);
 
     // Same size, one byte changed in the middle (a frame that is
     // decompressed while it downloads): only a digest check can tell.
@@ -408,11 +503,32 @@ fn a_tampered_blob_is_refused_and_the_service_starts_cold() {
     assert!(text(&pull).contains("tampered"), "{}", text(&pull));
     assert!(b.entries().is_empty(), "nothing tampered enters the cache");
 
+    // A start restores before the pull ends: every frame is checked
+    // against the signed frame index before it is used, so the tampered
+    // one is refused when it is reached. Before the service is ready: it
+    // starts cold. After: it is killed before that frame's pages are
+    // served, and the next start pulls the image whole, which the blob's
+    // digest refuses: cold.
     let mut w = b.run("web");
-    let s = b.wait_ready("web", &mut w);
-    assert_eq!(s["last_start"], "cold", "{s}");
-    w.stop();
+    let cold = cold_or_ended(&b, &mut w);
     assert!(w.err().contains("tampered"), "{}", w.err());
+    if cold {
+        w.stop();
+    } else {
+        assert!(
+            w.err().contains("the image's pages cannot be had"),
+            "{}",
+            w.err()
+        );
+        let mut again = b.run("web");
+        let s = b.wait_ready("web", &mut again);
+        assert_eq!(s["last_start"], "cold", "{s}");
+        again.stop();
+        assert!(again.err().contains("tampered"), "{}", again.err());
+    }
+    // Nothing of the registry's image entered the cache (a cold start's own
+    // image may have).
+    assert_nothing_pulled(&b);
 }
 
 #[test]

@@ -67,6 +67,11 @@ pub struct Staging {
 }
 
 impl Staging {
+    /// The entry-to-be's directory (its payload is under [`Staging::data_dir`]).
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
     /// Where the caller writes the payload.
     pub fn data_dir(&self) -> PathBuf {
         self.dir.join(DATA)

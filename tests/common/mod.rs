@@ -306,6 +306,11 @@ impl Warmer {
         self.stderr.lock().unwrap().clone()
     }
 
+    /// The run's exit status, if it has ended.
+    pub fn try_wait(&mut self) -> Option<ExitStatus> {
+        self.child.try_wait().unwrap()
+    }
+
     pub fn assert_running(&mut self) {
         if let Some(st) = self.child.try_wait().unwrap() {
             panic!(

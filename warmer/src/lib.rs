@@ -36,6 +36,16 @@ pub fn failpoint(_name: &str) {
     }
 }
 
+/// Like [`failpoint`], but the failure is an error to handle: `Err` when
+/// `WARMER_FAILPOINT` names this point (in a build with `failpoints`).
+pub fn failpoint_result(_name: &str) -> Result<(), String> {
+    #[cfg(feature = "failpoints")]
+    if std::env::var("WARMER_FAILPOINT").is_ok_and(|v| v == _name) {
+        return Err(format!("failpoint {_name}"));
+    }
+    Ok(())
+}
+
 pub mod checkpoint;
 pub mod cli;
 pub mod commands;

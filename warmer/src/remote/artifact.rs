@@ -45,6 +45,16 @@ pub const CONFIG_TYPE: &str = "application/vnd.warmer.image.config.v1+json";
 pub const FILE_TYPE: &str = "application/vnd.warmer.image.file.v1";
 pub const FILE_ZSTD_TYPE: &str = "application/vnd.warmer.image.file.v1+zstd";
 pub const WORKING_SET_TYPE: &str = "application/vnd.warmer.working-set.v1+json";
+/// The frames of the page files ([`super::frames::Index`]).
+pub const FRAMES_TYPE: &str = "application/vnd.warmer.frames.v1+json";
+const FRAMES_TITLE: &str = "frames";
+/// A frame index is one line per MiB of pages.
+pub const MAX_FRAMES_BYTES: i64 = 16 << 20;
+
+/// CRIU's memory pages (what a restore can be served from by range).
+pub fn is_page_file(path: &str) -> bool {
+    path.starts_with("pages-") && path.ends_with(".img") && !path.contains('/')
+}
 pub const TITLE: &str = "org.opencontainers.image.title";
 /// The title of the working set's layer.
 const WORKING_SET_TITLE: &str = "working-set";
@@ -140,6 +150,10 @@ pub fn prepare(
 ) -> Result<Prepared, RemoteError> {
     let data = entry.data_dir();
     let mut layers = Vec::new();
+    let mut index = super::frames::Index {
+        frame_bytes: super::frames::FRAME as u64,
+        ..Default::default()
+    };
     for (i, file) in entry.meta.files.iter().enumerate() {
         let src = data.join(&file.path);
         let packed = scratch.join(format!("{i}.zst"));
@@ -153,9 +167,14 @@ pub fn prepare(
             hash: Sha256::new(),
             len: 0,
         };
-        let raw_len = super::frames::compress(&mut input, &mut hashing, ZSTD_LEVEL, &mut |c| {
-            raw_hash.update(c)
-        })
+        let mut framed = Vec::new();
+        let raw_len = super::frames::compress(
+            &mut input,
+            &mut hashing,
+            ZSTD_LEVEL,
+            &mut |c| raw_hash.update(c),
+            &mut |f| framed.push((f.len() as u64, hex::encode(Sha256::digest(f)))),
+        )
         .and_then(|n| hashing.flush().map(|()| n))
         .map_err(io_err(&packed))?;
         if raw_len != file.size {
@@ -165,12 +184,17 @@ pub fn prepare(
             )));
         }
         let (media_type, digest, size, path) = if hashing.len * 10 <= raw_len * 9 {
-            (
-                FILE_ZSTD_TYPE,
-                hex::encode(hashing.hash.finalize()),
-                hashing.len,
-                packed,
-            )
+            let digest = hex::encode(hashing.hash.finalize());
+            if is_page_file(&file.path) {
+                index.files.insert(
+                    file.path.clone(),
+                    super::frames::FramedFile {
+                        digest: format!("sha256:{digest}"),
+                        frames: framed,
+                    },
+                );
+            }
+            (FILE_ZSTD_TYPE, digest, hashing.len, packed)
         } else {
             let _ = fs::remove_file(&packed);
             (FILE_TYPE, hex::encode(raw_hash.finalize()), raw_len, src)
@@ -183,6 +207,25 @@ pub fn prepare(
                 urls: None,
                 artifact_type: None,
                 annotations: Some(BTreeMap::from([(TITLE.to_string(), file.path.clone())])),
+            },
+            path,
+        });
+    }
+    if !index.files.is_empty() {
+        let bytes = serde_json::to_vec(&index).expect("the frame index serializes");
+        let path = scratch.join(FRAMES_TITLE);
+        fs::write(&path, &bytes).map_err(io_err(&path))?;
+        layers.push(Blob {
+            desc: OciDescriptor {
+                media_type: FRAMES_TYPE.into(),
+                digest: sha256_digest(&bytes),
+                size: i64::try_from(bytes.len()).unwrap_or(i64::MAX),
+                urls: None,
+                artifact_type: None,
+                annotations: Some(BTreeMap::from([(
+                    TITLE.to_string(),
+                    FRAMES_TITLE.to_string(),
+                )])),
             },
             path,
         });
@@ -279,6 +322,15 @@ pub fn check_manifest(manifest: &OciImageManifest) -> Result<(), RemoteError> {
         )));
     }
     for layer in &manifest.layers {
+        if layer.media_type == FRAMES_TYPE {
+            if !(0..=MAX_FRAMES_BYTES).contains(&layer.size) {
+                return Err(RemoteError::NotOurs(format!(
+                    "frame index of {} bytes",
+                    layer.size
+                )));
+            }
+            continue;
+        }
         if layer.media_type == WORKING_SET_TYPE {
             if !(0..=MAX_WORKING_SET_BYTES).contains(&layer.size) {
                 return Err(RemoteError::NotOurs(format!(
@@ -387,6 +439,9 @@ pub enum Fetched {
     /// The blob (checked against its digest) was decompressed into the
     /// target as it arrived: this many bytes.
     Unpacked(u64),
+    /// The file is written later, by range, before the entry is published
+    /// (see `super::stream`).
+    Later,
 }
 
 /// How [`install`] gets each layer.
@@ -446,11 +501,36 @@ pub fn install(
     fetch: &mut Fetch<'_>,
     origin: String,
 ) -> Result<Entry, RemoteError> {
+    let staged = stage(cache, config, manifest, fetch)?;
+    publish(cache, config, staged, origin)
+}
+
+/// An artifact's files written to a staging entry, not yet published.
+pub struct Staged {
+    pub staging: cache::Staging,
+    /// The working set layer's bytes, if it had one.
+    pub working_set: Option<Vec<u8>>,
+}
+
+/// Writes the artifact's files into a new staging entry. A layer `fetch`
+/// answers [`Fetched::Later`] for is left as a sparse file of its size, to
+/// be written before [`publish`].
+pub fn stage(
+    cache: &Cache,
+    config: &Config,
+    manifest: &OciImageManifest,
+    fetch: &mut Fetch<'_>,
+) -> Result<Staged, RemoteError> {
     let meta = &config.entry;
     let staging = cache.stage().map_err(RemoteError::Cache)?;
     let data = staging.data_dir();
     let mut working_set = None;
     for layer in &manifest.layers {
+        if layer.media_type == FRAMES_TYPE {
+            // Only a restore that starts before the pull ends reads it
+            // (`super::stream`).
+            continue;
+        }
         if layer.media_type == WORKING_SET_TYPE {
             let Fetched::Blob(blob) = fetch(layer, None)? else {
                 return Err(RemoteError::Damaged(
@@ -488,11 +568,27 @@ pub fn install(
                 unpack(layer, &blob, &dest, &out, limit)?;
             }
             Fetched::Unpacked(n) => check_unpacked(layer, n, limit)?,
+            Fetched::Later => out.set_len(limit).map_err(io_err(&dest))?,
         }
     }
+    Ok(Staged {
+        staging,
+        working_set,
+    })
+}
+
+/// Publishes a staged artifact (every file checked against the config's
+/// BLAKE3), and keeps its working set as the entry's note.
+pub fn publish(
+    cache: &Cache,
+    config: &Config,
+    staged: Staged,
+    origin: String,
+) -> Result<Entry, RemoteError> {
+    let meta = &config.entry;
     let entry = cache
         .publish(
-            staging,
+            staged.staging,
             cache::NewEntry {
                 service: meta.service.clone(),
                 digest: meta.digest.clone(),
@@ -507,22 +603,23 @@ pub fn install(
             },
         )
         .map_err(RemoteError::Cache)?;
-    if let Some(bytes) = working_set {
-        // Only flags of the image's own pages follow from it; still, only a
-        // well-formed one is kept.
-        match serde_json::from_slice::<crate::restore::working_set::WorkingSet>(&bytes) {
-            Ok(ws) => {
-                if let Err(e) = ws.save(cache, &entry.key) {
-                    tracing::warn!(
-                        "the image's working set is not kept: {}",
-                        crate::errors::chain(&e)
-                    );
-                }
-            }
-            Err(e) => tracing::warn!("the image's working set is unreadable, dropped: {e}"),
+    if let Some(ws) = staged.working_set.as_deref().and_then(parse_working_set) {
+        if let Err(e) = ws.save(cache, &entry.key) {
+            tracing::warn!(
+                "the image's working set is not kept: {}",
+                crate::errors::chain(&e)
+            );
         }
     }
     Ok(entry)
+}
+
+/// A working set layer's bytes, if well-formed (only flags of the image's
+/// own pages follow from it; still, only a well-formed one is used).
+pub fn parse_working_set(bytes: &[u8]) -> Option<crate::restore::working_set::WorkingSet> {
+    serde_json::from_slice(bytes)
+        .map_err(|e| tracing::warn!("the image's working set is unreadable, dropped: {e}"))
+        .ok()
 }
 
 #[cfg(test)]

@@ -52,6 +52,7 @@ pub fn compress(
     out: &mut dyn Write,
     level: i32,
     raw: &mut dyn FnMut(&[u8]),
+    frame: &mut dyn FnMut(&[u8]),
 ) -> io::Result<u64> {
     let mut compressor = zstd::bulk::Compressor::new(level)?;
     // Each frame checks its own bytes as it decompresses (4 bytes a frame).
@@ -75,6 +76,7 @@ pub fn compress(
         raw(&buf[..filled]);
         packed.clear();
         compressor.compress_to_buffer(&buf[..filled], &mut packed)?;
+        frame(&packed);
         out.write_all(&packed)?;
         total += filled as u64;
         if filled < FRAME {
@@ -85,9 +87,32 @@ pub fn compress(
         // An empty file is one empty frame (a valid zstd stream).
         packed.clear();
         compressor.compress_to_buffer(&[], &mut packed)?;
+        frame(&packed);
         out.write_all(&packed)?;
     }
     Ok(total)
+}
+
+/// The frames of the compressed page files of an image, signed with it
+/// (a layer of its own, [`super::artifact::FRAMES_TYPE`]): enough to fetch
+/// any part of a page file by range and check it before it is used.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Index {
+    /// Raw bytes per frame (the last may be shorter).
+    pub frame_bytes: u64,
+    /// By file (a page file's path in the image).
+    pub files: std::collections::BTreeMap<String, FramedFile>,
+}
+
+/// One file's frames.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FramedFile {
+    /// The layer's blob digest.
+    pub digest: String,
+    /// Each frame's compressed length and sha256 (hex), in order.
+    pub frames: Vec<(u64, String)>,
 }
 
 /// One frame of a blob: where it is, and where its bytes go.
@@ -381,11 +406,17 @@ mod tests {
     fn framed(raw: &[u8]) -> Vec<u8> {
         let mut out = Vec::new();
         let mut seen = Vec::new();
-        let n = compress(&mut &raw[..], &mut out, 3, &mut |c| {
-            seen.extend_from_slice(c)
-        })
+        let mut sizes = Vec::new();
+        let n = compress(
+            &mut &raw[..],
+            &mut out,
+            3,
+            &mut |c| seen.extend_from_slice(c),
+            &mut |f| sizes.push(f.len()),
+        )
         .unwrap();
         assert_eq!(n, raw.len() as u64);
+        assert_eq!(sizes.iter().sum::<usize>(), out.len(), "every frame seen");
         assert_eq!(seen, raw, "the raw callback sees every byte once, in order");
         out
     }

@@ -21,6 +21,7 @@ pub mod frames;
 pub mod layout;
 pub mod registry;
 pub mod sign;
+pub mod stream;
 mod transfer;
 
 use std::path::PathBuf;
@@ -137,17 +138,34 @@ pub fn pull(
     limit: Option<std::time::Duration>,
     progress: Progress,
 ) -> Result<registry::Pulled, RemoteError> {
+    match pull_or_stream(cache, manifest, digest, host, limit, false, progress)? {
+        stream::Got::Pulled(p) => Ok(p),
+        stream::Got::Streaming(_) => unreachable!("not asked to stream"),
+    }
+}
+
+/// [`pull`], or (with `may_stream`) for an image that can restore before its
+/// pull ends, what such a restore starts from (see [`stream`]).
+pub fn pull_or_stream(
+    cache: &Cache,
+    manifest: &Manifest,
+    digest: &str,
+    host: &BTreeMap<String, String>,
+    limit: Option<std::time::Duration>,
+    may_stream: bool,
+    progress: Progress,
+) -> Result<stream::Got, RemoteError> {
     let remote = remote_of(manifest)?;
     let keys = verifiers(Some(remote))?;
     let registry = registry::Registry::new(remote)?;
-    registry.pull(
-        cache,
-        digest,
-        limit,
-        &keys,
-        &|config| check_config(config, Some(digest), host),
-        progress,
-    )
+    let check = |config: &artifact::Config| check_config(config, Some(digest), host);
+    if may_stream {
+        registry.pull_or_stream(cache, digest, limit, &keys, &check, progress)
+    } else {
+        registry
+            .pull(cache, digest, limit, &keys, &check, progress)
+            .map(stream::Got::Pulled)
+    }
 }
 
 /// Pushes `entry` to `manifest`'s remote repository.

@@ -42,6 +42,9 @@ pub struct Registry {
     pub(super) insecure: bool,
     pub(super) auth: RegistryAuth,
     pub(super) repository: String,
+    /// What it was made from (a second client, on another runtime, is made
+    /// from it: `super::stream`).
+    pub(super) remote: Remote,
 }
 
 /// What a push sent.
@@ -60,6 +63,14 @@ pub struct Pushed {
     /// A cosign signature was pushed with it.
     pub signed: bool,
     pub ms: u64,
+}
+
+/// An image's manifest and config, verified.
+pub(super) struct Head {
+    pub reference: Reference,
+    pub manifest: oci_client::manifest::OciImageManifest,
+    pub manifest_digest: String,
+    pub config: Config,
 }
 
 /// What a pull fetched.
@@ -120,28 +131,7 @@ fn bounded<T>(
 
 impl Registry {
     pub fn new(remote: &Remote) -> Result<Self, RemoteError> {
-        let reference = Self::parse_ref(&remote.repository, "latest")?;
-        let host = reference.resolve_registry().to_string();
-        let mut extra_root_certificates = Vec::new();
-        if let Some(ca) = &remote.ca_file {
-            let data = fs::read(ca).map_err(io_err(ca))?;
-            extra_root_certificates.push(Certificate {
-                encoding: CertificateEncoding::Pem,
-                data,
-            });
-        }
-        let config = ClientConfig {
-            protocol: if remote.insecure {
-                ClientProtocol::HttpsExcept(vec![host.clone()])
-            } else {
-                ClientProtocol::Https
-            },
-            extra_root_certificates,
-            connect_timeout: Some(CONNECT_TIMEOUT),
-            read_timeout: Some(STALL_TIMEOUT),
-            user_agent: concat!("warmer/", env!("CARGO_PKG_VERSION")),
-            ..ClientConfig::default()
-        };
+        let (config, host) = Self::client_config(remote)?;
         let mut http = reqwest::Client::builder()
             .connect_timeout(CONNECT_TIMEOUT)
             .read_timeout(STALL_TIMEOUT)
@@ -171,7 +161,35 @@ impl Registry {
             insecure: remote.insecure,
             auth,
             repository: remote.repository.clone(),
+            remote: remote.clone(),
         })
+    }
+
+    /// The registry client's configuration for `remote`, and its host.
+    pub(super) fn client_config(remote: &Remote) -> Result<(ClientConfig, String), RemoteError> {
+        let reference = Self::parse_ref(&remote.repository, "latest")?;
+        let host = reference.resolve_registry().to_string();
+        let mut extra_root_certificates = Vec::new();
+        if let Some(ca) = &remote.ca_file {
+            let data = fs::read(ca).map_err(io_err(ca))?;
+            extra_root_certificates.push(Certificate {
+                encoding: CertificateEncoding::Pem,
+                data,
+            });
+        }
+        let config = ClientConfig {
+            protocol: if remote.insecure {
+                ClientProtocol::HttpsExcept(vec![host.clone()])
+            } else {
+                ClientProtocol::Https
+            },
+            extra_root_certificates,
+            connect_timeout: Some(CONNECT_TIMEOUT),
+            read_timeout: Some(STALL_TIMEOUT),
+            user_agent: concat!("warmer/", env!("CARGO_PKG_VERSION")),
+            ..ClientConfig::default()
+        };
+        Ok((config, host))
     }
 
     pub(super) fn parse_ref(repository: &str, tag: &str) -> Result<Reference, RemoteError> {
@@ -320,6 +338,20 @@ impl Registry {
     ) -> Result<Pulled, RemoteError> {
         let t = Instant::now();
         let deadline = limit.map(|l| (t + l, l));
+        let head = self.head(digest, deadline, keys, check, progress)?;
+        self.fetch_all(cache, digest, head, t, deadline, progress)
+    }
+
+    /// The image's manifest (signed by one of `keys`) and config (checked
+    /// by `check`), within `deadline`.
+    pub(super) fn head(
+        &self,
+        digest: &str,
+        deadline: Option<(Instant, Duration)>,
+        keys: &[Verifier],
+        check: &dyn Fn(&Config) -> Result<(), RemoteError>,
+        progress: Progress,
+    ) -> Result<Head, RemoteError> {
         let reference = self.reference(digest)?;
         let client = &self.client;
         let (manifest_bytes, manifest_digest) = bounded(&self.rt, deadline, "lookup", async {
@@ -360,35 +392,111 @@ impl Registry {
             });
         }
         check(&config)?;
+        Ok(Head {
+            reference,
+            manifest,
+            manifest_digest,
+            config,
+        })
+    }
+
+    /// The small blobs among `layers` into `incoming`, many at once: a
+    /// registry answers each after a round trip or two, which one by one
+    /// added up to most of a pull of a 20-file image (a few ms each). Returns
+    /// the bytes fetched now.
+    pub(super) fn prefetch_small(
+        &self,
+        reference: &Reference,
+        layers: &[OciDescriptor],
+        incoming: &Path,
+        deadline: Option<(Instant, Duration)>,
+    ) -> Result<u64, RemoteError> {
+        let client = &self.client;
+        bounded(&self.rt, deadline, "download", async {
+            use futures_util::{StreamExt as _, TryStreamExt as _};
+            futures_util::stream::iter(
+                layers
+                    .iter()
+                    .filter(|l| u64::try_from(l.size).is_ok_and(|n| n < SMALL_BLOB))
+                    .map(|l| download(client, reference, l, incoming, None)),
+            )
+            .buffer_unordered(PARALLEL_BLOBS)
+            .try_fold(0u64, |n, d| async move { Ok(n + d.fetched) })
+            .await
+        })
+    }
+
+    /// One layer into `incoming`, within `deadline`; a compressed file is
+    /// decompressed into `target` while it downloads (its frames on every
+    /// core), and counts only once its digest held. Also returns the bytes
+    /// fetched now.
+    pub(super) fn fetch_layer(
+        &self,
+        reference: &Reference,
+        layer: &OciDescriptor,
+        incoming: &Path,
+        target: Option<artifact::Target<'_>>,
+        deadline: Option<(Instant, Duration)>,
+    ) -> Result<(artifact::Fetched, u64), RemoteError> {
+        let size = u64::try_from(layer.size).unwrap_or(0);
+        let mut sink = match &target {
+            Some(t) if layer.media_type == artifact::FILE_ZSTD_TYPE && size >= SMALL_BLOB => t
+                .out
+                .try_clone()
+                .and_then(|out| frames::Sink::new(out, t.limit, frames::threads()))
+                .ok(),
+            _ => None,
+        };
+        let got = bounded(
+            &self.rt,
+            deadline,
+            "download",
+            download(&self.client, reference, layer, incoming, sink.as_mut()),
+        )?;
+        if let Some(sink) = sink {
+            let written = sink.finish();
+            if got.streamed {
+                match written {
+                    Ok(Some(n)) => return Ok((artifact::Fetched::Unpacked(n), got.fetched)),
+                    Ok(None) => {}
+                    Err(e) => {
+                        return Err(artifact::unpack_err(
+                            layer,
+                            Path::new(artifact::title(layer)?),
+                            e,
+                        ))
+                    }
+                }
+            }
+        }
+        Ok((artifact::Fetched::Blob(got.path), got.fetched))
+    }
+
+    /// Fetches every layer of `head` and adds the image to `cache`.
+    pub(super) fn fetch_all(
+        &self,
+        cache: &Cache,
+        digest: &str,
+        head: Head,
+        t: Instant,
+        deadline: Option<(Instant, Duration)>,
+        progress: Progress,
+    ) -> Result<Pulled, RemoteError> {
+        let Head {
+            reference,
+            manifest,
+            manifest_digest,
+            config,
+        } = head;
         let incoming = cache.incoming(digest).map_err(RemoteError::Cache)?;
         let total: u64 = manifest
             .layers
             .iter()
             .map(|l| u64::try_from(l.size).unwrap_or(0))
             .sum();
-        // Small blobs first, many at once: a registry answers each after a
-        // round trip or two, which one by one added up to most of a pull of
-        // a 20-file image (a few ms each). The big ones follow, each
-        // decompressed as it downloads.
-        let small: Vec<&OciDescriptor> = manifest
-            .layers
-            .iter()
-            .filter(|l| u64::try_from(l.size).is_ok_and(|n| n < SMALL_BLOB))
-            .collect();
-        let mut fetched = bounded(&self.rt, deadline, "download", async {
-            use futures_util::{StreamExt as _, TryStreamExt as _};
-            futures_util::stream::iter(
-                small
-                    .iter()
-                    .map(|l| download(client, &reference, l, &incoming, None)),
-            )
-            .buffer_unordered(PARALLEL_BLOBS)
-            .try_fold(0u64, |n, d| async move { Ok(n + d.fetched) })
-            .await
-        })?;
+        let mut fetched = self.prefetch_small(&reference, &manifest.layers, &incoming, deadline)?;
         let count = manifest.layers.len();
         let mut done = 0usize;
-        let threads = frames::threads();
         let mut fetch = |layer: &OciDescriptor,
                          target: Option<artifact::Target<'_>>|
          -> Result<artifact::Fetched, RemoteError> {
@@ -401,40 +509,9 @@ impl Registry {
                     total / 1_000_000
                 ));
             }
-            // A compressed file is decompressed while it downloads (its
-            // frames on every core); it counts only once its digest held.
-            let mut sink = match &target {
-                Some(t) if layer.media_type == artifact::FILE_ZSTD_TYPE && size >= SMALL_BLOB => t
-                    .out
-                    .try_clone()
-                    .and_then(|out| frames::Sink::new(out, t.limit, threads))
-                    .ok(),
-                _ => None,
-            };
-            let got = bounded(
-                &self.rt,
-                deadline,
-                "download",
-                download(client, &reference, layer, &incoming, sink.as_mut()),
-            )?;
-            fetched += got.fetched;
-            if let Some(sink) = sink {
-                let written = sink.finish();
-                if got.streamed {
-                    match written {
-                        Ok(Some(n)) => return Ok(artifact::Fetched::Unpacked(n)),
-                        Ok(None) => {}
-                        Err(e) => {
-                            return Err(artifact::unpack_err(
-                                layer,
-                                Path::new(artifact::title(layer)?),
-                                e,
-                            ))
-                        }
-                    }
-                }
-            }
-            Ok(artifact::Fetched::Blob(got.path))
+            let (got, n) = self.fetch_layer(&reference, layer, &incoming, target, deadline)?;
+            fetched += n;
+            Ok(got)
         };
         let origin = format!("{}@{manifest_digest}", reference.whole());
         let entry = artifact::install(cache, &config, &manifest, &mut fetch, origin)?;

@@ -44,7 +44,7 @@ pub struct Watch<'a> {
 }
 
 /// How to restore.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Clone, Default)]
 pub struct RestoreOptions {
     /// Leave every task stopped until [`Running::resume`].
     pub leave_stopped: bool,
@@ -53,6 +53,40 @@ pub struct RestoreOptions {
     /// The daemon logs every page fault (verbosity 4) to learn the working
     /// set from ([`super::working_set`]).
     pub learn: bool,
+    /// The image's page files are still arriving: the daemon asks warmer's
+    /// page server ([`super::page_server`]) for what it does not have.
+    pub pages: Option<std::sync::Arc<dyn super::page_server::Pages>>,
+}
+
+impl std::fmt::Debug for RestoreOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RestoreOptions")
+            .field("leave_stopped", &self.leave_stopped)
+            .field("lazy", &self.lazy)
+            .field("learn", &self.learn)
+            .field("pages", &self.pages.is_some())
+            .finish()
+    }
+}
+
+/// What the page server and the restore share: the tree's root once
+/// known, and why the page server gave up, if it did.
+#[derive(Default)]
+struct Served {
+    /// A pidfd of the tree's root (0: not known yet): a signal through it
+    /// never reaches a process that reused the pid.
+    root: std::sync::atomic::AtomicI32,
+    failed: std::sync::Mutex<Option<String>>,
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let fd = *self.root.get_mut();
+        if fd > 0 {
+            // SAFETY: the pidfd was opened for this struct and is closed once.
+            unsafe { libc::close(fd) };
+        }
+    }
 }
 
 /// The fds CRIU receives the new pipes on.
@@ -98,9 +132,11 @@ pub fn restore(
         lazy_pages: opts.lazy,
     };
     let _ = std::fs::remove_file(run_dir.join(STATS_FILE));
+    let served = std::sync::Arc::new(Served::default());
     let mut lazy = if opts.lazy {
         let t = std::time::Instant::now();
-        let daemon = start_lazy_pages(criu, data_dir, run_dir, opts.learn, watch.deadline)?;
+        let server = opts.pages.clone().map(|p| (p, served.clone()));
+        let daemon = start_lazy_pages(criu, data_dir, run_dir, opts.learn, watch.deadline, server)?;
         times.lazy_start = Some(t.elapsed());
         Some(daemon)
     } else {
@@ -117,8 +153,11 @@ pub fn restore(
         ),
         None => None,
     };
+    // Served pages: the tree is held stopped until it is known the page
+    // server has not given up meanwhile.
+    let held = sources.is_some() || opts.pages.is_some();
     let plan = RestorePlan {
-        leave_stopped: plan.leave_stopped || sources.is_some(),
+        leave_stopped: plan.leave_stopped || held,
         // TCP repair needs CAP_NET_ADMIN over the host's network namespace,
         // which the restored tree's user namespace does not have: its
         // connections come back closed (as after a peer's reset), and the
@@ -231,8 +270,33 @@ pub fn restore(
     if info.external_mounts.is_some() && info.tcp_established {
         criu::clear_network_locks(&image_conns(data_dir));
     }
+    if opts.pages.is_some() {
+        // SAFETY: pidfd_open takes a pid and flags; it returns a new fd.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+        served.root.store(
+            i32::try_from(fd).unwrap_or(-1),
+            std::sync::atomic::Ordering::SeqCst,
+        );
+    }
+    let gave_up = served
+        .failed
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    if let Some(why) = gave_up {
+        // Never resumed: the tree ends with its init.
+        let _ = nix::sys::signal::kill(Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+        let _ = nix::sys::wait::waitpid(Pid::from_raw(pid), None);
+        if let Some(mut daemon) = lazy.take() {
+            let _ = daemon.kill();
+            let _ = daemon.wait();
+        }
+        return Err(CriuRestoreError::Aborted {
+            why: format!("the image's pages cannot be had: {why}"),
+        });
+    }
     let mut running = Running::new(Pid::from_raw(pid), output, StartKind::Restored);
-    if info.external_mounts.is_some() && !opts.leave_stopped {
+    if held && !opts.leave_stopped {
         running.resume();
     }
     if let Some(daemon) = lazy {
@@ -277,6 +341,8 @@ fn high(fd: std::os::fd::BorrowedFd<'_>) -> std::io::Result<OwnedFd> {
 
 /// The fd `criu lazy-pages` reports readiness on.
 const STATUS_FD: i32 = 3;
+/// The fd `criu lazy-pages` asks a page server of ours for pages on.
+const PS_FD: i32 = 4;
 
 /// Starts `criu lazy-pages` for the image and waits until it listens (a
 /// restore that connects earlier fails: `connect to lazy-pages.socket failed`).
@@ -286,6 +352,10 @@ fn start_lazy_pages(
     run_dir: &Path,
     learn: bool,
     limit: std::time::Duration,
+    server: Option<(
+        std::sync::Arc<dyn super::page_server::Pages>,
+        std::sync::Arc<Served>,
+    )>,
 ) -> Result<std::process::Child, CriuRestoreError> {
     // A socket left by an earlier daemon makes the next restore fail.
     let _ = std::fs::remove_file(run_dir.join("lazy-pages.socket"));
@@ -299,10 +369,22 @@ fn start_lazy_pages(
         .args(learn.then_some("-v4"))
         .stdout(Stdio::null())
         .stderr(Stdio::null());
+    // A page server of ours: a socket pair, not a port anyone could ask.
+    let pair = match &server {
+        Some(_) => Some(std::os::unix::net::UnixStream::pair().map_err(CriuRestoreError::Setup)?),
+        None => None,
+    };
+    let ps_raw = pair.as_ref().map_or(-1, |(_, theirs)| theirs.as_raw_fd());
+    if pair.is_some() {
+        cmd.args(["--page-server", "--ps-socket", &PS_FD.to_string()]);
+    }
     // SAFETY: dup2 is async-signal-safe; the fd is open in the parent.
     unsafe {
         cmd.pre_exec(move || {
             if libc::dup2(w_raw, STATUS_FD) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if ps_raw >= 0 && libc::dup2(ps_raw, PS_FD) < 0 {
                 return Err(std::io::Error::last_os_error());
             }
             Ok(())
@@ -313,6 +395,44 @@ fn start_lazy_pages(
         source,
     })?;
     drop(w);
+    if let (Some((ours, theirs)), Some((pages, served))) = (pair, server) {
+        drop(theirs);
+        let images = data_dir.to_path_buf();
+        let spawned = std::thread::Builder::new()
+            .name("page-server".into())
+            .spawn(move || {
+                let mut give_up = |why: &str| {
+                    // The tree first: its faults wait on this answer; once
+                    // the daemon is gone they would see zeros.
+                    *served.failed.lock().unwrap_or_else(|p| p.into_inner()) =
+                        Some(why.to_string());
+                    let root = served.root.load(std::sync::atomic::Ordering::SeqCst);
+                    if root > 0 {
+                        // SAFETY: pidfd_send_signal on a pidfd we own.
+                        unsafe {
+                            libc::syscall(
+                                libc::SYS_pidfd_send_signal,
+                                root,
+                                libc::SIGKILL,
+                                std::ptr::null::<libc::siginfo_t>(),
+                                0,
+                            )
+                        };
+                    }
+                    tracing::error!(
+                        "the image's pages cannot be had ({why}): the restored service is killed"
+                    );
+                };
+                if let Err(why) = super::page_server::serve(&images, ours, &*pages, &mut give_up) {
+                    tracing::debug!("page server ended: {why}");
+                }
+            });
+        if let Err(e) = spawned {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(CriuRestoreError::Setup(e));
+        }
+    }
     let mut fds = [nix::poll::PollFd::new(
         r.as_fd(),
         nix::poll::PollFlags::POLLIN,

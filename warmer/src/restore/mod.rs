@@ -26,6 +26,7 @@
 
 pub mod choose;
 pub mod criu;
+pub mod page_server;
 pub mod readahead;
 pub mod working_set;
 
@@ -94,6 +95,19 @@ pub struct Plan {
     /// What earlier restores of this entry touched first, if learned
     /// (restored first only when `choice.working_set` says so).
     pub working_set: Option<working_set::WorkingSet>,
+    /// The entry's page files are still arriving (a fresh node restoring
+    /// before its pull ends: `remote::stream`); the rest is served from here.
+    pub pages: Option<Served>,
+}
+
+/// Page files served while they arrive ([`page_server::Pages`]).
+#[derive(Clone)]
+pub struct Served(pub std::sync::Arc<dyn page_server::Pages>);
+
+impl std::fmt::Debug for Served {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Served")
+    }
 }
 
 impl Plan {
@@ -323,17 +337,10 @@ pub fn plan(
             taken,
         }));
     }
-    let put_back =
-        match crate::image::state::drift_all(&data, &manifest.not_state).map_err(Failure::Drift)? {
-            Drift::Same => Vec::new(),
-            Drift::Vanished(paths) => paths,
-            Drift::Changed(why) => {
-                return Ok(Err(Skip::StateChanged {
-                    key: entry.key,
-                    why,
-                }))
-            }
-        };
+    let put_back = match state_to_put_back(&data, manifest, &entry.key)? {
+        Ok(p) => p,
+        Err(skip) => return Ok(Err(skip)),
+    };
     let ws = working_set::WorkingSet::load(cache, &entry.key);
     let choice = choose_restore(
         manifest.restore_mode,
@@ -343,6 +350,7 @@ pub fn plan(
         ws.as_ref(),
     );
     Ok(Ok(Plan {
+        pages: None,
         working_set: ws,
         deadline: manifest.restore_timeout,
         integrity: Integrity::choose(cache.stamp_valid(&entry), !put_back.is_empty()),
@@ -351,6 +359,88 @@ pub fn plan(
         info,
         entry,
     }))
+}
+
+/// The `state:` paths that vanished (with a tmpfs) and go back with the
+/// image; every other captured path must be exactly as the image has it,
+/// or the image is older than the data.
+fn state_to_put_back(
+    data: &Path,
+    manifest: &crate::manifest::Manifest,
+    key: &str,
+) -> Result<Result<Vec<PathBuf>, Skip>, Failure> {
+    Ok(
+        match crate::image::state::drift_all(data, &manifest.not_state).map_err(Failure::Drift)? {
+            Drift::Same => Ok(Vec::new()),
+            Drift::Vanished(paths) => Ok(paths),
+            Drift::Changed(why) => Err(Skip::StateChanged {
+                key: key.to_string(),
+                why,
+            }),
+        },
+    )
+}
+
+/// Step 1 for an image still arriving (`remote::stream`): restored lazily,
+/// its working set first if it came with one; nothing to hash (every frame
+/// and file was checked against the signed image as it arrived); its
+/// `state:` data compared and put back as for any image.
+pub fn plan_streamed(
+    streamed: &crate::remote::stream::Streamed,
+    manifest: &crate::manifest::Manifest,
+) -> Result<Result<Plan, Skip>, Failure> {
+    let data = streamed.data_dir();
+    let info = crate::image::read(&data).map_err(Failure::Info)?;
+    let put_back = match state_to_put_back(&data, manifest, &streamed.entry.key)? {
+        Ok(p) => p,
+        Err(skip) => return Ok(Err(skip)),
+    };
+    let ws = streamed.working_set.clone();
+    let choice = match &ws {
+        Some(w) => choose::Choice {
+            lazy: true,
+            working_set: true,
+            reason: format!(
+                "before the pull ends: its working set first ({} MB), the rest from the registry",
+                w.bytes() / 1_000_000
+            ),
+        },
+        None => choose::Choice {
+            lazy: true,
+            working_set: false,
+            reason: "before the pull ends: lazily, from the registry".into(),
+        },
+    };
+    Ok(Ok(Plan {
+        deadline: manifest.restore_timeout,
+        entry: streamed.entry.clone(),
+        integrity: Integrity::Stamped,
+        put_back,
+        choice,
+        info,
+        working_set: ws,
+        pages: Some(Served(streamed.frames.clone())),
+    }))
+}
+
+/// The cache entry a restore's lessons go to: its own, or for an image that
+/// was still arriving (`<digest>.0`, see [`plan_streamed`]) the entry it
+/// became, once published (waited for a while: it is published as soon as
+/// the rest has arrived). `None`: it never was.
+fn published_key(cache: &Cache, key: &str) -> Option<String> {
+    let Some(digest) = key.strip_suffix(".0") else {
+        return Some(key.to_string());
+    };
+    let t = Instant::now();
+    loop {
+        if let Ok(Some(e)) = cache.lookup(digest) {
+            return Some(e.key);
+        }
+        if t.elapsed() > Duration::from_secs(10) {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// Eager or lazy for this image now (see [`choose`]); the page cache is
@@ -502,7 +592,9 @@ impl Restore<'_> {
         let first = known.filter(|_| plan.choice.working_set);
         let learning = known.is_none_or(working_set::WorkingSet::learning);
         let learn = plan.choice.lazy && learning;
-        readahead::before_restore(&plan.entry, plan.choice.lazy, first, known);
+        if plan.pages.is_none() {
+            readahead::before_restore(&plan.entry, plan.choice.lazy, first, known);
+        }
         let images = match first {
             Some(ws) => match working_set::write_view(&data, self.run_dir, ws) {
                 Ok(view) => {
@@ -530,6 +622,7 @@ impl Restore<'_> {
                     leave_stopped: held,
                     lazy: plan.choice.lazy,
                     learn,
+                    pages: plan.pages.as_ref().map(|p| p.0.clone()),
                 };
                 let watch = Watch {
                     deadline: plan.deadline,
@@ -576,13 +669,21 @@ impl Restore<'_> {
                     // What the service faults on from now on is its working set.
                     let (cache, key) = (self.cache.clone(), plan.key().to_string());
                     let log = self.run_dir.join(crate::criu::LAZY_PAGES_LOG);
-                    r.on_lazy_end(Box::new(move || working_set::learn(&cache, &key, &log)));
+                    r.on_lazy_end(Box::new(move || {
+                        if let Some(key) = published_key(&cache, &key) {
+                            working_set::learn(&cache, &key, &log);
+                        }
+                    }));
                 }
                 if learning {
                     let (cache, key) = (self.cache.clone(), plan.key().to_string());
                     r.at_or_before_stop(
                         working_set::FILE_WINDOW,
-                        Box::new(move |pids| working_set::learn_files(&cache, &key, &pids)),
+                        Box::new(move |pids| {
+                            if let Some(key) = published_key(&cache, &key) {
+                                working_set::learn_files(&cache, &key, &pids);
+                            }
+                        }),
                     );
                 }
                 (Ok(r), t)

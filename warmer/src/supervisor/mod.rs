@@ -176,6 +176,11 @@ struct Supervisor {
     /// How long this start spent pulling its image from the registry: a
     /// one-time cost, not part of what a restore costs.
     pulled_ms: u64,
+    /// The rest of an image this run began restoring before its pull ended
+    /// (`remote::stream`): joined before the run ends.
+    completing: Option<std::thread::JoinHandle<()>>,
+    /// Its frames (whether one could not be had).
+    streamed_frames: Option<std::sync::Arc<crate::remote::stream::Frames>>,
     opts: RunOptions,
 }
 
@@ -328,6 +333,8 @@ pub fn run(dirs: &Dirs, name: &str, opts: RunOptions) -> Result<Outcome, RunErro
         image_taken: false,
         pid_written: None,
         pulled_ms: 0,
+        completing: None,
+        streamed_frames: None,
         opts,
     };
     sup.run()
@@ -504,6 +511,7 @@ impl Supervisor {
                 "killed: {why} before every page was delivered; the next restore is eager"
             ));
         }
+        self.finish_pull();
         self.record.exit_code = Some(code);
         self.set_state(ServiceState::Stopped);
         Outcome {

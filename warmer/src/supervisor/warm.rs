@@ -43,8 +43,19 @@ impl Supervisor {
             restore::Purpose::Start
         };
         let mut planned = restore::plan(&cache, &digest, &self.manifest, &self.run_dir, purpose);
-        if matches!(planned, Ok(Err(Skip::NoImage))) && self.pull_missing(&cache, &digest) {
-            planned = restore::plan(&cache, &digest, &self.manifest, &self.run_dir, purpose);
+        let mut streamed = None;
+        if matches!(planned, Ok(Err(Skip::NoImage))) {
+            match self.pull_missing(&cache, &digest) {
+                Pulled::Nothing => {}
+                Pulled::Whole => {
+                    planned =
+                        restore::plan(&cache, &digest, &self.manifest, &self.run_dir, purpose);
+                }
+                Pulled::Streaming(s) => {
+                    planned = restore::plan_streamed(&s, &self.manifest);
+                    streamed = Some(s);
+                }
+            }
         }
         self.marks[2] = self.started.elapsed();
         let plan = match planned {
@@ -242,9 +253,18 @@ impl Supervisor {
             }
         }
         drop(lock);
+        if let Some(s) = streamed {
+            self.streamed_frames = Some(s.frames.clone());
+            // The rest of the image, then the entry: published once this
+            // lock is free (the restore is done with the staging entry).
+            self.completing =
+                s.complete_in_background(cache.clone(), self.manifest.name.clone(), digest.clone());
+        }
         match result {
             Ok(restored) => {
-                self.record.image = Some(restored.entry.key.clone());
+                // A streamed image is not an entry yet (published when the
+                // rest has arrived).
+                self.record.image = (self.completing.is_none()).then(|| restored.entry.key.clone());
                 self.image_taken = true;
                 if restored.entry.meta.origin.is_none()
                     && self.manifest.mode == Mode::Warm
@@ -293,24 +313,53 @@ impl Supervisor {
 
     /// The cache has no image of `digest`: fetch it from the service's
     /// registry, if it has one, within `remote.timeout` (a registry that is
-    /// down or slow costs a start no more). Returns whether an image came.
-    pub(super) fn pull_missing(&mut self, cache: &Cache, digest: &str) -> bool {
+    /// down or slow costs a start no more). An image that can restore
+    /// lazily comes back before all of it is here (`remote::stream`), unless
+    /// the manifest asks for eager restores.
+    pub(super) fn pull_missing(&mut self, cache: &Cache, digest: &str) -> Pulled {
         let Some(remote) = &self.manifest.remote else {
-            return false;
+            return Pulled::Nothing;
         };
         if self.manifest.mode != Mode::Warm {
-            return false;
+            return Pulled::Nothing;
         }
         self.systemd.status("pulling the image");
         let t = Instant::now();
-        let result = crate::remote::pull(
+        let progress = &mut |p: &str| tracing::info!(phase = "pull", "{p}");
+        // Not after a lazy restore of this digest failed this boot (a frame
+        // that could not be had among them): the whole pull then says why.
+        let may_stream = self.manifest.restore_mode != crate::manifest::RestoreMode::Eager
+            && self.manifest.sandbox.is_none()
+            && crate::restore::choose::History::load(&self.run_dir, digest)
+                .lazy_failed
+                .is_none();
+        let result = crate::remote::pull_or_stream(
             cache,
             &self.manifest,
             digest,
             &self.host.as_map(),
             Some(remote.timeout),
-            &mut |p| tracing::info!(phase = "pull", "{p}"),
+            may_stream,
+            progress,
         );
+        let result = match result {
+            Ok(crate::remote::stream::Got::Streaming(s)) => {
+                self.pulled_ms = s.ms;
+                tracing::info!(
+                    phase = "pull",
+                    pull_ms = s.ms,
+                    "image {} from {}: restoring before the pull ends ({} MB fetched in {} ms, {} frames of memory)",
+                    short(&s.entry.key),
+                    remote.repository,
+                    s.fetched_bytes / 1_000_000,
+                    s.ms,
+                    s.frames_first
+                );
+                return Pulled::Streaming(s);
+            }
+            Ok(crate::remote::stream::Got::Pulled(p)) => Ok(p),
+            Err(e) => Err(e),
+        };
         match result {
             Ok(p) => {
                 self.pulled_ms = p.ms;
@@ -323,7 +372,7 @@ impl Supervisor {
                     p.fetched_bytes / 1_000_000,
                     p.ms
                 );
-                true
+                Pulled::Whole
             }
             Err(e) => {
                 let why = chain(&e);
@@ -334,7 +383,7 @@ impl Supervisor {
                     t.elapsed().as_millis()
                 );
                 self.record.message = Some(format!("cold start: pull failed: {why}"));
-                false
+                Pulled::Nothing
             }
         }
     }
@@ -433,4 +482,62 @@ impl Supervisor {
             tracing::warn!("cannot start the push: {e}");
         }
     }
+}
+
+impl Supervisor {
+    /// Waits (within `remote.timeout`) for the rest of an image this run
+    /// began restoring before its pull ended, so that it is kept: a stop
+    /// right after the start would otherwise lose it.
+    pub(super) fn finish_pull(&mut self) {
+        if let (Some(frames), Some(d)) = (self.streamed_frames.take(), &self.digest) {
+            if let Some(why) = frames.failure() {
+                // The service was killed (or its restore failed) for it: the
+                // next start pulls the image whole, or starts cold.
+                crate::restore::choose::History::record_lazy_failure(
+                    &self.run_dir,
+                    &d.hex,
+                    &format!("the image's pages cannot be had: {why}"),
+                );
+                if self.record.last_start == Some(crate::process::service::StartKind::Restored) {
+                    self.record.message = Some(format!(
+                        "killed: the image's pages cannot be had ({why}); the next start pulls it whole"
+                    ));
+                }
+            }
+        }
+        let Some(handle) = self.completing.take() else {
+            return;
+        };
+        let limit = self
+            .manifest
+            .remote
+            .as_ref()
+            .map_or(Duration::from_secs(60), |r| r.timeout);
+        let t = Instant::now();
+        if !handle.is_finished() {
+            tracing::info!(phase = "pull", "waiting for the rest of the image");
+        }
+        while !handle.is_finished() && t.elapsed() < limit {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if handle.is_finished() {
+            let _ = handle.join();
+        } else {
+            tracing::warn!(
+                phase = "pull",
+                "the rest of the image did not arrive within {}; the next start fetches it again",
+                humantime::format_duration(limit)
+            );
+        }
+    }
+}
+
+/// What [`Supervisor::pull_missing`] got.
+pub(super) enum Pulled {
+    /// No image (no registry, none there, or the pull failed).
+    Nothing,
+    /// The image, whole, in the cache.
+    Whole,
+    /// An image whose restore may begin before the rest arrives.
+    Streaming(Box<crate::remote::stream::Streamed>),
 }

@@ -479,6 +479,7 @@ impl Bencher {
                 leave_stopped: false,
                 lazy: kind != Kind::Eager,
                 learn: false,
+                pages: None,
             },
             output,
             crate::restore::Watch {
