@@ -20,6 +20,11 @@
 //!   from the first restore on. It is not a payload file: it becomes the
 //!   entry's note, and an unreadable one is dropped, never the image.
 //!
+//! - The page files' frames ([`FRAMES_TYPE`], titled `frames`: each frame's
+//!   compressed length and sha256, [`super::frames::Index`]), so a node can
+//!   fetch and check any part of a page file by range and restore before
+//!   its pull ends ([`super::stream`]). Not a payload file either.
+//!
 //! Reading one back trusts nothing: every blob is checked against its sha256
 //! as it arrives, a layer never decompresses past the size the config
 //! records, its title must be a plain relative path, and the cache publishes

@@ -8,6 +8,9 @@
 //!   resumable downloads and deadlines.
 //! - [`layout`]: `warmer export` / `warmer import`, the same artifact in an
 //!   OCI image layout tarball.
+//! - [`frames`]: page files as independent zstd frames (decompressed on every
+//!   core; fetched and checked one by one); [`stream`]: a restore that begins
+//!   before its pull ends.
 //!
 //! Where the warm path uses them: on a cache miss `warmer run` pulls the tag
 //! named after the digest, bounded by `remote.timeout`
