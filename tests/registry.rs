@@ -411,6 +411,64 @@ fn node_that_pushed(reg: &Registry) -> Env {
     a
 }
 
+/// Shared memory's pages are never served lazily: CRIU reads them whole
+/// before the tree runs, so a fresh node fetches all of them first (a sparse
+/// hole read as zeros would be memory that is not the service's).
+#[test]
+fn shared_memory_comes_back_whole_on_a_fresh_node() {
+    require_criu();
+    let reg = Registry::start(&[]);
+    let a = Env::new();
+    let port = free_port();
+    const MIB: usize = 1 << 20;
+    a.http_service(
+        "web",
+        port,
+        "x",
+        "import mmap\nSHM = mmap.mmap(-1, 8 << 20)\nSHM.write(bytes(i % 251 for i in range(8 << 20)))",
+        &format!(
+            "checkpoint:\n  settle: 100ms\n{}",
+            remote(&reg.repository("web"), "")
+        ),
+    );
+    let mut w = a.run("web");
+    a.wait_image("web", &mut w);
+    w.stop();
+    let pushed = warmer(&a, &["push", "web"], &[]);
+    assert!(pushed.status.success(), "{}", text(&pushed));
+
+    let b = Env::node_like(&a);
+    let mut w = b.run("web");
+    let s = b.wait_ready("web", &mut w);
+    assert_eq!(s["last_start"], "restored", "{s}\n{}", w.err());
+    assert!(
+        w.err().contains("restoring before the pull ends"),
+        "{}",
+        w.err()
+    );
+    // The shared mapping, read from outside: every byte as it was.
+    let pid = s["pid"].as_i64().unwrap();
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
+    let start = maps
+        .lines()
+        .find_map(|l| {
+            let (range, rest) = l.split_once(' ')?;
+            let (a, b) = range.split_once('-')?;
+            let (a, b) = (
+                u64::from_str_radix(a, 16).ok()?,
+                u64::from_str_radix(b, 16).ok()?,
+            );
+            (rest.contains("/dev/zero") && b - a == 8 * MIB as u64).then_some(a)
+        })
+        .unwrap_or_else(|| panic!("no 8 MiB shared mapping:\n{maps}"));
+    let mut got = vec![0u8; 8 * MIB];
+    let mem = std::fs::File::open(format!("/proc/{pid}/mem")).unwrap();
+    std::os::unix::fs::FileExt::read_exact_at(&mem, &mut got, start).unwrap();
+    let bad = (0..8 * MIB).find(|&i| got[i] != u8::try_from(i % 251).unwrap());
+    assert_eq!(bad, None, "shared memory differs from the image");
+    w.stop();
+}
+
 /// Waits until the run is ready after a cold start (`true`) or has ended
 /// (`false`: its restored service was killed).
 fn cold_or_ended(env: &Env, w: &mut Warmer) -> bool {

@@ -349,11 +349,45 @@ impl Frames {
     }
 }
 
+/// The page files the tasks' pagemaps (`pagemap-<pid>.img`) name: the
+/// memory a lazy restore may serve on demand. Any other page file is read
+/// whole before the tree runs.
+fn task_page_files(data: &Path) -> std::collections::BTreeSet<String> {
+    use prost::Message as _;
+    let mut out = std::collections::BTreeSet::new();
+    let Ok(dir) = std::fs::read_dir(data) else {
+        return out;
+    };
+    for d in dir.flatten() {
+        let name = d.file_name();
+        let task = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("pagemap-")?.strip_suffix(".img"))
+            .is_some_and(|pid| !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit()));
+        if !task {
+            continue;
+        }
+        let Ok(bytes) = std::fs::read(d.path()) else {
+            continue;
+        };
+        let head = crate::image::criu::frames(&bytes)
+            .ok()
+            .and_then(|(_, bodies)| bodies.first().copied())
+            .and_then(|b| crate::image::criu::proto::PagemapHead::decode(b).ok());
+        if let Some(h) = head {
+            out.insert(format!("pages-{}.img", h.pages_id));
+        }
+    }
+    out
+}
+
 impl crate::restore::page_server::Pages for Frames {
     fn ready(&self, name: &str, off: u64, len: u64) -> Result<(), String> {
-        let want = self
-            .covering(name, off, len)
-            .ok_or_else(|| format!("{name} is not a page file of the image"))?;
+        // A page file without frames was fetched whole, and checked, with
+        // the image's small files.
+        let Some(want) = self.covering(name, off, len) else {
+            return Ok(());
+        };
         match (want.first(), want.last()) {
             (Some(&(f, a)), Some(&(_, b))) => self.ensure(f, a..b + 1),
             _ => Ok(()),
@@ -472,21 +506,30 @@ impl Registry {
                 ms: u64::try_from(t.elapsed().as_millis()).unwrap_or(u64::MAX),
             }));
         }
-        // What the restore reads before the tree runs, first.
-        let mut want: Vec<(&PageFile, usize)> = Vec::new();
+        // What the restore reads before the tree runs, first; and page files
+        // no task's pagemap names (shared memory's): CRIU reads them whole
+        // before the tree runs, never lazily.
+        let mut wanted: std::collections::BTreeSet<(&str, usize)> = Default::default();
         for (path, off, len) in
             crate::restore::working_set::file_ranges(&data, working_set.as_ref())
         {
             let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
-            for fi in frames.covering(name, off, len).unwrap_or_default() {
-                if !want
-                    .iter()
-                    .any(|(f, i)| std::ptr::eq(*f, fi.0) && *i == fi.1)
-                {
-                    want.push(fi);
+            for (_, i) in frames.covering(name, off, len).unwrap_or_default() {
+                if let Some((key, _)) = frames.files.get_key_value(name) {
+                    wanted.insert((key.as_str(), i));
                 }
             }
         }
+        let tasks = task_page_files(&data);
+        for (name, file) in &frames.files {
+            if !tasks.contains(name) {
+                wanted.extend((0..file.frames.len()).map(|i| (name.as_str(), i)));
+            }
+        }
+        let want: Vec<(&PageFile, usize)> = wanted
+            .into_iter()
+            .map(|(name, i)| (&frames.files[name], i))
+            .collect();
         let first = want.len();
         let left = deadline.map(|(at, _)| at.saturating_duration_since(Instant::now()));
         let started = Instant::now();
