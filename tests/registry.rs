@@ -528,7 +528,8 @@ fn a_registry_lost_mid_restore_never_leaves_the_service_on_missing_pages() {
     // The registry's image was not kept (a cold start may have made B's
     // own), and the next start does not stream it again.
     assert_nothing_pulled(&b);
-    let history = std::fs::read_to_string(b.run.join("web/restore-history.json")).unwrap();
+    let history = std::fs::read_to_string(b.run.join("web/restore-history.json"))
+        .unwrap_or_else(|e| panic!("{e}: {outcome}\n{err}"));
     assert!(history.contains("cannot be had"), "{history}");
 }
 

@@ -48,6 +48,9 @@ const PARALLEL_FRAMES: usize = 8;
 const FILL_THREADS: usize = 2;
 /// Neighbouring frames asked for in one range request, at most.
 const RUN_FRAMES: usize = 16;
+/// The largest frame an index may declare (each is decompressed whole in
+/// memory; warmer writes 1 MiB).
+const MAX_FRAME_BYTES: u64 = 16 << 20;
 
 /// One frame of a page file.
 #[derive(Debug, Clone)]
@@ -92,6 +95,12 @@ impl Frames {
         index: &Index,
         manifest: &oci_client::manifest::OciImageManifest,
     ) -> Result<Self, RemoteError> {
+        if !(1..=MAX_FRAME_BYTES).contains(&index.frame_bytes) {
+            return Err(RemoteError::Damaged(format!(
+                "the frame index has frames of {} bytes (at most {MAX_FRAME_BYTES})",
+                index.frame_bytes
+            )));
+        }
         let mut files = BTreeMap::new();
         for layer in &manifest.layers {
             if layer.media_type != artifact::FILE_ZSTD_TYPE {
@@ -108,6 +117,12 @@ impl Frames {
                 .map_err(super::registry::io_err(&path))?
                 .len();
             for (len, sha256) in &framed.frames {
+                // zstd never needs much more than the raw size.
+                if *len > index.frame_bytes + (1 << 20) {
+                    return Err(RemoteError::Damaged(format!(
+                        "the frame index of {name} has a frame of {len} bytes"
+                    )));
+                }
                 let raw_len = index.frame_bytes.min(size.saturating_sub(raw_at));
                 frames.push(Frame {
                     at,

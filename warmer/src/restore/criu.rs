@@ -32,6 +32,10 @@ pub enum CriuRestoreError {
     },
     #[error("criu restore stopped: {why}")]
     Aborted { why: String },
+    /// The image's pages could not be had while it was restored (a page
+    /// server that gave up: `super::page_server`); the tree never ran.
+    #[error("the image's pages cannot be had: {0}")]
+    PagesLost(String),
 }
 
 /// When to give up on a restore while CRIU runs.
@@ -291,9 +295,7 @@ pub fn restore(
             let _ = daemon.kill();
             let _ = daemon.wait();
         }
-        return Err(CriuRestoreError::Aborted {
-            why: format!("the image's pages cannot be had: {why}"),
-        });
+        return Err(CriuRestoreError::PagesLost(why));
     }
     let mut running = Running::new(Pid::from_raw(pid), output, StartKind::Restored);
     if held && !opts.leave_stopped {
