@@ -76,14 +76,14 @@ impl std::fmt::Debug for RestoreOptions {
 /// What the page server and the restore share: the tree's root once
 /// known, and why the page server gave up, if it did.
 #[derive(Default)]
-struct Served {
+struct PageServerState {
     /// A pidfd of the tree's root (0: not known yet): a signal through it
     /// never reaches a process that reused the pid.
     root: std::sync::atomic::AtomicI32,
     failed: std::sync::Mutex<Option<String>>,
 }
 
-impl Drop for Served {
+impl Drop for PageServerState {
     fn drop(&mut self) {
         let fd = *self.root.get_mut();
         if fd > 0 {
@@ -136,7 +136,7 @@ pub fn restore(
         lazy_pages: opts.lazy,
     };
     let _ = std::fs::remove_file(run_dir.join(STATS_FILE));
-    let served = std::sync::Arc::new(Served::default());
+    let served = std::sync::Arc::new(PageServerState::default());
     let mut lazy = if opts.lazy {
         let t = std::time::Instant::now();
         let server = opts.pages.clone().map(|p| (p, served.clone()));
@@ -356,7 +356,7 @@ fn start_lazy_pages(
     limit: std::time::Duration,
     server: Option<(
         std::sync::Arc<dyn super::page_server::Pages>,
-        std::sync::Arc<Served>,
+        std::sync::Arc<PageServerState>,
     )>,
 ) -> Result<std::process::Child, CriuRestoreError> {
     // A socket left by an earlier daemon makes the next restore fail.
