@@ -586,7 +586,7 @@ state: [\"/var/lib/app/data\"]
     }
 
     #[test]
-    fn remote_repositories_use_the_registry_clients_grammar_with_an_explicit_host() {
+    fn remote_repositories_use_the_distribution_grammar_with_an_explicit_host() {
         let remote = |r: &str| {
             parse(&format!(
                 "exec: [a]\nready: {{tcp: \"h:1\"}}\nremote: {{repository: \"{r}\"}}\n"

@@ -376,22 +376,14 @@ impl Manifest {
                 None => None,
                 Some(r) => {
                     let repo = &r.value.repository;
-                    // The registry client's own grammar; warmer adds the tag
-                    // (the digest), and the host must be written out (no
-                    // implied docker.io).
-                    // (The client reads a missing tag as "latest": a tag or
-                    // digest is refused by hand.)
-                    let untagged = !repo.value.contains('@')
-                        && !repo.value.rsplit('/').next().unwrap_or("").contains(':');
-                    let ok = untagged
-                        && repo.value.contains('/')
-                        && oci_client::Reference::try_from(repo.value.as_str())
-                            .is_ok_and(|p| repo.value.split('/').next() == Some(p.registry()));
-                    if !ok {
+                    // The distribution grammar; warmer adds the tag (the
+                    // digest), and the host must be written out (no implied
+                    // docker.io).
+                    if let Err(why) = crate::remote::reference::Repository::parse(&repo.value) {
                         return Err(at(
                         &repo.referenced,
                         format!(
-                            "remote.repository: expected host[:port]/path without tag or scheme, e.g. registry.example:5000/warmer/web, got {:?}",
+                            "remote.repository: expected host[:port]/path without tag or scheme, e.g. registry.example:5000/warmer/web, got {:?} ({why})",
                             repo.value
                         ),
                     ));

@@ -5,7 +5,7 @@
 //!   to the cache.
 //! - [`registry`]: push and pull over the OCI distribution API
 //!   (`oci-client`), with auth ([`auth`]), TLS with the system's CA store,
-//!   resumable downloads and deadlines.
+//!   resumable downloads and deadlines; [`reference`]: repository names.
 //! - [`layout`]: `warmer export` / `warmer import`, the same artifact in an
 //!   OCI image layout tarball.
 //! - [`frames`]: page files as independent zstd frames (decompressed on every
@@ -22,6 +22,7 @@ pub mod artifact;
 pub mod auth;
 pub mod frames;
 pub mod layout;
+pub mod reference;
 pub mod registry;
 pub mod sign;
 pub mod stream;

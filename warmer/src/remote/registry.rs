@@ -193,11 +193,11 @@ impl Registry {
     }
 
     pub(super) fn parse_ref(repository: &str, tag: &str) -> Result<Reference, RemoteError> {
-        format!("{repository}:{tag}")
-            .parse::<Reference>()
-            .map_err(|e| RemoteError::Repository {
+        super::reference::Repository::parse(repository)
+            .and_then(|r| r.tagged(tag))
+            .map_err(|why| RemoteError::Repository {
                 repository: repository.to_string(),
-                why: e.to_string(),
+                why,
             })
     }
 
