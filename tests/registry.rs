@@ -260,6 +260,44 @@ fn a_fresh_node_restores_the_image_another_node_pushed() {
     let p: serde_json::Value = serde_json::from_slice(&third.stdout).unwrap();
     assert_eq!(p["sent_bytes"], 0, "{p}");
     assert_eq!(p["blobs_present"], p["blobs"], "{p}");
+
+    // The image's small files travel as one blob (one request for a node
+    // that pulls it), a plain tar; page files are layers of their own.
+    let m: serde_json::Value = serde_json::from_str(&get_accept(
+        reg.port,
+        &format!("/v2/warmer/web/manifests/{digest}"),
+        "application/vnd.oci.image.manifest.v1+json",
+    ))
+    .unwrap();
+    let layers = m["layers"].as_array().unwrap();
+    let bundle: Vec<&serde_json::Value> = layers
+        .iter()
+        .filter(|l| l["mediaType"] == "application/vnd.warmer.image.bundle.v1+tar+zstd")
+        .collect();
+    assert_eq!(bundle.len(), 1, "{m}");
+    let blob = get_bytes(
+        reg.port,
+        &format!(
+            "/v2/warmer/web/blobs/{}",
+            bundle[0]["digest"].as_str().unwrap()
+        ),
+    );
+    let mut tar = tar::Archive::new(zstd::stream::Decoder::new(&blob[..]).unwrap());
+    let names: Vec<String> = tar
+        .entries()
+        .unwrap()
+        .map(|e| e.unwrap().path().unwrap().display().to_string())
+        .collect();
+    for name in ["pstree.img", "inventory.img", "restore.json"] {
+        assert!(names.iter().any(|n| n == name), "{name} not in {names:?}");
+    }
+    assert!(!names.iter().any(|n| n.starts_with("pages-")), "{names:?}");
+    for l in layers {
+        let title = l["annotations"]["org.opencontainers.image.title"]
+            .as_str()
+            .unwrap_or("");
+        assert!(!names.iter().any(|n| n == title), "{title} twice: {m}");
+    }
 }
 
 #[test]

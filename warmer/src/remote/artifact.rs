@@ -7,7 +7,9 @@
 //! - The config blob ([`CONFIG_TYPE`]) is [`Config`]: the entry's own
 //!   `meta.json` (service, digest, generation, host facts, when it was made,
 //!   and the BLAKE3 of every payload file).
-//! - One layer per payload file, titled with its path
+//! - The small payload files (not pages) together, as one layer
+//!   ([`super::bundle`]): one request instead of tens.
+//! - One layer per other payload file, titled with its path
 //!   (`org.opencontainers.image.title`), zstd-compressed ([`FILE_ZSTD_TYPE`],
 //!   in independent frames a puller decompresses on every core:
 //!   [`super::frames`]) when that saves at least a tenth, else raw
@@ -43,7 +45,7 @@ use oci_client::manifest::{OciDescriptor, OciImageManifest, OCI_IMAGE_MEDIA_TYPE
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
-use super::RemoteError;
+use super::{bundle, RemoteError};
 
 pub const ARTIFACT_TYPE: &str = "application/vnd.warmer.image.v1";
 pub const CONFIG_TYPE: &str = "application/vnd.warmer.image.config.v1+json";
@@ -119,6 +121,20 @@ pub fn sha256_digest(bytes: &[u8]) -> String {
     format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
 }
 
+/// A file's sha256 digest and size.
+fn file_sha256(path: &Path) -> Result<(String, u64), RemoteError> {
+    let mut hashing = Hashing {
+        inner: io::sink(),
+        hash: Sha256::new(),
+        len: 0,
+    };
+    File::open(path)
+        .and_then(|mut f| io::copy(&mut f, &mut hashing))
+        .map_err(io_err(path))?;
+    let digest = format!("sha256:{}", hex::encode(hashing.hash.finalize()));
+    Ok((digest, hashing.len))
+}
+
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> RemoteError + '_ {
     move |source| RemoteError::Io {
         path: path.to_path_buf(),
@@ -159,7 +175,36 @@ pub fn prepare(
         frame_bytes: super::frames::FRAME as u64,
         ..Default::default()
     };
+    // The small files first, in one blob.
+    let small: Vec<&cache::FileSum> = entry
+        .meta
+        .files
+        .iter()
+        .filter(|f| bundle::holds(f))
+        .collect();
+    if !small.is_empty() {
+        let path = scratch.join(bundle::TITLE);
+        bundle::pack(&data, &small, &path, ZSTD_LEVEL).map_err(io_err(&path))?;
+        let (digest, size) = file_sha256(&path)?;
+        layers.push(Blob {
+            desc: OciDescriptor {
+                media_type: bundle::BUNDLE_TYPE.into(),
+                digest,
+                size: i64::try_from(size).unwrap_or(i64::MAX),
+                urls: None,
+                artifact_type: None,
+                annotations: Some(BTreeMap::from([(
+                    TITLE.to_string(),
+                    bundle::TITLE.to_string(),
+                )])),
+            },
+            path,
+        });
+    }
     for (i, file) in entry.meta.files.iter().enumerate() {
+        if bundle::holds(file) {
+            continue;
+        }
         let src = data.join(&file.path);
         let packed = scratch.join(format!("{i}.zst"));
         // One read: the raw file's sha256 and its compressed form together,
@@ -326,6 +371,7 @@ pub fn check_manifest(manifest: &OciImageManifest) -> Result<(), RemoteError> {
             manifest.config.size
         )));
     }
+    let mut bundles = 0;
     for layer in &manifest.layers {
         if layer.media_type == FRAMES_TYPE {
             if !(0..=MAX_FRAMES_BYTES).contains(&layer.size) {
@@ -340,6 +386,16 @@ pub fn check_manifest(manifest: &OciImageManifest) -> Result<(), RemoteError> {
             if !(0..=MAX_WORKING_SET_BYTES).contains(&layer.size) {
                 return Err(RemoteError::NotOurs(format!(
                     "working set of {} bytes",
+                    layer.size
+                )));
+            }
+            continue;
+        }
+        if layer.media_type == bundle::BUNDLE_TYPE {
+            bundles += 1;
+            if bundles > 1 || !(0..=bundle::MAX_BYTES).contains(&layer.size) {
+                return Err(RemoteError::NotOurs(format!(
+                    "a second bundle, or one of {} bytes",
                     layer.size
                 )));
             }
@@ -376,15 +432,18 @@ pub fn title(layer: &OciDescriptor) -> Result<&str, RemoteError> {
         .as_ref()
         .and_then(|a| a.get(TITLE))
         .ok_or_else(|| RemoteError::NotOurs(format!("layer {} has no title", layer.digest)))?;
-    // A plain file name (CRIU's images, restore.json), or one under
-    // `state/` (captured state paths): nothing else is an image file.
-    let path = Path::new(t);
-    let normal = !t.is_empty() && path.components().all(|c| matches!(c, Component::Normal(_)));
-    let plain = normal && (path.components().count() == 1 || t.starts_with("state/"));
-    if !plain {
+    if !plain_path(t) {
         return Err(RemoteError::NotOurs(format!("layer title {t:?}")));
     }
     Ok(t)
+}
+
+/// A plain file name (CRIU's images, restore.json), or one under `state/`
+/// (captured state paths): nothing else is an image file's path.
+pub fn plain_path(t: &str) -> bool {
+    let path = Path::new(t);
+    let normal = !t.is_empty() && path.components().all(|c| matches!(c, Component::Normal(_)));
+    normal && (path.components().count() == 1 || t.starts_with("state/"))
 }
 
 /// Where this host differs from the one an image was made on, in the facts
@@ -530,10 +589,19 @@ pub fn stage(
     let staging = cache.stage().map_err(RemoteError::Cache)?;
     let data = staging.data_dir();
     let mut working_set = None;
+    let mut written = std::collections::BTreeSet::new();
     for layer in &manifest.layers {
         if layer.media_type == FRAMES_TYPE {
             // Only a restore that starts before the pull ends reads it
             // (`super::stream`).
+            continue;
+        }
+        if layer.media_type == bundle::BUNDLE_TYPE {
+            let Fetched::Blob(blob) = fetch(layer, None)? else {
+                return Err(RemoteError::Damaged("the bundle was not fetched".into()));
+            };
+            written
+                .extend(bundle::unpack(&blob, &data, &meta.files).map_err(RemoteError::Damaged)?);
             continue;
         }
         if layer.media_type == WORKING_SET_TYPE {
@@ -575,6 +643,15 @@ pub fn stage(
             Fetched::Unpacked(n) => check_unpacked(layer, n, limit)?,
             Fetched::Later => out.set_len(limit).map_err(io_err(&dest))?,
         }
+        written.insert(path.to_string());
+    }
+    // A restore may begin from the staging entry before it is published
+    // (and checked whole): every file the config records is there.
+    if let Some(f) = meta.files.iter().find(|f| !written.contains(&f.path)) {
+        return Err(RemoteError::Damaged(format!(
+            "{:?} is in the config but in no layer",
+            f.path
+        )));
     }
     Ok(Staged {
         staging,

@@ -1,7 +1,8 @@
 //! Images that travel: a registry as the cache's second tier, and archives.
 //!
 //! - [`artifact`]: the one format (an OCI artifact: config = the entry's
-//!   metadata, a layer per payload file) and how one is checked and added
+//!   metadata, the small files in one layer ([`bundle`]), a layer per other
+//!   payload file) and how one is checked and added
 //!   to the cache.
 //! - [`registry`]: push and pull over the OCI distribution API
 //!   (`oci-client`), with auth ([`auth`]), TLS with the system's CA store,
@@ -20,6 +21,7 @@
 
 pub mod artifact;
 pub mod auth;
+pub mod bundle;
 pub mod frames;
 pub mod layout;
 pub mod reference;
