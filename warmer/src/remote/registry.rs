@@ -34,7 +34,9 @@ const STALL_TIMEOUT: Duration = Duration::from_secs(10);
 pub(super) const PUSH_CHUNK: usize = 8 << 20;
 
 pub struct Registry {
-    pub(super) rt: tokio::runtime::Runtime,
+    /// Shared with the frames a streaming restore still fetches after the
+    /// pull returned (`super::stream`).
+    pub(super) rt: std::sync::Arc<tokio::runtime::Runtime>,
     pub(super) client: Client,
     /// For the documents read with a size bound (manifests): the registry
     /// client reads a manifest whole, whatever its size.
@@ -42,9 +44,6 @@ pub struct Registry {
     pub(super) insecure: bool,
     pub(super) auth: RegistryAuth,
     pub(super) repository: String,
-    /// What it was made from (a second client, on another runtime, is made
-    /// from it: `super::stream`).
-    pub(super) remote: Remote,
 }
 
 /// What a push sent.
@@ -150,10 +149,13 @@ impl Registry {
         })?;
         let client = Client::try_from(config).map_err(registry_err("client setup"))?;
         let auth = auth::credentials(&host)?;
-        let rt = tokio::runtime::Builder::new_current_thread()
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("registry")
             .enable_all()
             .build()
             .map_err(io_err(Path::new("tokio runtime")))?;
+        let rt = std::sync::Arc::new(rt);
         Ok(Self {
             rt,
             client,
@@ -161,7 +163,6 @@ impl Registry {
             insecure: remote.insecure,
             auth,
             repository: remote.repository.clone(),
-            remote: remote.clone(),
         })
     }
 

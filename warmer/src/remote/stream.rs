@@ -77,7 +77,7 @@ struct PageFile {
 
 /// The page files of a staged image and where their frames come from.
 pub struct Frames {
-    rt: tokio::runtime::Runtime,
+    rt: std::sync::Arc<tokio::runtime::Runtime>,
     client: Client,
     reference: Reference,
     files: BTreeMap<String, PageFile>,
@@ -155,18 +155,9 @@ impl Frames {
                 },
             );
         }
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .thread_name("frames")
-            .enable_all()
-            .build()
-            .map_err(super::registry::io_err(Path::new("tokio runtime")))?;
-        // A client of its own: connections live on the runtime that made
-        // them, and the registry's ends with the pull.
-        let (config, host) = Registry::client_config(&registry.remote)?;
-        let client =
-            Client::try_from(config).map_err(super::registry::registry_err("client setup"))?;
-        rt.block_on(client.store_auth_if_needed(&host, &registry.auth));
+        // The pull's own runtime and client (its connections live on that
+        // runtime), kept for as long as frames are fetched.
+        let (rt, client) = (registry.rt.clone(), registry.client.clone());
         Ok(Frames {
             rt,
             client,
