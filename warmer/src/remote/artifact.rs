@@ -707,6 +707,7 @@ pub fn parse_working_set(bytes: &[u8]) -> Option<crate::restore::working_set::Wo
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::BTreeSet;
 
     fn map(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
         pairs
@@ -757,6 +758,141 @@ mod tests {
         ] {
             assert!(title(&desc(bad)).is_err(), "{bad:?}");
         }
+    }
+
+    /// A published entry of `files` in a cache of its own.
+    fn entry_of(dir: &Path, files: &[(&str, Vec<u8>)]) -> (Cache, Entry) {
+        let cache = Cache::open(dir.join("made")).unwrap();
+        let staging = cache.stage().unwrap();
+        for (path, bytes) in files {
+            let dest = staging.data_dir().join(path);
+            fs::create_dir_all(dest.parent().unwrap()).unwrap();
+            fs::write(dest, bytes).unwrap();
+        }
+        let entry = cache
+            .publish(
+                staging,
+                cache::NewEntry {
+                    service: "web".into(),
+                    digest: "ab".repeat(32),
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+        (cache, entry)
+    }
+
+    /// Stages `manifest`'s layers from `blobs` (as a pull would, every
+    /// blob at hand) into a fresh cache; publishes them.
+    fn install_from(
+        dir: &Path,
+        config: &Config,
+        manifest: &OciImageManifest,
+        blobs: &BTreeMap<String, PathBuf>,
+    ) -> Result<Entry, RemoteError> {
+        let cache = Cache::open(dir.join("pulled")).unwrap();
+        let mut fetch = |layer: &OciDescriptor, _: Option<Target<'_>>| {
+            Ok(Fetched::Blob(blobs[&layer.digest].clone()))
+        };
+        install(&cache, config, manifest, &mut fetch, "test".into())
+    }
+
+    fn image_files() -> Vec<(&'static str, Vec<u8>)> {
+        vec![
+            ("core-1.img", b"core".to_vec()),
+            ("pstree.img", vec![1, 2, 3]),
+            ("pagemap-1.img", vec![9; 300]),
+            // Page files and big files are layers of their own.
+            ("pages-1.img", vec![7; 300 << 10]),
+            (
+                "big.img",
+                (0..300u32 << 10).map(|i| (i % 251) as u8).collect(),
+            ),
+            ("state/0/db", b"rows".to_vec()),
+        ]
+    }
+
+    #[test]
+    fn an_image_travels_with_its_small_files_in_one_bundle_and_comes_back_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = image_files();
+        let (_, entry) = entry_of(dir.path(), &files);
+        let scratch = dir.path().join("scratch");
+        fs::create_dir_all(&scratch).unwrap();
+        let prepared = prepare(&entry, None, &scratch).unwrap();
+        let kinds: Vec<(&str, &str)> = prepared
+            .manifest
+            .layers
+            .iter()
+            .map(|l| (l.media_type.as_str(), title(l).unwrap()))
+            .collect();
+        assert_eq!(kinds[0], (bundle::BUNDLE_TYPE, bundle::TITLE), "{kinds:?}");
+        let own: BTreeSet<&str> = kinds[1..].iter().map(|k| k.1).collect();
+        assert!(
+            own.contains("pages-1.img") && own.contains("big.img"),
+            "{kinds:?}"
+        );
+        assert_eq!(kinds.len(), 1 + own.len(), "{kinds:?}");
+        check_manifest(&prepared.manifest).unwrap();
+        let config = parse_config(&prepared.config).unwrap();
+        let blobs = prepared
+            .layers
+            .iter()
+            .map(|b| (b.desc.digest.clone(), b.path.clone()))
+            .collect();
+        let got = install_from(dir.path(), &config, &prepared.manifest, &blobs).unwrap();
+        for (path, bytes) in &files {
+            assert_eq!(
+                &fs::read(got.data_dir().join(path)).unwrap(),
+                bytes,
+                "{path}"
+            );
+        }
+    }
+
+    #[test]
+    fn an_image_of_one_layer_per_file_an_older_warmer_pushed_still_installs() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = image_files();
+        let (_, entry) = entry_of(dir.path(), &files);
+        let config = Config {
+            warmer_artifact: ARTIFACT_VERSION,
+            entry: entry.meta.clone(),
+        };
+        let mut blobs = BTreeMap::new();
+        let mut layers = Vec::new();
+        for f in &entry.meta.files {
+            let path = entry.data_dir().join(&f.path);
+            let (digest, size) = file_sha256(&path).unwrap();
+            blobs.insert(digest.clone(), path);
+            layers.push(OciDescriptor {
+                media_type: FILE_TYPE.into(),
+                digest,
+                size: size as i64,
+                urls: None,
+                artifact_type: None,
+                annotations: Some(BTreeMap::from([(TITLE.to_string(), f.path.clone())])),
+            });
+        }
+        let scratch = dir.path().join("scratch");
+        fs::create_dir_all(&scratch).unwrap();
+        let mut manifest = prepare(&entry, None, &scratch).unwrap().manifest;
+        manifest.layers = layers.clone();
+        let got = install_from(dir.path(), &config, &manifest, &blobs).unwrap();
+        for (path, bytes) in &files {
+            assert_eq!(
+                &fs::read(got.data_dir().join(path)).unwrap(),
+                bytes,
+                "{path}"
+            );
+        }
+        // A manifest that leaves a recorded file out is refused before
+        // anything could restore from it.
+        manifest.layers = layers[1..].to_vec();
+        let err = install_from(&dir.path().join("again"), &config, &manifest, &blobs)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("in no layer"), "{err}");
     }
 
     #[test]
