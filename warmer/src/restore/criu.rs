@@ -196,7 +196,22 @@ pub fn restore(
         });
     }
     let (mut child, reader) = criu.spawn(&mut cmd)?;
-    let waited = criu::wait_child(&mut child, Some(watch.deadline), watch.abort);
+    // Pages that cannot be had while CRIU still runs (the tree not yet its
+    // own, so the page server could not end it): CRIU is stopped at once,
+    // not left waiting on them until its deadline.
+    let lost = || {
+        served
+            .failed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    };
+    let mut abort = || {
+        lost()
+            .map(|why| format!("the image's pages cannot be had: {why}"))
+            .or_else(|| (watch.abort)())
+    };
+    let waited = criu::wait_child(&mut child, Some(watch.deadline), &mut abort);
     drop(out_w);
     drop(err_w);
     // The restored service holds its own copies of the write ends now.
@@ -228,7 +243,10 @@ pub fn restore(
             return Err(interrupted(CriuRestoreError::Timeout { after, log }))
         }
         Err(criu::Interrupted::Aborted(why)) => {
-            return Err(interrupted(CriuRestoreError::Aborted { why }))
+            return Err(interrupted(match lost() {
+                Some(lost) => CriuRestoreError::PagesLost(lost),
+                None => CriuRestoreError::Aborted { why },
+            }))
         }
     };
     let stderr = reader.join().unwrap_or_default();
