@@ -45,7 +45,7 @@ use oci_client::manifest::{OciDescriptor, OciImageManifest, OCI_IMAGE_MEDIA_TYPE
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
-use super::{bundle, RemoteError};
+use super::{bundle, first_pages, RemoteError};
 
 pub const ARTIFACT_TYPE: &str = "application/vnd.warmer.image.v1";
 pub const CONFIG_TYPE: &str = "application/vnd.warmer.image.config.v1+json";
@@ -261,6 +261,40 @@ pub fn prepare(
             path,
         });
     }
+    // What a fresh node reads before its restore can start, in one blob
+    // (only for an image restored lazily: a sandboxed one is pulled whole).
+    let lazy = crate::image::read(&data).is_ok_and(|i| i.external_mounts.is_none());
+    let ws = working_set.and_then(parse_working_set);
+    let first: Vec<first_pages::Range> = if lazy {
+        crate::restore::working_set::file_ranges(&data, ws.as_ref())
+            .into_iter()
+            .filter_map(|(p, off, len)| {
+                let name = p.file_name()?.to_str()?.to_string();
+                index.files.contains_key(&name).then_some((name, off, len))
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
+    if !first.is_empty() {
+        let path = scratch.join(first_pages::TITLE);
+        first_pages::pack(&data, &first, &path, ZSTD_LEVEL).map_err(io_err(&path))?;
+        let (digest, size) = file_sha256(&path)?;
+        layers.push(Blob {
+            desc: OciDescriptor {
+                media_type: first_pages::FIRST_PAGES_TYPE.into(),
+                digest,
+                size: i64::try_from(size).unwrap_or(i64::MAX),
+                urls: None,
+                artifact_type: None,
+                annotations: Some(BTreeMap::from([(
+                    TITLE.to_string(),
+                    first_pages::TITLE.to_string(),
+                )])),
+            },
+            path,
+        });
+    }
     if !index.files.is_empty() {
         let bytes = serde_json::to_vec(&index).expect("the frame index serializes");
         let path = scratch.join(FRAMES_TITLE);
@@ -371,7 +405,7 @@ pub fn check_manifest(manifest: &OciImageManifest) -> Result<(), RemoteError> {
             manifest.config.size
         )));
     }
-    let mut bundles = 0;
+    let (mut bundles, mut firsts) = (0, 0);
     for layer in &manifest.layers {
         if layer.media_type == FRAMES_TYPE {
             if !(0..=MAX_FRAMES_BYTES).contains(&layer.size) {
@@ -386,6 +420,16 @@ pub fn check_manifest(manifest: &OciImageManifest) -> Result<(), RemoteError> {
             if !(0..=MAX_WORKING_SET_BYTES).contains(&layer.size) {
                 return Err(RemoteError::NotOurs(format!(
                     "working set of {} bytes",
+                    layer.size
+                )));
+            }
+            continue;
+        }
+        if layer.media_type == first_pages::FIRST_PAGES_TYPE {
+            firsts += 1;
+            if firsts > 1 || !(0..=first_pages::MAX_BYTES).contains(&layer.size) {
+                return Err(RemoteError::NotOurs(format!(
+                    "a second first-pages layer, or one of {} bytes",
                     layer.size
                 )));
             }
@@ -591,8 +635,8 @@ pub fn stage(
     let mut working_set = None;
     let mut written = std::collections::BTreeSet::new();
     for layer in &manifest.layers {
-        if layer.media_type == FRAMES_TYPE {
-            // Only a restore that starts before the pull ends reads it
+        if layer.media_type == FRAMES_TYPE || layer.media_type == first_pages::FIRST_PAGES_TYPE {
+            // Only a restore that starts before the pull ends reads them
             // (`super::stream`).
             continue;
         }

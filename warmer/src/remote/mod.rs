@@ -22,6 +22,7 @@
 pub mod artifact;
 pub mod auth;
 pub mod bundle;
+pub mod first_pages;
 pub mod frames;
 pub mod layout;
 pub mod reference;

@@ -419,6 +419,12 @@ impl Registry {
                 layers
                     .iter()
                     .filter(|l| u64::try_from(l.size).is_ok_and(|n| n < SMALL_BLOB))
+                    // Read only by a restore that begins before the pull ends,
+                    // which fetches them itself (`super::stream`).
+                    .filter(|l| {
+                        l.media_type != artifact::FRAMES_TYPE
+                            && l.media_type != super::first_pages::FIRST_PAGES_TYPE
+                    })
                     .map(|l| download(client, reference, l, incoming, None)),
             )
             .buffer_unordered(PARALLEL_BLOBS)

@@ -346,6 +346,14 @@ impl Frames {
             .clone()
     }
 
+    /// Each page file's size.
+    pub(super) fn sizes(&self) -> BTreeMap<String, u64> {
+        self.files
+            .iter()
+            .map(|(name, f)| (name.clone(), f.frames.iter().map(|fr| fr.raw_len).sum()))
+            .collect()
+    }
+
     pub(super) fn frame_count(&self) -> usize {
         self.files.values().map(|f| f.frames.len()).sum()
     }

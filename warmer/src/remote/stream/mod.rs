@@ -38,6 +38,7 @@ mod fetch;
 pub use self::fetch::Frames;
 use self::fetch::{PageFile, PARALLEL_FRAMES};
 use super::artifact::{self, Config, Fetched};
+use super::first_pages;
 use super::frames::Index;
 use super::registry::Registry;
 use super::RemoteError;
@@ -185,14 +186,33 @@ impl Registry {
                 ms: u64::try_from(t.elapsed().as_millis()).unwrap_or(u64::MAX),
             }));
         }
-        // What the restore reads before the tree runs, first; and page files
-        // no task's pagemap names (shared memory's): CRIU reads them whole
-        // before the tree runs, never lazily.
+        // What the restore reads before the tree runs, first: from the
+        // image's first-pages blob where it has one (one request), else (and
+        // for what it lacks) the frames holding it; and page files no task's
+        // pagemap names (shared memory's): CRIU reads them whole before the
+        // tree runs, never lazily.
+        let mut have = std::collections::BTreeSet::new();
+        if let Some(layer) = head
+            .manifest
+            .layers
+            .iter()
+            .find(|l| l.media_type == first_pages::FIRST_PAGES_TYPE)
+        {
+            let (blob, n) = self.fetch_layer(&head.reference, layer, &incoming, None, deadline)?;
+            fetched += n;
+            if let Fetched::Blob(blob) = blob {
+                have = first_pages::unpack(&blob, &data, &frames.sizes())
+                    .map_err(RemoteError::Damaged)?;
+            }
+        }
         let mut wanted: std::collections::BTreeSet<(&str, usize)> = Default::default();
         for (path, off, len) in
             crate::restore::working_set::file_ranges(&data, working_set.as_ref())
         {
             let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+            if have.contains(&(name.to_string(), off, len)) {
+                continue;
+            }
             for (_, i) in frames.covering(name, off, len).unwrap_or_default() {
                 if let Some((key, _)) = frames.files.get_key_value(name) {
                     wanted.insert((key.as_str(), i));
@@ -222,8 +242,9 @@ impl Registry {
             });
         }
         progress(&format!(
-            "restoring before the pull ends: {first} of {} frames here",
-            frames.frame_count()
+            "restoring before the pull ends: {first} of {} frames here, and {} ranges of first pages",
+            frames.frame_count(),
+            have.len()
         ));
         frames.begun.store(true, Ordering::Relaxed);
         let meta = head.config.entry.clone();
