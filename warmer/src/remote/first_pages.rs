@@ -30,6 +30,8 @@ pub const TITLE: &str = "first-pages";
 pub const MAX_BYTES: i64 = 512 << 20;
 /// The ranges' line, at most.
 const MAX_HEAD: u64 = 16 << 20;
+/// Bytes copied at a time.
+const CHUNK: usize = 1 << 20;
 
 /// (file in the image, offset, length).
 pub type Range = (String, u64, u64);
@@ -80,17 +82,28 @@ pub fn unpack(
         }
         total += len;
     }
-    let mut buf = Vec::new();
+    // Never more than the page files hold, whatever the ranges overlap.
+    let whole: u64 = sizes.values().sum();
+    if total > whole {
+        return Err(format!(
+            "first pages: {total} bytes of ranges, more than the page files' {whole}"
+        ));
+    }
+    let mut buf = vec![0u8; CHUNK];
     for (name, off, len) in &ranges {
-        buf.resize(usize::try_from(*len).map_err(|e| e.to_string())?, 0);
-        r.read_exact(&mut buf)
-            .map_err(|e| format!("first pages: {name}: {e}"))?;
         let out = std::fs::OpenOptions::new()
             .write(true)
             .open(data.join(name))
             .map_err(|e| format!("first pages: {name}: {e}"))?;
-        out.write_all_at(&buf, *off)
-            .map_err(|e| format!("first pages: {name}: {e}"))?;
+        let mut done = 0u64;
+        while done < *len {
+            let n = usize::try_from((*len - done).min(CHUNK as u64)).unwrap_or(CHUNK);
+            r.read_exact(&mut buf[..n])
+                .map_err(|e| format!("first pages: {name}: {e}"))?;
+            out.write_all_at(&buf[..n], off + done)
+                .map_err(|e| format!("first pages: {name}: {e}"))?;
+            done += n as u64;
+        }
     }
     if r.read(&mut [0u8; 1]).map_err(|e| e.to_string())? != 0 {
         return Err(format!(
@@ -168,6 +181,11 @@ mod tests {
             ),
             (r#"[["pages-1.img",0,8]]"#, &b"evil"[..], "pages-1.img"),
             (r#"[["pages-1.img",0,2]]"#, &b"evil"[..], "more than"),
+            (
+                r#"[["pages-1.img",0,8192],["pages-1.img",0,8192]]"#,
+                &b""[..],
+                "more than the page files'",
+            ),
             ("not json", &b""[..], "the ranges"),
         ] {
             let err = unpack(&raw(head, body), dir.path(), &sizes).unwrap_err();
