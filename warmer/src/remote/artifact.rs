@@ -121,6 +121,21 @@ pub fn sha256_digest(bytes: &[u8]) -> String {
     format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
 }
 
+/// A layer's blob: its media type, title, digest and size, and where it is.
+fn layer(media_type: &str, title: &str, digest: String, size: i64, path: PathBuf) -> Blob {
+    Blob {
+        desc: OciDescriptor {
+            media_type: media_type.into(),
+            digest,
+            size,
+            urls: None,
+            artifact_type: None,
+            annotations: Some(BTreeMap::from([(TITLE.to_string(), title.to_string())])),
+        },
+        path,
+    }
+}
+
 /// A file's sha256 digest and size.
 fn file_sha256(path: &Path) -> Result<(String, u64), RemoteError> {
     let mut hashing = Hashing {
@@ -186,20 +201,13 @@ pub fn prepare(
         let path = scratch.join(bundle::TITLE);
         bundle::pack(&data, &small, &path, ZSTD_LEVEL).map_err(io_err(&path))?;
         let (digest, size) = file_sha256(&path)?;
-        layers.push(Blob {
-            desc: OciDescriptor {
-                media_type: bundle::BUNDLE_TYPE.into(),
-                digest,
-                size: i64::try_from(size).unwrap_or(i64::MAX),
-                urls: None,
-                artifact_type: None,
-                annotations: Some(BTreeMap::from([(
-                    TITLE.to_string(),
-                    bundle::TITLE.to_string(),
-                )])),
-            },
+        layers.push(layer(
+            bundle::BUNDLE_TYPE,
+            bundle::TITLE,
+            digest,
+            i64::try_from(size).unwrap_or(i64::MAX),
             path,
-        });
+        ));
     }
     for (i, file) in entry.meta.files.iter().enumerate() {
         if bundle::holds(file) {
@@ -249,17 +257,13 @@ pub fn prepare(
             let _ = fs::remove_file(&packed);
             (FILE_TYPE, hex::encode(raw_hash.finalize()), raw_len, src)
         };
-        layers.push(Blob {
-            desc: OciDescriptor {
-                media_type: media_type.into(),
-                digest: format!("sha256:{digest}"),
-                size: i64::try_from(size).unwrap_or(i64::MAX),
-                urls: None,
-                artifact_type: None,
-                annotations: Some(BTreeMap::from([(TITLE.to_string(), file.path.clone())])),
-            },
+        layers.push(layer(
+            media_type,
+            &file.path,
+            format!("sha256:{digest}"),
+            i64::try_from(size).unwrap_or(i64::MAX),
             path,
-        });
+        ));
     }
     // What a fresh node reads before its restore can start, in one blob
     // (only for an image restored lazily: a sandboxed one is pulled whole).
@@ -280,57 +284,36 @@ pub fn prepare(
         let path = scratch.join(first_pages::TITLE);
         first_pages::pack(&data, &first, &path, ZSTD_LEVEL).map_err(io_err(&path))?;
         let (digest, size) = file_sha256(&path)?;
-        layers.push(Blob {
-            desc: OciDescriptor {
-                media_type: first_pages::FIRST_PAGES_TYPE.into(),
-                digest,
-                size: i64::try_from(size).unwrap_or(i64::MAX),
-                urls: None,
-                artifact_type: None,
-                annotations: Some(BTreeMap::from([(
-                    TITLE.to_string(),
-                    first_pages::TITLE.to_string(),
-                )])),
-            },
+        layers.push(layer(
+            first_pages::FIRST_PAGES_TYPE,
+            first_pages::TITLE,
+            digest,
+            i64::try_from(size).unwrap_or(i64::MAX),
             path,
-        });
+        ));
     }
     if !index.files.is_empty() {
         let bytes = serde_json::to_vec(&index).expect("the frame index serializes");
         let path = scratch.join(FRAMES_TITLE);
         fs::write(&path, &bytes).map_err(io_err(&path))?;
-        layers.push(Blob {
-            desc: OciDescriptor {
-                media_type: FRAMES_TYPE.into(),
-                digest: sha256_digest(&bytes),
-                size: i64::try_from(bytes.len()).unwrap_or(i64::MAX),
-                urls: None,
-                artifact_type: None,
-                annotations: Some(BTreeMap::from([(
-                    TITLE.to_string(),
-                    FRAMES_TITLE.to_string(),
-                )])),
-            },
+        layers.push(layer(
+            FRAMES_TYPE,
+            FRAMES_TITLE,
+            sha256_digest(&bytes),
+            i64::try_from(bytes.len()).unwrap_or(i64::MAX),
             path,
-        });
+        ));
     }
     if let Some(ws) = working_set {
         let path = scratch.join(WORKING_SET_TITLE);
         fs::write(&path, ws).map_err(io_err(&path))?;
-        layers.push(Blob {
-            desc: OciDescriptor {
-                media_type: WORKING_SET_TYPE.into(),
-                digest: sha256_digest(ws),
-                size: i64::try_from(ws.len()).unwrap_or(i64::MAX),
-                urls: None,
-                artifact_type: None,
-                annotations: Some(BTreeMap::from([(
-                    TITLE.to_string(),
-                    WORKING_SET_TITLE.to_string(),
-                )])),
-            },
+        layers.push(layer(
+            WORKING_SET_TYPE,
+            WORKING_SET_TITLE,
+            sha256_digest(ws),
+            i64::try_from(ws.len()).unwrap_or(i64::MAX),
             path,
-        });
+        ));
     }
     let config = serde_json::to_vec(&Config {
         warmer_artifact: ARTIFACT_VERSION,
