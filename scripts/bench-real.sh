@@ -10,6 +10,10 @@ cd "$(dirname "$0")/.."
 RUNS=${1:-5}
 OUT=${OUT:-$PWD/bench-out}
 scripts/deps.sh
+# The CRIU deps.sh settled on (it may not be the first on PATH: see
+# scripts/install-criu.sh); an explicit WARMER_CRIU wins.
+WARMER_CRIU=${WARMER_CRIU:-$(scripts/install-criu.sh)}
+export WARMER_CRIU
 cargo build --release --locked -q
 for s in redis pyml nodered activemq tomcat10; do benches/services/$s.sh; done
 install -D -m 0755 examples/slowweb/server.py /opt/warmer/examples/slowweb/server.py

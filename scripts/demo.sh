@@ -12,6 +12,10 @@ cd "$(dirname "$0")/.."
 RESTORES=${1:-3}
 
 scripts/deps.sh
+# The CRIU deps.sh settled on (it may not be the first on PATH: see
+# scripts/install-criu.sh); an explicit WARMER_CRIU wins.
+WARMER_CRIU=${WARMER_CRIU:-$(scripts/install-criu.sh)}
+export WARMER_CRIU
 cargo build --release --locked -q
 W=$PWD/target/release/warmer
 

@@ -47,5 +47,5 @@ if ! command -v javac >/dev/null; then
   apt-get install -y -qq --no-install-recommends default-jdk-headless >/dev/null
 fi
 
-scripts/install-criu.sh
+scripts/install-criu.sh >/dev/null
 cargo fetch --locked 2>/dev/null || cargo fetch

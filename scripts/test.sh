@@ -6,6 +6,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 scripts/deps.sh
+# The CRIU deps.sh settled on (it may not be the first on PATH: see
+# scripts/install-criu.sh); an explicit WARMER_CRIU wins.
+WARMER_CRIU=${WARMER_CRIU:-$(scripts/install-criu.sh)}
+export WARMER_CRIU
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
