@@ -494,7 +494,12 @@ fn validate(dirs: &Dirs, files: &[PathBuf]) -> ExitCode {
                     .and_then(|(d, c)| c.lookup(&d.hex).ok().flatten());
                 for w in warmer::commands::lint::pushed_secrets(&m)
                     .into_iter()
-                    .chain(warmer::commands::lint::sandbox_limits(&m))
+                    .chain(warmer::commands::lint::sandbox_limits(
+                        &m,
+                        m.sandbox.is_some()
+                            && warmer::criu::Criu::locate()
+                                .is_ok_and(|c| c.lazy_for(true, &dirs.run)),
+                    ))
                 {
                     eprintln!("{}: warning: {w}", f.display());
                 }
@@ -663,6 +668,14 @@ fn check() -> ExitCode {
     match c.check() {
         Ok(r) if r.ok => {
             println!("criu check: ok: {}", r.lines.join(" / "));
+            if c.lazy_in_userns(&mut warmer::memo::Memo::none()) {
+                println!("sandboxed services: lazy restores (CRIU opens /dev/userfaultfd)");
+            } else {
+                println!(
+                    "sandboxed services: eager restores only: {}",
+                    warmer::restore::NO_USERFAULTFD
+                );
+            }
             ExitCode::from(exit::OK)
         }
         Ok(r) => {

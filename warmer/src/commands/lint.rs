@@ -55,17 +55,21 @@ pub fn pushed_secrets(m: &Manifest) -> Vec<String> {
     )]
 }
 
-/// Settings a sandbox changes the meaning of: lazy restores (no
-/// userfaultfd in its user namespace: always eager) and `tcp_established`
-/// (connections come back closed: TCP repair needs CAP_NET_ADMIN over the
-/// host's network).
-pub fn sandbox_limits(m: &Manifest) -> Vec<String> {
+/// Settings a sandbox changes the meaning of: lazy restores (only with a
+/// CRIU that gives the service's user namespace a userfaultfd:
+/// `lazy_in_userns`, else always eager) and `tcp_established` (connections
+/// come back closed: TCP repair needs CAP_NET_ADMIN over the host's
+/// network).
+pub fn sandbox_limits(m: &Manifest, lazy_in_userns: bool) -> Vec<String> {
     if m.sandbox.is_none() {
         return Vec::new();
     }
     let mut out = Vec::new();
-    if m.restore_mode == crate::manifest::RestoreMode::Lazy {
-        out.push("restore.mode: lazy has no effect with a user or sandbox: the service's user namespace gets no userfaultfd, so its images restore eagerly".to_string());
+    if m.restore_mode == crate::manifest::RestoreMode::Lazy && !lazy_in_userns {
+        out.push(format!(
+            "restore.mode: lazy with a user or sandbox: {}",
+            crate::restore::NO_USERFAULTFD
+        ));
     }
     if m.checkpoint.tcp_established {
         out.push("checkpoint.tcp_established with a user or sandbox: established connections are dumped but come back closed (TCP repair needs CAP_NET_ADMIN over the host's network), as after a peer's reset".to_string());
@@ -85,15 +89,18 @@ mod tests {
             "exec: [a]\nready: {tcp: \"h:1\"}\nuser: nobody\nrestore: {mode: lazy}\ncheckpoint: {tcp_established: true}\n",
         )
         .unwrap();
-        let w = sandbox_limits(&m);
+        let w = sandbox_limits(&m, false);
         assert_eq!(w.len(), 2, "{w:?}");
+        let w = sandbox_limits(&m, true);
+        assert_eq!(w.len(), 1, "a CRIU that can restores lazily: {w:?}");
+        assert!(w[0].contains("tcp_established"), "{w:?}");
         let plain = Manifest::parse(
             "w",
             Path::new("w.yaml"),
             "exec: [a]\nready: {tcp: \"h:1\"}\nrestore: {mode: lazy}\n",
         )
         .unwrap();
-        assert!(sandbox_limits(&plain).is_empty());
+        assert!(sandbox_limits(&plain, false).is_empty());
     }
 
     fn file(path: &str, flags: i32) -> OpenFile {

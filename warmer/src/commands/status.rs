@@ -136,7 +136,14 @@ pub fn next_start(
         );
     }
     let run_dir = run_dir?;
-    match crate::restore::plan(cache, digest, m, run_dir, crate::restore::Purpose::Start) {
+    // Whether a sandboxed image could restore lazily: asked of the CRIU a
+    // start would use (remembered per boot, as a start does).
+    let lazy_in_userns = m.sandbox.is_some()
+        && run_dir
+            .parent()
+            .is_some_and(|root| crate::criu::Criu::locate().is_ok_and(|c| c.lazy_for(true, root)));
+    let start = crate::restore::Purpose::Start;
+    match crate::restore::plan(cache, digest, m, run_dir, start, lazy_in_userns) {
         Ok(Ok(plan)) => NextStart::restore(
             format!(
                 "image {} (generation {}, taken {}), {}",

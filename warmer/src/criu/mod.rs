@@ -110,6 +110,40 @@ impl Criu {
         Ok(Self { bin, version })
     }
 
+    /// Can a tree restored into a user namespace of its own (a sandbox) get
+    /// a userfaultfd, so restore lazily? The kernel refuses it the syscall
+    /// (`vm.unprivileged_userfaultfd=0` asks for CAP_SYS_PTRACE in the
+    /// initial user namespace); the CRIU scripts/install-criu.sh builds
+    /// opens `/dev/userfaultfd` instead (tools/criu-deb/debian/patches), and
+    /// says so as `criu check --feature uffd-dev`, which also proves that
+    /// the device works on this kernel. Asked once per boot and binary.
+    pub fn lazy_in_userns(&self, memo: &mut crate::memo::Memo) -> bool {
+        let answer = memo.get("criu-uffd-dev", &self.bin, |bin| {
+            let ok = Command::new(bin)
+                .args(["check", "--feature", "uffd-dev"])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success());
+            Ok::<_, std::convert::Infallible>(if ok { "yes" } else { "no" }.to_string())
+        });
+        answer.is_ok_and(|a| a == "yes")
+    }
+
+    /// [`Criu::lazy_in_userns`] for a service's restore: always true
+    /// outside a sandbox; inside, asked of this CRIU through the memo of
+    /// `run_root`.
+    pub fn lazy_for(&self, sandboxed: bool, run_root: &Path) -> bool {
+        if !sandboxed {
+            return true;
+        }
+        let mut memo = crate::memo::Memo::load(run_root);
+        let ok = self.lazy_in_userns(&mut memo);
+        memo.save();
+        ok
+    }
+
     /// Runs `criu check`: does CRIU work on this kernel, with our privileges?
     pub fn check(&self) -> Result<CheckReport, CriuError> {
         let o = self

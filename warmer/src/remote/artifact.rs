@@ -266,20 +266,17 @@ pub fn prepare(
         ));
     }
     // What a fresh node reads before its restore can start, in one blob
-    // (only for an image restored lazily: a sandboxed one is pulled whole).
-    let lazy = crate::image::read(&data).is_ok_and(|i| i.external_mounts.is_none());
+    // (a sandboxed image too: a node whose CRIU can give the sandbox a
+    // userfaultfd restores it lazily; the others pull whole and skip it).
     let ws = working_set.and_then(parse_working_set);
-    let first: Vec<first_pages::Range> = if lazy {
+    let first: Vec<first_pages::Range> =
         crate::restore::working_set::file_ranges(&data, ws.as_ref())
             .into_iter()
             .filter_map(|(p, off, len)| {
                 let name = p.file_name()?.to_str()?.to_string();
                 index.files.contains_key(&name).then_some((name, off, len))
             })
-            .collect()
-    } else {
-        Vec::new()
-    };
+            .collect();
     if !first.is_empty() {
         let path = scratch.join(first_pages::TITLE);
         first_pages::pack(&data, &first, &path, ZSTD_LEVEL).map_err(io_err(&path))?;

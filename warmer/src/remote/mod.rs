@@ -145,10 +145,23 @@ pub fn pull(
     limit: Option<std::time::Duration>,
     progress: Progress,
 ) -> Result<registry::Pulled, RemoteError> {
-    match pull_or_stream(cache, manifest, digest, host, limit, false, progress)? {
+    match pull_or_stream(cache, manifest, digest, host, limit, Stream::No, progress)? {
         stream::Got::Pulled(p) => Ok(p),
         stream::Got::Streaming(_) => unreachable!("not asked to stream"),
     }
+}
+
+/// Whether a pull may hand an image back before its memory is all here,
+/// for a lazy restore (see [`stream`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stream {
+    /// Pull it whole.
+    No,
+    /// Only an image restored in the host's user namespace.
+    HostOnly,
+    /// A sandboxed one too: CRIU gives its user namespace a userfaultfd
+    /// ([`crate::criu::Criu::lazy_in_userns`]).
+    Any,
 }
 
 /// [`pull`], or (with `may_stream`) for an image that can restore before its
@@ -159,15 +172,16 @@ pub fn pull_or_stream(
     digest: &str,
     host: &BTreeMap<String, String>,
     limit: Option<std::time::Duration>,
-    may_stream: bool,
+    may_stream: Stream,
     progress: Progress,
 ) -> Result<stream::Got, RemoteError> {
     let remote = remote_of(manifest)?;
     let keys = verifiers(Some(remote))?;
     let registry = registry::Registry::new(remote)?;
     let check = |config: &artifact::Config| check_config(config, Some(digest), host);
-    if may_stream {
-        registry.pull_or_stream(cache, digest, limit, &keys, &check, progress)
+    if may_stream != Stream::No {
+        let in_userns = may_stream == Stream::Any;
+        registry.pull_or_stream(cache, digest, limit, &keys, &check, in_userns, progress)
     } else {
         registry
             .pull(cache, digest, limit, &keys, &check, progress)

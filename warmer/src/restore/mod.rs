@@ -39,7 +39,9 @@ use cache::{Cache, Entry};
 
 pub use self::criu::{restore as criu_restore, CriuRestoreError, CriuTimes, RestoreOptions, Watch};
 use self::plan::published_key;
-pub use self::plan::{choose_restore, plan, plan_streamed, Integrity, Plan, Purpose, Served, Skip};
+pub use self::plan::{
+    choose_restore, plan, plan_streamed, Integrity, Plan, Purpose, Served, Skip, NO_USERFAULTFD,
+};
 use crate::criu::Criu;
 use crate::digest::short;
 use crate::errors::chain;

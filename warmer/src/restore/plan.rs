@@ -13,6 +13,9 @@ use crate::image::state::Drift;
 use crate::image::Taken;
 use crate::manifest::Mode;
 
+/// Why a sandboxed image restores eagerly where CRIU cannot help it.
+pub const NO_USERFAULTFD: &str = "this CRIU cannot open a userfaultfd inside the service's user namespace (`criu check --feature uffd-dev` fails; the CRIU scripts/install-criu.sh builds can), so its images restore eagerly";
+
 /// How an entry's integrity is established before its tree runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Integrity {
@@ -138,13 +141,14 @@ pub enum Purpose {
 /// and the service's `state:` data exactly as the image captured it. A warm
 /// service measured to cold-start faster than it restores is not restored
 /// (`run_dir` holds that measurement; a persist service always restores:
-/// its memory is its state).
+/// its memory is its state). `lazy_in_userns`: see [`choose_restore`].
 pub fn plan(
     cache: &Cache,
     digest: &str,
     manifest: &crate::manifest::Manifest,
     run_dir: &Path,
     purpose: Purpose,
+    lazy_in_userns: bool,
 ) -> Result<Result<Plan, Skip>, Failure> {
     let mode = manifest.mode;
     let entry = match cache.lookup(digest) {
@@ -188,7 +192,7 @@ pub fn plan(
         manifest.restore_mode,
         &entry,
         &history,
-        info.external_mounts.is_some(),
+        info.external_mounts.is_none() || lazy_in_userns,
         ws.as_ref(),
     );
     Ok(Ok(Plan {
@@ -287,21 +291,22 @@ pub(super) fn published_key(cache: &Cache, key: &str) -> Option<String> {
 
 /// Eager or lazy for this image now (see [`choose`]); the page cache is
 /// looked at only when it can matter.
+///
+/// `userfaultfd`: whether the restored tree can open one: always in the
+/// host's user namespace; in a sandbox's only with a CRIU that opens
+/// `/dev/userfaultfd` ([`crate::criu::Criu::lazy_in_userns`]).
 pub fn choose_restore(
     mode: crate::manifest::RestoreMode,
     entry: &Entry,
     history: &choose::History,
-    sandboxed: bool,
+    userfaultfd: bool,
     ws: Option<&working_set::WorkingSet>,
 ) -> choose::Choice {
-    if sandboxed {
-        // The restored tree opens its userfaultfd from inside its user
-        // namespace, which the kernel refuses (vm.unprivileged_userfaultfd=0
-        // asks for CAP_SYS_PTRACE in the initial one).
+    if !userfaultfd {
         return choose::Choice {
             lazy: false,
             working_set: false,
-            reason: "sandboxed: no userfaultfd inside its user namespace".into(),
+            reason: format!("sandboxed: {NO_USERFAULTFD}"),
         };
     }
     let (memory, files) = choose::memory_files(entry);
@@ -353,7 +358,8 @@ mod tests {
                 &digest,
                 &manifest(Mode::Warm, false),
                 dir.path(),
-                Purpose::Start
+                Purpose::Start,
+                false,
             ),
             Ok(Err(Skip::NoImage))
         ));
@@ -389,6 +395,7 @@ mod tests {
             &manifest(Mode::Warm, true),
             dir.path(),
             Purpose::Start,
+            false,
         )
         .unwrap()
         .unwrap();
@@ -401,7 +408,8 @@ mod tests {
                     &digest,
                     &manifest(Mode::Persist, false),
                     dir.path(),
-                    Purpose::Start
+                    Purpose::Start,
+                    false,
                 ),
                 Ok(Err(Skip::NotStopImage {
                     taken: Taken::Ready,
@@ -417,7 +425,8 @@ mod tests {
                 &digest,
                 &manifest(Mode::Persist, false),
                 dir.path(),
-                Purpose::Start
+                Purpose::Start,
+                false,
             )
             .unwrap()
             .is_ok(),
@@ -432,7 +441,8 @@ mod tests {
                 &digest,
                 &manifest(Mode::Warm, false),
                 dir.path(),
-                Purpose::Start
+                Purpose::Start,
+                false,
             )
             .unwrap()
             .unwrap_err(),

@@ -16,7 +16,10 @@
 //!
 //! **Use.** A restore of an image with a working set restores a *view* of it:
 //! a directory in the service's run directory whose files are symlinks into
-//! the entry, except the pagemaps, rewritten so that the working set's pages
+//! the entry (relative ones: CRIU opens some of them from inside a sandbox's
+//! root, where the cache's absolute path may be hidden, under a private
+//! `/tmp` for one; a relative link is looked up from the view's directory
+//! as CRIU opened it, on the host), except the pagemaps, rewritten so that the working set's pages
 //! are no longer marked lazy (CRIU's `PE_LAZY`). `criu restore --lazy-pages`
 //! copies those pages before the tree runs, in address order, as an eager
 //! restore would; the daemon serves the rest on demand and in the background.
@@ -386,6 +389,7 @@ pub fn write_view(data: &Path, run_dir: &Path, ws: &WorkingSet) -> std::io::Resu
         _ => {}
     }
     std::fs::DirBuilder::new().mode(0o700).create(&dir)?;
+    let to_data = relative(&dir.canonicalize()?, &data.canonicalize()?);
     let mut view = View {
         dir: dir.clone(),
         ..View::default()
@@ -404,10 +408,24 @@ pub fn write_view(data: &Path, run_dir: &Path, ws: &WorkingSet) -> std::io::Resu
                 view.eager_pages += eager;
                 view.lazy_pages += lazy;
             }
-            None => std::os::unix::fs::symlink(data.join(&name), dir.join(&name))?,
+            None => std::os::unix::fs::symlink(to_data.join(&name), dir.join(&name))?,
         }
     }
     Ok(view)
+}
+
+/// The relative path from directory `from` to `to` (both canonical).
+fn relative(from: &Path, to: &Path) -> PathBuf {
+    let (from, to): (Vec<_>, Vec<_>) = (from.components().collect(), to.components().collect());
+    let common = from.iter().zip(&to).take_while(|(a, b)| a == b).count();
+    let mut out = PathBuf::new();
+    for _ in common..from.len() {
+        out.push("..");
+    }
+    for c in &to[common..] {
+        out.push(c);
+    }
+    out
 }
 
 /// A pagemap file rewritten for `runs`: its framing kept, its entries split.
@@ -553,6 +571,24 @@ pub fn read_first(cache: &cache::Cache, entry: &cache::Entry) -> u64 {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn view_links_are_relative_to_the_view() {
+        let r = |a: &str, b: &str| relative(Path::new(a), Path::new(b));
+        assert_eq!(
+            r(
+                "/run/warmer/svc/image-view",
+                "/var/cache/warmer/entries/k/data"
+            ),
+            Path::new("../../../../var/cache/warmer/entries/k/data")
+        );
+        assert_eq!(
+            r("/tmp/t/run/svc/image-view", "/tmp/t/cache/entries/k/data"),
+            Path::new("../../../cache/entries/k/data")
+        );
+        assert_eq!(r("/a/b", "/a/b/c"), Path::new("c"));
+    }
+
     use super::*;
 
     const P: u64 = 4096;

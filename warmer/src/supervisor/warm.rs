@@ -42,14 +42,18 @@ impl Supervisor {
         } else {
             restore::Purpose::Start
         };
-        let mut planned = restore::plan(&cache, &digest, &self.manifest, &self.run_dir, purpose);
+        let lazy_in_userns = criu.lazy_for(self.manifest.sandbox.is_some(), &self.run_root);
+        let plan = |me: &Self, cache: &cache::Cache| {
+            let (m, run_dir) = (&me.manifest, &me.run_dir);
+            restore::plan(cache, &digest, m, run_dir, purpose, lazy_in_userns)
+        };
+        let mut planned = plan(self, &cache);
         let mut streamed = None;
         if matches!(planned, Ok(Err(Skip::NoImage))) {
             match self.pull_missing(&cache, &digest) {
                 Pulled::Nothing => {}
                 Pulled::Whole => {
-                    planned =
-                        restore::plan(&cache, &digest, &self.manifest, &self.run_dir, purpose);
+                    planned = plan(self, &cache);
                 }
                 Pulled::Streaming(s) => {
                     planned = restore::plan_streamed(&s, &self.manifest);
@@ -328,11 +332,21 @@ impl Supervisor {
         let progress = &mut |p: &str| tracing::info!(phase = "pull", "{p}");
         // Not after a lazy restore of this digest failed this boot (a frame
         // that could not be had among them): the whole pull then says why.
-        let may_stream = self.manifest.restore_mode != crate::manifest::RestoreMode::Eager
-            && self.manifest.sandbox.is_none()
-            && crate::restore::choose::History::load(&self.run_dir, digest)
+        use crate::remote::Stream;
+        let may_stream = if self.manifest.restore_mode == crate::manifest::RestoreMode::Eager
+            || crate::restore::choose::History::load(&self.run_dir, digest)
                 .lazy_failed
-                .is_none();
+                .is_some()
+        {
+            Stream::No
+        } else if self.criu.as_ref().is_some_and(|c| {
+            // (Only asked of CRIU for a sandboxed service.)
+            c.lazy_for(self.manifest.sandbox.is_some(), &self.run_root)
+        }) {
+            Stream::Any
+        } else {
+            Stream::HostOnly
+        };
         let result = crate::remote::pull_or_stream(
             cache,
             &self.manifest,

@@ -289,7 +289,7 @@ impl Bencher {
                         &entry.meta.digest,
                         cache.as_ref().map(|c| (c, entry.key.as_str())),
                     ),
-                    sandboxed,
+                    self.criu.lazy_for(sandboxed, &self.dirs.run),
                     ws.as_ref(),
                 )
             })

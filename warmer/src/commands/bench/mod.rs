@@ -186,10 +186,12 @@ pub fn bench(
     b.criu_restore_ms(None)?;
     b.breakdowns.borrow_mut().clear();
     // Both raw baselines where lazy is in question at all (a sandboxed
-    // image restores only eagerly: see `restore::choose_restore`).
+    // image restores lazily only with a CRIU that can: see
+    // `restore::choose_restore`).
     let sandboxed =
         crate::image::read(&entry.data_dir()).is_ok_and(|i| i.external_mounts.is_some());
-    let baselines = !sandboxed && choose::memory_files(&entry).0 >= choose::LAZY_MIN_BYTES;
+    let baselines = b.criu.lazy_for(sandboxed, &b.dirs.run)
+        && choose::memory_files(&entry).0 >= choose::LAZY_MIN_BYTES;
 
     let mut samples = Samples {
         cold: Vec::new(),

@@ -22,8 +22,9 @@
 //!
 //! A frame that cannot be fetched (the registry gone, a wrong hash) is never
 //! served: the page server ends the tree first (`restore::page_server`). An
-//! image without a frame index, or that cannot restore lazily (sandboxed),
-//! is pulled whole as before.
+//! image without a frame index, or that cannot restore lazily (sandboxed,
+//! with a CRIU that cannot give its user namespace a userfaultfd), is pulled
+//! whole as before.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
@@ -107,8 +108,8 @@ pub enum Got {
 
 impl Registry {
     /// Like [`Registry::pull`], but an image with a frame index that can
-    /// restore lazily (`restore.json`: not sandboxed) is handed
-    /// back before its memory is all here (see the module's text).
+    /// restore lazily (`restore.json`: not sandboxed, or `lazy_in_userns`)
+    /// is handed back before its memory is all here (see the module's text).
     #[allow(clippy::too_many_arguments)]
     pub fn pull_or_stream(
         &self,
@@ -117,6 +118,7 @@ impl Registry {
         limit: Option<Duration>,
         keys: &[super::sign::Verifier],
         check: &dyn Fn(&Config) -> Result<(), RemoteError>,
+        lazy_in_userns: bool,
         progress: super::Progress,
     ) -> Result<Got, RemoteError> {
         let t = Instant::now();
@@ -171,7 +173,8 @@ impl Registry {
             .working_set
             .as_deref()
             .and_then(artifact::parse_working_set);
-        let lazy_ok = crate::image::read(&data).is_ok_and(|info| info.external_mounts.is_none());
+        let lazy_ok = crate::image::read(&data)
+            .is_ok_and(|info| info.external_mounts.is_none() || lazy_in_userns);
         if !lazy_ok {
             // Restored eagerly (or its state goes back first): all of it now.
             frames.fill().map_err(RemoteError::Damaged)?;
