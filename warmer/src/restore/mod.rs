@@ -288,8 +288,8 @@ impl Restore<'_> {
         // settled: a lazy one's faults, and any one's file pages.
         let known = plan.working_set.as_ref();
         let first = known.filter(|_| plan.choice.working_set);
-        let learning = known.is_none_or(working_set::WorkingSet::learning);
-        let learn = plan.choice.lazy && learning;
+        let learning = known.is_none_or(working_set::WorkingSet::learning_files);
+        let learn = plan.choice.lazy && known.is_none_or(working_set::WorkingSet::learning_memory);
         if plan.pages.is_none() {
             readahead::before_restore(&plan.entry, plan.choice.lazy, first, known);
         }
@@ -373,7 +373,7 @@ impl Restore<'_> {
                         }
                     }));
                 }
-                if learning {
+                if learning || learn {
                     let (cache, key) = (self.cache.clone(), plan.key().to_string());
                     r.at_or_before_stop(
                         working_set::FILE_WINDOW,

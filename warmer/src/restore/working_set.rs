@@ -72,15 +72,27 @@ pub struct WorkingSet {
     /// File pages the last lesson added.
     #[serde(default)]
     pub last_new_files: u64,
+    /// Lazy restores whose faults were learned from (`restores` counts
+    /// every lesson, an eager restore's file pages too: a set learned while
+    /// a service could only restore eagerly, as a sandboxed one once did,
+    /// has no memory part yet, and must not count as settled for it).
+    #[serde(default)]
+    pub memory_lessons: u32,
 }
 
 impl WorkingSet {
     /// The entry's working set, if one was learned (and is readable).
     pub fn load(cache: &cache::Cache, key: &str) -> Option<Self> {
         let bytes = cache.note(key, NOTE)?;
-        serde_json::from_slice::<Self>(&bytes)
+        let mut ws = serde_json::from_slice::<Self>(&bytes)
             .ok()
-            .filter(|w| w.format_version == FORMAT_VERSION && w.pages() + w.file_pages() > 0)
+            .filter(|w| w.format_version == FORMAT_VERSION && w.pages() + w.file_pages() > 0)?;
+        // Written before memory lessons were counted: a memory part came
+        // from lazy restores, as many as it has lessons at most.
+        if ws.memory_lessons == 0 && ws.pages() > 0 {
+            ws.memory_lessons = ws.restores;
+        }
+        Some(ws)
     }
 
     pub fn save(&self, cache: &cache::Cache, key: &str) -> Result<(), cache::Error> {
@@ -91,9 +103,17 @@ impl WorkingSet {
     /// [`LEARN_RESTORES`], and any after one that added at least 1% of its
     /// pages. A settled set costs nothing (the daemon logs no faults).
     pub fn learning(&self) -> bool {
-        self.restores < LEARN_RESTORES
-            || self.last_new * 100 >= self.pages().max(1)
-            || self.last_new_files * 100 >= self.file_pages().max(1)
+        self.learning_memory() || self.learning_files()
+    }
+
+    /// Whether a lazy restore's faults still teach it something.
+    pub fn learning_memory(&self) -> bool {
+        self.memory_lessons < LEARN_RESTORES || self.last_new * 100 >= self.pages().max(1)
+    }
+
+    /// Whether the file pages a restored service touches still do.
+    pub fn learning_files(&self) -> bool {
+        self.restores < LEARN_RESTORES || self.last_new_files * 100 >= self.file_pages().max(1)
     }
 
     /// The file pages the service touched, as (file, offset, length).
@@ -298,6 +318,7 @@ pub fn learn(cache: &cache::Cache, key: &str, log: &Path) {
     }
     let new = ws.merge(&faults);
     ws.last_new = new;
+    ws.memory_lessons += 1;
     match ws.save(cache, key) {
         Ok(()) => tracing::info!(
             phase = "working set",
@@ -682,13 +703,35 @@ mod tests {
         let mut ws = WorkingSet::default();
         let f = |range: std::ops::Range<u64>| BTreeMap::from([(1, range.map(|a| a * P).collect())]);
         ws.merge(&f(0..1000));
-        ws.restores = 1;
+        (ws.restores, ws.memory_lessons) = (1, 1);
         assert!(ws.learning(), "one restore is not enough");
         ws.last_new = ws.merge(&f(1000..1005));
-        ws.restores = 2;
+        (ws.restores, ws.memory_lessons) = (2, 2);
         assert!(!ws.learning(), "5 new pages of 1005: settled");
         ws.last_new = ws.merge(&f(2000..2100));
         assert!(ws.learning(), "100 new: still learning");
+    }
+
+    #[test]
+    fn file_lessons_of_eager_restores_do_not_settle_the_memory_part() {
+        // Two eager restores (a sandboxed service before its CRIU could
+        // restore it lazily) taught only file pages.
+        let mut ws = WorkingSet {
+            restores: 2,
+            files: BTreeMap::from([("/usr/lib/x.so".to_string(), vec![(0, 10)])]),
+            ..WorkingSet::default()
+        };
+        assert!(!ws.learning_files());
+        assert!(
+            ws.learning_memory(),
+            "no lazy restore has been learned from"
+        );
+        assert!(ws.learning());
+        let f = BTreeMap::from([(1, (0..100u64).map(|a| a * P).collect())]);
+        ws.last_new = ws.merge(&f);
+        ws.memory_lessons = 2;
+        ws.last_new = 0;
+        assert!(!ws.learning(), "two memory lessons, nothing new: settled");
     }
 
     #[test]
