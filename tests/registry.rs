@@ -516,6 +516,40 @@ fn shared_memory_comes_back_whole_on_a_fresh_node() {
     w.stop();
 }
 
+/// A sandboxed service's image, pushed by one node, restores on a fresh
+/// node before its pull ends: lazily, in its own user namespace, the pages
+/// served from the registry; its credentials and every page of its memory
+/// as they were.
+#[test]
+fn a_sandboxed_service_restores_on_a_fresh_node_before_its_pull_ends() {
+    require_criu();
+    require_lazy_in_userns();
+    let reg = Registry::start(&[]);
+    let mut a = Env::new();
+    let extra = remote(&reg.repository("box"), "");
+    let (port, _dirs) = sandboxed_memory_service(&mut a, "box", &extra);
+    let mut w = a.run("box");
+    a.wait_image("box", &mut w);
+    let cold = memory_report(port);
+    w.stop();
+    let pushed = warmer(&a, &["push", "box"], &[]);
+    assert!(pushed.status.success(), "{}", text(&pushed));
+
+    let b = Env::node_like(&a);
+    let mut w = b.run("box");
+    let s = b.wait_ready("box", &mut w);
+    assert_eq!(s["last_start"], "restored", "{s}\n{}", w.err());
+    assert!(
+        w.err().contains("restoring before the pull ends"),
+        "{}",
+        w.err()
+    );
+    let restored = memory_report(port);
+    assert_eq!(restored["status"], cold["status"], "the same credentials");
+    assert_eq!(restored["first"], cold["first"], "node A's memory");
+    w.stop();
+}
+
 /// Waits until the run is ready after a cold start (`true`) or has ended
 /// (`false`: its restored service was killed).
 fn cold_or_ended(env: &Env, w: &mut Warmer) -> bool {

@@ -584,3 +584,100 @@ pub fn psql(port: u16, sql: &str) -> String {
     assert!(out.status.success(), "psql {sql}: {out:?}");
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
+
+/// A sandboxed service with memory enough for `auto` to restore it lazily:
+/// its credentials, its memory (hashed from inside, every page read) and
+/// what it holds open, reported from inside.
+pub const MEMORY_SERVICE: &str = r#"
+import hashlib, http.server, json, os, sys
+port = int(sys.argv[1])
+blob = bytearray(os.urandom(96 << 20))
+first = hashlib.sha256(blob).hexdigest()
+def fds():
+    out = []
+    for f in os.listdir("/proc/self/fd"):
+        try:
+            out.append(os.readlink("/proc/self/fd/" + f))
+        except OSError:
+            pass
+    return sorted(out)
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        status = {}
+        for l in open("/proc/self/status"):
+            k, _, v = l.partition(":")
+            if k in ("Uid", "Gid", "Groups", "CapInh", "CapPrm", "CapEff", "CapBnd",
+                     "CapAmb", "NoNewPrivs", "Seccomp"):
+                status[k] = v.strip()
+        body = json.dumps({"status": status, "first": first,
+                           "now": hashlib.sha256(blob).hexdigest(), "fds": fds()}).encode()
+        self.send_response(200); self.end_headers(); self.wfile.write(body)
+    def log_message(self, *a): pass
+http.server.HTTPServer(("127.0.0.1", port), H).serve_forever()
+"#;
+
+/// A directory removed when dropped.
+pub struct Removed(pub PathBuf);
+
+impl Drop for Removed {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Fails unless the CRIU warmer runs can give a sandbox's user namespace a
+/// userfaultfd (what `warmer check` says).
+pub fn require_lazy_in_userns() {
+    let check = Command::new(WARMER).arg("check").output().unwrap();
+    let said = String::from_utf8_lossy(&check.stdout).into_owned();
+    assert!(
+        said.contains("sandboxed services: lazy restores"),
+        "the CRIU warmer runs cannot give a sandbox a userfaultfd; run the README's test command (scripts/install-criu.sh builds one that can, and scripts/test.sh sets WARMER_CRIU to it):\n{said}"
+    );
+}
+
+/// `MEMORY_SERVICE` as service `name` of `env`, as `nobody` in a sandbox
+/// (a private /tmp, `protect_system: strict`, no new privileges), `extra`
+/// appended to its manifest; its port. The script and `env`'s run
+/// directory move outside /tmp (the service's own /tmp hides the host's)
+/// into the directories returned, removed when dropped.
+pub fn sandboxed_memory_service(env: &mut Env, name: &str, extra: &str) -> (u16, [Removed; 2]) {
+    let tag = format!("{}-{name}-{}", std::process::id(), free_port());
+    let run = Removed(PathBuf::from(format!("/run/warmer-run-{tag}")));
+    std::fs::create_dir_all(&run.0).unwrap();
+    env.run = run.0.clone();
+    let srv = Removed(PathBuf::from(format!("/srv/warmer-{tag}")));
+    std::fs::create_dir_all(&srv.0).unwrap();
+    let open = std::os::unix::fs::PermissionsExt::from_mode(0o755);
+    std::fs::set_permissions(&srv.0, open).unwrap();
+    let script = srv.0.join("memory.py");
+    std::fs::write(&script, MEMORY_SERVICE).unwrap();
+    let port = free_port();
+    env.write_manifest(
+        name,
+        &format!(
+            "exec: [\"/usr/bin/python3\", \"{script}\", \"{port}\"]\n\
+             user: nobody\n\
+             ready: {{http: \"http://127.0.0.1:{port}/\", timeout: 30s}}\n\
+             checkpoint: {{settle: 100ms}}\n\
+             sandbox:\n\
+             \x20 private_tmp: true\n\
+             \x20 protect_system: strict\n\
+             \x20 no_new_privileges: true\n{extra}",
+            script = script.display(),
+        ),
+    );
+    (port, [run, srv])
+}
+
+/// What `MEMORY_SERVICE` on `port` reports, checked: its memory hashes as
+/// it did at its start (every page read), and it holds no userfaultfd.
+pub fn memory_report(port: u16) -> serde_json::Value {
+    let r: serde_json::Value = serde_json::from_str(&get(port, "/").expect("it answers")).unwrap();
+    assert_eq!(r["now"], r["first"], "every page of its memory: {r}");
+    assert!(
+        !r["fds"].to_string().contains("userfaultfd"),
+        "the service holds no userfaultfd: {r}"
+    );
+    r
+}
