@@ -206,7 +206,21 @@ pub fn restore(
             .unwrap_or_else(|p| p.into_inner())
             .clone()
     };
+    let criu_pid = child.id();
+    let bin = std::fs::canonicalize(&criu.bin).unwrap_or_else(|_| criu.bin.clone());
+    // What CRIU maps, once its loader is done: read every 10 ms until two
+    // reads agree (its libraries are all mapped within its first few ms).
+    let spawned = std::time::Instant::now();
+    let (mut looked, mut settled) = (std::time::Duration::ZERO, false);
     let mut abort = || {
+        let now = spawned.elapsed();
+        if !settled && now >= looked + std::time::Duration::from_millis(10) {
+            looked = now;
+            if let Some(files) = mapped_files(criu_pid, &bin).filter(|f| f.len() > 2) {
+                settled = files == times.criu_files;
+                times.criu_files = files;
+            }
+        }
         lost()
             .map(|why| format!("the image's pages cannot be had: {why}"))
             .or_else(|| (watch.abort)())
@@ -344,6 +358,27 @@ pub struct CriuTimes {
     /// CRIU's own statistics: `forking_time` and `restore_time` (µs),
     /// pages restored.
     pub stats: Option<crate::image::criu::proto::RestoreStatsEntry>,
+    /// The files `criu restore` itself maps (its binary, its loader and
+    /// libraries), seen while it ran: what a restore after a boot asks the
+    /// disk for first ([`super::readahead`]).
+    pub criu_files: Vec<String>,
+}
+
+/// The files process `pid` maps, in the order of its mappings, if it runs
+/// `bin` (a child between fork and exec still maps its parent's).
+fn mapped_files(pid: u32, bin: &Path) -> Option<Vec<String>> {
+    let proc = PathBuf::from(format!("/proc/{pid}"));
+    if std::fs::read_link(proc.join("exe")).ok()? != bin {
+        return None;
+    }
+    let maps = std::fs::read_to_string(proc.join("maps")).ok()?;
+    let mut out: Vec<String> = Vec::new();
+    for path in maps.lines().filter_map(|l| l.split_whitespace().nth(5)) {
+        if path.starts_with('/') && !out.iter().any(|p| p == path) {
+            out.push(path.to_string());
+        }
+    }
+    Some(out)
 }
 
 /// The connections the image holds: those a failed restore may have locked.
@@ -474,4 +509,23 @@ fn start_lazy_pages(
         .into());
     }
     Ok(child)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_files_a_process_maps_are_read_only_once_it_runs_the_binary() {
+        let me = std::fs::read_link("/proc/self/exe").unwrap();
+        let files = mapped_files(std::process::id(), &me).unwrap();
+        assert_eq!(files.first(), Some(&me.display().to_string()), "{files:?}");
+        assert!(files.iter().all(|f| f.starts_with('/')));
+        let unique: std::collections::BTreeSet<_> = files.iter().collect();
+        assert_eq!(unique.len(), files.len(), "each once: {files:?}");
+        assert_eq!(
+            mapped_files(std::process::id(), Path::new("/usr/sbin/criu")),
+            None
+        );
+    }
 }

@@ -290,8 +290,10 @@ impl Restore<'_> {
         let first = known.filter(|_| plan.choice.working_set);
         let learning = known.is_none_or(working_set::WorkingSet::learning_files);
         let learn = plan.choice.lazy && known.is_none_or(working_set::WorkingSet::learning_memory);
+        let criu_files = readahead::criu_files(self.cache, plan.key());
         if plan.pages.is_none() {
-            readahead::before_restore(&plan.entry, plan.choice.lazy, first, known);
+            let entry = &plan.entry;
+            readahead::before_restore(entry, plan.choice.lazy, first, known, &criu_files);
         }
         let images = match first {
             Some(ws) => match working_set::write_view(&data, self.run_dir, ws) {
@@ -363,6 +365,10 @@ impl Restore<'_> {
         };
         let (restored, criu_times) = match restored {
             Ok((mut r, t)) => {
+                if plan.pages.is_none() {
+                    let key = plan.key();
+                    readahead::remember_criu_files(self.cache, key, &criu_files, &t.criu_files);
+                }
                 if learn {
                     // What the service faults on from now on is its working set.
                     let (cache, key) = (self.cache.clone(), plan.key().to_string());

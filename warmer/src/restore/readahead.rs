@@ -15,12 +15,48 @@
 //! file's pages into the cache.
 //! Skipped when most of the image is in the page cache already (the common
 //! case: then it would only cost CPU the restore needs).
+//!
+//! First of all, and read through before anything else is asked for: CRIU
+//! itself (its binary, loader and libraries, ~12 MB in 24 files, as an
+//! earlier restore of the image saw `criu restore` map them:
+//! [`CRIU_FILES_NOTE`]) and the image's own small files (tree, cores, maps).
+//! Asked for together with the rest, they queued behind it and the
+//! lazy-pages daemon's start waited: jetty9 as its unit runs it, page cache
+//! dropped, 5 rounds each, daemon start 86.8 -> 41.5 ms, restore 227 -> 194
+//! ms (medians).
 
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use crate::restore::working_set::{self, WorkingSet};
+
+/// The entry's note naming the files `criu restore` maps.
+pub const CRIU_FILES_NOTE: &str = "criu-files";
+/// CRIU's files asked for at most, and the most of each.
+const CRIU_FILES_MAX: usize = 64;
+const CRIU_FILE_MAX: u64 = 8 << 20;
+
+/// The files `criu restore` mapped in an earlier restore of entry `key`.
+pub fn criu_files(cache: &cache::Cache, key: &str) -> Vec<String> {
+    cache
+        .note(key, CRIU_FILES_NOTE)
+        .and_then(|b| serde_json::from_slice::<Vec<String>>(&b).ok())
+        .unwrap_or_default()
+}
+
+/// Keeps `files` (what `criu restore` mapped this time) as entry `key`'s
+/// note, where it changed.
+pub fn remember_criu_files(cache: &cache::Cache, key: &str, known: &[String], files: &[String]) {
+    if files.is_empty() || files == known {
+        return;
+    }
+    let files = &files[..files.len().min(CRIU_FILES_MAX)];
+    let bytes = serde_json::to_vec(files).expect("strings serialize");
+    if let Err(e) = cache.set_note(key, CRIU_FILES_NOTE, &bytes) {
+        tracing::debug!("CRIU's files not noted: {}", crate::errors::chain(&e));
+    }
+}
 
 /// How much of each file the image refers to is asked for.
 pub const HEAD: u64 = 64 << 10;
@@ -44,11 +80,13 @@ const THREADS: usize = 8;
 /// restore reads only the pages never restored lazily and those of `first`
 /// (the working set it restores first), else every page; and the file
 /// pages `known` (the working set learned) says the service touches.
+/// Before all of it, `criu` (the files CRIU maps: [`criu_files`]).
 pub fn before_restore(
     entry: &cache::Entry,
     lazy: bool,
     first: Option<&WorkingSet>,
     known: Option<&WorkingSet>,
+    criu: &[String],
 ) {
     let data = entry.data_dir();
     let (_, pages) = crate::restore::choose::memory_files(entry);
@@ -64,13 +102,37 @@ pub fn before_restore(
             .collect()
     };
     pages.extend(known.iter().flat_map(|w| w.file_ranges_touched()));
+    // CRIU's files and the image's own (tree, cores, maps) are what the
+    // lazy daemon and CRIU read before anything else: read them through
+    // before the rest is asked for, or they queue behind it.
+    let first: Vec<Range> = criu
+        .iter()
+        .take(CRIU_FILES_MAX)
+        .filter(|f| f.starts_with('/'))
+        .map(|f| (PathBuf::from(f), 0, CRIU_FILE_MAX))
+        .chain(image_files(&data))
+        .collect();
     let ranges = ranges(&data, pages);
     tracing::debug!(
-        "{:.0}% of the image in the page cache: asking the disk for {} ranges at once",
+        "{:.0}% of the image in the page cache: reading {} files first, then asking the disk for {} ranges at once",
         r * 100.0,
+        first.len(),
         ranges.len()
     );
-    start(ranges);
+    start_after(first, ranges);
+}
+
+/// The image's own files but its pages (the process tree, cores, memory
+/// maps, pagemaps, files: what CRIU and its lazy-pages daemon read before
+/// anything else, a few hundred KB), whole.
+fn image_files(data: &Path) -> Vec<Range> {
+    let Ok(dir) = std::fs::read_dir(data) else {
+        return Vec::new();
+    };
+    dir.filter_map(|d| d.ok())
+        .filter(|d| !d.file_name().to_string_lossy().starts_with("pages-"))
+        .filter_map(|d| Some((d.path(), 0, d.metadata().ok()?.len())))
+        .collect()
 }
 
 /// One read to ask for: (file, offset, length).
@@ -173,40 +235,89 @@ fn copied_on_write(data: &Path) -> Vec<Range> {
 /// Asks for `ranges` from [`THREADS`] threads, returning at once (a long
 /// range in pieces of [`CHUNK`], so they go to the disk side by side).
 pub fn start(ranges: Vec<Range>) {
-    let ranges: Vec<Range> = ranges
-        .into_iter()
-        .flat_map(|(path, off, len)| {
-            (0..len.div_ceil(CHUNK))
-                .map(move |i| (path.clone(), off + i * CHUNK, (len - i * CHUNK).min(CHUNK)))
-        })
-        .collect();
-    let ranges = std::sync::Arc::new(ranges);
-    let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    for _ in 0..THREADS.min(ranges.len()) {
-        let (ranges, next) = (ranges.clone(), next.clone());
-        std::thread::spawn(move || loop {
-            let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            let Some((path, off, len)) = ranges.get(i) else {
-                break;
-            };
-            ask(path, *off, *len);
+    start_after(Vec::new(), ranges);
+}
+
+/// [`start`], but `first` read through (in parallel) before any of
+/// `ranges` is asked for.
+pub fn start_after(first: Vec<Range>, ranges: Vec<Range>) {
+    let pieces = |ranges: Vec<Range>| -> Vec<Range> {
+        ranges
+            .into_iter()
+            .flat_map(|(path, off, len)| {
+                (0..len.div_ceil(CHUNK))
+                    .map(move |i| (path.clone(), off + i * CHUNK, (len - i * CHUNK).min(CHUNK)))
+            })
+            .collect()
+    };
+    let (first, ranges) = (
+        std::sync::Arc::new(pieces(first)),
+        std::sync::Arc::new(pieces(ranges)),
+    );
+    let threads = THREADS.min(first.len().max(ranges.len()));
+    let (next_first, next) = (
+        std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0)),
+        std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0)),
+    );
+    let done_first = std::sync::Arc::new(std::sync::Barrier::new(threads));
+    for _ in 0..threads {
+        let (first, ranges, next_first, next, done_first) = (
+            first.clone(),
+            ranges.clone(),
+            next_first.clone(),
+            next.clone(),
+            done_first.clone(),
+        );
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            while let Some((path, off, len)) =
+                first.get(next_first.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
+            {
+                read_through(path, *off, *len, &mut buf);
+            }
+            done_first.wait();
+            while let Some((path, off, len)) =
+                ranges.get(next.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
+            {
+                ask(path, *off, *len);
+            }
         });
+    }
+}
+
+/// Opens a regular file as [`ask`] does (anything else: `None`), with its size.
+fn open_regular(path: &Path) -> Option<(std::fs::File, u64)> {
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)
+        .ok()?;
+    let size = file.metadata().ok().filter(|m| m.is_file())?.len();
+    Some((file, size))
+}
+
+/// Reads a range of a regular file into the page cache and waits for it
+/// (the bytes go to `buf` and are dropped).
+fn read_through(path: &Path, off: u64, len: u64, buf: &mut Vec<u8>) {
+    let Some((file, size)) = open_regular(path) else {
+        return;
+    };
+    buf.resize(usize::try_from(STEP).unwrap_or(1 << 17), 0);
+    for (at, n) in steps(off, len.min(size.saturating_sub(off))) {
+        let n = usize::try_from(n).unwrap_or(0).min(buf.len());
+        if std::os::unix::fs::FileExt::read_at(&file, &mut buf[..n], at).is_err() {
+            return;
+        }
     }
 }
 
 /// `readahead(2)` of one range of a regular file (anything else: nothing).
 fn ask(path: &Path, off: u64, len: u64) {
-    let Ok(file) = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_NOFOLLOW | libc::O_CLOEXEC)
-        .open(path)
-    else {
+    let Some((file, size)) = open_regular(path) else {
         return;
     };
-    if !file.metadata().is_ok_and(|m| m.is_file()) {
-        return;
-    }
-    for (at, n) in steps(off, len) {
+    // (A range may be given longer than the file: CRIU's own files are.)
+    for (at, n) in steps(off, len.min(size.saturating_sub(off))) {
         let (Ok(at), Ok(n)) = (i64::try_from(at), usize::try_from(n)) else {
             return;
         };
@@ -260,6 +371,33 @@ mod tests {
         ask(&fifo, 0, HEAD);
         ask(&file, 0, HEAD);
         ask(Path::new("/nonexistent/x"), 0, HEAD);
+        let mut buf = Vec::new();
+        read_through(&fifo, 0, HEAD, &mut buf);
+        read_through(&file, 0, u64::MAX, &mut buf);
+        start_after(vec![(fifo.clone(), 0, HEAD)], vec![(file.clone(), 0, HEAD)]);
         start(vec![(fifo, 0, HEAD), (file, 0, HEAD)]);
+    }
+
+    #[test]
+    fn an_images_own_files_are_all_but_its_pages() {
+        let dir = tempfile::tempdir().unwrap();
+        for (name, len) in [("pages-1.img", 8192), ("core-2.img", 10), ("pstree.img", 3)] {
+            std::fs::write(dir.path().join(name), vec![0u8; len]).unwrap();
+        }
+        let mut got: Vec<(String, u64)> = image_files(dir.path())
+            .into_iter()
+            .map(|(p, off, len)| {
+                assert_eq!(off, 0);
+                (p.file_name().unwrap().to_string_lossy().into_owned(), len)
+            })
+            .collect();
+        got.sort();
+        assert_eq!(
+            got,
+            [
+                ("core-2.img".to_string(), 10),
+                ("pstree.img".to_string(), 3)
+            ]
+        );
     }
 }
