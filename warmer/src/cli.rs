@@ -95,7 +95,8 @@ pub enum Cmd {
         #[arg(required = true)]
         files: Vec<PathBuf>,
     },
-    /// Check that CRIU is present, recent enough (>= 4.2) and works here.
+    /// Check that CRIU is present, recent enough (>= 4.2) and works here, and
+    /// whether it can restore sandboxed services lazily.
     Check,
     /// Write systemd drop-ins for every manifest into DIR (run by
     /// systemd/warmer-generator at boot and on daemon-reload).
