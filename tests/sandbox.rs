@@ -371,7 +371,19 @@ fn postgresql_as_postgres_in_persist_mode_keeps_committed_rows_across_restores()
 /// The status lines a restore must give back, of the process whose command
 /// line contains `needle`.
 fn credentials_of(needle: &str) -> String {
-    let pid = *pids_with(needle).first().expect("the process runs");
+    // Looked for by its command line, which a lazily restored process's
+    // /proc/PID/cmdline may not show until the page holding its arguments
+    // has arrived: a few seconds at most.
+    let t = std::time::Instant::now();
+    let pid = loop {
+        match pids_with(needle).first() {
+            Some(p) => break *p,
+            None if t.elapsed() < std::time::Duration::from_secs(10) => {
+                std::thread::sleep(std::time::Duration::from_millis(50))
+            }
+            None => panic!("no process with {needle:?} in its command line"),
+        }
+    };
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap()
         .lines()
