@@ -87,9 +87,13 @@ container_init() {
   return 1
 }
 
+# The host's /dev/userfaultfd, as a machine's own /dev has it (nspawn's does
+# not): the sandboxed service's restore gets its userfaultfd through it.
+UFFD_DEV=()
+[ -c /dev/userfaultfd ] && UFFD_DEV=(--bind=/dev/userfaultfd)
 boot() {
   SYSTEMD_SECCOMP=0 SYSTEMD_NSPAWN_API_VFS_WRITABLE=1 setsid systemd-nspawn -q -D "$ROOT" \
-    --boot --register=no --keep-unit --capability=CAP_NET_ADMIN,CAP_SYS_TIME \
+    --boot --register=no --keep-unit --capability=CAP_NET_ADMIN,CAP_SYS_TIME "${UFFD_DEV[@]}" \
     </dev/null >>"$LOG/console.log" 2>&1 &
   NSPAWN=$!
   LEADER=
@@ -183,6 +187,7 @@ user: nobody
 ready: {http: "http://127.0.0.1:8092/health", timeout: 60s}
 checkpoint: {settle: 200ms}
 sandbox: {private_tmp: true, protect_system: strict, no_new_privileges: true, runtime_directory: [boxed]}
+restore: {mode: lazy}
 YAML
 # An installed service of the operator's own, adopted under its own name.
 # (A rootfs reused from an earlier run: the unit as never enabled or adopted.)
@@ -337,6 +342,10 @@ wait_until 60 boxed_ready
 check "sandbox: restored after the reboot" test "$(status_of boxed "['last_start']")" = restored
 check "sandbox: memory from before the reboot" test "$(boxed_nonce)" = "$boxed_before"
 check "sandbox: restored as nobody" test "$(boxed_uid)" = 65534
+boxed_lazy() {
+  in_ct python3 -c "import json,sys; sys.exit(0 if json.load(open('/run/warmer/boxed/state.json'))['restore_choice']['lazy'] else 1)"
+}
+check "sandbox: restored lazily (its user namespace got a userfaultfd: /dev/userfaultfd)" boxed_lazy
 
 # ---------------------------------------------------------------- adopted unit across the reboot
 wait_until 60 adoptee_active || fatal "$ADOPTEE not active after reboot"
