@@ -437,6 +437,42 @@ pub fn log_tail(log: &Path, stderr: &[u8]) -> String {
 mod tests {
     use super::*;
 
+    /// A stand-in for `criu` that answers `check --feature uffd-dev` with
+    /// `status` and counts how often it was asked.
+    fn fake_criu(dir: &Path, status: i32) -> Criu {
+        use std::os::unix::fs::PermissionsExt;
+        let bin = dir.join("criu");
+        let count = dir.join("asked");
+        std::fs::write(
+            &bin,
+            format!(
+                "#!/bin/sh\n[ \"$*\" = \"check --feature uffd-dev\" ] || exit 9\necho x >> {}\nexit {status}\n",
+                count.display()
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+        Criu {
+            bin,
+            version: "4.2.1".into(),
+        }
+    }
+
+    #[test]
+    fn lazy_restores_in_a_sandbox_only_where_criu_says_it_can_and_it_is_asked_once() {
+        for (status, can) in [(0, true), (1, false)] {
+            let dir = tempfile::tempdir().unwrap();
+            let criu = fake_criu(dir.path(), status);
+            let run = dir.path().join("run");
+            std::fs::create_dir(&run).unwrap();
+            assert_eq!(criu.lazy_for(true, &run), can, "exit {status}");
+            assert_eq!(criu.lazy_for(true, &run), can, "remembered");
+            assert!(criu.lazy_for(false, &run), "outside a sandbox: never asked");
+            let asked = std::fs::read_to_string(dir.path().join("asked")).unwrap();
+            assert_eq!(asked.lines().count(), 1, "asked once per boot and binary");
+        }
+    }
+
     #[test]
     fn failures_come_with_hints() {
         assert!(hint("Error (criu/sk-inet.c:200): Connected TCP socket, consider using --tcp-established option.")
