@@ -497,8 +497,7 @@ fn validate(dirs: &Dirs, files: &[PathBuf]) -> ExitCode {
                     .chain(warmer::commands::lint::sandbox_limits(
                         &m,
                         m.sandbox.is_some()
-                            && warmer::criu::Criu::locate()
-                                .is_ok_and(|c| c.lazy_for(true, &dirs.run)),
+                            && warmer::criu::Criu::located_lazy_in_userns(&dirs.run),
                     ))
                 {
                     eprintln!("{}: warning: {w}", f.display());

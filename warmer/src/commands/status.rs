@@ -141,7 +141,7 @@ pub fn next_start(
     let lazy_in_userns = m.sandbox.is_some()
         && run_dir
             .parent()
-            .is_some_and(|root| crate::criu::Criu::locate().is_ok_and(|c| c.lazy_for(true, root)));
+            .is_some_and(crate::criu::Criu::located_lazy_in_userns);
     let start = crate::restore::Purpose::Start;
     match crate::restore::plan(cache, digest, m, run_dir, start, lazy_in_userns) {
         Ok(Ok(plan)) => NextStart::restore(

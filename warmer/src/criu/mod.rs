@@ -144,6 +144,16 @@ impl Criu {
         ok
     }
 
+    /// [`Criu::lazy_in_userns`] of the CRIU a start would use (located and
+    /// asked through `run_root`'s memo, as a start does): for `status` and
+    /// `validate`. No usable CRIU: false.
+    pub fn located_lazy_in_userns(run_root: &Path) -> bool {
+        let mut memo = crate::memo::Memo::load(run_root);
+        let ok = Self::locate_memo(&mut memo).is_ok_and(|c| c.lazy_in_userns(&mut memo));
+        memo.save();
+        ok
+    }
+
     /// Runs `criu check`: does CRIU work on this kernel, with our privileges?
     pub fn check(&self) -> Result<CheckReport, CriuError> {
         let o = self

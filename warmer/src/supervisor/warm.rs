@@ -50,7 +50,7 @@ impl Supervisor {
         let mut planned = plan(self, &cache);
         let mut streamed = None;
         if matches!(planned, Ok(Err(Skip::NoImage))) {
-            match self.pull_missing(&cache, &digest) {
+            match self.pull_missing(&cache, &digest, lazy_in_userns) {
                 Pulled::Nothing => {}
                 Pulled::Whole => {
                     planned = plan(self, &cache);
@@ -320,7 +320,14 @@ impl Supervisor {
     /// down or slow costs a start no more). An image that can restore
     /// lazily comes back before all of it is here (`remote::stream`), unless
     /// the manifest asks for eager restores.
-    pub(super) fn pull_missing(&mut self, cache: &Cache, digest: &str) -> Pulled {
+    /// `lazy_in_userns`: this service's image may restore lazily (always
+    /// outside a sandbox: [`crate::criu::Criu::lazy_for`]).
+    pub(super) fn pull_missing(
+        &mut self,
+        cache: &Cache,
+        digest: &str,
+        lazy_in_userns: bool,
+    ) -> Pulled {
         let Some(remote) = &self.manifest.remote else {
             return Pulled::Nothing;
         };
@@ -339,10 +346,7 @@ impl Supervisor {
                 .is_some()
         {
             Stream::No
-        } else if self.criu.as_ref().is_some_and(|c| {
-            // (Only asked of CRIU for a sandboxed service.)
-            c.lazy_for(self.manifest.sandbox.is_some(), &self.run_root)
-        }) {
+        } else if lazy_in_userns {
             Stream::Any
         } else {
             Stream::HostOnly
