@@ -32,6 +32,12 @@ pub struct Bencher {
     pub(super) breakdowns: std::cell::RefCell<Vec<Vec<(String, f64)>>>,
     /// How the last warmer restore run restored, and why.
     pub(super) last_choice: std::cell::RefCell<Option<crate::restore::choose::Choice>>,
+    /// Empty the page cache before every run (after what the bench itself
+    /// reads to prepare it, so the run finds nothing of its own warm).
+    pub drop_caches: bool,
+    /// The disks' counters as the last run started and when it was ready.
+    pub(super) start_disk: std::cell::Cell<Option<disk::Counters>>,
+    pub(super) ready_disk: std::cell::Cell<Option<disk::Counters>>,
 }
 
 impl Drop for Bencher {
@@ -179,6 +185,9 @@ impl Bencher {
             saved_entries,
             breakdowns: Default::default(),
             last_choice: Default::default(),
+            drop_caches: false,
+            start_disk: Default::default(),
+            ready_disk: Default::default(),
             saved_state,
             dirs: dirs.clone(),
             manifest,
@@ -211,13 +220,32 @@ impl Bencher {
 
     /// One cold start to ready (`warmer run --cold`), in ms.
     pub fn cold_ms(&self) -> Result<f64, BenchError> {
+        self.before_run()?;
         self.warmer_run(true)
     }
 
     /// One warmer restore to ready (`warmer run`), in ms.
     pub fn restore_ms(&self) -> Result<f64, BenchError> {
         self.prepare_restore()?;
+        self.before_run()?;
         self.warmer_run(false)
+    }
+
+    /// Just before a run's clock starts: the page cache emptied (with
+    /// `drop_caches`) and the disks' counters noted.
+    fn before_run(&self) -> Result<(), BenchError> {
+        if self.drop_caches {
+            drop_caches()?;
+        }
+        self.start_disk.set(disk::Counters::now());
+        self.ready_disk.set(None);
+        Ok(())
+    }
+
+    /// What the last run read from the disk and how long it kept it busy,
+    /// from its start to ready.
+    pub fn last_disk_use(&self) -> Option<disk::Use> {
+        Some(self.ready_disk.get()?.since(self.start_disk.get()?))
     }
 
     /// Before a restore run: the data as the image has it (earlier runs
@@ -265,6 +293,7 @@ impl Bencher {
     /// way warmer's own run of the round did (`None`), or eagerly or lazily.
     pub fn criu_restore_ms(&self, kind: Option<Kind>) -> Result<f64, BenchError> {
         let entry = self.prepare_restore()?;
+        self.before_run()?;
         self.criu_restore(&entry, kind)
     }
 
@@ -413,6 +442,7 @@ impl Bencher {
         let ready =
             |r: &RunRecord| matches!(r.state, ServiceState::Ready | ServiceState::Checkpointing);
         let rec = self.wait_record(&mut child, &ready, limit);
+        self.ready_disk.set(disk::Counters::now());
         let stopped = self.stop(child);
         let rec = rec?;
         stopped?;
@@ -507,6 +537,7 @@ impl Bencher {
             std::thread::sleep(backoff.next_pause().min(left));
         };
         let elapsed = t0.elapsed();
+        self.ready_disk.set(disk::Counters::now());
         running.kill(&self.signals);
         running.finish();
         if !ready {

@@ -20,6 +20,7 @@
 //! empties the page cache before every run, as after a reboot.
 
 mod bencher;
+pub mod disk;
 mod report;
 
 pub use bencher::Bencher;
@@ -149,6 +150,10 @@ pub struct BenchReport {
     pub machine: Machine,
     /// Where warmer's restores spent their time, phase by phase (medians).
     pub breakdown: Vec<Phase>,
+    /// With `--drop-caches`: what each kind read from the disk, and the
+    /// disk's sequential rate.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub disk: Option<disk::DiskReport>,
     /// Whether the Markdown shows the breakdown (`--breakdown`).
     #[serde(skip)]
     pub show_breakdown: bool,
@@ -200,6 +205,9 @@ pub fn bench(
         criu_eager: Vec::new(),
         criu_lazy: Vec::new(),
     };
+    // Per kind, per counted run: the disk's use (with --drop-caches).
+    let mut disk_uses: [Vec<disk::Use>; 5] = Default::default();
+    b.drop_caches = opts.drop_caches;
     let kinds: Vec<usize> = if baselines {
         vec![0, 1, 2, 3, 4]
     } else {
@@ -218,9 +226,6 @@ pub fn bench(
         let order = shuffled(&kinds, i);
         let mut took = [0.0f64; 5];
         for kind in order {
-            if opts.drop_caches {
-                drop_caches()?;
-            }
             took[kind] = match kind {
                 0 => b.cold_ms()?,
                 1 => b.restore_ms()?,
@@ -228,6 +233,9 @@ pub fn bench(
                 3 => b.criu_restore_ms(Some(Kind::Eager))?,
                 _ => b.criu_restore_ms(Some(Kind::Lazy))?,
             };
+            if let (true, Some(u)) = (opts.drop_caches, b.last_disk_use()) {
+                disk_uses[kind].push(u);
+            }
         }
         let [cold, restore, bare, eager, lazy] = took;
         let extra = if baselines {
@@ -248,6 +256,12 @@ pub fn bench(
             samples.criu_lazy.push(lazy);
         }
     }
+    let disk = if opts.drop_caches && disk_uses[1].len() == samples.restore.len() {
+        progress("the disk's sequential read rate (the image's largest file, page cache dropped)");
+        Some(disk_report(&entry, &samples, &disk_uses)?)
+    } else {
+        None
+    };
     let restore_kind = b
         .last_choice
         .take()
@@ -283,6 +297,7 @@ pub fn bench(
         restore_kind,
         samples,
         breakdown: phases(&b.breakdowns.take()),
+        disk,
         show_breakdown: opts.breakdown,
         machine: Machine {
             kernel: host.kernel.clone(),
@@ -290,6 +305,39 @@ pub fn bench(
             criu_version: b.criu.version.clone(),
             run_dir_tmpfs: is_tmpfs("/run"),
         },
+    })
+}
+
+/// The disk's sequential rate on the image's largest file (at most 512 MB
+/// of it, page cache dropped), and each kind's use of the disk beside it.
+fn disk_report(
+    entry: &cache::Entry,
+    samples: &Samples,
+    uses: &[Vec<disk::Use>; 5],
+) -> Result<disk::DiskReport, BenchError> {
+    let file = disk::largest_file(&entry.data_dir()).ok_or_else(|| BenchError::Run {
+        what: "measuring the disk".into(),
+        detail: format!("no file in {}", entry.data_dir().display()),
+    })?;
+    drop_caches()?;
+    let (rate, mb) = disk::sequential_rate(&file, 512 << 20)
+        .map_err(io(format!("reading {}", file.display())))?;
+    let kinds = [
+        ("cold start", &samples.cold),
+        ("warmer restore", &samples.restore),
+        ("bare criu restore (as warmer)", &samples.criu_restore),
+        ("bare criu restore, eager", &samples.criu_eager),
+        ("bare criu restore, lazy", &samples.criu_lazy),
+    ]
+    .into_iter()
+    .zip(uses)
+    .filter(|((_, took), u)| !took.is_empty() && u.len() == took.len())
+    .map(|((name, took), u)| disk::kind_use(name, u, took, rate))
+    .collect();
+    Ok(disk::DiskReport {
+        sequential_mb_s: rate,
+        measured_mb: mb,
+        kinds,
     })
 }
 

@@ -68,6 +68,27 @@ pub fn markdown(r: &BenchReport) -> String {
         r.machine.criu_version,
         if r.machine.run_dir_tmpfs { "" } else { "not " }
     ));
+    if let Some(d) = &r.disk {
+        out.push_str(&format!(
+            "\nThe disk, from each run's start to ready (the page cache dropped before it; medians; \
+             the machine's whole disks). It reads {:.0} MB/s sequentially (the image's largest file, \
+             {:.0} MB, in this bench):\n\n\
+             | kind | read MB | reads | disk busy ms | busy share of the run | those MB at {:.0} MB/s |\n\
+             |---|---|---|---|---|---|\n",
+            d.sequential_mb_s, d.measured_mb, d.sequential_mb_s
+        ));
+        for k in &d.kinds {
+            out.push_str(&format!(
+                "| {} | {:.1} | {:.0} | {:.0} | {:.0}% | {:.0} ms |\n",
+                k.kind,
+                k.read_mb,
+                k.reads,
+                k.busy_ms,
+                k.busy_share * 100.0,
+                k.sequential_ms
+            ));
+        }
+    }
     if r.show_breakdown && !r.breakdown.is_empty() {
         out.push_str("\nWhere a warmer restore's time goes (median per phase, from spawn to ready):\n\n| phase | ms |\n|---|---|\n");
         for p in &r.breakdown {
