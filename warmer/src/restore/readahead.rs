@@ -45,17 +45,38 @@ pub fn criu_files(cache: &cache::Cache, key: &str) -> Vec<String> {
         .unwrap_or_default()
 }
 
-/// Keeps `files` (what `criu restore` mapped this time) as entry `key`'s
-/// note, where it changed.
+/// Adds what `criu restore` mapped this time (`files`) to entry `key`'s
+/// note (`known`), where it found more, from a thread of its own: the note
+/// is written durably, and a restore after a boot does not wait on the disk
+/// for it. A union, never a replacement: after a boot the two reads of
+/// CRIU's maps that agreed may both have fallen while its loader waited on
+/// the disk, halfway through its libraries.
 pub fn remember_criu_files(cache: &cache::Cache, key: &str, known: &[String], files: &[String]) {
-    if files.is_empty() || files == known {
+    let all = union(known, files);
+    if all.len() == known.len() {
         return;
     }
-    let files = &files[..files.len().min(CRIU_FILES_MAX)];
-    let bytes = serde_json::to_vec(files).expect("strings serialize");
-    if let Err(e) = cache.set_note(key, CRIU_FILES_NOTE, &bytes) {
-        tracing::debug!("CRIU's files not noted: {}", crate::errors::chain(&e));
+    let (cache, key) = (cache.clone(), key.to_string());
+    std::thread::spawn(move || {
+        let bytes = serde_json::to_vec(&all).expect("strings serialize");
+        if let Err(e) = cache.set_note(&key, CRIU_FILES_NOTE, &bytes) {
+            tracing::debug!("CRIU's files not noted: {}", crate::errors::chain(&e));
+        }
+    });
+}
+
+/// `known`, then what `files` adds, [`CRIU_FILES_MAX`] at most.
+fn union(known: &[String], files: &[String]) -> Vec<String> {
+    let mut all = known.to_vec();
+    for f in files {
+        if all.len() >= CRIU_FILES_MAX {
+            break;
+        }
+        if !all.contains(f) {
+            all.push(f.clone());
+        }
     }
+    all
 }
 
 /// How much of each file the image refers to is asked for.
@@ -399,5 +420,19 @@ mod tests {
                 ("pstree.img".to_string(), 3)
             ]
         );
+    }
+
+    #[test]
+    fn criu_files_only_grow_and_stay_bounded() {
+        let s = |v: &[&str]| v.iter().map(|x| (*x).to_string()).collect::<Vec<_>>();
+        let known = s(&["/usr/sbin/criu", "/lib/libc.so.6"]);
+        // A partial list (the loader seen halfway) adds nothing.
+        assert_eq!(union(&known, &s(&["/usr/sbin/criu"])), known);
+        assert_eq!(
+            union(&known, &s(&["/lib/libnl.so", "/usr/sbin/criu"])),
+            s(&["/usr/sbin/criu", "/lib/libc.so.6", "/lib/libnl.so"])
+        );
+        let many: Vec<String> = (0..100).map(|i| format!("/lib/{i}.so")).collect();
+        assert_eq!(union(&known, &many).len(), CRIU_FILES_MAX);
     }
 }
