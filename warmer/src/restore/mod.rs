@@ -123,6 +123,14 @@ pub struct Timings {
 }
 
 impl Timings {
+    /// The memory CRIU wrote into the tree before it ran (its
+    /// `pages_restored`), MB.
+    pub fn restored_mb(&self) -> Option<f64> {
+        let pages = self.criu_times.stats.as_ref()?.pages_restored?;
+        #[allow(clippy::cast_precision_loss)]
+        Some((pages * working_set::page_size()) as f64 / 1e6)
+    }
+
     /// The restore's phases in order, in ms, CRIU's own split out where it
     /// reports them (the supervisor adds what came before).
     pub fn phases(&self) -> Vec<(String, f64)> {

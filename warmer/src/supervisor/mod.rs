@@ -384,6 +384,7 @@ impl Supervisor {
         self.record.ready_from_spawn_us = crate::process::clock::since_spawn_us();
         if let (StartKind::Restored, Some(t)) = (running.kind, &self.timings) {
             self.record.breakdown = Some(self.breakdown(t));
+            self.record.restored_mb = t.restored_mb();
         }
         let status = self.ready_status(running.kind, ready_ms);
         match (&self.timings, running.kind) {

@@ -80,6 +80,10 @@ pub struct RunRecord {
     /// Where the last restore's time went: (phase, ms), in order.
     #[serde(default)]
     pub breakdown: Option<Vec<(String, f64)>>,
+    /// The memory CRIU wrote into the tree before it ran at the last
+    /// restore (its `pages_restored`), MB.
+    #[serde(default)]
+    pub restored_mb: Option<f64>,
     /// RFC 3339.
     pub updated: String,
 }
@@ -103,6 +107,7 @@ impl RunRecord {
             image: None,
             restore_choice: None,
             breakdown: None,
+            restored_mb: None,
             updated: now(),
         }
     }

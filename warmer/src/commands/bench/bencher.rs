@@ -32,6 +32,8 @@ pub struct Bencher {
     pub(super) breakdowns: std::cell::RefCell<Vec<Vec<(String, f64)>>>,
     /// How the last warmer restore run restored, and why.
     pub(super) last_choice: std::cell::RefCell<Option<crate::restore::choose::Choice>>,
+    /// What CRIU wrote into the tree before it ran, per warmer restore run.
+    pub(super) restored_mb: std::cell::RefCell<Vec<f64>>,
     /// Empty the page cache before every run (after what the bench itself
     /// reads to prepare it, so the run finds nothing of its own warm).
     pub drop_caches: bool,
@@ -185,6 +187,7 @@ impl Bencher {
             saved_entries,
             breakdowns: Default::default(),
             last_choice: Default::default(),
+            restored_mb: Default::default(),
             drop_caches: false,
             start_disk: Default::default(),
             ready_disk: Default::default(),
@@ -451,6 +454,7 @@ impl Bencher {
         }
         if !cold {
             self.last_choice.replace(rec.restore_choice.clone());
+            self.restored_mb.borrow_mut().extend(rec.restored_mb);
         }
         if !cold && rec.last_start != Some(StartKind::Restored) {
             return Err(BenchError::Run {

@@ -21,6 +21,7 @@
 
 mod bencher;
 pub mod disk;
+pub mod memory;
 mod report;
 
 pub use bencher::Bencher;
@@ -154,6 +155,10 @@ pub struct BenchReport {
     /// disk's sequential rate.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub disk: Option<disk::DiskReport>,
+    /// With the page cache warm: what CRIU copied into the tree before it
+    /// ran, and how fast this machine copies pages.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub memory: Option<MemoryReport>,
     /// Whether the Markdown shows the breakdown (`--breakdown`).
     #[serde(skip)]
     pub show_breakdown: bool,
@@ -190,6 +195,7 @@ pub fn bench(
     b.restore_ms()?;
     b.criu_restore_ms(None)?;
     b.breakdowns.borrow_mut().clear();
+    b.restored_mb.borrow_mut().clear();
     // Both raw baselines where lazy is in question at all (a sandboxed
     // image restores lazily only with a CRIU that can: see
     // `restore::choose_restore`).
@@ -262,6 +268,11 @@ pub fn bench(
     } else {
         None
     };
+    let memory = if opts.drop_caches {
+        None
+    } else {
+        memory_report(&entry, &b.restored_mb.borrow())?
+    };
     let restore_kind = b
         .last_choice
         .take()
@@ -298,6 +309,7 @@ pub fn bench(
         samples,
         breakdown: phases(&b.breakdowns.take()),
         disk,
+        memory,
         show_breakdown: opts.breakdown,
         machine: Machine {
             kernel: host.kernel.clone(),
@@ -306,6 +318,43 @@ pub fn bench(
             run_dir_tmpfs: is_tmpfs("/run"),
         },
     })
+}
+
+/// The memory part of a bench with the page cache warm.
+#[derive(Debug, Clone, Serialize)]
+pub struct MemoryReport {
+    /// Median over warmer's restores of what CRIU wrote into the tree
+    /// before it ran (`pages_restored`), MB.
+    pub restored_mb: f64,
+    /// This machine's rate of copying pages from the page cache into fresh
+    /// memory, measured on the image's largest file in this bench.
+    pub page_copy_mb_s: f64,
+    pub measured_mb: f64,
+    /// `restored_mb` at that rate: the least time those copies take.
+    pub copy_ms: f64,
+}
+
+/// What CRIU copied before the tree ran, beside this machine's page-copy
+/// rate; `None` where CRIU reported no count.
+fn memory_report(
+    entry: &cache::Entry,
+    restored_mb: &[f64],
+) -> Result<Option<MemoryReport>, BenchError> {
+    if restored_mb.is_empty() {
+        return Ok(None);
+    }
+    let Some(file) = disk::largest_file(&entry.data_dir()) else {
+        return Ok(None);
+    };
+    let (rate, mb) = memory::page_copy_rate(&file, 512 << 20)
+        .map_err(io(format!("copying {}", file.display())))?;
+    let restored_mb = Stats::of(restored_mb).median_ms;
+    Ok(Some(MemoryReport {
+        restored_mb,
+        page_copy_mb_s: rate,
+        measured_mb: mb,
+        copy_ms: restored_mb / rate * 1000.0,
+    }))
 }
 
 /// The disk's sequential rate on the image's largest file (at most 512 MB

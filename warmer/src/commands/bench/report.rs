@@ -68,6 +68,14 @@ pub fn markdown(r: &BenchReport) -> String {
         r.machine.criu_version,
         if r.machine.run_dir_tmpfs { "" } else { "not " }
     ));
+    if let Some(m) = &r.memory {
+        out.push_str(&format!(
+            "\nCRIU copied {:.1} MB into the tree before it ran (median; its `pages_restored`). This \
+             machine copies pages from the page cache into fresh memory at {:.0} MB/s (the image's \
+             largest file, {:.0} MB, in this bench): those {:.1} MB take at least {:.1} ms.\n",
+            m.restored_mb, m.page_copy_mb_s, m.measured_mb, m.restored_mb, m.copy_ms
+        ));
+    }
     if let Some(d) = &r.disk {
         out.push_str(&format!(
             "\nThe disk, from each run's start to ready (the page cache dropped before it; medians; \
