@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Make sure a working CRIU >= 4.2 is installed.
 #
-# 1. A system `criu` that reports >= 4.2, passes `criu check` and opens
+# 1. A system `criu` that reports >= 4.2, passes `criu check`, opens
 #    /dev/userfaultfd where a sandbox's user namespace is refused the
-#    userfaultfd syscall (`criu check --feature uffd-dev`: our package's patch,
-#    tools/criu-deb/debian/patches) is kept as is.
+#    userfaultfd syscall (`criu check --feature uffd-dev`) and holds a lazy
+#    restore's background transfer until the tree is quiet (`--feature
+#    lazy-bg-idle`): our package's patches, tools/criu-deb/debian/patches) is
+#    kept as is.
 # 2. Otherwise the pinned CRIU 4.2.1 is built into a Debian package from the
 #    Debian source package's upstream tarball (sha256-verified; see
 #    scripts/build-criu-deb.sh), with that patch, and installed with apt as
@@ -41,6 +43,9 @@ version_ok() {
 
 # uffd_dev BIN: BIN can give a tree restored in a user namespace a userfaultfd.
 uffd_dev() { "$1" check --feature uffd-dev >/dev/null 2>&1; }
+# ours BIN: BIN has both of our package's patches (uffd-dev may still fail
+# where the kernel has no /dev/userfaultfd).
+ours() { "$1" check --feature lazy-bg-idle >/dev/null 2>&1; }
 
 # use BIN: the choice, on stdout.
 use() {
@@ -54,8 +59,10 @@ for candidate in "$(command -v criu 2>/dev/null || true)" /usr/local/sbin/criu /
   case $seen in *" $candidate "*) continue ;; esac
   seen="$seen$candidate "
   if [ -n "$candidate" ] && [ -x "$candidate" ] && version_ok "$candidate"; then
-    uffd_dev "$candidate" && use "$candidate" ", uffd-dev"
-    log "$candidate cannot restore a sandboxed service lazily ('criu check --feature uffd-dev' fails)"
+    if uffd_dev "$candidate" && ours "$candidate"; then
+      use "$candidate" ", uffd-dev, lazy-bg-idle"
+    fi
+    log "$candidate lacks the patches of tools/criu-deb ('criu check --feature uffd-dev' or '--feature lazy-bg-idle' fails)"
     usable=${usable:-$candidate}
   fi
 done
@@ -67,7 +74,7 @@ if [ "$(dpkg-query -W -f '${Version}' criu 2>/dev/null || true)" = "$want" ] && 
 fi
 
 if [ "$(id -u)" -ne 0 ]; then
-  [ -n "$usable" ] && use "$usable" " (not root: CRIU left as it is; sandboxed services restore eagerly)"
+  [ -n "$usable" ] && use "$usable" " (not root: CRIU left as it is, without the package's patches)"
   log "installing CRIU needs root (apt-get)"
   exit 1
 fi
@@ -86,6 +93,6 @@ if [ -n "$first" ] && [ "$first" != /usr/sbin/criu ]; then
   log "note: $first comes first on PATH; warmer runs it unless WARMER_CRIU=/usr/sbin/criu"
 fi
 if uffd_dev /usr/sbin/criu; then
-  use /usr/sbin/criu ", uffd-dev"
+  use /usr/sbin/criu ", uffd-dev, lazy-bg-idle"
 fi
 use /usr/sbin/criu " (no /dev/userfaultfd on this kernel: sandboxed services restore eagerly)"
