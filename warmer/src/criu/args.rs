@@ -155,8 +155,16 @@ pub fn restore_args(plan: &RestorePlan) -> Vec<OsString> {
 /// The lazy-pages daemon's log, in its work directory.
 pub const LAZY_PAGES_LOG: &str = "lazy-pages.log";
 
-pub fn lazy_pages_args(images_dir: &Path, work_dir: &Path, status_fd: i32) -> Vec<OsString> {
-    vec![
+/// `criu lazy-pages` for `images_dir`; `bg_idle_ms`: hold the background
+/// transfer until the tree went that long without a fault (a CRIU with
+/// `--feature lazy-bg-idle`: [`super::Criu::quiet_background`]).
+pub fn lazy_pages_args(
+    images_dir: &Path,
+    work_dir: &Path,
+    status_fd: i32,
+    bg_idle_ms: Option<u32>,
+) -> Vec<OsString> {
+    let mut a: Vec<OsString> = vec![
         "lazy-pages".into(),
         "--images-dir".into(),
         images_dir.into(),
@@ -166,7 +174,12 @@ pub fn lazy_pages_args(images_dir: &Path, work_dir: &Path, status_fd: i32) -> Ve
         LAZY_PAGES_LOG.into(),
         "--status-fd".into(),
         status_fd.to_string().into(),
-    ]
+    ];
+    if let Some(ms) = bg_idle_ms {
+        a.push("--lazy-bg-idle".into());
+        a.push(ms.to_string().into());
+    }
+    a
 }
 
 #[cfg(test)]
@@ -198,6 +211,26 @@ mod tests {
         assert_eq!(a[w + 1], "/run/warmer/web");
         assert!(!a.contains(&"--tcp-established".to_string()));
         assert!(a.contains(&"--skip-in-flight".to_string()));
+    }
+
+    #[test]
+    fn the_lazy_daemon_holds_the_background_only_when_asked() {
+        let plain = strs(&lazy_pages_args(
+            Path::new("/img"),
+            Path::new("/run/w"),
+            3,
+            None,
+        ));
+        assert_eq!(plain[0], "lazy-pages");
+        assert!(!plain.iter().any(|a| a == "--lazy-bg-idle"));
+        let quiet = strs(&lazy_pages_args(
+            Path::new("/img"),
+            Path::new("/run/w"),
+            3,
+            Some(30),
+        ));
+        assert!(quiet.windows(2).any(|w| w == ["--lazy-bg-idle", "30"]));
+        assert!(quiet.windows(2).any(|w| w == ["--status-fd", "3"]));
     }
 
     #[test]

@@ -118,9 +118,27 @@ impl Criu {
     /// says so as `criu check --feature uffd-dev`, which also proves that
     /// the device works on this kernel. Asked once per boot and binary.
     pub fn lazy_in_userns(&self, memo: &mut crate::memo::Memo) -> bool {
-        let answer = memo.get("criu-uffd-dev", &self.bin, |bin| {
+        self.has_feature(memo, "uffd-dev")
+    }
+
+    /// Can this CRIU's lazy-pages daemon hold the pages nobody asked for
+    /// until the restored tree is quiet (`--lazy-bg-idle`, the package's
+    /// second patch), so that after a boot a starting service's faults do
+    /// not queue on the disk behind the rest of its memory? Asked once per
+    /// boot and binary, through `run_root`'s memo.
+    pub fn quiet_background(&self, run_root: &Path) -> bool {
+        let mut memo = crate::memo::Memo::load(run_root);
+        let ok = self.has_feature(&mut memo, "lazy-bg-idle");
+        memo.save();
+        ok
+    }
+
+    /// `criu check --feature NAME` succeeds, asked once per boot and binary
+    /// (`memo`).
+    fn has_feature(&self, memo: &mut crate::memo::Memo, name: &str) -> bool {
+        let answer = memo.get(&format!("criu-{name}"), &self.bin, |bin| {
             let ok = Command::new(bin)
-                .args(["check", "--feature", "uffd-dev"])
+                .args(["check", "--feature", name])
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
@@ -450,18 +468,35 @@ mod tests {
     /// A stand-in for `criu` that answers `check --feature uffd-dev` with
     /// `status` and counts how often it was asked.
     fn fake_criu(dir: &Path, status: i32) -> Criu {
+        fake_feature(dir, "uffd-dev", status)
+    }
+
+    /// A stand-in for `criu` that answers `check --feature FEATURE` with
+    /// `status` (any other question: 9) and counts how often it was asked.
+    fn fake_feature(dir: &Path, feature: &str, status: i32) -> Criu {
         use std::os::unix::fs::PermissionsExt;
         let bin = dir.join("criu");
         let count = dir.join("asked");
         std::fs::write(
             &bin,
             format!(
-                "#!/bin/sh\n[ \"$*\" = \"check --feature uffd-dev\" ] || exit 9\necho x >> {}\nexit {status}\n",
+                "#!/bin/sh\n[ \"$*\" = \"check --feature {feature}\" ] || exit 9\necho x >> {}\nexit {status}\n",
                 count.display()
             ),
         )
         .unwrap();
         std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+        // A test thread forking while this one wrote the script holds it
+        // open for writing until its child execs: exec fails with ETXTBSY
+        // meanwhile. Wait that out (asked nothing, the stand-in exits 9).
+        for _ in 0..200 {
+            match Command::new(&bin).status() {
+                Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) => {
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                }
+                _ => break,
+            }
+        }
         Criu {
             bin,
             version: "4.2.1".into(),
@@ -478,6 +513,22 @@ mod tests {
             assert_eq!(criu.lazy_for(true, &run), can, "exit {status}");
             assert_eq!(criu.lazy_for(true, &run), can, "remembered");
             assert!(criu.lazy_for(false, &run), "outside a sandbox: never asked");
+            let asked = std::fs::read_to_string(dir.path().join("asked")).unwrap();
+            assert_eq!(asked.lines().count(), 1, "asked once per boot and binary");
+        }
+    }
+
+    #[test]
+    fn a_quiet_background_only_where_criu_knows_it_asked_once() {
+        for (status, can) in [(0, true), (1, false)] {
+            let dir = tempfile::tempdir().unwrap();
+            let criu = fake_feature(dir.path(), "lazy-bg-idle", status);
+            let run = dir.path().join("run");
+            std::fs::create_dir(&run).unwrap();
+            assert_eq!(criu.quiet_background(&run), can, "exit {status}");
+            assert_eq!(criu.quiet_background(&run), can, "remembered");
+            // The other feature is another question (this stand-in: no).
+            assert!(!criu.lazy_for(true, &run));
             let asked = std::fs::read_to_string(dir.path().join("asked")).unwrap();
             assert_eq!(asked.lines().count(), 1, "asked once per boot and binary");
         }

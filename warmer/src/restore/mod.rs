@@ -331,6 +331,7 @@ impl Restore<'_> {
                     lazy: plan.choice.lazy,
                     learn,
                     pages: plan.pages.as_ref().map(|p| p.0.clone()),
+                    quiet_background: plan.quiet_background,
                 };
                 let watch = Watch {
                     deadline: plan.deadline,

@@ -66,6 +66,10 @@ pub struct Plan {
     /// The entry's page files are still arriving (a fresh node restoring
     /// before its pull ends: `remote::stream`); the rest is served from here.
     pub pages: Option<Served>,
+    /// A lazy restore's daemon holds the memory nobody asked for until the
+    /// tree is quiet (set by the caller where CRIU can:
+    /// [`crate::criu::Criu::quiet_background`]).
+    pub quiet_background: bool,
 }
 
 /// Page files served while they arrive ([`page_server::Pages`]).
@@ -204,6 +208,7 @@ pub fn plan(
         choice,
         info,
         entry,
+        quiet_background: false,
     }))
 }
 
@@ -266,6 +271,7 @@ pub fn plan_streamed(
         info,
         working_set: ws,
         pages: Some(Served(streamed.frames.clone())),
+        quiet_background: false,
     }))
 }
 

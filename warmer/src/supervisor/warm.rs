@@ -63,7 +63,10 @@ impl Supervisor {
         }
         self.marks[2] = self.started.elapsed();
         let plan = match planned {
-            Ok(Ok(plan)) => plan,
+            Ok(Ok(mut plan)) => {
+                plan.quiet_background = plan.choice.lazy && criu.quiet_background(&self.run_root);
+                plan
+            }
             Ok(Err(skip @ Skip::StateChanged { .. })) => {
                 // The image is older than the data: never restored again.
                 // (Warm mode then takes a fresh one when the service is ready.)

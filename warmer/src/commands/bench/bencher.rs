@@ -514,6 +514,8 @@ impl Bencher {
                 lazy: kind != Kind::Eager,
                 learn: false,
                 pages: None,
+                // As warmer's own lazy restores: the floor it sits on.
+                quiet_background: kind != Kind::Eager && self.criu.quiet_background(&self.dirs.run),
             },
             output,
             crate::restore::Watch {
