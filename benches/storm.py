@@ -16,7 +16,11 @@ run, every start timed from the moment this script spawns `warmer run`
                          (a reboot) does, the working set first
   restore, one by one    the same N restores one after another: the sum
 
-and checks that every restore restored (none fell back to cold).
+and checks that every restore restored (none fell back to cold). With
+--drop-caches it also shows what the settled storm read from the disk until
+the last service was ready, how long the disk was busy, and the disk's
+sequential rate (an image's page file read after dropping the page cache):
+whether the storm waited on the disk, and how close it came to it.
 
     benches/storm.py [N] [--warmup S] [--drop-caches] [--warmer target/release/warmer]
 """
@@ -82,6 +86,29 @@ def stop(procs):
     for p in procs.values():
         p.wait(timeout=120)
 
+def disk():
+    """(MB read, ms busy) of whole disks so far: /proc/diskstats fields 6
+    and 13 of devices with /sys/block/NAME/device (as `warmer bench`)."""
+    mb = busy = 0
+    for line in open("/proc/diskstats"):
+        f = line.split()
+        if len(f) >= 13 and os.path.exists(f"/sys/block/{f[2]}/device"):
+            mb += int(f[5]) * 512 / 1e6
+            busy += int(f[12])
+    return mb, busy
+
+def sequential_rate():
+    """MB/s reading the largest page file of the cache, page cache dropped."""
+    files = [os.path.join(d, f) for d, _, fs in os.walk(cdir) for f in fs if f.startswith("pages-")]
+    big = max(files, key=os.path.getsize)
+    os.sync()
+    open("/proc/sys/vm/drop_caches", "w").write("3")
+    t0, n = time.monotonic(), 0
+    with open(big, "rb", buffering=0) as f:
+        while chunk := f.read(1 << 20):
+            n += len(chunk)
+    return n / 1e6 / (time.monotonic() - t0), n / 1e6
+
 def drop():
     if args.drop_caches:
         os.sync()
@@ -102,10 +129,14 @@ try:
     def kind(r):
         c = r.get("restore_choice") or {}
         return "eager" if not c.get("lazy") else "working set first" if c.get("working_set") else "lazy"
+    used = {}
     def all_at_once():
         drop()
+        before = disk()
         procs = {n: spawn(n) for n in names}
         recs = wait(procs)
+        after = disk()
+        used["mb"], used["busy_ms"] = after[0] - before[0], after[1] - before[1]
         stop(procs)
         kinds = {n: r["last_start"] for n, r in recs.items()}
         if any(k != "restored" for k in kinds.values()):
@@ -127,12 +158,18 @@ try:
         stop(p)
         assert r["last_start"] == "restored", r
         seq += r["ready_from_spawn_us"] / 1000
+    if args.drop_caches:
+        rate, measured = sequential_rate()
+        used.update(sequential_mb_s=round(rate), measured_mb=round(measured),
+                    sequential_ms=round(used["mb"] / rate * 1000), mb=round(used["mb"], 1))
     result = {"services": args.n, "cold_all_ms": round(cold_all),
               "first_restore_all_ms": round(first_all), "first_kinds": first_choices,
               "second_restore_all_ms": round(second_all),
               "restore_all_ms": round(restore_all),
               "restore_one_by_one_ms": round(seq), "ratio": round(cold_all / restore_all, 1),
               "drop_caches": args.drop_caches, "kinds": choices}
+    if args.drop_caches:
+        result["disk"] = used
     if args.json:
         print(json.dumps(result, indent=2))
     else:
@@ -141,5 +178,10 @@ try:
         print(f"| {args.n} x slowweb | {'dropped' if args.drop_caches else 'warm'} | {cold_all / 1000:.2f} s | "
               f"{first_all:.0f} ms ({', '.join(first_choices)}) | {restore_all:.0f} ms ({', '.join(choices)}) | "
               f"{seq:.0f} ms | **{cold_all / restore_all:.1f}x** |")
+        if args.drop_caches:
+            print(f"\nThe restores all at once (the last row's) read {used['mb']:.0f} MB from the disk until "
+                  f"the last was ready; the disk was busy {used['busy_ms']} ms of their {restore_all:.0f} "
+                  f"({used['busy_ms'] / restore_all:.0%}). It reads {used['sequential_mb_s']} MB/s sequentially "
+                  f"(a page file, {used['measured_mb']} MB): those MB alone take {used['sequential_ms']} ms.")
 finally:
     shutil.rmtree(tmp, ignore_errors=True)
