@@ -149,15 +149,14 @@ pub fn restore_args(plan: &RestorePlan) -> Vec<OsString> {
     a
 }
 
-/// `criu lazy-pages`: serves the image's pages to a `--lazy-pages` restore
-/// over `lazy-pages.socket` in the work dir, reporting on `status_fd` once it
-/// listens.
 /// The lazy-pages daemon's log, in its work directory.
 pub const LAZY_PAGES_LOG: &str = "lazy-pages.log";
 
-/// `criu lazy-pages` for `images_dir`; `bg_idle_ms`: hold the background
-/// transfer until the tree went that long without a fault (a CRIU with
-/// `--feature lazy-bg-idle`: [`super::Criu::quiet_background`]).
+/// `criu lazy-pages`: serves the image's pages to a `--lazy-pages` restore
+/// over `lazy-pages.socket` in the work dir, reporting on `status_fd` once it
+/// listens. `bg_idle_ms`: it holds the pages nobody asked for until the tree
+/// went that long without a fault (a CRIU with `--feature lazy-bg-idle`:
+/// [`super::Criu::quiet_background`]).
 pub fn lazy_pages_args(
     images_dir: &Path,
     work_dir: &Path,
