@@ -54,11 +54,24 @@ use() {
   exit 0
 }
 
+# Our package, at the version this checkout builds (an older build of ours
+# has the features but perhaps not their fixes: it is rebuilt).
+want=$(sed -n '1s/^criu (\([^)]*\)).*/\1/p' "$HERE/../tools/criu-deb/debian/changelog")
+have=$(dpkg-query -W -f '${Version}' criu 2>/dev/null || true)
+stale_ours() {
+  [ "$1" = /usr/sbin/criu ] || return 1
+  case $have in *~warmer*) [ "$have" != "$want" ] ;; *) return 1 ;; esac
+}
+
 usable="" seen=" "
 for candidate in "$(command -v criu 2>/dev/null || true)" /usr/local/sbin/criu /usr/sbin/criu; do
   case $seen in *" $candidate "*) continue ;; esac
   seen="$seen$candidate "
   if [ -n "$candidate" ] && [ -x "$candidate" ] && version_ok "$candidate"; then
+    if stale_ours "$candidate"; then
+      log "$candidate is our package $have; this checkout builds $want"
+      continue
+    fi
     if uffd_dev "$candidate" && ours "$candidate"; then
       use "$candidate" ", uffd-dev, lazy-bg-idle"
     fi
@@ -68,8 +81,7 @@ for candidate in "$(command -v criu 2>/dev/null || true)" /usr/local/sbin/criu /
 done
 
 # Our package, already installed: the kernel, not CRIU, lacks /dev/userfaultfd.
-want=$(sed -n '1s/^criu (\([^)]*\)).*/\1/p' "$HERE/../tools/criu-deb/debian/changelog")
-if [ "$(dpkg-query -W -f '${Version}' criu 2>/dev/null || true)" = "$want" ] && version_ok /usr/sbin/criu; then
+if [ "$have" = "$want" ] && version_ok /usr/sbin/criu; then
   use /usr/sbin/criu " (no /dev/userfaultfd on this kernel: sandboxed services restore eagerly)"
 fi
 
