@@ -1088,3 +1088,93 @@ fn connections_waiting_to_be_accepted_do_not_fail_a_checkpoint() {
     assert_eq!(s["last_start"], "restored", "{s}\n{}", w.err());
     w.stop();
 }
+
+/// 96 MiB of random memory, one page of it touched every 5 ms for as long
+/// as it runs (never 30 ms without a fault once restored lazily); a
+/// connection that sends `hash` gets the hash the memory had at the start
+/// and the one it has now.
+const BUSY_MEMORY: &str = r#"
+import hashlib, os, socket, sys, threading, time
+port = int(sys.argv[1])
+blob = bytearray(os.urandom(96 << 20))
+first = hashlib.sha256(blob).hexdigest()
+def touch():
+    i = 0
+    while True:
+        blob[(i * 4096) % len(blob)] ^= 0
+        i += 1
+        time.sleep(0.005)
+threading.Thread(target=touch, daemon=True).start()
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("127.0.0.1", port))
+s.listen()
+while True:
+    c, _ = s.accept()
+    try:
+        if c.recv(16).startswith(b"hash"):
+            c.sendall(f"{first} {hashlib.sha256(blob).hexdigest()}".encode())
+    except OSError:
+        pass  # a probe's connection, reset
+    c.close()
+"#;
+
+#[test]
+fn a_lazy_restore_holds_the_rest_until_the_service_is_quiet_and_not_forever() {
+    require_criu();
+    require_quiet_background();
+    let env = Env::new();
+    let port = free_port();
+    let script = env.path("busy.py");
+    std::fs::write(&script, BUSY_MEMORY).unwrap();
+    env.write_manifest(
+        "busy",
+        &format!(
+            "exec: [\"/usr/bin/python3\", \"{}\", \"{port}\"]\n\
+             ready: {{tcp: \"127.0.0.1:{port}\", timeout: 30s}}\n\
+             checkpoint: {{settle: 100ms}}\n\
+             restore: {{mode: lazy}}\n",
+            script.display()
+        ),
+    );
+    let mut w = env.run("busy");
+    env.wait_image("busy", &mut w);
+    w.stop();
+
+    let mut w = env.run("busy");
+    let s = env.wait_ready("busy", &mut w);
+    assert_eq!(s["last_start"], "restored", "{}", w.err());
+    // The daemon was asked to hold what nobody asked for until the tree
+    // went 30 ms without a fault.
+    let marker = env.dir.path().display().to_string();
+    let daemons = pids_with(&format!("lazy-pages --images-dir {marker}"));
+    assert_eq!(daemons.len(), 1, "one lazy-pages daemon");
+    let cmdline = std::fs::read(format!("/proc/{}/cmdline", daemons[0])).unwrap();
+    let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+    assert!(cmdline.contains("--lazy-bg-idle 30"), "{cmdline}");
+    // This service faults every 5 ms, so it is never quiet: the rest must
+    // still come (CRIU sends it regardless 100 x 30 ms after the restore;
+    // page by page, as the service touches it, it would take 2 minutes)
+    // and the daemon end, while the service keeps running.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !pids_with(&format!("lazy-pages --images-dir {marker}")).is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the lazy-pages daemon still runs 30 s after the restore: the rest of the memory was held back for good"
+        );
+        w.assert_running();
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    w.assert_running();
+    // Every page arrived, and arrived right.
+    use std::io::{Read, Write};
+    let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    c.write_all(b"hash").unwrap();
+    let mut answer = String::new();
+    c.read_to_string(&mut answer).unwrap();
+    let (first, now) = answer.split_once(' ').expect("two hashes");
+    assert_eq!(first.len(), 64, "{answer}");
+    assert_eq!(first, now, "the memory changed across the restore");
+    w.stop();
+    assert!(pids_with(&marker).is_empty(), "service left running");
+}

@@ -636,6 +636,18 @@ pub fn require_lazy_in_userns() {
     );
 }
 
+/// Fails unless the CRIU warmer runs holds a lazy restore's background
+/// transfer until the service is quiet (what `warmer check` says).
+#[allow(dead_code)]
+pub fn require_quiet_background() {
+    let check = Command::new(WARMER).arg("check").output().unwrap();
+    let said = String::from_utf8_lossy(&check.stdout).into_owned();
+    assert!(
+        said.contains("follows once the service is quiet"),
+        "the CRIU warmer runs has no --lazy-bg-idle; run the README's test command (scripts/install-criu.sh builds one that has, and scripts/test.sh sets WARMER_CRIU to it):\n{said}"
+    );
+}
+
 /// `MEMORY_SERVICE` as service `name` of `env`, as `nobody` in a sandbox
 /// (a private /tmp, `protect_system: strict`, no new privileges), `extra`
 /// appended to its manifest; its port. The script and `env`'s run

@@ -675,6 +675,15 @@ fn check() -> ExitCode {
                     warmer::restore::NO_USERFAULTFD
                 );
             }
+            if c.has_feature(&mut warmer::memo::Memo::none(), criu::QUIET_BACKGROUND) {
+                println!(
+                    "lazy restores: the memory nobody asked for follows once the service is quiet (criu lazy-pages --lazy-bg-idle)"
+                );
+            } else {
+                println!(
+                    "lazy restores: the memory nobody asked for follows at once, racing the service's first faults (this CRIU has no --lazy-bg-idle; scripts/install-criu.sh builds one that has)"
+                );
+            }
             ExitCode::from(exit::OK)
         }
         Ok(r) => {

@@ -66,6 +66,10 @@ fn tail_suffix(tail: &str) -> String {
     }
 }
 
+/// The CRIU feature (`criu check --feature`) of `criu lazy-pages
+/// --lazy-bg-idle`: [`Criu::quiet_background`].
+pub const QUIET_BACKGROUND: &str = "lazy-bg-idle";
+
 /// A located CRIU binary and its version.
 #[derive(Debug, Clone)]
 pub struct Criu {
@@ -128,14 +132,14 @@ impl Criu {
     /// boot and binary, through `run_root`'s memo.
     pub fn quiet_background(&self, run_root: &Path) -> bool {
         let mut memo = crate::memo::Memo::load(run_root);
-        let ok = self.has_feature(&mut memo, "lazy-bg-idle");
+        let ok = self.has_feature(&mut memo, QUIET_BACKGROUND);
         memo.save();
         ok
     }
 
     /// `criu check --feature NAME` succeeds, asked once per boot and binary
     /// (`memo`).
-    fn has_feature(&self, memo: &mut crate::memo::Memo, name: &str) -> bool {
+    pub fn has_feature(&self, memo: &mut crate::memo::Memo, name: &str) -> bool {
         let answer = memo.get(&format!("criu-{name}"), &self.bin, |bin| {
             let ok = Command::new(bin)
                 .args(["check", "--feature", name])
