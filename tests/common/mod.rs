@@ -625,27 +625,30 @@ impl Drop for Removed {
     }
 }
 
-/// Fails unless the CRIU warmer runs can give a sandbox's user namespace a
-/// userfaultfd (what `warmer check` says).
-pub fn require_lazy_in_userns() {
+/// Fails, saying why, unless `warmer check` prints `says` (a property of
+/// the CRIU warmer runs that `what` names).
+fn require_check_says(says: &str, what: &str) {
     let check = Command::new(WARMER).arg("check").output().unwrap();
     let said = String::from_utf8_lossy(&check.stdout).into_owned();
     assert!(
-        said.contains("sandboxed services: lazy restores"),
-        "the CRIU warmer runs cannot give a sandbox a userfaultfd; run the README's test command (scripts/install-criu.sh builds one that can, and scripts/test.sh sets WARMER_CRIU to it):\n{said}"
+        said.contains(says),
+        "the CRIU warmer runs {what}; run the README's test command (scripts/install-criu.sh builds one that can, and scripts/test.sh sets WARMER_CRIU to it):\n{said}"
+    );
+}
+
+/// Fails unless the CRIU warmer runs can give a sandbox's user namespace a
+/// userfaultfd.
+pub fn require_lazy_in_userns() {
+    require_check_says(
+        "sandboxed services: lazy restores",
+        "cannot give a sandbox a userfaultfd",
     );
 }
 
 /// Fails unless the CRIU warmer runs holds a lazy restore's background
-/// transfer until the service is quiet (what `warmer check` says).
-#[allow(dead_code)]
+/// transfer until the service is quiet.
 pub fn require_quiet_background() {
-    let check = Command::new(WARMER).arg("check").output().unwrap();
-    let said = String::from_utf8_lossy(&check.stdout).into_owned();
-    assert!(
-        said.contains("follows once the service is quiet"),
-        "the CRIU warmer runs has no --lazy-bg-idle; run the README's test command (scripts/install-criu.sh builds one that has, and scripts/test.sh sets WARMER_CRIU to it):\n{said}"
-    );
+    require_check_says("follows once the service is quiet", "has no --lazy-bg-idle");
 }
 
 /// `MEMORY_SERVICE` as service `name` of `env`, as `nobody` in a sandbox
