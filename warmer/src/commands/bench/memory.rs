@@ -19,16 +19,7 @@ pub fn page_copy_rate(file: &Path, limit: u64) -> std::io::Result<(f64, f64)> {
         return Ok((f64::NAN, 0.0));
     }
     // Into the page cache first: the copy, not the disk, is measured.
-    let mut warm = vec![0u8; CHUNK];
-    let mut off = 0;
-    while off < len {
-        let n = f.read_at(&mut warm[..CHUNK.min(len - off)], off as u64)?;
-        if n == 0 {
-            break;
-        }
-        off += n;
-    }
-    let len = off;
+    super::disk::sequential_rate(file, len as u64)?;
     let mut to = memmap2::MmapMut::map_anon(len)?;
     let t0 = Instant::now();
     let mut off = 0;
