@@ -156,7 +156,7 @@ pub const LAZY_PAGES_LOG: &str = "lazy-pages.log";
 /// over `lazy-pages.socket` in the work dir, reporting on `status_fd` once it
 /// listens. `bg_idle_ms`: it holds the pages nobody asked for until the tree
 /// went that long without a fault (a CRIU with `--feature lazy-bg-idle`:
-/// [`super::Criu::quiet_background`]).
+/// [`super::QUIET_BACKGROUND`]).
 pub fn lazy_pages_args(
     images_dir: &Path,
     work_dir: &Path,

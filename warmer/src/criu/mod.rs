@@ -66,8 +66,11 @@ fn tail_suffix(tail: &str) -> String {
     }
 }
 
-/// The CRIU feature (`criu check --feature`) of `criu lazy-pages
-/// --lazy-bg-idle`: [`Criu::quiet_background`].
+/// The CRIU feature (`criu check --feature`, asked through
+/// [`Criu::has_feature`]) of `criu lazy-pages --lazy-bg-idle`: the daemon
+/// holds the pages nobody asked for until the restored tree is quiet (the
+/// package's second patch), so that after a boot a starting service's
+/// faults do not queue on the disk behind the rest of its memory.
 pub const QUIET_BACKGROUND: &str = "lazy-bg-idle";
 
 /// A located CRIU binary and its version.
@@ -123,18 +126,6 @@ impl Criu {
     /// the device works on this kernel. Asked once per boot and binary.
     pub fn lazy_in_userns(&self, memo: &mut crate::memo::Memo) -> bool {
         self.has_feature(memo, "uffd-dev")
-    }
-
-    /// Can this CRIU's lazy-pages daemon hold the pages nobody asked for
-    /// until the restored tree is quiet (`--lazy-bg-idle`, the package's
-    /// second patch), so that after a boot a starting service's faults do
-    /// not queue on the disk behind the rest of its memory? Asked once per
-    /// boot and binary, through `run_root`'s memo.
-    pub fn quiet_background(&self, run_root: &Path) -> bool {
-        let mut memo = crate::memo::Memo::load(run_root);
-        let ok = self.has_feature(&mut memo, QUIET_BACKGROUND);
-        memo.save();
-        ok
     }
 
     /// `criu check --feature NAME` succeeds, asked once per boot and binary
@@ -529,8 +520,14 @@ mod tests {
             let criu = fake_feature(dir.path(), "lazy-bg-idle", status);
             let run = dir.path().join("run");
             std::fs::create_dir(&run).unwrap();
-            assert_eq!(criu.quiet_background(&run), can, "exit {status}");
-            assert_eq!(criu.quiet_background(&run), can, "remembered");
+            let asked = || {
+                let mut memo = crate::memo::Memo::load(&run);
+                let ok = criu.has_feature(&mut memo, QUIET_BACKGROUND);
+                memo.save();
+                ok
+            };
+            assert_eq!(asked(), can, "exit {status}");
+            assert_eq!(asked(), can, "remembered");
             // The other feature is another question (this stand-in: no).
             assert!(!criu.lazy_for(true, &run));
             let asked = std::fs::read_to_string(dir.path().join("asked")).unwrap();

@@ -62,7 +62,7 @@ pub struct RestoreOptions {
     pub pages: Option<std::sync::Arc<dyn super::page_server::Pages>>,
     /// The daemon holds the pages nobody asked for until the tree went
     /// [`BACKGROUND_IDLE_MS`] without a fault (a CRIU that can:
-    /// [`crate::criu::Criu::quiet_background`]).
+    /// [`crate::criu::QUIET_BACKGROUND`]).
     pub quiet_background: bool,
 }
 

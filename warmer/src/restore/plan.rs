@@ -68,7 +68,7 @@ pub struct Plan {
     pub pages: Option<Served>,
     /// A lazy restore's daemon holds the memory nobody asked for until the
     /// tree is quiet (set by the caller where CRIU can:
-    /// [`crate::criu::Criu::quiet_background`]).
+    /// [`crate::criu::QUIET_BACKGROUND`]).
     pub quiet_background: bool,
 }
 

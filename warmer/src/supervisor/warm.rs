@@ -42,7 +42,10 @@ impl Supervisor {
         } else {
             restore::Purpose::Start
         };
-        let lazy_in_userns = criu.lazy_for(self.manifest.sandbox.is_some(), &self.run_root);
+        // One memo for what this start asks of CRIU (each asked once per boot).
+        let mut memo = crate::memo::Memo::load(&self.run_root);
+        let lazy_in_userns = self.manifest.sandbox.is_none() || criu.lazy_in_userns(&mut memo);
+        memo.save();
         let plan = |me: &Self, cache: &cache::Cache| {
             let (m, run_dir) = (&me.manifest, &me.run_dir);
             restore::plan(cache, &digest, m, run_dir, purpose, lazy_in_userns)
@@ -64,7 +67,9 @@ impl Supervisor {
         self.marks[2] = self.started.elapsed();
         let plan = match planned {
             Ok(Ok(mut plan)) => {
-                plan.quiet_background = plan.choice.lazy && criu.quiet_background(&self.run_root);
+                plan.quiet_background =
+                    plan.choice.lazy && criu.has_feature(&mut memo, crate::criu::QUIET_BACKGROUND);
+                memo.save();
                 plan
             }
             Ok(Err(skip @ Skip::StateChanged { .. })) => {

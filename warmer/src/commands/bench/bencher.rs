@@ -34,6 +34,9 @@ pub struct Bencher {
     pub(super) last_choice: std::cell::RefCell<Option<crate::restore::choose::Choice>>,
     /// What CRIU wrote into the tree before it ran, per warmer restore run.
     pub(super) restored_mb: std::cell::RefCell<Vec<f64>>,
+    /// This CRIU holds a lazy restore's background until the tree is quiet
+    /// (bare CRIU's lazy restores then do as warmer's).
+    pub(super) quiet_background: bool,
     /// Empty the page cache before every run (after what the bench itself
     /// reads to prepare it, so the run finds nothing of its own warm).
     pub drop_caches: bool,
@@ -140,6 +143,8 @@ impl Bencher {
         let manifest = Manifest::find(&dirs.manifests, service)?;
         let mut memo = crate::memo::Memo::load(&dirs.run);
         let criu = Criu::locate_memo(&mut memo)?;
+        // Asked once here, not inside a timed run.
+        let quiet_background = criu.has_feature(&mut memo, crate::criu::QUIET_BACKGROUND);
         let cache = cache::Cache::open(&dirs.cache)?;
         match cache.lock_run(service) {
             Ok(l) => drop(l),
@@ -188,6 +193,7 @@ impl Bencher {
             breakdowns: Default::default(),
             last_choice: Default::default(),
             restored_mb: Default::default(),
+            quiet_background,
             drop_caches: false,
             start_disk: Default::default(),
             ready_disk: Default::default(),
@@ -515,7 +521,7 @@ impl Bencher {
                 learn: false,
                 pages: None,
                 // As warmer's own lazy restores: the floor it sits on.
-                quiet_background: kind != Kind::Eager && self.criu.quiet_background(&self.dirs.run),
+                quiet_background: kind != Kind::Eager && self.quiet_background,
             },
             output,
             crate::restore::Watch {
