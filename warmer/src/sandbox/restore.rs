@@ -148,10 +148,14 @@ impl Sources {
 }
 
 /// Mounts the restored tree's /proc again, and makes its read-only mount
-/// points read-only again, from inside its namespaces: a
-/// child joins its user and mount namespaces and forks into its PID
-/// namespace, where the grandchild mounts a /proc of that namespace over
-/// the one CRIU made. The tree stays stopped meanwhile.
+/// points read-only again, inside its mount namespace, while the tree is
+/// stopped.
+///
+/// Where the kernel takes proc's `pidns=` (Linux 6.15 and later) the proc
+/// of the tree's PID namespace is made here and attached by a thread that
+/// joins the mount namespace alone (~0.3 ms); elsewhere a child joins the
+/// user and mount namespaces and forks into the PID namespace, where the
+/// grandchild mounts it (two forks of warmer: ~2 ms).
 pub fn remount_proc(init: i32, read_only: &[PathBuf]) -> std::io::Result<()> {
     let ro: Vec<CString> = read_only
         .iter()
@@ -160,7 +164,15 @@ pub fn remount_proc(init: i32, read_only: &[PathBuf]) -> std::io::Result<()> {
     let open = |ns: &str| -> std::io::Result<OwnedFd> {
         Ok(std::fs::File::open(format!("/proc/{init}/ns/{ns}"))?.into())
     };
-    let (user, mnt, pid) = (open("user")?, open("mnt")?, open("pid")?);
+    let (mnt, pid) = (open("mnt")?, open("pid")?);
+    if let Some(proc_mount) = proc_of(&pid)? {
+        return std::thread::scope(|s| {
+            s.spawn(|| attach_proc(&mnt, &proc_mount, &ro))
+                .join()
+                .unwrap_or_else(|_| Err(std::io::Error::other("the mount thread panicked")))
+        });
+    }
+    let user = open("user")?;
     let (user, mnt, pid) = (user.as_raw_fd(), mnt.as_raw_fd(), pid.as_raw_fd());
     // SAFETY: fork in a threaded program: the child makes only
     // async-signal-safe calls (setns, fork, mount, waitpid, _exit).
@@ -193,25 +205,7 @@ pub fn remount_proc(init: i32, read_only: &[PathBuf]) -> std::io::Result<()> {
                 // Read-only again where the image's namespace was, with
                 // the flags each mount has.
                 for p in &ro {
-                    let mut st: libc::statvfs = std::mem::zeroed();
-                    if libc::statvfs(p.as_ptr(), &mut st) != 0 {
-                        libc::_exit(5);
-                    }
-                    if st.f_flag & libc::ST_RDONLY != 0 {
-                        continue;
-                    }
-                    let flags = libc::MS_REMOUNT
-                        | libc::MS_BIND
-                        | libc::MS_RDONLY
-                        | super::child::kept_flags(&st);
-                    if libc::mount(
-                        std::ptr::null(),
-                        p.as_ptr(),
-                        std::ptr::null(),
-                        flags,
-                        std::ptr::null(),
-                    ) != 0
-                    {
+                    if make_read_only(p).is_err() {
                         libc::_exit(6);
                     }
                 }
@@ -236,4 +230,152 @@ pub fn remount_proc(init: i32, read_only: &[PathBuf]) -> std::io::Result<()> {
             "remounting the restored namespace's /proc failed: {other:?}"
         ))),
     }
+}
+
+/// A detached proc mount of the PID namespace `pid` (nosuid, nodev,
+/// noexec, as warmer-init mounts it at a cold start), or None where the
+/// kernel does not take proc's `pidns=`.
+fn proc_of(pid: &OwnedFd) -> std::io::Result<Option<OwnedFd>> {
+    const FSOPEN_CLOEXEC: libc::c_uint = 1;
+    const FSCONFIG_SET_STRING: libc::c_uint = 1;
+    const FSCONFIG_SET_FD: libc::c_uint = 5;
+    const FSCONFIG_CMD_CREATE: libc::c_uint = 6;
+    const FSMOUNT_CLOEXEC: libc::c_uint = 1;
+    const MOUNT_ATTR_NOSUID_NODEV_NOEXEC: libc::c_uint = 0x2 | 0x4 | 0x8;
+    let fd = |ret: libc::c_long| -> std::io::Result<OwnedFd> {
+        if ret < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let raw = i32::try_from(ret).map_err(|_| std::io::Error::other("fd out of range"))?;
+        // SAFETY: the kernel just returned this descriptor to us.
+        Ok(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(raw) })
+    };
+    // SAFETY: fsopen/fsconfig/fsmount on a NUL-terminated name and
+    // descriptors we own.
+    unsafe {
+        let ctx = fd(libc::syscall(
+            libc::SYS_fsopen,
+            c"proc".as_ptr(),
+            FSOPEN_CLOEXEC,
+        ))?;
+        // Its source reads "proc" in mountinfo, as mount(2)'s would.
+        if libc::syscall(
+            libc::SYS_fsconfig,
+            ctx.as_raw_fd(),
+            FSCONFIG_SET_STRING,
+            c"source".as_ptr(),
+            c"proc".as_ptr(),
+            0,
+        ) < 0
+        {
+            return Err(std::io::Error::last_os_error());
+        }
+        let set = libc::syscall(
+            libc::SYS_fsconfig,
+            ctx.as_raw_fd(),
+            FSCONFIG_SET_FD,
+            c"pidns".as_ptr(),
+            std::ptr::null::<libc::c_void>(),
+            pid.as_raw_fd(),
+        );
+        if set < 0 {
+            let e = std::io::Error::last_os_error();
+            // An older kernel: proc has no such parameter.
+            if e.raw_os_error() == Some(libc::EINVAL) {
+                return Ok(None);
+            }
+            return Err(e);
+        }
+        if libc::syscall(
+            libc::SYS_fsconfig,
+            ctx.as_raw_fd(),
+            FSCONFIG_CMD_CREATE,
+            std::ptr::null::<libc::c_char>(),
+            std::ptr::null::<libc::c_void>(),
+            0,
+        ) < 0
+        {
+            return Err(std::io::Error::last_os_error());
+        }
+        fd(libc::syscall(
+            libc::SYS_fsmount,
+            ctx.as_raw_fd(),
+            FSMOUNT_CLOEXEC,
+            MOUNT_ATTR_NOSUID_NODEV_NOEXEC,
+        ))
+        .map(Some)
+    }
+}
+
+/// On a thread of its own (its file-system context unshared, so that it
+/// alone joins the mount namespace `mnt`, as root of the initial user
+/// namespace, which holds every capability over the tree's): `proc_mount`
+/// in place of the proc CRIU made, and `ro` read-only again.
+fn attach_proc(mnt: &OwnedFd, proc_mount: &OwnedFd, ro: &[CString]) -> std::io::Result<()> {
+    const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 4;
+    let check = |ok: bool| {
+        if ok {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error())
+        }
+    };
+    // SAFETY: unshare/setns/umount2/move_mount/statvfs/mount on this
+    // thread, with NUL-terminated paths and descriptors we own; the
+    // thread ends right after, its file-system context with it.
+    unsafe {
+        check(libc::unshare(libc::CLONE_FS) == 0)?;
+        check(libc::setns(mnt.as_raw_fd(), libc::CLONE_NEWNS) == 0)?;
+        check(libc::umount2(c"/proc".as_ptr(), libc::MNT_DETACH) == 0)?;
+        check(
+            libc::syscall(
+                libc::SYS_move_mount,
+                proc_mount.as_raw_fd(),
+                c"".as_ptr(),
+                libc::AT_FDCWD,
+                c"/proc".as_ptr(),
+                MOVE_MOUNT_F_EMPTY_PATH,
+            ) == 0,
+        )?;
+        for p in ro {
+            make_read_only(p).map_err(|e| {
+                std::io::Error::new(
+                    e.kind(),
+                    format!("making {} read-only again: {e}", p.to_string_lossy()),
+                )
+            })?;
+        }
+    }
+    Ok(())
+}
+
+/// Read-only again where the image's namespace was, with the flags the
+/// mount at `path` has (a no-op where it already is read-only).
+///
+/// # Safety
+/// Async-signal-safe (statvfs, mount): callable in a forked child.
+unsafe fn make_read_only(path: &CString) -> std::io::Result<()> {
+    // SAFETY: a NUL-terminated path and a zeroed statvfs to fill.
+    unsafe {
+        let mut st: libc::statvfs = std::mem::zeroed();
+        if libc::statvfs(path.as_ptr(), &mut st) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        if st.f_flag & libc::ST_RDONLY != 0 {
+            return Ok(());
+        }
+        let flags =
+            libc::MS_REMOUNT | libc::MS_BIND | libc::MS_RDONLY | super::child::kept_flags(&st);
+        if libc::mount(
+            std::ptr::null(),
+            path.as_ptr(),
+            std::ptr::null(),
+            flags,
+            std::ptr::null(),
+        ) != 0
+        {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
 }
