@@ -16,6 +16,9 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct Fact {
     id: FileIdentity,
+    /// The other files of a fact drawn from several ([`Memo::get_all`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    more: Vec<FileIdentity>,
     value: String,
 }
 
@@ -79,7 +82,7 @@ impl Memo {
             None
         };
         if let (Some(id), Some(fact)) = (&id, self.facts.get(&key)) {
-            if &fact.id == id {
+            if &fact.id == id && fact.more.is_empty() {
                 return Ok(fact.value.clone());
             }
         }
@@ -90,10 +93,48 @@ impl Memo {
                 key,
                 Fact {
                     id,
+                    more: Vec::new(),
                     value: value.clone(),
                 },
             );
             self.dirty = true;
+        }
+        Ok(value)
+    }
+
+    /// The fact `kind` drawn from all of `files` (at least one), computed
+    /// by `f` unless remembered while every one of them is the same file.
+    pub fn get_all<E>(
+        &mut self,
+        kind: &str,
+        files: &[&Path],
+        f: impl FnOnce() -> Result<String, E>,
+    ) -> Result<String, E> {
+        let names: Vec<String> = files.iter().map(|p| p.display().to_string()).collect();
+        let key = format!("{kind}:{}", names.join("+"));
+        let ids = || -> Option<Vec<FileIdentity>> {
+            files.iter().map(|p| FileIdentity::of_path(p)).collect()
+        };
+        let before = if self.path.is_some() { ids() } else { None };
+        if let (Some([first, rest @ ..]), Some(fact)) = (before.as_deref(), self.facts.get(&key)) {
+            if &fact.id == first && fact.more == rest {
+                return Ok(fact.value.clone());
+            }
+        }
+        let value = f()?;
+        if let Some(mut now) = before.filter(|b| ids().as_ref() == Some(b)) {
+            if !now.is_empty() {
+                let id = now.remove(0);
+                self.facts.insert(
+                    key,
+                    Fact {
+                        id,
+                        more: now,
+                        value: value.clone(),
+                    },
+                );
+                self.dirty = true;
+            }
         }
         Ok(value)
     }
@@ -124,6 +165,31 @@ impl Memo {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_fact_of_several_files_is_asked_again_when_any_of_them_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (dir.path().join("passwd"), dir.path().join("group"));
+        std::fs::write(&a, "web:x:101").unwrap();
+        std::fs::write(&b, "web:x:101:").unwrap();
+        let calls = std::cell::Cell::new(0);
+        let mut memo = Memo::load(dir.path());
+        let get = |memo: &mut Memo| {
+            memo.get_all("ids", &[&a, &b], || {
+                calls.set(calls.get() + 1);
+                Ok::<_, String>(format!("{}", calls.get()))
+            })
+            .unwrap()
+        };
+        assert_eq!(get(&mut memo), "1");
+        memo.save();
+        let mut memo = Memo::load(dir.path());
+        assert_eq!(get(&mut memo), "1", "kept across processes");
+        std::fs::write(&b, "web:x:101:other").unwrap();
+        assert_eq!(get(&mut memo), "2", "the second file changed");
+        assert_eq!(get(&mut memo), "2");
+        assert_eq!(calls.get(), 2);
+    }
 
     #[test]
     fn remembers_until_the_file_changes() {

@@ -356,7 +356,7 @@ fn compute(
     let credentials = match &manifest.sandbox {
         None => None,
         Some(s) => {
-            let c = crate::sandbox::Credentials::resolve(s).map_err(|source| {
+            let c = crate::sandbox::Credentials::resolve_with(s, Some(memo)).map_err(|source| {
                 DigestError::Credentials {
                     service: manifest.name.clone(),
                     source,

@@ -31,6 +31,7 @@
 //! May call: `manifest`. Called by `process` (spawning) and `restore`.
 
 pub mod child;
+mod ids;
 pub mod mounts;
 pub mod restore;
 
@@ -39,6 +40,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
 use crate::manifest::{Limit, Sandbox};
+use crate::memo::Memo;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SandboxError {
@@ -135,6 +137,29 @@ fn group(name: &str) -> Result<u32, SandboxError> {
 impl Credentials {
     /// Looks the manifest's user and groups up in the system's databases.
     pub fn resolve(s: &Sandbox) -> Result<Self, SandboxError> {
+        Self::resolve_with(s, None)
+    }
+
+    /// As [`Credentials::resolve`], the names' numbers also remembered in
+    /// `memo` for the boot (see [`ids`]).
+    pub fn resolve_with(s: &Sandbox, memo: Option<&mut Memo>) -> Result<Self, SandboxError> {
+        let (uid, gid, groups) = ids::lookup(s, memo, Self::look_up_ids)?;
+        let all = all_caps();
+        Ok(Credentials {
+            uid,
+            gid,
+            groups,
+            ambient: mask(&s.ambient_capabilities),
+            bounding: s.capability_bounding_set.as_deref().map_or(all, mask) & all,
+            no_new_privileges: s.no_new_privileges,
+            umask: s.umask,
+            limits: s.limits.clone(),
+        })
+    }
+
+    /// The manifest's user and groups as numbers, asked of the system's
+    /// databases (NSS): uid, gid and the sorted supplementary groups.
+    fn look_up_ids(s: &Sandbox) -> Result<ids::Ids, SandboxError> {
         let (uid, primary, mut groups) = match &s.user {
             None => (0, 0, Vec::new()),
             Some(name) => {
@@ -161,17 +186,7 @@ impl Credentials {
         }
         groups.sort_unstable();
         groups.dedup();
-        let all = all_caps();
-        Ok(Credentials {
-            uid,
-            gid,
-            groups,
-            ambient: mask(&s.ambient_capabilities),
-            bounding: s.capability_bounding_set.as_deref().map_or(all, mask) & all,
-            no_new_privileges: s.no_new_privileges,
-            umask: s.umask,
-            limits: s.limits.clone(),
-        })
+        Ok((uid, gid, groups))
     }
 
     /// The limits that will be lowered to warmer's own hard limit, as
