@@ -235,6 +235,19 @@ fn another_users_service_runs_sandboxed_and_restores_with_the_same_credentials_a
         "its hook ran as it runs"
     );
     w.stop();
+
+    // The same restore where the kernel takes no proc `pidns=` (before
+    // 6.15): the /proc and the read-only mounts made by a child in the
+    // tree's namespaces instead.
+    let mut w = env.run_with("who", &[("WARMER_FAILPOINT", "proc-without-pidns")]);
+    let s = env.wait_ready("who", &mut w);
+    assert_eq!(s["last_start"], "restored", "{s}\n{}", w.err());
+    let again = info(port);
+    assert_eq!(again["status"], cold["status"]);
+    assert_eq!(again["mounts"], cold["mounts"], "the same mounts");
+    assert_eq!(again["proc_self"], "2", "its own /proc: {again}");
+    assert!(again["proc_pids"].as_array().unwrap().len() <= 3, "{again}");
+    w.stop();
     // Nothing of the namespaces is left on the host.
     assert_eq!(
         host_mounts_with(&env.run.display().to_string()),

@@ -250,6 +250,9 @@ fn proc_of(pid: &OwnedFd) -> std::io::Result<Option<OwnedFd>> {
         // SAFETY: the kernel just returned this descriptor to us.
         Ok(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(raw) })
     };
+    if crate::failpoint_result("proc-without-pidns").is_err() {
+        return Ok(None);
+    }
     // SAFETY: fsopen/fsconfig/fsmount on a NUL-terminated name and
     // descriptors we own.
     unsafe {
