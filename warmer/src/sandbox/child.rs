@@ -71,6 +71,42 @@ pub unsafe fn fail(report: i32, step: i32) -> ! {
     }
 }
 
+/// The bind mount at `path` remounted read-only with the flags it has
+/// ([`kept_flags`]); with `only_if_writable`, left alone where statvfs
+/// already says read-only.
+///
+/// # Safety
+/// Async-signal-safe (statvfs, mount, errno): callable in a forked child.
+pub(super) unsafe fn remount_read_only(
+    path: &std::ffi::CStr,
+    only_if_writable: bool,
+) -> std::io::Result<()> {
+    // SAFETY: a NUL-terminated path and a zeroed statvfs to fill. glibc's
+    // statvfs is the statfs call alone on kernels that report mount flags
+    // (ST_VALID, since 2.6.36).
+    unsafe {
+        let mut st: libc::statvfs = std::mem::zeroed();
+        if libc::statvfs(path.as_ptr(), &mut st) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        if only_if_writable && st.f_flag & libc::ST_RDONLY != 0 {
+            return Ok(());
+        }
+        let flags = libc::MS_REMOUNT | libc::MS_BIND | libc::MS_RDONLY | kept_flags(&st);
+        if libc::mount(
+            std::ptr::null(),
+            path.as_ptr(),
+            std::ptr::null(),
+            flags,
+            std::ptr::null(),
+        ) != 0
+        {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
 /// Flags a read-only remount must keep (a bind remount drops what it does
 /// not repeat, and the kernel refuses to drop a locked one).
 pub(super) fn kept_flags(st: &libc::statvfs) -> libc::c_ulong {
@@ -136,24 +172,8 @@ unsafe fn mount_one(m: &CMount, report: i32) {
             }
             fail(report, STEP_MOUNT);
         }
-        if m.read_only {
-            // glibc's statvfs is the statfs call alone on kernels that
-            // report mount flags (ST_VALID, since 2.6.36).
-            let mut st: libc::statvfs = std::mem::zeroed();
-            if libc::statvfs(m.target.as_ptr(), &mut st) != 0 {
-                fail(report, STEP_READ_ONLY);
-            }
-            let flags = libc::MS_REMOUNT | libc::MS_BIND | libc::MS_RDONLY | kept_flags(&st);
-            if libc::mount(
-                std::ptr::null(),
-                m.target.as_ptr(),
-                std::ptr::null(),
-                flags,
-                std::ptr::null(),
-            ) != 0
-            {
-                fail(report, STEP_READ_ONLY);
-            }
+        if m.read_only && remount_read_only(&m.target, false).is_err() {
+            fail(report, STEP_READ_ONLY);
         }
     }
 }

@@ -56,10 +56,7 @@ pub fn lookup(
         s.group.clone(),
         s.supplementary_groups.clone(),
     );
-    let kind = format!(
-        "ids {:?} {:?} {:?}",
-        s.user, s.group, s.supplementary_groups
-    );
+    let kind = format!("ids {names:?}");
     remembered(&ANSWERS, names, files_now(), || match memo {
         None => look_up(s),
         Some(memo) => {

@@ -205,7 +205,7 @@ pub fn remount_proc(init: i32, read_only: &[PathBuf]) -> std::io::Result<()> {
                 // Read-only again where the image's namespace was, with
                 // the flags each mount has.
                 for p in &ro {
-                    if make_read_only(p).is_err() {
+                    if super::child::remount_read_only(p, true).is_err() {
                         libc::_exit(6);
                     }
                 }
@@ -341,43 +341,12 @@ fn attach_proc(mnt: &OwnedFd, proc_mount: &OwnedFd, ro: &[CString]) -> std::io::
             ) == 0,
         )?;
         for p in ro {
-            make_read_only(p).map_err(|e| {
+            super::child::remount_read_only(p, true).map_err(|e| {
                 std::io::Error::new(
                     e.kind(),
                     format!("making {} read-only again: {e}", p.to_string_lossy()),
                 )
             })?;
-        }
-    }
-    Ok(())
-}
-
-/// Read-only again where the image's namespace was, with the flags the
-/// mount at `path` has (a no-op where it already is read-only).
-///
-/// # Safety
-/// Async-signal-safe (statvfs, mount): callable in a forked child.
-unsafe fn make_read_only(path: &CString) -> std::io::Result<()> {
-    // SAFETY: a NUL-terminated path and a zeroed statvfs to fill.
-    unsafe {
-        let mut st: libc::statvfs = std::mem::zeroed();
-        if libc::statvfs(path.as_ptr(), &mut st) != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        if st.f_flag & libc::ST_RDONLY != 0 {
-            return Ok(());
-        }
-        let flags =
-            libc::MS_REMOUNT | libc::MS_BIND | libc::MS_RDONLY | super::child::kept_flags(&st);
-        if libc::mount(
-            std::ptr::null(),
-            path.as_ptr(),
-            std::ptr::null(),
-            flags,
-            std::ptr::null(),
-        ) != 0
-        {
-            return Err(std::io::Error::last_os_error());
         }
     }
     Ok(())
