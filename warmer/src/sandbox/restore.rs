@@ -51,7 +51,18 @@ impl Sources {
         };
         let root = base.join("root");
         dir(&root)?;
-        let mut args: Vec<OsString> = vec!["--root".into(), root.clone().into()];
+        // CRIU's first mount engine (`--mntns-compat-mode`) mounts each
+        // mount in its place; its default since 3.17 makes each in a yard
+        // of its own, then moves it into the namespace (a directory, two
+        // mounts, a clone and a move per mount, and a second `pivot_root`).
+        // On a sandbox's tree (private mounts, no propagation across
+        // namespaces, no mount over another's files) both make the same
+        // table, and the first in 3 ms less here (docs/sandbox.md).
+        let mut args: Vec<OsString> = vec![
+            "--root".into(),
+            root.clone().into(),
+            "--mntns-compat-mode".into(),
+        ];
         let mut binds = Vec::new();
         let mut tmpfs = Vec::new();
         for (i, key) in externals.iter().enumerate() {
@@ -350,4 +361,67 @@ fn attach_proc(mnt: &OwnedFd, proc_mount: &OwnedFd, ro: &[CString]) -> std::io::
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn strs(a: &[OsString]) -> Vec<String> {
+        a.iter().map(|s| s.to_string_lossy().into_owned()).collect()
+    }
+
+    /// CRIU gets the root, the first mount engine, and one source per
+    /// external mount: a bind of the host path (a file on a file), or a
+    /// fresh tmpfs for one that was empty; nothing else is planned.
+    #[test]
+    fn criu_gets_the_root_the_first_mount_engine_and_a_source_per_external() {
+        let host = tempfile::tempdir().unwrap();
+        let run = tempfile::tempdir().unwrap();
+        let dir = host.path().join("data");
+        let file = host.path().join("file");
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::write(&file, b"x").unwrap();
+        let tmp = host.path().join("tmp");
+        let empty = [crate::image::EmptyTmpfs {
+            path: tmp.clone(),
+            mode: 0o1777,
+        }];
+        let s = Sources::new(
+            run.path(),
+            &[dir.clone(), file.clone(), tmp.clone()],
+            &empty,
+        )
+        .unwrap();
+        let mnt = run.path().join("mnt");
+        let a = strs(&s.args);
+        assert_eq!(
+            a[..3],
+            [
+                "--root".to_string(),
+                mnt.join("root").display().to_string(),
+                "--mntns-compat-mode".to_string()
+            ]
+        );
+        let externals: Vec<&String> = a.iter().skip(3).step_by(2).collect();
+        assert!(externals.iter().all(|e| *e == "--external"), "{a:?}");
+        assert_eq!(a.len(), 3 + 2 * 3, "{a:?}");
+        assert!(mnt.join("0").is_dir() && mnt.join("1").is_file() && mnt.join("2").is_dir());
+        assert_eq!(s.binds.len(), 2);
+        assert_eq!(s.tmpfs.len(), 1);
+        assert_eq!(s.tmpfs[0].1.to_str().unwrap(), "mode=1777");
+
+        // A host path that is gone is refused, as is a key CRIU would misread.
+        let gone = host.path().join("gone");
+        assert!(matches!(
+            Sources::new(run.path(), &[gone], &[]),
+            Err(SandboxError::Missing(_))
+        ));
+        let colon = host.path().join("a:b");
+        std::fs::create_dir(&colon).unwrap();
+        assert!(matches!(
+            Sources::new(run.path(), &[colon], &[]),
+            Err(SandboxError::Path(_))
+        ));
+    }
 }
