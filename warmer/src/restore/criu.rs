@@ -288,8 +288,13 @@ pub fn restore(
             }))
         }
     };
-    let stderr = reader.join().unwrap_or_default();
+    // CRIU's stderr is read for a failure's message only. On success the
+    // reader is left to end by itself: a sandboxed restore's user namespace
+    // helper, a fork of CRIU, keeps the pipe open ~1 ms after CRIU exits
+    // (it removes the namespace's root yard), and the tree waits on nothing
+    // of it.
     if !status.success() {
+        let stderr = reader.join().unwrap_or_default();
         let _ = std::fs::remove_file(&pidfile);
         if let Some(mut daemon) = lazy.take() {
             let _ = daemon.kill();
@@ -332,10 +337,9 @@ pub fn restore(
         criu::clear_network_locks(&image_conns(data_dir));
     }
     if opts.pages.is_some() {
-        // SAFETY: pidfd_open takes a pid and flags; it returns a new fd.
-        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+        let fd = u32::try_from(pid).ok().and_then(criu::pidfd_open);
         served.root.store(
-            i32::try_from(fd).unwrap_or(-1),
+            fd.map_or(-1, std::os::fd::IntoRawFd::into_raw_fd),
             std::sync::atomic::Ordering::SeqCst,
         );
     }
