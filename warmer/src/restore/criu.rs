@@ -237,7 +237,24 @@ pub fn restore(
     // reads agree (its libraries are all mapped within its first few ms).
     let spawned = std::time::Instant::now();
     let (mut looked, mut settled) = (std::time::Duration::ZERO, false);
+    // A sandboxed tree's /proc is made while CRIU still finishes: CRIU
+    // writes its pidfile once the tree's namespaces are final (its mounts
+    // made read-only again, its root yard emptied), 3-4 ms before it exits
+    // (it still detaches from every task), and the tree stays stopped
+    // until warmer resumes it.
+    let sandboxed = info.external_mounts.is_some();
+    let mut early: Option<(i32, std::io::Result<()>)> = None;
     let mut abort = || {
+        if sandboxed && early.is_none() {
+            // The tree's root is our child (`--restore-sibling`): nothing
+            // else is touched, whatever the file says.
+            if let Some(pid) =
+                read_pid(&pidfile).filter(|p| parent_of(*p) == Some(std::process::id()))
+            {
+                let made = crate::sandbox::restore::remount_proc(pid, &info.read_only_mounts);
+                early = Some((pid, made));
+            }
+        }
         let now = spawned.elapsed();
         if !settled && now >= looked + std::time::Duration::from_millis(10) {
             looked = now;
@@ -314,15 +331,16 @@ pub fn restore(
         }
         .into());
     }
-    let pid = std::fs::read_to_string(&pidfile)
-        .ok()
-        .and_then(|s| s.trim().parse::<i32>().ok())
-        .ok_or(CriuRestoreError::Pidfile {
-            path: pidfile.clone(),
-        })?;
+    let pid = read_pid(&pidfile).ok_or(CriuRestoreError::Pidfile {
+        path: pidfile.clone(),
+    })?;
     let _ = std::fs::remove_file(&pidfile);
-    if info.external_mounts.is_some() {
-        if let Err(e) = crate::sandbox::restore::remount_proc(pid, &info.read_only_mounts) {
+    if sandboxed {
+        let made = match early {
+            Some((p, made)) if p == pid => made,
+            _ => crate::sandbox::restore::remount_proc(pid, &info.read_only_mounts),
+        };
+        if let Err(e) = made {
             // Never resumed: the tree ends with its init.
             let _ = nix::sys::signal::kill(Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
             let _ = nix::sys::wait::waitpid(Pid::from_raw(pid), None);
@@ -408,6 +426,25 @@ fn mapped_files(pid: u32, bin: &Path) -> Option<Vec<String>> {
         }
     }
     Some(out)
+}
+
+/// The pid CRIU wrote to `pidfile` (none while it is not there or only
+/// partly written).
+fn read_pid(pidfile: &Path) -> Option<i32> {
+    let s = std::fs::read_to_string(pidfile).ok()?;
+    s.trim().parse().ok().filter(|p| *p > 0)
+}
+
+/// The parent of process `pid`, from `/proc/PID/stat` (its fourth field,
+/// after the command name in parentheses).
+fn parent_of(pid: i32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
 }
 
 /// The connections the image holds: those a failed restore may have locked.
@@ -546,6 +583,30 @@ fn start_lazy_pages(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_pidfile_and_a_parent_are_read_as_criu_and_the_kernel_write_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("restore.pid");
+        assert_eq!(read_pid(&f), None, "not there yet");
+        std::fs::write(&f, "").unwrap();
+        assert_eq!(read_pid(&f), None, "created, not written yet");
+        std::fs::write(&f, "4242").unwrap();
+        assert_eq!(read_pid(&f), Some(4242));
+        std::fs::write(&f, "0").unwrap();
+        assert_eq!(read_pid(&f), None);
+        let me = i32::try_from(std::process::id()).unwrap();
+        assert_eq!(parent_of(me), Some(std::os::unix::process::parent_id()));
+        let mut c = std::process::Command::new("/bin/sleep")
+            .arg("5")
+            .spawn()
+            .unwrap();
+        let child = i32::try_from(c.id()).unwrap();
+        assert_eq!(parent_of(child), Some(std::process::id()));
+        c.kill().unwrap();
+        c.wait().unwrap();
+        assert_eq!(parent_of(child), None, "reaped");
+    }
 
     #[test]
     fn the_files_a_process_maps_are_read_only_once_it_runs_the_binary() {
