@@ -22,3 +22,15 @@ pub mod probe;
 pub mod roles;
 pub mod service;
 pub mod signals;
+
+/// The parent of process `pid`, from `/proc/PID/stat` (its fourth field:
+/// `pid (comm) state ppid ...`, where comm may hold spaces and parentheses).
+pub fn parent_of(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}

@@ -248,9 +248,10 @@ pub fn restore(
         if sandboxed && early.is_none() {
             // The tree's root is our child (`--restore-sibling`): nothing
             // else is touched, whatever the file says.
-            if let Some(pid) =
-                read_pid(&pidfile).filter(|p| parent_of(*p) == Some(std::process::id()))
-            {
+            if let Some(pid) = read_pid(&pidfile).filter(|p| {
+                u32::try_from(*p).ok().and_then(crate::process::parent_of)
+                    == Some(std::process::id())
+            }) {
                 let made = crate::sandbox::restore::remount_proc(pid, &info.read_only_mounts);
                 early = Some((pid, made));
             }
@@ -435,18 +436,6 @@ fn read_pid(pidfile: &Path) -> Option<i32> {
     s.trim().parse().ok().filter(|p| *p > 0)
 }
 
-/// The parent of process `pid`, from `/proc/PID/stat` (its fourth field,
-/// after the command name in parentheses).
-fn parent_of(pid: i32) -> Option<u32> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    stat.rsplit_once(')')?
-        .1
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()
-}
-
 /// The connections the image holds: those a failed restore may have locked.
 fn image_conns(data_dir: &Path) -> Vec<criu::Conn> {
     crate::image::criu::tcp_connections(data_dir).unwrap_or_default()
@@ -595,13 +584,14 @@ mod tests {
         assert_eq!(read_pid(&f), Some(4242));
         std::fs::write(&f, "0").unwrap();
         assert_eq!(read_pid(&f), None);
-        let me = i32::try_from(std::process::id()).unwrap();
+        use crate::process::parent_of;
+        let me = std::process::id();
         assert_eq!(parent_of(me), Some(std::os::unix::process::parent_id()));
         let mut c = std::process::Command::new("/bin/sleep")
             .arg("5")
             .spawn()
             .unwrap();
-        let child = i32::try_from(c.id()).unwrap();
+        let child = c.id();
         assert_eq!(parent_of(child), Some(std::process::id()));
         c.kill().unwrap();
         c.wait().unwrap();
