@@ -50,9 +50,12 @@ pub struct Env {
 
 impl Env {
     pub fn new() -> Self {
+        // Not under /tmp: a sandboxed restore's CRIU then gets a /tmp of
+        // its own (`Sources::scratch_tmp`), as it does with /var/cache and
+        // /run/warmer, so the tests take that path.
         let dir = tempfile::Builder::new()
             .prefix("warmer-test-")
-            .tempdir()
+            .tempdir_in("/var/tmp")
             .unwrap();
         for d in ["manifests", "cache", "run", "app"] {
             std::fs::create_dir(dir.path().join(d)).unwrap();

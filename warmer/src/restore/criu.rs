@@ -175,11 +175,14 @@ pub fn restore(
     // namespace of its own, and the tree is held stopped until its /proc
     // is its own again (see `sandbox::restore`).
     let sources = match &info.external_mounts {
-        Some(ext) => Some(
-            crate::sandbox::restore::Sources::new(run_dir, ext, &info.empty_tmpfs).map_err(
-                |e| CriuRestoreError::Setup(std::io::Error::other(crate::errors::chain(&e))),
-            )?,
-        ),
+        Some(ext) => {
+            let mut s = crate::sandbox::restore::Sources::new(run_dir, ext, &info.empty_tmpfs)
+                .map_err(|e| {
+                    CriuRestoreError::Setup(std::io::Error::other(crate::errors::chain(&e)))
+                })?;
+            s.scratch_tmp(&[&criu.bin, data_dir, run_dir]);
+            Some(s)
+        }
         None => None,
     };
     // Served pages: the tree is held stopped until it is known the page
