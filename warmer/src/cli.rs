@@ -1,10 +1,19 @@
 //! The command line's definition: every subcommand, flag and exit code, in
-//! one place (`main.rs` dispatches on it; help, man pages and completions
-//! are generated from it).
+//! one place (help, man pages and completions are generated from it); its
+//! submodules run it: `dispatch` from a parsed command line to the command,
+//! `service` (run, status, checkpoint, reset, rollback, bench), `images`
+//! (cache, push, pull, export, import), `setup` (validate, check), `output`
+//! (how results are written).
 
 use std::path::PathBuf;
 
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
+
+pub mod dispatch;
+mod images;
+mod output;
+mod service;
+mod setup;
 
 /// Exit codes (sysexits.h), also shown in `--help`.
 pub mod exit {

@@ -1,11 +1,13 @@
 //! warmer: cold-start a slow service once, checkpoint it with CRIU when it is
 //! ready, and restore it from a digest-keyed cache on every later start.
 //!
-//! The library holds everything; `main.rs` only parses arguments and maps
-//! errors to exit codes. Folders by concern; imports point one way, from the
+//! The library holds everything, the command line too ([`cli`]: parsing,
+//! printing, exit codes); `main.rs` only picks the process's role. Folders by concern; imports point one way, from the
 //! top of this list down (a module never takes a type from one above it):
 //!
 //! ```text
+//!  cli           the command line: parsing, dispatch, printing, exit codes
+//!     │
 //!  commands/     the CLI's verbs: status, cache, rollback, inspect, validate, bench, units
 //!     │
 //!  supervisor/   `warmer run`: set-up, inputs, warm start, cold start,

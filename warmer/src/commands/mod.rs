@@ -1,8 +1,8 @@
 //! The command line's verbs, one file each, apart from `warmer run` (the
 //! [`crate::supervisor`]). Each gathers what it shows from the layers below
-//! and returns it typed; `main.rs` prints it and picks the exit code.
+//! and returns it typed; [`crate::cli`] prints it and picks the exit code.
 //!
-//! May call anything below it; nothing calls into it but `main.rs` (and the
+//! May call anything below it; nothing calls into it but `cli` (and the
 //! tests).
 
 pub mod adopt;

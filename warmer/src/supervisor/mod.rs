@@ -29,7 +29,7 @@
 //!   [`record`]: `state.json`; [`control`]: the `warmer checkpoint` socket.
 //!
 //! May call every part below it (restore, checkpoint, remote, process,
-//! image, digest, criu, manifest); only `commands` and `main.rs` call it.
+//! image, digest, criu, manifest); only `commands` and `cli` call it.
 
 pub mod backoff;
 mod checkpointing;
