@@ -11,3 +11,5 @@ if [ ! -x "$DIR/venv/bin/python" ]; then
 fi
 "$DIR/venv/bin/pip" install -q numpy scipy pandas scikit-learn
 install -D -m 0644 "$HERE/pyml.py" "$DIR/app.py"
+# Its own system user, for manifests/pyml-sandboxed.yaml.
+id -u pyml >/dev/null 2>&1 || adduser --system --group --no-create-home --home /nonexistent --quiet pyml
