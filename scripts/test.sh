@@ -15,6 +15,8 @@ echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy -D warnings"
 cargo clippy --workspace --all-targets --locked --features warmer/failpoints -- -D warnings
+echo "== cargo doc -D warnings (intra-doc links resolve)"
+RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked -q
 echo "== cargo bench --no-run"
 cargo bench --workspace --no-run --locked
 echo "== cargo build (warmer and warmer-init side by side, as installed)"

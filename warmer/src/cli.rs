@@ -40,6 +40,8 @@ Exit codes:
   1          status: unknown service; cache verify: a bad entry; cache rm: no match
   2          usage error";
 
+// The doc comments are clap's help text (`<service>` is a placeholder, not HTML).
+#[allow(rustdoc::invalid_html_tags)]
 #[derive(Parser)]
 #[command(
     name = "warmer",

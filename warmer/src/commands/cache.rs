@@ -225,7 +225,7 @@ pub struct Verified {
 /// stamps good ones for this boot. Reading the images also brings them into
 /// the page cache, which is what the first restore after boot needs: so the
 /// whole cache (no `target`, as at boot) is read in the order restores need
-/// it ([`boot_order`]): first what every current image's restore reads
+/// it (`boot_order`): first what every current image's restore reads
 /// before its service runs (its CRIU metadata and working set), then the
 /// current images whole, then the older generations.
 pub fn verify(dirs: &Dirs, target: Option<&str>) -> Result<Vec<Verified>, CacheCmdError> {

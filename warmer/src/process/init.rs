@@ -133,7 +133,7 @@ pub struct InitSpec<'a> {
     /// The init program.
     pub init: &'a InitExe,
     pub service: &'a str,
-    /// The init's own cwd once the service runs (see [`main`]).
+    /// The init's own cwd once the service runs (see `main`).
     pub home: &'a Path,
     pub argv: &'a [String],
     pub env: &'a [(OsString, OsString)],

@@ -108,7 +108,7 @@ const JAVA_TOOL_OPTIONS: &str = "JAVA_TOOL_OPTIONS";
 const PERF_IN_MEMORY: &str = "-XX:+PerfDisableSharedMem";
 
 /// `JAVA_TOOL_OPTIONS` for every JVM of the service: the given value plus
-/// [`PERF_IN_MEMORY`], unless the service decides about perf data itself.
+/// `PERF_IN_MEMORY`, unless the service decides about perf data itself.
 pub fn java_tool_options(given: Option<&str>) -> String {
     match given {
         None | Some("") => PERF_IN_MEMORY.to_string(),

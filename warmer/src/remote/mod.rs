@@ -6,7 +6,7 @@
 //!   to the cache.
 //! - [`registry`]: push and pull over the OCI distribution API
 //!   (`oci-client`), with auth ([`auth`]), TLS with the system's CA store,
-//!   resumable downloads and deadlines; [`reference`]: repository names.
+//!   resumable downloads and deadlines; [`reference`](mod@reference): repository names.
 //! - [`layout`]: `warmer export` / `warmer import`, the same artifact in an
 //!   OCI image layout tarball.
 //! - [`frames`]: page files as independent zstd frames (decompressed on every

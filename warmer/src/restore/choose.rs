@@ -418,7 +418,7 @@ pub fn memory_files(entry: &cache::Entry) -> (u64, Vec<std::path::PathBuf>) {
     )
 }
 
-/// The fraction of `files` in the page cache, estimated from [`SAMPLES`]
+/// The fraction of `files` in the page cache, estimated from `SAMPLES`
 /// pages spread evenly over them (mincore(2) on a mapping of each; nothing
 /// is read): microseconds, where a walk of every page of a 200 MB image
 /// takes 2-3 ms of a restore. `None` if it cannot be told.

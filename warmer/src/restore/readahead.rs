@@ -253,8 +253,8 @@ fn copied_on_write(data: &Path) -> Vec<Range> {
     out
 }
 
-/// Asks for `ranges` from [`THREADS`] threads, returning at once (a long
-/// range in pieces of [`CHUNK`], so they go to the disk side by side).
+/// Asks for `ranges` from `THREADS` threads, returning at once (a long
+/// range in pieces of `CHUNK`, so they go to the disk side by side).
 pub fn start(ranges: Vec<Range>) {
     start_after(Vec::new(), ranges);
 }

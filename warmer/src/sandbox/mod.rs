@@ -141,7 +141,7 @@ impl Credentials {
     }
 
     /// As [`Credentials::resolve`], the names' numbers also remembered in
-    /// `memo` for the boot (see [`ids`]).
+    /// `memo` for the boot (see `ids`).
     pub fn resolve_with(s: &Sandbox, memo: Option<&mut Memo>) -> Result<Self, SandboxError> {
         let (uid, gid, groups) = ids::lookup(s, memo, Self::look_up_ids)?;
         let all = all_caps();

@@ -16,7 +16,7 @@
 //! Whatever fails on the warm side (CRIU missing, damaged image, restore or
 //! checkpoint error) the service still runs: cold, logged, never down.
 //!
-//! One file per phase, all on the one [`Supervisor`] of a run:
+//! One file per phase, all on the one `Supervisor` of a run:
 //! - this file: [`run`] (set-up: manifest trust, locks, leftovers, CRIU,
 //!   digest), the flow from start to ready, and the loop until the service
 //!   exits;

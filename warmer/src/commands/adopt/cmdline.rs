@@ -119,7 +119,7 @@ pub struct Exec {
     pub ignore_failure: bool,
     /// `+`, `!` or `!!`: with full privileges.
     pub privileged: bool,
-    /// `@`: argv[0] given apart (dropped: warmer runs the program as
+    /// `@`: `argv[0]` given apart (dropped: warmer runs the program as
     /// itself).
     pub custom_argv0: bool,
 }

@@ -3,7 +3,7 @@
 //! pre-start steps), and with `--enable` warmed under its own name by a
 //! drop-in; `warmer unadopt UNIT` removes the drop-in again.
 //!
-//! [`unit`] reads unit files as systemd does, [`cmdline`] splits and
+//! [`unit`](mod@unit) reads unit files as systemd does, [`cmdline`] splits and
 //! expands their command lines, [`launchers`] follows a `Type=forking`
 //! unit's launcher to the daemon it starts (Debian's `pg_ctlcluster`),
 //! [`translate`] maps settings to manifest keys (pure, tested on Debian's

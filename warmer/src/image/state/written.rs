@@ -59,7 +59,7 @@ pub struct Fingerprint {
     pub size: u64,
     pub mtime: (i64, i64),
     pub ctime: (i64, i64),
-    /// The descriptor's position, and the sha256 of up to [`WINDOW`] bytes
+    /// The descriptor's position, and the sha256 of up to `WINDOW` bytes
     /// from there (empty past the end).
     pub pos: u64,
     pub at_pos: String,
