@@ -57,20 +57,17 @@ pub fn dispatch(cli: Cli) -> ExitCode {
                 ExitCode::from(exit::FAILURE)
             }
         },
-        Cmd::Keygen { prefix } => match crate::remote::sign::keygen(&prefix) {
-            Ok((key, public)) => {
-                output::emit(&format!(
+        Cmd::Keygen { prefix } => output::report(
+            "keygen",
+            crate::remote::sign::keygen(&prefix),
+            |(key, public)| {
+                format!(
                     "wrote {} (private: keep it on the signing node) and {} (give it to the nodes that verify)\n",
                     key.display(),
                     public.display()
-                ));
-                ExitCode::from(exit::OK)
-            }
-            Err(e) => {
-                eprintln!("warmer keygen: {}", chain(&e));
-                ExitCode::from(exit::FAILURE)
-            }
-        },
+                )
+            },
+        ),
         Cmd::Pull {
             service,
             timeout,
@@ -118,20 +115,17 @@ pub fn dispatch(cli: Cli) -> ExitCode {
             }
         },
         Cmd::Import { file } => images::import(&dirs, &file),
-        Cmd::Inspect { target, json } => match crate::commands::inspect::inspect(&dirs, &target) {
-            Ok(i) => {
-                output::emit(&if json {
+        Cmd::Inspect { target, json } => output::report(
+            "inspect",
+            crate::commands::inspect::inspect(&dirs, &target),
+            |i| {
+                if json {
                     output::json(&i)
                 } else {
                     crate::commands::inspect::render(&i)
-                });
-                ExitCode::from(exit::OK)
-            }
-            Err(e) => {
-                eprintln!("warmer inspect: {}", chain(&e));
-                ExitCode::from(exit::FAILURE)
-            }
-        },
+                }
+            },
+        ),
         Cmd::Bench {
             service,
             runs,

@@ -146,38 +146,24 @@ pub fn pull(
 
 /// `warmer export`: an image into an archive file.
 pub fn export(dirs: &Dirs, target: &str, output: &std::path::Path) -> ExitCode {
-    match crate::remote::export(dirs, target, output) {
-        Ok(x) => {
-            emit(&format!(
-                "exported {} to {}: {} of images in a {} archive\n",
-                x.key,
-                x.path.display(),
-                mb(x.raw_bytes),
-                mb(x.archive_bytes)
-            ));
-            ExitCode::from(exit::OK)
-        }
-        Err(e) => {
-            eprintln!("warmer export: {}", chain(&e));
-            ExitCode::from(exit::FAILURE)
-        }
-    }
+    output::report("export", crate::remote::export(dirs, target, output), |x| {
+        format!(
+            "exported {} to {}: {} of images in a {} archive\n",
+            x.key,
+            x.path.display(),
+            mb(x.raw_bytes),
+            mb(x.archive_bytes)
+        )
+    })
 }
 
 /// `warmer import`: an archive file into the cache.
 pub fn import(dirs: &Dirs, file: &std::path::Path) -> ExitCode {
-    match crate::remote::import(dirs, file) {
-        Ok(i) => {
-            let next = match &i.restores_here {
-                Ok(()) => format!("the next start of {} restores it", i.service),
-                Err(why) => format!("not used by a start here: {why}"),
-            };
-            emit(&format!("imported {} ({}); {next}\n", i.key, i.service));
-            ExitCode::from(exit::OK)
-        }
-        Err(e) => {
-            eprintln!("warmer import: {}", chain(&e));
-            ExitCode::from(exit::FAILURE)
-        }
-    }
+    output::report("import", crate::remote::import(dirs, file), |i| {
+        let next = match &i.restores_here {
+            Ok(()) => format!("the next start of {} restores it", i.service),
+            Err(why) => format!("not used by a start here: {why}"),
+        };
+        format!("imported {} ({}); {next}\n", i.key, i.service)
+    })
 }

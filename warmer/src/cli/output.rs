@@ -2,8 +2,10 @@
 //! JSON, sizes.
 
 use std::io::Write;
+use std::process::ExitCode;
 
 use super::exit;
+use crate::errors::chain;
 
 /// Writes to stdout; a closed stdout (`warmer cache ls | head`) ends the
 /// program quietly, as CLI tools do.
@@ -26,4 +28,23 @@ pub fn json<T: serde::Serialize>(value: &T) -> String {
 
 pub fn mb(bytes: u64) -> String {
     format!("{:.1} MB", bytes as f64 / 1e6)
+}
+
+/// A command's result: `text` of its value on stdout and exit 0, or
+/// `warmer CMD: why` on stderr and exit 1.
+pub fn report<T, E: std::error::Error>(
+    cmd: &str,
+    result: Result<T, E>,
+    text: impl FnOnce(T) -> String,
+) -> ExitCode {
+    match result {
+        Ok(value) => {
+            emit(&text(value));
+            ExitCode::from(exit::OK)
+        }
+        Err(e) => {
+            eprintln!("warmer {cmd}: {}", chain(&e));
+            ExitCode::from(exit::FAILURE)
+        }
+    }
 }
